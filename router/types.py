@@ -1,0 +1,59 @@
+"""Types shared by the router's codecs, validation and servers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# KServe v2 datatype -> numpy dtype. BYTES is not served: models here are torch
+# tensors in and out, so a BYTES tensor is refused as a wrong datatype.
+DATATYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+}
+DTYPE_TO_DATATYPE: dict[np.dtype, str] = {v: k for k, v in DATATYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of a model signature. ``shape`` is one row's shape (no batch dim)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return DATATYPES[self.datatype]
+
+
+@dataclass(frozen=True)
+class ModelSignature:
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_batch_size: int
+    input_by_name: dict[str, TensorSpec] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "input_by_name", {t.name: t for t in self.inputs})
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    weight: float
+    models: frozenset[str]  # "*" allows every model
+
+    def may_use(self, model: str) -> bool:
+        return "*" in self.models or model in self.models

@@ -1,0 +1,202 @@
+"""The gateway's configuration: YAML validated by pydantic.
+
+Every field is documented here and in docs/config.md; an unknown key anywhere is
+an error that names it (``extra="forbid"``).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from router.types import DATATYPES, ModelSignature, TensorSpec
+
+ArtifactFormat = Literal["torchscript", "export", "safetensors"]
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class ConfigError(ValueError):
+    """The config file is missing, not YAML, or fails validation."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorConfig(_Strict):
+    name: str = Field(description="Tensor name as clients send it.")
+    datatype: str = Field(description="KServe v2 datatype, e.g. FP32, INT64, BOOL.")
+    shape: list[int] = Field(
+        description="Shape of ONE row, without the batch dimension; -1 marks a variable dim."
+    )
+
+    @field_validator("datatype")
+    @classmethod
+    def _known_datatype(cls, v: str) -> str:
+        if v not in DATATYPES:
+            raise ValueError(f"unknown datatype {v!r}; one of {sorted(DATATYPES)}")
+        return v
+
+    @field_validator("shape")
+    @classmethod
+    def _dims(cls, v: list[int]) -> list[int]:
+        if any(d == 0 or d < -1 for d in v):
+            raise ValueError("dims must be positive or -1")
+        return v
+
+    def spec(self) -> TensorSpec:
+        return TensorSpec(self.name, self.datatype, tuple(self.shape))
+
+
+class ModelConfig(_Strict):
+    name: str = Field(description="Model name used in /v2/models/{name}.")
+    version: str = Field(default="1", description="Version label of this artifact.")
+    artifact: Path = Field(description="Path of the model artifact file.")
+    format: ArtifactFormat = Field(
+        description="torchscript (torch.jit.save), export (torch.export.save .pt2), "
+        "or safetensors (weights; needs model_class)."
+    )
+    model_class: str | None = Field(
+        default=None,
+        description="For safetensors: 'package.module:Class', constructed with no "
+        "arguments (or model_kwargs) before the weights are loaded.",
+    )
+    model_kwargs: dict[str, int | float | str | bool] = Field(
+        default_factory=dict, description="Keyword arguments for model_class."
+    )
+    inputs: list[TensorConfig] = Field(min_length=1, description="Input signature.")
+    outputs: list[TensorConfig] = Field(min_length=1, description="Output signature.")
+    max_batch_size: int = Field(default=32, ge=1, le=65536, description="Rows per batch.")
+    max_queue_delay_ms: float = Field(
+        default=0.0,
+        ge=0,
+        le=10_000,
+        description="How long the oldest request may wait for a fuller batch while a "
+        "replica slot is free. 0 dispatches as soon as a slot is free.",
+    )
+    replicas: int = Field(default=1, ge=1, description="Ray Serve replicas of this version.")
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs reserved per replica.")
+    num_cpus: float = Field(default=1.0, gt=0, description="CPUs reserved per replica.")
+    batches_in_flight_per_replica: int = Field(
+        default=2,
+        ge=1,
+        le=16,
+        description="Batches sent to one replica before the previous returns; 2 hides the "
+        "Ray hop behind the forward.",
+    )
+    max_queued_rows: int = Field(
+        default=4096, ge=1, description="Rows waiting for this version before 429."
+    )
+    max_queued_rows_per_tenant: int = Field(
+        default=1024, ge=1, description="Rows one tenant may have waiting before 429."
+    )
+
+    @field_validator("name", "version")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(f"{v!r} must match {_NAME.pattern}")
+        return v
+
+    @model_validator(mode="after")
+    def _class_for_safetensors(self) -> ModelConfig:
+        if self.format == "safetensors" and not self.model_class:
+            raise ValueError("format safetensors needs model_class ('module:Class')")
+        names = [t.name for t in self.inputs] + [t.name for t in self.outputs]
+        if len(set(names)) != len(names):
+            raise ValueError("input and output names must be unique")
+        return self
+
+    def signature(self) -> ModelSignature:
+        return ModelSignature(
+            inputs=tuple(t.spec() for t in self.inputs),
+            outputs=tuple(t.spec() for t in self.outputs),
+            max_batch_size=self.max_batch_size,
+        )
+
+
+class TenantConfig(_Strict):
+    name: str = Field(description="Tenant name (cost and metrics label).")
+    weight: float = Field(default=1.0, gt=0, le=1000, description="Fair-share weight.")
+    models: list[str] = Field(
+        default_factory=lambda: ["*"], description="Models the tenant may call; '*' = all."
+    )
+    api_key_env: str = Field(
+        description="Environment variable holding the tenant's API key (never the key itself)."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(f"{v!r} must match {_NAME.pattern}")
+        return v
+
+
+class ServerConfig(_Strict):
+    host: str = Field(default="127.0.0.1", description="Address the servers bind.")
+    http_port: int = Field(default=8000, ge=0, le=65535, description="KServe v2 HTTP port.")
+    grpc_port: int = Field(default=8001, ge=0, le=65535, description="KServe v2 gRPC port.")
+    metrics_port: int = Field(default=8002, ge=0, le=65535, description="Prometheus port.")
+    max_request_bytes: int = Field(
+        default=64 * 2**20, ge=1024, description="Largest HTTP body or gRPC message accepted."
+    )
+    default_timeout_ms: float = Field(
+        default=30_000, gt=0, description="Deadline of a request that names none."
+    )
+    drain_timeout_s: float = Field(
+        default=30.0, gt=0, description="How long SIGTERM waits for in-flight requests."
+    )
+
+
+class GatewayConfig(_Strict):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    state_dir: Path | None = Field(
+        default=None, description="Folder for state (SQLite, demo model); CLI --state-dir wins."
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL of the state database; default SQLite in state_dir. "
+        "Use postgresql+psycopg://... on a cluster.",
+    )
+    models: list[ModelConfig] = Field(
+        default_factory=list, description="Served model versions; empty serves the demo model."
+    )
+    tenants: list[TenantConfig] = Field(default_factory=list, description="Config tenants.")
+
+    @model_validator(mode="after")
+    def _unique(self) -> GatewayConfig:
+        keys = [(m.name, m.version) for m in self.models]
+        if len(set(keys)) != len(keys):
+            raise ValueError("a model version is declared twice")
+        tenants = [t.name for t in self.tenants]
+        if len(set(tenants)) != len(tenants):
+            raise ValueError("a tenant is declared twice")
+        return self
+
+
+def load_config(path: Path | None) -> GatewayConfig:
+    """Read and validate a YAML config; ``None`` gives the embedded default."""
+    if path is None:
+        return GatewayConfig()
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from exc
+    try:
+        return GatewayConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(path, exc)) from None
+
+
+def _describe(path: Path, exc: ValidationError) -> str:
+    lines = [f"invalid config {path}:"]
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"  {where}: {msg}")
+    return "\n".join(lines)
