@@ -1,0 +1,123 @@
+"""The gateway's state database: engine setup and the schema.
+
+Every table lives on the one ``metadata`` below, in SQLAlchemy Core, so this module
+is the single place to read the schema. The default store is a SQLite file in the
+state dir; a cluster points ``database_url`` at PostgreSQL instead. The code that
+reads and writes the tables lives beside the feature that owns them
+(``serving.tenants`` for tenants).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+
+log = logging.getLogger(__name__)
+
+SQLITE_FILENAME = "gpugate.db"
+# Long enough to ride out another process's write burst (schema creation, a batch of
+# ledger rows); short enough that a wedged writer surfaces as an error, not a hang.
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+
+# Explicit constraint names make later migrations (ALTER ... DROP CONSTRAINT) name
+# the same object on SQLite and PostgreSQL instead of a dialect-generated name.
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+def utcnow() -> datetime:
+    """Timestamps are always UTC and timezone-aware when written."""
+    return datetime.now(UTC)
+
+
+tenants = sa.Table(
+    "tenants",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(128), nullable=False, unique=True),
+    sa.Column("weight", sa.Float, nullable=False),
+    # JSON list of model names; "*" allows every model. Text rather than a JSON
+    # column type so the value reads back identically on SQLite and PostgreSQL.
+    sa.Column("models", sa.Text, nullable=False),
+    # sha256 hex of the API key. The key itself is never stored; the unique index
+    # is what authentication looks rows up by.
+    sa.Column("key_hash", sa.CHAR(64), nullable=False, index=True, unique=True),
+    # "config" rows are reconciled from the config file at every start; "cli" rows
+    # are only changed by an explicit command.
+    sa.Column("source", sa.String(16), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, default=utcnow),
+    sa.Column(
+        "updated_at", sa.DateTime(timezone=True), nullable=False, default=utcnow, onupdate=utcnow
+    ),
+    sa.CheckConstraint("source IN ('config', 'cli')", name="source"),
+    sa.CheckConstraint("weight > 0", name="weight_positive"),
+)
+
+
+def open_engine(database_url: str | None, state_dir: Path) -> sa.Engine:
+    """Connect to the state database and make sure the schema exists.
+
+    ``database_url`` ``None`` means the SQLite file ``state_dir/gpugate.db`` (the
+    folder is created). Safe to call from several processes starting at once.
+    """
+    if database_url is None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        url = sa.URL.create("sqlite+pysqlite", database=str(state_dir / SQLITE_FILENAME))
+        engine = sa.create_engine(url)
+    else:
+        # pre_ping: a gateway outlives database restarts and failovers; a stale
+        # pooled connection must not fail the first request after one.
+        engine = sa.create_engine(database_url, pool_pre_ping=True)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    create_schema(engine)
+    return engine
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        # busy_timeout first: switching to WAL needs a brief exclusive lock that
+        # another process opening the same file may hold.
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        # WAL lets the gateway's readers run while the CLI or another worker writes;
+        # NORMAL is durable across process crashes in WAL mode, which is what the
+        # state needs, without an fsync per commit.
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+    finally:
+        cursor.close()
+
+
+def create_schema(engine: sa.Engine, attempts: int = 5) -> None:
+    """Create missing tables; tolerate another process doing the same concurrently.
+
+    Two processes can both see a table missing and both CREATE it; the loser gets a
+    dialect-specific "already exists" (or, on PostgreSQL, a unique violation in the
+    catalog). Retrying is correct because ``create_all`` skips what now exists, and
+    anything that is not that race fails again on the last attempt and is raised.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            with engine.begin() as conn:
+                metadata.create_all(conn, checkfirst=True)
+            return
+        except sa.exc.DBAPIError as exc:
+            if attempt == attempts:
+                raise
+            log.debug("schema creation raced another process (%s); retrying", exc.orig)
+            time.sleep(0.05 * attempt)
