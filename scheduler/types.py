@@ -1,0 +1,45 @@
+"""Types the scheduler shares with its callers and its backend."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+Array = npt.NDArray[np.generic]
+Tensors = dict[str, Array]
+Clock = Callable[[], float]  # monotonic seconds
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """What a replica returns for one batch: outputs with the batch's rows first."""
+
+    outputs: Tensors
+    device_ns: int  # measured device time of the forward
+    device: str  # "cpu" or the accelerator's name
+    gpu_share: float  # the replica's num_gpus (0 on CPU)
+
+
+class Backend(Protocol):
+    """Runs one batch of one model version. ``serving`` supplies the Ray-backed one."""
+
+    async def run_batch(self, inputs: Tensors) -> BatchResult: ...
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_batch_size: int
+    max_queue_delay_s: float = 0.0
+    max_in_flight: int = 2  # batches outstanding at the backend at once
+    max_queued_rows: int = 4096
+    max_queued_rows_per_tenant: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.max_in_flight < 1:
+            raise ValueError("max_batch_size and max_in_flight must be >= 1")
+        if self.max_queue_delay_s < 0:
+            raise ValueError("max_queue_delay_s must be >= 0")

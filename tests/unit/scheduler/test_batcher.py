@@ -1,0 +1,227 @@
+"""The async batch former with an in-process backend (no Ray, no sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from scheduler import (
+    BackendError,
+    BatchPolicy,
+    BatchRecord,
+    BatchResult,
+    DeadlineExceededError,
+    ModelBatcher,
+    QueueFullError,
+    SchedulerClosedError,
+    Tensors,
+)
+
+
+class RecordingBackend:
+    """Computes y = 2x + row-sum, so a wrong split shows; records every batch."""
+
+    def __init__(self, delay_s: float = 0.0, fail: bool = False) -> None:
+        self.delay_s = delay_s
+        self.fail = fail
+        self.batches: list[int] = []
+
+    async def run_batch(self, inputs: Tensors) -> BatchResult:
+        x = inputs["x"]
+        self.batches.append(x.shape[0])
+        await asyncio.sleep(self.delay_s)
+        if self.fail:
+            raise RuntimeError("replica died")
+        y = 2 * x + x.sum(axis=1, keepdims=True)
+        return BatchResult({"y": y}, device_ns=1000 * x.shape[0], device="cpu", gpu_share=0.0)
+
+
+def run(coro_fn: Callable[[], Awaitable[Any]]) -> Any:
+    return asyncio.run(coro_fn())  # type: ignore[arg-type]
+
+
+def _x(rows: int, seed: int) -> Tensors:
+    return {"x": np.random.default_rng(seed).standard_normal((rows, 4)).astype(np.float32)}
+
+
+def test_concurrent_requests_share_batches_and_get_their_own_rows() -> None:
+    backend = RecordingBackend(delay_s=0.005)
+    records: list[BatchRecord] = []
+
+    async def main() -> None:
+        b = ModelBatcher("m", "1", backend, BatchPolicy(max_batch_size=16), observer=records.append)
+        b.start()
+        inputs = [_x(1 + i % 5, i) for i in range(60)]
+        outs = await asyncio.gather(
+            *(b.submit(f"t{i % 3}", x, x["x"].shape[0]) for i, x in enumerate(inputs))
+        )
+        for x, out in zip(inputs, outs, strict=True):
+            want = 2 * x["x"] + x["x"].sum(axis=1, keepdims=True)
+            np.testing.assert_allclose(out["y"], want, rtol=1e-6)
+        await b.close()
+
+    run(main)
+    assert sum(backend.batches) == sum(1 + i % 5 for i in range(60))
+    assert len(backend.batches) < 60 / 2  # one backend call per batch, not per request
+    assert max(backend.batches) <= 16
+    assert sum(r.rows for r in records) == sum(backend.batches)
+
+
+def test_max_queue_delay_holds_a_partial_batch_then_sends_it() -> None:
+    backend = RecordingBackend()
+
+    async def main() -> float:
+        b = ModelBatcher("m", "1", backend, BatchPolicy(max_batch_size=8, max_queue_delay_s=0.05))
+        b.start()
+        t0 = time.monotonic()
+        first = asyncio.ensure_future(b.submit("a", _x(1, 0), 1))
+        await asyncio.sleep(0.01)
+        second = asyncio.ensure_future(b.submit("b", _x(2, 1), 2))
+        await asyncio.gather(first, second)
+        elapsed = time.monotonic() - t0
+        await b.close()
+        return elapsed
+
+    elapsed = run(main)
+    assert backend.batches == [3]  # both waited for one batch
+    assert 0.045 <= elapsed < 0.5
+
+
+def test_full_batch_goes_without_waiting_for_the_delay() -> None:
+    backend = RecordingBackend()
+
+    async def main() -> float:
+        b = ModelBatcher("m", "1", backend, BatchPolicy(max_batch_size=4, max_queue_delay_s=5))
+        b.start()
+        t0 = time.monotonic()
+        await asyncio.gather(*(b.submit("a", _x(2, i), 2) for i in range(2)))
+        await b.close()
+        return time.monotonic() - t0
+
+    assert run(main) < 1.0
+    assert backend.batches == [4]
+
+
+def test_expired_request_is_answered_504_and_not_run() -> None:
+    backend = RecordingBackend(delay_s=0.2)
+
+    async def main() -> None:
+        b = ModelBatcher("m", "1", backend, BatchPolicy(max_batch_size=1, max_in_flight=1))
+        b.start()
+        busy = asyncio.ensure_future(b.submit("a", _x(1, 0), 1))
+        await asyncio.sleep(0.01)  # the single slot is now taken for 200 ms
+        t0 = time.monotonic()
+        with pytest.raises(DeadlineExceededError, match="not run"):
+            await b.submit("b", _x(1, 1), 1, timeout_s=0.05)
+        assert time.monotonic() - t0 < 0.15  # answered at the deadline, not after the batch
+        await busy
+        await b.close()
+
+    run(main)
+    assert backend.batches == [1]  # the expired request never reached the backend
+
+
+def test_deadline_while_running_is_still_answered() -> None:
+    backend = RecordingBackend(delay_s=0.5)
+
+    async def main() -> None:
+        b = ModelBatcher("m", "1", backend, BatchPolicy(max_batch_size=1))
+        b.start()
+        with pytest.raises(DeadlineExceededError, match="while running"):
+            await b.submit("a", _x(1, 0), 1, timeout_s=0.05)
+        await b.close()
+
+    run(main)
+
+
+def test_queue_caps_answer_queue_full() -> None:
+    backend = RecordingBackend(delay_s=0.1)
+
+    async def main() -> None:
+        policy = BatchPolicy(
+            max_batch_size=2, max_in_flight=1, max_queued_rows=100, max_queued_rows_per_tenant=4
+        )
+        b = ModelBatcher("m", "1", backend, policy)
+        b.start()
+        running = asyncio.ensure_future(b.submit("a", _x(2, 0), 2))
+        await asyncio.sleep(0.01)
+        queued = [asyncio.ensure_future(b.submit("a", _x(2, i), 2)) for i in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFullError):
+            await b.submit("a", _x(1, 9), 1)
+        other = await b.submit("b", _x(1, 3), 1)  # another tenant still gets in
+        assert other["y"].shape == (1, 4)
+        await asyncio.gather(running, *queued)
+        await b.close()
+
+    run(main)
+
+
+def test_backend_failure_reaches_every_caller_and_loop_survives() -> None:
+    backend = RecordingBackend(fail=True)
+
+    async def main() -> None:
+        b = ModelBatcher("m", "1", backend, BatchPolicy(max_batch_size=8))
+        b.start()
+        results = await asyncio.gather(
+            *(b.submit("a", _x(1, i), 1) for i in range(3)), return_exceptions=True
+        )
+        assert all(isinstance(r, BackendError) for r in results)
+        backend.fail = False
+        out = await b.submit("a", _x(1, 5), 1)
+        assert out["y"].shape == (1, 4)
+        await b.close()
+
+    run(main)
+
+
+def test_cancelled_caller_leaves_the_queue() -> None:
+    backend = RecordingBackend(delay_s=0.1)
+
+    async def main() -> None:
+        b = ModelBatcher("m", "1", backend, BatchPolicy(max_batch_size=1, max_in_flight=1))
+        b.start()
+        busy = asyncio.ensure_future(b.submit("a", _x(1, 0), 1))
+        await asyncio.sleep(0.01)
+        waiting = asyncio.ensure_future(b.submit("a", _x(1, 1), 1))
+        await asyncio.sleep(0.01)
+        assert b.queued_rows == 1
+        waiting.cancel()
+        await asyncio.sleep(0)
+        assert b.queued_rows == 0
+        await busy
+        await b.close()
+
+    run(main)
+    assert backend.batches == [1]
+
+
+def test_close_drains_queued_work_then_refuses_new() -> None:
+    backend = RecordingBackend(delay_s=0.02)
+
+    async def main() -> None:
+        b = ModelBatcher("m", "1", backend, BatchPolicy(max_batch_size=2, max_in_flight=1))
+        b.start()
+        pending = [asyncio.ensure_future(b.submit("a", _x(1, i), 1)) for i in range(6)]
+        await asyncio.sleep(0)
+        await b.close()
+        assert all(p.done() and p.exception() is None for p in pending)
+        with pytest.raises(SchedulerClosedError):
+            await b.submit("a", _x(1, 0), 1)
+
+    run(main)
+    assert sum(backend.batches) == 6
+
+
+def test_oversized_request_is_refused() -> None:
+    async def main() -> None:
+        b = ModelBatcher("m", "1", RecordingBackend(), BatchPolicy(max_batch_size=4))
+        with pytest.raises(ValueError, match="rows must be"):
+            await b.submit("a", _x(5, 0), 5)
+
+    run(main)
