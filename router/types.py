@@ -44,9 +44,11 @@ class ModelSignature:
     outputs: tuple[TensorSpec, ...]
     max_batch_size: int
     input_by_name: dict[str, TensorSpec] = field(init=False, repr=False, compare=False)
+    output_names: frozenset[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_by_name", {t.name: t for t in self.inputs})
+        object.__setattr__(self, "output_names", frozenset(t.name for t in self.outputs))
 
 
 @dataclass(frozen=True)

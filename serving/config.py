@@ -188,9 +188,16 @@ def load_config(path: Path | None) -> GatewayConfig:
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot read config {path}: {exc}") from exc
     try:
-        return GatewayConfig.model_validate(raw)
+        config = GatewayConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_describe(path, exc)) from None
+    # Relative artifact paths are relative to the config file, not the working dir.
+    base = path.resolve().parent
+    models = [
+        m if m.artifact.is_absolute() else m.model_copy(update={"artifact": base / m.artifact})
+        for m in config.models
+    ]
+    return config.model_copy(update={"models": models})
 
 
 def _describe(path: Path, exc: ValidationError) -> str:

@@ -1,0 +1,180 @@
+"""KServe v2 over gRPC (package ``inference``, service ``GRPCInferenceService``).
+
+Inputs come as ``raw_input_contents`` (one entry per input, in order; what
+tritonclient sends) or as typed ``contents``. Outputs always go back as
+``raw_output_contents``, as Triton does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+from gpugate_proto import grpc_service_pb2 as pb
+from gpugate_proto import grpc_service_pb2_grpc as pb_grpc
+
+from router._exceptions import GatewayError, InvalidArgument
+from router.http_server import EXTENSIONS, SERVER_NAME, SERVER_VERSION
+from router.service import PLATFORM, InferenceService
+from router.tensors import InputTensor, parse_params
+from router.types import DTYPE_TO_DATATYPE
+
+# Which typed-contents field carries each datatype (FP16 travels only as raw bytes).
+_CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+}
+
+R = TypeVar("R")
+
+
+def _param_value(p: pb.InferParameter) -> Any:
+    kind = p.WhichOneof("parameter_choice")
+    return getattr(p, kind) if kind else None
+
+
+def _authorization(context: grpc.aio.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return value if isinstance(value, str) else value.decode()
+    return None
+
+
+async def _guard(context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[R]]) -> R:
+    """Turn GatewayErrors into the call's status code; nothing else leaks."""
+    try:
+        return await call()
+    except GatewayError as exc:
+        await context.abort(exc.grpc_code, exc.message)
+        raise  # unreachable: abort raises
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    def __init__(self, service: InferenceService) -> None:
+        self._service = service
+
+    async def ServerLive(self, request: Any, context: Any) -> Any:
+        return pb.ServerLiveResponse(live=self._service.live)
+
+    async def ServerReady(self, request: Any, context: Any) -> Any:
+        return pb.ServerReadyResponse(ready=self._service.ready)
+
+    async def ModelReady(self, request: Any, context: Any) -> Any:
+        ready = self._service.model_ready(request.name, request.version or None)
+        return pb.ModelReadyResponse(ready=ready)
+
+    async def ServerMetadata(self, request: Any, context: Any) -> Any:
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS
+        )
+
+    async def ModelMetadata(self, request: Any, context: Any) -> Any:
+        async def run() -> Any:
+            served = self._service.models.resolve(request.name, request.version or None)
+            versions = sorted(
+                e.version for e in self._service.models.index() if e.name == served.name
+            )
+
+            def meta(specs: Any) -> list[Any]:
+                return [
+                    pb.ModelMetadataResponse.TensorMetadata(
+                        name=t.name, datatype=t.datatype, shape=[-1, *t.shape]
+                    )
+                    for t in specs
+                ]
+
+            return pb.ModelMetadataResponse(
+                name=served.name,
+                versions=versions,
+                platform=PLATFORM,
+                inputs=meta(served.signature.inputs),
+                outputs=meta(served.signature.outputs),
+            )
+
+        return await _guard(context, run)
+
+    async def RepositoryIndex(self, request: Any, context: Any) -> Any:
+        entries = sorted(self._service.models.index(), key=lambda e: (e.name, e.version))
+        if request.ready:
+            entries = [e for e in entries if e.state == "READY"]
+        return pb.RepositoryIndexResponse(
+            models=[
+                pb.RepositoryIndexResponse.ModelIndex(
+                    name=e.name, version=e.version, state=e.state, reason=e.reason
+                )
+                for e in entries
+            ]
+        )
+
+    async def ModelInfer(self, request: Any, context: Any) -> Any:
+        async def run() -> Any:
+            inputs = _decode_inputs(request)
+            params = parse_params({k: _param_value(v) for k, v in request.parameters.items()})
+            served, outputs = await self._service.infer(
+                _authorization(context),
+                request.model_name,
+                request.model_version or None,
+                inputs,
+                params,
+                requested_outputs=[o.name for o in request.outputs],
+                transport_timeout_s=context.time_remaining(),
+            )
+            response = pb.ModelInferResponse(
+                model_name=served.name, model_version=served.version, id=request.id
+            )
+            for name, arr in outputs.items():
+                response.outputs.add(
+                    name=name, datatype=DTYPE_TO_DATATYPE[arr.dtype], shape=arr.shape
+                )
+                response.raw_output_contents.append(np.ascontiguousarray(arr).tobytes())
+            return response
+
+        return await _guard(context, run)
+
+
+def _decode_inputs(request: Any) -> list[InputTensor]:
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidArgument(
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs"
+        )
+    inputs: list[InputTensor] = []
+    for i, t in enumerate(request.inputs):
+        if raw:
+            if t.HasField("contents"):
+                raise InvalidArgument(f"input {t.name!r} has both contents and raw_input_contents")
+            inputs.append(InputTensor(t.name, t.datatype, list(t.shape), raw=raw[i]))
+            continue
+        field = _CONTENTS_FIELD.get(t.datatype)
+        if field is None:
+            raise InvalidArgument(
+                f"input {t.name!r}: datatype {t.datatype!r} needs raw_input_contents"
+            )
+        inputs.append(
+            InputTensor(t.name, t.datatype, list(t.shape), values=getattr(t.contents, field))
+        )
+    return inputs
+
+
+def build_grpc_server(service: InferenceService, max_message_bytes: int) -> grpc.aio.Server:
+    """A grpc.aio server on the running loop; the caller adds ports and starts it."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max(max_message_bytes, 256 * 2**20)),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), server)
+    return server

@@ -1,0 +1,272 @@
+"""KServe v2 over HTTP/REST, with Triton's binary tensor data extension.
+
+Request body: a JSON header, optionally followed by raw tensor bytes; the
+header's length is in ``Inference-Header-Content-Length``. An input with
+``parameters.binary_data_size`` takes that many bytes from the binary part, in
+input order. Outputs are returned as binary when the output asks for
+``binary_data`` or the request sets ``binary_data_output`` (tritonclient does so
+by default).
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import numpy as np
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from router._exceptions import GatewayError, InvalidArgument, NotFound, PayloadTooLarge
+from router.service import PLATFORM, InferenceService
+from router.tensors import InputTensor, parse_params
+from router.types import DTYPE_TO_DATATYPE, TensorSpec
+from scheduler import Tensors
+
+SERVER_NAME = "gpugate"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ["binary_tensor_data", "model_repository"]
+_HEADER_LENGTH = "inference-header-content-length"
+
+
+def _error(exc: GatewayError) -> JSONResponse:
+    return JSONResponse({"error": exc.message}, status_code=exc.http_status)
+
+
+def _json(payload: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(payload), status, media_type="application/json")
+
+
+def build_http_app(service: InferenceService) -> Starlette:
+    """The ASGI app; every error leaves as ``{"error": ...}`` with its status."""
+
+    async def live(request: Request) -> Response:
+        return Response(status_code=200 if service.live else 503)
+
+    async def ready(request: Request) -> Response:
+        return Response(status_code=200 if service.ready else 503)
+
+    async def server_metadata(request: Request) -> Response:
+        return _json({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS})
+
+    async def model_metadata(request: Request) -> Response:
+        name = request.path_params["model"]
+        version = request.path_params.get("version")
+        try:
+            served = service.models.resolve(name, version)
+        except NotFound as exc:
+            return _error(exc)
+        versions = sorted(e.version for e in service.models.index() if e.name == name)
+        sig = served.signature
+        return _json(
+            {
+                "name": served.name,
+                "versions": versions,
+                "platform": PLATFORM,
+                "inputs": [_tensor_meta(t) for t in sig.inputs],
+                "outputs": [_tensor_meta(t) for t in sig.outputs],
+            }
+        )
+
+    async def model_ready(request: Request) -> Response:
+        ok = service.model_ready(request.path_params["model"], request.path_params.get("version"))
+        return Response(status_code=200 if ok else 503)
+
+    async def repository_index(request: Request) -> Response:
+        body = await request.body()
+        if body.strip():
+            try:
+                parsed = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                return _error(InvalidArgument("request body is not JSON"))
+            if not isinstance(parsed, dict):
+                return _error(InvalidArgument("request body must be a JSON object"))
+        entries = [
+            {"name": e.name, "version": e.version, "state": e.state, "reason": e.reason}
+            for e in sorted(service.models.index(), key=lambda e: (e.name, e.version))
+        ]
+        return _json(entries)
+
+    async def infer(request: Request) -> Response:
+        try:
+            body = await _read_body(request, service.settings.max_request_bytes)
+            header, inputs, binary_outputs = _decode_infer(request, body)
+            params = header.get("parameters") or {}
+            served, outputs = await service.infer(
+                request.headers.get("authorization"),
+                request.path_params["model"],
+                request.path_params.get("version"),
+                inputs,
+                parse_params(params),
+                requested_outputs=list(binary_outputs),
+            )
+        except GatewayError as exc:
+            return _error(exc)
+        default_binary = params.get("binary_data_output") is True
+        return _encode_infer(
+            served.name, served.version, header.get("id"), outputs, binary_outputs, default_binary
+        )
+
+    routes = [
+        Route("/v2/health/live", live, methods=["GET"]),
+        Route("/v2/health/ready", ready, methods=["GET"]),
+        Route("/v2", server_metadata, methods=["GET"]),
+        Route("/v2/models/{model}", model_metadata, methods=["GET"]),
+        Route("/v2/models/{model}/versions/{version}", model_metadata, methods=["GET"]),
+        Route("/v2/models/{model}/ready", model_ready, methods=["GET"]),
+        Route("/v2/models/{model}/versions/{version}/ready", model_ready, methods=["GET"]),
+        Route("/v2/models/{model}/infer", infer, methods=["POST"]),
+        Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
+        Route("/v2/repository/index", repository_index, methods=["POST"]),
+    ]
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return JSONResponse({"error": f"no route {request.url.path}"}, status_code=404)
+
+    async def bad_method(request: Request, exc: Exception) -> Response:
+        return JSONResponse({"error": f"method {request.method} not allowed"}, status_code=405)
+
+    return Starlette(routes=routes, exception_handlers={404: not_found, 405: bad_method})
+
+
+def _tensor_meta(spec: TensorSpec) -> dict[str, Any]:
+    return {"name": spec.name, "datatype": spec.datatype, "shape": [-1, *spec.shape]}
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"body of {declared} bytes is over the {limit}-byte limit")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body is over the {limit}-byte limit")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "identity").lower()
+    if encoding in ("gzip", "deflate"):
+        body = _inflate(body, encoding, limit)
+    elif encoding != "identity":
+        raise InvalidArgument(f"unsupported Content-Encoding {encoding!r}")
+    return body
+
+
+def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
+    # Bounded: a small compressed body must not expand past the request limit.
+    wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
+    inflater = zlib.decompressobj(wbits)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise InvalidArgument(f"body is not valid {encoding}: {exc}") from None
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise PayloadTooLarge(f"decompressed body is over the {limit}-byte limit")
+    return out
+
+
+def _decode_infer(
+    request: Request, body: bytes
+) -> tuple[dict[str, Any], list[InputTensor], dict[str, bool | None]]:
+    """Parse header JSON and binary part; returns header, inputs and requested outputs."""
+    header_length = request.headers.get(_HEADER_LENGTH)
+    if header_length is None:
+        json_part, binary = body, memoryview(b"")
+    else:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise InvalidArgument(
+                f"Inference-Header-Content-Length {header_length!r} does not fit the "
+                f"{len(body)}-byte body"
+            )
+        n = int(header_length)
+        json_part, binary = body[:n], memoryview(body)[n:]
+    try:
+        header = orjson.loads(json_part)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidArgument(f"malformed JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise InvalidArgument("request must be a JSON object")
+    raw_inputs = header.get("inputs")
+    if not isinstance(raw_inputs, list):
+        raise InvalidArgument("'inputs' must be a list")
+    params = header.get("parameters", {})
+    if not isinstance(params, dict):
+        raise InvalidArgument("'parameters' must be an object")
+    inputs: list[InputTensor] = []
+    offset = 0
+    for item in raw_inputs:
+        if not isinstance(item, dict):
+            raise InvalidArgument("each input must be an object")
+        name, datatype, shape = item.get("name"), item.get("datatype"), item.get("shape")
+        if not isinstance(name, str) or not isinstance(datatype, str):
+            raise InvalidArgument("each input needs a string 'name' and 'datatype'")
+        if not isinstance(shape, list):
+            raise InvalidArgument(f"input {name!r} needs a 'shape' list")
+        tparams = item.get("parameters") or {}
+        size = tparams.get("binary_data_size") if isinstance(tparams, dict) else None
+        if size is not None:
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise InvalidArgument(f"input {name!r}: bad binary_data_size {size!r}")
+            if offset + size > len(binary):
+                raise InvalidArgument(
+                    f"input {name!r}: binary_data_size {size} runs past the "
+                    f"{len(binary)} bytes of binary data"
+                )
+            inputs.append(InputTensor(name, datatype, shape, raw=binary[offset : offset + size]))
+            offset += size
+        else:
+            inputs.append(InputTensor(name, datatype, shape, values=item.get("data")))
+    if offset != len(binary):
+        raise InvalidArgument(f"binary data is {len(binary)} bytes but inputs declare {offset}")
+    outputs: dict[str, bool | None] = {}
+    raw_outputs = header.get("outputs") or []
+    if not isinstance(raw_outputs, list):
+        raise InvalidArgument("'outputs' must be a list")
+    for item in raw_outputs:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise InvalidArgument("each requested output needs a string 'name'")
+        oparams = item.get("parameters") or {}
+        want = oparams.get("binary_data") if isinstance(oparams, dict) else None
+        outputs[item["name"]] = bool(want) if want is not None else None
+    return header, inputs, outputs
+
+
+def _encode_infer(
+    model: str,
+    version: str,
+    request_id: Any,
+    outputs: Tensors,
+    binary_choice: dict[str, bool | None],
+    default_binary: bool,
+) -> Response:
+    out_meta: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    for name, arr in outputs.items():
+        meta: dict[str, Any] = {
+            "name": name,
+            "datatype": DTYPE_TO_DATATYPE[arr.dtype],
+            "shape": list(arr.shape),
+        }
+        choice = binary_choice.get(name)
+        if choice if choice is not None else default_binary:
+            data = np.ascontiguousarray(arr).tobytes()
+            meta["parameters"] = {"binary_data_size": len(data)}
+            chunks.append(data)
+        else:
+            meta["data"] = arr.reshape(-1).tolist()
+        out_meta.append(meta)
+    payload: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": out_meta}
+    if isinstance(request_id, str) and request_id:
+        payload["id"] = request_id
+    head = orjson.dumps(payload)
+    if not chunks:
+        return Response(head, media_type="application/json")
+    return Response(
+        b"".join([head, *chunks]),
+        media_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(len(head))},
+    )

@@ -1,0 +1,102 @@
+"""Prometheus series of the request path (names: gpugate_ prefix, base units).
+
+Tenant is a label: tens to hundreds of tenants are fine; thousands would make
+each histogram family large enough to slow scrapes (document before growing).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from scheduler import BatchRecord
+
+_LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class RouterMetrics:
+    """All series live in one registry; ``None`` makes a private one (tests)."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "gpugate_requests",
+            "Inference requests by model, version, tenant and HTTP-equivalent status code.",
+            ["model", "version", "tenant", "code"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "gpugate_request_duration_seconds",
+            "Inference request latency inside the gateway, from decode to response.",
+            ["model", "version", "tenant"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_rows = Histogram(
+            "gpugate_batch_size_rows",
+            "Rows per batch sent to a replica.",
+            ["model", "version"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "gpugate_queue_wait_seconds",
+            "Time a request waited in its tenant queue before its batch was sent.",
+            ["model", "version"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.device_seconds = Counter(
+            "gpugate_batch_device_seconds",
+            "Measured device time of batches (forward pass), by model and version.",
+            ["model", "version", "device"],
+            registry=r,
+        )
+        self.batch_failures = Counter(
+            "gpugate_batch_failures",
+            "Batches the replica failed to run.",
+            ["model", "version"],
+            registry=r,
+        )
+        self.queued_rows = Gauge(
+            "gpugate_queue_rows",
+            "Rows waiting per model version.",
+            ["model", "version"],
+            registry=r,
+        )
+
+    def observe_request(
+        self, model: str, version: str, tenant: str, code: str, seconds: float
+    ) -> None:
+        self.requests.labels(model, version, tenant, code).inc()
+        if code == "200":
+            self.latency.labels(model, version, tenant).observe(seconds)
+
+    def observe_batch(self, record: BatchRecord) -> None:
+        self.batch_rows.labels(record.model, record.version).observe(record.rows)
+        wait = self.queue_wait.labels(record.model, record.version)
+        for w in record.queue_wait_s:
+            wait.observe(w)
+        if record.result is None:
+            self.batch_failures.labels(record.model, record.version).inc()
+        else:
+            self.device_seconds.labels(record.model, record.version, record.result.device).inc(
+                record.result.device_ns / 1e9
+            )

@@ -1,0 +1,86 @@
+"""Starting and stopping the router's HTTP and gRPC front doors on one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+
+import grpc
+import uvicorn
+
+from router.grpc_server import build_grpc_server
+from router.http_server import build_http_app
+from router.service import InferenceService
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """Bind the HTTP socket ourselves: uvicorn exits the process on a bind error."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise RuntimeError(f"cannot bind HTTP port {host}:{port}: {exc}") from exc
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+class FrontDoors:
+    """The HTTP (uvicorn) and gRPC (grpc.aio) servers of one InferenceService.
+
+    Port 0 picks a free port; ``http_port``/``grpc_port`` tell which after start.
+    """
+
+    def __init__(self, service: InferenceService, host: str, max_message_bytes: int) -> None:
+        self.service = service
+        self.host = host
+        self.http_port = 0
+        self.grpc_port = 0
+        self._max_bytes = max_message_bytes
+        self._grpc: grpc.aio.Server | None = None
+        self._http: uvicorn.Server | None = None
+        self._http_task: asyncio.Task[None] | None = None
+
+    async def start(self, http_port: int, grpc_port: int) -> None:
+        self._grpc = build_grpc_server(self.service, self._max_bytes)
+        try:
+            self.grpc_port = self._grpc.add_insecure_port(f"{self.host}:{grpc_port}")
+        except RuntimeError as exc:
+            raise RuntimeError(f"cannot bind gRPC port {self.host}:{grpc_port}: {exc}") from exc
+        sock = _bind(self.host, http_port)
+        self.http_port = sock.getsockname()[1]
+        await self._grpc.start()
+        self._http = uvicorn.Server(
+            uvicorn.Config(
+                build_http_app(self.service),
+                log_level="warning",
+                access_log=False,
+                lifespan="off",
+                # Keep-alive connections of load generators outlive short idle gaps.
+                timeout_keep_alive=30,
+            )
+        )
+        self._http_task = asyncio.get_running_loop().create_task(
+            self._http.serve(sockets=[sock]), name="router-http"
+        )
+        while not self._http.started:
+            if self._http_task.done():
+                raise RuntimeError(f"HTTP server failed to start: {self._http_task.exception()}")
+            await asyncio.sleep(0.01)
+
+    @property
+    def healthy(self) -> bool:
+        return self._http_task is not None and not self._http_task.done()
+
+    async def stop(self, grace_s: float = 1.0) -> None:
+        """Close both servers; call after the service has drained."""
+        if self._grpc is not None:
+            await self._grpc.stop(grace=grace_s)
+        if self._http is not None and self._http_task is not None:
+            self._http.should_exit = True
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._http_task, timeout=grace_s + 5)

@@ -1,0 +1,257 @@
+"""The protocol-neutral core of the router: authenticate, authorize, validate,
+submit to the model version's batcher, map scheduler errors, and drain.
+
+The HTTP and gRPC front doors only translate wire forms to and from calls on
+:class:`InferenceService`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from router._exceptions import (
+    DeadlineExceeded,
+    GatewayError,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+from router.metrics import RouterMetrics
+from router.tensors import InferParams, InputTensor, validate_inputs
+from router.types import ModelSignature, Tenant
+from scheduler import (
+    BackendError,
+    DeadlineExceededError,
+    ModelBatcher,
+    QueueFullError,
+    SchedulerClosedError,
+    Tensors,
+)
+
+PLATFORM = "pytorch_libtorch"
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    name: str
+    version: str
+    signature: ModelSignature
+    batcher: ModelBatcher
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    name: str
+    version: str
+    state: str  # READY | UNAVAILABLE
+    reason: str = ""
+
+
+class ModelTable(Protocol):
+    """Which versions serve; ``serving`` supplies it (static now, registry-driven later)."""
+
+    def resolve(self, name: str, version: str | None) -> ServedModel:
+        """The named version, or the version that serves ``name`` by default."""
+        ...
+
+    def index(self) -> list[IndexEntry]: ...
+
+
+class TenantDirectory(Protocol):
+    async def authenticate(self, api_key: str) -> Tenant | None: ...
+
+
+class StaticModelTable:
+    """A fixed set of versions; a name without a version resolves to the newest."""
+
+    def __init__(self, models: Sequence[ServedModel]) -> None:
+        self._by_key = {(m.name, m.version): m for m in models}
+        self._default: dict[str, ServedModel] = {}
+        for m in sorted(models, key=lambda m: _version_order(m.version)):
+            self._default[m.name] = m
+
+    def resolve(self, name: str, version: str | None) -> ServedModel:
+        if version:
+            found = self._by_key.get((name, version))
+            if found is None:
+                if name in self._default:
+                    raise NotFound(f"model {name!r} has no version {version!r}")
+                raise NotFound(f"unknown model {name!r}")
+            return found
+        default = self._default.get(name)
+        if default is None:
+            raise NotFound(f"unknown model {name!r}")
+        return default
+
+    def index(self) -> list[IndexEntry]:
+        return [IndexEntry(m.name, m.version, "READY") for m in self._by_key.values()]
+
+    def all(self) -> list[ServedModel]:
+        return list(self._by_key.values())
+
+
+def _version_order(version: str) -> tuple[int, int, str]:
+    return (1, int(version), "") if version.isdigit() else (0, 0, version)
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    max_request_bytes: int = 64 * 2**20
+    default_timeout_s: float = 30.0
+
+
+class InferenceService:
+    def __init__(
+        self,
+        models: ModelTable,
+        tenants: TenantDirectory,
+        settings: RouterSettings,
+        metrics: RouterMetrics | None = None,
+    ) -> None:
+        self.models = models
+        self.settings = settings
+        self.metrics = metrics or RouterMetrics(None)
+        self._tenants = tenants
+        self._draining = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- health -----------------------------------------------------------------
+
+    @property
+    def live(self) -> bool:
+        return True
+
+    @property
+    def ready(self) -> bool:
+        return not self._draining
+
+    def model_ready(self, name: str, version: str | None) -> bool:
+        try:
+            self.models.resolve(name, version)
+        except NotFound:
+            return False
+        return not self._draining
+
+    # -- requests ---------------------------------------------------------------
+
+    async def authenticate(self, authorization: str | None) -> Tenant:
+        if not authorization:
+            raise Unauthenticated("missing API key: send 'Authorization: Bearer <key>'")
+        scheme, _, key = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise Unauthenticated("malformed Authorization: expected 'Bearer <key>'")
+        tenant = await self._tenants.authenticate(key.strip())
+        if tenant is None:
+            raise Unauthenticated("unknown API key")
+        return tenant
+
+    async def infer(
+        self,
+        authorization: str | None,
+        model_name: str,
+        version: str | None,
+        inputs: Sequence[InputTensor],
+        params: InferParams,
+        *,
+        requested_outputs: Sequence[str] = (),
+        transport_timeout_s: float | None = None,
+    ) -> tuple[ServedModel, Tensors]:
+        """Run one request; raises GatewayError subclasses only."""
+        started = time.perf_counter()
+        # Labels come from resolved names only: a client must not mint new series.
+        tenant_name = model_label = version_label = "-"
+        code = "200"
+        entered = False
+        try:
+            self._enter()
+            entered = True
+            tenant = await self.authenticate(authorization)
+            tenant_name = tenant.name
+            served = self.models.resolve(model_name, version)
+            model_label, version_label = served.name, served.version
+            if not tenant.may_use(served.name):
+                raise PermissionDenied(f"tenant {tenant.name!r} may not use model {served.name!r}")
+            unknown = [o for o in requested_outputs if o not in served.signature.output_names]
+            if unknown:
+                raise InvalidArgument(f"unknown output(s) requested: {', '.join(unknown)}")
+            arrays, rows = validate_inputs(
+                served.signature, inputs, self.settings.max_request_bytes
+            )
+            timeouts = [t for t in (params.timeout_s, transport_timeout_s) if t is not None]
+            timeout_s = min(timeouts) if timeouts else self.settings.default_timeout_s
+            outputs = await self._submit(served, tenant, arrays, rows, params.priority, timeout_s)
+            if requested_outputs:
+                outputs = {k: outputs[k] for k in requested_outputs}
+            return served, outputs
+        except GatewayError as exc:
+            code = str(exc.http_status)
+            raise
+        finally:
+            if entered:
+                self._leave()
+            self.metrics.observe_request(
+                model_label, version_label, tenant_name, code, time.perf_counter() - started
+            )
+
+    async def _submit(
+        self,
+        served: ServedModel,
+        tenant: Tenant,
+        arrays: Tensors,
+        rows: int,
+        priority: int,
+        timeout_s: float,
+    ) -> Tensors:
+        try:
+            return await served.batcher.submit(
+                tenant.name,
+                arrays,
+                rows,
+                weight=tenant.weight,
+                priority=priority,
+                timeout_s=timeout_s,
+            )
+        except QueueFullError as exc:
+            raise ResourceExhausted(str(exc)) from None
+        except DeadlineExceededError as exc:
+            raise DeadlineExceeded(str(exc)) from None
+        except SchedulerClosedError as exc:
+            raise Unavailable(str(exc)) from None
+        except BackendError as exc:
+            raise Internal(f"model {served.name} version {served.version} failed: {exc}") from None
+
+    # -- draining ---------------------------------------------------------------
+
+    def _enter(self) -> None:
+        if self._draining:
+            raise Unavailable("server is draining")
+        self._in_flight += 1
+        self._idle.clear()
+
+    def _leave(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._idle.set()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Refuse new requests and wait for the in-flight ones; True if all finished."""
+        self._draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True

@@ -1,0 +1,154 @@
+"""Turning a request's declared tensors into validated numpy arrays.
+
+Both front doors parse their wire form into :class:`InputTensor` (name,
+datatype, shape, and either raw bytes or a list of values) and call
+:func:`validate_inputs`, so HTTP and gRPC refuse exactly the same requests with
+the same messages. Shapes are checked against the model's signature and the
+byte budget BEFORE any array is built: a request that declares a huge shape is
+refused without allocating.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from router._exceptions import InvalidArgument
+from router.types import DATATYPES, ModelSignature, TensorSpec
+from scheduler import Tensors
+
+# Triton's convention: 0 = the model's default priority level; 1 is the most urgent.
+DEFAULT_PRIORITY = 0
+
+
+@dataclass
+class InputTensor:
+    name: str
+    datatype: str
+    shape: Sequence[int]
+    raw: bytes | memoryview | None = None  # binary extension / raw_input_contents
+    values: Any = None  # JSON "data" or typed gRPC contents
+
+
+@dataclass(frozen=True)
+class InferParams:
+    timeout_s: float | None = None
+    priority: int = DEFAULT_PRIORITY
+
+
+def parse_params(params: dict[str, Any]) -> InferParams:
+    """Read the protocol parameters the gateway honours (``timeout`` in us, ``priority``)."""
+    timeout_s = None
+    if "timeout" in params:
+        timeout = params["timeout"]
+        if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout <= 0:
+            raise InvalidArgument("parameter 'timeout' must be a positive integer (microseconds)")
+        timeout_s = timeout / 1e6
+    priority = params.get("priority", DEFAULT_PRIORITY)
+    if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority < 2**31:
+        raise InvalidArgument("parameter 'priority' must be a non-negative integer")
+    return InferParams(timeout_s, priority)
+
+
+def validate_inputs(
+    signature: ModelSignature, inputs: Sequence[InputTensor], max_bytes: int
+) -> tuple[Tensors, int]:
+    """Check inputs against the signature; return arrays (rows first) and the row count."""
+    if not inputs:
+        raise InvalidArgument("request has no inputs")
+    seen: set[str] = set()
+    rows: int | None = None
+    planned: list[tuple[InputTensor, TensorSpec, int]] = []
+    budget = max_bytes
+    for tensor in inputs:
+        spec = signature.input_by_name.get(tensor.name)
+        if spec is None:
+            known = ", ".join(sorted(signature.input_by_name))
+            raise InvalidArgument(f"unknown input {tensor.name!r}; the model takes: {known}")
+        if tensor.name in seen:
+            raise InvalidArgument(f"input {tensor.name!r} given twice")
+        seen.add(tensor.name)
+        if tensor.datatype != spec.datatype:
+            raise InvalidArgument(
+                f"input {tensor.name!r} has datatype {tensor.datatype!r}, "
+                f"the model expects {spec.datatype}"
+            )
+        tensor_rows, count = _check_shape(tensor, spec, signature.max_batch_size)
+        if rows is not None and tensor_rows != rows:
+            raise InvalidArgument(
+                f"inputs disagree on the batch dimension: {rows} and {tensor_rows} "
+                f"({tensor.name!r})"
+            )
+        rows = tensor_rows
+        budget -= count * spec.dtype.itemsize
+        if budget < 0:
+            raise InvalidArgument(f"inputs declare more than the {max_bytes}-byte request limit")
+        planned.append((tensor, spec, count))
+    missing = [s.name for s in signature.inputs if s.name not in seen]
+    if missing:
+        raise InvalidArgument(f"missing input(s): {', '.join(missing)}")
+    assert rows is not None
+    return {t.name: _to_array(t, spec, count) for t, spec, count in planned}, rows
+
+
+def _check_shape(tensor: InputTensor, spec: TensorSpec, max_batch_size: int) -> tuple[int, int]:
+    shape = tensor.shape
+    want = len(spec.shape) + 1
+    if len(shape) != want:
+        raise InvalidArgument(
+            f"input {tensor.name!r} has shape {list(shape)}; expected "
+            f"{[-1, *spec.shape]} (batch dimension first)"
+        )
+    for dim in shape:
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
+            raise InvalidArgument(f"input {tensor.name!r} has an invalid dimension {dim!r}")
+    rows = shape[0]
+    if not 1 <= rows <= max_batch_size:
+        raise InvalidArgument(
+            f"input {tensor.name!r} has batch size {rows}; the model takes 1..{max_batch_size}"
+        )
+    for got, expected in zip(shape[1:], spec.shape, strict=True):
+        if (expected != -1 and got != expected) or got == 0:
+            raise InvalidArgument(
+                f"input {tensor.name!r} has shape {list(shape)}; expected {[-1, *spec.shape]}"
+            )
+    # math.prod of validated ints cannot overflow in Python; the byte budget bounds it.
+    return rows, math.prod(shape)
+
+
+def _to_array(tensor: InputTensor, spec: TensorSpec, count: int) -> np.ndarray:
+    dtype = spec.dtype
+    if tensor.raw is not None:
+        if len(tensor.raw) != count * dtype.itemsize:
+            raise InvalidArgument(
+                f"input {tensor.name!r}: {len(tensor.raw)} bytes of data for shape "
+                f"{list(tensor.shape)} of {spec.datatype} (needs {count * dtype.itemsize})"
+            )
+        # Little-endian on the wire, as the protocol says.
+        arr = np.frombuffer(tensor.raw, dtype=dtype.newbyteorder("<"))
+        return arr.reshape(tuple(tensor.shape))
+    if tensor.values is None:
+        raise InvalidArgument(f"input {tensor.name!r} carries no data")
+    try:
+        arr = np.asarray(tensor.values, dtype=dtype)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InvalidArgument(
+            f"input {tensor.name!r}: data is not {spec.datatype}: {exc}"
+        ) from None
+    if arr.size != count:
+        raise InvalidArgument(
+            f"input {tensor.name!r}: {arr.size} values for shape {list(tensor.shape)} "
+            f"(needs {count})"
+        )
+    return arr.reshape(tuple(tensor.shape))
+
+
+def check_datatype(datatype: str) -> np.dtype:
+    try:
+        return DATATYPES[datatype]
+    except KeyError:
+        raise InvalidArgument(f"unknown datatype {datatype!r}") from None

@@ -1,0 +1,247 @@
+"""The ``gpugate`` command: the composition root.
+
+``gpugate serve`` is a thin driver: start or join Ray, deploy the Serve
+application (gateway + one deployment per model version), print one line when
+ready, and on SIGTERM/SIGINT drain in-flight requests, shut down, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from serving.config import ConfigError, GatewayConfig, ModelConfig, load_config
+
+DEFAULT_STATE_DIR = ".gpugate"
+
+
+def _state_dir(arg: str | None, config: GatewayConfig) -> Path:
+    chosen = arg or os.environ.get("GPUGATE_STATE_DIR") or config.state_dir or DEFAULT_STATE_DIR
+    return Path(chosen).expanduser().resolve()
+
+
+def _database_url(arg: str | None, config: GatewayConfig) -> str | None:
+    return arg or os.environ.get("GPUGATE_DATABASE_URL") or config.database_url
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"gpugate: error: {message}", file=sys.stderr)
+    return code
+
+
+def _check_port_free(host: str, port: int, what: str) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"{what} port {host}:{port} is not available: {exc}") from None
+
+
+# ------------------------------------------------------------------------- serve
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    overrides = {
+        k: v
+        for k, v in {
+            "host": args.host,
+            "http_port": args.http_port,
+            "grpc_port": args.grpc_port,
+            "metrics_port": args.metrics_port,
+        }.items()
+        if v is not None
+    }
+    server = config.server.model_copy(update=overrides)
+    state_dir = _state_dir(args.state_dir, config)
+    database_url = _database_url(args.database_url, config)
+
+    # Imported here so `gpugate --help` and `tenants` stay fast (no torch, no Ray).
+    from serving import cluster
+    from serving.demo import demo_accuracy, ensure_demo_model
+    from serving.gateway import build_app
+    from serving.state import open_engine
+    from serving.tenants import TenantError, TenantStore, ensure_demo_tenant
+
+    try:
+        for what, port in (
+            ("HTTP", server.http_port),
+            ("gRPC", server.grpc_port),
+            ("metrics", server.metrics_port),
+        ):
+            _check_port_free(server.host, port, what)
+        store = TenantStore(open_engine(database_url, state_dir))
+        store.upsert_from_config(config.tenants, os.environ)
+        models: list[ModelConfig] = list(config.models)
+        demo_key = None
+        if not models:
+            models = [ensure_demo_model(state_dir)]
+            demo_key = ensure_demo_tenant(store, state_dir)
+        missing = [str(m.artifact) for m in models if not m.artifact.is_file()]
+        if missing:
+            raise ConfigError(f"artifact not found: {', '.join(missing)}")
+    except (ConfigError, TenantError) as exc:
+        return _fail(str(exc))
+
+    started_ray = cluster.connect()
+    # After ray.init, which installs handlers of its own that would end the driver.
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        try:
+            handle = cluster.deploy(build_app(server, state_dir, database_url, models))
+        except (RuntimeError, TimeoutError) as exc:
+            return _fail(str(exc), code=1)
+        if demo_key is not None:
+            accuracy = demo_accuracy(state_dir)
+            print(
+                f"demo model digits:1 (sklearn digits, test accuracy {accuracy:.3f}); "
+                f"demo tenant key: {demo_key}",
+                flush=True,
+            )
+        names = ",".join(f"{m.name}:{m.version}" for m in models)
+        print(
+            f"gpugate ready http={server.host}:{server.http_port} "
+            f"grpc={server.host}:{server.grpc_port} metrics={server.host}:{server.metrics_port} "
+            f"models={names} state={state_dir}",
+            flush=True,
+        )
+        stop.wait()
+        print("gpugate draining", flush=True)
+        report = cluster.call(
+            handle, "drain", server.drain_timeout_s, timeout_s=server.drain_timeout_s + 30
+        )
+        print(f"gpugate drained completed={report['completed']}", flush=True)
+    finally:
+        cluster.shutdown(started_ray)
+    print("gpugate stopped", flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------- tenants
+
+
+def _open_store(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from serving.state import open_engine
+    from serving.tenants import TenantStore
+
+    config = load_config(args.config)
+    return TenantStore(
+        open_engine(_database_url(args.database_url, config), _state_dir(args.state_dir, config))
+    )
+
+
+def cmd_tenants_create(args: argparse.Namespace) -> int:
+    from serving.tenants import TenantError
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else ["*"]
+    try:
+        key = _open_store(args).create(args.name, args.weight, models)
+    except (ConfigError, TenantError, ValueError) as exc:
+        return _fail(str(exc))
+    if args.json:
+        print(json.dumps({"tenant": args.name, "api_key": key}))
+    else:
+        print(f"tenant {args.name} created; API key (shown once): {key}")
+    return 0
+
+
+def cmd_tenants_list(args: argparse.Namespace) -> int:
+    try:
+        rows = _open_store(args).list()
+    except ConfigError as exc:
+        return _fail(str(exc))
+    items = [
+        {"tenant": r.name, "weight": r.weight, "models": list(r.models), "source": r.source}
+        for r in rows
+    ]
+    if args.json:
+        print(json.dumps(items))
+    else:
+        for i in items:
+            print(f"{i['tenant']:<24} weight={i['weight']:<6g} models={','.join(i['models'])}")
+    return 0
+
+
+# ------------------------------------------------------------------------ parser
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="YAML config file (see docs/config.md)")
+    p.add_argument(
+        "--state-dir",
+        help=f"state folder (SQLite, demo model, demo key); default $GPUGATE_STATE_DIR "
+        f"or ./{DEFAULT_STATE_DIR}",
+    )
+    p.add_argument(
+        "--database-url",
+        help="SQLAlchemy URL of the state database (default: SQLite in the state folder; "
+        "$GPUGATE_DATABASE_URL)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gpugate",
+        description="GPU model-serving gateway: KServe v2 over HTTP and gRPC, tenant-fair "
+        "dynamic batching, Ray Serve model replicas.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser(
+        "serve",
+        help="start Ray (or join RAY_ADDRESS), deploy the models and serve",
+        description="Start a local Ray (or join the cluster at RAY_ADDRESS), deploy one Ray "
+        "Serve deployment per model version plus the gateway, and serve KServe v2 over HTTP "
+        "and gRPC. Without --config (or with no models in it) serves the demo digits "
+        "classifier and prints the demo tenant's API key. Prints one 'gpugate ready' line "
+        "when serving; SIGTERM/SIGINT drains in-flight requests and exits 0.",
+    )
+    _common(serve)
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--http-port", type=int, help="KServe v2 HTTP port (default 8000)")
+    serve.add_argument("--grpc-port", type=int, help="KServe v2 gRPC port (default 8001)")
+    serve.add_argument("--metrics-port", type=int, help="Prometheus port (default 8002)")
+    serve.set_defaults(func=cmd_serve)
+
+    tenants = sub.add_parser("tenants", help="manage tenants and their API keys")
+    tsub = tenants.add_subparsers(dest="tenants_command", required=True)
+    create = tsub.add_parser(
+        "create",
+        help="create a tenant and print its API key once (works while the gateway runs)",
+    )
+    _common(create)
+    create.add_argument("name")
+    create.add_argument("--weight", type=float, default=1.0, help="fair-share weight (default 1)")
+    create.add_argument(
+        "--models", help="comma-separated models the tenant may call (default: all)"
+    )
+    create.add_argument("--json", action="store_true", help='print {"tenant", "api_key"}')
+    create.set_defaults(func=cmd_tenants_create)
+    listing = tsub.add_parser("list", help="list tenants (never keys)")
+    _common(listing)
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(func=cmd_tenants_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

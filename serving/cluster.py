@@ -1,0 +1,97 @@
+"""The one thin wrapper around Ray and Ray Serve.
+
+Everything in gpugate that touches Ray goes through here: starting or joining
+the cluster, deploying the Serve application, the per-batch handle call, and
+shutting down. Tests of the router and scheduler never import this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import ray
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from scheduler import BackendError, BatchResult, Tensors
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "gpugate"
+GATEWAY_DEPLOYMENT = "gateway"
+
+
+class RayBatchBackend:
+    """scheduler.Backend over a Ray Serve handle: one handle call per batch."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self._handle = handle
+
+    async def run_batch(self, inputs: Tensors) -> BatchResult:
+        try:
+            result: BatchResult = await self._handle.run_batch.remote(inputs)
+        except Exception as exc:  # RayActorError, task errors, the model's own exception
+            raise BackendError(_short(exc)) from exc
+        return result
+
+
+def _short(exc: BaseException) -> str:
+    # Ray wraps the replica's traceback into the message; callers need the last line.
+    text = str(exc).strip().splitlines()
+    return text[-1][:500] if text else type(exc).__name__
+
+
+def connect(num_cpus: int | None = None) -> bool:
+    """Join the cluster at RAY_ADDRESS, or start a local one. True if we started it."""
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    # Ray's own dashboard and usage stats are not part of the gateway's contract.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        return False
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        log_to_driver=False,
+    )
+    return True
+
+
+def deploy(app: Any, blocking_timeout_s: float = 300.0) -> DeploymentHandle:
+    """Start Serve without its HTTP/gRPC proxy (the gateway opens the ports) and run the app."""
+    serve.start(proxy_location="Disabled")
+    deadline = time.monotonic() + blocking_timeout_s
+    handle: DeploymentHandle = serve.run(app, name=APP_NAME, route_prefix=None, blocking=False)
+    while True:
+        status = serve.status().applications.get(APP_NAME)
+        state = str(status.status) if status else "NOT_STARTED"
+        if state.endswith("RUNNING"):
+            return handle
+        if state.endswith("DEPLOY_FAILED") or state.endswith("UNHEALTHY"):
+            raise RuntimeError(f"deploy failed: {status.message if status else state}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"application not running after {blocking_timeout_s:.0f}s: {state}")
+        time.sleep(0.2)
+
+
+def call(handle: DeploymentHandle, method: str, *args: Any, timeout_s: float = 60.0) -> Any:
+    """Call a gateway method from the driver and wait for the answer."""
+    return getattr(handle, method).remote(*args).result(timeout_s=timeout_s)
+
+
+def shutdown(started_ray: bool) -> None:
+    """Remove our application; with a local Ray we started, stop Serve and Ray too."""
+    try:
+        if started_ray:
+            serve.shutdown()
+        else:
+            serve.delete(APP_NAME)
+    finally:
+        if started_ray:
+            ray.shutdown()

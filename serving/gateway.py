@@ -1,0 +1,132 @@
+"""The gateway: router + scheduler, hosted in a Ray Serve deployment of its own.
+
+Like Ray Serve's "direct ingress", the replica opens the HTTP, gRPC and metrics
+ports itself, so the whole system is one Serve application (``serve deploy``
+and a KubeRay RayService can run it) and the router restarts under Ray's fault
+tolerance. Batches are formed here, before the Ray hop, so one handle call
+carries a whole batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from router.metrics import RouterMetrics
+from router.servers import FrontDoors
+from router.service import InferenceService, RouterSettings, ServedModel, StaticModelTable
+from scheduler import BatchPolicy, ModelBatcher
+from serving.cluster import GATEWAY_DEPLOYMENT, RayBatchBackend
+from serving.config import ModelConfig, ServerConfig
+from serving.replica import deployment_name, model_deployment
+from serving.state import open_engine
+from serving.tenants import TenantDirectory, TenantStore
+
+log = logging.getLogger(__name__)
+
+
+def _depth_of(batcher: ModelBatcher) -> Callable[[], float]:
+    return lambda: float(batcher.queued_rows)
+
+
+class Gateway:
+    """Owns the servers, batchers and tenant cache of one gateway replica."""
+
+    async def __init__(  # type: ignore[misc]  # Ray Serve supports async constructors
+        self,
+        server: dict[str, Any],
+        state_dir: str,
+        database_url: str | None,
+        models: list[dict[str, Any]],
+        handles: dict[str, DeploymentHandle],
+    ) -> None:
+        self.server_config = ServerConfig.model_validate(server)
+        cfg = self.server_config
+        engine = open_engine(database_url, Path(state_dir))
+        self._tenants = TenantDirectory(TenantStore(engine))
+        self._registry = CollectorRegistry()
+        self.metrics = RouterMetrics(self._registry)
+        served: list[ServedModel] = []
+        for raw in models:
+            model = ModelConfig.model_validate(raw)
+            policy = BatchPolicy(
+                max_batch_size=model.max_batch_size,
+                max_queue_delay_s=model.max_queue_delay_ms / 1000,
+                max_in_flight=model.replicas * model.batches_in_flight_per_replica,
+                max_queued_rows=model.max_queued_rows,
+                max_queued_rows_per_tenant=model.max_queued_rows_per_tenant,
+            )
+            batcher = ModelBatcher(
+                model.name,
+                model.version,
+                RayBatchBackend(handles[deployment_name(model)]),
+                policy,
+                observer=self.metrics.observe_batch,
+            )
+            batcher.start()
+            self.metrics.queued_rows.labels(model.name, model.version).set_function(
+                _depth_of(batcher)
+            )
+            served.append(ServedModel(model.name, model.version, model.signature(), batcher))
+        self._batchers = [s.batcher for s in served]
+        self.service = InferenceService(
+            StaticModelTable(served),
+            self._tenants,
+            RouterSettings(cfg.max_request_bytes, cfg.default_timeout_ms / 1000),
+            self.metrics,
+        )
+        self._doors = FrontDoors(self.service, cfg.host, cfg.max_request_bytes)
+        await self._doors.start(cfg.http_port, cfg.grpc_port)
+        self._metrics_server, self._metrics_thread = start_http_server(
+            cfg.metrics_port, cfg.host, registry=self._registry
+        )
+        log.info("gateway serving http=%s grpc=%s", cfg.http_port, cfg.grpc_port)
+
+    def check_health(self) -> None:
+        """Serve's health probe: a dead front door makes the replica restart."""
+        if not self._doors.healthy:
+            raise RuntimeError("HTTP server stopped")
+
+    async def drain(self, timeout_s: float) -> dict[str, Any]:
+        """Refuse new requests, finish the in-flight ones, then close the servers."""
+        in_flight_before = self.service.in_flight
+        completed = await self.service.drain(timeout_s)
+        for batcher in self._batchers:
+            await batcher.close(drain=True)
+        await self._doors.stop()
+        self._metrics_server.shutdown()
+        return {"completed": completed, "in_flight_at_drain": in_flight_before}
+
+
+def build_app(
+    server: ServerConfig,
+    state_dir: Path,
+    database_url: str | None,
+    models: list[ModelConfig],
+) -> Any:
+    """The Serve application: one deployment per model version plus the gateway."""
+    handles = {deployment_name(m): model_deployment(m) for m in models}
+    return (
+        serve.deployment(Gateway)
+        .options(
+            name=GATEWAY_DEPLOYMENT,
+            num_replicas=1,
+            # The gateway is I/O and Python: do not let it hold a CPU the models need.
+            ray_actor_options={"num_cpus": 0},
+            max_ongoing_requests=16,
+            graceful_shutdown_timeout_s=server.drain_timeout_s,
+        )
+        .bind(
+            server.model_dump(mode="json"),
+            str(state_dir),
+            database_url,
+            [m.model_dump(mode="json") for m in models],
+            handles,
+        )
+    )

@@ -1,0 +1,53 @@
+"""Ray Serve deployment of one model version: load the artifact, run batches."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ray import serve
+
+from scheduler import BatchResult, Tensors
+from serving.config import ModelConfig
+from serving.models import ModelRunner
+
+log = logging.getLogger(__name__)
+
+
+class ModelReplica:
+    """One replica: the model on its device (CUDA when given GPUs and present)."""
+
+    def __init__(self, model: dict[str, Any]) -> None:
+        self.config = ModelConfig.model_validate(model)
+        self.runner = ModelRunner(self.config)
+        self.runner.warmup()
+        log.info(
+            "model %s:%s ready on %s", self.config.name, self.config.version, self.runner.device
+        )
+
+    def run_batch(self, inputs: Tensors) -> BatchResult:
+        outputs, device_ns = self.runner.run(inputs)
+        return BatchResult(
+            outputs=outputs,
+            device_ns=device_ns,
+            device=self.runner.device_type,
+            gpu_share=self.config.num_gpus if self.runner.device.type == "cuda" else 0.0,
+        )
+
+
+def deployment_name(model: ModelConfig) -> str:
+    return f"model-{model.name}-{model.version}"
+
+
+def model_deployment(model: ModelConfig) -> Any:
+    """The bound Serve deployment for one model version."""
+    return (
+        serve.deployment(ModelReplica)
+        .options(
+            name=deployment_name(model),
+            num_replicas=model.replicas,
+            max_ongoing_requests=model.batches_in_flight_per_replica,
+            ray_actor_options={"num_cpus": model.num_cpus, "num_gpus": model.num_gpus},
+        )
+        .bind(model.model_dump(mode="json"))
+    )
