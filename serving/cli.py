@@ -124,7 +124,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         report = cluster.call(
             handle, "drain", server.drain_timeout_s, timeout_s=server.drain_timeout_s + 30
         )
-        print(f"gpugate drained completed={report['completed']}", flush=True)
+        print(
+            f"gpugate drained completed={report['completed']} "
+            f"in_flight={report['in_flight_at_drain']}",
+            flush=True,
+        )
     finally:
         cluster.shutdown(started_ray)
     print("gpugate stopped", flush=True)

@@ -1,0 +1,119 @@
+"""A real `gpugate serve` subprocess, shared by the e2e tests of a module."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+GPUGATE = str(Path(sys.executable).with_name("gpugate"))
+READY_TIMEOUT_S = 180
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Gateway:
+    proc: subprocess.Popen[str]
+    state_dir: Path
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    demo_key: str
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [GPUGATE, *args, "--state-dir", str(self.state_dir)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    def stop(self, timeout: float = 90) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+
+def start_gateway(state_dir: Path, *extra: str) -> Gateway:
+    http, grpc_, metrics = free_port(), free_port(), free_port()
+    proc = subprocess.Popen(
+        [
+            GPUGATE,
+            "serve",
+            "--state-dir",
+            str(state_dir),
+            "--http-port",
+            str(http),
+            "--grpc-port",
+            str(grpc_),
+            "--metrics-port",
+            str(metrics),
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("gpugate ready"):
+                ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while not ready.wait(0.2):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            raise RuntimeError("gateway did not become ready:\n" + "".join(lines[-40:]))
+    key_line = next(line for line in lines if "demo tenant key" in line)
+    match = re.search(r"demo tenant key: (\S+)", key_line)
+    assert match is not None
+    return Gateway(proc, state_dir, http, grpc_, metrics, match.group(1), lines)
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gw = start_gateway(tmp_path_factory.mktemp("state"))
+    try:
+        yield gw
+    finally:
+        if gw.proc.poll() is None:
+            gw.proc.send_signal(signal.SIGTERM)
+            try:
+                gw.proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                gw.proc.kill()
+                gw.proc.wait()

@@ -1,0 +1,253 @@
+"""`gpugate serve` as a user runs it, driven by the unchanged tritonclient.
+
+One gateway (local Ray, SQLite state in a temp dir, the demo digits model) serves
+every test of this module; the last test stops it with SIGTERM under load.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import tritonclient.grpc as tgrpc
+import tritonclient.http as thttp
+from sklearn.datasets import load_digits
+from tritonclient.utils import InferenceServerException
+
+from tests.e2e.conftest import Gateway
+
+pytestmark = pytest.mark.timeout(300)
+
+X, Y = load_digits(return_X_y=True)
+X = X.astype(np.float32)
+
+
+def _auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _http_infer(gw: Gateway, x: np.ndarray, key: str, binary: bool = True, **kw: object):
+    client = thttp.InferenceServerClient(gw.http_url)
+    inp = thttp.InferInput("pixels", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=binary)
+    out = thttp.InferRequestedOutput("logits", binary_data=binary)
+    return client.infer("digits", [inp], outputs=[out], headers=_auth(key), **kw)
+
+
+def _grpc_infer(
+    gw: Gateway, x: np.ndarray, key: str, client: tgrpc.InferenceServerClient | None = None
+):
+    client = client or tgrpc.InferenceServerClient(gw.grpc_url)
+    inp = tgrpc.InferInput("pixels", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    return client.infer("digits", [inp], headers={"authorization": f"Bearer {key}"})
+
+
+def test_health_metadata_and_index(gateway: Gateway) -> None:
+    h = thttp.InferenceServerClient(gateway.http_url)
+    g = tgrpc.InferenceServerClient(gateway.grpc_url)
+    assert h.is_server_live() and h.is_server_ready()
+    assert g.is_server_live() and g.is_server_ready()
+    assert h.is_model_ready("digits") and g.is_model_ready("digits", "1")
+    assert not h.is_model_ready("nope") and not g.is_model_ready("nope")
+    meta = h.get_model_metadata("digits")
+    assert meta["inputs"] == [{"name": "pixels", "datatype": "FP32", "shape": [-1, 64]}]
+    assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]
+    gmeta = g.get_model_metadata("digits", as_json=True)
+    assert gmeta["versions"] == ["1"] and gmeta["inputs"][0]["shape"] == ["-1", "64"]
+    assert h.get_server_metadata()["name"] == "gpugate"
+    assert h.get_model_repository_index() == [
+        {"name": "digits", "version": "1", "state": "READY", "reason": ""}
+    ]
+    index = g.get_model_repository_index(as_json=True)
+    assert index["models"][0]["name"] == "digits"
+
+
+def test_demo_model_classifies_digits_over_every_encoding(gateway: Gateway) -> None:
+    key = gateway.demo_key
+    x = X[:64]
+    binary = _http_infer(gateway, x, key).as_numpy("logits")
+    as_json = _http_infer(gateway, x, key, binary=False).as_numpy("logits")
+    over_grpc = _grpc_infer(gateway, x, key).as_numpy("logits")
+    np.testing.assert_allclose(binary, over_grpc, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(binary, as_json, rtol=1e-5, atol=1e-5)
+    accuracy = float((binary.argmax(1) == Y[:64]).mean())
+    assert accuracy >= 0.9
+    result = _http_infer(gateway, X[:2], key)
+    assert result.get_response()["model_version"] == "1"
+
+
+def test_concurrent_requests_of_different_sizes_get_their_own_rows(gateway: Gateway) -> None:
+    key = gateway.demo_key
+    rng = np.random.default_rng(1)
+    batches = []
+    start = 0
+    for _ in range(60):
+        n = int(rng.integers(1, 9))
+        batches.append(X[start % 1700 : start % 1700 + n])
+        start += n
+    alone = [_grpc_infer(gateway, b, key).as_numpy("logits") for b in batches]
+    grpc_client = tgrpc.InferenceServerClient(gateway.grpc_url)
+
+    def send(i: int) -> np.ndarray:
+        if i % 2:
+            return _grpc_infer(gateway, batches[i], key, grpc_client).as_numpy("logits")
+        return _http_infer(gateway, batches[i], key).as_numpy("logits")
+
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(send, range(len(batches))))
+    for a, t, b in zip(alone, together, batches, strict=True):
+        assert t.shape == (len(b), 10)
+        np.testing.assert_allclose(t, a, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_errors_in_the_protocols_own_form(gateway: Gateway, protocol: str) -> None:
+    key = gateway.demo_key
+    x = X[:2]
+
+    def code_of(fn) -> str:  # type: ignore[no-untyped-def]
+        with pytest.raises(InferenceServerException) as info:
+            fn()
+        return str(info.value.status())
+
+    if protocol == "http":
+        h = thttp.InferenceServerClient(gateway.http_url)
+        assert code_of(lambda: _http_infer(gateway, x, "")) == "401"
+        assert code_of(lambda: _http_infer(gateway, x, "gg_not_a_key")) == "401"
+        inp = thttp.InferInput("pixels", [2, 64], "FP32")
+        inp.set_data_from_numpy(x)
+        assert code_of(lambda: h.infer("nope", [inp], headers=_auth(key))) == "404"
+        assert (
+            code_of(lambda: h.infer("digits", [inp], model_version="9", headers=_auth(key)))
+            == "404"
+        )
+        wrong = thttp.InferInput("pixels", [2, 64], "INT32")
+        wrong.set_data_from_numpy(x.astype(np.int32))
+        assert code_of(lambda: h.infer("digits", [wrong], headers=_auth(key))) == "400"
+        bad_shape = thttp.InferInput("pixels", [2, 32], "FP32")
+        bad_shape.set_data_from_numpy(x[:, :32].copy())
+        assert code_of(lambda: h.infer("digits", [bad_shape], headers=_auth(key))) == "400"
+    else:
+        g = tgrpc.InferenceServerClient(gateway.grpc_url)
+        assert code_of(lambda: _grpc_infer(gateway, x, "")) == "StatusCode.UNAUTHENTICATED"
+        inp = tgrpc.InferInput("pixels", [2, 64], "FP32")
+        inp.set_data_from_numpy(x)
+        hdr = {"authorization": f"Bearer {key}"}
+        assert code_of(lambda: g.infer("nope", [inp], headers=hdr)) == "StatusCode.NOT_FOUND"
+        wrong = tgrpc.InferInput("pixels", [2, 64], "FP64")
+        wrong.set_data_from_numpy(x.astype(np.float64))
+        assert code_of(lambda: g.infer("digits", [wrong], headers=hdr)) == (
+            "StatusCode.INVALID_ARGUMENT"
+        )
+    # The server is still up and answering.
+    assert _grpc_infer(gateway, x, key).as_numpy("logits").shape == (2, 10)
+
+
+def test_huge_declared_shape_and_oversized_body_are_refused_fast(gateway: Gateway) -> None:
+    url = f"http://{gateway.http_url}/v2/models/digits/infer"
+    body = json.dumps(
+        {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 10**12], "data": [1]}]}
+    ).encode()
+    req = urllib.request.Request(url, body, headers=_auth(gateway.demo_key), method="POST")
+    t0 = time.monotonic()
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(req, timeout=10)
+    assert info.value.code == 400
+    assert "error" in json.loads(info.value.read())
+    assert time.monotonic() - t0 < 2
+    # Declare a body over the 64 MiB limit and send only the headers: the gateway
+    # answers 413 from the Content-Length alone, before reading (or storing) a byte.
+    with socket.create_connection(("127.0.0.1", gateway.http_port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Length: 70000000\r\nAuthorization: Bearer "
+            + gateway.demo_key.encode()
+            + b"\r\n\r\n"
+        )
+        reply = sock.recv(4096).decode()
+    assert reply.startswith("HTTP/1.1 413"), reply
+    assert '"error"' in reply
+    assert _grpc_infer(gateway, X[:1], gateway.demo_key).as_numpy("logits").shape == (1, 10)
+
+
+def test_tenant_created_while_running_works_at_once_and_is_scoped(gateway: Gateway) -> None:
+    made = gateway.cli("tenants", "create", "alice", "--weight", "2", "--json")
+    assert made.returncode == 0, made.stderr
+    created = json.loads(made.stdout)
+    assert created["tenant"] == "alice" and created["api_key"].startswith("gg_")
+    out = _grpc_infer(gateway, X[:3], created["api_key"]).as_numpy("logits")
+    assert out.shape == (3, 10)
+    scoped = gateway.cli("tenants", "create", "bob", "--models", "other-model", "--json")
+    bob_key = json.loads(scoped.stdout)["api_key"]
+    with pytest.raises(InferenceServerException) as info:
+        _http_infer(gateway, X[:1], bob_key)
+    assert str(info.value.status()) == "403"
+    dup = gateway.cli("tenants", "create", "alice", "--json")
+    assert dup.returncode != 0 and "already exists" in dup.stderr
+    listed = json.loads(gateway.cli("tenants", "list", "--json").stdout)
+    assert {"alice", "bob", "demo"} <= {t["tenant"] for t in listed}
+    assert created["api_key"] not in json.dumps(listed)
+
+
+def test_metrics_count_requests_per_tenant(gateway: Gateway) -> None:
+    _grpc_infer(gateway, X[:1], gateway.demo_key)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{gateway.metrics_port}/metrics").read()
+    lines = text.decode().splitlines()
+    ok = [
+        line
+        for line in lines
+        if line.startswith("gpugate_requests_total{")
+        and 'tenant="demo"' in line
+        and 'code="200"' in line
+    ]
+    assert ok and float(ok[0].rsplit(" ", 1)[1]) >= 1
+    assert any(line.startswith("gpugate_batch_size_rows_bucket") for line in lines)
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_zero(gateway: Gateway) -> None:
+    """Last test of the module: it stops the shared gateway."""
+    key = gateway.demo_key
+    stop = threading.Event()
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def hammer() -> None:
+        client = tgrpc.InferenceServerClient(gateway.grpc_url)
+        while not stop.is_set():
+            try:
+                out = _grpc_infer(gateway, X[:4], key, client).as_numpy("logits")
+                outcome = "ok" if out.shape == (4, 10) else "wrong"
+            except InferenceServerException as exc:
+                outcome = str(exc.status())
+            with lock:
+                outcomes.append(outcome)
+            if outcome != "ok":
+                return
+
+    threads = [threading.Thread(target=hammer) for _ in range(16)]
+    for t in threads:
+        t.start()
+    time.sleep(2.0)
+    with lock:
+        before = outcomes.count("ok")
+    code = gateway.stop()
+    stop.set()
+    for t in threads:
+        t.join(timeout=30)
+    assert code == 0
+    assert before > 0
+    drained = [line for line in gateway.lines if line.startswith("gpugate drained")]
+    assert drained and "completed=True" in drained[0]
+    # 16 clients in a closed loop: requests were inside the gateway when SIGTERM came.
+    in_flight = int(drained[0].split("in_flight=")[1])
+    assert in_flight > 0, drained[0]
+    # Every request either completed correctly or was refused cleanly as unavailable.
+    assert set(outcomes) <= {"ok", "StatusCode.UNAVAILABLE"}, set(outcomes)
+    assert any(line.startswith("gpugate stopped") for line in gateway.lines)
