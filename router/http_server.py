@@ -166,6 +166,12 @@ def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
         raise InvalidArgument(f"body is not valid {encoding}: {exc}") from None
     if len(out) > limit or inflater.unconsumed_tail:
         raise PayloadTooLarge(f"decompressed body is over the {limit}-byte limit")
+    # Without the end of the stream its checksum was never verified; data after it
+    # (say a second gzip member) would be dropped silently.
+    if not inflater.eof:
+        raise InvalidArgument(f"body is not valid {encoding}: truncated stream")
+    if inflater.unused_data:
+        raise InvalidArgument(f"body is not valid {encoding}: data after the end of the stream")
     return out
 
 

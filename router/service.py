@@ -8,6 +8,7 @@ The HTTP and gRPC front doors only translate wire forms to and from calls on
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ from scheduler import (
 )
 
 PLATFORM = "pytorch_libtorch"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -150,7 +153,13 @@ class InferenceService:
         scheme, _, key = authorization.partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
             raise Unauthenticated("malformed Authorization: expected 'Bearer <key>'")
-        tenant = await self._tenants.authenticate(key.strip())
+        try:
+            tenant = await self._tenants.authenticate(key.strip())
+        except Exception:
+            # The directory's store failed (e.g. the database is down): not the caller's
+            # fault and not a bad key. The cause stays in the log, not in the answer.
+            log.exception("tenant directory failed")
+            raise Unavailable("cannot authenticate now: tenant directory unavailable") from None
         if tenant is None:
             raise Unauthenticated("unknown API key")
         return tenant
@@ -196,6 +205,13 @@ class InferenceService:
         except GatewayError as exc:
             code = str(exc.http_status)
             raise
+        except asyncio.CancelledError:
+            code = "499"  # the caller went away or its transport deadline passed
+            raise
+        except Exception as exc:
+            code = "500"
+            log.exception("request for model %r failed unexpectedly", model_name)
+            raise Internal(f"internal error: {type(exc).__name__}") from None
         finally:
             if entered:
                 self._leave()

@@ -21,6 +21,9 @@ from router._exceptions import InvalidArgument
 from router.types import DATATYPES, ModelSignature, TensorSpec
 from scheduler import Tensors
 
+# numpy kind of a datatype -> kinds of JSON / typed-contents values it accepts.
+_VALUE_KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
+
 # Triton's convention: 0 = the model's default priority level; 1 is the most urgent.
 DEFAULT_PRIORITY = 0
 
@@ -134,7 +137,12 @@ def _to_array(tensor: InputTensor, spec: TensorSpec, count: int) -> np.ndarray:
     if tensor.values is None:
         raise InvalidArgument(f"input {tensor.name!r} carries no data")
     try:
+        # numpy casts silently (1.5 -> 1 for INT64, "7" -> 7.0, null -> NaN, "x" -> True):
+        # the values' own kind must fit the datatype before the checked conversion.
+        kind = np.asarray(tensor.values).dtype.kind
         arr = np.asarray(tensor.values, dtype=dtype)
+        if arr.size and kind not in _VALUE_KINDS[dtype.kind]:
+            raise TypeError(f"got values of numpy kind {kind!r}")
     except (ValueError, TypeError, OverflowError) as exc:
         raise InvalidArgument(
             f"input {tensor.name!r}: data is not {spec.datatype}: {exc}"

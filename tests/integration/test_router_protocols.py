@@ -1,0 +1,1897 @@
+"""The router's HTTP and gRPC front doors over real sockets, driven by real clients.
+
+The unchanged ``tritonclient.http`` and ``tritonclient.grpc`` clients (plus raw
+httpx / grpc stubs for malformed input tritonclient cannot produce) talk to
+:class:`router.servers.FrontDoors` bound to 127.0.0.1 on ephemeral ports. No Ray:
+the backends are in-process and compute known functions, and the tenant
+directory is an in-process dict.
+
+The servers run on an asyncio loop in a background thread; tests drive it with
+``asyncio.run_coroutine_threadsafe`` (no pytest-asyncio).
+
+Models served by the main stack:
+
+* ``affine`` versions 1 and 2: inputs ``x`` FP32 [4] and ``k`` INT64 [1];
+  outputs ``y`` FP32 [4] = m*x + k (m = 1 for version 1, 2 for version 2) and
+  ``s`` FP32 [1] = sum(x). A name without version resolves to version 2.
+* ``slow``: same function as affine v2, but each batch sleeps; tiny queue caps.
+* ``vec``: input ``v`` FP32 [-1] (variable length), output ``n`` FP32 [1].
+* ``broken``: same signature as affine; its backend always raises.
+* ``misfit``: misconfigured on purpose (signature admits more rows than its
+  batcher), to provoke an unexpected error inside the service.
+
+Tenants: ``alice`` may use every model; ``bob`` may use only ``vec``; the key
+``key-directory-down`` makes the tenant directory itself fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import gzip
+import json
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from gpugate_proto import grpc_service_pb2 as pb
+from gpugate_proto import grpc_service_pb2_grpc as pb_grpc
+from tritonclient.utils import InferenceServerException
+
+from router.servers import FrontDoors
+from router.service import InferenceService, RouterSettings, ServedModel, StaticModelTable
+from router.types import ModelSignature, Tenant, TensorSpec
+from scheduler import BatchPolicy, BatchResult, ModelBatcher, Tensors
+
+pytestmark = pytest.mark.timeout(120)
+
+HOST = "127.0.0.1"
+MAX_BYTES = 1 << 20  # request / gRPC message limit of the servers under test
+ALICE = "key-alice"  # tenant "alice": every model
+BOB = "key-bob"  # tenant "bob": only "vec"
+DIRECTORY_DOWN = "key-directory-down"  # the directory's store fails on this key
+# Read-only: tritonclient.http writes into the headers dict it is given, so it gets copies.
+HTTP_ALICE = MappingProxyType({"Authorization": f"Bearer {ALICE}"})
+HTTP_BOB = MappingProxyType({"Authorization": f"Bearer {BOB}"})
+GRPC_ALICE = {"authorization": f"Bearer {ALICE}"}
+GRPC_BOB = {"authorization": f"Bearer {BOB}"}
+MD_ALICE = (("authorization", f"Bearer {ALICE}"),)
+MD_BOB = (("authorization", f"Bearer {BOB}"),)
+
+AFFINE_MAX_BATCH = 64
+SLOW_DELAY_S = 0.6
+
+AFFINE_SIGNATURE = ModelSignature(
+    inputs=(TensorSpec("x", "FP32", (4,)), TensorSpec("k", "INT64", (1,))),
+    outputs=(TensorSpec("y", "FP32", (4,)), TensorSpec("s", "FP32", (1,))),
+    max_batch_size=AFFINE_MAX_BATCH,
+)
+MISFIT_SIGNATURE = ModelSignature(AFFINE_SIGNATURE.inputs, AFFINE_SIGNATURE.outputs, 8)
+VEC_SIGNATURE = ModelSignature(
+    inputs=(TensorSpec("v", "FP32", (-1,)),),
+    outputs=(TensorSpec("n", "FP32", (1,)),),
+    max_batch_size=8,
+)
+
+
+# --------------------------------------------------------------------------
+# in-process backends, tenants, and the server stack on a loop thread
+# --------------------------------------------------------------------------
+
+
+def affine(x: np.ndarray, k: np.ndarray, mult: int) -> Tensors:
+    """The known function; exact for the quarter-integer inputs the tests send."""
+    y = (np.float32(mult) * x.astype(np.float32) + k.astype(np.float32)).astype(np.float32)
+    s = x.astype(np.float32).sum(axis=1, keepdims=True, dtype=np.float32)
+    return {"y": y, "s": s}
+
+
+class AffineBackend:
+    """Computes :func:`affine`; counts calls and rows per batch (read from tests)."""
+
+    def __init__(self, mult: int, delay_s: float = 0.0) -> None:
+        self.mult = mult
+        self.delay_s = delay_s
+        self.calls = 0
+        self.batch_rows: list[int] = []
+        self.running = 0
+
+    async def run_batch(self, inputs: Tensors) -> BatchResult:
+        self.calls += 1
+        self.batch_rows.append(len(inputs["x"]))
+        self.running += 1
+        try:
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+            return BatchResult(affine(inputs["x"], inputs["k"], self.mult), 1000, "cpu", 0.0)
+        finally:
+            self.running -= 1
+
+
+class VecBackend:
+    async def run_batch(self, inputs: Tensors) -> BatchResult:
+        v = inputs["v"]
+        return BatchResult({"n": v.sum(axis=1, keepdims=True, dtype=np.float32)}, 1, "cpu", 0.0)
+
+
+class BrokenBackend:
+    async def run_batch(self, inputs: Tensors) -> BatchResult:
+        raise RuntimeError("replica exploded")
+
+
+class Directory:
+    """The in-process TenantDirectory."""
+
+    def __init__(self) -> None:
+        self._by_key = {
+            ALICE: Tenant("alice", 1.0, frozenset({"*"})),
+            BOB: Tenant("bob", 1.0, frozenset({"vec"})),
+        }
+
+    async def authenticate(self, api_key: str) -> Tenant | None:
+        if api_key == DIRECTORY_DOWN:
+            raise RuntimeError("database unreachable: postgresql://admin:secret@db")
+        return self._by_key.get(api_key)
+
+
+class TritonHttp(httpclient.InferenceServerClient):  # type: ignore[misc]
+    """tritonclient.http's client, unchanged on the wire, with an idempotent ``close``.
+
+    Its ``__del__`` closes again, and the second close waits on a gevent event
+    bound to the hub of the thread that made the client. When the client dies in
+    a reference cycle (any exception raised through it), the cyclic GC may run
+    in another thread (the server loop, a gRPC thread) and gevent raises
+    InvalidThreadUseError there. Every client here is closed explicitly.
+    """
+
+    _closed = False
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            super().close()
+
+
+class LoopThread:
+    """An asyncio loop running forever in a daemon thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._main, name="router-loop", daemon=True)
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+            pending = asyncio.all_tasks(self.loop)
+            for task in pending:
+                task.cancel()
+            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+        finally:
+            self.loop.close()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, coro: Any) -> concurrent.futures.Future[Any]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro: Any, timeout: float = 30.0) -> Any:
+        return self.submit(coro).result(timeout)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(15)
+        assert not self._thread.is_alive(), "the server loop thread did not stop"
+
+
+@dataclass
+class Stack:
+    service: InferenceService
+    doors: FrontDoors
+    batchers: list[ModelBatcher]
+    backends: dict[tuple[str, str], Any]
+
+    @property
+    def http_url(self) -> str:
+        return f"{HOST}:{self.doors.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{HOST}:{self.doors.grpc_port}"
+
+    def batcher(self, name: str, version: str) -> ModelBatcher:
+        return next(b for b in self.batchers if (b.model, b.version) == (name, version))
+
+
+ModelSpec = tuple[str, str, ModelSignature, Any, BatchPolicy]
+
+
+async def start_stack(models: list[ModelSpec]) -> Stack:
+    served = []
+    batchers = []
+    for name, version, signature, backend, policy in models:
+        batcher = ModelBatcher(name, version, backend, policy)
+        batcher.start()
+        batchers.append(batcher)
+        served.append(ServedModel(name, version, signature, batcher))
+    service = InferenceService(
+        StaticModelTable(served),
+        Directory(),
+        RouterSettings(max_request_bytes=MAX_BYTES, default_timeout_s=10.0),
+    )
+    doors = FrontDoors(service, HOST, MAX_BYTES)
+    await doors.start(0, 0)
+    return Stack(service, doors, batchers, {(m[0], m[1]): m[3] for m in models})
+
+
+async def stop_stack(stack: Stack) -> None:
+    await stack.service.drain(5.0)
+    for batcher in stack.batchers:
+        await batcher.close(drain=True)
+    await stack.doors.stop(0.5)
+
+
+def main_models() -> list[ModelSpec]:
+    affine_policy = BatchPolicy(
+        max_batch_size=AFFINE_MAX_BATCH, max_queue_delay_s=0.02, max_in_flight=1
+    )
+    slow_policy = BatchPolicy(
+        max_batch_size=4,
+        max_queue_delay_s=0.0,
+        max_in_flight=1,
+        max_queued_rows=64,
+        max_queued_rows_per_tenant=2,
+    )
+    slow_signature = ModelSignature(AFFINE_SIGNATURE.inputs, AFFINE_SIGNATURE.outputs, 4)
+    return [
+        ("affine", "1", AFFINE_SIGNATURE, AffineBackend(1, 0.005), affine_policy),
+        ("affine", "2", AFFINE_SIGNATURE, AffineBackend(2, 0.005), affine_policy),
+        ("slow", "1", slow_signature, AffineBackend(2, SLOW_DELAY_S), slow_policy),
+        ("vec", "1", VEC_SIGNATURE, VecBackend(), BatchPolicy(max_batch_size=8)),
+        ("broken", "1", AFFINE_SIGNATURE, BrokenBackend(), BatchPolicy(max_batch_size=64)),
+        # Misconfigured on purpose: the signature admits 8 rows, the batcher only 4, so
+        # 5..8 rows raise an unexpected (non-gateway) error inside the service.
+        ("misfit", "1", MISFIT_SIGNATURE, AffineBackend(2), BatchPolicy(max_batch_size=4)),
+    ]
+
+
+@pytest.fixture(scope="module")
+def loop_thread() -> Iterator[LoopThread]:
+    lt = LoopThread()
+    lt.start()
+    yield lt
+    lt.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(loop_thread: LoopThread) -> Iterator[Stack]:
+    """The main servers: started on the loop thread, stopped (and the thread joined) at the end."""
+    s: Stack = loop_thread.run(start_stack(main_models()))
+    yield s
+    loop_thread.run(stop_stack(s))
+
+
+@pytest.fixture(scope="module")
+def hc(stack: Stack) -> Iterator[httpclient.InferenceServerClient]:
+    client = TritonHttp(stack.http_url, network_timeout=30.0)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def gc(stack: Stack) -> Iterator[grpcclient.InferenceServerClient]:
+    client = grpcclient.InferenceServerClient(stack.grpc_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def web(stack: Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=f"http://{stack.http_url}", timeout=30.0) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def stub(stack: Stack) -> Iterator[pb_grpc.GRPCInferenceServiceStub]:
+    # Client-side limits well above the server's so the server is what refuses.
+    options = [
+        ("grpc.max_send_message_length", 64 * MAX_BYTES),
+        ("grpc.max_receive_message_length", 64 * MAX_BYTES),
+    ]
+    with grpc.insecure_channel(stack.grpc_url, options=options) as channel:
+        yield pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+# --------------------------------------------------------------------------
+# request helpers
+# --------------------------------------------------------------------------
+
+
+def sample(rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Quarter-integer x and integer k: every result of the function is exact in FP32."""
+    rng = np.random.default_rng(seed)
+    x = (rng.integers(-400, 400, size=(rows, 4)) / 4).astype(np.float32)
+    k = rng.integers(-50, 50, size=(rows, 1)).astype(np.int64)
+    return x, k
+
+
+def http_inputs(x: np.ndarray, k: np.ndarray, binary: bool = True) -> list[Any]:
+    ix = httpclient.InferInput("x", list(x.shape), "FP32")
+    ix.set_data_from_numpy(x, binary_data=binary)
+    ik = httpclient.InferInput("k", list(k.shape), "INT64")
+    ik.set_data_from_numpy(k, binary_data=binary)
+    return [ix, ik]
+
+
+def grpc_inputs(x: np.ndarray, k: np.ndarray) -> list[Any]:
+    ix = grpcclient.InferInput("x", list(x.shape), "FP32")
+    ix.set_data_from_numpy(x)
+    ik = grpcclient.InferInput("k", list(k.shape), "INT64")
+    ik.set_data_from_numpy(k)
+    return [ix, ik]
+
+
+def http_infer(
+    client: httpclient.InferenceServerClient,
+    x: np.ndarray,
+    k: np.ndarray,
+    model: str = "affine",
+    **kwargs: Any,
+) -> Any:
+    # A copy: tritonclient.http writes Inference-Header-Content-Length into the dict.
+    headers = dict(kwargs.pop("headers", HTTP_ALICE))
+    return client.infer(model, http_inputs(x, k), headers=headers, **kwargs)
+
+
+def grpc_infer(
+    client: grpcclient.InferenceServerClient,
+    x: np.ndarray,
+    k: np.ndarray,
+    model: str = "affine",
+    **kwargs: Any,
+) -> Any:
+    headers = kwargs.pop("headers", GRPC_ALICE)
+    return client.infer(model, grpc_inputs(x, k), headers=headers, **kwargs)
+
+
+def assert_affine(result: Any, x: np.ndarray, k: np.ndarray, mult: int = 2) -> None:
+    want = affine(x, k, mult)
+    y, s = result.as_numpy("y"), result.as_numpy("s")
+    assert y.dtype == np.float32 and s.dtype == np.float32
+    np.testing.assert_array_equal(y, want["y"])
+    np.testing.assert_array_equal(s, want["s"])
+
+
+def infer_body(
+    inputs: list[dict[str, Any]], **extra: Any
+) -> dict[str, Any]:  # a KServe v2 JSON request
+    return {"inputs": inputs, **extra}
+
+
+def jx(shape: list[Any] | None = None, data: Any = None, **kw: Any) -> dict[str, Any]:
+    """A JSON-data input "x" (defaults: one valid row)."""
+    return {
+        "name": kw.get("name", "x"),
+        "datatype": kw.get("datatype", "FP32"),
+        "shape": shape if shape is not None else [1, 4],
+        "data": data if data is not None else [1.0, 2.0, 3.0, 4.0],
+    }
+
+
+def jk(shape: list[int] | None = None, data: Any = None) -> dict[str, Any]:
+    return {
+        "name": "k",
+        "datatype": "INT64",
+        "shape": shape if shape is not None else [1, 1],
+        "data": data if data is not None else [5],
+    }
+
+
+GOOD_JSON = infer_body([jx(), jk()])
+
+
+def binary_request(
+    header: dict[str, Any], payload: bytes, header_length: int | None = None
+) -> tuple[bytes, dict[str, str]]:
+    head = json.dumps(header).encode()
+    length = len(head) if header_length is None else header_length
+    return head + payload, {"Inference-Header-Content-Length": str(length)}
+
+
+X1 = np.array([[1.0, 2.0, 3.0, 4.0]], dtype=np.float32)
+K1 = np.array([[5]], dtype=np.int64)
+
+
+def assert_http_good(web: httpx.Client) -> None:
+    r = web.post("/v2/models/affine/infer", json=GOOD_JSON, headers=HTTP_ALICE)
+    assert r.status_code == 200, r.text
+    outputs = {o["name"]: o for o in r.json()["outputs"]}
+    assert outputs["y"]["data"] == [7.0, 9.0, 11.0, 13.0]
+    assert outputs["s"]["data"] == [10.0]
+
+
+def assert_grpc_good(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    response = stub.ModelInfer(raw_request(X1, K1), metadata=MD_ALICE, timeout=10)
+    y = np.frombuffer(response.raw_output_contents[0], dtype=np.float32)
+    np.testing.assert_array_equal(y, [7.0, 9.0, 11.0, 13.0])
+
+
+# --------------------------------------------------------------------------
+# health, metadata, readiness, repository index
+# --------------------------------------------------------------------------
+
+AFFINE_INPUTS_META = [
+    {"name": "x", "datatype": "FP32", "shape": [-1, 4]},
+    {"name": "k", "datatype": "INT64", "shape": [-1, 1]},
+]
+AFFINE_OUTPUTS_META = [
+    {"name": "y", "datatype": "FP32", "shape": [-1, 4]},
+    {"name": "s", "datatype": "FP32", "shape": [-1, 1]},
+]
+INDEX = [
+    ("affine", "1"),
+    ("affine", "2"),
+    ("broken", "1"),
+    ("misfit", "1"),
+    ("slow", "1"),
+    ("vec", "1"),
+]
+
+
+def test_health_and_metadata_http(hc: httpclient.InferenceServerClient) -> None:
+    assert hc.is_server_live() is True
+    assert hc.is_server_ready() is True
+    assert hc.get_server_metadata() == {
+        "name": "gpugate",
+        "version": "0.1.0",
+        "extensions": ["binary_tensor_data", "model_repository"],
+    }
+    for version in ("", "1", "2"):
+        meta = hc.get_model_metadata("affine", version)
+        assert meta == {
+            "name": "affine",
+            "versions": ["1", "2"],
+            "platform": "pytorch_libtorch",
+            "inputs": AFFINE_INPUTS_META,
+            "outputs": AFFINE_OUTPUTS_META,
+        }
+    vec = hc.get_model_metadata("vec")
+    assert vec["inputs"] == [{"name": "v", "datatype": "FP32", "shape": [-1, -1]}]
+    assert vec["versions"] == ["1"]
+    for name, version, needle in [
+        ("nope", "", "unknown model 'nope'"),
+        ("affine", "9", "model 'affine' has no version '9'"),
+    ]:
+        with pytest.raises(InferenceServerException) as err:
+            hc.get_model_metadata(name, version)
+        assert err.value.status() == "404"
+        assert needle in err.value.message()
+
+    assert hc.is_model_ready("affine") is True
+    assert hc.is_model_ready("affine", "1") is True
+    assert hc.is_model_ready("affine", "2") is True
+    assert hc.is_model_ready("affine", "3") is False
+    assert hc.is_model_ready("nope") is False
+
+    index = hc.get_model_repository_index()
+    assert [(e["name"], e["version"]) for e in index] == INDEX
+    assert {e["state"] for e in index} == {"READY"}
+
+
+def test_health_and_metadata_raw_http(web: httpx.Client) -> None:
+    assert web.get("/v2/health/live").status_code == 200
+    assert web.get("/v2/health/ready").status_code == 200
+    assert web.get("/v2/models/affine/ready").status_code == 200
+    assert web.get("/v2/models/affine/versions/1/ready").status_code == 200
+    assert web.get("/v2/models/nope/ready").status_code == 503
+    r = web.post("/v2/repository/index", json={})
+    assert r.status_code == 200
+    assert [(e["name"], e["version"]) for e in r.json()] == INDEX
+    r = web.post("/v2/repository/index", content=b"{nope")
+    assert r.status_code == 400 and "error" in r.json()
+    r = web.post("/v2/repository/index", content=b"[1]")
+    assert r.status_code == 400 and "error" in r.json()
+    r = web.get("/v2/no/such/route")
+    assert r.status_code == 404 and "error" in r.json()
+    r = web.get("/v2/models/affine/infer")
+    assert r.status_code == 405 and "error" in r.json()
+
+
+def test_health_and_metadata_grpc(gc: grpcclient.InferenceServerClient) -> None:
+    assert gc.is_server_live() is True
+    assert gc.is_server_ready() is True
+    server = gc.get_server_metadata()
+    assert server.name == "gpugate"
+    assert server.version == "0.1.0"
+    assert list(server.extensions) == ["binary_tensor_data", "model_repository"]
+    for version in ("", "1", "2"):
+        meta = gc.get_model_metadata("affine", version)
+        assert meta.name == "affine"
+        assert list(meta.versions) == ["1", "2"]
+        assert meta.platform == "pytorch_libtorch"
+        assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
+            ("x", "FP32", [-1, 4]),
+            ("k", "INT64", [-1, 1]),
+        ]
+        assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [
+            ("y", "FP32", [-1, 4]),
+            ("s", "FP32", [-1, 1]),
+        ]
+    vec = gc.get_model_metadata("vec")
+    assert [list(t.shape) for t in vec.inputs] == [[-1, -1]]
+    for name, version in [("nope", ""), ("affine", "9")]:
+        with pytest.raises(InferenceServerException) as err:
+            gc.get_model_metadata(name, version)
+        assert err.value.status() == "StatusCode.NOT_FOUND"
+
+    assert gc.is_model_ready("affine") is True
+    assert gc.is_model_ready("affine", "1") is True
+    assert gc.is_model_ready("affine", "3") is False
+    assert gc.is_model_ready("nope") is False
+
+    index = gc.get_model_repository_index()
+    assert [(m.name, m.version, m.state) for m in index.models] == [
+        (n, v, "READY") for n, v in INDEX
+    ]
+    ready_only = gc.get_model_repository_index(as_json=True)
+    assert len(ready_only["models"]) == len(INDEX)
+
+
+# --------------------------------------------------------------------------
+# inference: HTTP JSON, HTTP binary, gRPC raw, gRPC typed contents
+# --------------------------------------------------------------------------
+
+
+def test_infer_http_json(hc: httpclient.InferenceServerClient) -> None:
+    x, k = sample(3, seed=1)
+    outputs = [
+        httpclient.InferRequestedOutput("y", binary_data=False),
+        httpclient.InferRequestedOutput("s", binary_data=False),
+    ]
+    result = hc.infer(
+        "affine",
+        http_inputs(x, k, binary=False),
+        outputs=outputs,
+        request_id="json-1",
+        headers=dict(HTTP_ALICE),
+    )
+    assert_affine(result, x, k)
+    response = result.get_response()
+    assert response["model_name"] == "affine"
+    assert response["model_version"] == "2"  # no version: the newest
+    assert response["id"] == "json-1"
+    for out in response["outputs"]:
+        assert "data" in out and "binary_data_size" not in out.get("parameters", {})
+    assert [o["shape"] for o in response["outputs"]] == [[3, 4], [3, 1]]
+
+
+def test_infer_http_json_raw(web: httpx.Client) -> None:
+    """A hand-written JSON request: the response is pure JSON (no binary part)."""
+    r = web.post("/v2/models/affine/versions/1/infer", json=GOOD_JSON | {"id": "raw"})
+    assert r.status_code == 401  # no key
+    r = web.post(
+        "/v2/models/affine/versions/1/infer", json=GOOD_JSON | {"id": "raw"}, headers=HTTP_ALICE
+    )
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/json"
+    assert "inference-header-content-length" not in r.headers
+    body = r.json()
+    assert body["id"] == "raw" and body["model_version"] == "1"
+    assert body["outputs"] == [
+        {"name": "y", "datatype": "FP32", "shape": [1, 4], "data": [6.0, 7.0, 8.0, 9.0]},
+        {"name": "s", "datatype": "FP32", "shape": [1, 1], "data": [10.0]},
+    ]
+    # Integers are fine for an FP32 input.
+    ints = infer_body([jx(data=[1, 2, 3, 4]), jk()])
+    r = web.post("/v2/models/affine/infer", json=ints, headers=HTTP_ALICE)
+    assert r.status_code == 200, r.text
+    assert r.json()["outputs"][0]["data"] == [7.0, 9.0, 11.0, 13.0]
+    # Nested row-major "data" is accepted as well as flat.
+    nested = infer_body([jx(data=[[1.0, 2.0, 3.0, 4.0]]), jk(data=[[5]])])
+    r = web.post("/v2/models/affine/infer", json=nested, headers=HTTP_ALICE)
+    assert r.status_code == 200, r.text
+    assert r.json()["outputs"][0]["data"] == [7.0, 9.0, 11.0, 13.0]
+
+
+def test_infer_http_binary(hc: httpclient.InferenceServerClient) -> None:
+    x, k = sample(5, seed=2)
+    result = http_infer(hc, x, k, request_id="bin-1")
+    assert_affine(result, x, k)
+    response = result.get_response()
+    assert response["id"] == "bin-1"
+    assert response["model_version"] == "2"
+    sizes = {o["name"]: o["parameters"]["binary_data_size"] for o in response["outputs"]}
+    assert sizes == {"y": 5 * 4 * 4, "s": 5 * 4}
+
+    # Version routing: /versions/1 runs version 1 (m = 1).
+    result = http_infer(hc, x, k, model_version="1")
+    assert result.get_response()["model_version"] == "1"
+    assert_affine(result, x, k, mult=1)
+    result = http_infer(hc, x, k, model_version="2")
+    assert result.get_response()["model_version"] == "2"
+    assert_affine(result, x, k, mult=2)
+
+    # A requested subset of outputs returns only those.
+    result = http_infer(hc, x, k, outputs=[httpclient.InferRequestedOutput("s")])
+    assert [o["name"] for o in result.get_response()["outputs"]] == ["s"]
+    assert result.as_numpy("y") is None
+    np.testing.assert_array_equal(result.as_numpy("s"), affine(x, k, 2)["s"])
+
+    # Mixed: one output binary, one JSON.
+    outputs = [
+        httpclient.InferRequestedOutput("y", binary_data=True),
+        httpclient.InferRequestedOutput("s", binary_data=False),
+    ]
+    result = http_infer(hc, x, k, outputs=outputs)
+    assert_affine(result, x, k)
+    by_name = {o["name"]: o for o in result.get_response()["outputs"]}
+    assert "binary_data_size" in by_name["y"]["parameters"]
+    assert "data" in by_name["s"]
+
+
+def test_infer_priority_and_timeout_parameters(
+    hc: httpclient.InferenceServerClient, gc: grpcclient.InferenceServerClient
+) -> None:
+    """Valid priority / timeout values, including the largest, are honoured, not refused."""
+    x, k = sample(2, seed=6)
+    cases: list[dict[str, Any]] = [
+        {"priority": 1},
+        {"priority": 2**31 - 1},
+        {"timeout": 5_000_000},
+        {"timeout": 2**63 - 1},
+        {"priority": 3, "timeout": 1_000_000},
+    ]
+    for kwargs in cases:
+        assert_affine(http_infer(hc, x, k, **kwargs), x, k)
+        assert_affine(grpc_infer(gc, x, k, **kwargs), x, k)
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_infer_http_compressed_request(
+    hc: httpclient.InferenceServerClient, algorithm: str
+) -> None:
+    x, k = sample(4, seed=3)
+    result = http_infer(hc, x, k, request_compression_algorithm=algorithm)
+    assert_affine(result, x, k)
+
+
+def test_infer_grpc_raw(gc: grpcclient.InferenceServerClient) -> None:
+    x, k = sample(6, seed=4)
+    result = grpc_infer(gc, x, k, request_id="grpc-1")
+    assert_affine(result, x, k)
+    response = result.get_response()
+    assert response.id == "grpc-1"
+    assert response.model_name == "affine"
+    assert response.model_version == "2"
+    assert [(o.name, o.datatype, list(o.shape)) for o in response.outputs] == [
+        ("y", "FP32", [6, 4]),
+        ("s", "FP32", [6, 1]),
+    ]
+
+    result = grpc_infer(gc, x, k, model_version="1")
+    assert result.get_response().model_version == "1"
+    assert_affine(result, x, k, mult=1)
+
+    result = grpc_infer(gc, x, k, outputs=[grpcclient.InferRequestedOutput("y")])
+    assert [o.name for o in result.get_response().outputs] == ["y"]
+    assert result.as_numpy("s") is None
+    np.testing.assert_array_equal(result.as_numpy("y"), affine(x, k, 2)["y"])
+
+
+def typed_request(
+    x: np.ndarray, k: np.ndarray, model: str = "affine", **kw: Any
+) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model, **kw)
+    request.inputs.add(
+        name="x",
+        datatype="FP32",
+        shape=list(x.shape),
+        contents=pb.InferTensorContents(fp32_contents=x.ravel().tolist()),
+    )
+    request.inputs.add(
+        name="k",
+        datatype="INT64",
+        shape=list(k.shape),
+        contents=pb.InferTensorContents(int64_contents=k.ravel().tolist()),
+    )
+    return request
+
+
+def raw_request(
+    x: np.ndarray, k: np.ndarray, model: str = "affine", **kw: Any
+) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model, **kw)
+    request.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
+    request.inputs.add(name="k", datatype="INT64", shape=list(k.shape))
+    request.raw_input_contents.extend([x.tobytes(), k.tobytes()])
+    return request
+
+
+def decode_outputs(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
+    out = {}
+    for meta, raw in zip(response.outputs, response.raw_output_contents, strict=True):
+        assert meta.datatype == "FP32"
+        out[meta.name] = np.frombuffer(raw, dtype=np.float32).reshape(list(meta.shape))
+    return out
+
+
+def test_infer_grpc_typed_contents(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    x, k = sample(3, seed=5)
+    for version, mult in [("", 2), ("1", 1), ("2", 2)]:
+        request = typed_request(x, k, model_version=version, id=f"typed-{version}")
+        response = stub.ModelInfer(request, metadata=MD_ALICE, timeout=10)
+        assert response.id == f"typed-{version}"
+        assert response.model_version == (version or "2")
+        out = decode_outputs(response)
+        want = affine(x, k, mult)
+        np.testing.assert_array_equal(out["y"], want["y"])
+        np.testing.assert_array_equal(out["s"], want["s"])
+
+    request = typed_request(x, k)
+    request.outputs.add(name="s")
+    response = stub.ModelInfer(request, metadata=MD_ALICE, timeout=10)
+    assert list(decode_outputs(response)) == ["s"]
+
+
+def test_model_failure_is_internal(web: httpx.Client, gc: grpcclient.InferenceServerClient) -> None:
+    r = web.post("/v2/models/broken/infer", json=GOOD_JSON, headers=HTTP_ALICE)
+    assert r.status_code == 500
+    assert "model broken version 1 failed: replica exploded" in r.json()["error"]
+    with pytest.raises(InferenceServerException) as err:
+        grpc_infer(gc, X1, K1, model="broken")
+    assert err.value.status() == "StatusCode.INTERNAL"
+    assert "replica exploded" in err.value.message()
+
+
+def test_unexpected_error_is_internal_not_a_crash(
+    web: httpx.Client, gc: grpcclient.InferenceServerClient
+) -> None:
+    """A non-gateway exception inside the service leaves as a JSON 500 / INTERNAL."""
+    x, k = sample(6, seed=8)
+    body = infer_body([jx([6, 4], x.ravel().tolist()), jk([6, 1], k.ravel().tolist())])
+    r = web.post("/v2/models/misfit/infer", json=body, headers=HTTP_ALICE)
+    assert r.status_code == 500
+    assert r.json() == {"error": "internal error: ValueError"}
+    with pytest.raises(InferenceServerException) as err:
+        grpc_infer(gc, x, k, model="misfit")
+    assert err.value.status() == "StatusCode.INTERNAL"
+    assert err.value.message() == "internal error: ValueError"
+    # Within the batcher's own limit it works.
+    assert_affine(grpc_infer(gc, x[:4], k[:4], model="misfit"), x[:4], k[:4])
+
+
+# --------------------------------------------------------------------------
+# concurrency: batching with exact row routing, over both protocols
+# --------------------------------------------------------------------------
+
+
+def test_concurrent_requests_are_batched_and_routed_exactly(stack: Stack) -> None:
+    backend: AffineBackend = stack.backends[("affine", "2")]
+    calls_before = backend.calls
+    rows_log_start = len(backend.batch_rows)
+    threads, per_thread = 12, 5
+    barrier = threading.Barrier(threads)
+    samples = {i: sample(i % 8 + 1, seed=1000 + i) for i in range(threads * per_thread)}
+
+    def worker(t: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        use_grpc = t % 2 == 1
+        client: Any = (
+            grpcclient.InferenceServerClient(stack.grpc_url)
+            if use_grpc
+            else TritonHttp(stack.http_url, network_timeout=30.0)
+        )
+        got = {}
+        try:
+            barrier.wait(10)
+            for j in range(per_thread):
+                i = t * per_thread + j
+                x, k = samples[i]
+                if use_grpc:
+                    result = grpc_infer(client, x, k, request_id=f"c{i}")
+                    assert result.get_response().id == f"c{i}"
+                else:
+                    result = http_infer(client, x, k, request_id=f"c{i}")
+                    assert result.get_response()["id"] == f"c{i}"
+                got[i] = (result.as_numpy("y"), result.as_numpy("s"))
+        finally:
+            client.close()
+        return got
+
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        results: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for part in pool.map(worker, range(threads)):
+            results.update(part)
+
+    assert sorted(results) == list(range(threads * per_thread))
+    for i, (y, s) in results.items():
+        x, k = samples[i]
+        want = affine(x, k, 2)
+        assert y.shape == (len(x), 4) and s.shape == (len(x), 1)
+        np.testing.assert_array_equal(y, want["y"], err_msg=f"request {i}")
+        np.testing.assert_array_equal(s, want["s"], err_msg=f"request {i}")
+
+    calls = backend.calls - calls_before
+    batch_rows = backend.batch_rows[rows_log_start:]
+    total_rows = sum(len(samples[i][0]) for i in samples)
+    assert sum(batch_rows) == total_rows  # every row ran exactly once
+    assert calls <= len(samples) // 3, f"{calls} backend calls for {len(samples)} requests"
+    assert max(batch_rows) > 8  # some batch merged several requests
+
+    # The same inputs sent alone give identical outputs.
+    with TritonHttp(stack.http_url) as alone:
+        for i in (0, 7, 13, 29, 42, 59):
+            x, k = samples[i]
+            result = http_infer(alone, x, k)
+            np.testing.assert_array_equal(result.as_numpy("y"), results[i][0])
+            np.testing.assert_array_equal(result.as_numpy("s"), results[i][1])
+
+
+# --------------------------------------------------------------------------
+# errors over HTTP: status + {"error": ...}
+# --------------------------------------------------------------------------
+
+_BIG = 10**12
+
+
+@dataclass(frozen=True)
+class HttpCase:
+    id: str
+    status: int
+    needle: str
+    path: str = "/v2/models/affine/infer"
+    json_body: Any = None
+    content: bytes | None = None
+    headers: dict[str, str] | None = None
+    auth: Mapping[str, str] | None = None  # defaults to alice
+
+    def send(self, web: httpx.Client) -> httpx.Response:
+        headers = dict(HTTP_ALICE if self.auth is None else self.auth)
+        headers.update(self.headers or {})
+        if self.content is not None:
+            return web.post(self.path, content=self.content, headers=headers)
+        return web.post(self.path, json=self.json_body, headers=headers)
+
+
+def _bin(
+    id: str,
+    status: int,
+    needle: str,
+    header: dict[str, Any],
+    payload: bytes,
+    header_length: int | None = None,
+    path: str = "/v2/models/affine/infer",
+) -> HttpCase:
+    content, headers = binary_request(header, payload, header_length)
+    return HttpCase(id, status, needle, path=path, content=content, headers=headers)
+
+
+def _bx(size: int, shape: list[int] | None = None, name: str = "x") -> dict[str, Any]:
+    return {
+        "name": name,
+        "datatype": "FP32",
+        "shape": shape if shape is not None else [1, 4],
+        "parameters": {"binary_data_size": size},
+    }
+
+
+X_BYTES = X1.tobytes()
+K_BYTES = K1.tobytes()
+GOOD_BINARY_HEADER = {"inputs": [_bx(16), jk()]}
+
+HTTP_CASES = [
+    # authentication / authorization / routing
+    HttpCase("missing-key", 401, "missing API key", json_body=GOOD_JSON, auth={}),
+    HttpCase(
+        "unknown-key",
+        401,
+        "unknown API key",
+        json_body=GOOD_JSON,
+        auth={"Authorization": "Bearer not-a-key"},
+    ),
+    HttpCase(
+        "not-bearer",
+        401,
+        "malformed Authorization",
+        json_body=GOOD_JSON,
+        auth={"Authorization": f"Basic {ALICE}"},
+    ),
+    HttpCase(
+        "model-not-allowed",
+        403,
+        "tenant 'bob' may not use model 'affine'",
+        json_body=GOOD_JSON,
+        auth=HTTP_BOB,
+    ),
+    HttpCase(
+        "tenant-directory-down",  # 503 (retry later), not 401 and not a crash
+        503,
+        "cannot authenticate now: tenant directory unavailable",
+        json_body=GOOD_JSON,
+        auth={"Authorization": f"Bearer {DIRECTORY_DOWN}"},
+    ),
+    HttpCase(
+        "unknown-model",
+        404,
+        "unknown model 'nope'",
+        path="/v2/models/nope/infer",
+        json_body=GOOD_JSON,
+    ),
+    HttpCase(
+        "unknown-version",
+        404,
+        "model 'affine' has no version '9'",
+        path="/v2/models/affine/versions/9/infer",
+        json_body=GOOD_JSON,
+    ),
+    # the body
+    HttpCase("malformed-json", 400, "malformed JSON", content=b'{"inputs": [}'),
+    HttpCase("empty-body", 400, "malformed JSON", content=b""),
+    HttpCase("json-not-object", 400, "request must be a JSON object", json_body=[GOOD_JSON]),
+    HttpCase("inputs-not-list", 400, "'inputs' must be a list", json_body={"inputs": {}}),
+    HttpCase("no-inputs", 400, "request has no inputs", json_body={"inputs": []}),
+    HttpCase("input-not-object", 400, "each input must be an object", json_body={"inputs": [1]}),
+    HttpCase(
+        "input-without-name",
+        400,
+        "needs a string 'name' and 'datatype'",
+        json_body={"inputs": [{"datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]},
+    ),
+    HttpCase(
+        "shape-not-list",
+        400,
+        "needs a 'shape' list",
+        json_body=infer_body([jx() | {"shape": 4}, jk()]),
+    ),
+    HttpCase(
+        "parameters-not-object",
+        400,
+        "'parameters' must be an object",
+        json_body=GOOD_JSON | {"parameters": [1]},
+    ),
+    HttpCase(
+        "outputs-not-list", 400, "'outputs' must be a list", json_body=GOOD_JSON | {"outputs": 1}
+    ),
+    HttpCase(
+        "output-without-name",
+        400,
+        "needs a string 'name'",
+        json_body=GOOD_JSON | {"outputs": [{"parameters": {}}]},
+    ),
+    # tensors against the signature
+    HttpCase(
+        "wrong-datatype",
+        400,
+        "input 'x' has datatype 'FP64', the model expects FP32",
+        json_body=infer_body([jx(datatype="FP64"), jk()]),
+    ),
+    HttpCase(
+        "unknown-datatype",
+        400,
+        "input 'x' has datatype 'BYTES'",
+        json_body=infer_body([jx(datatype="BYTES"), jk()]),
+    ),
+    HttpCase(
+        "shape-mismatch",
+        400,
+        "input 'x' has shape [1, 5]; expected [-1, 4]",
+        json_body=infer_body([jx([1, 5], [1, 2, 3, 4, 5]), jk()]),
+    ),
+    HttpCase(
+        "shape-rank",
+        400,
+        "input 'x' has shape [4]; expected [-1, 4] (batch dimension first)",
+        json_body=infer_body([jx([4]), jk()]),
+    ),
+    HttpCase(
+        "json-data-too-short",
+        400,
+        "input 'x': 3 values for shape [1, 4] (needs 4)",
+        json_body=infer_body([jx(data=[1.0, 2.0, 3.0]), jk()]),
+    ),
+    HttpCase(
+        "json-data-too-long",
+        400,
+        "input 'x': 8 values for shape [1, 4] (needs 4)",
+        json_body=infer_body([jx(data=[1.0] * 8), jk()]),
+    ),
+    HttpCase(
+        "json-data-not-numbers",
+        400,
+        "input 'x': data is not FP32",
+        json_body=infer_body([jx(data=["a", "b", "c", "d"]), jk()]),
+    ),
+    HttpCase(
+        "json-data-ragged",
+        400,
+        "input 'x': data is not FP32",
+        json_body=infer_body([jx(data=[[1.0, 2.0], [3.0]]), jk()]),
+    ),
+    HttpCase(
+        "json-float-for-int64",  # numpy alone would truncate 1.5 to 1
+        400,
+        "input 'k': data is not INT64",
+        json_body=infer_body([jx(), jk(data=[1.5])]),
+    ),
+    HttpCase(
+        "json-numeric-strings",  # numpy alone would parse "1" as 1.0
+        400,
+        "input 'x': data is not FP32",
+        json_body=infer_body([jx(data=["1", "2", "3", "4"]), jk()]),
+    ),
+    HttpCase(
+        "json-null-value",  # numpy alone would make it NaN
+        400,
+        "input 'x': data is not FP32",
+        json_body=infer_body([jx(data=[None, 2.0, 3.0, 4.0]), jk()]),
+    ),
+    HttpCase(
+        "json-bools-for-fp32",
+        400,
+        "input 'x': data is not FP32",
+        json_body=infer_body([jx(data=[True, False, True, False]), jk()]),
+    ),
+    HttpCase(
+        "json-int64-overflow",
+        400,
+        "input 'k': data is not INT64",
+        json_body=infer_body([jx(), jk(data=[2**63])]),
+    ),
+    HttpCase(
+        "json-data-missing",
+        400,
+        "input 'x' carries no data",
+        json_body=infer_body([{"name": "x", "datatype": "FP32", "shape": [1, 4]}, jk()]),
+    ),
+    HttpCase(
+        "negative-dimension",
+        400,
+        "input 'x' has an invalid dimension -1",
+        json_body=infer_body([jx([-1, 4]), jk()]),
+    ),
+    HttpCase(
+        "non-integer-dimension",
+        400,
+        "input 'x' has an invalid dimension 4.0",
+        json_body=infer_body([jx([1, 4.0]), jk()]),
+    ),
+    HttpCase(
+        "zero-rows",
+        400,
+        "input 'x' has batch size 0; the model takes 1..64",
+        json_body=infer_body([jx([0, 4], []), jk([0, 1], [])]),
+    ),
+    HttpCase(
+        "unknown-input",
+        400,
+        "unknown input 'z'; the model takes: k, x",
+        json_body=infer_body([jx(), jk(), jx(name="z")]),
+    ),
+    HttpCase(
+        "duplicate-input",
+        400,
+        "input 'x' given twice",
+        json_body=infer_body([jx(), jk(), jx()]),
+    ),
+    HttpCase("missing-input", 400, "missing input(s): k", json_body=infer_body([jx()])),
+    HttpCase(
+        "batch-disagreement",
+        400,
+        "inputs disagree on the batch dimension: 2 and 1 ('k')",
+        json_body=infer_body([jx([2, 4], [1.0] * 8), jk()]),
+    ),
+    HttpCase(
+        "batch-over-max",
+        400,
+        "input 'x' has batch size 65; the model takes 1..64",
+        json_body=infer_body([jx([65, 4], [1.0] * 260), jk([65, 1], [1] * 65)]),
+    ),
+    HttpCase(
+        "unknown-output",
+        400,
+        "unknown output(s) requested: nope",
+        json_body=GOOD_JSON | {"outputs": [{"name": "y"}, {"name": "nope"}]},
+    ),
+    # the binary extension
+    _bin(
+        "raw-too-short",
+        400,
+        "input 'x': 12 bytes of data",
+        {"inputs": [_bx(12), jk()]},
+        X_BYTES[:12],
+    ),
+    _bin(
+        "raw-too-long",
+        400,
+        "input 'x': 20 bytes of data for shape [1, 4] of FP32 (needs 16)",
+        {"inputs": [_bx(20), jk()]},
+        X_BYTES + b"\0" * 4,
+    ),
+    _bin(
+        "binary-sizes-short-of-body",
+        400,
+        "binary data is 24 bytes but inputs declare 16",
+        GOOD_BINARY_HEADER,
+        X_BYTES + K_BYTES,
+    ),
+    _bin(
+        "binary-sizes-past-body",
+        400,
+        "input 'k': binary_data_size 8 runs past the 16 bytes of binary data",
+        {"inputs": [_bx(16), _bx(8, [1, 1], "k") | {"datatype": "INT64"}]},
+        X_BYTES,
+    ),
+    _bin(
+        "binary-size-negative",
+        400,
+        "input 'x': bad binary_data_size -16",
+        {"inputs": [_bx(-16), jk()]},
+        X_BYTES,
+    ),
+    _bin(
+        "header-length-past-body",
+        400,
+        "does not fit",
+        GOOD_BINARY_HEADER,
+        X_BYTES,
+        header_length=10_000,
+    ),
+    _bin("header-length-short", 400, "malformed JSON", GOOD_BINARY_HEADER, X_BYTES, 5),
+    HttpCase(
+        "header-length-not-a-number",
+        400,
+        "Inference-Header-Content-Length '-3'",
+        content=json.dumps(GOOD_JSON).encode(),
+        headers={"Inference-Header-Content-Length": "-3"},
+    ),
+    # parameters
+    *[
+        HttpCase(
+            f"bad-timeout-{v!r}",
+            400,
+            "parameter 'timeout' must be a positive integer (microseconds)",
+            json_body=GOOD_JSON | {"parameters": {"timeout": v}},
+        )
+        for v in (-5, 0, 1.5, "soon", True, None)
+    ],
+    *[
+        HttpCase(
+            f"bad-priority-{v!r}",
+            400,
+            "parameter 'priority' must be a non-negative integer",
+            json_body=GOOD_JSON | {"parameters": {"priority": v}},
+        )
+        for v in (-1, "high", 2.0, False, 2**31)
+    ],
+    # encodings
+    HttpCase(
+        "unsupported-encoding",
+        400,
+        "unsupported Content-Encoding 'br'",
+        content=json.dumps(GOOD_JSON).encode(),
+        headers={"Content-Encoding": "br"},
+    ),
+    HttpCase(
+        "corrupt-gzip",
+        400,
+        "body is not valid gzip",
+        content=b"definitely not gzip",
+        headers={"Content-Encoding": "gzip"},
+    ),
+    HttpCase(
+        "truncated-gzip",  # trailer (CRC, size) cut off: the checksum was never verified
+        400,
+        "body is not valid gzip: truncated stream",
+        content=gzip.compress(json.dumps(GOOD_JSON).encode())[:-8],
+        headers={"Content-Encoding": "gzip"},
+    ),
+    HttpCase(
+        "gzip-then-garbage",
+        400,
+        "body is not valid gzip: data after the end of the stream",
+        content=gzip.compress(json.dumps(GOOD_JSON).encode()) + b"junk",
+        headers={"Content-Encoding": "gzip"},
+    ),
+    HttpCase(
+        "gzip-two-members",  # the second member must not be dropped silently
+        400,
+        "body is not valid gzip: data after the end of the stream",
+        content=gzip.compress(b'{"inputs": ') + gzip.compress(b"[]}"),
+        headers={"Content-Encoding": "gzip"},
+    ),
+    HttpCase(
+        "truncated-deflate",
+        400,
+        "body is not valid deflate: truncated stream",
+        content=zlib.compress(json.dumps(GOOD_JSON).encode())[:-4],
+        headers={"Content-Encoding": "deflate"},
+    ),
+]
+
+
+@pytest.mark.parametrize("case", HTTP_CASES, ids=[c.id for c in HTTP_CASES])
+def test_http_errors(web: httpx.Client, case: HttpCase) -> None:
+    r = case.send(web)
+    assert r.status_code == case.status, r.text
+    assert r.headers["content-type"] == "application/json"
+    body = r.json()
+    assert list(body) == ["error"]
+    assert case.needle in body["error"], body["error"]
+    assert "secret" not in body["error"]
+
+
+def test_http_absurd_dimensions_are_refused_without_allocating(web: httpx.Client) -> None:
+    cases = [
+        # affine: the huge dim cannot match the signature's 4
+        ("affine", {"inputs": [_bx(4, [1, _BIG]), jk()]}, "expected [-1, 4]"),
+        # affine: a huge batch dimension
+        ("affine", {"inputs": [_bx(4, [_BIG, 4]), jk()]}, "batch size 1000000000000"),
+        # vec: a variable dimension, so only the byte budget stops it
+        ("vec", {"inputs": [_bx(4, [1, _BIG], "v")]}, "byte request limit"),
+        ("vec", {"inputs": [_bx(4, [8, 2**62], "v")]}, "byte request limit"),
+        ("vec", {"inputs": [_bx(4, [1, 2**64 - 1], "v")]}, "byte request limit"),
+        # a dimension too big for 64 bits parses as a float: an invalid dimension
+        ("vec", {"inputs": [_bx(4, [1, 10**30], "v")]}, "invalid dimension"),
+    ]
+    for model, header, needle in cases:
+        content, headers = binary_request(header, b"\0" * 4)
+        started = time.perf_counter()
+        r = web.post(f"/v2/models/{model}/infer", content=content, headers=headers | HTTP_ALICE)
+        elapsed = time.perf_counter() - started
+        assert r.status_code == 400, r.text
+        assert needle in r.json()["error"]
+        assert elapsed < 0.5, f"{header} took {elapsed:.3f}s"
+    # The same through JSON "data".
+    body = {"inputs": [{"name": "v", "datatype": "FP32", "shape": [1, _BIG], "data": [1.0]}]}
+    started = time.perf_counter()
+    r = web.post("/v2/models/vec/infer", json=body, headers=HTTP_ALICE)
+    assert r.status_code == 400 and "byte request limit" in r.json()["error"]
+    assert time.perf_counter() - started < 0.5
+    # vec itself works with a modest variable length.
+    body = {"inputs": [{"name": "v", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3.5]}]}
+    r = web.post("/v2/models/vec/infer", json=body, headers=HTTP_BOB)
+    assert r.status_code == 200, r.text
+    assert r.json()["outputs"][0]["data"] == [6.5]
+
+
+def test_http_body_over_limit(web: httpx.Client, hc: httpclient.InferenceServerClient) -> None:
+    # Declared by Content-Length.
+    big = b"{" + b" " * (MAX_BYTES + 10) + b"}"
+    r = web.post("/v2/models/affine/infer", content=big, headers=HTTP_ALICE)
+    assert r.status_code == 413
+    assert "over the 1048576-byte limit" in r.json()["error"]
+
+    # Streamed (chunked: no Content-Length).
+    def chunks() -> Iterator[bytes]:
+        for _ in range(20):
+            yield b" " * (MAX_BYTES // 8)
+
+    r = web.post("/v2/models/affine/infer", content=chunks(), headers=HTTP_ALICE)
+    assert r.status_code == 413
+    assert "over the 1048576-byte limit" in r.json()["error"]
+
+    # A small gzip body that inflates past the limit.
+    bomb = gzip.compress(b" " * (4 * MAX_BYTES))
+    assert len(bomb) < MAX_BYTES
+    r = web.post(
+        "/v2/models/affine/infer",
+        content=bomb,
+        headers=HTTP_ALICE | {"Content-Encoding": "gzip"},
+    )
+    assert r.status_code == 413
+    assert "decompressed body is over" in r.json()["error"]
+
+    # tritonclient.http gets the 413 (not a reset connection) and its client stays usable.
+    n = MAX_BYTES // 4 + 1024
+    big_input = httpclient.InferInput("v", [1, n], "FP32")
+    big_input.set_data_from_numpy(np.zeros((1, n), dtype=np.float32))
+    for _ in range(2):
+        with pytest.raises(InferenceServerException) as err:
+            hc.infer("vec", [big_input], headers=dict(HTTP_ALICE))
+        assert err.value.status() == "413"
+        assert "over the 1048576-byte limit" in err.value.message()
+    assert_affine(http_infer(hc, X1, K1), X1, K1)
+    assert_http_good(web)
+
+
+def test_http_errors_through_tritonclient(hc: httpclient.InferenceServerClient) -> None:
+    """tritonclient.http surfaces the status and the server's message."""
+    cases: list[tuple[dict[str, Any], str, str]] = [
+        ({"headers": {}}, "401", "missing API key"),
+        ({"headers": {"Authorization": "Bearer wrong"}}, "401", "unknown API key"),
+        ({"headers": HTTP_BOB}, "403", "may not use model"),
+        ({"model": "nope"}, "404", "unknown model"),
+        ({"model_version": "7"}, "404", "has no version '7'"),
+        ({"outputs": [httpclient.InferRequestedOutput("q")]}, "400", "unknown output"),
+        ({"priority": 2**31}, "400", "priority"),
+    ]
+    for kwargs, status, needle in cases:
+        with pytest.raises(InferenceServerException) as err:
+            http_infer(hc, X1, K1, **kwargs)
+        assert err.value.status() == status, (kwargs, err.value)
+        assert needle in err.value.message()
+    # Wrong datatype and shape through the client's own tensor types.
+    ix = httpclient.InferInput("x", [1, 4], "FP64")
+    ix.set_data_from_numpy(X1.astype(np.float64))
+    ik = httpclient.InferInput("k", [1, 1], "INT64")
+    ik.set_data_from_numpy(K1)
+    with pytest.raises(InferenceServerException) as err:
+        hc.infer("affine", [ix, ik], headers=dict(HTTP_ALICE))
+    assert err.value.status() == "400" and "FP64" in err.value.message()
+    assert_affine(http_infer(hc, X1, K1), X1, K1)
+
+
+# --------------------------------------------------------------------------
+# errors over gRPC: status codes
+# --------------------------------------------------------------------------
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _req(**kw: Any) -> pb.ModelInferRequest:
+    return raw_request(X1, K1, **kw)
+
+
+def _mutate(fn: Callable[[pb.ModelInferRequest], None], base: Any = None) -> pb.ModelInferRequest:
+    request = _req() if base is None else base
+    fn(request)
+    return request
+
+
+def _set_shape(i: int, shape: list[int]) -> Callable[[pb.ModelInferRequest], None]:
+    def apply(r: pb.ModelInferRequest) -> None:
+        del r.inputs[i].shape[:]
+        r.inputs[i].shape.extend(shape)
+
+    return apply
+
+
+def _set_raw(i: int, data: bytes) -> Callable[[pb.ModelInferRequest], None]:
+    def apply(r: pb.ModelInferRequest) -> None:
+        r.raw_input_contents[i] = data
+
+    return apply
+
+
+def _param(key: str, **value: Any) -> Callable[[pb.ModelInferRequest], None]:
+    def apply(r: pb.ModelInferRequest) -> None:
+        r.parameters[key].CopyFrom(pb.InferParameter(**value))
+
+    return apply
+
+
+def _vec_request(shape: list[int], data: bytes) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="vec")
+    request.inputs.add(name="v", datatype="FP32", shape=shape)
+    request.raw_input_contents.append(data)
+    return request
+
+
+def _no_data(r: pb.ModelInferRequest) -> None:
+    del r.raw_input_contents[:]
+
+
+def _both_contents(r: pb.ModelInferRequest) -> None:
+    r.inputs[0].contents.fp32_contents.extend([1.0, 2.0, 3.0, 4.0])
+
+
+def _typed_short(r: pb.ModelInferRequest) -> None:
+    del r.inputs[0].contents.fp32_contents[-1]
+
+
+def _typed_fp16(r: pb.ModelInferRequest) -> None:
+    r.inputs[0].datatype = "FP16"
+
+
+def _drop_input(r: pb.ModelInferRequest) -> None:
+    del r.inputs[1]
+    del r.raw_input_contents[1]
+
+
+def _one_raw_for_two(r: pb.ModelInferRequest) -> None:
+    del r.raw_input_contents[1]
+
+
+def _add_unknown_input(r: pb.ModelInferRequest) -> None:
+    r.inputs.add(name="z", datatype="FP32", shape=[1, 4])
+    r.raw_input_contents.append(X_BYTES)
+
+
+def _duplicate_input(r: pb.ModelInferRequest) -> None:
+    r.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+    r.raw_input_contents.append(X_BYTES)
+
+
+def _output(name: str) -> Callable[[pb.ModelInferRequest], None]:
+    def apply(r: pb.ModelInferRequest) -> None:
+        r.outputs.add(name=name)
+
+    return apply
+
+
+def _over_max_batch() -> pb.ModelInferRequest:
+    x, k = sample(65, seed=9)
+    return raw_request(x, k)
+
+
+def _disagreeing_batch() -> pb.ModelInferRequest:
+    x, _ = sample(2, seed=9)
+    return raw_request(x, K1)
+
+
+GRPC_CASES: list[tuple[str, Any, Any, grpc.StatusCode, str]] = [
+    ("missing-key", _req(), (), grpc.StatusCode.UNAUTHENTICATED, "missing API key"),
+    (
+        "unknown-key",
+        _req(),
+        (("authorization", "Bearer nope"),),
+        grpc.StatusCode.UNAUTHENTICATED,
+        "unknown API key",
+    ),
+    (
+        "not-bearer",
+        _req(),
+        (("authorization", ALICE),),
+        grpc.StatusCode.UNAUTHENTICATED,
+        "malformed Authorization",
+    ),
+    (
+        "model-not-allowed",
+        _req(),
+        MD_BOB,
+        grpc.StatusCode.PERMISSION_DENIED,
+        "tenant 'bob' may not use model 'affine'",
+    ),
+    (
+        "tenant-directory-down",
+        _req(),
+        (("authorization", f"Bearer {DIRECTORY_DOWN}"),),
+        grpc.StatusCode.UNAVAILABLE,
+        "cannot authenticate now: tenant directory unavailable",
+    ),
+    ("unknown-model", _req(model="nope"), MD_ALICE, grpc.StatusCode.NOT_FOUND, "unknown model"),
+    (
+        "unknown-version",
+        _req(model_version="9"),
+        MD_ALICE,
+        grpc.StatusCode.NOT_FOUND,
+        "model 'affine' has no version '9'",
+    ),
+    (
+        "wrong-datatype",
+        _mutate(lambda r: setattr(r.inputs[0], "datatype", "FP64")),
+        MD_ALICE,
+        INVALID,
+        "input 'x' has datatype 'FP64', the model expects FP32",
+    ),
+    (
+        "shape-mismatch",
+        _mutate(_set_shape(0, [1, 5])),
+        MD_ALICE,
+        INVALID,
+        "input 'x' has shape [1, 5]; expected [-1, 4]",
+    ),
+    (
+        "raw-too-short",
+        _mutate(_set_raw(0, X_BYTES[:12])),
+        MD_ALICE,
+        INVALID,
+        "input 'x': 12 bytes of data for shape [1, 4] of FP32 (needs 16)",
+    ),
+    (
+        "raw-too-long",
+        _mutate(_set_raw(0, X_BYTES + X_BYTES)),
+        MD_ALICE,
+        INVALID,
+        "input 'x': 32 bytes of data",
+    ),
+    (
+        "raw-entries-mismatch",
+        _mutate(_one_raw_for_two),
+        MD_ALICE,
+        INVALID,
+        "raw_input_contents has 1 entries for 2 inputs",
+    ),
+    ("no-data", _mutate(_no_data), MD_ALICE, INVALID, "input 'x': 0 values for shape [1, 4]"),
+    (
+        "typed-too-short",
+        _mutate(_typed_short, typed_request(X1, K1)),
+        MD_ALICE,
+        INVALID,
+        "input 'x': 3 values for shape [1, 4] (needs 4)",
+    ),
+    (
+        "typed-and-raw",
+        _mutate(_both_contents),
+        MD_ALICE,
+        INVALID,
+        "input 'x' has both contents and raw_input_contents",
+    ),
+    (
+        "typed-fp16",
+        _mutate(_typed_fp16, typed_request(X1, K1)),
+        MD_ALICE,
+        INVALID,
+        "datatype 'FP16' needs raw_input_contents",
+    ),
+    (
+        "negative-dimension",
+        _mutate(_set_shape(0, [-1, 4])),
+        MD_ALICE,
+        INVALID,
+        "input 'x' has an invalid dimension -1",
+    ),
+    (
+        "zero-rows",
+        _mutate(_set_shape(0, [0, 4])),
+        MD_ALICE,
+        INVALID,
+        "batch size 0",
+    ),
+    (
+        "unknown-input",
+        _mutate(_add_unknown_input),
+        MD_ALICE,
+        INVALID,
+        "unknown input 'z'; the model takes: k, x",
+    ),
+    ("duplicate-input", _mutate(_duplicate_input), MD_ALICE, INVALID, "input 'x' given twice"),
+    ("missing-input", _mutate(_drop_input), MD_ALICE, INVALID, "missing input(s): k"),
+    (
+        "batch-disagreement",
+        _disagreeing_batch(),
+        MD_ALICE,
+        INVALID,
+        "inputs disagree on the batch dimension: 2 and 1",
+    ),
+    (
+        "batch-over-max",
+        _over_max_batch(),
+        MD_ALICE,
+        INVALID,
+        "input 'x' has batch size 65; the model takes 1..64",
+    ),
+    (
+        "unknown-output",
+        _mutate(_output("nope")),
+        MD_ALICE,
+        INVALID,
+        "unknown output(s) requested: nope",
+    ),
+    *[
+        (
+            f"bad-timeout-{name}",
+            _mutate(_param("timeout", **value)),
+            MD_ALICE,
+            INVALID,
+            "parameter 'timeout' must be a positive integer",
+        )
+        for name, value in [
+            ("negative", dict[str, Any](int64_param=-5)),
+            ("zero", {"int64_param": 0}),
+            ("string", {"string_param": "soon"}),
+            ("bool", {"bool_param": True}),
+            ("double", {"double_param": 1.5}),
+        ]
+    ],
+    *[
+        (
+            f"bad-priority-{name}",
+            _mutate(_param("priority", **value)),
+            MD_ALICE,
+            INVALID,
+            "parameter 'priority' must be a non-negative integer",
+        )
+        for name, value in [
+            ("negative", dict[str, Any](int64_param=-1)),
+            ("string", {"string_param": "high"}),
+            ("huge", {"uint64_param": 2**63}),
+        ]
+    ],
+]
+
+
+@pytest.mark.parametrize(
+    ("request_", "metadata", "code", "needle"),
+    [c[1:] for c in GRPC_CASES],
+    ids=[c[0] for c in GRPC_CASES],
+)
+def test_grpc_errors(
+    stub: pb_grpc.GRPCInferenceServiceStub,
+    request_: pb.ModelInferRequest,
+    metadata: Any,
+    code: grpc.StatusCode,
+    needle: str,
+) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ModelInfer(request_, metadata=metadata, timeout=10)
+    assert err.value.code() == code, err.value.details()
+    assert needle in err.value.details(), err.value.details()
+    assert "secret" not in err.value.details()
+
+
+def test_grpc_absurd_dimensions_are_refused_without_allocating(
+    stub: pb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    cases = [
+        (_mutate(_set_shape(0, [1, _BIG]), _req()), "expected [-1, 4]"),
+        (_mutate(_set_shape(0, [_BIG, 4]), _req()), "batch size 1000000000000"),
+        (_vec_request([1, _BIG], b"\0" * 4), "byte request limit"),
+        (_vec_request([8, 2**62], b"\0" * 4), "byte request limit"),
+        (_vec_request([1, 2**63 - 1], b"\0" * 4), "byte request limit"),
+    ]
+    for request, needle in cases:
+        started = time.perf_counter()
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(request, metadata=MD_ALICE, timeout=10)
+        elapsed = time.perf_counter() - started
+        assert err.value.code() == INVALID
+        assert needle in err.value.details()
+        assert elapsed < 0.5, f"{list(request.inputs[0].shape)} took {elapsed:.3f}s"
+
+
+def test_grpc_message_over_limit(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    """grpc core refuses an over-size message itself, before the servicer: RESOURCE_EXHAUSTED."""
+    request = _vec_request([1, MAX_BYTES // 4 + 1024], b"\0" * (MAX_BYTES + 4096))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ModelInfer(request, metadata=MD_ALICE, timeout=10)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
+    # Small on the wire but declaring more than the request byte budget: refused by validation.
+    request = _vec_request([2, MAX_BYTES // 8 + 1], b"\0" * 1024)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ModelInfer(request, metadata=MD_ALICE, timeout=10)
+    assert err.value.code() == INVALID
+    assert "byte request limit" in err.value.details()
+    assert_grpc_good(stub)
+
+
+def test_grpc_errors_through_tritonclient(gc: grpcclient.InferenceServerClient) -> None:
+    cases: list[tuple[dict[str, Any], str, str]] = [
+        ({"headers": {}}, "StatusCode.UNAUTHENTICATED", "missing API key"),
+        ({"headers": {"authorization": "Bearer x"}}, "StatusCode.UNAUTHENTICATED", "unknown"),
+        ({"headers": GRPC_BOB}, "StatusCode.PERMISSION_DENIED", "may not use model"),
+        ({"model": "nope"}, "StatusCode.NOT_FOUND", "unknown model"),
+        ({"model_version": "7"}, "StatusCode.NOT_FOUND", "has no version '7'"),
+        (
+            {"outputs": [grpcclient.InferRequestedOutput("q")]},
+            "StatusCode.INVALID_ARGUMENT",
+            "unknown output",
+        ),
+    ]
+    for kwargs, status, needle in cases:
+        with pytest.raises(InferenceServerException) as err:
+            grpc_infer(gc, X1, K1, **kwargs)
+        assert err.value.status() == status, (kwargs, err.value)
+        assert needle in err.value.message()
+    assert_affine(grpc_infer(gc, X1, K1), X1, K1)
+
+
+def test_still_serving_after_errors(
+    stack: Stack,
+    web: httpx.Client,
+    stub: pb_grpc.GRPCInferenceServiceStub,
+    hc: httpclient.InferenceServerClient,
+    gc: grpcclient.InferenceServerClient,
+) -> None:
+    assert stack.doors.healthy
+    assert_http_good(web)
+    assert_grpc_good(stub)
+    x, k = sample(8, seed=77)
+    assert_affine(http_infer(hc, x, k), x, k)
+    assert_affine(grpc_infer(gc, x, k), x, k)
+    # No request ended as a 500 except the deliberately broken / misconfigured models'.
+    codes = request_codes(stack)
+    assert {m for m, c in codes if c == "500"} == {"broken", "misfit"}
+    assert codes[("affine", "400")] > 0 and codes[("-", "401")] > 0
+    assert codes[("-", "503")] > 0  # the tenant directory failing
+
+
+# --------------------------------------------------------------------------
+# deadlines and queue caps on the slow model
+# --------------------------------------------------------------------------
+
+
+def request_codes(stack: Stack) -> collections.Counter[tuple[str, str]]:
+    """gpugate_requests_total by (model, code), from the service's metrics."""
+    codes: collections.Counter[tuple[str, str]] = collections.Counter()
+    for metric in stack.service.metrics.registry.collect():
+        if metric.name == "gpugate_requests":
+            for s in metric.samples:
+                if s.name == "gpugate_requests_total":
+                    codes[(s.labels["model"], s.labels["code"])] += int(s.value)
+    return codes
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.005)
+
+
+def _infer_http_at(stack: Stack, model: str, x: np.ndarray, k: np.ndarray, **kw: Any) -> Any:
+    """One request on a fresh tritonclient.http client (safe from any thread)."""
+    with TritonHttp(stack.http_url, network_timeout=30.0) as client:
+        return http_infer(client, x, k, model=model, **kw)
+
+
+def _infer_grpc_at(stack: Stack, model: str, x: np.ndarray, k: np.ndarray, **kw: Any) -> Any:
+    with grpcclient.InferenceServerClient(stack.grpc_url) as client:
+        return grpc_infer(client, x, k, model=model, **kw)
+
+
+def _slow_http(stack: Stack, x: np.ndarray, k: np.ndarray, **kw: Any) -> Any:
+    return _infer_http_at(stack, "slow", x, k, **kw)
+
+
+def _slow_grpc(stack: Stack, x: np.ndarray, k: np.ndarray, **kw: Any) -> Any:
+    return _infer_grpc_at(stack, "slow", x, k, **kw)
+
+
+def test_deadlines(stack: Stack, stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    backend: AffineBackend = stack.backends[("slow", "1")]
+    _wait_for(lambda: backend.running == 0)
+    calls = backend.calls
+    codes_before = request_codes(stack)
+    x, k = sample(1, seed=11)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        # Occupy the only backend slot, so the next requests wait in the queue.
+        blocker = pool.submit(_slow_http, stack, x, k)
+        _wait_for(lambda: backend.calls == calls + 1)
+
+        started = time.perf_counter()
+        with pytest.raises(InferenceServerException) as err:
+            _slow_http(stack, x, k, timeout=100_000)  # 100 ms, sent as parameter
+        assert err.value.status() == "504"
+        assert "deadline exceeded" in err.value.message()
+        assert time.perf_counter() - started < SLOW_DELAY_S
+
+        started = time.perf_counter()
+        with pytest.raises(InferenceServerException) as err:
+            _slow_grpc(stack, x, k, timeout=100_000)
+        assert err.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+        assert "deadline exceeded" in err.value.message()
+        assert time.perf_counter() - started < SLOW_DELAY_S
+
+        # The transport deadline (grpc-timeout) bounds the request too.
+        started = time.perf_counter()
+        with pytest.raises(InferenceServerException) as err:
+            _slow_grpc(stack, x, k, client_timeout=0.1)
+        assert err.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+        assert time.perf_counter() - started < SLOW_DELAY_S
+
+        # A caller that cancels while queued leaves the queue at once.
+        batcher = stack.batcher("slow", "1")
+        call = stub.ModelInfer.future(raw_request(x, k, model="slow"), metadata=MD_ALICE)
+        _wait_for(lambda: batcher.queued_rows == 1)
+        assert call.cancel()
+        _wait_for(lambda: batcher.queued_rows == 0)
+        assert not blocker.done()  # all of the above happened while the backend was busy
+
+        assert_affine(blocker.result(10), x, k)
+    # The expired requests never reached the backend.
+    _wait_for(lambda: backend.running == 0)
+    assert backend.calls == calls + 1
+    # A generous timeout succeeds.
+    assert_affine(_slow_grpc(stack, x, k, timeout=5_000_000), x, k)
+    assert stack.service.in_flight == 0
+    assert stack.batcher("slow", "1").queued_rows == 0
+
+    # Metrics: exactly the two answered requests count as 200; the cancelled one as 499;
+    # the client_timeout one as 504 (the gateway's deadline fired first) or 499 (grpc
+    # cancelled the handler at the transport deadline).
+    _wait_for(lambda: sum(request_codes(stack).values()) == sum(codes_before.values()) + 6)
+    codes = request_codes(stack)
+    delta = {c: codes[("slow", c)] - codes_before[("slow", c)] for c in ("200", "504", "499")}
+    assert delta["200"] == 2, delta
+    assert delta["499"] >= 1, delta
+    assert delta["504"] + delta["499"] == 4, delta
+
+
+def test_queue_caps(stack: Stack) -> None:
+    backend: AffineBackend = stack.backends[("slow", "1")]
+    batcher = stack.batcher("slow", "1")
+    _wait_for(lambda: backend.running == 0)
+    calls = backend.calls
+    x1, k1 = sample(1, seed=21)
+    x2, k2 = sample(2, seed=22)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        running = pool.submit(_slow_http, stack, x1, k1)
+        _wait_for(lambda: backend.calls == calls + 1)
+        queued = pool.submit(_slow_grpc, stack, x2, k2)  # fills alice's 2-row cap
+        _wait_for(lambda: batcher.queued_rows == 2)
+
+        with pytest.raises(InferenceServerException) as err:
+            _slow_http(stack, x1, k1)
+        assert err.value.status() == "429"
+        assert "queue is full" in err.value.message()
+        with pytest.raises(InferenceServerException) as err:
+            _slow_grpc(stack, x1, k1)
+        assert err.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+        assert "queue is full" in err.value.message()
+
+        assert_affine(running.result(10), x1, k1)
+        assert_affine(queued.result(10), x2, k2)
+
+    # A flood over both protocols: some are refused, the rest answer correctly.
+    _wait_for(lambda: backend.running == 0)
+    flood = 16
+    barrier = threading.Barrier(flood)
+
+    def one(i: int) -> str:
+        x, k = sample(1, seed=300 + i)
+        barrier.wait(10)
+        try:
+            result = (_slow_grpc if i % 2 else _slow_http)(stack, x, k)
+        except InferenceServerException as exc:
+            return str(exc.status())
+        assert_affine(result, x, k)
+        return "ok"
+
+    with concurrent.futures.ThreadPoolExecutor(flood) as pool:
+        outcomes = list(pool.map(one, range(flood)))
+    assert set(outcomes) <= {"ok", "429", "StatusCode.RESOURCE_EXHAUSTED"}, outcomes
+    assert outcomes.count("ok") >= 1
+    assert outcomes.count("ok") <= 1 + 2 + 4  # running + cap + at most one more batch
+    assert len(outcomes) - outcomes.count("ok") >= flood // 2, outcomes
+
+
+# --------------------------------------------------------------------------
+# draining (its own stack: draining is one-way)
+# --------------------------------------------------------------------------
+
+
+def test_draining(loop_thread: LoopThread) -> None:
+    backend = AffineBackend(2, delay_s=0.5)
+    models: list[ModelSpec] = [
+        ("affine", "1", AFFINE_SIGNATURE, backend, BatchPolicy(max_batch_size=64)),
+    ]
+    stack: Stack = loop_thread.run(start_stack(models))
+    try:
+        x, k = sample(3, seed=31)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            in_flight_http = pool.submit(_infer_http_at, stack, "affine", x, k)
+            in_flight_grpc = pool.submit(_infer_grpc_at, stack, "affine", x, k)
+            _wait_for(lambda: stack.service.in_flight == 2 and backend.calls >= 1)
+
+            drained = loop_thread.submit(stack.service.drain(10.0))
+            _wait_for(lambda: not stack.service.ready)
+
+            with (
+                TritonHttp(stack.http_url) as hc,
+                grpcclient.InferenceServerClient(stack.grpc_url) as gc,
+            ):
+                assert hc.is_server_live() and gc.is_server_live()
+                assert hc.is_server_ready() is False
+                assert gc.is_server_ready() is False
+                assert hc.is_model_ready("affine") is False
+                assert gc.is_model_ready("affine") is False
+                with pytest.raises(InferenceServerException) as err:
+                    http_infer(hc, x, k)
+                assert err.value.status() == "503"
+                assert "draining" in err.value.message()
+                with pytest.raises(InferenceServerException) as err:
+                    grpc_infer(gc, x, k)
+                assert err.value.status() == "StatusCode.UNAVAILABLE"
+                assert "draining" in err.value.message()
+                assert not drained.done()
+
+            # The requests that were in flight when draining began complete.
+            assert_affine(in_flight_http.result(10), x, k)
+            assert_affine(in_flight_grpc.result(10), x, k)
+            assert drained.result(10) is True
+            assert stack.service.in_flight == 0
+    finally:
+        loop_thread.run(stop_stack(stack))
