@@ -82,9 +82,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     async def ModelMetadata(self, request: Any, context: Any) -> Any:
         async def run() -> Any:
             served = self._service.models.resolve(request.name, request.version or None)
-            versions = sorted(
-                e.version for e in self._service.models.index() if e.name == served.name
-            )
+            versions = self._service.models.versions(served.name)
 
             def meta(specs: Any) -> list[Any]:
                 return [
@@ -119,10 +117,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         async def run() -> Any:
+            tenant = await self._service.authenticate(_authorization(context))
             inputs = _decode_inputs(request)
             params = parse_params({k: _param_value(v) for k, v in request.parameters.items()})
             served, outputs = await self._service.infer(
-                _authorization(context),
+                tenant,
                 request.model_name,
                 request.model_version or None,
                 inputs,

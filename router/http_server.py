@@ -59,7 +59,7 @@ def build_http_app(service: InferenceService) -> Starlette:
             served = service.models.resolve(name, version)
         except NotFound as exc:
             return _error(exc)
-        versions = sorted(e.version for e in service.models.index() if e.name == name)
+        versions = service.models.versions(served.name)
         sig = served.signature
         return _json(
             {
@@ -92,11 +92,12 @@ def build_http_app(service: InferenceService) -> Starlette:
 
     async def infer(request: Request) -> Response:
         try:
+            tenant = await service.authenticate(request.headers.get("authorization"))
             body = await _read_body(request, service.settings.max_request_bytes)
             header, inputs, binary_outputs = _decode_infer(request, body)
             params = header.get("parameters") or {}
             served, outputs = await service.infer(
-                request.headers.get("authorization"),
+                tenant,
                 request.path_params["model"],
                 request.path_params.get("version"),
                 inputs,

@@ -67,6 +67,10 @@ class ModelTable(Protocol):
 
     def index(self) -> list[IndexEntry]: ...
 
+    def versions(self, name: str) -> list[str]:
+        """Versions of ``name``, oldest first."""
+        ...
+
 
 class TenantDirectory(Protocol):
     async def authenticate(self, api_key: str) -> Tenant | None: ...
@@ -78,7 +82,7 @@ class StaticModelTable:
     def __init__(self, models: Sequence[ServedModel]) -> None:
         self._by_key = {(m.name, m.version): m for m in models}
         self._default: dict[str, ServedModel] = {}
-        for m in sorted(models, key=lambda m: _version_order(m.version)):
+        for m in sorted(models, key=lambda m: version_order(m.version)):
             self._default[m.name] = m
 
     def resolve(self, name: str, version: str | None) -> ServedModel:
@@ -97,11 +101,15 @@ class StaticModelTable:
     def index(self) -> list[IndexEntry]:
         return [IndexEntry(m.name, m.version, "READY") for m in self._by_key.values()]
 
+    def versions(self, name: str) -> list[str]:
+        found = [v for (n, v) in self._by_key if n == name]
+        return sorted(found, key=version_order)
+
     def all(self) -> list[ServedModel]:
         return list(self._by_key.values())
 
 
-def _version_order(version: str) -> tuple[int, int, str]:
+def version_order(version: str) -> tuple[int, int, str]:
     return (1, int(version), "") if version.isdigit() else (0, 0, version)
 
 
@@ -148,6 +156,15 @@ class InferenceService:
     # -- requests ---------------------------------------------------------------
 
     async def authenticate(self, authorization: str | None) -> Tenant:
+        """The tenant of an ``Authorization: Bearer <key>`` value; called before decoding,
+        so an unauthenticated caller costs no parsing."""
+        try:
+            return await self._authenticate(authorization)
+        except GatewayError as exc:
+            self.metrics.observe_request("-", "-", "-", str(exc.http_status), 0.0)
+            raise
+
+    async def _authenticate(self, authorization: str | None) -> Tenant:
         if not authorization:
             raise Unauthenticated("missing API key: send 'Authorization: Bearer <key>'")
         scheme, _, key = authorization.partition(" ")
@@ -166,7 +183,7 @@ class InferenceService:
 
     async def infer(
         self,
-        authorization: str | None,
+        tenant: Tenant,
         model_name: str,
         version: str | None,
         inputs: Sequence[InputTensor],
@@ -178,14 +195,12 @@ class InferenceService:
         """Run one request; raises GatewayError subclasses only."""
         started = time.perf_counter()
         # Labels come from resolved names only: a client must not mint new series.
-        tenant_name = model_label = version_label = "-"
+        model_label = version_label = "-"
         code = "200"
         entered = False
         try:
             self._enter()
             entered = True
-            tenant = await self.authenticate(authorization)
-            tenant_name = tenant.name
             served = self.models.resolve(model_name, version)
             model_label, version_label = served.name, served.version
             if not tenant.may_use(served.name):
@@ -216,7 +231,7 @@ class InferenceService:
             if entered:
                 self._leave()
             self.metrics.observe_request(
-                model_label, version_label, tenant_name, code, time.perf_counter() - started
+                model_label, version_label, tenant.name, code, time.perf_counter() - started
             )
 
     async def _submit(

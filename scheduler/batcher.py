@@ -118,6 +118,7 @@ class ModelBatcher:
             deadline=deadline,
             arrival=now,
             payload=_Job(inputs, future),
+            group=tuple((name, a.shape[1:], a.dtype.str) for name, a in inputs.items()),
         )
         self._queue.push(req)  # raises QueueFullError before anything waits
         self._wake.set()

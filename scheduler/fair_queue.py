@@ -19,6 +19,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,9 @@ class Pending:
     deadline: float = math.inf
     arrival: float = 0.0
     payload: Any = None
+    # Requests batch together only within one group (e.g. equal non-batch dims of
+    # variable-length inputs, which could not be concatenated otherwise).
+    group: Hashable = None
     seq: int = field(default=0, init=False)
     dead: bool = field(default=False, init=False)  # removed: taken, expired or cancelled
 
@@ -97,7 +101,10 @@ class FairQueue:
         return True
 
     def take_batch(self, max_rows: int) -> list[Pending]:
-        """Up to ``max_rows`` rows in priority, then weighted-fair order."""
+        """Up to ``max_rows`` rows of one group, in priority then weighted-fair order.
+
+        A tenant whose next request is of another group waits for a later batch.
+        """
         batch: list[Pending] = []
         room = max_rows
         while room > 0 and self._backlogged:
@@ -106,7 +113,7 @@ class FairQueue:
             for name in self._backlogged:
                 tq = self._tenants[name]
                 head = tq.head()
-                if head is None or head.rows > room:
+                if head is None or head.rows > room or (batch and head.group != batch[0].group):
                     continue
                 key = (head.priority, tq.vt, head.seq)
                 if best is None or key < best:

@@ -225,3 +225,22 @@ def test_oversized_request_is_refused() -> None:
             await b.submit("a", _x(5, 0), 5)
 
     run(main)
+
+
+def test_variable_length_inputs_of_different_lengths_are_not_mixed() -> None:
+    backend = RecordingBackend(delay_s=0.01)
+
+    async def main() -> None:
+        b = ModelBatcher("m", "1", backend, BatchPolicy(max_batch_size=8, max_in_flight=1))
+        b.start()
+        blocker = asyncio.ensure_future(b.submit("a", _x(1, 0), 1))
+        await asyncio.sleep(0.001)
+        xs = [{"x": np.ones((1, 4 if i % 2 else 6), np.float32) * i} for i in range(6)]
+        outs = await asyncio.gather(*(b.submit(f"t{i}", x, 1) for i, x in enumerate(xs)))
+        for x, out in zip(xs, outs, strict=True):
+            np.testing.assert_allclose(out["y"], 2 * x["x"] + x["x"].sum(axis=1, keepdims=True))
+        await blocker
+        await b.close()
+
+    run(main)
+    assert sum(backend.batches) == 7

@@ -153,3 +153,20 @@ def test_removed_request_frees_its_rows_and_is_never_taken() -> None:
     assert q.rows == 2
     assert q.take_batch(BATCH) == [kept]
     assert q.oldest_arrival() is None
+
+
+def test_batch_holds_one_group_only() -> None:
+    q = _queue()
+    short = [Pending("a", rows=1) for _ in range(2)]
+    long = Pending("b", rows=1)
+    for r in short:
+        r.group = (("x", (3,)),)
+    long.group = (("x", (7,)),)
+    q.push(short[0])
+    q.push(long)
+    q.push(short[1])
+    first = q.take_batch(BATCH)
+    assert first == short or first == [long]
+    second = q.take_batch(BATCH)
+    assert sorted(map(id, first + second)) == sorted(map(id, [*short, long]))
+    assert all(r.group == first[0].group for r in first)
