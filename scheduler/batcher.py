@@ -10,7 +10,6 @@ and sent in ONE backend call; outputs are sliced back per request.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -28,6 +27,10 @@ from scheduler.fair_queue import FairQueue, Pending
 from scheduler.types import Backend, BatchPolicy, BatchResult, Clock, Tensors
 
 log = logging.getLogger(__name__)
+
+# A running batch gets this long past a request's deadline before the caller is
+# answered 504 anyway, so the queue's own expiry (which says "not run") goes first.
+_RUNNING_GRACE_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ class ModelBatcher:
         self._in_flight: set[asyncio.Task[None]] = set()
         self._closing = False
         self._loop_task: asyncio.Task[None] | None = None
+        self._sleeps_until = -math.inf  # when the loop's own timer fires next
 
     # -- public -----------------------------------------------------------------
 
@@ -121,16 +125,24 @@ class ModelBatcher:
             group=tuple((name, a.shape[1:], a.dtype.str) for name, a in inputs.items()),
         )
         self._queue.push(req)  # raises QueueFullError before anything waits
-        self._wake.set()
+        if len(self._in_flight) < self.policy.max_in_flight or deadline < self._sleeps_until:
+            # Else the loop is waiting for a batch to finish, and nothing here is urgent.
+            self._wake.set()
+        # The loop answers expired *queued* requests itself; this timer also covers a
+        # batch that is still running when the deadline passes. A timer, not
+        # wait_for: no extra task per request on the hot path.
+        timer = (
+            asyncio.get_running_loop().call_later(
+                timeout_s + _RUNNING_GRACE_S, _expire_running, future, self._clock, now
+            )
+            if timeout_s is not None
+            else None
+        )
         try:
-            if timeout_s is None:
-                return await future
-            # The batcher answers expired *queued* requests itself; this bound also
-            # covers a batch that is already running when the deadline passes.
-            return await asyncio.wait_for(asyncio.shield(future), timeout_s + 0.05)
-        except TimeoutError:
-            raise DeadlineExceededError(self._clock() - now, ran=True) from None
+            return await future
         finally:
+            if timer is not None:
+                timer.cancel()
             if not future.done():
                 future.cancel()
             if self._queue.remove(req):
@@ -171,9 +183,14 @@ class ModelBatcher:
             elif self._closing and not self._queue.rows:
                 return
             self._wake.clear()
-            timeout = None if wake_at == math.inf else max(wake_at - self._clock(), 0.0)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+            self._sleeps_until = wake_at
+            timer = None
+            if wake_at != math.inf:
+                delay = max(wake_at - self._clock(), 0.0)
+                timer = asyncio.get_running_loop().call_later(delay, self._wake.set)
+            await self._wake.wait()
+            if timer is not None:
+                timer.cancel()
 
     def _dispatch(self, batch: list[Pending], now: float) -> None:
         if not batch:
@@ -223,6 +240,11 @@ class ModelBatcher:
                         queue_wait_s=tuple(started - r.arrival for r in batch),
                     )
                 )
+
+
+def _expire_running(future: asyncio.Future[Tensors], clock: Clock, since: float) -> None:
+    if not future.done():
+        future.set_exception(DeadlineExceededError(clock() - since, ran=True))
 
 
 def _fail(req: Pending, exc: Exception) -> None:
