@@ -63,6 +63,13 @@ class RouterMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.batch_duration = Histogram(
+            "gpugate_batch_duration_seconds",
+            "Round trip of a batch from dispatch to result (Ray hop + forward).",
+            ["model", "version"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.device_seconds = Counter(
             "gpugate_batch_device_seconds",
             "Measured device time of batches (forward pass), by model and version.",
@@ -91,6 +98,7 @@ class RouterMetrics:
 
     def observe_batch(self, record: BatchRecord) -> None:
         self.batch_rows.labels(record.model, record.version).observe(record.rows)
+        self.batch_duration.labels(record.model, record.version).observe(record.duration_s)
         wait = self.queue_wait.labels(record.model, record.version)
         for w in record.queue_wait_s:
             wait.observe(w)

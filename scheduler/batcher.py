@@ -43,6 +43,7 @@ class BatchRecord:
     rows: int
     result: BatchResult | None  # None when the backend failed
     queue_wait_s: tuple[float, ...]  # per request
+    duration_s: float  # dispatch to result: the backend round trip of the batch
 
 
 BatchObserver = Callable[[BatchRecord], None]
@@ -238,6 +239,7 @@ class ModelBatcher:
                         rows=sum(r.rows for r in batch),
                         result=result,
                         queue_wait_s=tuple(started - r.arrival for r in batch),
+                        duration_s=self._clock() - started,
                     )
                 )
 

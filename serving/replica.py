@@ -46,7 +46,10 @@ def model_deployment(model: ModelConfig) -> Any:
         .options(
             name=deployment_name(model),
             num_replicas=model.replicas,
-            max_ongoing_requests=model.batches_in_flight_per_replica,
+            # The gateway's batcher already bounds batches in flight. Serve's own cap
+            # must sit above it: a replica's count drops only after its reply is sent,
+            # and at the cap Serve rejects and backs off for tens of milliseconds.
+            max_ongoing_requests=2 * model.batches_in_flight_per_replica + 2,
             ray_actor_options={"num_cpus": model.num_cpus, "num_gpus": model.num_gpus},
         )
         .bind(model.model_dump(mode="json"))
