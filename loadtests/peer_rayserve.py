@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Same footing as gpugate, which starts its local Ray with workers at nice 0.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     import ray
     from ray.serve.config import gRPCOptions
     from ray.serve.schema import LoggingConfig

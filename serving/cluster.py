@@ -54,6 +54,9 @@ def connect(num_cpus: int | None = None) -> bool:
     if address:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         return False
+    # Ray starts workers at nice 15, below the clients on the same host; for a
+    # serving system the workers (gateway, replicas) are the work.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(
         num_cpus=num_cpus,
         include_dashboard=False,

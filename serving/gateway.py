@@ -10,7 +10,6 @@ carries a whole batch.
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,9 +31,6 @@ from serving.tenants import TenantDirectory, TenantStore
 log = logging.getLogger(__name__)
 
 
-SWITCH_INTERVAL_S = 0.0005
-
-
 def _depth_of(batcher: ModelBatcher) -> Callable[[], float]:
     return lambda: float(batcher.queued_rows)
 
@@ -50,11 +46,6 @@ class Gateway:
         models: list[dict[str, Any]],
         handles: dict[str, DeploymentHandle],
     ) -> None:
-        # This process runs several threads that hand work to each other (gRPC's
-        # poller, Ray's core worker and handle router, our event loop). Under load a
-        # thread waiting for the GIL waits up to the switch interval, 5 ms by
-        # default, at every hand-off; 0.5 ms keeps those hand-offs from dominating.
-        sys.setswitchinterval(SWITCH_INTERVAL_S)
         self.server_config = ServerConfig.model_validate(server)
         cfg = self.server_config
         engine = open_engine(database_url, Path(state_dir))
