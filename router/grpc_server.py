@@ -117,6 +117,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         async def run() -> Any:
+            with self._service.admitted():
+                return await admitted_infer()
+
+        async def admitted_infer() -> Any:
             tenant = await self._service.authenticate(_authorization(context))
             inputs = _decode_inputs(request)
             params = parse_params({k: _param_value(v) for k, v in request.parameters.items()})

@@ -92,20 +92,24 @@ def build_http_app(service: InferenceService) -> Starlette:
 
     async def infer(request: Request) -> Response:
         try:
-            tenant = await service.authenticate(request.headers.get("authorization"))
-            body = await _read_body(request, service.settings.max_request_bytes)
-            header, inputs, binary_outputs = _decode_infer(request, body)
-            params = header.get("parameters") or {}
-            served, outputs = await service.infer(
-                tenant,
-                request.path_params["model"],
-                request.path_params.get("version"),
-                inputs,
-                parse_params(params),
-                requested_outputs=list(binary_outputs),
-            )
+            with service.admitted():
+                return await admitted_infer(request)
         except GatewayError as exc:
             return _error(exc)
+
+    async def admitted_infer(request: Request) -> Response:
+        tenant = await service.authenticate(request.headers.get("authorization"))
+        body = await _read_body(request, service.settings.max_request_bytes)
+        header, inputs, binary_outputs = _decode_infer(request, body)
+        params = header.get("parameters") or {}
+        served, outputs = await service.infer(
+            tenant,
+            request.path_params["model"],
+            request.path_params.get("version"),
+            inputs,
+            parse_params(params),
+            requested_outputs=list(binary_outputs),
+        )
         default_binary = params.get("binary_data_output") is True
         return _encode_infer(
             served.name, served.version, header.get("id"), outputs, binary_outputs, default_binary

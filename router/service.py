@@ -8,9 +8,10 @@ The HTTP and gRPC front doors only translate wire forms to and from calls on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -197,10 +198,7 @@ class InferenceService:
         # Labels come from resolved names only: a client must not mint new series.
         model_label = version_label = "-"
         code = "200"
-        entered = False
         try:
-            self._enter()
-            entered = True
             served = self.models.resolve(model_name, version)
             model_label, version_label = served.name, served.version
             if not tenant.may_use(served.name):
@@ -228,8 +226,6 @@ class InferenceService:
             log.exception("request for model %r failed unexpectedly", model_name)
             raise Internal(f"internal error: {type(exc).__name__}") from None
         finally:
-            if entered:
-                self._leave()
             self.metrics.observe_request(
                 model_label, version_label, tenant.name, code, time.perf_counter() - started
             )
@@ -263,16 +259,24 @@ class InferenceService:
 
     # -- draining ---------------------------------------------------------------
 
-    def _enter(self) -> None:
+    @contextlib.contextmanager
+    def admitted(self) -> Iterator[None]:
+        """Wrap a whole inference call, from before authentication to the response.
+
+        Draining refuses here (503 / UNAVAILABLE) and waits for everything admitted,
+        so no request is cut off between the front door and the batcher.
+        """
         if self._draining:
+            self.metrics.observe_request("-", "-", "-", "503", 0.0)
             raise Unavailable("server is draining")
         self._in_flight += 1
         self._idle.clear()
-
-    def _leave(self) -> None:
-        self._in_flight -= 1
-        if self._in_flight == 0:
-            self._idle.set()
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
 
     @property
     def in_flight(self) -> int:

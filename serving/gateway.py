@@ -9,6 +9,7 @@ carries a whole batch.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +30,9 @@ from serving.state import open_engine
 from serving.tenants import TenantDirectory, TenantStore
 
 log = logging.getLogger(__name__)
+
+
+REFUSAL_LINGER_S = 0.5
 
 
 def _depth_of(batcher: ModelBatcher) -> Callable[[], float]:
@@ -97,6 +101,9 @@ class Gateway:
         """Refuse new requests, finish the in-flight ones, then close the servers."""
         in_flight_before = self.service.in_flight
         completed = await self.service.drain(timeout_s)
+        # Keep answering 503 / UNAVAILABLE a moment before closing the sockets, so
+        # clients racing the shutdown get an explicit, retryable refusal, not a reset.
+        await asyncio.sleep(REFUSAL_LINGER_S)
         for batcher in self._batchers:
             await batcher.close(drain=True)
         await self._doors.stop()
