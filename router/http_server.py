@@ -30,6 +30,7 @@ SERVER_NAME = "gpugate"
 SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
 _HEADER_LENGTH = "inference-header-content-length"
+_INDEX_BODY_LIMIT = 64 * 1024
 
 
 def _error(exc: GatewayError) -> JSONResponse:
@@ -76,7 +77,11 @@ def build_http_app(service: InferenceService) -> Starlette:
         return Response(status_code=200 if ok else 503)
 
     async def repository_index(request: Request) -> Response:
-        body = await request.body()
+        # Open to anyone: read at most a small body, never an unbounded one.
+        try:
+            body = await _read_body(request, _INDEX_BODY_LIMIT)
+        except GatewayError as exc:
+            return _error(exc)
         if body.strip():
             try:
                 parsed = orjson.loads(body)
@@ -143,7 +148,7 @@ def _tensor_meta(spec: TensorSpec) -> dict[str, Any]:
 
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and _parse_length(declared, limit + 1) > limit:
         raise PayloadTooLarge(f"body of {declared} bytes is over the {limit}-byte limit")
     chunks: list[bytes] = []
     size = 0
@@ -159,6 +164,13 @@ async def _read_body(request: Request, limit: int) -> bytes:
     elif encoding != "identity":
         raise InvalidArgument(f"unsupported Content-Encoding {encoding!r}")
     return body
+
+
+def _parse_length(value: str, invalid: int) -> int:
+    """A non-negative decimal header value; ``invalid`` for anything else (e.g. '²')."""
+    if not value.isascii() or not value.isdigit() or len(value) > 18:
+        return invalid
+    return int(value)
 
 
 def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
@@ -188,12 +200,12 @@ def _decode_infer(
     if header_length is None:
         json_part, binary = body, memoryview(b"")
     else:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        n = _parse_length(header_length, -1)
+        if not 0 <= n <= len(body):
             raise InvalidArgument(
-                f"Inference-Header-Content-Length {header_length!r} does not fit the "
+                f"Inference-Header-Content-Length {header_length[:32]!r} does not fit the "
                 f"{len(body)}-byte body"
             )
-        n = int(header_length)
         json_part, binary = body[:n], memoryview(body)[n:]
     try:
         header = orjson.loads(json_part)

@@ -31,6 +31,7 @@ from router.tensors import InferParams, InputTensor, validate_inputs
 from router.types import ModelSignature, Tenant
 from scheduler import (
     BackendError,
+    BackendUnavailableError,
     DeadlineExceededError,
     ModelBatcher,
     QueueFullError,
@@ -254,6 +255,8 @@ class InferenceService:
             raise DeadlineExceeded(str(exc)) from None
         except SchedulerClosedError as exc:
             raise Unavailable(str(exc)) from None
+        except BackendUnavailableError as exc:
+            raise Unavailable(f"model {served.name} version {served.version}: {exc}") from None
         except BackendError as exc:
             raise Internal(f"model {served.name} version {served.version} failed: {exc}") from None
 

@@ -18,14 +18,17 @@ from typing import Any
 import numpy as np
 
 from router._exceptions import InvalidArgument
-from router.types import DATATYPES, ModelSignature, TensorSpec
+from router.types import ModelSignature, TensorSpec
 from scheduler import Tensors
 
 # numpy kind of a datatype -> kinds of JSON / typed-contents values it accepts.
 _VALUE_KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
 
-# Triton's convention: 0 = the model's default priority level; 1 is the most urgent.
+# Triton's convention: 1 is the most urgent level, larger is less urgent, and 0 (or no
+# parameter) means the default level. Three levels: 1 urgent, 2 default, 3 background.
 DEFAULT_PRIORITY = 0
+DEFAULT_PRIORITY_LEVEL = 2
+MAX_PRIORITY_LEVEL = 3
 
 
 @dataclass
@@ -40,7 +43,7 @@ class InputTensor:
 @dataclass(frozen=True)
 class InferParams:
     timeout_s: float | None = None
-    priority: int = DEFAULT_PRIORITY
+    priority: int = DEFAULT_PRIORITY_LEVEL  # the queue's level: lower is served first
 
 
 def parse_params(params: dict[str, Any]) -> InferParams:
@@ -52,9 +55,16 @@ def parse_params(params: dict[str, Any]) -> InferParams:
             raise InvalidArgument("parameter 'timeout' must be a positive integer (microseconds)")
         timeout_s = timeout / 1e6
     priority = params.get("priority", DEFAULT_PRIORITY)
-    if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority < 2**31:
-        raise InvalidArgument("parameter 'priority' must be a non-negative integer")
-    return InferParams(timeout_s, priority)
+    if (
+        isinstance(priority, bool)
+        or not isinstance(priority, int)
+        or not 0 <= priority <= MAX_PRIORITY_LEVEL
+    ):
+        raise InvalidArgument(
+            f"parameter 'priority' must be 0 (default) or a level 1..{MAX_PRIORITY_LEVEL} "
+            "(1 is the most urgent)"
+        )
+    return InferParams(timeout_s, priority or DEFAULT_PRIORITY_LEVEL)
 
 
 def validate_inputs(
@@ -136,6 +146,7 @@ def _to_array(tensor: InputTensor, spec: TensorSpec, count: int) -> np.ndarray:
         return arr.reshape(tuple(tensor.shape))
     if tensor.values is None:
         raise InvalidArgument(f"input {tensor.name!r} carries no data")
+    _check_value_count(tensor, count)
     try:
         # numpy casts silently (1.5 -> 1 for INT64, "7" -> 7.0, null -> NaN, "x" -> True):
         # the values' own kind must fit the datatype before the checked conversion.
@@ -155,8 +166,30 @@ def _to_array(tensor: InputTensor, spec: TensorSpec, count: int) -> np.ndarray:
     return arr.reshape(tuple(tensor.shape))
 
 
-def check_datatype(datatype: str) -> np.dtype:
-    try:
-        return DATATYPES[datatype]
-    except KeyError:
-        raise InvalidArgument(f"unknown datatype {datatype!r}") from None
+def _check_value_count(tensor: InputTensor, count: int) -> None:
+    """Refuse a value list of the wrong size before numpy converts it (twice)."""
+    values = tensor.values
+    if not isinstance(values, list):
+        if hasattr(values, "__len__") and len(values) != count:  # typed gRPC contents
+            raise InvalidArgument(
+                f"input {tensor.name!r}: {len(values)} values for shape "
+                f"{list(tensor.shape)} (needs {count})"
+            )
+        return
+    if values and isinstance(values[0], list):
+        # Nested data: every level must have exactly the declared dimension.
+        level: list[Any] = [values]
+        for depth, dim in enumerate(tensor.shape):
+            for node in level:
+                if not isinstance(node, list) or len(node) != dim:
+                    raise InvalidArgument(
+                        f"input {tensor.name!r}: nested data does not match shape "
+                        f"{list(tensor.shape)} at depth {depth}"
+                    )
+            if depth < len(tensor.shape) - 1:
+                level = [child for node in level for child in node]
+    elif len(values) != count:
+        raise InvalidArgument(
+            f"input {tensor.name!r}: {len(values)} values for shape {list(tensor.shape)} "
+            f"(needs {count})"
+        )

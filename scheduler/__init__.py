@@ -2,6 +2,7 @@
 
 from scheduler._exceptions import (
     BackendError,
+    BackendUnavailableError,
     DeadlineExceededError,
     QueueFullError,
     SchedulerClosedError,
@@ -14,6 +15,7 @@ from scheduler.types import Backend, BatchPolicy, BatchResult, Tensors
 __all__ = [
     "Backend",
     "BackendError",
+    "BackendUnavailableError",
     "BatchObserver",
     "BatchPolicy",
     "BatchRecord",

@@ -35,3 +35,7 @@ class SchedulerClosedError(SchedulerError):
 
 class BackendError(SchedulerError):
     """The replica failed to run a batch; every request in it gets this."""
+
+
+class BackendUnavailableError(BackendError):
+    """No replica could take the batch (dead, restarting, or being removed): retryable."""

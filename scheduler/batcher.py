@@ -253,3 +253,4 @@ def _fail(req: Pending, exc: Exception) -> None:
     job: _Job = req.payload
     if not job.future.done():
         job.future.set_exception(exc)
+    req.payload = None  # a dead entry must not pin the request's tensors

@@ -164,6 +164,7 @@ class FairQueue:
         self.rows -= req.rows
         if tq.rows == 0:
             self._backlogged.discard(req.tenant)
+            tq.heap.clear()  # only dead entries are left; drop them and their inputs
 
     def _compact(self) -> None:
         # Dead entries are skipped lazily; rebuild when they dominate so heaps stay small.

@@ -14,9 +14,10 @@ from typing import Any
 
 import ray
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 
-from scheduler import BackendError, BatchResult, Tensors
+from scheduler import BackendError, BackendUnavailableError, BatchResult, Tensors
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,13 @@ class RayBatchBackend:
     async def run_batch(self, inputs: Tensors) -> BatchResult:
         try:
             result: BatchResult = await self._handle.run_batch.remote(inputs)
-        except Exception as exc:  # RayActorError, task errors, the model's own exception
-            raise BackendError(_short(exc)) from exc
+        except (RayActorError, ActorUnavailableError) as exc:
+            log.warning("replica unavailable: %s", _short(exc))
+            raise BackendUnavailableError("no model replica is available") from exc
+        except Exception as exc:  # task errors, the model's own exception
+            # The detail (paths, model internals) goes to the log, not to the caller.
+            log.warning("batch failed on the replica: %s", _short(exc))
+            raise BackendError("the model failed to run the batch") from exc
         return result
 
 

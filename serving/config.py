@@ -106,6 +106,11 @@ class ModelConfig(_Strict):
     def _class_for_safetensors(self) -> ModelConfig:
         if self.format == "safetensors" and not self.model_class:
             raise ValueError("format safetensors needs model_class ('module:Class')")
+        if min(self.max_queued_rows, self.max_queued_rows_per_tenant) < self.max_batch_size:
+            raise ValueError(
+                "max_queued_rows and max_queued_rows_per_tenant must be >= max_batch_size, "
+                "or a full-size request could never be queued"
+            )
         names = [t.name for t in self.inputs] + [t.name for t in self.outputs]
         if len(set(names)) != len(names):
             raise ValueError("input and output names must be unique")

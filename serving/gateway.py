@@ -52,6 +52,7 @@ class Gateway:
     ) -> None:
         self.server_config = ServerConfig.model_validate(server)
         cfg = self.server_config
+        self._drained: dict[str, Any] | None = None
         engine = open_engine(database_url, Path(state_dir))
         self._tenants = TenantDirectory(TenantStore(engine))
         self._registry = CollectorRegistry()
@@ -97,18 +98,26 @@ class Gateway:
         if not self._doors.healthy:
             raise RuntimeError("HTTP server stopped")
 
+    async def __del__(self) -> None:
+        """Serve calls this on graceful shutdown (rollouts, scale-down, restarts)."""
+        await self.drain(self.server_config.drain_timeout_s)
+
     async def drain(self, timeout_s: float) -> dict[str, Any]:
         """Refuse new requests, finish the in-flight ones, then close the servers."""
+        if self._drained is not None:
+            return self._drained
         in_flight_before = self.service.in_flight
         completed = await self.service.drain(timeout_s)
         # Keep answering 503 / UNAVAILABLE a moment before closing the sockets, so
         # clients racing the shutdown get an explicit, retryable refusal, not a reset.
         await asyncio.sleep(REFUSAL_LINGER_S)
         for batcher in self._batchers:
-            await batcher.close(drain=True)
+            # Past the drain budget, queued work is failed (503), not waited for.
+            await batcher.close(drain=completed)
         await self._doors.stop()
         self._metrics_server.shutdown()
-        return {"completed": completed, "in_flight_at_drain": in_flight_before}
+        self._drained = {"completed": completed, "in_flight_at_drain": in_flight_before}
+        return self._drained
 
 
 def build_app(

@@ -40,6 +40,7 @@ Source = Literal["config", "cli"]
 MAX_KEY_LENGTH = 256
 MAX_WEIGHT = 1000.0  # same bound as TenantConfig.weight
 DEMO_TENANT = "demo"
+DEMO_MODEL = "digits"
 DEMO_KEY_FILE = "demo_tenant.key"
 # A key must survive an HTTP header or gRPC metadata value unchanged: printable
 # ASCII without spaces (header parsing strips surrounding whitespace).
@@ -325,7 +326,9 @@ def ensure_demo_tenant(store: TenantStore, state_dir: Path) -> str:
             if tenant is not None and tenant.name == DEMO_TENANT:
                 return key
         try:
-            key = store.create(DEMO_TENANT, 1.0, ("*",), source="cli")
+            # Scoped to the demo model: the key is printed and kept on disk, and must not
+            # open production models if this state dir later serves a real config.
+            key = store.create(DEMO_TENANT, 1.0, (DEMO_MODEL,), source="cli")
         except TenantExistsError:
             key = store.rotate_key(DEMO_TENANT)
             log.warning("demo tenant key did not match %s; rotated it", path)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from ray import serve
 
-from scheduler import BackendError, BatchPolicy, BatchRecord, ModelBatcher
+from scheduler import BackendError, BackendUnavailableError, BatchPolicy, BatchRecord, ModelBatcher
 from serving.cluster import RayBatchBackend
 from serving.demo import ensure_demo_model, load_digits_split
 from serving.models import ModelRunner
@@ -64,7 +64,11 @@ def test_batches_run_on_a_serve_replica_and_rows_come_back_in_place(
             # Bypasses the router's validation: the replica's own check must surface.
             await RayBatchBackend(handle).run_batch({"pixels": np.zeros((2, 3), np.float32)})
 
-        with pytest.raises(BackendError, match="pixels"):
+        # The replica's own error (naming the input) stays in the log; callers get a
+        # generic, non-retryable failure, not BackendUnavailableError.
+        with pytest.raises(BackendError, match="the model failed to run the batch") as info:
             asyncio.run(bad())
+        assert not isinstance(info.value, BackendUnavailableError)
+        assert "pixels" in str(info.value.__cause__)
     finally:
         serve.delete("it-digits")

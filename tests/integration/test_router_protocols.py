@@ -649,7 +649,7 @@ def test_infer_priority_and_timeout_parameters(
     x, k = sample(2, seed=6)
     cases: list[dict[str, Any]] = [
         {"priority": 1},
-        {"priority": 2**31 - 1},
+        {"priority": 3},  # the least urgent level
         {"timeout": 5_000_000},
         {"timeout": 2**63 - 1},
         {"priority": 3, "timeout": 1_000_000},
@@ -1016,7 +1016,7 @@ HTTP_CASES = [
     HttpCase(
         "json-data-ragged",
         400,
-        "input 'x': data is not FP32",
+        "input 'x': nested data does not match shape",
         json_body=infer_body([jx(data=[[1.0, 2.0], [3.0]]), jk()]),
     ),
     HttpCase(
@@ -1170,10 +1170,10 @@ HTTP_CASES = [
         HttpCase(
             f"bad-priority-{v!r}",
             400,
-            "parameter 'priority' must be a non-negative integer",
+            "parameter 'priority' must be 0 (default) or a level 1..3",
             json_body=GOOD_JSON | {"parameters": {"priority": v}},
         )
-        for v in (-1, "high", 2.0, False, 2**31)
+        for v in (-1, "high", 2.0, False, 4, 2**31)
     ],
     # encodings
     HttpCase(
@@ -1592,7 +1592,7 @@ GRPC_CASES: list[tuple[str, Any, Any, grpc.StatusCode, str]] = [
             _mutate(_param("priority", **value)),
             MD_ALICE,
             INVALID,
-            "parameter 'priority' must be a non-negative integer",
+            "parameter 'priority' must be 0 (default) or a level 1..3",
         )
         for name, value in [
             ("negative", dict[str, Any](int64_param=-1)),
@@ -1895,3 +1895,26 @@ def test_draining(loop_thread: LoopThread) -> None:
             assert stack.service.in_flight == 0
     finally:
         loop_thread.run(stop_stack(stack))
+
+
+def test_non_decimal_header_length_is_400_not_500(web: httpx.Client) -> None:
+    body = json.dumps(infer_body([jx(data=[1.0, 2.0, 3.0, 4.0]), jk(data=[1])])).encode()
+    for value in ("\u00b2".encode("latin-1"), b"9" * 5000, b"-1"):
+        r = web.post(
+            "/v2/models/affine/infer",
+            content=body,
+            headers={
+                "Authorization": f"Bearer {ALICE}",
+                "Inference-Header-Content-Length": value,  # type: ignore[dict-item]
+            },
+        )
+        assert r.status_code == 400, (value[:8], r.text)
+        assert "Inference-Header-Content-Length" in r.json()["error"]
+    assert_http_good(web)
+
+
+def test_open_repository_index_reads_only_a_small_body(web: httpx.Client) -> None:
+    r = web.post("/v2/repository/index", content=b" " * (1 << 20))
+    assert r.status_code == 413
+    assert "limit" in r.json()["error"]
+    assert web.post("/v2/repository/index", content=b"{}").status_code == 200

@@ -433,7 +433,7 @@ def test_demo_tenant_key_is_stable_and_private(store: TenantStore, tmp_path: Pat
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert path.read_text().strip() == key
     assert ensure_demo_tenant(store, state_dir) == key
-    assert auth(TenantDirectory(store), key) == Tenant("demo", 1.0, frozenset({"*"}))
+    assert auth(TenantDirectory(store), key) == Tenant("demo", 1.0, frozenset({"digits"}))
     assert [r.name for r in store.list()] == ["demo"]
 
 

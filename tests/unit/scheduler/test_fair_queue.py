@@ -170,3 +170,29 @@ def test_batch_holds_one_group_only() -> None:
     second = q.take_batch(BATCH)
     assert sorted(map(id, first + second)) == sorted(map(id, [*short, long]))
     assert all(r.group == first[0].group for r in first)
+
+
+def test_urgent_level_beats_the_default_level() -> None:
+    from router.tensors import DEFAULT_PRIORITY_LEVEL, parse_params
+
+    q = _queue()
+    default = Pending("a", rows=1, priority=parse_params({}).priority)
+    urgent = Pending("b", rows=1, priority=parse_params({"priority": 1}).priority)
+    background = Pending("c", rows=1, priority=parse_params({"priority": 3}).priority)
+    assert default.priority == DEFAULT_PRIORITY_LEVEL
+    for r in (background, default, urgent):
+        q.push(r)
+    assert q.take_batch(BATCH) == [urgent, default, background]
+
+
+def test_expired_and_cancelled_requests_do_not_linger_in_tenant_heaps() -> None:
+    q = _queue()
+    for i in range(1000):
+        r = Pending("a", rows=1, priority=3, deadline=float(i))
+        q.push(r)
+        q.expire(float(i))
+        c = Pending("a", rows=1)
+        q.push(c)
+        q.remove(c)
+    assert q.rows == 0
+    assert q._tenants["a"].heap == []
