@@ -107,9 +107,6 @@ class StaticModelTable:
         found = [v for (n, v) in self._by_key if n == name]
         return sorted(found, key=version_order)
 
-    def all(self) -> list[ServedModel]:
-        return list(self._by_key.values())
-
 
 def version_order(version: str) -> tuple[int, int, str]:
     return (1, int(version), "") if version.isdigit() else (0, 0, version)

@@ -70,9 +70,6 @@ class FairQueue:
         self._seq = itertools.count()
         self._last_vt = 0.0  # counter of the tenant served last: the floor when all idle
 
-    def __len__(self) -> int:
-        return sum(1 for _, _, p in self._arrivals if not p.dead)
-
     def push(self, req: Pending) -> None:
         if self.rows + req.rows > self.max_queued_rows:
             raise QueueFullError("model", self.rows, self.max_queued_rows)
@@ -148,10 +145,6 @@ class FairQueue:
         while self._deadlines and self._deadlines[0][2].dead:
             heapq.heappop(self._deadlines)
         return self._deadlines[0][0] if self._deadlines else None
-
-    def virtual_service(self, tenant: str) -> float:
-        tq = self._tenants.get(tenant)
-        return tq.vt if tq else 0.0
 
     def tenant_rows(self, tenant: str) -> int:
         tq = self._tenants.get(tenant)

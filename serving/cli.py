@@ -167,6 +167,17 @@ def cmd_tenants_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tenants_delete(args: argparse.Namespace) -> int:
+    from serving.tenants import TenantError
+
+    try:
+        _open_store(args).delete(args.name)
+    except (ConfigError, TenantError) as exc:
+        return _fail(str(exc))
+    print(f"tenant {args.name} deleted; its key stops working within seconds")
+    return 0
+
+
 def cmd_tenants_list(args: argparse.Namespace) -> int:
     try:
         rows = _open_store(args).list()
@@ -239,6 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     create.add_argument("--json", action="store_true", help='print {"tenant", "api_key"}')
     create.set_defaults(func=cmd_tenants_create)
+    delete = tsub.add_parser(
+        "delete",
+        help="delete a tenant, revoking its key (a config tenant returns at the next start)",
+    )
+    _common(delete)
+    delete.add_argument("name")
+    delete.set_defaults(func=cmd_tenants_delete)
     listing = tsub.add_parser("list", help="list tenants (never keys)")
     _common(listing)
     listing.add_argument("--json", action="store_true")

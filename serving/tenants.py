@@ -240,7 +240,7 @@ class TenantStore:
                 if row.name == tc.name and row.source != "config":
                     return TenantExistsError(
                         f"config tenant {tc.name!r} clashes with a tenant of that name created "
-                        f"with the CLI; delete it (gpugate tenant delete {tc.name}) or rename "
+                        f"with the CLI; delete it (gpugate tenants delete {tc.name}) or rename "
                         "the config tenant"
                     )
                 if row.key_hash == h and row.name != tc.name:

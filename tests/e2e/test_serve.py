@@ -194,6 +194,19 @@ def test_tenant_created_while_running_works_at_once_and_is_scoped(gateway: Gatew
     listed = json.loads(gateway.cli("tenants", "list", "--json").stdout)
     assert {"alice", "bob", "demo"} <= {t["tenant"] for t in listed}
     assert created["api_key"] not in json.dumps(listed)
+    # Revocation takes effect without a restart, within the directory's cache TTL.
+    gone = gateway.cli("tenants", "delete", "alice")
+    assert gone.returncode == 0, gone.stderr
+    deadline = time.monotonic() + 10
+    status = ""
+    while time.monotonic() < deadline:
+        try:
+            _http_infer(gateway, X[:1], created["api_key"])
+        except InferenceServerException as exc:
+            status = str(exc.status())
+            break
+        time.sleep(0.2)
+    assert status == "401"
 
 
 def test_metrics_count_requests_per_tenant(gateway: Gateway) -> None:
