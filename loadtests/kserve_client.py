@@ -1,0 +1,206 @@
+"""KServe v2 clients of the bench model: request encoders, response decoders and drivers.
+
+One row per request, input "x" FP32 [1, 256] and output "y" FP32 [1, 128]:
+
+* gRPC: ``ModelInfer`` with ``raw_input_contents`` over ``grpc.aio``, one channel
+  (one HTTP/2 connection) for the whole run, as tritonclient does;
+* HTTP/REST: the binary-tensor form (``Inference-Header-Content-Length``) over
+  aiohttp, one keep-alive connection per worker.
+
+Each has a probe (one request, retried until the server answers, whose output is
+compared with the in-process forward) and a driver that runs every concurrency
+level of a :class:`loadgen.LoadPlan` through :func:`loadgen.measure_level`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import numpy as np
+from loadgen import LevelResult, LoadPlan, Meters, measure_level
+
+MODEL_NAME = "bench"
+MODEL_VERSION = "1"
+PEER_APP = "bench-peer"
+REQUEST_TIMEOUT_S = 30.0
+OUTPUT_BYTES = 128 * 4  # "y": 128 FP32 values for the one row
+
+
+# ------------------------------------------------------------------------ gRPC
+
+
+def _grpc_request(row: np.ndarray) -> Any:
+    from gpugate_proto import grpc_service_pb2 as pb
+
+    request = pb.ModelInferRequest(model_name=MODEL_NAME, model_version=MODEL_VERSION)
+    request.inputs.add(name="x", datatype="FP32", shape=list(row.shape))
+    request.raw_input_contents.append(np.ascontiguousarray(row, dtype=np.float32).tobytes())
+    return request
+
+
+def _grpc_metadata(keys: list[str]) -> list[tuple[tuple[str, str], ...]]:
+    # `application` picks the Serve app on Serve's proxy; gpugate ignores it. The
+    # bearer key is ignored by the peer. Same metadata for both systems.
+    return [(("authorization", f"Bearer {k}"), ("application", PEER_APP)) for k in keys]
+
+
+def _decode_grpc_output(response: Any) -> np.ndarray:
+    return np.frombuffer(response.raw_output_contents[0], dtype=np.float32).reshape(
+        tuple(response.outputs[0].shape)
+    )
+
+
+async def grpc_probe(target: str, keys: list[str], row: np.ndarray, timeout_s: float) -> np.ndarray:
+    """Retry one request until it succeeds (the proxy may lag the app by a moment)."""
+    import grpc
+    from gpugate_proto import grpc_service_pb2_grpc as pb_grpc
+
+    request = _grpc_request(row)
+    metadata = _grpc_metadata(keys)[0]
+    deadline = time.monotonic() + timeout_s
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        while True:
+            try:
+                response = await stub.ModelInfer(request, metadata=metadata, timeout=10)
+                return _decode_grpc_output(response)
+            except grpc.aio.AioRpcError as exc:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"gRPC probe of {target} failed: {exc.details()}") from exc
+                await asyncio.sleep(0.5)
+
+
+async def grpc_levels(
+    system: str, target: str, plan: LoadPlan, meters: Meters | None = None
+) -> list[LevelResult]:
+    import grpc
+    from gpugate_proto import grpc_service_pb2_grpc as pb_grpc
+
+    request = _grpc_request(plan.row)
+    metadata = _grpc_metadata(plan.keys)
+    results = []
+    # One channel (one HTTP/2 connection) for the whole run, as tritonclient does.
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+
+        async def send(index: int) -> str | None:
+            try:
+                response = await stub.ModelInfer(
+                    request, metadata=metadata[index % len(metadata)], timeout=REQUEST_TIMEOUT_S
+                )
+            except grpc.aio.AioRpcError as exc:
+                return f"{exc.code().name}: {exc.details()}"
+            raw = response.raw_output_contents
+            if len(raw) != 1 or len(raw[0]) != OUTPUT_BYTES:
+                return "bad response: wrong output size"
+            return None
+
+        for concurrency in plan.levels:
+            results.append(await measure_level(send, system, "grpc", concurrency, plan, meters))
+    return results
+
+
+# ------------------------------------------------------------------------ HTTP
+
+
+def _infer_url(base: str) -> str:
+    return f"{base}/v2/models/{MODEL_NAME}/versions/{MODEL_VERSION}/infer"
+
+
+def _http_body(row: np.ndarray) -> tuple[bytes, int]:
+    raw = np.ascontiguousarray(row, dtype=np.float32).tobytes()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "datatype": "FP32",
+                    "shape": list(row.shape),
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ],
+            "outputs": [{"name": "y", "parameters": {"binary_data": True}}],
+        },
+        separators=(",", ":"),
+    ).encode()
+    return header + raw, len(header)
+
+
+def _decode_http_output(body: bytes, header_length: str | None) -> np.ndarray:
+    if header_length is None:
+        head = json.loads(body)
+        return np.asarray(head["outputs"][0]["data"], dtype=np.float32).reshape(
+            head["outputs"][0]["shape"]
+        )
+    n = int(header_length)
+    head = json.loads(body[:n])
+    return np.frombuffer(body[n:], dtype=np.float32).reshape(head["outputs"][0]["shape"])
+
+
+def _http_headers(keys: list[str], header_length: int) -> list[dict[str, str]]:
+    return [
+        {
+            "Authorization": f"Bearer {k}",
+            "Inference-Header-Content-Length": str(header_length),
+            "Content-Type": "application/octet-stream",
+        }
+        for k in keys
+    ]
+
+
+async def http_probe(base: str, keys: list[str], row: np.ndarray, timeout_s: float) -> np.ndarray:
+    import aiohttp
+
+    body, header_length = _http_body(row)
+    headers = _http_headers(keys, header_length)[0]
+    url = _infer_url(base)
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession() as session:
+        while True:
+            try:
+                async with session.post(url, data=body, headers=headers) as resp:
+                    payload = await resp.read()
+                    if resp.status == 200:
+                        return _decode_http_output(
+                            payload, resp.headers.get("Inference-Header-Content-Length")
+                        )
+                    problem = f"HTTP {resp.status}: {payload[:200]!r}"
+            except aiohttp.ClientError as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"HTTP probe of {url} failed: {problem}")
+            await asyncio.sleep(0.5)
+
+
+async def http_levels(
+    system: str, base: str, plan: LoadPlan, meters: Meters | None = None
+) -> list[LevelResult]:
+    import aiohttp
+
+    body, header_length = _http_body(plan.row)
+    headers = _http_headers(plan.keys, header_length)
+    url = _infer_url(base)
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+    results = []
+    for concurrency in plan.levels:
+        # Keep-alive connections, one per worker; opened during the warm-up.
+        connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+            async def send(index: int, session: Any = session) -> str | None:
+                async with session.post(
+                    url, data=body, headers=headers[index % len(headers)]
+                ) as resp:
+                    payload = await resp.read()
+                    if resp.status != 200:
+                        return f"HTTP {resp.status}: {payload[:200]!r}"
+                    n = resp.headers.get("Inference-Header-Content-Length")
+                    if n is None or len(payload) - int(n) != OUTPUT_BYTES:
+                        return "bad response: wrong output size"
+                    return None
+
+            results.append(await measure_level(send, system, "http", concurrency, plan, meters))
+    return results

@@ -1,0 +1,277 @@
+"""The closed-loop load generator and its statistics, independent of the protocol.
+
+``concurrency`` workers each send their next request when the last returns; only
+requests that complete inside the measured window (after the warm-up) count.
+Each level becomes a :class:`LevelResult`: req/s, latency percentiles, errors,
+the CPU cores busy in the window (:class:`CpuMeter`) and the server's mean rows
+per model batch (from a :data:`BatchCounter`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# ------------------------------------------------------------------------ results
+
+
+@dataclass
+class LevelResult:
+    system: str
+    protocol: str
+    concurrency: int
+    duration_s: float
+    requests: int
+    req_per_s: float
+    rows_per_s: float
+    p50_ms: float | None
+    p99_ms: float | None
+    mean_ms: float | None
+    max_ms: float | None
+    errors: int
+    warmup_requests: int
+    warmup_errors: int
+    error_sample: str | None = None
+    ratio_vs_peer: float | None = None
+    # Cores busy in the measured window: the whole machine, this benchmark (load
+    # generator + the server's process session), and everything else.
+    cpu_cores_busy: float | None = None
+    cpu_cores_bench: float | None = None
+    cpu_cores_other: float | None = None
+    # Rows per model batch in the window, from the server's own counters.
+    mean_batch_rows: float | None = None
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def one_line(r: LevelResult) -> str:
+    return (
+        f"{r.system:>8} {r.protocol:<4} c={r.concurrency:<3} {r.req_per_s:8.1f} req/s  "
+        f"p50 {fmt(r.p50_ms, '.2f')} ms  p99 {fmt(r.p99_ms, '.2f')} ms  errors {r.errors}"
+        + (f" (warm-up errors {r.warmup_errors})" if r.warmup_errors else "")
+        + (f"  [{r.error_sample}]" if r.error_sample else "")
+    )
+
+
+# ------------------------------------------------------------------------- meters
+
+
+class CpuMeter:
+    """CPU seconds used by the machine and by this benchmark, from /proc (Linux).
+
+    "This benchmark" is this process plus every process in the server's session
+    (servers start with ``start_new_session``, and Ray's raylet, GCS and workers
+    inherit the session). The rest is other work on the machine -- e.g. other
+    engineers' test runs -- which the table shows so a noisy run is visible.
+    """
+
+    def __init__(self, session: int | None) -> None:
+        self.session = session
+        self.tick = float(os.sysconf("SC_CLK_TCK"))
+        self.available = Path("/proc/stat").is_file()
+
+    def snapshot(self) -> tuple[float, float] | None:
+        if not self.available:
+            return None
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        # user nice system idle iowait irq softirq steal (guest is inside user).
+        busy = sum(fields[:3]) + sum(fields[5:8])
+        ours = 0
+        me = os.getpid()
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat") as f:
+                    raw = f.read()
+            except OSError:
+                continue
+            rest = raw[raw.rfind(")") + 2 :].split()
+            # After "pid (comm) ": state ppid pgrp session ... utime(11) stime(12).
+            if int(entry.name) == me or int(rest[3]) == self.session:
+                ours += int(rest[11]) + int(rest[12])
+        return busy / self.tick, ours / self.tick
+
+
+# Cumulative (batches, rows) the server has run so far, or None if unknown.
+BatchCounter = Callable[[], "tuple[float, float] | None"]
+
+
+@dataclass
+class Meters:
+    """What is sampled at the start and end of each measured window."""
+
+    cpu: CpuMeter | None = None
+    batches: BatchCounter | None = None
+
+
+def _cpu_window(
+    before: tuple[float, float] | None, after: tuple[float, float] | None, seconds: float
+) -> tuple[float | None, float | None, float | None]:
+    if before is None or after is None or seconds <= 0:
+        return None, None, None
+    busy = (after[0] - before[0]) / seconds
+    bench = (after[1] - before[1]) / seconds
+    return busy, bench, max(0.0, busy - bench)
+
+
+# ---------------------------------------------------------------------- the loop
+
+
+class Recorder:
+    """Per-request outcomes of one level; only what completes in the window counts."""
+
+    def __init__(self) -> None:
+        self.window_start = float("inf")
+        self.window_end = float("inf")
+        self.latencies_ns: list[int] = []
+        self.errors = 0
+        self.warmup_requests = 0
+        self.warmup_errors = 0
+        self.error_sample: str | None = None
+        self.cpu_before: tuple[float, float] | None = None
+        self.cpu_after: tuple[float, float] | None = None
+        self.batches_before: tuple[float, float] | None = None
+        self.batches_after: tuple[float, float] | None = None
+
+    def record(self, started: float, finished: float, error: str | None) -> None:
+        if finished < self.window_start:
+            self.warmup_requests += 1
+            if error is not None:
+                self.warmup_errors += 1
+                self.error_sample = self.error_sample or f"(warm-up) {error}"
+            return
+        if finished >= self.window_end:
+            return
+        if error is not None:
+            self.errors += 1
+            if self.error_sample is None or self.error_sample.startswith("(warm-up)"):
+                self.error_sample = error
+        else:
+            self.latencies_ns.append(round((finished - started) * 1e9))
+
+
+# One request: returns None on success or a short error text.
+SendFn = Callable[[int], Awaitable[str | None]]
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """How every system is driven: the same keys, row, levels and windows."""
+
+    keys: list[str]
+    row: np.ndarray
+    levels: list[int]
+    warmup_s: float
+    duration_s: float
+    log: Callable[[str], None]
+
+
+async def closed_loop(
+    send: SendFn,
+    concurrency: int,
+    warmup_s: float,
+    duration_s: float,
+    meters: Meters | None = None,
+    drain_s: float = 35.0,
+) -> Recorder:
+    """``concurrency`` workers, each sending its next request when the last returns."""
+    rec = Recorder()
+    loop_start = time.perf_counter()
+    rec.window_start = loop_start + warmup_s
+    rec.window_end = rec.window_start + duration_s
+
+    async def sample() -> tuple[tuple[float, float] | None, tuple[float, float] | None]:
+        assert meters is not None
+        cpu = meters.cpu.snapshot() if meters.cpu is not None else None
+        batches = await asyncio.to_thread(meters.batches) if meters.batches else None
+        return cpu, batches
+
+    async def watch() -> None:
+        if meters is None:
+            return
+        await asyncio.sleep(max(0.0, rec.window_start - time.perf_counter()))
+        rec.cpu_before, rec.batches_before = await sample()
+        await asyncio.sleep(max(0.0, rec.window_end - time.perf_counter()))
+        rec.cpu_after, rec.batches_after = await sample()
+
+    async def worker(index: int) -> None:
+        while time.perf_counter() < rec.window_end:
+            started = time.perf_counter()
+            try:
+                error = await send(index)
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            rec.record(started, time.perf_counter(), error)
+
+    watcher = asyncio.create_task(watch())
+    tasks = [asyncio.create_task(worker(i)) for i in range(concurrency)]
+    done, pending = await asyncio.wait(tasks, timeout=warmup_s + duration_s + drain_s)
+    for task in pending:
+        task.cancel()
+    for task in done:
+        task.result()
+    await watcher
+    return rec
+
+
+def summarize(
+    rec: Recorder, system: str, protocol: str, concurrency: int, duration_s: float
+) -> LevelResult:
+    lat = np.sort(np.asarray(rec.latencies_ns, dtype=np.float64)) / 1e6
+    n = len(lat)
+
+    def pct(q: float) -> float | None:
+        return float(np.percentile(lat, q)) if n else None
+
+    busy, bench, other = _cpu_window(rec.cpu_before, rec.cpu_after, duration_s)
+    mean_batch = None
+    if rec.batches_before is not None and rec.batches_after is not None:
+        batches = rec.batches_after[0] - rec.batches_before[0]
+        if batches > 0:
+            mean_batch = (rec.batches_after[1] - rec.batches_before[1]) / batches
+    return LevelResult(
+        system=system,
+        protocol=protocol,
+        concurrency=concurrency,
+        duration_s=duration_s,
+        requests=n,
+        req_per_s=n / duration_s,
+        rows_per_s=n / duration_s,  # one row per request
+        p50_ms=pct(50),
+        p99_ms=pct(99),
+        mean_ms=float(lat.mean()) if n else None,
+        max_ms=float(lat[-1]) if n else None,
+        errors=rec.errors,
+        warmup_requests=rec.warmup_requests,
+        warmup_errors=rec.warmup_errors,
+        error_sample=rec.error_sample,
+        cpu_cores_busy=busy,
+        cpu_cores_bench=bench,
+        cpu_cores_other=other,
+        mean_batch_rows=mean_batch,
+    )
+
+
+async def measure_level(
+    send: SendFn,
+    system: str,
+    protocol: str,
+    concurrency: int,
+    plan: LoadPlan,
+    meters: Meters | None,
+) -> LevelResult:
+    """One concurrency level of ``plan``: run the loop, summarize it, log one line."""
+    rec = await closed_loop(send, concurrency, plan.warmup_s, plan.duration_s, meters)
+    result = summarize(rec, system, protocol, concurrency, plan.duration_s)
+    plan.log(one_line(result))
+    return result

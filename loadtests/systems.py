@@ -1,0 +1,334 @@
+"""The servers under test: start one as a subprocess, wait for it, stop it by PID.
+
+* gpugate: ``gpugate serve`` on free ports with a config of two tenants whose
+  keys are passed in environment variables;
+* rayserve: ``loadtests/peer_rayserve.py``, plain Ray Serve with its own gRPC
+  proxy and ``@serve.batch``;
+* null: ``loadtests/null_server.py``, a grpc.aio server that runs no model.
+
+Each runs with a fresh local Ray (never a cluster someone else started) in its
+own process session, so the CPU it and its Ray helpers use can be told apart
+from other work on the machine. :func:`running` records startup time, exit code
+and log path in a :class:`SystemRun`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+from loadgen import BatchCounter, CpuMeter, LevelResult, Meters
+
+REPO = Path(__file__).resolve().parent.parent
+PEER_SCRIPT = Path(__file__).resolve().parent / "peer_rayserve.py"
+NULL_SCRIPT = Path(__file__).resolve().parent / "null_server.py"
+RESERVED_PORTS = range(8000, 8003)  # a developer's gateway may be on its defaults
+
+
+@dataclass
+class SystemRun:
+    name: str
+    startup_s: float = 0.0
+    probe_matches_reference: bool | None = None
+    probe_max_abs_diff: float | None = None
+    exit_code: int | None = None
+    log_path: str | None = None
+    levels: list[LevelResult] = field(default_factory=list)
+
+
+# ------------------------------------------------------------- batch counters
+
+
+def gateway_batches(metrics_url: str) -> BatchCounter:
+    """gpugate's ``gpugate_batch_size_rows`` histogram: (_count, _sum) over all labels."""
+
+    def read() -> tuple[float, float] | None:
+        try:
+            with urllib.request.urlopen(metrics_url, timeout=5) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return None
+        count = total = 0.0
+        for line in text.splitlines():
+            if line.startswith("gpugate_batch_size_rows_count"):
+                count += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("gpugate_batch_size_rows_sum"):
+                total += float(line.rsplit(" ", 1)[1])
+        return count, total
+
+    return read
+
+
+def peer_batches(stats_url: str) -> BatchCounter:
+    """The peer deployment's own counters, served at its HTTP route."""
+
+    def read() -> tuple[float, float] | None:
+        try:
+            with urllib.request.urlopen(stats_url, timeout=5) as resp:
+                stats = json.loads(resp.read())
+        except (OSError, ValueError):
+            return None
+        return float(stats["batches"]), float(stats["rows"])
+
+    return read
+
+
+# ------------------------------------------------------------------ subprocesses
+
+
+def free_port(taken: set[int]) -> int:
+    """A port the kernel calls free on 127.0.0.1, not one of 8000-8002 nor already chosen."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in RESERVED_PORTS and port not in taken:
+            taken.add(port)
+            return port
+    raise RuntimeError("no free port found")
+
+
+class Server:
+    """A server subprocess: waits for its ready line, stops with SIGTERM on exit."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str],
+        ready_prefix: str,
+        log_path: Path,
+        log: Callable[[str], None],
+    ) -> None:
+        self.name = name
+        self.argv = argv
+        self.env = env
+        self.ready_prefix = ready_prefix
+        self.log_path = log_path
+        self.log = log
+        self.proc: subprocess.Popen[str] | None = None
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._logfile: TextIO | None = None
+        self.exit_code: int | None = None
+        self.batch_counter: BatchCounter | None = None
+
+    def start(self, timeout_s: float) -> float:
+        """Start and wait for the ready line; returns the seconds it took."""
+        started = time.monotonic()
+        self._logfile = self.log_path.open("w")
+        # Own session: a last-resort SIGKILL can reach Ray's helpers through the group.
+        self.proc = subprocess.Popen(
+            self.argv,
+            cwd=REPO,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            start_new_session=True,
+        )
+        threading.Thread(target=self._pump, daemon=True, name=f"{self.name}-log").start()
+        deadline = started + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RuntimeError(
+                    f"{self.name} not ready after {timeout_s:.0f}s; log: {self.log_path}\n"
+                    + self.tail()
+                )
+            try:
+                line = self._lines.get(timeout=min(remaining, 1.0))
+            except queue.Empty:
+                continue
+            if line is None:
+                code = self.proc.wait()
+                raise RuntimeError(
+                    f"{self.name} exited with {code} before it was ready; log: {self.log_path}\n"
+                    + self.tail()
+                )
+            if line.startswith(self.ready_prefix):
+                self.log(f"{self.name}: {line.strip()}")
+                return time.monotonic() - started
+
+    def meters(self) -> Meters:
+        """CPU of this server's process session (plus the load generator) and its batches."""
+        return Meters(CpuMeter(self.proc.pid if self.proc else None), self.batch_counter)
+
+    def _pump(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if self._logfile is not None:
+                self._logfile.write(line)
+                self._logfile.flush()
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def tail(self, n: int = 30) -> str:
+        try:
+            return "".join(self.log_path.read_text().splitlines(keepends=True)[-n:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout_s: float = 120.0) -> int | None:
+        """SIGTERM by PID and wait; SIGKILL the process group only if it hangs."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.log(f"{self.name}: no exit {timeout_s:.0f}s after SIGTERM; killing")
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+        self.exit_code = self.proc.returncode
+        if self._logfile is not None:
+            # Give the pump a moment to copy the last lines.
+            time.sleep(0.2)
+            self._logfile.close()
+            self._logfile = None
+        self.log(f"{self.name}: exited with {self.exit_code}")
+        return self.exit_code
+
+
+@contextlib.contextmanager
+def running(server: Server, timeout_s: float, run: SystemRun) -> Iterator[Server]:
+    try:
+        run.startup_s = server.start(timeout_s)
+        yield server
+    finally:
+        run.exit_code = server.stop()
+        run.log_path = str(server.log_path)
+
+
+def child_env(extra: dict[str, str]) -> dict[str, str]:
+    env = dict(os.environ)
+    # A fresh local Ray for each system, never a cluster someone else started.
+    env.pop("RAY_ADDRESS", None)
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def gpugate_command() -> list[str]:
+    script = Path(sys.executable).parent / "gpugate"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "serving.cli"]
+
+
+def write_gateway_config(path: Path, model: Any, tenant_envs: list[str]) -> None:
+    config = {
+        "models": [model.model_dump(mode="json")],
+        "tenants": [
+            {"name": f"bench-{i}", "weight": 1.0, "api_key_env": env}
+            for i, env in enumerate(tenant_envs)
+        ],
+    }
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+# ------------------------------------------------------------------ the systems
+
+
+def gpugate_system(
+    state_dir: Path, model: Any, keys: list[str], taken: set[int], log: Callable[[str], None]
+) -> tuple[Server, str, str]:
+    """``gpugate serve`` with two tenants; returns it, its gRPC target and its HTTP base."""
+    http_port, grpc_port, metrics_port = (free_port(taken) for _ in range(3))
+    key_envs = ["GPUGATE_BENCH_KEY_A", "GPUGATE_BENCH_KEY_B"]
+    config_path = state_dir / "gpugate-bench.yaml"
+    write_gateway_config(config_path, model, key_envs)
+    gw_state = state_dir / "gpugate-state"
+    server = Server(
+        "gpugate",
+        [
+            *gpugate_command(),
+            "serve",
+            "--config",
+            str(config_path),
+            "--state-dir",
+            str(gw_state),
+            "--http-port",
+            str(http_port),
+            "--grpc-port",
+            str(grpc_port),
+            "--metrics-port",
+            str(metrics_port),
+        ],
+        child_env(dict(zip(key_envs, keys, strict=True))),
+        "gpugate ready",
+        state_dir / "gpugate.log",
+        log,
+    )
+    server.batch_counter = gateway_batches(f"http://127.0.0.1:{metrics_port}/metrics")
+    return server, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}"
+
+
+def peer_system(
+    state_dir: Path,
+    taken: set[int],
+    max_batch_size: int,
+    batch_wait_ms: float,
+    forward: str,
+    access_log: str,
+    log: Callable[[str], None],
+) -> tuple[Server, str]:
+    """The plain Ray Serve peer; returns it and its gRPC target."""
+    grpc_port, http_port = free_port(taken), free_port(taken)
+    server = Server(
+        "rayserve",
+        [
+            sys.executable,
+            str(PEER_SCRIPT),
+            "--state-dir",
+            str(state_dir),
+            "--grpc-port",
+            str(grpc_port),
+            "--http-port",
+            str(http_port),
+            "--max-batch-size",
+            str(max_batch_size),
+            "--batch-wait-ms",
+            str(batch_wait_ms),
+            "--forward",
+            forward,
+            "--access-log",
+            access_log,
+        ],
+        child_env({}),
+        "rayserve-peer ready",
+        state_dir / "rayserve.log",
+        log,
+    )
+    server.batch_counter = peer_batches(f"http://127.0.0.1:{http_port}/bench")
+    return server, f"127.0.0.1:{grpc_port}"
+
+
+def null_system(state_dir: Path, taken: set[int], log: Callable[[str], None]) -> tuple[Server, str]:
+    """The gRPC server that runs no model; returns it and its gRPC target."""
+    grpc_port = free_port(taken)
+    server = Server(
+        "null",
+        [sys.executable, str(NULL_SCRIPT), "--grpc-port", str(grpc_port)],
+        child_env({}),
+        "null-server ready",
+        state_dir / "null.log",
+        log,
+    )
+    return server, f"127.0.0.1:{grpc_port}"
