@@ -16,8 +16,14 @@ from gpugate_proto import grpc_service_pb2 as pb
 from gpugate_proto import grpc_service_pb2_grpc as pb_grpc
 
 from router._exceptions import GatewayError, InvalidArgument
-from router.http_server import EXTENSIONS, SERVER_NAME, SERVER_VERSION
-from router.service import PLATFORM, InferenceService
+from router.service import (
+    EXTENSIONS,
+    PLATFORM,
+    SERVER_NAME,
+    SERVER_VERSION,
+    Call,
+    InferenceService,
+)
 from router.tensors import InputTensor, parse_params
 from router.types import DTYPE_TO_DATATYPE
 
@@ -103,7 +109,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         return await _guard(context, run)
 
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:
-        entries = sorted(self._service.models.index(), key=lambda e: (e.name, e.version))
+        entries = self._service.models.index()
         if request.ready:
             entries = [e for e in entries if e.state == "READY"]
         return pb.RepositoryIndexResponse(
@@ -117,15 +123,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         async def run() -> Any:
-            with self._service.admitted():
-                return await admitted_infer()
+            with self._service.admitted() as call:
+                return await admitted_infer(call)
 
-        async def admitted_infer() -> Any:
-            tenant = await self._service.authenticate(_authorization(context))
+        async def admitted_infer(call: Call) -> Any:
+            await self._service.authenticate(call, _authorization(context))
             inputs = _decode_inputs(request)
             params = parse_params({k: _param_value(v) for k, v in request.parameters.items()})
             served, outputs = await self._service.infer(
-                tenant,
+                call,
                 request.model_name,
                 request.model_version or None,
                 inputs,

@@ -21,14 +21,18 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from router._exceptions import GatewayError, InvalidArgument, NotFound, PayloadTooLarge
-from router.service import PLATFORM, InferenceService
+from router.service import (
+    EXTENSIONS,
+    PLATFORM,
+    SERVER_NAME,
+    SERVER_VERSION,
+    Call,
+    InferenceService,
+)
 from router.tensors import InputTensor, parse_params
 from router.types import DTYPE_TO_DATATYPE, TensorSpec
 from scheduler import Tensors
 
-SERVER_NAME = "gpugate"
-SERVER_VERSION = "0.1.0"
-EXTENSIONS = ["binary_tensor_data", "model_repository"]
 _HEADER_LENGTH = "inference-header-content-length"
 _INDEX_BODY_LIMIT = 64 * 1024
 
@@ -91,24 +95,24 @@ def build_http_app(service: InferenceService) -> Starlette:
                 return _error(InvalidArgument("request body must be a JSON object"))
         entries = [
             {"name": e.name, "version": e.version, "state": e.state, "reason": e.reason}
-            for e in sorted(service.models.index(), key=lambda e: (e.name, e.version))
+            for e in service.models.index()
         ]
         return _json(entries)
 
     async def infer(request: Request) -> Response:
         try:
-            with service.admitted():
-                return await admitted_infer(request)
+            with service.admitted() as call:
+                return await admitted_infer(call, request)
         except GatewayError as exc:
             return _error(exc)
 
-    async def admitted_infer(request: Request) -> Response:
-        tenant = await service.authenticate(request.headers.get("authorization"))
+    async def admitted_infer(call: Call, request: Request) -> Response:
+        await service.authenticate(call, request.headers.get("authorization"))
         body = await _read_body(request, service.settings.max_request_bytes)
         header, inputs, binary_outputs = _decode_infer(request, body)
         params = header.get("parameters") or {}
         served, outputs = await service.infer(
-            tenant,
+            call,
             request.path_params["model"],
             request.path_params.get("version"),
             inputs,

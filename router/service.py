@@ -39,6 +39,9 @@ from scheduler import (
     Tensors,
 )
 
+SERVER_NAME = "gpugate"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ["binary_tensor_data", "model_repository"]
 PLATFORM = "pytorch_libtorch"
 
 log = logging.getLogger(__name__)
@@ -50,6 +53,18 @@ class ServedModel:
     version: str
     signature: ModelSignature
     batcher: ModelBatcher
+
+
+@dataclass
+class Call:
+    """One admitted inference call; its metric labels are filled in as they are known.
+
+    Labels come from resolved names only, so a client cannot mint new series.
+    """
+
+    tenant: Tenant | None = None
+    model: str = "-"
+    version: str = "-"
 
 
 @dataclass(frozen=True)
@@ -67,7 +82,9 @@ class ModelTable(Protocol):
         """The named version, or the version that serves ``name`` by default."""
         ...
 
-    def index(self) -> list[IndexEntry]: ...
+    def index(self) -> list[IndexEntry]:
+        """Every version, ordered by name then version."""
+        ...
 
     def versions(self, name: str) -> list[str]:
         """Versions of ``name``, oldest first."""
@@ -101,7 +118,8 @@ class StaticModelTable:
         return default
 
     def index(self) -> list[IndexEntry]:
-        return [IndexEntry(m.name, m.version, "READY") for m in self._by_key.values()]
+        ordered = sorted(self._by_key.values(), key=lambda m: (m.name, version_order(m.version)))
+        return [IndexEntry(m.name, m.version, "READY") for m in ordered]
 
     def versions(self, name: str) -> list[str]:
         found = [v for (n, v) in self._by_key if n == name]
@@ -154,14 +172,11 @@ class InferenceService:
 
     # -- requests ---------------------------------------------------------------
 
-    async def authenticate(self, authorization: str | None) -> Tenant:
+    async def authenticate(self, call: Call, authorization: str | None) -> Tenant:
         """The tenant of an ``Authorization: Bearer <key>`` value; called before decoding,
         so an unauthenticated caller costs no parsing."""
-        try:
-            return await self._authenticate(authorization)
-        except GatewayError as exc:
-            self.metrics.observe_request("-", "-", "-", str(exc.http_status), 0.0)
-            raise
+        call.tenant = await self._authenticate(authorization)
+        return call.tenant
 
     async def _authenticate(self, authorization: str | None) -> Tenant:
         if not authorization:
@@ -182,7 +197,7 @@ class InferenceService:
 
     async def infer(
         self,
-        tenant: Tenant,
+        call: Call,
         model_name: str,
         version: str | None,
         inputs: Sequence[InputTensor],
@@ -191,42 +206,23 @@ class InferenceService:
         requested_outputs: Sequence[str] = (),
         transport_timeout_s: float | None = None,
     ) -> tuple[ServedModel, Tensors]:
-        """Run one request; raises GatewayError subclasses only."""
-        started = time.perf_counter()
-        # Labels come from resolved names only: a client must not mint new series.
-        model_label = version_label = "-"
-        code = "200"
-        try:
-            served = self.models.resolve(model_name, version)
-            model_label, version_label = served.name, served.version
-            if not tenant.may_use(served.name):
-                raise PermissionDenied(f"tenant {tenant.name!r} may not use model {served.name!r}")
-            unknown = [o for o in requested_outputs if o not in served.signature.output_names]
-            if unknown:
-                raise InvalidArgument(f"unknown output(s) requested: {', '.join(unknown)}")
-            arrays, rows = validate_inputs(
-                served.signature, inputs, self.settings.max_request_bytes
-            )
-            timeouts = [t for t in (params.timeout_s, transport_timeout_s) if t is not None]
-            timeout_s = min(timeouts) if timeouts else self.settings.default_timeout_s
-            outputs = await self._submit(served, tenant, arrays, rows, params.priority, timeout_s)
-            if requested_outputs:
-                outputs = {k: outputs[k] for k in requested_outputs}
-            return served, outputs
-        except GatewayError as exc:
-            code = str(exc.http_status)
-            raise
-        except asyncio.CancelledError:
-            code = "499"  # the caller went away or its transport deadline passed
-            raise
-        except Exception as exc:
-            code = "500"
-            log.exception("request for model %r failed unexpectedly", model_name)
-            raise Internal(f"internal error: {type(exc).__name__}") from None
-        finally:
-            self.metrics.observe_request(
-                model_label, version_label, tenant.name, code, time.perf_counter() - started
-            )
+        """Run one authenticated request; raises GatewayError subclasses only."""
+        tenant = call.tenant
+        assert tenant is not None, "authenticate the call first"
+        served = self.models.resolve(model_name, version)
+        call.model, call.version = served.name, served.version
+        if not tenant.may_use(served.name):
+            raise PermissionDenied(f"tenant {tenant.name!r} may not use model {served.name!r}")
+        unknown = [o for o in requested_outputs if o not in served.signature.output_names]
+        if unknown:
+            raise InvalidArgument(f"unknown output(s) requested: {', '.join(unknown)}")
+        arrays, rows = validate_inputs(served.signature, inputs, self.settings.max_request_bytes)
+        timeouts = [t for t in (params.timeout_s, transport_timeout_s) if t is not None]
+        timeout_s = min(timeouts) if timeouts else self.settings.default_timeout_s
+        outputs = await self._submit(served, tenant, arrays, rows, params.priority, timeout_s)
+        if requested_outputs:
+            outputs = {k: outputs[k] for k in requested_outputs}
+        return served, outputs
 
     async def _submit(
         self,
@@ -260,23 +256,42 @@ class InferenceService:
     # -- draining ---------------------------------------------------------------
 
     @contextlib.contextmanager
-    def admitted(self) -> Iterator[None]:
+    def admitted(self) -> Iterator[Call]:
         """Wrap a whole inference call, from before authentication to the response.
 
         Draining refuses here (503 / UNAVAILABLE) and waits for everything admitted,
-        so no request is cut off between the front door and the batcher.
+        so no request is cut off between the front door and the batcher. Every outcome,
+        including a decoding error, is counted here once, and anything unexpected
+        becomes a 500 / INTERNAL without its details.
         """
         if self._draining:
             self.metrics.observe_request("-", "-", "-", "503", 0.0)
             raise Unavailable("server is draining")
+        started = time.perf_counter()
+        call = Call()
+        code = "200"
         self._in_flight += 1
         self._idle.clear()
         try:
-            yield
+            yield call
+        except GatewayError as exc:
+            code = str(exc.http_status)
+            raise
+        except asyncio.CancelledError:
+            code = "499"  # the caller went away or its transport deadline passed
+            raise
+        except Exception as exc:
+            code = "500"
+            log.exception("request for model %r failed unexpectedly", call.model)
+            raise Internal(f"internal error: {type(exc).__name__}") from None
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
+            tenant = call.tenant.name if call.tenant else "-"
+            self.metrics.observe_request(
+                call.model, call.version, tenant, code, time.perf_counter() - started
+            )
 
     @property
     def in_flight(self) -> int:

@@ -153,8 +153,6 @@ class ModelBatcher:
         """Stop accepting; with ``drain`` run what is queued, else fail it; then stop."""
         self._closing = True
         if not drain:
-            for req in self._queue.expire(math.inf):
-                _fail(req, SchedulerClosedError("model version removed"))
             while self._queue.rows:
                 for req in self._queue.take_batch(self.policy.max_batch_size):
                     _fail(req, SchedulerClosedError("model version removed"))
