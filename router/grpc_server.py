@@ -57,6 +57,20 @@ def _authorization(context: grpc.aio.ServicerContext) -> str | None:
     return None
 
 
+_INFER_SPAN = "inference.GRPCInferenceService/ModelInfer"
+_TRACE_KEYS = frozenset({"traceparent", "tracestate", "baggage"})
+
+
+def _trace_carrier(context: grpc.aio.ServicerContext) -> dict[str, str] | None:
+    """W3C trace context sent as gRPC metadata, as OpenTelemetry's gRPC clients do."""
+    found = {
+        k: v if isinstance(v, str) else v.decode()
+        for k, v in context.invocation_metadata() or ()
+        if k in _TRACE_KEYS
+    }
+    return found or None
+
+
 async def _guard(context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[R]]) -> R:
     """Turn GatewayErrors into the call's status code; nothing else leaks."""
     try:
@@ -123,7 +137,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         async def run() -> Any:
-            with self._service.admitted() as call:
+            with self._service.admitted(_INFER_SPAN, _trace_carrier(context)) as call:
                 return await admitted_infer(call)
 
         async def admitted_infer(call: Call) -> Any:

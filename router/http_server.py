@@ -101,7 +101,7 @@ def build_http_app(service: InferenceService) -> Starlette:
 
     async def infer(request: Request) -> Response:
         try:
-            with service.admitted() as call:
+            with service.admitted("POST /v2/models/{model}/infer", request.headers) as call:
                 return await admitted_infer(call, request)
         except GatewayError as exc:
             return _error(exc)

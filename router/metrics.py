@@ -6,6 +6,8 @@ each histogram family large enough to slow scrapes (document before growing).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from scheduler import BatchRecord
@@ -82,6 +84,24 @@ class RouterMetrics:
             ["model", "version"],
             registry=r,
         )
+        self.tenant_device_seconds = Counter(
+            "gpugate_tenant_device_seconds",
+            "Device time charged to tenants (batch device time x device share, split by rows).",
+            ["tenant", "model", "version", "device"],
+            registry=r,
+        )
+        self.tenant_cost = Counter(
+            "gpugate_tenant_cost",
+            "Cost charged to tenants at the configured device-hour prices.",
+            ["tenant", "model", "version", "currency"],
+            registry=r,
+        )
+        self.replicas = Gauge(
+            "gpugate_replicas",
+            "Model replicas configured per version.",
+            ["model", "version"],
+            registry=r,
+        )
         self.queued_rows = Gauge(
             "gpugate_queue_rows",
             "Rows waiting per model version.",
@@ -107,4 +127,19 @@ class RouterMetrics:
         else:
             self.device_seconds.labels(record.model, record.version, record.result.device).inc(
                 record.result.device_ns / 1e9
+            )
+
+    def observe_charges(
+        self, record: BatchRecord, currency: str, cost_of: Callable[[int], float]
+    ) -> None:
+        """Per-tenant device seconds and cost of a batch that ran (from its exact split)."""
+        if record.result is None:
+            return
+        device = record.result.device
+        for (tenant, _rows), part in zip(record.tenants, record.charges_ns, strict=True):
+            self.tenant_device_seconds.labels(tenant, record.model, record.version, device).inc(
+                part / 1e9
+            )
+            self.tenant_cost.labels(tenant, record.model, record.version, currency).inc(
+                cost_of(part)
             )

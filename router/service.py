@@ -11,8 +11,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from router._exceptions import (
@@ -28,6 +28,7 @@ from router._exceptions import (
 )
 from router.metrics import RouterMetrics
 from router.tensors import InferParams, InputTensor, validate_inputs
+from router.tracing import finish_request_span, span_context, start_request_span
 from router.types import ModelSignature, Tenant
 from scheduler import (
     BackendError,
@@ -35,6 +36,7 @@ from scheduler import (
     DeadlineExceededError,
     ModelBatcher,
     QueueFullError,
+    Receipt,
     SchedulerClosedError,
     Tensors,
 )
@@ -65,6 +67,8 @@ class Call:
     tenant: Tenant | None = None
     model: str = "-"
     version: str = "-"
+    receipt: Receipt = field(default_factory=Receipt)
+    trace: object | None = None  # the request span's context, for the batch span's link
 
 
 @dataclass(frozen=True)
@@ -219,7 +223,7 @@ class InferenceService:
         arrays, rows = validate_inputs(served.signature, inputs, self.settings.max_request_bytes)
         timeouts = [t for t in (params.timeout_s, transport_timeout_s) if t is not None]
         timeout_s = min(timeouts) if timeouts else self.settings.default_timeout_s
-        outputs = await self._submit(served, tenant, arrays, rows, params.priority, timeout_s)
+        outputs = await self._submit(served, call, arrays, rows, params.priority, timeout_s)
         if requested_outputs:
             outputs = {k: outputs[k] for k in requested_outputs}
         return served, outputs
@@ -227,12 +231,14 @@ class InferenceService:
     async def _submit(
         self,
         served: ServedModel,
-        tenant: Tenant,
+        call: Call,
         arrays: Tensors,
         rows: int,
         priority: int,
         timeout_s: float,
     ) -> Tensors:
+        tenant = call.tenant
+        assert tenant is not None
         try:
             return await served.batcher.submit(
                 tenant.name,
@@ -241,6 +247,8 @@ class InferenceService:
                 weight=tenant.weight,
                 priority=priority,
                 timeout_s=timeout_s,
+                receipt=call.receipt,
+                trace=call.trace,
             )
         except QueueFullError as exc:
             raise ResourceExhausted(str(exc)) from None
@@ -256,32 +264,37 @@ class InferenceService:
     # -- draining ---------------------------------------------------------------
 
     @contextlib.contextmanager
-    def admitted(self) -> Iterator[Call]:
+    def admitted(
+        self, span_name: str = "infer", carrier: Mapping[str, str] | None = None
+    ) -> Iterator[Call]:
         """Wrap a whole inference call, from before authentication to the response.
 
         Draining refuses here (503 / UNAVAILABLE) and waits for everything admitted,
         so no request is cut off between the front door and the batcher. Every outcome,
-        including a decoding error, is counted here once, and anything unexpected
+        including a decoding error, is counted and traced here once (``carrier``: the
+        request's headers, for an incoming ``traceparent``), and anything unexpected
         becomes a 500 / INTERNAL without its details.
         """
         if self._draining:
             self.metrics.observe_request("-", "-", "-", "503", 0.0)
             raise Unavailable("server is draining")
         started = time.perf_counter()
-        call = Call()
+        span = start_request_span(span_name, carrier)
+        call = Call(trace=span_context(span))
         code = "200"
+        error: str | None = None
         self._in_flight += 1
         self._idle.clear()
         try:
             yield call
         except GatewayError as exc:
-            code = str(exc.http_status)
+            code, error = str(exc.http_status), str(exc)
             raise
         except asyncio.CancelledError:
-            code = "499"  # the caller went away or its transport deadline passed
+            code, error = "499", "cancelled"  # the caller went away or its deadline passed
             raise
         except Exception as exc:
-            code = "500"
+            code, error = "500", type(exc).__name__
             log.exception("request for model %r failed unexpectedly", call.model)
             raise Internal(f"internal error: {type(exc).__name__}") from None
         finally:
@@ -291,6 +304,15 @@ class InferenceService:
             tenant = call.tenant.name if call.tenant else "-"
             self.metrics.observe_request(
                 call.model, call.version, tenant, code, time.perf_counter() - started
+            )
+            finish_request_span(
+                span,
+                tenant=tenant,
+                model=call.model,
+                version=call.version,
+                code=code,
+                receipt=call.receipt,
+                error=error,
             )
 
     @property

@@ -8,7 +8,8 @@ from scheduler._exceptions import (
     SchedulerClosedError,
     SchedulerError,
 )
-from scheduler.batcher import BatchObserver, BatchRecord, ModelBatcher
+from scheduler.batcher import BatchObserver, BatchRecord, CostSink, ModelBatcher, Receipt
+from scheduler.costs import charge_ns, split_by_rows
 from scheduler.fair_queue import FairQueue, Pending
 from scheduler.types import Backend, BatchPolicy, BatchResult, Tensors
 
@@ -20,12 +21,16 @@ __all__ = [
     "BatchPolicy",
     "BatchRecord",
     "BatchResult",
+    "CostSink",
     "DeadlineExceededError",
     "FairQueue",
     "ModelBatcher",
     "Pending",
     "QueueFullError",
+    "Receipt",
     "SchedulerClosedError",
     "SchedulerError",
     "Tensors",
+    "charge_ns",
+    "split_by_rows",
 ]

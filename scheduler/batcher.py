@@ -13,16 +13,19 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from scheduler._exceptions import (
     BackendError,
+    BackendUnavailableError,
     DeadlineExceededError,
     SchedulerClosedError,
 )
+from scheduler.costs import charge_ns, split_by_rows
 from scheduler.fair_queue import FairQueue, Pending
 from scheduler.types import Backend, BatchPolicy, BatchResult, Clock, Tensors
 
@@ -35,24 +38,57 @@ _RUNNING_GRACE_S = 0.05
 
 @dataclass(frozen=True)
 class BatchRecord:
-    """Who was in a dispatched batch and what it cost, for observers (metrics, costs)."""
+    """Who was in a dispatched batch and what it cost, for observers and the ledger.
+
+    Per-request tuples are in batch order. ``charges_ns`` splits ``charge_ns`` (device
+    time times device share) by rows, exactly; both are empty/0 when the batch failed.
+    """
 
     model: str
     version: str
-    tenants: tuple[tuple[str, int], ...]  # (tenant, rows) per request, batch order
+    tenants: tuple[tuple[str, int], ...]  # (tenant, rows) per request
     rows: int
     result: BatchResult | None  # None when the backend failed
-    queue_wait_s: tuple[float, ...]  # per request
+    queue_wait_s: tuple[float, ...]
     duration_s: float  # dispatch to result: the backend round trip of the batch
+    started_at_ns: int  # wall clock (Unix ns) at dispatch
+    finished_at_ns: int  # wall clock (Unix ns) when the result arrived
+    charge_ns: int = 0
+    charges_ns: tuple[int, ...] = ()
+    traces: tuple[object | None, ...] = ()  # the callers' opaque trace contexts
 
 
 BatchObserver = Callable[[BatchRecord], None]
+
+
+class CostSink(Protocol):
+    """Where a batch's cost goes before its results are released (the ledger).
+
+    ``commit`` returns once the record is durable, with each request's price (for
+    its trace span); raising withholds the batch's results (503), so no answer
+    leaves unrecorded.
+    """
+
+    async def commit(self, record: BatchRecord) -> Sequence[float]: ...
+
+
+@dataclass
+class Receipt:
+    """What one request's batch did, filled in before its result is released."""
+
+    queue_wait_s: float = 0.0
+    batch_rows: int = 0
+    charge_ns: int = 0  # this request's part of the batch's charge
+    device: str = ""
+    cost: float = 0.0
 
 
 @dataclass(eq=False)
 class _Job:
     inputs: Tensors
     future: asyncio.Future[Tensors]
+    receipt: Receipt | None = None
+    trace: object | None = None
 
 
 class ModelBatcher:
@@ -66,14 +102,18 @@ class ModelBatcher:
         policy: BatchPolicy,
         *,
         clock: Clock = time.monotonic,
+        wall_clock_ns: Callable[[], int] = time.time_ns,
         observer: BatchObserver | None = None,
+        ledger: CostSink | None = None,
     ) -> None:
         self.model = model
         self.version = version
         self.policy = policy
         self._backend = backend
         self._clock = clock
+        self._wall_clock_ns = wall_clock_ns
         self._observer = observer
+        self._ledger = ledger
         self._queue = FairQueue(policy.max_queued_rows, policy.max_queued_rows_per_tenant)
         self._wake = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
@@ -106,8 +146,14 @@ class ModelBatcher:
         weight: float = 1.0,
         priority: int = 0,
         timeout_s: float | None = None,
+        receipt: Receipt | None = None,
+        trace: object | None = None,
     ) -> Tensors:
-        """Queue one request and wait for its own rows of the batch output."""
+        """Queue one request and wait for its own rows of the batch output.
+
+        ``receipt``, if given, is filled in with the request's queue wait and cost;
+        ``trace`` is handed back in the :class:`BatchRecord` (span links).
+        """
         if self._closing:
             raise SchedulerClosedError(f"model {self.model} version {self.version} is draining")
         if rows < 1 or rows > self.policy.max_batch_size:
@@ -122,7 +168,7 @@ class ModelBatcher:
             priority=priority,
             deadline=deadline,
             arrival=now,
-            payload=_Job(inputs, future),
+            payload=_Job(inputs, future, receipt, trace),
             group=tuple((name, a.shape[1:], a.dtype.str) for name, a in inputs.items()),
         )
         self._queue.push(req)  # raises QueueFullError before anything waits
@@ -204,7 +250,9 @@ class ModelBatcher:
 
     async def _run_batch(self, batch: list[Pending], started: float) -> None:
         jobs: list[_Job] = [req.payload for req in batch]
+        started_at_ns = self._wall_clock_ns()
         result: BatchResult | None = None
+        record: BatchRecord | None = None
         try:
             if len(jobs) == 1:
                 inputs = jobs[0].inputs
@@ -212,12 +260,17 @@ class ModelBatcher:
                 names = jobs[0].inputs.keys()
                 inputs = {n: np.concatenate([j.inputs[n] for j in jobs]) for n in names}
             result = await self._backend.run_batch(inputs)
-            offset = 0
-            for req, job in zip(batch, jobs, strict=True):
-                end = offset + req.rows
-                if not job.future.done():
-                    job.future.set_result({k: v[offset:end] for k, v in result.outputs.items()})
-                offset = end
+            record = self._record(batch, jobs, started, started_at_ns, result)
+            costs: Sequence[float] = ()
+            if self._ledger is not None:
+                try:
+                    costs = await self._ledger.commit(record)
+                except Exception as exc:
+                    log.error("cost ledger refused a batch of %s:%s: %s", *self._key, exc)
+                    raise BackendUnavailableError(
+                        "cost ledger unavailable: results withheld, nothing billed"
+                    ) from exc
+            self._release(batch, jobs, record, result, costs)
         except asyncio.CancelledError:
             for req in batch:
                 _fail(req, SchedulerClosedError("batch cancelled during shutdown"))
@@ -229,17 +282,60 @@ class ModelBatcher:
                 _fail(req, err)
         finally:
             if self._observer is not None:
-                self._observer(
-                    BatchRecord(
-                        model=self.model,
-                        version=self.version,
-                        tenants=tuple((r.tenant, r.rows) for r in batch),
-                        rows=sum(r.rows for r in batch),
-                        result=result,
-                        queue_wait_s=tuple(started - r.arrival for r in batch),
-                        duration_s=self._clock() - started,
-                    )
-                )
+                if record is None:  # the backend failed: no result, no charge
+                    record = self._record(batch, jobs, started, started_at_ns, None)
+                self._observer(record)
+
+    @property
+    def _key(self) -> tuple[str, str]:
+        return (self.model, self.version)
+
+    def _record(
+        self,
+        batch: list[Pending],
+        jobs: list[_Job],
+        started: float,
+        started_at_ns: int,
+        result: BatchResult | None,
+    ) -> BatchRecord:
+        rows = [r.rows for r in batch]
+        charge = charge_ns(result.device_ns, result.device_share) if result is not None else 0
+        return BatchRecord(
+            model=self.model,
+            version=self.version,
+            tenants=tuple((r.tenant, r.rows) for r in batch),
+            rows=sum(rows),
+            result=result,
+            queue_wait_s=tuple(started - r.arrival for r in batch),
+            duration_s=self._clock() - started,
+            started_at_ns=started_at_ns,
+            finished_at_ns=self._wall_clock_ns(),
+            charge_ns=charge,
+            charges_ns=tuple(split_by_rows(charge, rows)) if result is not None else (),
+            traces=tuple(j.trace for j in jobs),
+        )
+
+    @staticmethod
+    def _release(
+        batch: list[Pending],
+        jobs: list[_Job],
+        record: BatchRecord,
+        result: BatchResult,
+        costs: Sequence[float],
+    ) -> None:
+        offset = 0
+        for i, (req, job) in enumerate(zip(batch, jobs, strict=True)):
+            end = offset + req.rows
+            if job.receipt is not None:
+                receipt = job.receipt
+                receipt.queue_wait_s = record.queue_wait_s[i]
+                receipt.batch_rows = record.rows
+                receipt.charge_ns = record.charges_ns[i]
+                receipt.device = result.device
+                receipt.cost = costs[i] if costs else 0.0
+            if not job.future.done():
+                job.future.set_result({k: v[offset:end] for k, v in result.outputs.items()})
+            offset = end
 
 
 def _expire_running(future: asyncio.Future[Tensors], clock: Clock, since: float) -> None:

@@ -21,7 +21,9 @@ class BatchResult:
     outputs: Tensors
     device_ns: int  # measured device time of the forward
     device: str  # "cpu" or the accelerator's name
-    gpu_share: float  # the replica's num_gpus (0 on CPU)
+    # How much of its device the replica holds: its num_gpus on a GPU (0.5 = half a
+    # GPU), its num_cpus on a CPU. A batch's charge is device_ns times this.
+    device_share: float
 
 
 class Backend(Protocol):

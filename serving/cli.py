@@ -102,7 +102,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         try:
-            handle = cluster.deploy(build_app(server, state_dir, database_url, models))
+            handle = cluster.deploy(
+                build_app(server, state_dir, database_url, models, config.costs)
+            )
         except (RuntimeError, TimeoutError) as exc:
             return _fail(str(exc), code=1)
         if demo_key is not None:

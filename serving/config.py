@@ -7,6 +7,8 @@ an error that names it (``extra="forbid"``).
 from __future__ import annotations
 
 import re
+from datetime import date
+from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
@@ -142,6 +144,38 @@ class TenantConfig(_Strict):
         return v
 
 
+class PriceConfig(_Strict):
+    device: str = Field(
+        description="Device type the price applies to: 'cpu', an accelerator name as torch "
+        "reports it (e.g. 'NVIDIA A100-SXM4-80GB'), or 'cuda' for any GPU not named."
+    )
+    per_hour: Decimal = Field(
+        ge=0,
+        decimal_places=9,
+        description="Price of one device-hour (a whole GPU, or one CPU) in the currency.",
+    )
+    since: date = Field(
+        default=date(1970, 1, 1),
+        description="First UTC day the price applies; batches keep the price of their day, "
+        "so adding a new price later never rewrites history.",
+    )
+
+
+class CostsConfig(_Strict):
+    currency: str = Field(default="USD", min_length=3, max_length=8, description="ISO code.")
+    prices: list[PriceConfig] = Field(
+        default_factory=list,
+        description="Device-hour prices; a device type with no price is recorded at 0.",
+    )
+    reservation_heartbeat_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="How often each replica records that it is still up; a replica killed "
+        "without warning is counted as reserved until its last heartbeat.",
+    )
+
+
 class ServerConfig(_Strict):
     host: str = Field(default="127.0.0.1", description="Address the servers bind.")
     http_port: int = Field(default=8000, ge=0, le=65535, description="KServe v2 HTTP port.")
@@ -172,6 +206,9 @@ class GatewayConfig(_Strict):
         default_factory=list, description="Served model versions; empty serves the demo model."
     )
     tenants: list[TenantConfig] = Field(default_factory=list, description="Config tenants.")
+    costs: CostsConfig = Field(
+        default_factory=CostsConfig, description="Pricing of device time for the cost ledger."
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> GatewayConfig:

@@ -22,11 +22,14 @@ from ray.serve.handle import DeploymentHandle
 from router.metrics import RouterMetrics
 from router.servers import FrontDoors
 from router.service import InferenceService, RouterSettings, ServedModel, StaticModelTable
-from scheduler import BatchPolicy, ModelBatcher
+from router.tracing import batch_span_observer
+from scheduler import BatchPolicy, BatchRecord, ModelBatcher
 from serving.cluster import GATEWAY_DEPLOYMENT, RayBatchBackend
-from serving.config import ModelConfig, ServerConfig
+from serving.config import CostsConfig, ModelConfig, ServerConfig
+from serving.ledger import Ledger, LedgerWriter, Price, Pricing, from_unix_ns
 from serving.replica import deployment_name, model_deployment
 from serving.state import open_engine
+from serving.telemetry import configure_tracing, otel_env
 from serving.tenants import TenantDirectory, TenantStore
 
 log = logging.getLogger(__name__)
@@ -49,14 +52,20 @@ class Gateway:
         database_url: str | None,
         models: list[dict[str, Any]],
         handles: dict[str, DeploymentHandle],
+        costs: dict[str, Any],
+        otel: dict[str, str],
     ) -> None:
         self.server_config = ServerConfig.model_validate(server)
         cfg = self.server_config
         self._drained: dict[str, Any] | None = None
+        self._tracer_provider = configure_tracing(otel)
         engine = open_engine(database_url, Path(state_dir))
         self._tenants = TenantDirectory(TenantStore(engine))
         self._registry = CollectorRegistry()
         self.metrics = RouterMetrics(self._registry)
+        self._pricing = Pricing(CostsConfig.model_validate(costs))
+        self._ledger = LedgerWriter(Ledger(engine, self._pricing))
+        self._trace_batch = batch_span_observer(self._batch_cost)
         served: list[ServedModel] = []
         for raw in models:
             model = ModelConfig.model_validate(raw)
@@ -72,9 +81,11 @@ class Gateway:
                 model.version,
                 RayBatchBackend(handles[deployment_name(model)]),
                 policy,
-                observer=self.metrics.observe_batch,
+                observer=self._observe_batch,
+                ledger=self._ledger,
             )
             batcher.start()
+            self.metrics.replicas.labels(model.name, model.version).set(model.replicas)
             self.metrics.queued_rows.labels(model.name, model.version).set_function(
                 _depth_of(batcher)
             )
@@ -92,6 +103,20 @@ class Gateway:
             cfg.metrics_port, cfg.host, registry=self._registry
         )
         log.info("gateway serving http=%s grpc=%s", cfg.http_port, cfg.grpc_port)
+
+    def _price(self, record: BatchRecord) -> Price:
+        assert record.result is not None
+        return self._pricing.price(record.result.device, from_unix_ns(record.finished_at_ns).date())
+
+    def _batch_cost(self, record: BatchRecord) -> float:
+        return self._price(record).cost(record.charge_ns)
+
+    def _observe_batch(self, record: BatchRecord) -> None:
+        self.metrics.observe_batch(record)
+        if record.result is not None:
+            price = self._price(record)
+            self.metrics.observe_charges(record, price.currency, price.cost)
+        self._trace_batch(record)
 
     def check_health(self) -> None:
         """Serve's health probe: a dead front door makes the replica restart."""
@@ -115,6 +140,10 @@ class Gateway:
             # Past the drain budget, queued work is failed (503), not waited for.
             await batcher.close(drain=completed)
         await self._doors.stop()
+        # Every batch above has committed (or failed) by now; this ends the thread.
+        await asyncio.to_thread(self._ledger.close)
+        if self._tracer_provider is not None:
+            await asyncio.to_thread(self._tracer_provider.shutdown)
         self._metrics_server.shutdown()
         self._drained = {"completed": completed, "in_flight_at_drain": in_flight_before}
         return self._drained
@@ -125,9 +154,15 @@ def build_app(
     state_dir: Path,
     database_url: str | None,
     models: list[ModelConfig],
+    costs: CostsConfig,
 ) -> Any:
     """The Serve application: one deployment per model version plus the gateway."""
-    handles = {deployment_name(m): model_deployment(m) for m in models}
+    store = {
+        "state_dir": str(state_dir),
+        "database_url": database_url,
+        "heartbeat_s": costs.reservation_heartbeat_s,
+    }
+    handles = {deployment_name(m): model_deployment(m, store) for m in models}
     return (
         serve.deployment(Gateway)
         .options(
@@ -144,5 +179,7 @@ def build_app(
             database_url,
             [m.model_dump(mode="json") for m in models],
             handles,
+            costs.model_dump(mode="json"),
+            otel_env(),
         )
     )

@@ -3,24 +3,44 @@
 from __future__ import annotations
 
 import logging
+import uuid
+from pathlib import Path
 from typing import Any
 
 from ray import serve
 
 from scheduler import BatchResult, Tensors
 from serving.config import ModelConfig
+from serving.ledger import Heartbeat, Reservation
 from serving.models import ModelRunner
+from serving.state import open_engine
 
 log = logging.getLogger(__name__)
 
 
 class ModelReplica:
-    """One replica: the model on its device (CUDA when given GPUs and present)."""
+    """One replica: the model on its device (CUDA when given GPUs and present).
 
-    def __init__(self, model: dict[str, Any]) -> None:
+    While it is up it holds a reservation in the cost ledger (uptime x device share,
+    heartbeated), from which reports derive idle capacity.
+    """
+
+    def __init__(self, model: dict[str, Any], store: dict[str, Any]) -> None:
         self.config = ModelConfig.model_validate(model)
         self.runner = ModelRunner(self.config)
         self.runner.warmup()
+        on_gpu = self.runner.device.type == "cuda"
+        self.device_share = self.config.num_gpus if on_gpu else self.config.num_cpus
+        engine = open_engine(store["database_url"], Path(store["state_dir"]))
+        reservation = Reservation(
+            engine,
+            replica=f"{deployment_name(self.config)}:{uuid.uuid4().hex[:12]}",
+            model=self.config.name,
+            version=self.config.version,
+            device=self.runner.device_type,
+            device_share=self.device_share,
+        )
+        self._heartbeat = Heartbeat(reservation, store["heartbeat_s"])
         log.info(
             "model %s:%s ready on %s", self.config.name, self.config.version, self.runner.device
         )
@@ -31,15 +51,21 @@ class ModelReplica:
             outputs=outputs,
             device_ns=device_ns,
             device=self.runner.device_type,
-            gpu_share=self.config.num_gpus if self.runner.device.type == "cuda" else 0.0,
+            device_share=self.device_share,
         )
+
+    def __del__(self) -> None:
+        """Serve calls this on graceful shutdown: close the reservation."""
+        heartbeat = getattr(self, "_heartbeat", None)
+        if heartbeat is not None:
+            heartbeat.stop()
 
 
 def deployment_name(model: ModelConfig) -> str:
     return f"model-{model.name}-{model.version}"
 
 
-def model_deployment(model: ModelConfig) -> Any:
+def model_deployment(model: ModelConfig, store: dict[str, Any]) -> Any:
     """The bound Serve deployment for one model version."""
     return (
         serve.deployment(ModelReplica)
@@ -55,5 +81,5 @@ def model_deployment(model: ModelConfig) -> Any:
             # gateway's own metrics count every batch.
             logging_config={"enable_access_log": False, "log_level": "WARNING"},
         )
-        .bind(model.model_dump(mode="json"))
+        .bind(model.model_dump(mode="json"), store)
     )

@@ -4,7 +4,7 @@ Every table lives on the one ``metadata`` below, in SQLAlchemy Core, so this mod
 is the single place to read the schema. The default store is a SQLite file in the
 state dir; a cluster points ``database_url`` at PostgreSQL instead. The code that
 reads and writes the tables lives beside the feature that owns them
-(``serving.tenants`` for tenants).
+(``serving.tenants`` for tenants, ``serving.ledger`` for the cost ledger).
 """
 
 from __future__ import annotations
@@ -64,6 +64,63 @@ tenants = sa.Table(
     ),
     sa.CheckConstraint("source IN ('config', 'cli')", name="source"),
     sa.CheckConstraint("weight > 0", name="weight_positive"),
+)
+
+
+# BIGINT on PostgreSQL; SQLite's INTEGER PRIMARY KEY must stay INTEGER to autoincrement.
+_BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+# The cost ledger (serving.ledger). One row per batch, one per (batch, tenant): money
+# is never a float here; device time is integer ns and prices integer nano-units
+# per hour, so any report can be recomputed exactly.
+ledger_batches = sa.Table(
+    "ledger_batches",
+    metadata,
+    sa.Column("id", _BigId, primary_key=True, autoincrement=True),
+    sa.Column("gateway", sa.String(128), nullable=False),  # host:pid that recorded it
+    sa.Column("model", sa.String(128), nullable=False),
+    sa.Column("version", sa.String(128), nullable=False),
+    sa.Column("device", sa.String(128), nullable=False),
+    sa.Column("device_share", sa.Float, nullable=False),
+    sa.Column("device_ns", sa.BigInteger, nullable=False),  # measured forward time
+    sa.Column("charge_ns", sa.BigInteger, nullable=False),  # device_ns x device_share
+    sa.Column("rows", sa.Integer, nullable=False),
+    sa.Column("requests", sa.Integer, nullable=False),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("finished_at", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("currency", sa.String(8), nullable=False),
+    sa.Column("price_nanos_per_hour", sa.BigInteger, nullable=False),
+)
+
+ledger_allocations = sa.Table(
+    "ledger_allocations",
+    metadata,
+    sa.Column(
+        "batch_id",
+        _BigId,
+        sa.ForeignKey("ledger_batches.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    # A tenant name, or "shadow" for mirrored canary traffic nobody is billed for.
+    sa.Column("tenant", sa.String(128), primary_key=True),
+    sa.Column("requests", sa.Integer, nullable=False),
+    sa.Column("rows", sa.Integer, nullable=False),
+    sa.Column("charge_ns", sa.BigInteger, nullable=False),
+)
+
+# What each model replica holds while it is up (for idle capacity): reserved time is
+# (last_seen_at or ended_at) - started_at, times device_share.
+ledger_reservations = sa.Table(
+    "ledger_reservations",
+    metadata,
+    sa.Column("replica", sa.String(128), primary_key=True),
+    sa.Column("model", sa.String(128), nullable=False),
+    sa.Column("version", sa.String(128), nullable=False),
+    sa.Column("device", sa.String(128), nullable=False),
+    sa.Column("device_share", sa.Float, nullable=False),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("last_seen_at", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("ended_at", sa.DateTime(timezone=True), nullable=True),
 )
 
 

@@ -7,13 +7,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sqlalchemy as sa
 from ray import serve
 
 from scheduler import BackendError, BackendUnavailableError, BatchPolicy, BatchRecord, ModelBatcher
 from serving.cluster import RayBatchBackend
+from serving.config import CostsConfig
 from serving.demo import ensure_demo_model, load_digits_split
+from serving.ledger import Ledger, LedgerWriter, Pricing
 from serving.models import ModelRunner
 from serving.replica import model_deployment
+from serving.state import ledger_allocations, ledger_batches, ledger_reservations, open_engine
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -22,7 +26,10 @@ def test_batches_run_on_a_serve_replica_and_rows_come_back_in_place(
     ray_serve: None, tmp_path: Path
 ) -> None:
     config = ensure_demo_model(tmp_path)
-    handle = serve.run(model_deployment(config), name="it-digits", route_prefix=None)
+    store = {"state_dir": str(tmp_path), "database_url": None, "heartbeat_s": 0.2}
+    handle = serve.run(model_deployment(config, store), name="it-digits", route_prefix=None)
+    engine = open_engine(None, tmp_path)
+    ledger = LedgerWriter(Ledger(engine, Pricing(CostsConfig())))
     local = ModelRunner(config, num_threads=1)
     _, x_test, _, y_test = load_digits_split()
     x_test = np.asarray(x_test, dtype=np.float32)
@@ -35,6 +42,7 @@ def test_batches_run_on_a_serve_replica_and_rows_come_back_in_place(
             RayBatchBackend(handle),
             BatchPolicy(max_batch_size=64, max_in_flight=2),
             observer=records.append,
+            ledger=ledger,
         )
         batcher.start()
         sizes = [1 + i % 7 for i in range(80)]
@@ -59,6 +67,20 @@ def test_batches_run_on_a_serve_replica_and_rows_come_back_in_place(
         assert len(records) < 80 / 2  # one Ray call per batch, not per request
         assert all(r.result is not None and r.result.device_ns > 0 for r in records)
         assert {r.result.device for r in records if r.result} == {"cpu"}
+        # Every batch was committed to the ledger, its split exact to the nanosecond.
+        ledger.close()
+        with engine.connect() as conn:
+            batch_ns = conn.execute(sa.select(sa.func.sum(ledger_batches.c.charge_ns))).scalar()
+            tenant_ns = conn.execute(
+                sa.select(sa.func.sum(ledger_allocations.c.charge_ns))
+            ).scalar()
+            requests = conn.execute(sa.select(sa.func.sum(ledger_allocations.c.requests))).scalar()
+            reservation = conn.execute(sa.select(ledger_reservations)).one()
+        assert batch_ns == tenant_ns == sum(r.charge_ns for r in records) > 0
+        assert requests == 80
+        # A CPU replica holds its num_cpus; its heartbeat keeps the reservation fresh.
+        assert reservation.device == "cpu" and reservation.device_share == config.num_cpus
+        assert reservation.last_seen_at > reservation.started_at
 
         async def bad() -> None:
             # Bypasses the router's validation: the replica's own check must surface.
@@ -72,3 +94,6 @@ def test_batches_run_on_a_serve_replica_and_rows_come_back_in_place(
         assert "pixels" in str(info.value.__cause__)
     finally:
         serve.delete("it-digits")
+    with engine.connect() as conn:
+        ended = conn.execute(sa.select(ledger_reservations.c.ended_at)).scalar()
+    assert ended is not None  # a graceful shutdown closes the reservation

@@ -114,7 +114,7 @@ class AffineBackend:
         try:
             if self.delay_s:
                 await asyncio.sleep(self.delay_s)
-            return BatchResult(affine(inputs["x"], inputs["k"], self.mult), 1000, "cpu", 0.0)
+            return BatchResult(affine(inputs["x"], inputs["k"], self.mult), 1000, "cpu", 1.0)
         finally:
             self.running -= 1
 
@@ -122,7 +122,7 @@ class AffineBackend:
 class VecBackend:
     async def run_batch(self, inputs: Tensors) -> BatchResult:
         v = inputs["v"]
-        return BatchResult({"n": v.sum(axis=1, keepdims=True, dtype=np.float32)}, 1, "cpu", 0.0)
+        return BatchResult({"n": v.sum(axis=1, keepdims=True, dtype=np.float32)}, 1, "cpu", 1.0)
 
 
 class BrokenBackend:

@@ -1,8 +1,5 @@
-"""The state store and tenants against real databases: a SQLite file and PostgreSQL.
-
-Each PostgreSQL test gets its own schema (dropped afterwards), so runs are
-independent and never touch tables other tests use. PostgreSQL being unreachable
-is a failure, not a skip, unless GPUGATE_SKIP_POSTGRES=1.
+"""The state store and tenants against real databases: a SQLite file and PostgreSQL
+(the `open_db` and `engine` fixtures of conftest.py).
 """
 
 from __future__ import annotations
@@ -13,8 +10,6 @@ import os
 import stat
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +33,7 @@ from serving.tenants import (
     generate_api_key,
     hash_key,
 )
-
-POSTGRES_URL = os.environ.get(
-    "GPUGATE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
-
-OpenEngine = Callable[[], sa.Engine]
+from tests.integration.conftest import OpenEngine
 
 
 class ManualClock:
@@ -54,50 +44,6 @@ class ManualClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def open_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OpenEngine]:
-    """A factory of engines on one fresh database; each call is like another process."""
-    engines: list[sa.Engine] = []
-    if request.param == "sqlite":
-        url = None
-    else:
-        if os.environ.get("GPUGATE_SKIP_POSTGRES") == "1":
-            pytest.skip("GPUGATE_SKIP_POSTGRES=1")
-        schema = f"gg_test_{uuid.uuid4().hex[:12]}"
-        admin = sa.create_engine(POSTGRES_URL)
-        try:
-            with admin.begin() as conn:  # unreachable -> OperationalError -> test fails
-                conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-        except Exception:
-            admin.dispose()
-            raise
-        url = (
-            sa.make_url(POSTGRES_URL)
-            .update_query_dict({"options": f"-csearch_path={schema}"})
-            .render_as_string(hide_password=False)
-        )
-
-    def open_one() -> sa.Engine:
-        engine = open_engine(url, tmp_path / "state")
-        engines.append(engine)
-        return engine
-
-    try:
-        yield open_one
-    finally:
-        for engine in engines:
-            engine.dispose()
-        if url is not None:
-            with admin.begin() as conn:
-                conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-            admin.dispose()
-
-
-@pytest.fixture
-def engine(open_db: OpenEngine) -> sa.Engine:
-    return open_db()
 
 
 @pytest.fixture

@@ -9,8 +9,10 @@ from pydantic import BaseModel
 
 from serving.config import (
     ConfigError,
+    CostsConfig,
     GatewayConfig,
     ModelConfig,
+    PriceConfig,
     ServerConfig,
     TenantConfig,
     TensorConfig,
@@ -71,7 +73,16 @@ def test_embedded_default_and_example_config_validate() -> None:
 
 
 @pytest.mark.parametrize(
-    "model", [GatewayConfig, ServerConfig, ModelConfig, TensorConfig, TenantConfig]
+    "model",
+    [
+        GatewayConfig,
+        ServerConfig,
+        ModelConfig,
+        TensorConfig,
+        TenantConfig,
+        CostsConfig,
+        PriceConfig,
+    ],
 )
 def test_every_field_is_documented(model: type[BaseModel]) -> None:
     doc = (ROOT / "docs" / "config.md").read_text()

@@ -38,7 +38,7 @@ class RecordingBackend:
         if self.fail:
             raise RuntimeError("replica died")
         y = 2 * x + x.sum(axis=1, keepdims=True)
-        return BatchResult({"y": y}, device_ns=1000 * x.shape[0], device="cpu", gpu_share=0.0)
+        return BatchResult({"y": y}, device_ns=1000 * x.shape[0], device="cpu", device_share=1.0)
 
 
 def run(coro_fn: Callable[[], Awaitable[Any]]) -> Any:

@@ -1,0 +1,290 @@
+"""The cost ledger of record: every batch's charge and its per-tenant split.
+
+The scheduler computes each batch's charge (device ns x device share) and its
+exact split by rows (``scheduler.costs``); this module makes it durable before
+the batch's answers leave (the :class:`LedgerWriter` is the scheduler's
+``CostSink``), records what each replica reserves (for idle capacity), and
+answers finance's questions (``serving.cost_report``). Device time is integer
+nanoseconds and prices integer nano-units per hour, so every figure can be
+recomputed exactly from the rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import socket
+import threading
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from decimal import Decimal
+
+import sqlalchemy as sa
+
+from scheduler import BatchRecord
+from serving.config import CostsConfig
+from serving.state import ledger_allocations, ledger_batches, ledger_reservations, utcnow
+
+log = logging.getLogger(__name__)
+
+NS_PER_HOUR = 3_600 * 10**9
+NANOS = 10**9  # price units per currency unit
+
+
+@dataclass(frozen=True)
+class Price:
+    currency: str
+    nanos_per_hour: int
+
+    def cost(self, charge_ns: int) -> float:
+        """For display (spans, metrics); reports recompute exactly from the rows."""
+        return charge_ns * self.nanos_per_hour / (NS_PER_HOUR * NANOS)
+
+
+class Pricing:
+    """Device-hour prices as of a day: exact device name, then 'cuda' for any GPU."""
+
+    def __init__(self, config: CostsConfig) -> None:
+        self.currency = config.currency
+        by_device: dict[str, list[tuple[date, int]]] = defaultdict(list)
+        for p in config.prices:
+            by_device[p.device].append((p.since, int(p.per_hour * NANOS)))
+        self._by_device = {d: sorted(v) for d, v in by_device.items()}
+
+    def price(self, device: str, day: date) -> Price:
+        for key in (device, "cuda" if device != "cpu" else None):
+            if key is None or key not in self._by_device:
+                continue
+            in_force = [nanos for since, nanos in self._by_device[key] if since <= day]
+            if in_force:
+                return Price(self.currency, in_force[-1])
+        return Price(self.currency, 0)
+
+
+def gateway_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def as_utc(value: datetime) -> datetime:
+    """SQLite hands timestamps back naive; they were written in UTC."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def from_unix_ns(ns: int) -> datetime:
+    return datetime.fromtimestamp(ns / 1e9, UTC)
+
+
+class Ledger:
+    """Writes batch records; one transaction per call, however many batches."""
+
+    def __init__(self, engine: sa.Engine, pricing: Pricing, gateway: str | None = None) -> None:
+        self.engine = engine
+        self.pricing = pricing
+        self.gateway = gateway or gateway_id()
+
+    def write(self, records: Sequence[BatchRecord]) -> list[list[float]]:
+        """Commit the batches and their allocations; return each request's cost."""
+        batch_rows = []
+        prices = []
+        for r in records:
+            assert r.result is not None, "only batches that ran are charged"
+            finished = from_unix_ns(r.finished_at_ns)
+            price = self.pricing.price(r.result.device, finished.date())
+            prices.append(price)
+            batch_rows.append(
+                {
+                    "gateway": self.gateway,
+                    "model": r.model,
+                    "version": r.version,
+                    "device": r.result.device,
+                    "device_share": r.result.device_share,
+                    "device_ns": r.result.device_ns,
+                    "charge_ns": r.charge_ns,
+                    "rows": r.rows,
+                    "requests": len(r.tenants),
+                    "started_at": from_unix_ns(r.started_at_ns),
+                    "finished_at": finished,
+                    "currency": price.currency,
+                    "price_nanos_per_hour": price.nanos_per_hour,
+                }
+            )
+        with self.engine.begin() as conn:
+            ids = conn.execute(
+                ledger_batches.insert().returning(
+                    ledger_batches.c.id, sort_by_parameter_order=True
+                ),
+                batch_rows,
+            ).scalars()
+            allocations: list[dict[str, object]] = []
+            for batch_id, r in zip(ids, records, strict=True):
+                per_tenant: dict[str, list[int]] = {}
+                for (tenant, rows), part in zip(r.tenants, r.charges_ns, strict=True):
+                    acc = per_tenant.setdefault(tenant, [0, 0, 0])
+                    acc[0] += 1
+                    acc[1] += rows
+                    acc[2] += part
+                allocations.extend(
+                    {
+                        "batch_id": batch_id,
+                        "tenant": tenant,
+                        "requests": n,
+                        "rows": rows,
+                        "charge_ns": ns,
+                    }
+                    for tenant, (n, rows, ns) in per_tenant.items()
+                )
+            conn.execute(ledger_allocations.insert(), allocations)
+        return [[p.cost(ns) for ns in r.charges_ns] for p, r in zip(prices, records, strict=True)]
+
+
+class LedgerWriter:
+    """The scheduler's CostSink: group commit on one writer thread.
+
+    Every batch waits for its own commit, but batches that finish while a commit
+    is running share the next one, so the commit rate stays bounded under load
+    (no fsync storm) and a commit never blocks the event loop.
+    """
+
+    _STOP = object()
+
+    def __init__(self, ledger: Ledger, max_group: int = 256) -> None:
+        self.ledger = ledger
+        self._max_group = max_group
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
+        self._thread.start()
+        self.commits = 0  # transactions so far (for metrics and tests)
+
+    async def commit(self, record: BatchRecord) -> Sequence[float]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Sequence[float]] = loop.create_future()
+        self._queue.put((record, future, loop))
+        return await future
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Commit what is queued, then stop the thread."""
+        self._queue.put(self._STOP)
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            items = [self._queue.get()]
+            while len(items) < self._max_group:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            if self._STOP in items:
+                stopping = True
+                items = [i for i in items if i is not self._STOP]
+            if not items:
+                continue
+            work: list[
+                tuple[BatchRecord, asyncio.Future[Sequence[float]], asyncio.AbstractEventLoop]
+            ]
+            work = items  # type: ignore[assignment]
+            try:
+                costs: list[list[float]] | None = self.ledger.write([w[0] for w in work])
+                error: BaseException | None = None
+                self.commits += 1
+            except Exception as exc:  # the database is down or refused: fail these batches
+                log.error("ledger commit failed for %d batch(es): %s", len(work), exc)
+                costs, error = None, exc
+            for i, (_, future, loop) in enumerate(work):
+                loop.call_soon_threadsafe(_settle, future, costs[i] if costs else None, error)
+
+
+def _settle(
+    future: asyncio.Future[Sequence[float]],
+    costs: Sequence[float] | None,
+    error: BaseException | None,
+) -> None:
+    if future.done():  # the batch was cancelled (shutdown) while its commit ran
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        assert costs is not None
+        future.set_result(costs)
+
+
+class Reservation:
+    """One replica's reserved device time: a row started at load, heartbeats, an end."""
+
+    def __init__(
+        self,
+        engine: sa.Engine,
+        replica: str,
+        model: str,
+        version: str,
+        device: str,
+        device_share: float,
+    ) -> None:
+        self._engine = engine
+        self.replica = replica
+        now = utcnow()
+        with engine.begin() as conn:
+            conn.execute(
+                ledger_reservations.insert().values(
+                    replica=replica,
+                    model=model,
+                    version=version,
+                    device=device,
+                    device_share=device_share,
+                    started_at=now,
+                    last_seen_at=now,
+                )
+            )
+
+    def beat(self) -> None:
+        self._update(last_seen_at=utcnow())
+
+    def end(self) -> None:
+        now = utcnow()
+        self._update(last_seen_at=now, ended_at=now)
+
+    def _update(self, **values: datetime) -> None:
+        with self._engine.begin() as conn:
+            conn.execute(
+                ledger_reservations.update()
+                .where(ledger_reservations.c.replica == self.replica)
+                .values(**values)
+            )
+
+
+class Heartbeat:
+    """Keeps a reservation's last_seen_at fresh from a daemon thread until stopped."""
+
+    def __init__(self, reservation: Reservation, interval_s: float) -> None:
+        self._reservation = reservation
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="reservation", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                self._reservation.beat()
+            except Exception as exc:  # a missed beat costs accuracy, not service
+                log.warning("reservation heartbeat failed: %s", exc)
+
+    def stop(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._thread.join(5)
+        try:
+            self._reservation.end()
+        except Exception as exc:
+            log.warning("could not close reservation %s: %s", self._reservation.replica, exc)
+
+
+def money(nanos_exact: Decimal) -> Decimal:
+    """Costs are shown to the nano-unit."""
+    return (nanos_exact / NANOS).quantize(Decimal("0.000000001"))

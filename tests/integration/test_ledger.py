@@ -1,0 +1,224 @@
+"""The cost ledger and finance reports against real databases (SQLite file, PostgreSQL)."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import random
+from collections import Counter
+from collections.abc import Sequence
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from scheduler import BatchPolicy, BatchRecord, BatchResult, ModelBatcher, Tensors
+from serving.config import CostsConfig, PriceConfig
+from serving.cost_report import IDLE, ReportError, build_report, parse_when, render
+from serving.ledger import Ledger, LedgerWriter, Pricing
+from serving.state import ledger_allocations, ledger_batches, ledger_reservations
+
+DAY = datetime(2026, 11, 20, tzinfo=UTC)
+PRICES = CostsConfig(
+    currency="USD",
+    prices=[
+        PriceConfig(device="cpu", per_hour=Decimal("0.36")),
+        PriceConfig(device="cpu", per_hour=Decimal("0.72"), since=date(2026, 11, 21)),
+        PriceConfig(device="cuda", per_hour=Decimal("3.60")),
+    ],
+)
+
+
+def ns(when: datetime) -> int:
+    return int(when.timestamp()) * 10**9 + when.microsecond * 1000
+
+
+def record(
+    model: str,
+    tenants: Sequence[tuple[str, int]],
+    device_ns: int,
+    finished: datetime,
+    *,
+    share: float = 1.0,
+    device: str = "cpu",
+) -> BatchRecord:
+    from scheduler import charge_ns, split_by_rows
+
+    charge = charge_ns(device_ns, share)
+    return BatchRecord(
+        model=model,
+        version="1",
+        tenants=tuple(tenants),
+        rows=sum(r for _, r in tenants),
+        result=BatchResult({}, device_ns, device, share),
+        queue_wait_s=tuple(0.0 for _ in tenants),
+        duration_s=0.0,
+        started_at_ns=ns(finished) - device_ns,
+        finished_at_ns=ns(finished),
+        charge_ns=charge,
+        charges_ns=tuple(split_by_rows(charge, [r for _, r in tenants])),
+    )
+
+
+def reserve(
+    engine: sa.Engine, replica: str, model: str, start: datetime, end: datetime, share: float = 1.0
+) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            ledger_reservations.insert().values(
+                replica=replica,
+                model=model,
+                version="1",
+                device="cpu",
+                device_share=share,
+                started_at=start,
+                last_seen_at=end,
+                ended_at=end,
+            )
+        )
+
+
+class RandomBackend:
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+
+    async def run_batch(self, inputs: Tensors) -> BatchResult:
+        await asyncio.sleep(self.rng.random() / 1000)
+        share = self.rng.choice([1.0, 0.5, 0.25, 1 / 3])
+        return BatchResult({"y": inputs["x"]}, self.rng.randint(1, 5 * 10**7), "cpu", share)
+
+
+def test_randomized_run_conserves_every_nanosecond_in_the_database(engine: sa.Engine) -> None:
+    writer = LedgerWriter(Ledger(engine, Pricing(PRICES)))
+    records: list[BatchRecord] = []
+    rng = random.Random(5)
+    tenants = [f"tenant-{i}" for i in range(23)]
+    plan = [(rng.choice(tenants), rng.randint(1, 16)) for _ in range(600)]
+
+    async def main() -> None:
+        batchers = [
+            ModelBatcher(
+                f"m{k}",
+                "1",
+                RandomBackend(k),
+                BatchPolicy(max_batch_size=size, max_in_flight=3),
+                observer=records.append,
+                ledger=writer,
+            )
+            for k, size in enumerate((16, 32, 64))
+        ]
+        for b in batchers:
+            b.start()
+        await asyncio.gather(
+            *(
+                batchers[i % 3].submit(t, {"x": np.zeros((rows, 3), np.float32)}, rows)
+                for i, (t, rows) in enumerate(plan)
+            )
+        )
+        for b in batchers:
+            await b.close()
+
+    asyncio.run(main())
+    writer.close()
+    with engine.connect() as conn:
+        batch_total = conn.execute(sa.select(sa.func.sum(ledger_batches.c.charge_ns))).scalar()
+        per_tenant = dict(
+            conn.execute(
+                sa.select(
+                    ledger_allocations.c.tenant, sa.func.sum(ledger_allocations.c.requests)
+                ).group_by(ledger_allocations.c.tenant)
+            ).all()
+        )
+        alloc_total = conn.execute(sa.select(sa.func.sum(ledger_allocations.c.charge_ns))).scalar()
+        # Per batch, the allocations add up to the batch's charge exactly.
+        mismatched = conn.execute(
+            sa.select(ledger_batches.c.id)
+            .join(ledger_allocations)
+            .group_by(ledger_batches.c.id, ledger_batches.c.charge_ns)
+            .having(sa.func.sum(ledger_allocations.c.charge_ns) != ledger_batches.c.charge_ns)
+        ).all()
+    assert batch_total == alloc_total == sum(r.charge_ns for r in records) > 0
+    assert mismatched == []
+    assert per_tenant == dict(Counter(t for t, _ in plan))
+    # Group commit: batches finishing together share a transaction.
+    assert writer.commits <= len(records)
+
+
+def test_report_reconciles_with_the_ledger_and_idle_capacity(engine: sa.Engine) -> None:
+    ledger = Ledger(engine, Pricing(PRICES))
+    t0 = DAY + timedelta(hours=1)
+    ledger.write(
+        [
+            record("digits", [("acme", 3), ("globex", 1)], 4 * 10**9, t0),
+            record("digits", [("acme", 1)], 10**9, t0 + timedelta(minutes=1)),
+            record("digits", [("globex", 2)], 2 * 10**9, t0 + timedelta(days=1)),  # new price
+            record("bert", [("acme", 1)], 6 * 10**9, t0, share=0.5, device="NVIDIA L4"),
+        ]
+    )
+    # digits held one CPU for 1 hour on each day; bert's GPU replica has no reservation.
+    reserve(engine, "r1", "digits", DAY, DAY + timedelta(hours=1, minutes=30))
+    reserve(engine, "r2", "digits", DAY + timedelta(days=1), DAY + timedelta(days=1, hours=1))
+    pricing = Pricing(PRICES)
+    start, end = parse_when("2026-11-20"), parse_when("2026-11-21", end_of_day=True)
+
+    report = build_report(engine, pricing, start, end, ["tenant", "model", "day"])
+    rows = {(r.group["tenant"], r.group["model"], r.group["day"]): r for r in report.rows}
+    assert rows[("acme", "digits", "2026-11-20")].used_ns == 3 * 10**9 + 10**9
+    assert rows[("globex", "digits", "2026-11-20")].used_ns == 10**9
+    assert rows[("globex", "digits", "2026-11-21")].used_ns == 2 * 10**9
+    assert rows[("acme", "bert", "2026-11-20")].used_ns == 3 * 10**9  # share 0.5
+    # Priced as of the batch's day: 0.36/h on the 20th, 0.72/h on the 21st, cuda 3.60/h.
+    assert rows[("acme", "digits", "2026-11-20")].cost() == Decimal("0.000400000")
+    assert rows[("globex", "digits", "2026-11-21")].cost() == Decimal("0.000400000")
+    assert rows[("acme", "bert", "2026-11-20")].cost() == Decimal("0.003000000")
+    # Idle = reserved - used, per model version and day; used + idle = reserved.
+    idle_20 = rows[(IDLE, "digits", "2026-11-20")]
+    assert idle_20.idle_ns == 5_400 * 10**9 - 5 * 10**9
+    assert rows[(IDLE, "digits", "2026-11-21")].idle_ns == 3_600 * 10**9 - 2 * 10**9
+    used = sum(r.used_ns for r in report.rows)
+    digits_used = sum(r.used_ns for r in report.rows if r.group["model"] == "digits")
+    digits_idle = sum(r.idle_ns for r in report.rows if r.group["model"] == "digits")
+    assert digits_used + digits_idle == report.reserved_ns == 9_000 * 10**9
+    with engine.connect() as conn:
+        ledger_ns = conn.execute(sa.select(sa.func.sum(ledger_allocations.c.charge_ns))).scalar()
+    assert used == report.total.used_ns == ledger_ns
+
+    # --share-idle spreads idle over the tenants by use; nothing is left unowned there.
+    shared = build_report(engine, pricing, start, end, ["tenant"], share_idle=True)
+    by_tenant = {r.group["tenant"]: r for r in shared.rows}
+    assert IDLE not in by_tenant
+    assert shared.total.idle_ns == report.total.idle_ns
+    assert shared.total.total_ns == report.total.total_ns
+    # acme used 4 s of digits' 5 s on the 20th: it carries 4/5 of that day's idle.
+    acme_idle = by_tenant["acme"].idle_ns
+    assert acme_idle == round(Fraction(4, 5) * (5_400 - 5) * 10**9)
+
+    # A tenant's own view: its usage only, no idle.
+    own = build_report(engine, pricing, start, end, ["model"], tenant="globex")
+    assert own.total.used_ns == 3 * 10**9 and own.total.idle_ns == 0
+
+    # CSV parses, and its rows add up to its TOTAL line.
+    text = render(report, "csv")
+    parsed = list(csv.DictReader(io.StringIO(text)))
+    assert parsed[-1]["tenant"] == "TOTAL"
+    body = parsed[:-1]
+    assert sum(int(r["used_ns"]) for r in body) == int(parsed[-1]["used_ns"]) == used
+    assert sum(Decimal(r["cost"]) for r in body) == pytest.approx(Decimal(parsed[-1]["cost"]))
+    data = json.loads(render(report, "json"))
+    assert data["totals"]["reserved_ns"] == report.reserved_ns
+    assert "TOTAL" in render(report, "table")
+
+
+def test_report_refuses_bad_requests(engine: sa.Engine) -> None:
+    pricing = Pricing(PRICES)
+    with pytest.raises(ReportError, match="cannot group by"):
+        build_report(engine, pricing, DAY, DAY + timedelta(days=1), ["colour"])
+    with pytest.raises(ReportError, match="after"):
+        build_report(engine, pricing, DAY, DAY, ["tenant"])
+    with pytest.raises(ReportError, match="not a date"):
+        parse_when("yesterday")
