@@ -197,6 +197,37 @@ def cmd_tenants_list(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------- costs
+
+
+def cmd_costs_report(args: argparse.Namespace) -> int:
+    from serving.cost_report import ReportError, build_report, parse_when, render
+    from serving.ledger import Pricing
+    from serving.state import open_engine
+
+    try:
+        config = load_config(args.config)
+        start = parse_when(args.from_)
+        end = parse_when(args.to, end_of_day=True)
+        group_by = [g.strip() for g in args.group_by.split(",") if g.strip()]
+        engine = open_engine(
+            _database_url(args.database_url, config), _state_dir(args.state_dir, config)
+        )
+        report = build_report(
+            engine,
+            Pricing(config.costs),
+            start,
+            end,
+            group_by,
+            share_idle=args.share_idle,
+            tenant=args.tenant,
+        )
+    except (ConfigError, ReportError) as exc:
+        return _fail(str(exc))
+    print(render(report, args.format))
+    return 0
+
+
 # ------------------------------------------------------------------------ parser
 
 
@@ -263,6 +294,38 @@ def build_parser() -> argparse.ArgumentParser:
     _common(listing)
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(func=cmd_tenants_list)
+
+    costs = sub.add_parser("costs", help="cost reports from the ledger (finance)")
+    csub = costs.add_subparsers(dest="costs_command", required=True)
+    report = csub.add_parser(
+        "report",
+        help="device time and cost per group, with idle capacity",
+        description="Device-seconds, device-hours (GPU-hours on GPUs, CPU-hours on CPU "
+        "replicas) and cost per group over [--from, --to), from the ledger. Idle reserved "
+        "capacity (replica uptime x share minus use) is the pseudo-tenant '(idle)', or is "
+        "spread over tenants by use with --share-idle. The last line/row is the TOTAL; "
+        "tenants + idle = reserved.",
+    )
+    _common(report)
+    report.add_argument(
+        "--from",
+        dest="from_",
+        metavar="FROM",
+        required=True,
+        help="start: a UTC day (2026-11-01) or ISO time",
+    )
+    report.add_argument(
+        "--to", required=True, help="end: a UTC day (included whole) or ISO time (excluded)"
+    )
+    report.add_argument(
+        "--group-by",
+        default="tenant",
+        help="comma list of tenant,model,version,device,day (default tenant)",
+    )
+    report.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    report.add_argument("--share-idle", action="store_true", help="spread idle over tenants")
+    report.add_argument("--tenant", help="only this tenant's usage (no idle)")
+    report.set_defaults(func=cmd_costs_report)
     return parser
 
 

@@ -73,7 +73,7 @@ class Row:
             "idle_ns": self.idle_ns,
             "gpu_seconds": _seconds(self.total_ns),
             "gpu_hours": _hours(self.total_ns),
-            "cost": str(self.cost()),
+            "cost": format(self.cost(), "f"),
             "currency": currency,
         }
 

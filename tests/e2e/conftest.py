@@ -59,7 +59,7 @@ class Gateway:
         return self.proc.wait(timeout=timeout)
 
 
-def start_gateway(state_dir: Path, *extra: str) -> Gateway:
+def start_gateway(state_dir: Path, *extra: str, env: dict[str, str] | None = None) -> Gateway:
     http, grpc_, metrics = free_port(), free_port(), free_port()
     proc = subprocess.Popen(
         [
@@ -78,7 +78,7 @@ def start_gateway(state_dir: Path, *extra: str) -> Gateway:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "RAY_ADDRESS": ""},
+        env={**os.environ, "RAY_ADDRESS": "", **(env or {})},
     )
     lines: list[str] = []
     ready = threading.Event()
