@@ -102,6 +102,13 @@ class RouterMetrics:
             ["model", "version"],
             registry=r,
         )
+        self.reserved_devices = Gauge(
+            "gpugate_reserved_devices",
+            "Devices held by a version's replicas (replicas x device share), as last reported "
+            "by a batch; with tenant device seconds it gives the idle share.",
+            ["model", "version", "device"],
+            registry=r,
+        )
         self.queued_rows = Gauge(
             "gpugate_queue_rows",
             "Rows waiting per model version.",

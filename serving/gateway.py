@@ -67,8 +67,10 @@ class Gateway:
         self._ledger = LedgerWriter(Ledger(engine, self._pricing))
         self._trace_batch = batch_span_observer(self._batch_cost)
         served: list[ServedModel] = []
+        self._replicas: dict[tuple[str, str], int] = {}
         for raw in models:
             model = ModelConfig.model_validate(raw)
+            self._replicas[(model.name, model.version)] = model.replicas
             policy = BatchPolicy(
                 max_batch_size=model.max_batch_size,
                 max_queue_delay_s=model.max_queue_delay_ms / 1000,
@@ -116,6 +118,9 @@ class Gateway:
         if record.result is not None:
             price = self._price(record)
             self.metrics.observe_charges(record, price.currency, price.cost)
+            self.metrics.reserved_devices.labels(
+                record.model, record.version, record.result.device
+            ).set(self._replicas[(record.model, record.version)] * record.result.device_share)
         self._trace_batch(record)
 
     def check_health(self) -> None:
