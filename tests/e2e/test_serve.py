@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sqlite3
 import threading
 import time
 import urllib.request
@@ -251,6 +252,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(gateway: Gateway) -> N
             if outcome != "ok":
                 return
 
+    answered_earlier = _demo_answers(gateway)
     threads = [threading.Thread(target=hammer) for _ in range(16)]
     for t in threads:
         t.start()
@@ -274,3 +276,26 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(gateway: Gateway) -> N
         refused
     )
     assert any(line.startswith("gpugate stopped") for line in gateway.lines)
+    # A clean stop loses no ledger record: every answer of the module is billed.
+    db = sqlite3.connect(gateway.state_dir / "gpugate.db")
+    try:
+        billed = db.execute(
+            "SELECT SUM(requests) FROM ledger_allocations WHERE tenant = 'demo'"
+        ).fetchone()[0]
+    finally:
+        db.close()
+    assert billed >= answered_earlier + outcomes.count("ok") > 0
+
+
+def _demo_answers(gw: Gateway) -> int:
+    """Successful inference answers the demo tenant got so far (Prometheus)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/metrics").read().decode()
+    return int(
+        sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("gpugate_requests_total{")
+            and 'tenant="demo"' in line
+            and 'code="200"' in line
+        )
+    )
