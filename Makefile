@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint bench clean
+.PHONY: install serve test lint bench triton-venv clean
 
 # torch is installed first and pinned: any other spec pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -28,5 +28,9 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) loadtests/bench.py $(ARGS)
 
+# The Triton peer's own venv (PyTriton needs numpy<2); bench.py builds it on demand too.
+triton-venv: $(STAMP)
+	$(PY) loadtests/triton_venv.py
+
 clean:
-	rm -rf $(VENV) .gpugate .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-triton .gpugate .pytest_cache .mypy_cache .ruff_cache

@@ -1,4 +1,4 @@
-"""Side-by-side benchmark: gpugate vs. plain Ray Serve, one run, one machine.
+"""Side-by-side benchmark: gpugate vs. plain Ray Serve vs. Triton, one run, one machine.
 
 1. Prepare the bench model once (``serving.demo.bench_model_config``: BenchMLP,
    input "x" FP32 [256], output "y" FP32 [128]) with ``max_batch_size`` 32 for
@@ -9,6 +9,9 @@
    whose keys are passed in environment variables; load over gRPC and HTTP.
 4. Plain Ray Serve peer: ``loadtests/peer_rayserve.py`` as a subprocess (Serve's
    own gRPC proxy + ``@serve.batch``); load over gRPC.
+4b. NVIDIA Triton peer: ``loadtests/peer_triton.py`` (PyTriton, Triton's own
+   dynamic batcher) under its own venv (``triton_venv.py``, built on demand);
+   load over gRPC and HTTP.
 5. One load generator for all: closed loop in this process, 1 row per request,
    KServe v2 ``ModelInfer`` with ``raw_input_contents`` over ``grpc.aio`` (or the
    binary-tensor HTTP/REST form over aiohttp), at each concurrency a warm-up and
@@ -18,6 +21,9 @@
    model batch (from each server's own counters) and the cores busy in the
    window -- machine-wide and outside this benchmark, so a run disturbed by
    other work on the machine shows as such.
+6b. Noisy neighbour (gRPC, every model server): a light tenant at a modest fixed
+   rate alone, then beside a heavy tenant that keeps many requests in flight;
+   the light tenant's p50/p99 in both phases (a second table).
 7. Calibration ("null"): ``loadtests/null_server.py``, a grpc.aio server that
    runs no model, driven the same way -- the most this client can do here.
 
@@ -56,11 +62,12 @@ from kserve_client import (
     MODEL_NAME,
     MODEL_VERSION,
     grpc_levels,
+    grpc_noisy,
     grpc_probe,
     http_levels,
     http_probe,
 )
-from loadgen import LevelResult, LoadPlan, fmt
+from loadgen import LevelResult, LoadPlan, NoisyResult, fmt
 from systems import (
     REPO,
     Server,
@@ -69,9 +76,13 @@ from systems import (
     null_system,
     peer_system,
     running,
+    triton_system,
 )
+from triton_venv import DEFAULT_VENV as DEFAULT_TRITON_VENV
+from triton_venv import ensure as ensure_triton_venv
+from triton_venv import is_built as triton_venv_built
 
-SYSTEMS = ("gpugate", "rayserve", "null")
+SYSTEMS = ("gpugate", "rayserve", "triton", "null")
 
 
 # ------------------------------------------------------------------------ report
@@ -105,6 +116,18 @@ def git_state() -> dict[str, Any]:
     }
 
 
+def server_version(http_base: str) -> str | None:
+    """The server's own version from KServe v2 server metadata (``GET /v2``)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{http_base}/v2", timeout=5) as resp:
+            meta = json.loads(resp.read())
+    except (OSError, ValueError):
+        return None
+    return f"{meta.get('name')} {meta.get('version')}"
+
+
 def machine(loadavg_at_start: tuple[float, float, float]) -> dict[str, Any]:
     gpu = "none"
     with contextlib.suppress(Exception):
@@ -122,20 +145,25 @@ def machine(loadavg_at_start: tuple[float, float, float]) -> dict[str, Any]:
     }
 
 
-def add_ratios(rows: list[LevelResult]) -> None:
+def add_ratios(rows: list[LevelResult], limit: InProcessResult | None) -> None:
     peer = {r.concurrency: r.req_per_s for r in rows if r.system == "rayserve"}
+    triton = {(r.protocol, r.concurrency): r.req_per_s for r in rows if r.system == "triton"}
     for r in rows:
-        if r.system not in ("gpugate", "rayserve"):
-            continue
-        base = peer.get(r.concurrency)
-        r.ratio_vs_peer = r.req_per_s / base if base else None
+        if limit is not None and r.system != "null":
+            r.share_of_limit = r.rows_per_s / limit.rows_per_s
+        if r.system in ("gpugate", "rayserve"):
+            base = peer.get(r.concurrency)
+            r.ratio_vs_peer = r.req_per_s / base if base else None
+        if r.system in ("gpugate", "triton"):
+            base = triton.get((r.protocol, r.concurrency))
+            r.ratio_vs_triton = r.req_per_s / base if base else None
 
 
 def render_table(rows: list[LevelResult], limit: InProcessResult | None) -> str:
     head = (
         f"{'system':<10} {'protocol':<8} {'conc':>4} {'req/s':>9} {'rows/s':>9} "
-        f"{'p50 ms':>8} {'p99 ms':>8} {'errors':>6} {'gw/peer':>8} {'batch':>6} {'cpu':>5} "
-        f"{'other':>5}"
+        f"{'p50 ms':>8} {'p99 ms':>8} {'errors':>6} {'gw/peer':>8} {'gw/tri':>6} {'limit':>6} "
+        f"{'batch':>6} {'cpu':>5} {'other':>5}"
     )
     lines = [head, "-" * len(head)]
     order = {name: i for i, name in enumerate(SYSTEMS)}
@@ -143,19 +171,68 @@ def render_table(rows: list[LevelResult], limit: InProcessResult | None) -> str:
         lines.append(
             f"{r.system:<10} {r.protocol:<8} {r.concurrency:>4} {r.req_per_s:>9.1f} "
             f"{r.rows_per_s:>9.1f} {fmt(r.p50_ms, '.2f'):>8} {fmt(r.p99_ms, '.2f'):>8} "
-            f"{r.errors:>6} {fmt(r.ratio_vs_peer, '.2f'):>8} {fmt(r.mean_batch_rows, '.1f'):>6} "
+            f"{r.errors:>6} {fmt(r.ratio_vs_peer, '.2f'):>8} {fmt(r.ratio_vs_triton, '.2f'):>6} "
+            f"{fmt(r.share_of_limit and 100 * r.share_of_limit, '.1f'):>5}% "
+            f"{fmt(r.mean_batch_rows, '.1f'):>6} "
             f"{fmt(r.cpu_cores_busy, '.2f'):>5} {fmt(r.cpu_cores_other, '.2f'):>5}"
         )
     if limit is not None:
         lines.append("-" * len(head))
         lines.append(
             f"{'in-process':<10} {'-':<8} {'-':>4} {'-':>9} {limit.rows_per_s:>9.1f} "
-            f"{limit.forward_1row_ms:>8.2f} {'-':>8} {'-':>6} {'-':>8} {limit.batch_rows:>6} "
-            f"{'-':>5} {'-':>5}"
+            f"{limit.forward_1row_ms:>8.2f} {'-':>8} {'-':>6} {'-':>8} {'-':>6} {'100.0':>5}% "
+            f"{limit.batch_rows:>6} {'-':>5} {'-':>5}"
             f"   (batch {limit.batch_rows}, {limit.batch_ms_median:.2f} ms/batch; p50 column "
             "= 1-row forward)"
         )
     return "\n".join(lines)
+
+
+def render_noisy(results: list[NoisyResult]) -> str:
+    head = (
+        f"{'system':<10} {'protocol':<8} {'light p50 alone':>15} {'p99 alone':>10} "
+        f"{'p50 beside':>10} {'p99 beside':>10} {'p99 x':>6} {'heavy req/s':>11} "
+        f"{'light err':>9} {'heavy err':>9}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in results:
+        a, b = r.light_alone, r.light_beside
+        lines.append(
+            f"{r.system:<10} {r.protocol:<8} {fmt(a.p50_ms, '.2f'):>15} {fmt(a.p99_ms, '.2f'):>10} "
+            f"{fmt(b.p50_ms, '.2f'):>10} {fmt(b.p99_ms, '.2f'):>10} {fmt(r.p99_ratio, '.2f'):>6} "
+            f"{r.heavy.req_per_s:>11.1f} {a.errors + b.errors:>9} {r.heavy.errors:>9}"
+        )
+    return "\n".join(lines)
+
+
+def headline(rows: list[LevelResult], limit: InProcessResult | None) -> list[str]:
+    """At the highest concurrency: the gateway against each peer, protocol by protocol."""
+    if not rows:
+        return []
+    top = max(r.concurrency for r in rows)
+    at = {(r.system, r.protocol): r.req_per_s for r in rows if r.concurrency == top}
+    pairs = [
+        (("gpugate", "grpc"), ("rayserve", "grpc")),
+        (("gpugate", "http"), ("rayserve", "grpc")),
+        (("gpugate", "grpc"), ("triton", "grpc")),
+        (("gpugate", "http"), ("triton", "http")),
+        (("gpugate", "http"), ("triton", "grpc")),
+    ]
+    out = []
+    for gw, peer in pairs:
+        if at.get(gw) and at.get(peer):
+            out.append(
+                f"c={top}: gpugate {gw[1]} {at[gw]:.0f} req/s / {peer[0]} {peer[1]} "
+                f"{at[peer]:.0f} req/s = {at[gw] / at[peer]:.2f}x"
+            )
+    if limit is not None:
+        for (system, protocol), rps in sorted(at.items()):
+            if system != "null":
+                out.append(
+                    f"c={top}: {system} {protocol} at {100 * rps / limit.rows_per_s:.1f}% of the "
+                    f"in-process limit ({limit.rows_per_s:.0f} rows/s)"
+                )
+    return out
 
 
 def overheads(rows: list[LevelResult], limit: InProcessResult) -> dict[str, float]:
@@ -209,6 +286,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "successful run unless --keep-state)",
     )
     p.add_argument("--keep-state", action="store_true", help="keep the temporary state folder")
+    p.add_argument(
+        "--triton-venv",
+        type=Path,
+        default=DEFAULT_TRITON_VENV,
+        help="the Triton peer's virtual environment, built here if missing (not with --quick, "
+        "which then skips Triton) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--noisy",
+        choices=("on", "off"),
+        default="on",
+        help="run the noisy-neighbour scenario on every model server (default on)",
+    )
+    p.add_argument(
+        "--light-rate",
+        type=float,
+        default=20.0,
+        help="noisy neighbour: the light tenant's requests/s, sent at a fixed rate (default 20)",
+    )
+    p.add_argument(
+        "--heavy-concurrency",
+        type=int,
+        default=256,
+        help="noisy neighbour: the heavy tenant's requests always in flight (default 256, "
+        "4x the top level and 8 full batches)",
+    )
     p.add_argument("--startup-timeout", type=float, default=240.0)
     p.add_argument("--json-out", type=Path, help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -281,6 +384,8 @@ def _run(
     )
     row = bench_row()
     expected = reference_output(model, row)
+    row_file = state_dir / "row.npy"  # for the light tenant's own process
+    np.save(row_file, row)
 
     # 2. In-process limit.
     limit = in_process_limit(model, 1.0 if args.quick else 5.0, _log)
@@ -295,6 +400,19 @@ def _run(
     def measure(protocol: str, system: str, target: str, server: Server) -> list[LevelResult]:
         levels = grpc_levels if protocol == "grpc" else http_levels
         return loop.run(levels(system, target, plan, server.meters()))
+
+    noisy: list[NoisyResult] = []
+    skipped: dict[str, str] = {}
+
+    def noisy_run(system: str, target: str) -> None:
+        if args.noisy == "on":
+            noisy.append(
+                loop.run(
+                    grpc_noisy(
+                        system, target, plan, row_file, args.light_rate, args.heavy_concurrency
+                    )
+                )
+            )
 
     def check_probe(run: SystemRun, got: np.ndarray) -> None:
         diff = float(np.max(np.abs(got - expected))) if got.shape == expected.shape else None
@@ -312,6 +430,7 @@ def _run(
             check_probe(run, loop.run(http_probe(base, keys, row, 60)))
             run.levels += measure("grpc", "gpugate", target, server)
             run.levels += measure("http", "gpugate", base, server)
+            noisy_run("gpugate", target)
         rows += run.levels
 
     # 4. Plain Ray Serve, gRPC.
@@ -329,7 +448,31 @@ def _run(
         with running(server, args.startup_timeout, run):
             check_probe(run, loop.run(grpc_probe(target, keys, row, 60)))
             run.levels += measure("grpc", "rayserve", target, server)
+            noisy_run("rayserve", target)
         rows += run.levels
+
+    # 4b. Triton (PyTriton), gRPC then HTTP, from its own venv.
+    if "triton" in args.systems:
+        if args.quick and not triton_venv_built(args.triton_venv):
+            skipped["triton"] = (
+                f"its venv {args.triton_venv} is not built and --quick does not build it "
+                "(make triton-venv)"
+            )
+            _log(f"triton skipped: {skipped['triton']}")
+        else:
+            python = ensure_triton_venv(args.triton_venv, _log)
+            run = runs["triton"] = SystemRun("triton")
+            server, target, base = triton_system(
+                state_dir, taken, python, args.max_batch_size, args.batch_wait_ms, _log
+            )
+            with running(server, args.startup_timeout, run):
+                check_probe(run, loop.run(grpc_probe(target, keys, row, 60)))
+                check_probe(run, loop.run(http_probe(base, keys, row, 60)))
+                run.version = server_version(base)
+                run.levels += measure("grpc", "triton", target, server)
+                run.levels += measure("http", "triton", base, server)
+                noisy_run("triton", target)
+            rows += run.levels
 
     # Calibration: the same client against a server that runs no model.
     if "null" in args.systems:
@@ -340,17 +483,20 @@ def _run(
             run.levels += measure("grpc", "null", target, server)
         rows += run.levels
 
-    add_ratios(rows)
+    add_ratios(rows, limit)
     over = overheads(rows, limit)
     table = render_table(rows, limit)
     print()
     print(
-        f"gpugate vs. plain Ray Serve -- {started_at:%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs, "
+        f"gpugate vs. plain Ray Serve vs. Triton -- {started_at:%Y-%m-%d %H:%M} UTC, "
+        f"{os.cpu_count()} CPUs, "
         f"1 row per request, max_batch_size {args.max_batch_size}, batch wait "
         f"{args.batch_wait_ms:g} ms, {args.warmup:g}s warm-up + {args.duration:g}s per level"
     )
     print(table)
     print("gw/peer = req/s of the row / req/s of rayserve grpc at the same concurrency")
+    print("gw/tri = req/s of the row / req/s of triton, same protocol and concurrency")
+    print("limit = rows/s of the row / the in-process limit (one replica, no serving around it)")
     print("batch = mean rows per model batch in the window, from the server's own counters")
     print(
         "cpu = cores busy machine-wide in the measured window (of "
@@ -364,6 +510,19 @@ def _run(
             f"{label} p50 minus forward time at concurrency 1 ({name}): {ms:.2f} ms "
             f"(1-row forward {limit.forward_1row_ms:.3f} ms)"
         )
+    for line in headline(rows, limit):
+        print(line)
+    if noisy:
+        print()
+        print(
+            f"noisy neighbour (gRPC): a light tenant at {args.light_rate:g} req/s alone, then "
+            f"beside a heavy tenant keeping {args.heavy_concurrency} requests in flight; "
+            f"{args.warmup:g}s warm-up + {args.duration:g}s per phase"
+        )
+        print(render_noisy(noisy))
+        print("p99 x = light p99 beside the heavy tenant / light p99 alone")
+    for name, reason in skipped.items():
+        print(f"SKIPPED: {name}: {reason}")
     for name, run in runs.items():
         if run.exit_code not in (0, None):
             failures.append(f"{name} exited with {run.exit_code} after SIGTERM")
@@ -385,6 +544,9 @@ def _run(
                 "batch_wait_ms": args.batch_wait_ms,
                 "peer_forward": args.peer_forward,
                 "peer_access_log": args.peer_access_log,
+                "noisy": args.noisy,
+                "light_rate": args.light_rate,
+                "heavy_concurrency": args.heavy_concurrency,
                 "rows_per_request": 1,
                 "model": {
                     "class": model.model_class,
@@ -399,6 +561,8 @@ def _run(
                 for name, run in runs.items()
             },
             "rows": [asdict(r) for r in rows],
+            "noisy_neighbour": [{**asdict(r), "p99_ratio": r.p99_ratio} for r in noisy],
+            "skipped": skipped,
             "p50_minus_forward_ms_at_c1": over,
             "problems": failures,
         }

@@ -16,17 +16,29 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from loadgen import LevelResult, LoadPlan, Meters, measure_level
+from loadgen import (
+    LevelResult,
+    LoadPlan,
+    Meters,
+    NoisyResult,
+    SendFn,
+    measure_level,
+    noisy_neighbour,
+)
 
 MODEL_NAME = "bench"
 MODEL_VERSION = "1"
 PEER_APP = "bench-peer"
 REQUEST_TIMEOUT_S = 30.0
 OUTPUT_BYTES = 128 * 4  # "y": 128 FP32 values for the one row
+LIGHT_SCRIPT = Path(__file__).resolve().parent / "light_tenant.py"
 
 
 # ------------------------------------------------------------------------ gRPC
@@ -101,6 +113,83 @@ async def grpc_levels(
         for concurrency in plan.levels:
             results.append(await measure_level(send, system, "grpc", concurrency, plan, meters))
     return results
+
+
+def grpc_sender(stub: Any, request: Any, metadata: Any) -> SendFn:
+    """One KServe v2 ``ModelInfer`` per call; None on success, else a short error."""
+    import grpc
+
+    async def send(index: int) -> str | None:
+        try:
+            response = await stub.ModelInfer(request, metadata=metadata, timeout=REQUEST_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            return f"{exc.code().name}: {exc.details()}"
+        raw = response.raw_output_contents
+        if len(raw) != 1 or len(raw[0]) != OUTPUT_BYTES:
+            return "bad response: wrong output size"
+        return None
+
+    return send
+
+
+async def light_tenant_process(
+    system: str, target: str, key: str, row_file: Path, rate: float, plan: LoadPlan
+) -> LevelResult:
+    """One phase of the light tenant, run by ``light_tenant.py`` in a process of its own:
+    a separate application, so it does not queue behind the heavy tenant's requests in
+    this process's event loop."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(LIGHT_SCRIPT),
+        "--system",
+        system,
+        "--target",
+        target,
+        "--row-file",
+        str(row_file),
+        "--rate",
+        str(rate),
+        "--warmup",
+        str(plan.warmup_s),
+        "--duration",
+        str(plan.duration_s),
+        env={**os.environ, "GPUGATE_LIGHT_KEY": key},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"light tenant failed ({proc.returncode}): {err.decode()[-2000:]}")
+    return LevelResult(**json.loads(out.decode().strip().splitlines()[-1]))
+
+
+async def grpc_noisy(
+    system: str,
+    target: str,
+    plan: LoadPlan,
+    row_file: Path,
+    light_rate: float,
+    heavy_concurrency: int,
+) -> NoisyResult:
+    """The noisy-neighbour scenario over gRPC: the light tenant sends with the first key
+    from its own process; the heavy one with the second key from this process."""
+    import grpc
+    from gpugate_proto import grpc_service_pb2_grpc as pb_grpc
+
+    heavy_meta = _grpc_metadata(plan.keys)[1]
+    async with grpc.aio.insecure_channel(target) as channel:
+        send_heavy = grpc_sender(
+            pb_grpc.GRPCInferenceServiceStub(channel), _grpc_request(plan.row), heavy_meta
+        )
+        return await noisy_neighbour(
+            lambda: light_tenant_process(system, target, plan.keys[0], row_file, light_rate, plan),
+            send_heavy,
+            system,
+            "grpc",
+            light_rate,
+            heavy_concurrency,
+            plan,
+        )
 
 
 # ------------------------------------------------------------------------ HTTP

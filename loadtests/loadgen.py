@@ -38,7 +38,9 @@ class LevelResult:
     warmup_requests: int
     warmup_errors: int
     error_sample: str | None = None
-    ratio_vs_peer: float | None = None
+    ratio_vs_peer: float | None = None  # req/s over plain Ray Serve's (gRPC), same concurrency
+    ratio_vs_triton: float | None = None  # over Triton's, same protocol and concurrency
+    share_of_limit: float | None = None  # rows/s over the in-process limit
     # Cores busy in the measured window: the whole machine, this benchmark (load
     # generator + the server's process session), and everything else.
     cpu_cores_busy: float | None = None
@@ -69,8 +71,9 @@ class CpuMeter:
 
     "This benchmark" is this process plus every process in the server's session
     (servers start with ``start_new_session``, and Ray's raylet, GCS and workers
-    inherit the session). The rest is other work on the machine -- e.g. other
-    engineers' test runs -- which the table shows so a noisy run is visible.
+    inherit the session) and the descendants of all of those. The rest is other
+    work on the machine -- e.g. other engineers' test runs -- which the table
+    shows so a noisy run is visible.
     """
 
     def __init__(self, session: int | None) -> None:
@@ -85,8 +88,7 @@ class CpuMeter:
             fields = [int(v) for v in f.readline().split()[1:]]
         # user nice system idle iowait irq softirq steal (guest is inside user).
         busy = sum(fields[:3]) + sum(fields[5:8])
-        ours = 0
-        me = os.getpid()
+        procs: dict[int, tuple[int, int, int]] = {}  # pid -> (ppid, session, ticks)
         for entry in os.scandir("/proc"):
             if not entry.name.isdigit():
                 continue
@@ -97,8 +99,20 @@ class CpuMeter:
                 continue
             rest = raw[raw.rfind(")") + 2 :].split()
             # After "pid (comm) ": state ppid pgrp session ... utime(11) stime(12).
-            if int(entry.name) == me or int(rest[3]) == self.session:
-                ours += int(rest[11]) + int(rest[12])
+            procs[int(entry.name)] = (int(rest[1]), int(rest[3]), int(rest[11]) + int(rest[12]))
+        # The server's session, plus descendants that started a session of their own
+        # (PyTriton starts tritonserver that way), and this process's children.
+        ours_pids = {os.getpid()} | {p for p, (_, sid, _) in procs.items() if sid == self.session}
+        children: dict[int, list[int]] = {}
+        for pid, (ppid, _, _) in procs.items():
+            children.setdefault(ppid, []).append(pid)
+        stack = list(ours_pids)
+        while stack:
+            for child in children.get(stack.pop(), []):
+                if child not in ours_pids:
+                    ours_pids.add(child)
+                    stack.append(child)
+        ours = sum(procs[p][2] for p in ours_pids if p in procs)
         return busy / self.tick, ours / self.tick
 
 
@@ -274,4 +288,136 @@ async def measure_level(
     rec = await closed_loop(send, concurrency, plan.warmup_s, plan.duration_s, meters)
     result = summarize(rec, system, protocol, concurrency, plan.duration_s)
     plan.log(one_line(result))
+    return result
+
+
+# ---------------------------------------------------------------- noisy neighbour
+
+
+@dataclass
+class NoisyResult:
+    """A light tenant's latency alone and beside a heavy tenant, on one system."""
+
+    system: str
+    protocol: str
+    light_rate: float
+    heavy_concurrency: int
+    duration_s: float
+    light_alone: LevelResult
+    light_beside: LevelResult
+    heavy: LevelResult
+
+    @property
+    def p99_ratio(self) -> float | None:
+        a, b = self.light_alone.p99_ms, self.light_beside.p99_ms
+        return b / a if a and b is not None else None
+
+
+class _BySendTime(Recorder):
+    """Open loop: a request belongs to the window it was sent in, however late it returns."""
+
+    def record(self, started: float, finished: float, error: str | None) -> None:
+        if started < self.window_start:
+            self.warmup_requests += 1
+            self.warmup_errors += error is not None
+        elif started >= self.window_end:
+            return
+        elif error is not None:
+            self.errors += 1
+            self.error_sample = self.error_sample or error
+        else:
+            self.latencies_ns.append(round((finished - started) * 1e9))
+
+
+async def open_loop(send: SendFn, rate: float, warmup_s: float, duration_s: float) -> Recorder:
+    """Requests at a fixed rate, each on its own task, whatever the server's latency."""
+    rec = _BySendTime()
+    start = time.perf_counter()
+    rec.window_start = start + warmup_s
+    rec.window_end = rec.window_start + duration_s
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(index: int) -> None:
+        started = time.perf_counter()
+        try:
+            error = await send(index)
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        rec.record(started, time.perf_counter(), error)
+
+    index = 0
+    while True:
+        due = start + index / rate
+        if due >= rec.window_end:
+            break
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        task = asyncio.create_task(one(index))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        index += 1
+    if tasks:
+        # Late answers still count: their latency is the point of this measurement.
+        await asyncio.wait(set(tasks), timeout=60)
+    return rec
+
+
+# Runs the light tenant for one phase (warm-up + window) and returns its figures.
+LightFn = Callable[[], Awaitable[LevelResult]]
+
+
+async def noisy_neighbour(
+    light: LightFn,
+    send_heavy: SendFn,
+    system: str,
+    protocol: str,
+    light_rate: float,
+    heavy_concurrency: int,
+    plan: LoadPlan,
+) -> NoisyResult:
+    """The light tenant alone, then beside ``heavy_concurrency`` requests of the heavy
+    tenant always in flight (closed loop, started a warm-up earlier and kept up until the
+    light tenant's second phase is over)."""
+    alone = await light()
+    rec = Recorder()
+    rec.window_start = time.perf_counter() + plan.warmup_s
+    stop = asyncio.Event()
+
+    async def worker(index: int) -> None:
+        while not stop.is_set():
+            started = time.perf_counter()
+            try:
+                error = await send_heavy(index)
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            rec.record(started, time.perf_counter(), error)
+
+    workers = [asyncio.create_task(worker(i)) for i in range(heavy_concurrency)]
+    try:
+        await asyncio.sleep(plan.warmup_s)
+        beside = await light()
+    finally:
+        rec.window_end = time.perf_counter()
+        stop.set()
+        _, pending = await asyncio.wait(workers, timeout=40)
+        for task in pending:
+            task.cancel()
+    result = NoisyResult(
+        system=system,
+        protocol=protocol,
+        light_rate=light_rate,
+        heavy_concurrency=heavy_concurrency,
+        duration_s=plan.duration_s,
+        light_alone=alone,
+        light_beside=beside,
+        heavy=summarize(
+            rec, system, protocol, heavy_concurrency, rec.window_end - rec.window_start
+        ),
+    )
+    plan.log(
+        f"{system:>8} {protocol:<4} noisy-neighbour: light p99 alone "
+        f"{fmt(result.light_alone.p99_ms, '.2f')} ms, beside heavy "
+        f"{fmt(result.light_beside.p99_ms, '.2f')} ms ({fmt(result.p99_ratio, '.2f')}x); heavy "
+        f"{result.heavy.req_per_s:.1f} req/s, errors light {result.light_alone.errors}+"
+        f"{result.light_beside.errors} heavy {result.heavy.errors}"
+    )
     return result

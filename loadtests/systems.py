@@ -4,6 +4,8 @@
   keys are passed in environment variables;
 * rayserve: ``loadtests/peer_rayserve.py``, plain Ray Serve with its own gRPC
   proxy and ``@serve.batch``;
+* triton: ``loadtests/peer_triton.py``, NVIDIA Triton through PyTriton, under its
+  own virtual environment (``triton_venv.py``);
 * null: ``loadtests/null_server.py``, a grpc.aio server that runs no model.
 
 Each runs with a fresh local Ray (never a cluster someone else started) in its
@@ -36,6 +38,7 @@ from loadgen import BatchCounter, CpuMeter, LevelResult, Meters
 REPO = Path(__file__).resolve().parent.parent
 PEER_SCRIPT = Path(__file__).resolve().parent / "peer_rayserve.py"
 NULL_SCRIPT = Path(__file__).resolve().parent / "null_server.py"
+TRITON_SCRIPT = Path(__file__).resolve().parent / "peer_triton.py"
 RESERVED_PORTS = range(8000, 8003)  # a developer's gateway may be on its defaults
 
 
@@ -47,6 +50,7 @@ class SystemRun:
     probe_max_abs_diff: float | None = None
     exit_code: int | None = None
     log_path: str | None = None
+    version: str | None = None  # the server's own, where it reports one
     levels: list[LevelResult] = field(default_factory=list)
 
 
@@ -83,6 +87,27 @@ def peer_batches(stats_url: str) -> BatchCounter:
         except (OSError, ValueError):
             return None
         return float(stats["batches"]), float(stats["rows"])
+
+    return read
+
+
+def triton_batches(metrics_url: str) -> BatchCounter:
+    """Triton's own counters: ``nv_inference_exec_count`` (batches run) and
+    ``nv_inference_count`` (rows inferred), summed over models."""
+
+    def read() -> tuple[float, float] | None:
+        try:
+            with urllib.request.urlopen(metrics_url, timeout=5) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return None
+        batches = rows = 0.0
+        for line in text.splitlines():
+            if line.startswith("nv_inference_exec_count{"):
+                batches += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("nv_inference_count{"):
+                rows += float(line.rsplit(" ", 1)[1])
+        return batches, rows
 
     return read
 
@@ -332,3 +357,43 @@ def null_system(state_dir: Path, taken: set[int], log: Callable[[str], None]) ->
         log,
     )
     return server, f"127.0.0.1:{grpc_port}"
+
+
+def triton_system(
+    state_dir: Path,
+    taken: set[int],
+    python: Path,
+    max_batch_size: int,
+    batch_wait_ms: float,
+    log: Callable[[str], None],
+) -> tuple[Server, str, str]:
+    """The Triton peer under its own venv's ``python``; returns it, its gRPC target and
+    its HTTP base."""
+    from triton_venv import environment
+
+    grpc_port, http_port, metrics_port = (free_port(taken) for _ in range(3))
+    server = Server(
+        "triton",
+        [
+            str(python),
+            str(TRITON_SCRIPT),
+            "--state-dir",
+            str(state_dir),
+            "--grpc-port",
+            str(grpc_port),
+            "--http-port",
+            str(http_port),
+            "--metrics-port",
+            str(metrics_port),
+            "--max-batch-size",
+            str(max_batch_size),
+            "--batch-wait-ms",
+            str(batch_wait_ms),
+        ],
+        child_env(environment()),
+        "triton-peer ready",
+        state_dir / "triton.log",
+        log,
+    )
+    server.batch_counter = triton_batches(f"http://127.0.0.1:{metrics_port}/metrics")
+    return server, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}"

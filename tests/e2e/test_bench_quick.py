@@ -1,7 +1,9 @@
 """End to end: ``loadtests/bench.py --quick`` runs every system and writes its JSON.
 
 Starts real servers (``gpugate serve`` and the plain Ray Serve peer, each with
-its own local Ray), so it takes a minute or two.
+its own local Ray), so it takes a minute or two. Triton runs too if its venv
+(``.venv-triton``) was built before; ``--quick`` never builds it, so on a fresh
+machine Triton is reported as skipped.
 """
 
 from __future__ import annotations
@@ -53,3 +55,26 @@ def test_bench_quick_runs_end_to_end(tmp_path: Path) -> None:
         assert system["exit_code"] == 0, system
     assert "gpugate/grpc" in report["p50_minus_forward_ms_at_c1"]
     assert "gateway p50 minus forward time" in proc.stdout
+
+    if "triton" in report["skipped"]:
+        assert "not built" in report["skipped"]["triton"]
+        assert "SKIPPED: triton" in proc.stdout
+    else:
+        assert report["systems"]["triton"]["probe_matches_reference"] is True
+        assert {(r["protocol"], r["concurrency"]) for r in rows if r["system"] == "triton"} == {
+            ("grpc", 1),
+            ("grpc", 8),
+            ("http", 1),
+            ("http", 8),
+        }
+
+    # The noisy-neighbour table: the light tenant measured alone and beside the heavy one.
+    noisy = {r["system"]: r for r in report["noisy_neighbour"]}
+    assert {"gpugate", "rayserve"} <= set(noisy)
+    for r in noisy.values():
+        for phase in ("light_alone", "light_beside"):
+            assert r[phase]["requests"] > 0 and r[phase]["errors"] == 0, r
+            assert r[phase]["p99_ms"] >= r[phase]["p50_ms"] > 0, r
+        assert r["heavy"]["requests"] > 0, r
+        assert r["p99_ratio"] == r["light_beside"]["p99_ms"] / r["light_alone"]["p99_ms"]
+    assert "noisy neighbour (gRPC)" in proc.stdout
