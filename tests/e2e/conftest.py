@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,16 @@ class Gateway:
             text=True,
             timeout=60,
             check=False,
+        )
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of a Prometheus series' samples matching ``labels``, scraped now."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items())
         )
 
     def stop(self, timeout: float = 90) -> int:

@@ -9,9 +9,9 @@ import json
 import os
 import signal
 import sqlite3
+import subprocess
 import threading
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from concurrent import futures
@@ -160,13 +160,12 @@ def test_spans_reach_a_real_otlp_receiver_with_the_callers_trace_and_batch_links
     assert b["gpugate.device_seconds"] >= a["gpugate.device_seconds"]
 
 
-def _metric(gw: Gateway, name: str, **labels: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/metrics").read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+def _report(gw: Gateway, day: str, group_by: str, fmt: str) -> subprocess.CompletedProcess[str]:
+    config = str(gw.state_dir / "gpugate.yaml")
+    return gw.cli(
+        "costs", "report", "--from", day, "--to", day, "--group-by", group_by,
+        "--format", fmt, "--config", config,
+    )  # fmt: skip
 
 
 def test_costs_report_reconciles_with_the_ledger_and_the_metrics(traced: Gateway) -> None:
@@ -180,20 +179,7 @@ def test_costs_report_reconciles_with_the_ledger_and_the_metrics(traced: Gateway
     time.sleep(1.2)  # a heartbeat lands: the reservation covers the traffic
 
     today = time.strftime("%Y-%m-%d", time.gmtime())
-    report = traced.cli(
-        "costs",
-        "report",
-        "--from",
-        today,
-        "--to",
-        today,
-        "--group-by",
-        "tenant,model",
-        "--format",
-        "json",
-        "--config",
-        str(traced.state_dir / "gpugate.yaml"),
-    )
+    report = _report(traced, today, "tenant,model", "json")
     assert report.returncode == 0, report.stderr
     data = json.loads(report.stdout)
     rows = {r["tenant"]: r for r in data["rows"]}
@@ -216,24 +202,11 @@ def test_costs_report_reconciles_with_the_ledger_and_the_metrics(traced: Gateway
     finally:
         db.close()
     assert ledger_ns == rows["finance-e2e"]["used_ns"]
-    prom = _metric(traced, "gpugate_tenant_device_seconds_total", tenant="finance-e2e")
+    prom = traced.metric("gpugate_tenant_device_seconds_total", tenant="finance-e2e")
     assert prom == pytest.approx(ledger_ns / 1e9, rel=1e-9)
-    assert _metric(traced, "gpugate_tenant_cost_total", tenant="finance-e2e", currency="EUR") > 0
+    assert traced.metric("gpugate_tenant_cost_total", tenant="finance-e2e", currency="EUR") > 0
 
-    csv_out = traced.cli(
-        "costs",
-        "report",
-        "--from",
-        today,
-        "--to",
-        today,
-        "--format",
-        "csv",
-        "--group-by",
-        "tenant,day",
-        "--config",
-        str(traced.state_dir / "gpugate.yaml"),
-    )
+    csv_out = _report(traced, today, "tenant,day", "csv")
     assert csv_out.returncode == 0, csv_out.stderr
     parsed = list(csv.DictReader(io.StringIO(csv_out.stdout)))
     assert parsed[-1]["tenant"] == "TOTAL"
