@@ -190,6 +190,11 @@ class ServerConfig(_Strict):
     drain_timeout_s: float = Field(
         default=30.0, gt=0, description="How long SIGTERM waits for in-flight requests."
     )
+    replica_transport: Literal["grpc", "actor"] = Field(
+        default="grpc",
+        description="How batches reach model replicas: Ray Serve's inter-deployment gRPC "
+        "transport (faster here), or Ray actor calls (object store, by reference).",
+    )
 
 
 class GatewayConfig(_Strict):

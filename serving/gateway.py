@@ -81,7 +81,7 @@ class Gateway:
             batcher = ModelBatcher(
                 model.name,
                 model.version,
-                RayBatchBackend(handles[deployment_name(model)]),
+                RayBatchBackend(handles[deployment_name(model)], cfg.replica_transport),
                 policy,
                 observer=self._observe_batch,
                 ledger=self._ledger,

@@ -7,10 +7,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 import sqlalchemy as sa
 from ray import serve
 
-from scheduler import BackendError, BackendUnavailableError, BatchPolicy, BatchRecord, ModelBatcher
+from scheduler import (
+    BackendError,
+    BackendUnavailableError,
+    BatchPolicy,
+    BatchRecord,
+    BatchResult,
+    ModelBatcher,
+)
 from serving.cluster import RayBatchBackend
 from serving.config import CostsConfig
 from serving.demo import ensure_demo_model, load_digits_split
@@ -22,8 +30,9 @@ from serving.state import ledger_allocations, ledger_batches, ledger_reservation
 pytestmark = pytest.mark.timeout(300)
 
 
+@pytest.mark.parametrize("transport", ["grpc", "actor"])
 def test_batches_run_on_a_serve_replica_and_rows_come_back_in_place(
-    ray_serve: None, tmp_path: Path
+    ray_serve: None, tmp_path: Path, transport: str
 ) -> None:
     config = ensure_demo_model(tmp_path)
     store = {"state_dir": str(tmp_path), "database_url": None, "heartbeat_s": 0.2}
@@ -39,7 +48,7 @@ def test_batches_run_on_a_serve_replica_and_rows_come_back_in_place(
         batcher = ModelBatcher(
             "digits",
             "1",
-            RayBatchBackend(handle),
+            RayBatchBackend(handle, transport),
             BatchPolicy(max_batch_size=64, max_in_flight=2),
             observer=records.append,
             ledger=ledger,
@@ -84,7 +93,9 @@ def test_batches_run_on_a_serve_replica_and_rows_come_back_in_place(
 
         async def bad() -> None:
             # Bypasses the router's validation: the replica's own check must surface.
-            await RayBatchBackend(handle).run_batch({"pixels": np.zeros((2, 3), np.float32)})
+            await RayBatchBackend(handle, transport).run_batch(
+                {"pixels": np.zeros((2, 3), np.float32)}
+            )
 
         # The replica's own error (naming the input) stays in the log; callers get a
         # generic, non-retryable failure, not BackendUnavailableError.
@@ -97,3 +108,34 @@ def test_batches_run_on_a_serve_replica_and_rows_come_back_in_place(
     with engine.connect() as conn:
         ended = conn.execute(sa.select(ledger_reservations.c.ended_at)).scalar()
     assert ended is not None  # a graceful shutdown closes the reservation
+
+
+def test_a_dead_replica_is_unavailable_not_an_internal_error(
+    ray_serve: None, tmp_path: Path
+) -> None:
+    config = ensure_demo_model(tmp_path)
+    store = {"state_dir": str(tmp_path), "database_url": None, "heartbeat_s": 5.0}
+    handle = serve.run(model_deployment(config, store), name="it-kill", route_prefix=None)
+    backend = RayBatchBackend(handle, "grpc")
+    x = {"pixels": np.zeros((4, 64), np.float32)}
+
+    async def main() -> list[BaseException | BatchResult]:
+        await backend.run_batch(x)
+        replica = next(
+            a
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith("SERVE_REPLICA::it-kill#")
+        )
+        calls = [asyncio.ensure_future(backend.run_batch(x)) for _ in range(100)]
+        await asyncio.sleep(0.01)  # some calls are on the replica when it dies
+        ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]))
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    try:
+        outcomes = asyncio.run(main())
+        failures = [o for o in outcomes if isinstance(o, BaseException)]
+        # Calls caught by the kill are retryable 503s, never generic failures.
+        assert failures, "the kill caught no call in flight"
+        assert all(isinstance(f, BackendUnavailableError) for f in failures), failures
+    finally:
+        serve.delete("it-kill")
