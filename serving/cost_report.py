@@ -16,7 +16,7 @@ import csv
 import io
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
@@ -283,6 +283,41 @@ def _add_idle(
         idle = cells.setdefault((IDLE, model, version, device, day), Row(group={}))
         idle.idle_ns += idle_ns
         idle.cost_exact += Fraction(idle_ns * price, NS_PER_HOUR)
+
+
+def report_for_query(
+    engine: sa.Engine,
+    pricing: Pricing,
+    query: Mapping[str, str],
+    *,
+    tenant: str | None = None,
+    default_group_by: str = "tenant",
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    """The HTTP form of a report: ``from``/``to`` (default: this UTC month so far),
+    ``group_by`` (comma list), ``share_idle`` (true/false). Raises ReportError."""
+    now = now or datetime.now(UTC)
+    unknown = sorted(set(query) - {"from", "to", "group_by", "share_idle"})
+    if unknown:
+        raise ReportError(f"unknown parameter(s): {', '.join(unknown)}")
+    month_start = datetime(now.year, now.month, 1, tzinfo=UTC)
+    start = parse_when(query["from"]) if "from" in query else month_start
+    end = parse_when(query["to"], end_of_day=True) if "to" in query else now
+    group_by = [g for g in query.get("group_by", default_group_by).split(",") if g]
+    share = query.get("share_idle", "false").lower()
+    if share not in {"true", "false", "1", "0"}:
+        raise ReportError("share_idle must be true or false")
+    report = build_report(
+        engine,
+        pricing,
+        start,
+        end,
+        group_by,
+        share_idle=share in {"true", "1"},
+        tenant=tenant,
+        now=now,
+    )
+    return report.as_dict()
 
 
 # -- output ----------------------------------------------------------------------

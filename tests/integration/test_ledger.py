@@ -19,7 +19,14 @@ import sqlalchemy as sa
 
 from scheduler import BatchPolicy, BatchRecord, BatchResult, ModelBatcher, Tensors
 from serving.config import CostsConfig, PriceConfig
-from serving.cost_report import IDLE, ReportError, build_report, parse_when, render
+from serving.cost_report import (
+    IDLE,
+    ReportError,
+    build_report,
+    parse_when,
+    render,
+    report_for_query,
+)
 from serving.ledger import Ledger, LedgerWriter, Pricing
 from serving.state import ledger_allocations, ledger_batches, ledger_reservations
 
@@ -222,3 +229,23 @@ def test_report_refuses_bad_requests(engine: sa.Engine) -> None:
         build_report(engine, pricing, DAY, DAY, ["tenant"])
     with pytest.raises(ReportError, match="not a date"):
         parse_when("yesterday")
+
+
+def test_the_http_form_of_a_report(engine: sa.Engine) -> None:
+    ledger = Ledger(engine, Pricing(PRICES))
+    ledger.write([record("digits", [("acme", 2), ("globex", 2)], 2 * 10**9, DAY)])
+    now = DAY + timedelta(hours=2)
+    pricing = Pricing(PRICES)
+    # Defaults: this month so far, by tenant.
+    data = report_for_query(engine, pricing, {}, now=now)
+    assert {r["tenant"] for r in data["rows"]} == {"acme", "globex"}
+    assert data["from"].startswith("2026-11-01") and data["to"] == now.isoformat()
+    own = report_for_query(engine, pricing, {"group_by": "model,day"}, tenant="acme", now=now)
+    assert own["rows"] == [
+        {**own["rows"][0], "model": "digits", "day": "2026-11-20", "used_ns": 10**9}
+    ]
+    assert own["totals"]["reserved_ns"] == 0  # a tenant sees its use, not the fleet's
+    with pytest.raises(ReportError, match="unknown parameter"):
+        report_for_query(engine, pricing, {"tenant": "globex"}, tenant="acme", now=now)
+    with pytest.raises(ReportError, match="share_idle"):
+        report_for_query(engine, pricing, {"share_idle": "maybe"}, now=now)
