@@ -48,6 +48,7 @@ import json
 import os
 import platform
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -337,10 +338,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started_at = dt.datetime.now(dt.UTC)
     loadavg = os.getloadavg()
-    tmp: tempfile.TemporaryDirectory[str] | None = None
+    # mkdtemp, not TemporaryDirectory: the latter's finalizer would delete a folder
+    # kept for inspection when the interpreter exits.
+    tmp: Path | None = None
     if args.state_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="gpugate-bench-")
-        state_dir = Path(tmp.name)
+        tmp = state_dir = Path(tempfile.mkdtemp(prefix="gpugate-bench-"))
     else:
         state_dir = args.state_dir.resolve()
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -356,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if tmp is not None:
             if code == 0 and not args.keep_state:
-                tmp.cleanup()
+                shutil.rmtree(tmp, ignore_errors=True)
             else:
                 _log(f"kept {state_dir} (server logs) for inspection")
     return code
