@@ -256,6 +256,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--levels", help="comma-separated concurrencies (default 1,8,32,64)")
     p.add_argument("--max-batch-size", type=int, default=32, help="rows per batch, all systems")
     p.add_argument(
+        "--replica-transport",
+        choices=("grpc", "actor"),
+        default="grpc",
+        help="gpugate's server.replica_transport (how batches reach the model replica)",
+    )
+    p.add_argument(
         "--batch-wait-ms",
         type=float,
         default=0.0,
@@ -426,7 +432,9 @@ def _run(
     # 3. gpugate, gRPC then HTTP.
     if "gpugate" in args.systems:
         run = runs["gpugate"] = SystemRun("gpugate")
-        server, target, base = gpugate_system(state_dir, model, keys, taken, _log)
+        server, target, base = gpugate_system(
+            state_dir, model, keys, taken, _log, args.replica_transport
+        )
         with running(server, args.startup_timeout, run):
             check_probe(run, loop.run(grpc_probe(target, keys, row, 60)))
             check_probe(run, loop.run(http_probe(base, keys, row, 60)))

@@ -257,8 +257,11 @@ def gpugate_command() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "serving.cli"]
 
 
-def write_gateway_config(path: Path, model: Any, tenant_envs: list[str]) -> None:
+def write_gateway_config(
+    path: Path, model: Any, tenant_envs: list[str], transport: str = "grpc"
+) -> None:
     config = {
+        "server": {"replica_transport": transport},
         "models": [model.model_dump(mode="json")],
         "tenants": [
             {"name": f"bench-{i}", "weight": 1.0, "api_key_env": env}
@@ -272,13 +275,18 @@ def write_gateway_config(path: Path, model: Any, tenant_envs: list[str]) -> None
 
 
 def gpugate_system(
-    state_dir: Path, model: Any, keys: list[str], taken: set[int], log: Callable[[str], None]
+    state_dir: Path,
+    model: Any,
+    keys: list[str],
+    taken: set[int],
+    log: Callable[[str], None],
+    transport: str = "grpc",
 ) -> tuple[Server, str, str]:
     """``gpugate serve`` with two tenants; returns it, its gRPC target and its HTTP base."""
     http_port, grpc_port, metrics_port = (free_port(taken) for _ in range(3))
     key_envs = ["GPUGATE_BENCH_KEY_A", "GPUGATE_BENCH_KEY_B"]
     config_path = state_dir / "gpugate-bench.yaml"
-    write_gateway_config(config_path, model, key_envs)
+    write_gateway_config(config_path, model, key_envs, transport)
     gw_state = state_dir / "gpugate-state"
     server = Server(
         "gpugate",
