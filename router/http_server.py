@@ -18,7 +18,8 @@ import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.types import ASGIApp
 
 from router._exceptions import GatewayError, InvalidArgument, NotFound, PayloadTooLarge
 from router.service import (
@@ -45,8 +46,11 @@ def _json(payload: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(payload), status, media_type="application/json")
 
 
-def build_http_app(service: InferenceService) -> Starlette:
-    """The ASGI app; every error leaves as ``{"error": ...}`` with its status."""
+def build_http_app(service: InferenceService, admin: ASGIApp | None = None) -> Starlette:
+    """The ASGI app; every error leaves as ``{"error": ...}`` with its status.
+
+    ``admin`` (router.admin.build_admin_app) is mounted at ``/admin``.
+    """
 
     async def live(request: Request) -> Response:
         return Response(status_code=200 if service.live else 503)
@@ -124,7 +128,7 @@ def build_http_app(service: InferenceService) -> Starlette:
             served.name, served.version, header.get("id"), outputs, binary_outputs, default_binary
         )
 
-    routes = [
+    routes: list[BaseRoute] = [
         Route("/v2/health/live", live, methods=["GET"]),
         Route("/v2/health/ready", ready, methods=["GET"]),
         Route("/v2", server_metadata, methods=["GET"]),
@@ -136,6 +140,8 @@ def build_http_app(service: InferenceService) -> Starlette:
         Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
         Route("/v2/repository/index", repository_index, methods=["POST"]),
     ]
+    if admin is not None:
+        routes.append(Mount("/admin", app=admin))
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return JSONResponse({"error": f"no route {request.url.path}"}, status_code=404)

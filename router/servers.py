@@ -8,6 +8,7 @@ import socket
 
 import grpc
 import uvicorn
+from starlette.types import ASGIApp
 
 from router.grpc_server import build_grpc_server
 from router.http_server import build_http_app
@@ -35,8 +36,15 @@ class FrontDoors:
     Port 0 picks a free port; ``http_port``/``grpc_port`` tell which after start.
     """
 
-    def __init__(self, service: InferenceService, host: str, max_message_bytes: int) -> None:
+    def __init__(
+        self,
+        service: InferenceService,
+        host: str,
+        max_message_bytes: int,
+        admin: ASGIApp | None = None,
+    ) -> None:
         self.service = service
+        self._admin = admin
         self.host = host
         self.http_port = 0
         self.grpc_port = 0
@@ -56,7 +64,7 @@ class FrontDoors:
         await self._grpc.start()
         self._http = uvicorn.Server(
             uvicorn.Config(
-                build_http_app(self.service),
+                build_http_app(self.service, self._admin),
                 log_level="warning",
                 access_log=False,
                 lifespan="off",

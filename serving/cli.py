@@ -17,6 +17,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from serving.cli_admin import add_commands, add_common, open_context, run
 from serving.config import ConfigError, GatewayConfig, ModelConfig, load_config
 
 DEFAULT_STATE_DIR = ".gpugate"
@@ -74,6 +75,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from serving.gateway import build_app
     from serving.state import open_engine
     from serving.tenants import TenantError, TenantStore, ensure_demo_tenant
+    from serving.users import ADMIN_TOKEN_FILE, UserStore, ensure_admin
 
     try:
         for what, port in (
@@ -82,8 +84,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             ("metrics", server.metrics_port),
         ):
             _check_port_free(server.host, port, what)
-        store = TenantStore(open_engine(database_url, state_dir))
+        engine = open_engine(database_url, state_dir)
+        store = TenantStore(engine)
         store.upsert_from_config(config.tenants, os.environ)
+        admin_token = ensure_admin(UserStore(engine), state_dir)
         models: list[ModelConfig] = list(config.models)
         demo_key = None
         if not models:
@@ -114,6 +118,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 f"demo tenant key: {demo_key}",
                 flush=True,
             )
+        if admin_token is not None:
+            print(f"admin token in {state_dir / ADMIN_TOKEN_FILE} (mode 0600)", flush=True)
         names = ",".join(f"{m.name}:{m.version}" for m in models)
         print(
             f"gpugate ready http={server.host}:{server.http_port} "
@@ -144,24 +150,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------- tenants
 
 
-def _open_store(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from serving.state import open_engine
+def cmd_tenants_create(args: argparse.Namespace) -> int:
     from serving.tenants import TenantStore
 
-    config = load_config(args.config)
-    return TenantStore(
-        open_engine(_database_url(args.database_url, config), _state_dir(args.state_dir, config))
-    )
-
-
-def cmd_tenants_create(args: argparse.Namespace) -> int:
-    from serving.tenants import TenantError
-
+    ctx = open_context(args, "tenants.create")
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else ["*"]
-    try:
-        key = _open_store(args).create(args.name, args.weight, models)
-    except (ConfigError, TenantError, ValueError) as exc:
-        return _fail(str(exc))
+    key = TenantStore(ctx.engine).create(args.name, args.weight, models, actor=ctx.principal.name)
     if args.json:
         print(json.dumps({"tenant": args.name, "api_key": key}))
     else:
@@ -170,30 +164,28 @@ def cmd_tenants_create(args: argparse.Namespace) -> int:
 
 
 def cmd_tenants_delete(args: argparse.Namespace) -> int:
-    from serving.tenants import TenantError
+    from serving.tenants import TenantStore
 
-    try:
-        _open_store(args).delete(args.name)
-    except (ConfigError, TenantError) as exc:
-        return _fail(str(exc))
+    ctx = open_context(args, "tenants.delete")
+    TenantStore(ctx.engine).delete(args.name, actor=ctx.principal.name)
     print(f"tenant {args.name} deleted; its key stops working within seconds")
     return 0
 
 
 def cmd_tenants_list(args: argparse.Namespace) -> int:
-    try:
-        rows = _open_store(args).list()
-    except ConfigError as exc:
-        return _fail(str(exc))
-    items = [
-        {"tenant": r.name, "weight": r.weight, "models": list(r.models), "source": r.source}
-        for r in rows
-    ]
+    from serving.tenants import TenantStore
+
+    ctx = open_context(args, "tenants.list")
+    rows = TenantStore(ctx.engine).list()
     if args.json:
+        items = [
+            {"tenant": r.name, "weight": r.weight, "models": list(r.models), "source": r.source}
+            for r in rows
+        ]
         print(json.dumps(items))
     else:
-        for i in items:
-            print(f"{i['tenant']:<24} weight={i['weight']:<6g} models={','.join(i['models'])}")
+        for r in rows:
+            print(f"{r.name:<24} weight={r.weight:<6g} models={','.join(r.models)}")
     return 0
 
 
@@ -235,8 +227,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="YAML config file (see docs/config.md)")
     p.add_argument(
         "--state-dir",
-        help=f"state folder (SQLite, demo model, demo key); default $GPUGATE_STATE_DIR "
-        f"or ./{DEFAULT_STATE_DIR}",
+        help=f"state folder (SQLite, demo model, demo key, admin token); default "
+        f"$GPUGATE_STATE_DIR or ./{DEFAULT_STATE_DIR}",
     )
     p.add_argument(
         "--database-url",
@@ -269,31 +261,31 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-port", type=int, help="Prometheus port (default 8002)")
     serve.set_defaults(func=cmd_serve)
 
-    tenants = sub.add_parser("tenants", help="manage tenants and their API keys")
+    tenants = sub.add_parser("tenants", help="manage tenants and their API keys (admin)")
     tsub = tenants.add_subparsers(dest="tenants_command", required=True)
     create = tsub.add_parser(
         "create",
         help="create a tenant and print its API key once (works while the gateway runs)",
     )
-    _common(create)
+    add_common(create)
     create.add_argument("name")
     create.add_argument("--weight", type=float, default=1.0, help="fair-share weight (default 1)")
     create.add_argument(
         "--models", help="comma-separated models the tenant may call (default: all)"
     )
     create.add_argument("--json", action="store_true", help='print {"tenant", "api_key"}')
-    create.set_defaults(func=cmd_tenants_create)
+    create.set_defaults(func=run(cmd_tenants_create))
     delete = tsub.add_parser(
         "delete",
         help="delete a tenant, revoking its key (a config tenant returns at the next start)",
     )
-    _common(delete)
+    add_common(delete)
     delete.add_argument("name")
-    delete.set_defaults(func=cmd_tenants_delete)
+    delete.set_defaults(func=run(cmd_tenants_delete))
     listing = tsub.add_parser("list", help="list tenants (never keys)")
-    _common(listing)
+    add_common(listing)
     listing.add_argument("--json", action="store_true")
-    listing.set_defaults(func=cmd_tenants_list)
+    listing.set_defaults(func=run(cmd_tenants_list))
 
     costs = sub.add_parser("costs", help="cost reports from the ledger (finance)")
     csub = costs.add_subparsers(dest="costs_command", required=True)
@@ -326,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--share-idle", action="store_true", help="spread idle over tenants")
     report.add_argument("--tenant", help="only this tenant's usage (no idle)")
     report.set_defaults(func=cmd_costs_report)
+    add_commands(sub)
     return parser
 
 

@@ -19,11 +19,13 @@ from prometheus_client import CollectorRegistry, start_http_server
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from router.admin import build_admin_app
 from router.metrics import RouterMetrics
 from router.servers import FrontDoors
 from router.service import InferenceService, RouterSettings, ServedModel, StaticModelTable
 from router.tracing import batch_span_observer
 from scheduler import BatchPolicy, BatchRecord, ModelBatcher
+from serving.admin_api import UserBackend, core_routes
 from serving.cluster import GATEWAY_DEPLOYMENT, RayBatchBackend
 from serving.config import CostsConfig, ModelConfig, ServerConfig
 from serving.ledger import Ledger, LedgerWriter, Price, Pricing, from_unix_ns
@@ -99,7 +101,10 @@ class Gateway:
             RouterSettings(cfg.max_request_bytes, cfg.default_timeout_ms / 1000),
             self.metrics,
         )
-        self._doors = FrontDoors(self.service, cfg.host, cfg.max_request_bytes)
+        admin = build_admin_app(
+            UserBackend(engine), core_routes(engine, on_tenants_changed=self._tenants.invalidate)
+        )
+        self._doors = FrontDoors(self.service, cfg.host, cfg.max_request_bytes, admin)
         await self._doors.start(cfg.http_port, cfg.grpc_port)
         self._metrics_server, self._metrics_thread = start_http_server(
             cfg.metrics_port, cfg.host, registry=self._registry

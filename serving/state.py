@@ -123,6 +123,57 @@ ledger_reservations = sa.Table(
     sa.Column("ended_at", sa.DateTime(timezone=True), nullable=True),
 )
 
+# Identities of the people and tools that run the admin CLI and API (serving.users).
+users = sa.Table(
+    "users",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(128), nullable=False, unique=True),
+    sa.Column("role", sa.String(16), nullable=False),
+    # sha256 hex of the token, like tenant keys: the token itself is never stored.
+    sa.Column("token_hash", sa.CHAR(64), nullable=False, index=True, unique=True),
+    sa.Column("created_by", sa.String(128), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, default=utcnow),
+    sa.CheckConstraint(
+        "role IN ('admin', 'deployer', 'approver', 'finance', 'auditor')", name="role"
+    ),
+)
+
+# The audit hash chain (serving.audit). `seq` is assigned under the lock on the
+# single audit_head row, never by the database, so gaps mean removed records.
+audit_log = sa.Table(
+    "audit_log",
+    metadata,
+    sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("actor", sa.String(128), nullable=False),
+    sa.Column("action", sa.String(64), nullable=False),
+    sa.Column("target", sa.String(300), nullable=False, index=True),
+    # Canonical JSON text (serving.audit.canonical), hashed exactly as stored.
+    sa.Column("before", sa.Text, nullable=False),
+    sa.Column("after", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("prev_hash", sa.CHAR(64), nullable=False),
+    sa.Column("hash", sa.CHAR(64), nullable=False),
+)
+
+audit_head = sa.Table(
+    "audit_head",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("hash", sa.CHAR(64), nullable=False),
+    sa.CheckConstraint("id = 1", name="single_row"),
+)
+# Created with its table, in the same transaction, so appends can always lock it.
+event.listen(
+    audit_head,
+    "after_create",
+    sa.DDL(  # type: ignore[no-untyped-call]
+        f"INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, '{'0' * 64}')"
+    ),
+)
+
 
 def open_engine(database_url: str | None, state_dir: Path) -> sa.Engine:
     """Connect to the state database and make sure the schema exists.

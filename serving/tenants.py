@@ -31,6 +31,7 @@ from typing import Literal
 import sqlalchemy as sa
 
 from router.types import Tenant
+from serving import audit
 from serving.config import _NAME, TenantConfig
 from serving.state import tenants as t_tenants
 
@@ -133,16 +134,22 @@ class TenantStore:
         self.engine = engine
 
     def create(
-        self, name: str, weight: float = 1.0, models: Iterable[str] = ("*",), source: Source = "cli"
+        self,
+        name: str,
+        weight: float = 1.0,
+        models: Iterable[str] = ("*",),
+        source: Source = "cli",
+        *,
+        actor: str = "system",
     ) -> str:
-        """Add a tenant and return its new API key (the only time it is visible)."""
+        """Add a tenant and return its new API key (the only time it is visible); audited."""
         checked = _validate(name, weight, models)
         if source not in ("config", "cli"):
             raise ValueError(f"tenant source must be 'config' or 'cli', got {source!r}")
         key = generate_api_key()
         try:
-            with self.engine.begin() as conn:
-                conn.execute(
+            with audit.audited(self.engine) as tx:
+                tx.conn.execute(
                     t_tenants.insert().values(
                         name=name,
                         weight=float(weight),
@@ -151,6 +158,8 @@ class TenantStore:
                         source=source,
                     )
                 )
+                after = {"name": name, "weight": float(weight), "models": list(checked)}
+                tx.append(actor, "tenant.create", f"tenant:{name}", after=after)
         except sa.exc.IntegrityError:
             # The key hash is 256 fresh random bits, so the unique name is what clashed.
             raise TenantExistsError(f"tenant {name!r} already exists") from None
@@ -265,10 +274,11 @@ class TenantStore:
             return None
         return Tenant(row.name, float(row.weight), frozenset(json.loads(row.models)))
 
-    def rotate_key(self, name: str) -> str:
-        """Give a CLI tenant a new key (returned) and invalidate the old one."""
+    def rotate_key(self, name: str, *, actor: str = "system") -> str:
+        """Give a CLI tenant a new key (returned) and invalidate the old one; audited."""
         key = generate_api_key()
-        with self.engine.begin() as conn:
+        with audit.audited(self.engine) as tx:
+            conn = tx.conn
             source = conn.execute(
                 sa.select(t_tenants.c.source).where(t_tenants.c.name == name)
             ).scalar()
@@ -284,13 +294,27 @@ class TenantStore:
             conn.execute(
                 t_tenants.update().where(t_tenants.c.name == name).values(key_hash=hash_key(key))
             )
+            tx.append(actor, "tenant.rotate_key", f"tenant:{name}")
         return key
 
-    def delete(self, name: str) -> None:
-        """Remove a tenant. A config tenant comes back at the next start."""
-        with self.engine.begin() as conn:
-            if conn.execute(t_tenants.delete().where(t_tenants.c.name == name)).rowcount == 0:
+    def delete(self, name: str, *, actor: str = "system") -> None:
+        """Remove a tenant (audited). A config tenant comes back at the next start."""
+        with audit.audited(self.engine) as tx:
+            row = tx.conn.execute(
+                sa.select(t_tenants.c.weight, t_tenants.c.models, t_tenants.c.source).where(
+                    t_tenants.c.name == name
+                )
+            ).first()
+            if row is None:
                 raise TenantNotFoundError(f"no tenant {name!r}")
+            tx.conn.execute(t_tenants.delete().where(t_tenants.c.name == name))
+            before = {
+                "name": name,
+                "weight": float(row.weight),
+                "models": json.loads(row.models),
+                "source": row.source,
+            }
+            tx.append(actor, "tenant.delete", f"tenant:{name}", before=before)
 
     def list(self) -> builtins.list[TenantRow]:
         with self.engine.connect() as conn:
