@@ -61,7 +61,9 @@ def to_http_error(exc: Exception) -> GatewayError | None:
         return Conflict(str(exc))
     if isinstance(exc, TenantNotFoundError) or type(exc).__name__.endswith("NotFoundError"):
         return NotFound(str(exc))
-    if isinstance(exc, TenantError | UserError | ValueError):
+    from serving.registry import RegistryError
+
+    if isinstance(exc, TenantError | UserError | RegistryError | ValueError):
         return InvalidArgument(str(exc))
     return None
 

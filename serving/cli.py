@@ -18,9 +18,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from serving.cli_admin import add_commands, add_common, open_context, run
+from serving.cli_models import add_commands as add_model_commands
 from serving.config import ConfigError, GatewayConfig, ModelConfig, load_config
 
 DEFAULT_STATE_DIR = ".gpugate"
+RECONCILE_INTERVAL_S = 0.25
 
 
 def _state_dir(arg: str | None, config: GatewayConfig) -> Path:
@@ -72,7 +74,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Imported here so `gpugate --help` and `tenants` stay fast (no torch, no Ray).
     from serving import cluster
     from serving.demo import demo_accuracy, ensure_demo_model
+    from serving.deployer import Deployer
     from serving.gateway import build_app
+    from serving.registry import Registry, RegistryError
     from serving.state import open_engine
     from serving.tenants import TenantError, TenantStore, ensure_demo_tenant
     from serving.users import ADMIN_TOKEN_FILE, UserStore, ensure_admin
@@ -96,7 +100,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         missing = [str(m.artifact) for m in models if not m.artifact.is_file()]
         if missing:
             raise ConfigError(f"artifact not found: {', '.join(missing)}")
-    except (ConfigError, TenantError) as exc:
+        registry = Registry(engine, state_dir, config.model_copy(update={"models": models}))
+        metrics = {"digits:1": {"accuracy": demo_accuracy(state_dir)}} if demo_key else {}
+        registry.register_config_models(models, metrics)
+    except (ConfigError, TenantError, RegistryError) as exc:
         return _fail(str(exc))
 
     started_ray = cluster.connect()
@@ -105,9 +112,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
+        replica_store = {
+            "state_dir": str(state_dir),
+            "database_url": database_url,
+            "heartbeat_s": config.costs.reservation_heartbeat_s,
+        }
+        deployer = Deployer(registry, replica_store)
         try:
+            served = deployer.prepare()
             handle = cluster.deploy(
-                build_app(server, state_dir, database_url, models, config.costs)
+                build_app(server, state_dir, database_url, served, config.costs, config.policies)
             )
         except (RuntimeError, TimeoutError) as exc:
             return _fail(str(exc), code=1)
@@ -120,14 +134,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
             )
         if admin_token is not None:
             print(f"admin token in {state_dir / ADMIN_TOKEN_FILE} (mode 0600)", flush=True)
-        names = ",".join(f"{m.name}:{m.version}" for m in models)
+        names = ",".join(
+            f"{m['config']['name']}:{m['config']['version']}"
+            for m in served
+            if m["stage"] == "production"
+        )
         print(
             f"gpugate ready http={server.host}:{server.http_port} "
             f"grpc={server.host}:{server.grpc_port} metrics={server.host}:{server.metrics_port} "
             f"models={names} state={state_dir}",
             flush=True,
         )
-        stop.wait()
+        # The registry decides what serves: stage changes made with the CLI or the
+        # admin API are deployed and routed by this loop while the gateway runs.
+        while not stop.wait(RECONCILE_INTERVAL_S):
+            try:
+                deployer.reconcile(handle)
+            except Exception as exc:  # keep serving what runs; try again next pass
+                print(f"gpugate: reconcile failed: {exc}", file=sys.stderr, flush=True)
         print("gpugate draining", flush=True)
         try:
             report = cluster.call(
@@ -319,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--tenant", help="only this tenant's usage (no idle)")
     report.set_defaults(func=cmd_costs_report)
     add_commands(sub)
+    add_model_commands(sub)
     return parser
 
 

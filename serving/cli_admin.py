@@ -19,7 +19,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from router.admin import Principal
-from serving.config import ConfigError, load_config
+from serving.config import ConfigError, GatewayConfig, load_config
 
 
 class CommandError(Exception):
@@ -31,6 +31,7 @@ class Context:
     engine: sa.Engine
     state_dir: Path
     principal: Principal
+    config: GatewayConfig
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -81,18 +82,19 @@ def open_context(args: argparse.Namespace, action: str) -> Context:
         check(principal, action)
     except Forbidden as exc:
         raise CommandError(str(exc)) from None
-    return Context(engine, state_dir, principal)
+    return Context(engine, state_dir, principal, config)
 
 
 def run(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Turn the expected errors of an admin command into ``gpugate: error:`` and exit 2."""
+    from serving.registry import RegistryError
     from serving.tenants import TenantError
     from serving.users import UserError
 
     def wrapped(args: argparse.Namespace) -> int:
         try:
             return fn(args)
-        except (CommandError, ConfigError, TenantError, UserError, ValueError) as e:
+        except (CommandError, ConfigError, TenantError, UserError, RegistryError, ValueError) as e:
             print(f"gpugate: error: {e}", file=sys.stderr)
             return 2
 

@@ -78,21 +78,31 @@ def connect(num_cpus: int | None = None) -> bool:
     return True
 
 
-def deploy(app: Any, blocking_timeout_s: float = 300.0) -> DeploymentHandle:
-    """Start Serve without its HTTP/gRPC proxy (the gateway opens the ports) and run the app."""
+def deploy(app: Any, blocking_timeout_s: float = 300.0, name: str = APP_NAME) -> DeploymentHandle:
+    """Start Serve without its HTTP/gRPC proxy (the gateway opens the ports) and run the
+    application ``name``, waiting until it is running."""
     serve.start(proxy_location="Disabled")
     deadline = time.monotonic() + blocking_timeout_s
-    handle: DeploymentHandle = serve.run(app, name=APP_NAME, route_prefix=None, blocking=False)
+    handle: DeploymentHandle = serve.run(app, name=name, route_prefix=None, blocking=False)
     while True:
-        status = serve.status().applications.get(APP_NAME)
+        status = serve.status().applications.get(name)
         state = str(status.status) if status else "NOT_STARTED"
         if state.endswith("RUNNING"):
             return handle
         if state.endswith("DEPLOY_FAILED") or state.endswith("UNHEALTHY"):
-            raise RuntimeError(f"deploy failed: {status.message if status else state}")
+            raise RuntimeError(f"deploy of {name} failed: {status.message if status else state}")
         if time.monotonic() > deadline:
-            raise TimeoutError(f"application not running after {blocking_timeout_s:.0f}s: {state}")
+            raise TimeoutError(f"{name} not running after {blocking_timeout_s:.0f}s: {state}")
         time.sleep(0.2)
+
+
+def delete(name: str) -> None:
+    """Remove one application and wait until its replicas are gone."""
+    serve.delete(name, _blocking=True)
+
+
+def applications(prefix: str) -> list[str]:
+    return sorted(a for a in serve.status().applications if a.startswith(prefix))
 
 
 def call(handle: DeploymentHandle, method: str, *args: Any, timeout_s: float = 60.0) -> Any:
@@ -106,7 +116,9 @@ def shutdown(started_ray: bool) -> None:
         if started_ray:
             serve.shutdown()
         else:
-            serve.delete(APP_NAME)
+            # The model versions are applications of their own (serving.deployer).
+            for name in [APP_NAME, *applications(APP_NAME + "-")]:
+                serve.delete(name)
     finally:
         if started_ray:
             ray.shutdown()

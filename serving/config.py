@@ -96,6 +96,12 @@ class ModelConfig(_Strict):
     max_queued_rows_per_tenant: int = Field(
         default=1024, ge=1, description="Rows one tenant may have waiting before 429."
     )
+    sha256: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="Expected SHA-256 (hex) of the artifact; every replica checks it before "
+        "loading and refuses a file that differs. Set by the registry for its versions.",
+    )
 
     @field_validator("name", "version")
     @classmethod
@@ -176,6 +182,37 @@ class CostsConfig(_Strict):
     )
 
 
+class MetricPolicy(_Strict):
+    higher_is_better: bool = Field(
+        default=True, description="True for accuracy-like metrics, false for loss or latency."
+    )
+    max_regression: float = Field(
+        default=0.0,
+        ge=0,
+        description="How much worse than production a candidate may be (absolute).",
+    )
+
+
+class ModelPolicy(_Strict):
+    required_approvals: int = Field(
+        default=1, ge=1, le=10, description="Distinct approvers a version needs (never its author)."
+    )
+    max_artifact_bytes: int = Field(
+        default=2 * 2**30, ge=1, description="Largest artifact the registry accepts."
+    )
+    metrics: dict[str, MetricPolicy] = Field(
+        default_factory=dict,
+        description="Metrics compared with production's at registration and promotion; a "
+        "candidate missing one of them is refused.",
+    )
+    smoke_rows: int = Field(
+        default=4, ge=1, le=4096, description="Rows of generated input the smoke test runs."
+    )
+    smoke_timeout_s: float = Field(
+        default=120.0, gt=0, description="How long the smoke test may take to load and run."
+    )
+
+
 class ServerConfig(_Strict):
     host: str = Field(default="127.0.0.1", description="Address the servers bind.")
     http_port: int = Field(default=8000, ge=0, le=65535, description="KServe v2 HTTP port.")
@@ -214,6 +251,13 @@ class GatewayConfig(_Strict):
     costs: CostsConfig = Field(
         default_factory=CostsConfig, description="Pricing of device time for the cost ledger."
     )
+    policies: dict[str, ModelPolicy] = Field(
+        default_factory=dict,
+        description="Registry policy per model name; '*' applies to models without their own.",
+    )
+
+    def policy(self, model: str) -> ModelPolicy:
+        return self.policies.get(model) or self.policies.get("*") or ModelPolicy()
 
     @model_validator(mode="after")
     def _unique(self) -> GatewayConfig:

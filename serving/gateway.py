@@ -10,6 +10,7 @@ carries a whole batch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -17,19 +18,20 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 from ray import serve
-from ray.serve.handle import DeploymentHandle
 
 from router.admin import build_admin_app
 from router.metrics import RouterMetrics
+from router.model_table import LiveModelTable
 from router.servers import FrontDoors
-from router.service import InferenceService, RouterSettings, ServedModel, StaticModelTable
+from router.service import InferenceService, RouterSettings, ServedModel
 from router.tracing import batch_span_observer
 from scheduler import BatchPolicy, BatchRecord, ModelBatcher
 from serving.admin_api import UserBackend, core_routes
+from serving.admin_models import model_routes
 from serving.cluster import GATEWAY_DEPLOYMENT, RayBatchBackend
-from serving.config import CostsConfig, ModelConfig, ServerConfig
+from serving.config import CostsConfig, GatewayConfig, ModelConfig, ModelPolicy, ServerConfig
 from serving.ledger import Ledger, LedgerWriter, Price, Pricing, from_unix_ns
-from serving.replica import deployment_name, model_deployment
+from serving.replica import deployment_name
 from serving.state import open_engine
 from serving.telemetry import configure_tracing, otel_env
 from serving.tenants import TenantDirectory, TenantStore
@@ -53,9 +55,9 @@ class Gateway:
         state_dir: str,
         database_url: str | None,
         models: list[dict[str, Any]],
-        handles: dict[str, DeploymentHandle],
         costs: dict[str, Any],
         otel: dict[str, str],
+        policies: dict[str, Any] | None = None,
     ) -> None:
         self.server_config = ServerConfig.model_validate(server)
         cfg = self.server_config
@@ -68,48 +70,85 @@ class Gateway:
         self._pricing = Pricing(CostsConfig.model_validate(costs))
         self._ledger = LedgerWriter(Ledger(engine, self._pricing))
         self._trace_batch = batch_span_observer(self._batch_cost)
-        served: list[ServedModel] = []
+        self._served: dict[tuple[str, str], ServedModel] = {}
+        self._stages: dict[tuple[str, str], str] = {}
         self._replicas: dict[tuple[str, str], int] = {}
-        for raw in models:
-            model = ModelConfig.model_validate(raw)
-            self._replicas[(model.name, model.version)] = model.replicas
-            policy = BatchPolicy(
-                max_batch_size=model.max_batch_size,
-                max_queue_delay_s=model.max_queue_delay_ms / 1000,
-                max_in_flight=model.replicas * model.batches_in_flight_per_replica,
-                max_queued_rows=model.max_queued_rows,
-                max_queued_rows_per_tenant=model.max_queued_rows_per_tenant,
-            )
-            batcher = ModelBatcher(
-                model.name,
-                model.version,
-                RayBatchBackend(handles[deployment_name(model)], cfg.replica_transport),
-                policy,
-                observer=self._observe_batch,
-                ledger=self._ledger,
-            )
-            batcher.start()
-            self.metrics.replicas.labels(model.name, model.version).set(model.replicas)
-            self.metrics.queued_rows.labels(model.name, model.version).set_function(
-                _depth_of(batcher)
-            )
-            served.append(ServedModel(model.name, model.version, model.signature(), batcher))
-        self._batchers = [s.batcher for s in served]
+        self._table = LiveModelTable()
+        self._sync_lock = asyncio.Lock()
+        await self.sync_models(models)
         self.service = InferenceService(
-            StaticModelTable(served),
+            self._table,
             self._tenants,
             RouterSettings(cfg.max_request_bytes, cfg.default_timeout_ms / 1000),
             self.metrics,
         )
-        admin = build_admin_app(
-            UserBackend(engine), core_routes(engine, on_tenants_changed=self._tenants.invalidate)
+        routes = core_routes(engine, on_tenants_changed=self._tenants.invalidate)
+        routes += model_routes(
+            engine, Path(state_dir), GatewayConfig.model_validate({"policies": policies or {}})
         )
+        admin = build_admin_app(UserBackend(engine), routes)
         self._doors = FrontDoors(self.service, cfg.host, cfg.max_request_bytes, admin)
         await self._doors.start(cfg.http_port, cfg.grpc_port)
         self._metrics_server, self._metrics_thread = start_http_server(
             cfg.metrics_port, cfg.host, registry=self._registry
         )
         log.info("gateway serving http=%s grpc=%s", cfg.http_port, cfg.grpc_port)
+
+    def _start_batcher(self, model: ModelConfig, app: str) -> ServedModel:
+        policy = BatchPolicy(
+            max_batch_size=model.max_batch_size,
+            max_queue_delay_s=model.max_queue_delay_ms / 1000,
+            max_in_flight=model.replicas * model.batches_in_flight_per_replica,
+            max_queued_rows=model.max_queued_rows,
+            max_queued_rows_per_tenant=model.max_queued_rows_per_tenant,
+        )
+        handle = serve.get_deployment_handle(deployment_name(model), app_name=app)
+        batcher = ModelBatcher(
+            model.name,
+            model.version,
+            RayBatchBackend(handle, self.server_config.replica_transport),
+            policy,
+            observer=self._observe_batch,
+            ledger=self._ledger,
+        )
+        batcher.start()
+        self._replicas[(model.name, model.version)] = model.replicas
+        self.metrics.replicas.labels(model.name, model.version).set(model.replicas)
+        self.metrics.queued_rows.labels(model.name, model.version).set_function(_depth_of(batcher))
+        return ServedModel(model.name, model.version, model.signature(), batcher)
+
+    async def sync_models(self, models: list[dict[str, Any]]) -> list[str]:
+        """Serve exactly ``models`` ({"config", "stage", "app"} each) from now on.
+
+        New versions get a batcher first; then the table is swapped in one step, so
+        every request after it routes to the new production version; then the
+        versions no longer wanted are drained (their queued and running batches
+        finish) before this returns and the driver removes their deployments.
+        """
+        async with self._sync_lock:
+            wanted: dict[tuple[str, str], tuple[ModelConfig, str, str]] = {}
+            for item in models:
+                cfg = ModelConfig.model_validate(item["config"])
+                wanted[(cfg.name, cfg.version)] = (cfg, item["stage"], item["app"])
+            for key, (cfg, stage, app) in wanted.items():
+                if key not in self._served:
+                    self._served[key] = self._start_batcher(cfg, app)
+                self._stages[key] = stage
+            gone = [self._served.pop(key) for key in list(self._served) if key not in wanted]
+            for served in gone:
+                self._stages.pop((served.name, served.version), None)
+            self._table.swap(
+                [m for k, m in self._served.items() if self._stages[k] == "production"],
+                [m for k, m in self._served.items() if self._stages[k] == "staging"],
+            )
+            for served in gone:
+                await served.batcher.close(drain=True)
+                for gauge in (self.metrics.replicas, self.metrics.queued_rows):
+                    with contextlib.suppress(KeyError):
+                        gauge.remove(served.name, served.version)
+                self._replicas.pop((served.name, served.version), None)
+                log.info("model %s:%s removed from the gateway", served.name, served.version)
+            return sorted(f"{n}:{v}:{self._stages[(n, v)]}" for n, v in self._served)
 
     def _price(self, record: BatchRecord) -> Price:
         assert record.result is not None
@@ -146,7 +185,7 @@ class Gateway:
         # Keep answering 503 / UNAVAILABLE a moment before closing the sockets, so
         # clients racing the shutdown get an explicit, retryable refusal, not a reset.
         await asyncio.sleep(REFUSAL_LINGER_S)
-        for batcher in self._batchers:
+        for batcher in [m.batcher for m in self._served.values()]:
             # Past the drain budget, queued work is failed (503), not waited for.
             await batcher.close(drain=completed)
         await self._doors.stop()
@@ -163,16 +202,13 @@ def build_app(
     server: ServerConfig,
     state_dir: Path,
     database_url: str | None,
-    models: list[ModelConfig],
+    models: list[dict[str, Any]],
     costs: CostsConfig,
+    policies: dict[str, ModelPolicy] | None = None,
 ) -> Any:
-    """The Serve application: one deployment per model version plus the gateway."""
-    store = {
-        "state_dir": str(state_dir),
-        "database_url": database_url,
-        "heartbeat_s": costs.reservation_heartbeat_s,
-    }
-    handles = {deployment_name(m): model_deployment(m, store) for m in models}
+    """The gateway's Serve application. Each model version is an application of its
+    own (serving.deployer), so versions come and go without redeploying the gateway;
+    ``models`` is what it serves from the start ({"config", "stage", "app"} each)."""
     return (
         serve.deployment(Gateway)
         .options(
@@ -187,9 +223,9 @@ def build_app(
             server.model_dump(mode="json"),
             str(state_dir),
             database_url,
-            [m.model_dump(mode="json") for m in models],
-            handles,
+            models,
             costs.model_dump(mode="json"),
             otel_env(),
+            {k: p.model_dump(mode="json") for k, p in (policies or {}).items()},
         )
     )

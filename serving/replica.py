@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import uuid
 from pathlib import Path
@@ -12,10 +13,26 @@ from ray import serve
 from scheduler import BatchResult, Tensors
 from serving.config import ModelConfig
 from serving.ledger import Heartbeat, Reservation
-from serving.models import ModelRunner
+from serving.models import ModelLoadError, ModelRunner
 from serving.state import open_engine
 
 log = logging.getLogger(__name__)
+
+
+def check_artifact_digest(config: ModelConfig) -> None:
+    """Refuse to load an artifact whose bytes differ from the registered sha256."""
+    if config.sha256 is None:
+        return
+    h = hashlib.sha256()
+    with config.artifact.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    if h.hexdigest() != config.sha256:
+        raise ModelLoadError(
+            config.artifact,
+            f"sha256 is {h.hexdigest()}, expected {config.sha256}: the bytes changed after "
+            "registration",
+        )
 
 
 class ModelReplica:
@@ -27,6 +44,7 @@ class ModelReplica:
 
     def __init__(self, model: dict[str, Any], store: dict[str, Any]) -> None:
         self.config = ModelConfig.model_validate(model)
+        check_artifact_digest(self.config)
         self.runner = ModelRunner(self.config)
         self.runner.warmup()
         on_gpu = self.runner.device.type == "cuda"

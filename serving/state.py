@@ -175,6 +175,57 @@ event.listen(
 )
 
 
+STAGES = ("registered", "approved", "rejected", "staging", "production", "archived")
+
+# Registered model versions (serving.registry). Everything but the stage columns
+# is immutable: a changed artifact is a new version.
+model_versions = sa.Table(
+    "model_versions",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(128), nullable=False),
+    sa.Column("version", sa.String(128), nullable=False),
+    sa.Column("format", sa.String(16), nullable=False),
+    # sha256 hex of the artifact; also its file name in the content-addressed store.
+    sa.Column("digest", sa.CHAR(64), nullable=False),
+    sa.Column("size_bytes", sa.BigInteger, nullable=False),
+    sa.Column("model_class", sa.String(300), nullable=True),
+    # JSON texts, as for tenants: identical on SQLite and PostgreSQL.
+    sa.Column("model_kwargs", sa.Text, nullable=False),
+    sa.Column("signature", sa.Text, nullable=False),
+    sa.Column("metrics", sa.Text, nullable=False),
+    sa.Column("parent_version", sa.String(128), nullable=True),
+    sa.Column("source_uri", sa.Text, nullable=True),
+    sa.Column("dataset_digest", sa.String(200), nullable=True),
+    sa.Column("code_revision", sa.String(200), nullable=True),
+    sa.Column("author", sa.String(128), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, default=utcnow),
+    sa.Column("stage", sa.String(16), nullable=False),
+    sa.Column("stage_changed_at", sa.DateTime(timezone=True), nullable=False, default=utcnow),
+    # When it last became production; rollback returns to the latest earlier one.
+    sa.Column("promoted_at", sa.DateTime(timezone=True), nullable=True),
+    sa.UniqueConstraint("name", "version", name="uq_model_versions_name_version"),
+    sa.CheckConstraint(
+        "stage IN ('registered', 'approved', 'rejected', 'staging', 'production', 'archived')",
+        name="stage",
+    ),
+)
+
+approvals = sa.Table(
+    "approvals",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(128), nullable=False),
+    sa.Column("version", sa.String(128), nullable=False),
+    sa.Column("approver", sa.String(128), nullable=False),
+    sa.Column("decision", sa.String(8), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False, default=utcnow),
+    sa.UniqueConstraint("name", "version", "approver", name="uq_approvals_name_version_approver"),
+    sa.CheckConstraint("decision IN ('approve', 'reject')", name="decision"),
+)
+
+
 def open_engine(database_url: str | None, state_dir: Path) -> sa.Engine:
     """Connect to the state database and make sure the schema exists.
 

@@ -35,8 +35,8 @@ ADMIN_TOKEN_FILE = "admin.token"
 BOOTSTRAP_ADMIN = "admin"
 _HASH = re.compile(r"^[0-9a-f]{64}$")
 
-# Which roles may do each action. Approving is deliberately not an admin right:
-# separation of duties means the people who deploy are not the people who approve.
+# Which roles may do each action. Admins may do everything; separation of duties is
+# the registry's rule that nobody approves a version they registered.
 PERMISSIONS: dict[str, frozenset[str]] = {
     "users.create": frozenset({"admin"}),
     "users.list": frozenset({"admin", "auditor"}),
@@ -45,7 +45,7 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "tenants.list": frozenset({"admin", "auditor"}),
     "models.read": frozenset(ROLES),
     "models.register": frozenset({"admin", "deployer"}),
-    "models.approve": frozenset({"approver"}),
+    "models.approve": frozenset({"admin", "approver"}),
     "models.promote": frozenset({"admin", "deployer"}),
     "audit.read": frozenset({"admin", "auditor"}),
     "costs.read": frozenset({"admin", "finance"}),

@@ -1,19 +1,60 @@
 """Identities, the admin API, the audit log and the model registry against a real
-`gpugate serve` (local Ray, SQLite state in a temp dir, the demo digits model)."""
+`gpugate serve` (local Ray, SQLite state in a temp dir, the demo digits model).
+
+The tests of this module share one gateway and run in order: users first, then a
+second version of the demo model goes through approval, staging and production
+while a load generator runs, then rollback, then every guardrail refusal.
+"""
 
 from __future__ import annotations
 
+import http.client
 import json
+import os
+import signal
 import sqlite3
+import subprocess
+import threading
+import time
 import urllib.error
 import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import Gateway
+from tests.e2e.conftest import Gateway, start_gateway
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(900)
+
+POLICY = """
+policies:
+  digits:
+    required_approvals: 1
+    metrics:
+      accuracy: {higher_is_better: true, max_regression: 0.01}
+"""
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    state = tmp_path_factory.mktemp("registry-state")
+    config = state.parent / f"{state.name}-config.yaml"
+    config.write_text(POLICY)
+    gw = start_gateway(state, "--config", str(config))
+    gw.config = config  # type: ignore[attr-defined]
+    try:
+        yield gw
+    finally:
+        if gw.proc.poll() is None:
+            gw.proc.send_signal(signal.SIGTERM)
+            try:
+                gw.proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                gw.proc.kill()
+                gw.proc.wait()
 
 
 def admin(
@@ -32,12 +73,21 @@ def admin(
         return exc.code, json.loads(exc.read())
 
 
+def cli(gw: Gateway, *args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
+    """The CLI with the gateway's config (the registry's policies) and a user token."""
+    extra = ["--config", str(gw.config)]  # type: ignore[attr-defined]
+    if token is not None:
+        extra += ["--token", token]
+    done = gw.cli(*args, *extra)
+    return done
+
+
 def admin_token(gw: Gateway) -> str:
     return (gw.state_dir / "admin.token").read_text().strip()
 
 
 def make_user(gw: Gateway, name: str, role: str) -> str:
-    made = gw.cli("users", "create", name, "--role", role, "--json")
+    made = cli(gw, "users", "create", name, "--role", role, "--json")
     assert made.returncode == 0, made.stderr
     return str(json.loads(made.stdout)["token"])
 
@@ -105,3 +155,330 @@ def test_audit_log_and_verify_catch_a_direct_edit(gateway: Gateway) -> None:
     with sqlite3.connect(gateway.state_dir / "gpugate.db") as db:
         db.execute("UPDATE audit_log SET actor = 'admin' WHERE seq = ?", (victim,))
     assert gateway.cli("audit", "verify", "--token", auditor).returncode == 0
+
+
+# --------------------------------------------------------------------- registry
+
+
+def train(path: Path, seed: int, nan: bool = False) -> float:
+    """A digits model trained like the demo but with another seed; returns its accuracy."""
+    import safetensors.torch
+    import torch
+
+    from serving.demo import _train_digits
+
+    model, info = _train_digits(seed)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if nan:
+        state["scale"] = torch.full_like(state["scale"], float("nan"))
+    safetensors.torch.save_file(state, path)
+    return float(info["accuracy"])
+
+
+def register(
+    gw: Gateway, token: str, artifact: Path, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    return cli(
+        gw,
+        "models",
+        "register",
+        "digits",
+        "--artifact",
+        str(artifact),
+        "--format",
+        "safetensors",
+        "--class",
+        "serving.demo:DigitsMLP",
+        "--model-kwargs",
+        '{"hidden": 128}',
+        "--json",
+        *extra,
+        token=token,
+    )
+
+
+def index(gw: Gateway) -> list[dict[str, Any]]:
+    req = urllib.request.Request(f"http://{gw.http_url}/v2/repository/index", data=b"{}")
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return list(json.loads(resp.read()))
+
+
+class Load:
+    """Threads sending unversioned digits requests over keep-alive HTTP, recording
+    every outcome and which version answered."""
+
+    def __init__(self, gw: Gateway, threads: int = 4) -> None:
+        self.gw = gw
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.versions: list[tuple[float, str]] = []
+        self.failures: list[str] = []
+        body = {
+            "inputs": [
+                {
+                    "name": "pixels",
+                    "datatype": "FP32",
+                    "shape": [1, 64],
+                    "data": [float(i % 17) for i in range(64)],
+                }
+            ]
+        }
+        self.body = json.dumps(body).encode()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=30)
+
+    def _run(self) -> None:
+        host, port = self.gw.http_url.split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        headers = {
+            "Authorization": f"Bearer {self.gw.demo_key}",
+            "Content-Type": "application/json",
+        }
+        while not self.stop.is_set():
+            try:
+                conn.request("POST", "/v2/models/digits/infer", self.body, headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                if resp.status != 200:
+                    with self.lock:
+                        self.failures.append(f"{resp.status} {data[:200]!r}")
+                    continue
+                version = json.loads(data)["model_version"]
+                with self.lock:
+                    self.versions.append((time.monotonic(), version))
+            except Exception as exc:  # a reset or timeout is a failed request too
+                with self.lock:
+                    self.failures.append(repr(exc))
+                conn.close()
+                conn = http.client.HTTPConnection(host, int(port), timeout=30)
+
+    def wait_for_version(self, version: str, timeout_s: float = 120) -> float:
+        """Seconds until every answer in a row of 20 comes from ``version``."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout_s:
+            with self.lock:
+                recent = [v for t, v in self.versions[-20:]]
+            if len(recent) == 20 and set(recent) == {version}:
+                return time.monotonic() - start
+            time.sleep(0.05)
+        raise AssertionError(f"answers never switched to version {version}")
+
+    def count(self) -> Counter[str]:
+        with self.lock:
+            return Counter(v for _, v in self.versions)
+
+
+def test_second_version_approval_and_live_promotion_under_load(
+    gateway: Gateway, tmp_path: Path
+) -> None:
+    root = admin_token(gateway)
+    approver = make_user(gateway, "appr", "approver")
+    deployer = make_user(gateway, "dep", "deployer")
+    finance = make_user(gateway, "fin2", "finance")
+    listed = json.loads(cli(gateway, "models", "list", "--json", token=finance).stdout)
+    assert [(v["version"], v["stage"], v["author"]) for v in listed] == [
+        ("1", "production", "config")
+    ]
+
+    accuracy = train(tmp_path / "v2.safetensors", seed=1)
+    made = register(
+        gateway,
+        root,
+        tmp_path / "v2.safetensors",
+        "--parent",
+        "1",
+        "--metric",
+        f"accuracy={accuracy}",
+        "--source",
+        "run://seed-1",
+        "--dataset-digest",
+        "sklearn-digits",
+    )
+    assert made.returncode == 0, made.stderr
+    v2 = json.loads(made.stdout)
+    assert (v2["version"], v2["stage"], v2["author"]) == ("2", "registered", "admin")
+    lineage = cli(gateway, "models", "lineage", "digits", "2", token=finance)
+    assert lineage.stdout.splitlines()[0].startswith("digits:1 ")
+    assert "└─ digits:2" in lineage.stdout and "run://seed-1" in lineage.stdout
+
+    own = cli(gateway, "models", "approve", "digits", "2", "--reason", "mine", token=root)
+    assert own.returncode == 2 and "is the author of digits:2" in own.stderr
+    by_deployer = cli(gateway, "models", "approve", "digits", "2", "--reason", "x", token=deployer)
+    assert by_deployer.returncode == 2 and "may not models.approve" in by_deployer.stderr
+    ok = cli(gateway, "models", "approve", "digits", "2", "--reason", "eval ok", token=approver)
+    assert ok.returncode == 0, ok.stderr
+    shown = json.loads(cli(gateway, "models", "show", "digits", "2", "--json").stdout)
+    assert shown["stage"] == "approved"
+    assert [(a["approver"], a["reason"]) for a in shown["approvals"]] == [("appr", "eval ok")]
+
+    denied = cli(gateway, "models", "promote", "digits", "2", "--to", "staging", token=finance)
+    assert denied.returncode == 2 and "may not models.promote" in denied.stderr
+
+    with Load(gateway) as load:
+        time.sleep(1.0)
+        staged = cli(gateway, "models", "promote", "digits", "2", "--to", "staging", token=deployer)
+        assert staged.returncode == 0, staged.stderr
+        deadline = time.monotonic() + 120
+        while {"name": "digits", "version": "2", "state": "UNAVAILABLE"}.items() > {
+            **next((e for e in index(gateway) if e["version"] == "2"), {})
+        }.items():
+            assert time.monotonic() < deadline, index(gateway)
+            time.sleep(0.1)
+        # Staging takes no tenant traffic.
+        assert load.count()["2"] == 0
+        promoted_at = time.monotonic()
+        prod = cli(
+            gateway, "models", "promote", "digits", "2", "--to", "production", token=deployer
+        )
+        assert prod.returncode == 0, prod.stderr
+        switch_s = load.wait_for_version("2")
+        time.sleep(2.0)
+    counts = load.count()
+    print(
+        f"promotion under load: {sum(counts.values())} answered {dict(counts)}, "
+        f"{len(load.failures)} failed, switched {switch_s:.2f}s after the command returned "
+        f"({time.monotonic() - promoted_at:.1f}s window)"
+    )
+    assert load.failures == []
+    assert counts["1"] > 0 and counts["2"] > 0
+    assert index(gateway) == [{"name": "digits", "version": "2", "state": "READY", "reason": ""}]
+    with urllib.request.urlopen(f"http://{gateway.http_url}/v2/models/digits") as resp:
+        assert json.loads(resp.read())["versions"] == ["2"]
+
+
+def test_rollback_under_load(gateway: Gateway) -> None:
+    deployer = make_user(gateway, "dep-rb", "deployer")
+    with Load(gateway) as load:
+        time.sleep(1.0)
+        back = cli(gateway, "models", "rollback", "digits", "--reason", "drill", token=deployer)
+        assert back.returncode == 0, back.stderr
+        switch_s = load.wait_for_version("1")
+        time.sleep(1.0)
+    counts = load.count()
+    print(
+        f"rollback under load: {sum(counts.values())} answered {dict(counts)}, "
+        f"{len(load.failures)} failed, switched after {switch_s:.2f}s"
+    )
+    assert load.failures == []
+    assert index(gateway) == [{"name": "digits", "version": "1", "state": "READY", "reason": ""}]
+    stages = {
+        v["version"]: v["stage"]
+        for v in json.loads(cli(gateway, "models", "list", "--json").stdout)
+    }
+    assert stages == {"1": "production", "2": "archived"}
+
+
+def test_each_guardrail_refuses_with_its_reason(gateway: Gateway, tmp_path: Path) -> None:
+    import torch
+
+    from serving.demo import DigitsMLP
+
+    root = admin_token(gateway)
+    approver = make_user(gateway, "appr-g", "approver")
+    pickled = tmp_path / "model.pt"
+    torch.save(DigitsMLP(128).state_dict(), pickled)
+    refused = register(gateway, root, pickled)
+    assert refused.returncode == 2 and "payload guardrail" in refused.stderr
+    assert "torch.save files hold pickles" in refused.stderr
+
+    good = tmp_path / "good.safetensors"
+    accuracy = train(good, seed=2)
+    narrow = register(
+        gateway,
+        root,
+        good,
+        "--input",
+        "pixels:FP32:32",
+        "--output",
+        "logits:FP32:10",
+        "--metric",
+        f"accuracy={accuracy}",
+    )
+    assert narrow.returncode == 2 and "signature guardrail" in narrow.stderr
+    assert "input 'pixels' has shape [32], production's is [64]" in narrow.stderr
+
+    worse = register(gateway, root, good, "--metric", "accuracy=0.5")
+    assert worse.returncode == 2 and "metrics guardrail" in worse.stderr
+    assert "accuracy 0.5 is worse than production's" in worse.stderr
+
+    nan = tmp_path / "nan.safetensors"
+    train(nan, seed=3, nan=True)
+    smoke = register(gateway, root, nan, "--metric", f"accuracy={accuracy}")
+    assert smoke.returncode == 2 and "smoke-test guardrail" in smoke.stderr
+    assert "NaN/Inf" in smoke.stderr
+
+    made = register(gateway, root, good, "--metric", f"accuracy={accuracy}")
+    assert made.returncode == 0, made.stderr
+    v = json.loads(made.stdout)
+    assert (
+        cli(
+            gateway, "models", "approve", "digits", v["version"], "--reason", "ok", token=approver
+        ).returncode
+        == 0
+    )
+    stored = gateway.state_dir / "artifacts" / "sha256" / v["sha256"]
+    os.chmod(stored, 0o644)
+    with stored.open("r+b") as f:
+        f.seek(-8, os.SEEK_END)
+        f.write(b"\x00" * 8)
+    corrupt = cli(
+        gateway, "models", "promote", "digits", v["version"], "--to", "staging", token=root
+    )
+    assert corrupt.returncode == 2 and "digest guardrail" in corrupt.stderr
+    assert "changed after registration" in corrupt.stderr
+
+    log = json.loads(cli(gateway, "audit", "log", "--model", "digits", "--json").stdout)
+    refusals = [r for r in log if r["action"] == "model.refused"]
+    checks = [r["after"].get("check") for r in refusals]
+    for check in ("payload", "signature", "metrics", "smoke-test", "digest"):
+        assert check in checks, checks
+    assert any("author" in r["reason"] for r in refusals)
+    verify = cli(gateway, "audit", "verify")
+    assert verify.returncode == 0, verify.stdout
+
+
+def test_admin_api_reads_and_moves_versions(gateway: Gateway, tmp_path: Path) -> None:
+    root = admin_token(gateway)
+    finance = make_user(gateway, "fin-api", "finance")
+    approver = make_user(gateway, "appr-api", "approver")
+    status, versions = admin(gateway, "GET", "/models?name=digits", finance)
+    assert status == 200 and versions[0]["version"] == "1"
+    status, one = admin(gateway, "GET", "/models/digits/versions/2", finance)
+    assert status == 200 and one["approvals"][0]["approver"] == "appr"
+    status, chain = admin(gateway, "GET", "/models/digits/versions/2/lineage", finance)
+    assert [v["version"] for v in chain] == ["2", "1"]
+    assert admin(gateway, "GET", "/models/digits/versions/99", finance)[0] == 404
+
+    good = tmp_path / "api.safetensors"
+    accuracy = train(good, seed=4)
+    made = register(gateway, root, good, "--metric", f"accuracy={accuracy}")
+    assert made.returncode == 0, made.stderr
+    v = json.loads(made.stdout)["version"]
+    path = f"/models/digits/versions/{v}"
+    status, body = admin(gateway, "POST", path + "/approve", root, {"reason": "mine"})
+    assert status == 409 and "author" in body["error"]
+    assert admin(gateway, "POST", path + "/approve", approver, {})[0] == 400
+    status, body = admin(gateway, "POST", path + "/approve", approver, {"reason": "ok"})
+    assert status == 200 and body["stage"] == "approved"
+    status, body = admin(gateway, "POST", path + "/promote", finance, {"to": "staging"})
+    assert status == 403 and "may not models.promote" in body["error"]
+    status, body = admin(gateway, "POST", path + "/promote", root, {"to": "production"})
+    assert status == 409 and "only a version that is staging" in body["error"]
+    status, body = admin(gateway, "POST", path + "/reject", approver, {"reason": "late"})
+    assert status == 409 and "already decided" in body["error"]
+    second = make_user(gateway, "appr-api2", "approver")
+    status, body = admin(gateway, "POST", path + "/reject", second, {"reason": "drift"})
+    assert status == 200 and body["stage"] == "rejected"
+    spec = json.loads(
+        urllib.request.urlopen(f"http://{gateway.http_url}/admin/openapi.json").read()
+    )
+    assert "/admin/models/{name}/versions/{version}/promote" in spec["paths"]

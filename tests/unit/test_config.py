@@ -11,7 +11,9 @@ from serving.config import (
     ConfigError,
     CostsConfig,
     GatewayConfig,
+    MetricPolicy,
     ModelConfig,
+    ModelPolicy,
     PriceConfig,
     ServerConfig,
     TenantConfig,
@@ -76,6 +78,8 @@ def test_embedded_default_and_example_config_validate() -> None:
     "model",
     [
         GatewayConfig,
+        ModelPolicy,
+        MetricPolicy,
         ServerConfig,
         ModelConfig,
         TensorConfig,

@@ -1,0 +1,297 @@
+"""Registry, guardrails, approvals and stages against a SQLite file and PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import sqlalchemy as sa
+import torch
+
+from serving import audit
+from serving.config import GatewayConfig, MetricPolicy, ModelPolicy, TensorConfig
+from serving.demo import DigitsMLP
+from serving.promotion import ApprovalError, StageError, Stages
+from serving.registry import (
+    Candidate,
+    GuardrailRefused,
+    Registry,
+    RegistryError,
+    Signature,
+    VersionExistsError,
+    artifact_path,
+)
+from tests.integration.conftest import OpenEngine
+
+SIG = Signature(
+    (TensorConfig(name="pixels", datatype="FP32", shape=[64]),),
+    (TensorConfig(name="logits", datatype="FP32", shape=[10]),),
+)
+CONFIG = GatewayConfig(
+    policies={
+        "digits": ModelPolicy(
+            required_approvals=2,
+            metrics={"accuracy": MetricPolicy(max_regression=0.01)},
+            max_artifact_bytes=10 * 2**20,
+        )
+    }
+)
+
+
+def weights(path: Path, seed: int, nan: bool = False) -> Path:
+    torch.manual_seed(seed)
+    state = DigitsMLP(16).state_dict()
+    if nan:
+        state["scale"] = torch.full_like(state["scale"], float("nan"))
+    safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, path)
+    return path
+
+
+def cand(artifact: Path, **kw: object) -> Candidate:
+    fields: dict[str, object] = {
+        "name": "digits",
+        "artifact": artifact,
+        "format": "safetensors",
+        "signature": SIG,
+        "model_class": "serving.demo:DigitsMLP",
+        "model_kwargs": {"hidden": 16},
+        "metrics": {"accuracy": 0.95},
+    }
+    fields.update(kw)
+    return Candidate(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def reg(open_db: OpenEngine, tmp_path: Path) -> Registry:
+    return Registry(open_db(), tmp_path / "state", CONFIG)
+
+
+def actions(reg: Registry) -> list[tuple[str, str, str]]:
+    return [(r.actor, r.action, r.target) for r in audit.read(reg.engine)]
+
+
+def test_register_stores_content_addressed_and_records_lineage(
+    reg: Registry, tmp_path: Path
+) -> None:
+    src = weights(tmp_path / "a.safetensors", 1)
+    v1 = reg.register(
+        "dora", cand(src, source_uri="mlflow://run/1", dataset_digest="sha256:d"), smoke=False
+    )
+    assert (v1.version, v1.stage, v1.author) == ("1", "registered", "dora")
+    stored = artifact_path(reg.state_dir, v1.digest)
+    assert stored.read_bytes() == src.read_bytes()
+    assert stat.S_IMODE(stored.stat().st_mode) == 0o444
+    v2 = reg.register(
+        "dora",
+        cand(weights(tmp_path / "b.safetensors", 2), parent_version="1", signature=None),
+        smoke=False,
+    )
+    assert v2.version == "2" and v2.signature == SIG  # inherited from the parent
+    v3 = reg.register("dora", cand(src, parent_version="2", version="exp-3"), smoke=False)
+    assert v3.digest == v1.digest  # same bytes, one stored copy
+    assert [r.version for r in reg.lineage("digits", "exp-3")] == ["exp-3", "2", "1"]
+    assert reg.children("digits") == {"1": ["2"], "2": ["exp-3"]}
+    with pytest.raises(VersionExistsError, match="immutable"):
+        reg.register("dora", cand(src, version="exp-3"), smoke=False)
+    with pytest.raises(RegistryError, match="no registered version '9'"):
+        reg.register("dora", cand(src, parent_version="9"), smoke=False)
+    assert reg.get("digits", "1").as_json()["lineage"]["source_uri"] == "mlflow://run/1"
+    assert actions(reg) == [
+        ("dora", "model.register", f"model:digits:{v}") for v in ("1", "2", "exp-3")
+    ]
+    assert audit.verify(reg.engine).ok
+
+
+def test_payload_and_size_guardrails_refuse_and_audit(reg: Registry, tmp_path: Path) -> None:
+    pickled = tmp_path / "model.pt"
+    torch.save(DigitsMLP(16).state_dict(), pickled)
+    with pytest.raises(GuardrailRefused, match=r"payload.*zip archive, not safetensors"):
+        reg.register("dora", cand(pickled), smoke=False)
+    with pytest.raises(GuardrailRefused, match=r"payload.*not TorchScript"):
+        reg.register("dora", cand(pickled, format="torchscript"), smoke=False)
+    raw = tmp_path / "raw.pkl"
+    raw.write_bytes(b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00K\x01.")
+    with pytest.raises(GuardrailRefused, match="is a Python pickle"):
+        reg.register("dora", cand(raw), smoke=False)
+    with pytest.raises(GuardrailRefused, match="format"):
+        reg.register("dora", cand(pickled, format="onnx"), smoke=False)
+    big = tmp_path / "big.safetensors"
+    with big.open("wb") as f:
+        f.truncate(11 * 2**20)
+    with pytest.raises(GuardrailRefused, match="size"):
+        reg.register("dora", cand(big), smoke=False)
+    refused = audit.read(reg.engine)
+    assert [r.action for r in refused] == ["model.refused"] * 5
+    assert "zip archive" in refused[0].reason and refused[0].after["check"] == "payload"
+    assert reg.list() == []
+
+
+def test_signature_and_metric_guardrails_compare_with_production(
+    reg: Registry, tmp_path: Path
+) -> None:
+    src = weights(tmp_path / "a.safetensors", 1)
+    stages = Stages(reg)
+    reg.register("dora", cand(src, metrics={"accuracy": 0.95}), smoke=False)
+    stages.set_config_production("digits", "1")
+    narrow = Signature((TensorConfig(name="pixels", datatype="FP32", shape=[32]),), SIG.outputs)
+    with pytest.raises(GuardrailRefused, match=r"input 'pixels' has shape \[32\]"):
+        reg.register("dora", cand(src, signature=narrow), smoke=False)
+    other_dtype = Signature(
+        (TensorConfig(name="pixels", datatype="FP64", shape=[64]),), SIG.outputs
+    )
+    with pytest.raises(GuardrailRefused, match="FP64"):
+        reg.register("dora", cand(src, signature=other_dtype), smoke=False)
+    no_out = Signature(SIG.inputs, (TensorConfig(name="probs", datatype="FP32", shape=[10]),))
+    with pytest.raises(GuardrailRefused, match=r"outputs \['logits'\] of production"):
+        reg.register("dora", cand(src, signature=no_out), smoke=False)
+    variable = Signature((TensorConfig(name="pixels", datatype="FP32", shape=[-1]),), SIG.outputs)
+    assert reg.register("dora", cand(src, signature=variable), smoke=False).version == "2"
+    with pytest.raises(GuardrailRefused, match=r"accuracy 0.93 is worse .* by 0.02"):
+        reg.register("dora", cand(src, metrics={"accuracy": 0.93}), smoke=False)
+    with pytest.raises(GuardrailRefused, match="no 'accuracy' metric"):
+        reg.register("dora", cand(src, metrics={}), smoke=False)
+    assert reg.register("dora", cand(src, metrics={"accuracy": 0.945}), smoke=False).version == "3"
+
+
+def test_smoke_test_loads_in_a_child_process(reg: Registry, tmp_path: Path) -> None:
+    good = reg.register("dora", cand(weights(tmp_path / "a.safetensors", 1)))
+    assert good.version == "1"
+    with pytest.raises(GuardrailRefused, match=r"smoke-test.*NaN/Inf"):
+        reg.register("dora", cand(weights(tmp_path / "n.safetensors", 1, nan=True)))
+    with pytest.raises(GuardrailRefused, match=r"smoke-test.*cannot construct"):
+        reg.register(
+            "dora",
+            cand(weights(tmp_path / "b.safetensors", 1), model_kwargs={"hidden": 16, "bogus": 1}),
+        )
+
+
+def test_approvals_need_distinct_approvers_never_the_author(reg: Registry, tmp_path: Path) -> None:
+    stages = Stages(reg)
+    reg.register("dora", cand(weights(tmp_path / "a.safetensors", 1)), smoke=False)
+    with pytest.raises(ApprovalError, match="author"):
+        stages.decide("dora", "digits", "1", "approve", "looks good to me")
+    with pytest.raises(ApprovalError, match="reason"):
+        stages.decide("ann", "digits", "1", "approve", " ")
+    assert stages.decide("ann", "digits", "1", "approve", "eval ok").stage == "registered"
+    with pytest.raises(ApprovalError, match="already decided"):
+        stages.decide("ann", "digits", "1", "approve", "again")
+    with pytest.raises(StageError, match="only a version that is approved"):
+        stages.promote("dora", "digits", "1", "staging")
+    assert stages.decide("bert", "digits", "1", "approve", "canary ok").stage == "approved"
+    assert [a["approver"] for a in stages.approvals("digits", "1")] == ["ann", "bert"]
+    reg.register("dora", cand(weights(tmp_path / "b.safetensors", 2)), smoke=False)
+    assert stages.decide("ann", "digits", "2", "reject", "drift").stage == "rejected"
+    with pytest.raises(ApprovalError, match="is rejected"):
+        stages.decide("bert", "digits", "2", "approve", "late")
+    acts = [(a, t) for (_, a, t) in actions(reg)]
+    assert ("model.refused", "model:digits:1") in acts
+    assert ("model.approve", "model:digits:1") in acts and (
+        "model.reject",
+        "model:digits:2",
+    ) in acts
+    assert audit.verify(reg.engine).ok
+
+
+def approved(reg: Registry, src: Path, **kw: object) -> str:
+    v = reg.register("dora", cand(src, **kw), smoke=False).version
+    for who in ("ann", "bert"):
+        Stages(reg).decide(who, "digits", v, "approve", "ok")
+    return v
+
+
+def test_stages_promotion_and_rollback(reg: Registry, tmp_path: Path) -> None:
+    stages = Stages(reg)
+    v1 = approved(reg, weights(tmp_path / "a.safetensors", 1))
+    with pytest.raises(StageError, match="staging"):
+        stages.promote("dora", "digits", v1, "production")
+    stages.promote("dora", "digits", v1, "staging")
+    assert stages.promote("dora", "digits", v1, "production").stage == "production"
+    v2 = approved(reg, weights(tmp_path / "b.safetensors", 2), metrics={"accuracy": 0.96})
+    stages.promote("dora", "digits", v2, "staging")
+    stages.promote("dora", "digits", v2, "production")
+    assert reg.get("digits", v1).stage == "archived"
+    v3 = approved(reg, weights(tmp_path / "c.safetensors", 3), metrics={"accuracy": 0.96})
+    stages.promote("dora", "digits", v3, "staging")
+    stages.promote("dora", "digits", v3, "production")
+    assert stages.rollback("dora", "digits", "latency").version == v2
+    assert stages.rollback("dora", "digits").version == v1  # further back, no toggling
+    with pytest.raises(StageError, match="no earlier production"):
+        stages.rollback("dora", "digits")
+    assert [(v.version, v.stage) for v in reg.list("digits")] == [
+        ("1", "production"),
+        ("2", "archived"),
+        ("3", "archived"),
+    ]
+    # An archived version can be staged again (and its guardrails re-run).
+    stages.promote("dora", "digits", v3, "staging")
+    assert audit.verify(reg.engine).ok
+
+
+def test_promotion_rechecks_the_stored_bytes(reg: Registry, tmp_path: Path) -> None:
+    v1 = approved(reg, weights(tmp_path / "a.safetensors", 1))
+    stored = artifact_path(reg.state_dir, reg.get("digits", v1).digest)
+    os.chmod(stored, 0o644)
+    with stored.open("r+b") as f:
+        f.seek(-4, os.SEEK_END)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(GuardrailRefused, match=r"digest.*changed after registration"):
+        Stages(reg).promote("dora", "digits", v1, "staging")
+    assert reg.get("digits", v1).stage == "approved"
+    last = audit.read(reg.engine)[-1]
+    assert (last.action, last.after["check"]) == ("model.refused", "digest")
+
+
+def test_config_versions_register_once_and_are_immutable(reg: Registry, tmp_path: Path) -> None:
+    from serving.config import ModelConfig
+
+    src = weights(tmp_path / "a.safetensors", 1)
+    model = ModelConfig(
+        name="digits",
+        version="7",
+        artifact=src,
+        format="safetensors",
+        model_class="serving.demo:DigitsMLP",
+        model_kwargs={"hidden": 16},
+        inputs=list(SIG.inputs),
+        outputs=list(SIG.outputs),
+    )
+    reg.register_config_models([model], {"digits:7": {"accuracy": 0.9}})
+    reg.register_config_models([model], {})  # a restart changes nothing
+    row = reg.get("digits", "7")
+    assert (row.author, row.stage, row.metrics) == ("config", "production", {"accuracy": 0.9})
+    assert reg.model_config(row).sha256 == row.digest
+    weights(src, 2)
+    with pytest.raises(RegistryError, match="changed since it was registered"):
+        reg.register_config_models([model], {})
+
+
+def test_concurrent_registrations_get_distinct_versions(
+    open_db: OpenEngine, tmp_path: Path
+) -> None:
+    import threading
+
+    src = weights(tmp_path / "a.safetensors", 1)
+    regs = [Registry(open_db(), tmp_path / "state", CONFIG) for _ in range(3)]
+    versions: list[str] = []
+    errors: list[BaseException] = []
+
+    def go(r: Registry) -> None:
+        try:
+            for _ in range(3):
+                versions.append(r.register("dora", cand(src), smoke=False).version)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=go, args=(r,)) for r in regs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sorted(versions, key=int) == [str(i) for i in range(1, 10)]
+    assert audit.verify(regs[0].engine).ok
+    with regs[0].engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM model_versions")).scalar() == 9
