@@ -142,6 +142,12 @@ def core_routes(engine: sa.Engine, on_tenants_changed: Callable[[], None]) -> li
         on_tenants_changed()
         return {"tenant": name, "deleted": True}
 
+    def tenants_rotate(req: AdminRequest) -> Any:
+        name = req.path_params["name"]
+        key = tenants.rotate_key(name, actor=req.principal.name)
+        on_tenants_changed()
+        return {"tenant": name, "api_key": key}
+
     def tenants_list(req: AdminRequest) -> Any:
         return [
             {"tenant": r.name, "weight": r.weight, "models": list(r.models), "source": r.source}
@@ -213,6 +219,13 @@ def core_routes(engine: sa.Engine, on_tenants_changed: Callable[[], None]) -> li
             "tenants.delete",
             "Delete a tenant (revokes its key)",
             blocking(tenants_delete),
+        ),
+        AdminRoute(
+            "POST",
+            "/tenants/{name}/rotate",
+            "tenants.rotate",
+            "Give a tenant a new key (returned once); the old key stops working",
+            blocking(tenants_rotate),
         ),
         AdminRoute(
             "GET",

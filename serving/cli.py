@@ -196,6 +196,18 @@ def cmd_tenants_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tenants_rotate(args: argparse.Namespace) -> int:
+    from serving.tenants import TenantStore
+
+    ctx = open_context(args, "tenants.rotate")
+    key = TenantStore(ctx.engine).rotate_key(args.name, actor=ctx.principal.name)
+    if args.json:
+        print(json.dumps({"tenant": args.name, "api_key": key}))
+    else:
+        print(f"tenant {args.name} has a new API key (shown once): {key}")
+    return 0
+
+
 def cmd_tenants_list(args: argparse.Namespace) -> int:
     from serving.tenants import TenantStore
 
@@ -306,6 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(delete)
     delete.add_argument("name")
     delete.set_defaults(func=run(cmd_tenants_delete))
+    rotate = tsub.add_parser(
+        "rotate", help="give a CLI tenant a new key, printed once; the old one stops working"
+    )
+    add_common(rotate)
+    rotate.add_argument("name")
+    rotate.add_argument("--json", action="store_true", help='print {"tenant", "api_key"}')
+    rotate.set_defaults(func=run(cmd_tenants_rotate))
     listing = tsub.add_parser("list", help="list tenants (never keys)")
     add_common(listing)
     listing.add_argument("--json", action="store_true")

@@ -1,10 +1,12 @@
 """The gateway: router + scheduler, hosted in a Ray Serve deployment of its own.
 
 Like Ray Serve's "direct ingress", the replica opens the HTTP, gRPC and metrics
-ports itself, so the whole system is one Serve application (``serve deploy``
-and a KubeRay RayService can run it) and the router restarts under Ray's fault
-tolerance. Batches are formed here, before the Ray hop, so one handle call
-carries a whole batch.
+ports itself, and the router restarts under Ray's fault tolerance. Model
+versions are Serve applications of their own, which the ``gpugate serve``
+driver adds and removes as the registry's stages change (serving.deployer);
+the gateway reaches them by name and swaps its model table in one step.
+Batches are formed here, before the Ray hop, so one handle call carries a
+whole batch.
 """
 
 from __future__ import annotations
@@ -130,9 +132,16 @@ class Gateway:
             for item in models:
                 cfg = ModelConfig.model_validate(item["config"])
                 wanted[(cfg.name, cfg.version)] = (cfg, item["stage"], item["app"])
-            for key, (cfg, stage, app) in wanted.items():
+            for key, (cfg, stage, app) in list(wanted.items()):
                 if key not in self._served:
-                    self._served[key] = self._start_batcher(cfg, app)
+                    try:
+                        self._served[key] = self._start_batcher(cfg, app)
+                    except Exception as exc:
+                        # E.g. a restarted gateway replica given its first, stale set:
+                        # serve the rest; the driver's next sync brings the current set.
+                        log.warning("cannot serve %s:%s: %s", cfg.name, cfg.version, exc)
+                        del wanted[key]
+                        continue
                 self._stages[key] = stage
             gone = [self._served.pop(key) for key in list(self._served) if key not in wanted]
             for served in gone:

@@ -42,6 +42,7 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "users.list": frozenset({"admin", "auditor"}),
     "tenants.create": frozenset({"admin"}),
     "tenants.delete": frozenset({"admin"}),
+    "tenants.rotate": frozenset({"admin"}),
     "tenants.list": frozenset({"admin", "auditor"}),
     "models.read": frozenset(ROLES),
     "models.register": frozenset({"admin", "deployer"}),

@@ -109,6 +109,10 @@ def test_admin_api_checks_tokens_and_roles(gateway: Gateway) -> None:
 
     status, tenant = admin(gateway, "POST", "/tenants", root, {"name": "api-t", "weight": 2})
     assert status == 201 and tenant["api_key"].startswith("gg_")
+    status, rotated = admin(gateway, "POST", "/tenants/api-t/rotate", root)
+    assert status == 200 and rotated["api_key"] not in ("", tenant["api_key"])
+    rotate_cli = cli(gateway, "tenants", "rotate", "api-t", "--json")
+    assert rotate_cli.returncode == 0 and json.loads(rotate_cli.stdout)["tenant"] == "api-t"
     assert admin(gateway, "DELETE", "/tenants/api-t", root) == (
         200,
         {"tenant": "api-t", "deleted": True},
