@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import sqlalchemy as sa
 
@@ -211,7 +211,19 @@ class TenantStore:
 
     def _apply_config(self, wanted: Sequence[tuple[TenantConfig, tuple[str, ...], str]]) -> None:
         names = [tc.name for tc, _, _ in wanted]
-        with self.engine.begin() as conn:
+        with audit.audited(self.engine) as tx:
+            conn = tx.conn
+            before = {
+                r.name: r
+                for r in conn.execute(
+                    sa.select(
+                        t_tenants.c.name,
+                        t_tenants.c.weight,
+                        t_tenants.c.models,
+                        t_tenants.c.key_hash,
+                    ).where(t_tenants.c.source == "config")
+                )
+            }
             # Prune first so a key moved from a removed tenant to a new one does not
             # collide with the row that is about to go.
             conn.execute(
@@ -219,6 +231,15 @@ class TenantStore:
                     t_tenants.c.source == "config", t_tenants.c.name.not_in(names)
                 )
             )
+            for name, gone in sorted(before.items()):
+                if name not in names:
+                    tx.append(
+                        "config",
+                        "tenant.delete",
+                        f"tenant:{name}",
+                        before=_described(gone),
+                        reason="removed from the config file",
+                    )
             for tc, models, h in wanted:
                 values = {"weight": float(tc.weight), "models": json.dumps(list(models))}
                 updated = conn.execute(
@@ -231,6 +252,32 @@ class TenantStore:
                         t_tenants.insert().values(
                             name=tc.name, key_hash=h, source="config", **values
                         )
+                    )
+                after = {"name": tc.name, "weight": float(tc.weight), "models": list(models)}
+                old = before.get(tc.name)
+                if old is None:
+                    tx.append(
+                        "config",
+                        "tenant.create",
+                        f"tenant:{tc.name}",
+                        after=after,
+                        reason="declared in the config file",
+                    )
+                elif _described(old) != after:
+                    tx.append(
+                        "config",
+                        "tenant.update",
+                        f"tenant:{tc.name}",
+                        before=_described(old),
+                        after=after,
+                        reason="config file changed",
+                    )
+                if old is not None and old.key_hash.strip() != h:
+                    tx.append(
+                        "config",
+                        "tenant.rotate_key",
+                        f"tenant:{tc.name}",
+                        reason=f"new key in {tc.api_key_env}",
                     )
 
     def _explain_conflict(
@@ -330,6 +377,10 @@ class TenantStore:
             )
             for r in rows
         ]
+
+
+def _described(row: Any) -> dict[str, Any]:
+    return {"name": row.name, "weight": float(row.weight), "models": json.loads(row.models)}
 
 
 def ensure_demo_tenant(store: TenantStore, state_dir: Path) -> str:

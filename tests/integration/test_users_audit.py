@@ -194,3 +194,25 @@ def test_tenant_and_user_changes_are_audited(engine: sa.Engine) -> None:
     assert audit.verify(engine).ok
     since = audit.read(engine, since=records[1].at)
     assert [r.seq for r in since] == [2, 3]
+
+
+def test_config_tenant_changes_are_audited_as_config(engine: sa.Engine) -> None:
+    from serving.config import TenantConfig
+
+    store = TenantStore(engine)
+    a = TenantConfig(name="a", weight=1, api_key_env="KA")
+    b = TenantConfig(name="b", weight=1, api_key_env="KB")
+    store.upsert_from_config([a, b], {"KA": "key-a", "KB": "key-b"})
+    store.upsert_from_config([a, b], {"KA": "key-a", "KB": "key-b"})  # a restart: no records
+    a2 = TenantConfig(name="a", weight=3, api_key_env="KA")
+    store.upsert_from_config([a2], {"KA": "key-a2"})
+    records = [(r.actor, r.action, r.target) for r in audit.read(engine)]
+    assert records == [
+        ("config", "tenant.create", "tenant:a"),
+        ("config", "tenant.create", "tenant:b"),
+        ("config", "tenant.delete", "tenant:b"),
+        ("config", "tenant.update", "tenant:a"),
+        ("config", "tenant.rotate_key", "tenant:a"),
+    ]
+    assert audit.read(engine)[3].after["weight"] == 3.0
+    assert audit.verify(engine).ok
