@@ -101,13 +101,18 @@ class Audit:
         """
         if self._locked:
             return
-        # The head row is inserted with the table (serving.state), so it always exists.
-        touched = self.conn.execute(
-            t_head.update().where(t_head.c.id == 1).values(seq=t_head.c.seq)
-        ).rowcount
-        if not touched:
-            raise RuntimeError("the audit chain head row is missing from audit_head")
-        self._locked = True
+        for _ in range(2):
+            touched = self.conn.execute(
+                t_head.update().where(t_head.c.id == 1).values(seq=t_head.c.seq)
+            ).rowcount
+            if touched:
+                self._locked = True
+                return
+            # The first append ever creates the head. "Do nothing" on a conflict rather
+            # than catching an error: a failed statement would end a PostgreSQL
+            # transaction, and a concurrent creator's row is what the update then locks.
+            self.conn.execute(_insert_ignore(self.conn, t_head, id=1, seq=0, hash=GENESIS))
+        raise RuntimeError("the audit chain head row could not be created")
 
     def append(
         self,
@@ -142,6 +147,16 @@ class Audit:
         )
         self.conn.execute(t_head.update().where(t_head.c.id == 1).values(seq=seq, hash=digest))
         return AuditRecord(seq, at, actor, action, target, before, after, reason, prev, digest)
+
+
+def _insert_ignore(conn: sa.Connection, table: sa.Table, **values: Any) -> Any:
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(table).values(**values).on_conflict_do_nothing()
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(table).values(**values).on_conflict_do_nothing()
 
 
 @contextlib.contextmanager

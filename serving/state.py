@@ -165,17 +165,6 @@ audit_head = sa.Table(
     sa.Column("hash", sa.CHAR(64), nullable=False),
     sa.CheckConstraint("id = 1", name="single_row"),
 )
-# Created with its table, in the same transaction, so appends can always lock it.
-event.listen(
-    audit_head,
-    "after_create",
-    sa.DDL(  # type: ignore[no-untyped-call]
-        f"INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, '{'0' * 64}')"
-    ),
-)
-
-
-STAGES = ("registered", "approved", "rejected", "staging", "production", "archived")
 
 # Registered model versions (serving.registry). Everything but the stage columns
 # is immutable: a changed artifact is a new version.
