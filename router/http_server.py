@@ -11,7 +11,8 @@ by default).
 from __future__ import annotations
 
 import zlib
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import numpy as np
 import orjson
@@ -46,10 +47,19 @@ def _json(payload: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(payload), status, media_type="application/json")
 
 
-def build_http_app(service: InferenceService, admin: ASGIApp | None = None) -> Starlette:
+class UsageSource(Protocol):
+    """A tenant's own usage report (``serving`` reads it from the cost ledger)."""
+
+    async def usage(self, tenant: str, query: Mapping[str, str]) -> Any: ...
+
+
+def build_http_app(
+    service: InferenceService, admin: ASGIApp | None = None, usage: UsageSource | None = None
+) -> Starlette:
     """The ASGI app; every error leaves as ``{"error": ...}`` with its status.
 
-    ``admin`` (router.admin.build_admin_app) is mounted at ``/admin``.
+    ``admin`` (router.admin.build_admin_app) is mounted at ``/admin``; ``usage``
+    answers ``GET /usage`` for the tenant whose API key calls it.
     """
 
     async def live(request: Request) -> Response:
@@ -142,6 +152,17 @@ def build_http_app(service: InferenceService, admin: ASGIApp | None = None) -> S
     ]
     if admin is not None:
         routes.append(Mount("/admin", app=admin))
+
+    async def tenant_usage(request: Request) -> Response:
+        try:
+            if usage is None:
+                raise NotFound("usage reports are not served here")
+            tenant = await service.authenticate(Call(), request.headers.get("authorization"))
+            return _json(await usage.usage(tenant.name, dict(request.query_params)))
+        except GatewayError as exc:
+            return _error(exc)
+
+    routes.append(Route("/usage", tenant_usage, methods=["GET"]))
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return JSONResponse({"error": f"no route {request.url.path}"}, status_code=404)

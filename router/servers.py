@@ -11,7 +11,7 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from router.grpc_server import build_grpc_server
-from router.http_server import build_http_app
+from router.http_server import UsageSource, build_http_app
 from router.service import InferenceService
 
 
@@ -42,9 +42,11 @@ class FrontDoors:
         host: str,
         max_message_bytes: int,
         admin: ASGIApp | None = None,
+        usage: UsageSource | None = None,
     ) -> None:
         self.service = service
         self._admin = admin
+        self._usage = usage
         self.host = host
         self.http_port = 0
         self.grpc_port = 0
@@ -64,7 +66,7 @@ class FrontDoors:
         await self._grpc.start()
         self._http = uvicorn.Server(
             uvicorn.Config(
-                build_http_app(self.service, self._admin),
+                build_http_app(self.service, self._admin, self._usage),
                 log_level="warning",
                 access_log=False,
                 lifespan="off",

@@ -229,29 +229,27 @@ def cmd_tenants_list(args: argparse.Namespace) -> int:
 
 
 def cmd_costs_report(args: argparse.Namespace) -> int:
-    from serving.cost_report import ReportError, build_report, parse_when, render
-    from serving.ledger import Pricing
-    from serving.state import open_engine
+    """Acts with a user token like the admin commands: finance or admin (costs.read)."""
+    return run(_costs_report)(args)
 
-    try:
-        config = load_config(args.config)
-        start = parse_when(args.from_)
-        end = parse_when(args.to, end_of_day=True)
-        group_by = [g.strip() for g in args.group_by.split(",") if g.strip()]
-        engine = open_engine(
-            _database_url(args.database_url, config), _state_dir(args.state_dir, config)
-        )
-        report = build_report(
-            engine,
-            Pricing(config.costs),
-            start,
-            end,
-            group_by,
-            share_idle=args.share_idle,
-            tenant=args.tenant,
-        )
-    except (ConfigError, ReportError) as exc:
-        return _fail(str(exc))
+
+def _costs_report(args: argparse.Namespace) -> int:
+    from serving.cost_report import build_report, parse_when, render
+    from serving.ledger import Pricing
+
+    start = parse_when(args.from_)
+    end = parse_when(args.to, end_of_day=True)
+    group_by = [g.strip() for g in args.group_by.split(",") if g.strip()]
+    ctx = open_context(args, "costs.read")
+    report = build_report(
+        ctx.engine,
+        Pricing(ctx.config.costs),
+        start,
+        end,
+        group_by,
+        share_idle=args.share_idle,
+        tenant=args.tenant,
+    )
     print(render(report, args.format))
     return 0
 
@@ -339,9 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
         "replicas) and cost per group over [--from, --to), from the ledger. Idle reserved "
         "capacity (replica uptime x share minus use) is the pseudo-tenant '(idle)', or is "
         "spread over tenants by use with --share-idle. The last line/row is the TOTAL; "
-        "tenants + idle = reserved.",
+        "tenants + idle = reserved. Needs a finance or admin token (--token, "
+        "$GPUGATE_TOKEN, else the state folder's admin token).",
     )
-    _common(report)
+    add_common(report)
     report.add_argument(
         "--from",
         dest="from_",

@@ -12,6 +12,7 @@ or spread over the tenants in proportion to their use with ``share_idle``.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
@@ -25,6 +26,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from router._exceptions import InvalidArgument
+from router.admin import AdminRequest, AdminRoute
 from scheduler import split_by_rows
 from serving.ledger import NANOS, NS_PER_HOUR, Pricing, as_utc
 from serving.state import ledger_allocations, ledger_batches, ledger_reservations
@@ -318,6 +321,53 @@ def report_for_query(
         now=now,
     )
     return report.as_dict()
+
+
+class LedgerReports:
+    """The reports behind HTTP: ``GET /admin/costs`` (finance, admin) and ``GET /usage``
+    (a tenant's own usage, with its own API key)."""
+
+    def __init__(self, engine: sa.Engine, pricing: Pricing) -> None:
+        self._engine = engine
+        self._pricing = pricing
+
+    async def usage(self, tenant: str, query: Mapping[str, str]) -> dict[str, Any]:
+        try:
+            return await asyncio.to_thread(
+                report_for_query,
+                self._engine,
+                self._pricing,
+                query,
+                tenant=tenant,
+                default_group_by="model,day",
+            )
+        except ReportError as exc:
+            raise InvalidArgument(str(exc)) from None
+
+    def admin_routes(self) -> list[AdminRoute]:
+        async def costs(req: AdminRequest) -> Any:
+            try:
+                return await asyncio.to_thread(
+                    report_for_query, self._engine, self._pricing, req.query
+                )
+            except ReportError as exc:
+                raise InvalidArgument(str(exc)) from None
+
+        return [
+            AdminRoute(
+                "GET",
+                "/costs",
+                "costs.read",
+                "Device-seconds, device-hours and cost per group, with idle capacity",
+                costs,
+                query={
+                    "from": "start: a UTC day or ISO time (default: first of this month)",
+                    "to": "end: a UTC day (included) or ISO time (default: now)",
+                    "group_by": "comma list of tenant,model,version,device,day (default tenant)",
+                    "share_idle": "true spreads idle capacity over tenants by use",
+                },
+            )
+        ]
 
 
 # -- output ----------------------------------------------------------------------

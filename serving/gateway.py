@@ -32,6 +32,7 @@ from serving.admin_api import UserBackend, core_routes
 from serving.admin_models import model_routes
 from serving.cluster import GATEWAY_DEPLOYMENT, RayBatchBackend
 from serving.config import CostsConfig, GatewayConfig, ModelConfig, ModelPolicy, ServerConfig
+from serving.cost_report import LedgerReports
 from serving.ledger import Ledger, LedgerWriter, Price, Pricing, from_unix_ns
 from serving.replica import deployment_name
 from serving.state import open_engine
@@ -88,8 +89,10 @@ class Gateway:
         routes += model_routes(
             engine, Path(state_dir), GatewayConfig.model_validate({"policies": policies or {}})
         )
+        reports = LedgerReports(engine, self._pricing)
+        routes += reports.admin_routes()
         admin = build_admin_app(UserBackend(engine), routes)
-        self._doors = FrontDoors(self.service, cfg.host, cfg.max_request_bytes, admin)
+        self._doors = FrontDoors(self.service, cfg.host, cfg.max_request_bytes, admin, reports)
         await self._doors.start(cfg.http_port, cfg.grpc_port)
         self._metrics_server, self._metrics_thread = start_http_server(
             cfg.metrics_port, cfg.host, registry=self._registry

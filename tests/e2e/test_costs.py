@@ -12,6 +12,8 @@ import sqlite3
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from concurrent import futures
@@ -276,3 +278,70 @@ def test_kill_9_under_load_loses_no_answered_request(tmp_path: Path) -> None:
     for tenant, n in answered.items():
         # Every answer left after its batch was committed: none can be missing.
         assert recorded.get(tenant, 0) >= n, (tenant, recorded, answered)
+
+
+def _get(gw: Gateway, path: str, token: str) -> tuple[int, dict[str, object]]:
+    req = urllib.request.Request(
+        f"http://{gw.http_url}{path}", headers={"Authorization": f"Bearer {token}"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _user(gw: Gateway, name: str, role: str) -> str:
+    made = gw.cli("users", "create", name, "--role", role, "--json")
+    assert made.returncode == 0, made.stderr
+    return str(json.loads(made.stdout)["token"])
+
+
+def test_finance_reads_costs_and_changes_nothing_a_tenant_reads_its_own(traced: Gateway) -> None:
+    _grpc(traced, traced.demo_key, 2)
+    finance = _user(traced, "fin-e2e", "finance")
+    deployer = _user(traced, "dep-e2e", "deployer")
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    config = str(traced.state_dir / "gpugate.yaml")
+
+    code, body = _get(traced, f"/admin/costs?from={today}&to={today}&group_by=tenant", finance)
+    assert code == 200, body
+    rows = {r["tenant"]: r for r in body["rows"]}  # type: ignore[union-attr]
+    assert rows["demo"]["requests"] >= 1 and body["currency"] == "EUR"
+    totals = body["totals"]
+    assert totals["used_ns"] + totals["idle_ns"] == totals["reserved_ns"]  # type: ignore[index]
+    cli = traced.cli(
+        "costs", "report", "--from", today, "--to", today, "--format", "json",
+        "--config", config, "--token", finance,
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout)["rows"][0]["tenant"] in rows
+
+    # Finance cannot change anything; other roles cannot read costs.
+    assert _get(traced, "/admin/costs", deployer)[0] == 403
+    assert _get(traced, "/admin/costs", "not-a-token")[0] == 401
+    denied = traced.cli("users", "create", "x-e2e", "--role", "admin", "--token", finance)
+    assert denied.returncode == 2 and "may not" in denied.stderr
+    refused = traced.cli(
+        "costs", "report", "--from", today, "--to", today, "--config", config,
+        "--token", deployer,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "may not" in refused.stderr
+    req = urllib.request.Request(
+        f"http://{traced.http_url}/admin/tenants",
+        data=b'{"name": "from-finance"}',
+        headers={"Authorization": f"Bearer {finance}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(req, timeout=30)
+    assert info.value.code == 403
+
+    # A tenant reads its own usage with its API key, and nobody else's.
+    code, own = _get(traced, f"/usage?from={today}&to={today}", traced.demo_key)
+    assert code == 200, own
+    assert {r["model"] for r in own["rows"]} == {"digits"}  # type: ignore[union-attr]
+    assert own["totals"]["used_ns"] == rows["demo"]["used_ns"]  # type: ignore[index]
+    assert own["totals"]["reserved_ns"] == 0  # type: ignore[index]
+    assert _get(traced, "/usage?tenant=finance-e2e", traced.demo_key)[0] == 400
+    assert _get(traced, "/usage", finance)[0] == 401  # a user token is not a tenant key
