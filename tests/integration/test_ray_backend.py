@@ -16,7 +16,6 @@ from scheduler import (
     BackendUnavailableError,
     BatchPolicy,
     BatchRecord,
-    BatchResult,
     ModelBatcher,
 )
 from serving.cluster import RayBatchBackend
@@ -119,21 +118,35 @@ def test_a_dead_replica_is_unavailable_not_an_internal_error(
     backend = RayBatchBackend(handle, "grpc")
     x = {"pixels": np.zeros((4, 64), np.float32)}
 
-    async def main() -> list[BaseException | BatchResult]:
+    async def main() -> list[BaseException]:
         await backend.run_batch(x)
         replica = next(
             a
             for a in ray.util.list_named_actors(all_namespaces=True)
             if a["name"].startswith("SERVE_REPLICA::it-kill#")
         )
-        calls = [asyncio.ensure_future(backend.run_batch(x)) for _ in range(100)]
-        await asyncio.sleep(0.01)  # some calls are on the replica when it dies
+        failures: list[BaseException] = []
+        stop = asyncio.Event()
+
+        async def client() -> None:
+            while not stop.is_set():
+                try:
+                    await backend.run_batch(x)
+                except Exception as exc:
+                    failures.append(exc)
+
+        # Closed-loop clients keep calls on the replica however slow the machine is,
+        # so the kill always catches some in flight.
+        clients = [asyncio.create_task(client()) for _ in range(8)]
+        await asyncio.sleep(0.5)
         ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]))
-        return await asyncio.gather(*calls, return_exceptions=True)
+        await asyncio.sleep(3)
+        stop.set()
+        await asyncio.gather(*clients)
+        return failures
 
     try:
-        outcomes = asyncio.run(main())
-        failures = [o for o in outcomes if isinstance(o, BaseException)]
+        failures = asyncio.run(main())
         # Calls caught by the kill are retryable 503s, never generic failures.
         assert failures, "the kill caught no call in flight"
         assert all(isinstance(f, BackendUnavailableError) for f in failures), failures
