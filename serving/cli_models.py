@@ -74,7 +74,7 @@ def cmd_register(args: argparse.Namespace) -> int:
         code_revision=args.code_revision or git_revision(Path.cwd()),
         version=args.version,
     )
-    row = _registry(ctx).register(ctx.principal.name, cand, smoke=not args.no_smoke_test)
+    row = _registry(ctx).register(ctx.principal.name, cand)
     _show(row, args.json)
     return 0
 
@@ -236,7 +236,6 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         help="an evaluation metric, e.g. accuracy=0.97 (repeat)",
     )
     reg.add_argument("--version", help="version label (default: the next integer)")
-    reg.add_argument("--no-smoke-test", action="store_true", help=argparse.SUPPRESS)
     reg.add_argument("--json", action="store_true")
     reg.set_defaults(func=run(cmd_register))
 

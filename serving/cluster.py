@@ -83,17 +83,35 @@ def deploy(app: Any, blocking_timeout_s: float = 300.0, name: str = APP_NAME) ->
     application ``name``, waiting until it is running."""
     serve.start(proxy_location="Disabled")
     deadline = time.monotonic() + blocking_timeout_s
-    handle: DeploymentHandle = serve.run(app, name=name, route_prefix=None, blocking=False)
+    try:
+        handle: DeploymentHandle = serve.run(app, name=name, route_prefix=None, blocking=False)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{_short(exc)}{_failure_detail(name)}") from None
     while True:
         status = serve.status().applications.get(name)
         state = str(status.status) if status else "NOT_STARTED"
         if state.endswith("RUNNING"):
             return handle
         if state.endswith("DEPLOY_FAILED") or state.endswith("UNHEALTHY"):
-            raise RuntimeError(f"deploy of {name} failed: {status.message if status else state}")
+            message = status.message if status else state
+            raise RuntimeError(f"deploy of {name} failed: {message}{_failure_detail(name)}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"{name} not running after {blocking_timeout_s:.0f}s: {state}")
         time.sleep(0.2)
+
+
+def _failure_detail(name: str) -> str:
+    """Why the replicas of an application failed: the last line of each deployment's
+    message (the replica constructor's exception), which Serve's own error omits."""
+    status = serve.status().applications.get(name)
+    if status is None:
+        return ""
+    parts = []
+    for deployment, info in status.deployments.items():
+        lines = [line for line in str(info.message).strip().splitlines() if line.strip()]
+        if lines:
+            parts.append(f"{deployment}: {lines[-1].strip()[:500]}")
+    return ("; " + "; ".join(parts)) if parts else ""
 
 
 def delete(name: str) -> None:

@@ -1,0 +1,79 @@
+"""Live deploys on a real Ray Serve: replicas refuse changed bytes, and a version
+that cannot be deployed leaves the serving one in place."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from serving import audit, cluster
+from serving.config import GatewayConfig
+from serving.demo import ensure_demo_model
+from serving.deployer import Deployer, app_name
+from serving.registry import Candidate, Registry, Signature, artifact_path
+from serving.state import model_versions, open_engine
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def test_a_version_whose_bytes_changed_is_refused_and_production_stays(
+    ray_serve: None, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    demo = ensure_demo_model(state)
+    engine = open_engine(None, state)
+    registry = Registry(engine, state, GatewayConfig(models=[demo]))
+    registry.register_config_models([demo], {})
+    store = {"state_dir": str(state), "database_url": None, "heartbeat_s": 1.0}
+    deployer = Deployer(registry, store, deploy_timeout_s=120)
+    try:
+        first = deployer.prepare()
+        assert [(m["config"]["version"], m["stage"]) for m in first] == [("1", "production")]
+
+        v2 = registry.register(
+            "alice",
+            Candidate(
+                name="digits",
+                artifact=demo.artifact,
+                format="safetensors",
+                signature=Signature.of(demo),
+                model_class=demo.model_class,
+                model_kwargs=demo.model_kwargs,
+                version="2",
+            ),
+            smoke=False,
+        )
+        # Not the same bytes as v1 any more: a copy under v2's digest, then corrupted.
+        stored = artifact_path(state, v2.digest)
+        with engine.begin() as conn:
+            conn.execute(
+                model_versions.update()
+                .where(model_versions.c.version == "2")
+                .values(digest="f" * 64)
+            )
+        bad = artifact_path(state, "f" * 64)
+        bad.write_bytes(stored.read_bytes())
+        os.chmod(bad, 0o644)
+        with engine.begin() as conn:  # skip the CLI's own digest check: the replica's is tested
+            conn.execute(
+                model_versions.update()
+                .where(model_versions.c.version == "1")
+                .values(stage="archived")
+            )
+            conn.execute(
+                model_versions.update()
+                .where(model_versions.c.version == "2")
+                .values(stage="production")
+            )
+
+        spec = deployer.prepare()
+        assert [(m["config"]["version"], m["stage"]) for m in spec] == [("1", "production")]
+        failed = [r for r in audit.read(engine) if r.action == "model.deploy_failed"]
+        assert [r.target for r in failed] == ["model:digits:2"]
+        assert "changed after registration" in failed[0].reason, failed[0].reason
+        assert app_name("digits", "2") not in cluster.applications(cluster.APP_NAME + "-")
+    finally:
+        for app in cluster.applications(cluster.APP_NAME + "-digits-"):
+            cluster.delete(app)
