@@ -262,6 +262,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="gpugate's server.replica_transport (how batches reach the model replica)",
     )
     p.add_argument(
+        "--grpc-server",
+        choices=("grpclib", "grpcio"),
+        default="grpclib",
+        help="gpugate's server.grpc_server (which implementation serves its gRPC port)",
+    )
+    p.add_argument(
         "--batch-wait-ms",
         type=float,
         default=0.0,
@@ -433,7 +439,7 @@ def _run(
     if "gpugate" in args.systems:
         run = runs["gpugate"] = SystemRun("gpugate")
         server, target, base = gpugate_system(
-            state_dir, model, keys, taken, _log, args.replica_transport
+            state_dir, model, keys, taken, _log, args.replica_transport, args.grpc_server
         )
         with running(server, args.startup_timeout, run):
             check_probe(run, loop.run(grpc_probe(target, keys, row, 60)))

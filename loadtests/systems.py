@@ -258,10 +258,14 @@ def gpugate_command() -> list[str]:
 
 
 def write_gateway_config(
-    path: Path, model: Any, tenant_envs: list[str], transport: str = "grpc"
+    path: Path,
+    model: Any,
+    tenant_envs: list[str],
+    transport: str = "grpc",
+    grpc_server: str = "grpclib",
 ) -> None:
     config = {
-        "server": {"replica_transport": transport},
+        "server": {"replica_transport": transport, "grpc_server": grpc_server},
         "models": [model.model_dump(mode="json")],
         "tenants": [
             {"name": f"bench-{i}", "weight": 1.0, "api_key_env": env}
@@ -281,12 +285,13 @@ def gpugate_system(
     taken: set[int],
     log: Callable[[str], None],
     transport: str = "grpc",
+    grpc_server: str = "grpclib",
 ) -> tuple[Server, str, str]:
     """``gpugate serve`` with two tenants; returns it, its gRPC target and its HTTP base."""
     http_port, grpc_port, metrics_port = (free_port(taken) for _ in range(3))
     key_envs = ["GPUGATE_BENCH_KEY_A", "GPUGATE_BENCH_KEY_B"]
     config_path = state_dir / "gpugate-bench.yaml"
-    write_gateway_config(config_path, model, key_envs, transport)
+    write_gateway_config(config_path, model, key_envs, transport, grpc_server)
     gw_state = state_dir / "gpugate-state"
     server = Server(
         "gpugate",

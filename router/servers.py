@@ -11,6 +11,7 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from router.grpc_server import build_grpc_server
+from router.grpclib_server import GrpclibServer
 from router.http_server import UsageSource, build_http_app
 from router.service import InferenceService
 
@@ -43,6 +44,7 @@ class FrontDoors:
         max_message_bytes: int,
         admin: ASGIApp | None = None,
         usage: UsageSource | None = None,
+        grpc_server: str = "grpclib",
     ) -> None:
         self.service = service
         self._admin = admin
@@ -52,18 +54,25 @@ class FrontDoors:
         self.grpc_port = 0
         self._max_bytes = max_message_bytes
         self._grpc: grpc.aio.Server | None = None
+        self._grpclib: GrpclibServer | None = (
+            GrpclibServer(service, max_message_bytes) if grpc_server == "grpclib" else None
+        )
         self._http: uvicorn.Server | None = None
         self._http_task: asyncio.Task[None] | None = None
 
     async def start(self, http_port: int, grpc_port: int) -> None:
-        self._grpc = build_grpc_server(self.service, self._max_bytes)
-        try:
-            self.grpc_port = self._grpc.add_insecure_port(f"{self.host}:{grpc_port}")
-        except RuntimeError as exc:
-            raise RuntimeError(f"cannot bind gRPC port {self.host}:{grpc_port}: {exc}") from exc
+        if self._grpclib is not None:
+            self.grpc_port = await self._grpclib.start(self.host, grpc_port)
+        else:
+            self._grpc = build_grpc_server(self.service, self._max_bytes)
+            try:
+                self.grpc_port = self._grpc.add_insecure_port(f"{self.host}:{grpc_port}")
+            except RuntimeError as exc:
+                raise RuntimeError(f"cannot bind gRPC port {self.host}:{grpc_port}: {exc}") from exc
         sock = _bind(self.host, http_port)
         self.http_port = sock.getsockname()[1]
-        await self._grpc.start()
+        if self._grpc is not None:
+            await self._grpc.start()
         self._http = uvicorn.Server(
             uvicorn.Config(
                 build_http_app(self.service, self._admin, self._usage),
@@ -90,6 +99,8 @@ class FrontDoors:
         """Close both servers; call after the service has drained."""
         if self._grpc is not None:
             await self._grpc.stop(grace=grace_s)
+        if self._grpclib is not None:
+            await self._grpclib.stop(grace_s)
         if self._http is not None and self._http_task is not None:
             self._http.should_exit = True
             with contextlib.suppress(Exception):

@@ -232,6 +232,12 @@ class ServerConfig(_Strict):
         description="How batches reach model replicas: Ray Serve's inter-deployment gRPC "
         "transport (faster here), or Ray actor calls (object store, by reference).",
     )
+    grpc_server: Literal["grpclib", "grpcio"] = Field(
+        default="grpclib",
+        description="Implementation of the KServe v2 gRPC port: grpclib (pure-asyncio HTTP/2 "
+        "on the gateway's event loop; more requests/s here) or grpcio's grpc.aio (gRPC's C "
+        "core, completions handed to the loop by a poller thread).",
+    )
 
 
 class GatewayConfig(_Strict):

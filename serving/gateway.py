@@ -92,7 +92,14 @@ class Gateway:
         reports = LedgerReports(engine, self._pricing)
         routes += reports.admin_routes()
         admin = build_admin_app(UserBackend(engine), routes)
-        self._doors = FrontDoors(self.service, cfg.host, cfg.max_request_bytes, admin, reports)
+        self._doors = FrontDoors(
+            self.service,
+            cfg.host,
+            cfg.max_request_bytes,
+            admin,
+            reports,
+            grpc_server=cfg.grpc_server,
+        )
         await self._doors.start(cfg.http_port, cfg.grpc_port)
         self._metrics_server, self._metrics_thread = start_http_server(
             cfg.metrics_port, cfg.host, registry=self._registry

@@ -219,7 +219,7 @@ class Stack:
 ModelSpec = tuple[str, str, ModelSignature, Any, BatchPolicy]
 
 
-async def start_stack(models: list[ModelSpec]) -> Stack:
+async def start_stack(models: list[ModelSpec], grpc_server: str = "grpclib") -> Stack:
     served = []
     batchers = []
     for name, version, signature, backend, policy in models:
@@ -232,7 +232,7 @@ async def start_stack(models: list[ModelSpec]) -> Stack:
         Directory(),
         RouterSettings(max_request_bytes=MAX_BYTES, default_timeout_s=10.0),
     )
-    doors = FrontDoors(service, HOST, MAX_BYTES)
+    doors = FrontDoors(service, HOST, MAX_BYTES, grpc_server=grpc_server)
     await doors.start(0, 0)
     return Stack(service, doors, batchers, {(m[0], m[1]): m[3] for m in models})
 
@@ -276,10 +276,10 @@ def loop_thread() -> Iterator[LoopThread]:
     lt.stop()
 
 
-@pytest.fixture(scope="module")
-def stack(loop_thread: LoopThread) -> Iterator[Stack]:
-    """The main servers: started on the loop thread, stopped (and the thread joined) at the end."""
-    s: Stack = loop_thread.run(start_stack(main_models()))
+@pytest.fixture(scope="module", params=["grpcio", "grpclib"])
+def stack(loop_thread: LoopThread, request: pytest.FixtureRequest) -> Iterator[Stack]:
+    """The main servers, once per gRPC implementation (``server.grpc_server``)."""
+    s: Stack = loop_thread.run(start_stack(main_models(), request.param))
     yield s
     loop_thread.run(stop_stack(s))
 

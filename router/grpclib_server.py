@@ -1,0 +1,122 @@
+"""KServe v2 over gRPC on grpclib: HTTP/2 parsed on the event loop itself.
+
+The same :class:`~router.grpc_server.InferenceServicer` answers; only the
+transport differs from grpc.aio. grpc.aio hands every completion from gRPC's
+core threads through a poller thread to the loop; inside a Ray Serve replica,
+whose loop shares the GIL with Serve's router loop, Ray's own loop and the
+ledger thread, those hand-offs cost more than the pure-Python HTTP/2 parsing
+does (loadtests/README.md, "gRPC front door").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from gpugate_proto import grpc_service_pb2 as pb
+from grpclib.const import Cardinality, Handler, Status
+from grpclib.encoding.proto import ProtoCodec
+from grpclib.exceptions import GRPCError
+from grpclib.server import Server, Stream
+
+from router.grpc_server import InferenceServicer
+from router.service import InferenceService
+
+_SERVICE = "/inference.GRPCInferenceService/"
+
+# Method name -> (request type, response type), as in grpc_service.proto.
+_METHODS = {
+    "ServerLive": (pb.ServerLiveRequest, pb.ServerLiveResponse),
+    "ServerReady": (pb.ServerReadyRequest, pb.ServerReadyResponse),
+    "ModelReady": (pb.ModelReadyRequest, pb.ModelReadyResponse),
+    "ServerMetadata": (pb.ServerMetadataRequest, pb.ServerMetadataResponse),
+    "ModelMetadata": (pb.ModelMetadataRequest, pb.ModelMetadataResponse),
+    "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse),
+    "RepositoryIndex": (pb.RepositoryIndexRequest, pb.RepositoryIndexResponse),
+}
+
+
+class _CappedCodec(ProtoCodec):
+    """grpclib has no message-size option; refuse as grpc core does (RESOURCE_EXHAUSTED)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
+
+    def decode(self, data: bytes, message_type: Any) -> Any:
+        if len(data) > self._max_bytes:
+            raise GRPCError(
+                Status.RESOURCE_EXHAUSTED,
+                f"Received message larger than max ({len(data)} vs. {self._max_bytes})",
+            )
+        return super().decode(data, message_type)
+
+
+class _Context:
+    """The part of grpc.aio's ServicerContext that InferenceServicer uses."""
+
+    def __init__(self, stream: Stream[Any, Any]) -> None:
+        self._stream = stream
+
+    def invocation_metadata(self) -> list[tuple[str, str | bytes]]:
+        return list((self._stream.metadata or {}).items())
+
+    def time_remaining(self) -> float | None:
+        deadline = self._stream.deadline
+        return None if deadline is None else max(deadline.time_remaining(), 0.0)
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise GRPCError(Status(code.value[0]), details)
+
+
+_Method = Callable[[Any, Any], Awaitable[Any]]
+
+
+def _handler(method: _Method) -> Callable[[Stream[Any, Any]], Awaitable[None]]:
+    async def handle(stream: Stream[Any, Any]) -> None:
+        request = await stream.recv_message()
+        response = await method(request, _Context(stream))
+        await stream.send_message(response)
+
+    return handle
+
+
+class _Servable:
+    def __init__(self, servicer: InferenceServicer) -> None:
+        self._servicer = servicer
+
+    def __mapping__(self) -> dict[str, Handler]:
+        return {
+            _SERVICE + name: Handler(
+                _handler(getattr(self._servicer, name)), Cardinality.UNARY_UNARY, req, resp
+            )
+            for name, (req, resp) in _METHODS.items()
+        }
+
+
+class GrpclibServer:
+    """Start/stop like FrontDoors needs it; ``port`` is known after :meth:`start`."""
+
+    def __init__(self, service: InferenceService, max_message_bytes: int) -> None:
+        self._server = Server(
+            [_Servable(InferenceServicer(service))], codec=_CappedCodec(max_message_bytes)
+        )
+        self.port = 0
+
+    async def start(self, host: str, port: int) -> int:
+        try:
+            await self._server.start(host, port, reuse_address=True)
+        except OSError as exc:
+            raise RuntimeError(f"cannot bind gRPC port {host}:{port}: {exc}") from exc
+        # grpclib has no accessor for the bound port (port 0 picks one).
+        bound = self._server._server
+        assert isinstance(bound, asyncio.Server)
+        self.port = int(bound.sockets[0].getsockname()[1])
+        return self.port
+
+    async def stop(self, grace_s: float) -> None:
+        self._server.close()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._server.wait_closed(), timeout=grace_s + 5)
