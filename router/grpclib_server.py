@@ -110,9 +110,9 @@ class GrpclibServer:
             await self._server.start(host, port, reuse_address=True)
         except OSError as exc:
             raise RuntimeError(f"cannot bind gRPC port {host}:{port}: {exc}") from exc
-        # grpclib has no accessor for the bound port (port 0 picks one).
-        bound = self._server._server
-        assert isinstance(bound, asyncio.Server)
+        # grpclib has no accessor for the bound port (port 0 picks one); asyncio's and
+        # uvloop's servers both list their sockets.
+        bound: Any = self._server._server
         self.port = int(bound.sockets[0].getsockname()[1])
         return self.port
 
