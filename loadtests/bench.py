@@ -263,8 +263,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--grpc-server",
-        choices=("grpclib", "grpcio"),
-        default="grpclib",
+        choices=("grpcio", "grpclib"),
+        default="grpcio",
         help="gpugate's server.grpc_server (which implementation serves its gRPC port)",
     )
     p.add_argument(

@@ -44,7 +44,7 @@ class FrontDoors:
         max_message_bytes: int,
         admin: ASGIApp | None = None,
         usage: UsageSource | None = None,
-        grpc_server: str = "grpclib",
+        grpc_server: str = "grpcio",
     ) -> None:
         self.service = service
         self._admin = admin

@@ -232,11 +232,12 @@ class ServerConfig(_Strict):
         description="How batches reach model replicas: Ray Serve's inter-deployment gRPC "
         "transport (faster here), or Ray actor calls (object store, by reference).",
     )
-    grpc_server: Literal["grpclib", "grpcio"] = Field(
-        default="grpclib",
-        description="Implementation of the KServe v2 gRPC port: grpclib (pure-asyncio HTTP/2 "
-        "on the gateway's event loop; more requests/s here) or grpcio's grpc.aio (gRPC's C "
-        "core, completions handed to the loop by a poller thread).",
+    grpc_server: Literal["grpcio", "grpclib"] = Field(
+        default="grpcio",
+        description="Implementation of the KServe v2 gRPC port: grpcio's grpc.aio (gRPC's C "
+        "core; refuses an over-size message while reading it) or grpclib (pure-asyncio HTTP/2 "
+        "on the gateway's event loop; more small requests/s here, but it buffers a whole "
+        "message before refusing it and moves multi-MiB tensors ~3x slower).",
     )
 
 
