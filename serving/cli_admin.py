@@ -35,19 +35,10 @@ class Context:
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
-    from serving.cli import DEFAULT_STATE_DIR
+    """The state options every command shares, plus the user token admin commands act with."""
+    from serving.cli import _common
 
-    p.add_argument("--config", type=Path, help="YAML config file (see docs/config.md)")
-    p.add_argument(
-        "--state-dir",
-        help=f"state folder (SQLite, demo model, demo key, admin token); default "
-        f"$GPUGATE_STATE_DIR or ./{DEFAULT_STATE_DIR}",
-    )
-    p.add_argument(
-        "--database-url",
-        help="SQLAlchemy URL of the state database (default: SQLite in the state folder; "
-        "$GPUGATE_DATABASE_URL)",
-    )
+    _common(p)
     p.add_argument(
         "--token",
         help="user token to act with (default $GPUGATE_TOKEN, else the state folder's admin.token)",

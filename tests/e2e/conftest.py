@@ -64,6 +64,15 @@ class Gateway:
             if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items())
         )
 
+    def close(self) -> None:
+        """Fixture teardown: SIGTERM, and SIGKILL if it has not exited in 90 s."""
+        if self.proc.poll() is None:
+            try:
+                self.stop()
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
     def stop(self, timeout: float = 90) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -121,10 +130,4 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     try:
         yield gw
     finally:
-        if gw.proc.poll() is None:
-            gw.proc.send_signal(signal.SIGTERM)
-            try:
-                gw.proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                gw.proc.kill()
-                gw.proc.wait()
+        gw.close()

@@ -113,7 +113,7 @@ def traced(
     try:
         yield gw
     finally:
-        gw.stop()
+        gw.close()
 
 
 def _http(gw: Gateway, key: str, rows: int, headers: dict[str, str] | None = None):  # type: ignore[no-untyped-def]

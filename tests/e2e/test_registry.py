@@ -11,7 +11,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import signal
 import sqlite3
 import subprocess
 import threading
@@ -48,13 +47,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     try:
         yield gw
     finally:
-        if gw.proc.poll() is None:
-            gw.proc.send_signal(signal.SIGTERM)
-            try:
-                gw.proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                gw.proc.kill()
-                gw.proc.wait()
+        gw.close()
 
 
 def admin(
