@@ -50,6 +50,18 @@ def _param_value(p: pb.InferParameter) -> Any:
     return getattr(p, kind) if kind else None
 
 
+def _metadata_lookup(context: grpc.aio.ServicerContext) -> Callable[[str], str | None]:
+    """A lookup of one metadata value by lower-case key (a rollout's sticky header)."""
+
+    def lookup(name: str) -> str | None:
+        for key, value in context.invocation_metadata() or ():
+            if key == name:
+                return value if isinstance(value, str) else value.decode(errors="replace")
+        return None
+
+    return lookup
+
+
 def _authorization(context: grpc.aio.ServicerContext) -> str | None:
     for key, value in context.invocation_metadata() or ():
         if key == "authorization":
@@ -152,6 +164,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                 params,
                 requested_outputs=[o.name for o in request.outputs],
                 transport_timeout_s=context.time_remaining(),
+                header=_metadata_lookup(context),
             )
             response = pb.ModelInferResponse(
                 model_name=served.name, model_version=served.version, id=request.id

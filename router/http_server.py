@@ -132,6 +132,7 @@ def build_http_app(
             inputs,
             parse_params(params),
             requested_outputs=list(binary_outputs),
+            header=request.headers.get,
         )
         default_binary = params.get("binary_data_output") is True
         return _encode_infer(

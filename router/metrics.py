@@ -109,6 +109,44 @@ class RouterMetrics:
             ["model", "version", "device"],
             registry=r,
         )
+        self.shadow_requests = Counter(
+            "gpugate_shadow_requests",
+            "Mirrored requests to a rollout's candidate, by outcome: compared (answer "
+            "compared with production's), error (the candidate failed it), dropped (not sent).",
+            ["model", "version", "outcome"],
+            registry=r,
+        )
+        self.shadow_agreement = Gauge(
+            "gpugate_shadow_agreement_ratio",
+            "Share of mirrored rows whose candidate answer agreed with production's, in the "
+            "rollout's last analysis window.",
+            ["model", "version"],
+            registry=r,
+        )
+        self.rollout_step = Gauge(
+            "gpugate_rollout_step",
+            "Current step (1-based) of a model's rollout; 0 once it ended.",
+            ["model", "candidate"],
+            registry=r,
+        )
+        self.rollout_weight = Gauge(
+            "gpugate_rollout_weight_ratio",
+            "Share of a model's default traffic routed to each version by its rollout.",
+            ["model", "version"],
+            registry=r,
+        )
+        self.rollout_state = Gauge(
+            "gpugate_rollout_state",
+            "1 for the rollout's current state (running, paused, succeeded, failed, aborted).",
+            ["model", "candidate", "state"],
+            registry=r,
+        )
+        self.rollout_analyses = Counter(
+            "gpugate_rollout_analyses",
+            "Rollout analyses by verdict: pass (advance), fail, wait (too few requests).",
+            ["model", "candidate", "verdict"],
+            registry=r,
+        )
         self.queued_rows = Gauge(
             "gpugate_queue_rows",
             "Rows waiting per model version.",

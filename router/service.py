@@ -26,6 +26,7 @@ from router._exceptions import (
     Unauthenticated,
     Unavailable,
 )
+from router.canary import SHADOW_PRIORITY, SHADOW_TENANT, Header, Windows, compare
 from router.metrics import RouterMetrics
 from router.tensors import InferParams, InputTensor, validate_inputs
 from router.tracing import finish_request_span, span_context, start_request_span
@@ -86,6 +87,12 @@ class ModelTable(Protocol):
         """The named version, or the version that serves ``name`` by default."""
         ...
 
+    def route(
+        self, name: str, version: str | None, tenant: str, header: Header | None = None
+    ) -> tuple[ServedModel, ServedModel | None]:
+        """The version that serves a tenant's request, and one to mirror it to, if any."""
+        ...
+
     def index(self) -> list[IndexEntry]:
         """Every version, ordered by name then version."""
         ...
@@ -121,6 +128,11 @@ class StaticModelTable:
             raise NotFound(f"unknown model {name!r}")
         return default
 
+    def route(
+        self, name: str, version: str | None, tenant: str, header: Header | None = None
+    ) -> tuple[ServedModel, ServedModel | None]:
+        return self.resolve(name, version), None
+
     def index(self) -> list[IndexEntry]:
         ordered = sorted(self._by_key.values(), key=lambda m: (m.name, version_order(m.version)))
         return [IndexEntry(m.name, m.version, "READY") for m in ordered]
@@ -138,6 +150,8 @@ def version_order(version: str) -> tuple[int, int, str]:
 class RouterSettings:
     max_request_bytes: int = 64 * 2**20
     default_timeout_s: float = 30.0
+    # Mirrored (shadow) requests in flight at once; more are dropped and counted.
+    max_shadow_in_flight: int = 64
 
 
 class InferenceService:
@@ -156,6 +170,9 @@ class InferenceService:
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        # Outcomes per version for the models under a rollout (serving.rollout reads them).
+        self.windows = Windows()
+        self._shadows: set[asyncio.Task[None]] = set()
 
     # -- health -----------------------------------------------------------------
 
@@ -209,11 +226,16 @@ class InferenceService:
         *,
         requested_outputs: Sequence[str] = (),
         transport_timeout_s: float | None = None,
+        header: Header | None = None,
     ) -> tuple[ServedModel, Tensors]:
-        """Run one authenticated request; raises GatewayError subclasses only."""
+        """Run one authenticated request; raises GatewayError subclasses only.
+
+        ``header`` looks up a request header (gRPC metadata) by lower-case name, for a
+        rollout that routes on one.
+        """
         tenant = call.tenant
         assert tenant is not None, "authenticate the call first"
-        served = self.models.resolve(model_name, version)
+        served, shadow = self.models.route(model_name, version, tenant.name, header)
         call.model, call.version = served.name, served.version
         if not tenant.may_use(served.name):
             raise PermissionDenied(f"tenant {tenant.name!r} may not use model {served.name!r}")
@@ -224,6 +246,8 @@ class InferenceService:
         timeouts = [t for t in (params.timeout_s, transport_timeout_s) if t is not None]
         timeout_s = min(timeouts) if timeouts else self.settings.default_timeout_s
         outputs = await self._submit(served, call, arrays, rows, params.priority, timeout_s)
+        if shadow is not None:
+            self._mirror(shadow, arrays, rows, outputs, timeout_s)
         if requested_outputs:
             outputs = {k: outputs[k] for k in requested_outputs}
         return served, outputs
@@ -260,6 +284,54 @@ class InferenceService:
             raise Unavailable(f"model {served.name} version {served.version}: {exc}") from None
         except BackendError as exc:
             raise Internal(f"model {served.name} version {served.version} failed: {exc}") from None
+
+    def _mirror(
+        self, target: ServedModel, arrays: Tensors, rows: int, answer: Tensors, timeout_s: float
+    ) -> None:
+        """Send a copy to the candidate after production answered; never awaited by the
+        caller, queued behind every client's request, billed to the shadow owner."""
+        stats = self.windows.shadow(target.name, target.version)
+        if len(self._shadows) >= self.settings.max_shadow_in_flight:
+            stats.dropped += 1
+            self.metrics.shadow_requests.labels(target.name, target.version, "dropped").inc()
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._shadow(target, arrays, rows, answer, timeout_s)
+        )
+        self._shadows.add(task)
+        task.add_done_callback(self._shadows.discard)
+
+    async def _shadow(
+        self, target: ServedModel, arrays: Tensors, rows: int, answer: Tensors, timeout_s: float
+    ) -> None:
+        stats = self.windows.shadow(target.name, target.version)
+        started = time.perf_counter()
+        code, outcome = "200", "compared"
+        try:
+            got = await target.batcher.submit(
+                SHADOW_TENANT, arrays, rows, priority=SHADOW_PRIORITY, timeout_s=timeout_s
+            )
+        except QueueFullError:
+            stats.dropped += 1
+            outcome = "dropped"
+        except DeadlineExceededError:
+            code, outcome = "504", "error"
+        except (SchedulerClosedError, BackendUnavailableError):
+            code, outcome = "503", "error"
+        except BackendError:
+            code, outcome = "500", "error"
+        except Exception:
+            log.exception("shadow request to %s:%s failed", target.name, target.version)
+            code, outcome = "500", "error"
+        else:
+            compare(answer, got, stats)
+        if outcome == "error":
+            stats.errors += 1
+        self.metrics.shadow_requests.labels(target.name, target.version, outcome).inc()
+        if outcome != "dropped":
+            self.windows.record(
+                target.name, target.version, code, time.perf_counter() - started, shadow=True
+            )
 
     # -- draining ---------------------------------------------------------------
 
@@ -302,9 +374,9 @@ class InferenceService:
             if self._in_flight == 0:
                 self._idle.set()
             tenant = call.tenant.name if call.tenant else "-"
-            self.metrics.observe_request(
-                call.model, call.version, tenant, code, time.perf_counter() - started
-            )
+            elapsed = time.perf_counter() - started
+            self.metrics.observe_request(call.model, call.version, tenant, code, elapsed)
+            self.windows.record(call.model, call.version, code, elapsed, shadow=False)
             finish_request_span(
                 span,
                 tenant=tenant,

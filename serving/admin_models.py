@@ -1,4 +1,5 @@
-"""Admin API routes of the model registry: read, approve, reject, promote, roll back.
+"""Admin API routes of the model registry: read, approve, reject, promote, roll back;
+and of canary rollouts: start, status, pause, resume, promote, abort.
 
 Registering stays a CLI command: it needs the artifact file on the machine that
 runs the guardrails.
@@ -17,6 +18,7 @@ from serving.admin_api import blocking
 from serving.config import GatewayConfig
 from serving.promotion import ApprovalError, StageError, Stages
 from serving.registry import GuardrailRefused, Registry
+from serving.rollout import RolloutError, Rollouts, RolloutSpec
 
 
 def _reason(body: dict[str, Any], required: bool) -> str:
@@ -29,12 +31,13 @@ def _reason(body: dict[str, Any], required: bool) -> str:
 def model_routes(engine: sa.Engine, state_dir: Path, config: GatewayConfig) -> list[AdminRoute]:
     registry = Registry(engine, state_dir, config)
     stages = Stages(registry)
+    rollouts = Rollouts(stages)
 
     def conflict(fn: Any) -> Any:
         def wrapped(req: AdminRequest) -> Any:
             try:
                 return fn(req)
-            except (ApprovalError, StageError, GuardrailRefused) as exc:
+            except (ApprovalError, StageError, GuardrailRefused, RolloutError) as exc:
                 raise Conflict(str(exc)) from None
 
         return wrapped
@@ -83,6 +86,82 @@ def model_routes(engine: sa.Engine, state_dir: Path, config: GatewayConfig) -> l
             req.principal.name, req.path_params["name"], _reason(req.body, required=False)
         )
         return row.as_json()
+
+    @conflict
+    def rollout_start(req: AdminRequest) -> Any:
+        body = dict(req.body)
+        version = body.pop("version", None)
+        if not isinstance(version, str) or not version:
+            raise InvalidArgument("'version' must name the candidate version")
+        try:
+            spec = RolloutSpec.model_validate(body)
+        except ValueError as exc:
+            raise InvalidArgument(f"invalid rollout settings: {exc}") from None
+        ro = rollouts.start(req.principal.name, req.path_params["name"], version, spec)
+        return ro.as_json()
+
+    @conflict
+    def rollout_status(req: AdminRequest) -> Any:
+        ro = rollouts.get(req.path_params["name"])
+        return {**ro.as_json(), "history": rollouts.history(ro.id)}
+
+    def rollout_command(action: str) -> Any:
+        @conflict
+        def handler(req: AdminRequest) -> Any:
+            reason = _reason(req.body, required=False)
+            return rollouts.command(
+                req.principal.name, req.path_params["name"], action, reason
+            ).as_json()
+
+        return handler
+
+    rollout_routes = [
+        AdminRoute(
+            "POST",
+            "/models/{name}/rollout",
+            "models.promote",
+            "Start a canary rollout of an approved version against production",
+            blocking(rollout_start),
+            body={
+                "type": "object",
+                "properties": {
+                    "version": {"type": "string"},
+                    "steps": {"type": "array", "items": {"type": "integer"}},
+                    "interval_s": {"type": "number"},
+                    "max_error_rate": {"type": "number"},
+                    "max_p99_ratio": {"type": "number"},
+                    "min_requests": {"type": "integer"},
+                    "failure_threshold": {"type": "integer"},
+                    "sticky": {"type": "string"},
+                    "mirror_pct": {"type": "number"},
+                    "min_agreement": {"type": "number"},
+                },
+                "required": ["version"],
+            },
+        ),
+        AdminRoute(
+            "GET",
+            "/models/{name}/rollout",
+            "models.read",
+            "The model's rollout: step, weights, last analysis, history",
+            blocking(rollout_status),
+        ),
+    ] + [
+        AdminRoute(
+            "POST",
+            f"/models/{{name}}/rollout/{action}",
+            "models.promote",
+            text,
+            blocking(rollout_command(action)),
+            body={"type": "object", "properties": {"reason": {"type": "string"}}},
+        )
+        for action, text in (
+            ("pause", "Hold the rollout's weights; no analysis"),
+            ("resume", "Resume a paused rollout"),
+            ("promote", "Make the candidate production now"),
+            ("abort", "Send all traffic back to production and retire the candidate"),
+        )
+    ]
 
     version = "/models/{name}/versions/{version}"
     reason_body = {
@@ -144,4 +223,5 @@ def model_routes(engine: sa.Engine, state_dir: Path, config: GatewayConfig) -> l
             blocking(rollback),
             body={"type": "object", "properties": {"reason": {"type": "string"}}},
         ),
+        *rollout_routes,
     ]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from serving.cli_admin import add_commands, add_common, open_context, run
 from serving.cli_models import add_commands as add_model_commands
+from serving.cli_rollout import add_commands as add_rollout_commands
 from serving.config import ConfigError, GatewayConfig, ModelConfig, load_config
 
 DEFAULT_STATE_DIR = ".gpugate"
@@ -362,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=cmd_costs_report)
     add_commands(sub)
     add_model_commands(sub)
+    add_rollout_commands(sub)
     return parser
 
 

@@ -15,6 +15,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from router.canary import SHADOW_TENANT
 from router.types import DATATYPES, ModelSignature, TensorSpec
 
 ArtifactFormat = Literal["torchscript", "export", "safetensors"]
@@ -145,9 +146,16 @@ class TenantConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str) -> str:
-        if not _NAME.match(v):
-            raise ValueError(f"{v!r} must match {_NAME.pattern}")
-        return v
+        return tenant_name(v)
+
+
+def tenant_name(name: str) -> str:
+    """A valid tenant name, or ValueError; ``shadow`` is the canary mirror's cost owner."""
+    if not _NAME.match(name):
+        raise ValueError(f"tenant name {name!r} must match {_NAME.pattern}")
+    if name == SHADOW_TENANT:
+        raise ValueError(f"tenant name {name!r} is reserved for mirrored canary traffic")
+    return name
 
 
 class PriceConfig(_Strict):

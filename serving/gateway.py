@@ -34,7 +34,10 @@ from serving.cluster import GATEWAY_DEPLOYMENT, RayBatchBackend
 from serving.config import CostsConfig, GatewayConfig, ModelConfig, ModelPolicy, ServerConfig
 from serving.cost_report import LedgerReports
 from serving.ledger import Ledger, LedgerWriter, Price, Pricing, from_unix_ns
+from serving.promotion import Stages
+from serving.registry import Registry
 from serving.replica import deployment_name
+from serving.rollout import RolloutController, Rollouts
 from serving.state import open_engine
 from serving.telemetry import configure_tracing, otel_env
 from serving.tenants import TenantDirectory, TenantStore
@@ -85,10 +88,14 @@ class Gateway:
             RouterSettings(cfg.max_request_bytes, cfg.default_timeout_ms / 1000),
             self.metrics,
         )
-        routes = core_routes(engine, on_tenants_changed=self._tenants.invalidate)
-        routes += model_routes(
-            engine, Path(state_dir), GatewayConfig.model_validate({"policies": policies or {}})
+        gateway_config = GatewayConfig.model_validate({"policies": policies or {}})
+        stages = Stages(Registry(engine, Path(state_dir), gateway_config))
+        self._rollouts = RolloutController(
+            Rollouts(stages), self._table, self.service.windows, self.metrics
         )
+        self._rollouts.start()
+        routes = core_routes(engine, on_tenants_changed=self._tenants.invalidate)
+        routes += model_routes(engine, Path(state_dir), gateway_config)
         reports = LedgerReports(engine, self._pricing)
         routes += reports.admin_routes()
         admin = build_admin_app(UserBackend(engine), routes)
@@ -199,6 +206,7 @@ class Gateway:
         """Refuse new requests, finish the in-flight ones, then close the servers."""
         if self._drained is not None:
             return self._drained
+        await self._rollouts.stop()
         in_flight_before = self.service.in_flight
         completed = await self.service.drain(timeout_s)
         # Keep answering 503 / UNAVAILABLE a moment before closing the sockets, so

@@ -5,6 +5,7 @@ approved | archived --promote--> staging (deployed, no tenant traffic)
 staging --promote--> production (the previous production is archived)
 rollback: production -> archived, and the version that was production before it
 comes back. registered | approved --reject--> rejected (final).
+staging --retire--> archived (e.g. a canary that a rollout sent back).
 
 Every change and every refusal is audited in the transaction that makes it.
 Promotions re-run the guardrails that depend on the stored bytes or on what is
@@ -220,6 +221,27 @@ class Stages:
             self._refuse(actor, target, "rollback", problem or "no previous version")
             raise StageError(problem or "no previous version")
         return self.registry.get(name, previous)
+
+    def retire(self, actor: str, name: str, version: str, reason: str) -> VersionRow:
+        """Take a staging version out of service (archived; promote it to staging again)."""
+        target = f"model:{name}:{version}"
+        with audit.audited(self.engine) as tx:
+            row = self._locked_row(tx, name, version)
+            problem = None if row.stage == "staging" else f"{name}:{version} is {row.stage}"
+            if problem is None:
+                self._set_stage(tx.conn, name, version, "archived")
+                tx.append(
+                    actor,
+                    "model.retire",
+                    target,
+                    before={"stage": "staging"},
+                    after={"stage": "archived"},
+                    reason=reason,
+                )
+        if problem is not None:
+            self._refuse(actor, target, "retire", problem + "; only a staging version retires")
+            raise StageError(problem)
+        return self.registry.get(name, version)
 
     def set_config_production(self, name: str, version: str) -> None:
         """First start with a config model: its newest config version serves."""

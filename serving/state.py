@@ -215,6 +215,54 @@ approvals = sa.Table(
 )
 
 
+# Canary rollouts (serving.rollout). One row per rollout; `active_model` is the model
+# name while the rollout runs or is paused and NULL once it ends, so the unique index
+# allows one live rollout per model on SQLite and PostgreSQL alike. `revision` counts
+# changes: a writer updates only the revision it read (optimistic concurrency between
+# the gateway's controller and operators' commands).
+rollouts = sa.Table(
+    "rollouts",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("model", sa.String(128), nullable=False, index=True),
+    sa.Column("candidate", sa.String(128), nullable=False),
+    sa.Column("baseline", sa.String(128), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("step", sa.Integer, nullable=False),
+    # JSON texts: the step weights and the analysis settings, the last analysis.
+    sa.Column("spec", sa.Text, nullable=False),
+    sa.Column("failures", sa.Integer, nullable=False),
+    sa.Column("last_analysis", sa.Text, nullable=True),
+    sa.Column("revision", sa.Integer, nullable=False),
+    sa.Column("created_by", sa.String(128), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, default=utcnow),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, default=utcnow),
+    sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("active_model", sa.String(128), nullable=True, unique=True),
+    sa.CheckConstraint(
+        "state IN ('running', 'paused', 'succeeded', 'failed', 'aborted')", name="state"
+    ),
+)
+
+# Every decision on a rollout, operator's or controller's, with the figures behind it
+# (the same record also goes to the audit chain).
+rollout_events = sa.Table(
+    "rollout_events",
+    metadata,
+    sa.Column("id", _BigId, primary_key=True, autoincrement=True),
+    sa.Column(
+        "rollout_id", sa.Integer, sa.ForeignKey("rollouts.id", ondelete="CASCADE"), index=True
+    ),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False, default=utcnow),
+    sa.Column("actor", sa.String(128), nullable=False),
+    sa.Column("action", sa.String(32), nullable=False),
+    sa.Column("step", sa.Integer, nullable=False),
+    sa.Column("weight", sa.Float, nullable=False),  # candidate's share after the event
+    sa.Column("figures", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+)
+
+
 def open_engine(database_url: str | None, state_dir: Path) -> sa.Engine:
     """Connect to the state database and make sure the schema exists.
 

@@ -32,7 +32,7 @@ import sqlalchemy as sa
 
 from router.types import Tenant
 from serving import audit
-from serving.config import _NAME, TenantConfig
+from serving.config import _NAME, TenantConfig, tenant_name
 from serving.state import tenants as t_tenants
 
 log = logging.getLogger(__name__)
@@ -109,8 +109,7 @@ class TenantRow:
 
 
 def _validate(name: str, weight: float, models: Iterable[str]) -> tuple[str, ...]:
-    if not _NAME.match(name):
-        raise ValueError(f"tenant name {name!r} must match {_NAME.pattern}")
+    tenant_name(name)
     if not (math.isfinite(weight) and 0 < weight <= MAX_WEIGHT):
         raise ValueError(f"tenant weight must be > 0 and <= {MAX_WEIGHT:g}, got {weight!r}")
     checked = tuple(dict.fromkeys(models))  # dedupe, keep order

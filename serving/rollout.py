@@ -1,0 +1,670 @@
+"""Canary rollouts: durable state, the analysis, and the controller in the gateway.
+
+A rollout moves one model's default traffic from its production version to an
+approved candidate in steps (e.g. 5, 25, 50, 100 %). The router applies the
+current weights (router.canary). Every ``interval`` the gateway's
+:class:`RolloutController` compares candidate and production over the same
+window (error rate, p99 latency ratio, shadow agreement, a minimum request count):
+
+* **pass** advances one step; reaching 100 % promotes the candidate to production
+  (the registry's promotion, guardrails re-checked); the driver then makes it the
+  table's production version and drains the old one;
+* **fail** counts; ``failure_threshold`` failures in a row send all traffic back to
+  production, mark the rollout failed and retire the candidate (archived);
+* **wait** (too few requests) keeps the window open for another interval.
+
+Every decision, the controller's and the operators' (start, pause, resume, promote,
+abort), is written with its figures to ``rollout_events`` and to the audit chain in
+one transaction. The row is the state: a restarted gateway resumes at the same
+step. Writers update the revision they read, so an operator's pause and the
+controller's verdict never overwrite each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import re
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from router.canary import ShadowStats, Split, VersionStats, Windows
+from router.metrics import RouterMetrics
+from router.model_table import LiveModelTable
+from serving import audit
+from serving.promotion import Stages
+from serving.registry import GuardrailRefused, RegistryError
+from serving.state import rollout_events as t_events
+from serving.state import rollouts as t_rollouts
+from serving.state import utcnow
+
+log = logging.getLogger(__name__)
+
+CONTROLLER = "rollout-controller"
+LIVE_STATES = ("running", "paused")
+STATES = (*LIVE_STATES, "succeeded", "failed", "aborted")
+
+
+class RolloutError(RegistryError):
+    """A rollout command that is not allowed now; the message says why."""
+
+
+class RolloutSpec(BaseModel):
+    """How a rollout advances and what it checks (``gpugate rollout start`` flags)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: tuple[int, ...] = Field(default=(5, 25, 50, 100), description="candidate % per step")
+    interval_s: float = Field(default=60.0, gt=0, le=86400)
+    max_error_rate: float = Field(default=0.01, ge=0, le=1)
+    max_p99_ratio: float = Field(default=1.25, gt=0)
+    min_requests: int = Field(default=100, ge=1)
+    failure_threshold: int = Field(default=2, ge=1)
+    sticky: str | None = None
+    mirror_pct: float = Field(default=0.0, ge=0, le=100)
+    min_agreement: float = Field(default=0.99, ge=0, le=1)
+    salt: str = Field(default_factory=lambda: secrets.token_hex(8))
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or any(not 0 <= s <= 100 for s in v):
+            raise ValueError("steps are percentages in 0..100")
+        if any(b <= a for a, b in itertools.pairwise(v)):
+            raise ValueError("steps must increase")
+        return v if v[-1] == 100 else (*v, 100)  # a rollout ends in promotion
+
+    @field_validator("sticky")
+    @classmethod
+    def _sticky(cls, v: str | None) -> str | None:
+        if v in (None, "", "none"):
+            return None
+        if v == "tenant" or re.fullmatch(r"header:[A-Za-z0-9][A-Za-z0-9_.-]*", v):
+            return v if v == "tenant" else v.lower()
+        raise ValueError("sticky must be 'tenant' or 'header:NAME'")
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``500ms``, ``30s``, ``2m``, ``1h`` or a plain number of seconds."""
+    found = _DURATION.match(text)
+    if found is None:
+        raise ValueError(f"duration {text!r}: use e.g. 500ms, 30s, 2m, 1h")
+    factor = {"ms": 0.001, "s": 1.0, None: 1.0, "m": 60.0, "h": 3600.0}[found.group(2)]
+    return float(found.group(1)) * factor
+
+
+@dataclass(frozen=True)
+class Rollout:
+    id: int
+    model: str
+    candidate: str
+    baseline: str
+    state: str
+    step: int
+    spec: RolloutSpec
+    failures: int
+    last_analysis: dict[str, Any] | None
+    revision: int
+    created_by: str
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+
+    @property
+    def live(self) -> bool:
+        return self.state in LIVE_STATES
+
+    @property
+    def weight(self) -> float:
+        """The candidate's share of default traffic now."""
+        if self.state == "succeeded":
+            return 1.0
+        if self.state in LIVE_STATES:
+            return self.spec.steps[self.step] / 100
+        return 0.0
+
+    def split(self) -> Split:
+        return Split(
+            self.candidate,
+            self.weight,
+            self.spec.sticky,
+            self.spec.mirror_pct / 100 if self.live else 0.0,
+            self.spec.salt,
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        spec = self.spec.model_dump(mode="json", exclude={"salt"})
+        return {
+            "id": self.id,
+            "model": self.model,
+            "candidate": self.candidate,
+            "production": self.baseline,
+            "state": self.state,
+            "step": self.step + 1,
+            "steps": len(self.spec.steps),
+            "weights": {self.baseline: round(1 - self.weight, 4), self.candidate: self.weight},
+            "failures": self.failures,
+            "settings": spec,
+            "last_analysis": self.last_analysis,
+            "created_by": self.created_by,
+            "created_at": self.created_at.isoformat(),
+            "updated_at": self.updated_at.isoformat(),
+            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+        }
+
+
+def _rollout(r: Any) -> Rollout:
+    return Rollout(
+        id=r.id,
+        model=r.model,
+        candidate=r.candidate,
+        baseline=r.baseline,
+        state=r.state,
+        step=r.step,
+        spec=RolloutSpec.model_validate_json(r.spec),
+        failures=r.failures,
+        last_analysis=json.loads(r.last_analysis) if r.last_analysis else None,
+        revision=r.revision,
+        created_by=r.created_by,
+        created_at=audit._aware(r.created_at),
+        updated_at=audit._aware(r.updated_at),
+        finished_at=audit._aware(r.finished_at) if r.finished_at else None,
+    )
+
+
+# -- the analysis --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Analysis:
+    verdict: str  # pass | fail | wait
+    figures: dict[str, Any]
+    reasons: tuple[str, ...]
+
+
+def analyse(
+    spec: RolloutSpec,
+    versions: tuple[str, str],
+    prod: VersionStats,
+    cand: VersionStats,
+    shadow: ShadowStats,
+    window_s: float,
+) -> Analysis:
+    """Compare candidate with production over one window (pure; unit-tested)."""
+    n = spec.min_requests
+    mirrored = spec.mirror_pct > 0
+    short: list[str] = []
+    if cand.requests < n:
+        short.append(f"candidate served {cand.requests} of the {n} requests needed")
+    if prod.requests < n:
+        short.append(f"production served {prod.requests} of the {n} requests needed")
+    if mirrored and shadow.compared < n:
+        short.append(f"{shadow.compared} of the {n} shadow comparisons needed")
+
+    checks: list[dict[str, Any]] = []
+
+    def check(name: str, value: float | None, limit: float, passed: bool) -> None:
+        checks.append({"check": name, "value": value, "limit": limit, "passed": passed})
+
+    # With too few requests only errors can decide: when no number of later successes
+    # could bring the rate under the limit, a faulty candidate need not wait.
+    limit = spec.max_error_rate
+    if short:
+        check("error_rate", cand.error_rate, limit, cand.errors <= limit * max(n, cand.requests))
+    else:
+        check("error_rate", cand.error_rate, limit, cand.error_rate <= limit)
+    prod_p99, cand_p99 = prod.p99_ms, cand.p99_ms
+    ratio = round(cand_p99 / prod_p99, 4) if prod_p99 and cand_p99 is not None else None
+    if not short:
+        ok = ratio is not None and ratio <= spec.max_p99_ratio
+        check("p99_ratio", ratio, spec.max_p99_ratio, ok)
+        if mirrored:
+            agreement = shadow.agreement
+            ok = agreement is not None and agreement >= spec.min_agreement
+            check("shadow_agreement", agreement, spec.min_agreement, ok)
+    failed = tuple(
+        f"{c['check']} {c['value']} beyond the limit {c['limit']}"
+        for c in checks
+        if not c["passed"]
+    )
+    verdict = "fail" if failed else ("wait" if short else "pass")
+    figures = {
+        "window_s": round(window_s, 3),
+        "production": {"version": versions[0], **prod.summary()},
+        "candidate": {"version": versions[1], **cand.summary()},
+        "p99_ratio": ratio,
+        "shadow": shadow.summary() if mirrored else None,
+        "checks": checks,
+        "verdict": verdict,
+    }
+    return Analysis(verdict, figures, failed or tuple(short))
+
+
+# -- the store -----------------------------------------------------------------
+
+
+class Rollouts:
+    """Rollout rows: operators' commands (CLI, admin API) and the controller's verdicts."""
+
+    def __init__(self, stages: Stages) -> None:
+        self.stages = stages
+        self.engine = stages.engine
+
+    def get(self, model: str) -> Rollout:
+        """The model's live rollout, else its latest one."""
+        with self.engine.connect() as conn:
+            r = conn.execute(
+                sa.select(t_rollouts)
+                .where(t_rollouts.c.model == model)
+                .order_by(t_rollouts.c.id.desc())
+                .limit(1)
+            ).first()
+        if r is None:
+            raise RolloutError(f"model {model!r} has no rollout")
+        return _rollout(r)
+
+    def by_ids(self, ids: Sequence[int]) -> list[Rollout]:
+        """Live rollouts, and those of ``ids`` whatever their state."""
+        cond: sa.ColumnElement[bool] = t_rollouts.c.active_model.is_not(None)
+        if ids:
+            cond = sa.or_(cond, t_rollouts.c.id.in_(list(ids)))
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(t_rollouts).where(cond).order_by(t_rollouts.c.id)).all()
+        return [_rollout(r) for r in rows]
+
+    def history(self, rollout_id: int) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(t_events)
+                .where(t_events.c.rollout_id == rollout_id)
+                .order_by(t_events.c.id)
+            ).all()
+        return [
+            {
+                "at": audit._aware(r.at).isoformat(),
+                "actor": r.actor,
+                "action": r.action,
+                "step": r.step + 1,
+                "weight": r.weight,
+                "figures": json.loads(r.figures),
+                "reason": r.reason,
+            }
+            for r in rows
+        ]
+
+    def start(self, actor: str, model: str, version: str, spec: RolloutSpec) -> Rollout:
+        """Start a canary of an approved (or staging) version against production."""
+        registry = self.stages.registry
+        production = registry.production(model)
+        if production is None:
+            raise RolloutError(f"model {model!r} has no production version to compare with")
+        row = registry.get(model, version)
+        target = f"rollout:{model}"
+        problem = None
+        if version == production.version:
+            problem = f"{model}:{version} is already production"
+        elif row.stage not in ("approved", "staging"):
+            problem = f"{model}:{version} is {row.stage}; a rollout needs an approved version"
+        if problem is None and self._live(model) is not None:
+            problem = f"model {model!r} already has a rollout in progress"
+        if problem is not None:
+            audit.append(self.engine, actor, "rollout.refused", target, reason=problem)
+            raise RolloutError(problem)
+        if row.stage == "approved":
+            # Deployed beside production, with no traffic until the rollout gives it some.
+            self.stages.promote(actor, model, version, "staging")
+        now = utcnow()
+        try:
+            with audit.audited(self.engine) as tx:
+                rid = tx.conn.execute(
+                    t_rollouts.insert()
+                    .values(
+                        model=model,
+                        candidate=version,
+                        baseline=production.version,
+                        state="running",
+                        step=0,
+                        spec=spec.model_dump_json(),
+                        failures=0,
+                        last_analysis=None,
+                        revision=1,
+                        created_by=actor,
+                        created_at=now,
+                        updated_at=now,
+                        active_model=model,
+                    )
+                    .returning(t_rollouts.c.id)
+                ).scalar_one()
+                self._event(tx, rid, actor, "start", 0, spec.steps[0] / 100, None, "", model)
+        except sa.exc.IntegrityError:
+            raise RolloutError(f"model {model!r} already has a rollout in progress") from None
+        return self.get(model)
+
+    def _live(self, model: str) -> Rollout | None:
+        with self.engine.connect() as conn:
+            r = conn.execute(
+                sa.select(t_rollouts).where(t_rollouts.c.active_model == model)
+            ).first()
+        return None if r is None else _rollout(r)
+
+    def _event(
+        self,
+        tx: audit.Audit,
+        rollout_id: int,
+        actor: str,
+        action: str,
+        step: int,
+        weight: float,
+        figures: dict[str, Any] | None,
+        reason: str,
+        model: str,
+        before: dict[str, Any] | None = None,
+    ) -> None:
+        tx.conn.execute(
+            t_events.insert().values(
+                rollout_id=rollout_id,
+                at=utcnow(),
+                actor=actor,
+                action=action,
+                step=step,
+                weight=weight,
+                figures=json.dumps(figures or {}),
+                reason=reason,
+            )
+        )
+        after: dict[str, Any] = {"rollout": rollout_id, "step": step + 1, "weight": weight}
+        if figures:
+            after["figures"] = figures
+        tx.append(
+            actor,
+            f"rollout.{action}",
+            f"rollout:{model}",
+            before=before,
+            after=after,
+            reason=reason,
+        )
+
+    def _update(
+        self,
+        ro: Rollout,
+        actor: str,
+        action: str,
+        *,
+        figures: dict[str, Any] | None = None,
+        reason: str = "",
+        **values: Any,
+    ) -> bool:
+        """Write one change and its event if the row is still at ``ro.revision``."""
+        state = values.get("state", ro.state)
+        step = values.get("step", ro.step)
+        if state not in LIVE_STATES:
+            values["active_model"] = None
+            values["finished_at"] = utcnow()
+        weight = {"succeeded": 1.0, "running": None, "paused": None}.get(state, 0.0)
+        if weight is None:
+            weight = ro.spec.steps[step] / 100
+        with audit.audited(self.engine) as tx:
+            done = tx.conn.execute(
+                t_rollouts.update()
+                .where(t_rollouts.c.id == ro.id, t_rollouts.c.revision == ro.revision)
+                .values(revision=ro.revision + 1, updated_at=utcnow(), **values)
+            ).rowcount
+            if done:
+                before = {"state": ro.state, "step": ro.step + 1}
+                self._event(
+                    tx, ro.id, actor, action, step, weight, figures, reason, ro.model, before
+                )
+        return bool(done)
+
+    def command(self, actor: str, model: str, action: str, reason: str = "") -> Rollout:
+        """An operator's pause, resume, promote or abort of the model's live rollout."""
+        ro = self._live(model)
+        if ro is None:
+            raise RolloutError(f"model {model!r} has no rollout in progress")
+        allowed = {
+            "pause": ("running",),
+            "resume": ("paused",),
+            "promote": LIVE_STATES,
+            "abort": LIVE_STATES,
+        }
+        if action not in allowed:
+            raise ValueError(f"unknown rollout action {action!r}")
+        if ro.state not in allowed[action]:
+            raise RolloutError(f"the rollout of {model!r} is {ro.state}; cannot {action} it")
+        if action == "pause":
+            ok = self._update(ro, actor, "pause", state="paused", reason=reason)
+        elif action == "resume":
+            ok = self._update(ro, actor, "resume", state="running", reason=reason)
+        elif action == "promote":
+            ok = self.finish_promoted(ro, actor, None, reason or "promoted by an operator")
+        else:
+            ok = self.finish_back(
+                ro, actor, "abort", "aborted", None, reason or "aborted by an operator"
+            )
+        if not ok:
+            raise RolloutError(f"the rollout of {model!r} changed meanwhile; try again")
+        return self.get(model)
+
+    # -- transitions shared by operators and the controller ---------------------
+
+    def advance(self, ro: Rollout, figures: dict[str, Any]) -> bool:
+        return self._update(
+            ro,
+            CONTROLLER,
+            "advance",
+            figures=figures,
+            step=ro.step + 1,
+            failures=0,
+            last_analysis=json.dumps(figures),
+            reason="analysis passed",
+        )
+
+    def verdict(
+        self, ro: Rollout, action: str, figures: dict[str, Any], reason: str, failures: int
+    ) -> bool:
+        return self._update(
+            ro,
+            CONTROLLER,
+            action,
+            figures=figures,
+            failures=failures,
+            last_analysis=json.dumps(figures),
+            reason=reason,
+        )
+
+    def finish_promoted(
+        self, ro: Rollout, actor: str, figures: dict[str, Any] | None, reason: str
+    ) -> bool:
+        """Candidate to production (guardrails re-checked), then the rollout succeeded;
+        a refused promotion ends the rollout failed instead."""
+        try:
+            self.stages.promote(actor, ro.model, ro.candidate, "production")
+        except (GuardrailRefused, RegistryError) as exc:
+            return self.finish_back(
+                ro, actor, "rollback", "failed", figures, f"promotion refused: {exc}"
+            )
+        extra = {"last_analysis": json.dumps(figures)} if figures else {}
+        return self._update(
+            ro,
+            actor,
+            "promote",
+            figures=figures,
+            state="succeeded",
+            step=len(ro.spec.steps) - 1,
+            reason=reason,
+            **extra,
+        )
+
+    def finish_back(
+        self,
+        ro: Rollout,
+        actor: str,
+        action: str,
+        state: str,
+        figures: dict[str, Any] | None,
+        reason: str,
+        failures: int | None = None,
+    ) -> bool:
+        """All traffic back to production; the candidate is retired (archived)."""
+        extra: dict[str, Any] = {"last_analysis": json.dumps(figures)} if figures else {}
+        if failures is not None:
+            extra["failures"] = failures
+        if not self._update(
+            ro, actor, action, figures=figures, state=state, reason=reason, **extra
+        ):
+            return False
+        try:
+            self.stages.retire(actor, ro.model, ro.candidate, f"rollout {ro.id} {state}")
+        except RegistryError as exc:
+            log.warning("rollout %s: cannot retire %s:%s: %s", ro.id, ro.model, ro.candidate, exc)
+        return True
+
+
+# -- the controller --------------------------------------------------------------
+
+
+@dataclass
+class _Tracked:
+    rollout: Rollout
+    window_start: float
+    due: float  # when the next analysis runs
+
+
+class RolloutController:
+    """Runs in the gateway: applies rollouts' weights and runs their analyses."""
+
+    def __init__(
+        self,
+        store: Rollouts,
+        table: LiveModelTable,
+        windows: Windows,
+        metrics: RouterMetrics,
+        poll_s: float = 0.5,
+    ) -> None:
+        self.store = store
+        self.table = table
+        self.windows = windows
+        self.metrics = metrics
+        self.poll_s = poll_s
+        self._tracked: dict[int, _Tracked] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("rollout controller pass failed; retrying")
+            await asyncio.sleep(self.poll_s)
+
+    async def tick(self) -> None:
+        """One pass: read the rows, analyse what is due, apply the weights."""
+        rows = await asyncio.to_thread(self.store.by_ids, list(self._tracked))
+        now = time.monotonic()
+        for ro in rows:
+            tracked = self._tracked.get(ro.id)
+            if tracked is None or (tracked.rollout.state, tracked.rollout.step) != (
+                ro.state,
+                ro.step,
+            ):
+                # New to this gateway (a start, or a restart), a new step or a new state:
+                # a fresh window.
+                self._take(ro)
+                tracked = self._tracked[ro.id] = _Tracked(ro, now, now + ro.spec.interval_s)
+            tracked.rollout = ro
+            if not self._serving(ro):
+                tracked.window_start, tracked.due = now, now + ro.spec.interval_s
+            elif ro.state == "running" and now >= tracked.due:
+                await self._analyse(tracked, now)
+        self._apply(rows)
+        self._tracked = {
+            rid: t
+            for rid, t in self._tracked.items()
+            if t.rollout.live or not self._settled(t.rollout)
+        }
+
+    def _serving(self, ro: Rollout) -> bool:
+        return self.table.serves(ro.model, ro.candidate) and self.table.serves(
+            ro.model, ro.baseline
+        )
+
+    def _settled(self, ro: Rollout) -> bool:
+        """A finished rollout needs no split once the table agrees with it."""
+        if ro.state != "succeeded":
+            return True
+        production = self.table.production.get(ro.model)
+        return production is not None and production.version == ro.candidate
+
+    def _take(self, ro: Rollout) -> tuple[VersionStats, VersionStats, ShadowStats]:
+        return self.windows.take(ro.model, (ro.baseline, ro.candidate))
+
+    async def _analyse(self, tracked: _Tracked, now: float) -> None:
+        ro = tracked.rollout
+        versions = (ro.baseline, ro.candidate)
+        prod, cand, shadow = self.windows.current(ro.model, versions)
+        result = analyse(ro.spec, versions, prod, cand, shadow, now - tracked.window_start)
+        self.metrics.rollout_analyses.labels(ro.model, ro.candidate, result.verdict).inc()
+        if ro.spec.mirror_pct > 0 and shadow.agreement is not None:
+            self.metrics.shadow_agreement.labels(ro.model, ro.candidate).set(shadow.agreement)
+        reason = "; ".join(result.reasons)
+        store, figures = self.store, result.figures
+        tracked.due = now + ro.spec.interval_s
+        if result.verdict == "wait":
+            # Too few requests: the window stays open for another interval.
+            await asyncio.to_thread(store.verdict, ro, "wait", figures, reason, ro.failures)
+            return
+        self._take(ro)
+        tracked.window_start = now
+        if result.verdict == "pass":
+            if ro.spec.steps[ro.step + 1] >= 100:
+                why = "analysis passed at every step"
+                await asyncio.to_thread(store.finish_promoted, ro, CONTROLLER, figures, why)
+            else:
+                await asyncio.to_thread(store.advance, ro, figures)
+            return
+        failures = ro.failures + 1
+        if failures >= ro.spec.failure_threshold:
+            why = f"{failures} failed analyses in a row: {reason}"
+            await asyncio.to_thread(
+                store.finish_back, ro, CONTROLLER, "rollback", "failed", figures, why, failures
+            )
+        else:
+            why = f"failed analysis {failures} of {ro.spec.failure_threshold}: {reason}"
+            await asyncio.to_thread(store.verdict, ro, "fail", figures, why, failures)
+
+    def _apply(self, rows: Sequence[Rollout]) -> None:
+        latest = {ro.model: ro for ro in rows}  # rows come ordered by id
+        splits = {
+            model: ro.split()
+            for model, ro in latest.items()
+            if ro.live or (ro.state == "succeeded" and not self._settled(ro))
+        }
+        self.table.set_splits(splits)
+        self.windows.watched = frozenset(m for m, ro in latest.items() if ro.live)
+        m = self.metrics
+        for ro in latest.values():
+            m.rollout_step.labels(ro.model, ro.candidate).set(ro.step + 1 if ro.live else 0)
+            m.rollout_weight.labels(ro.model, ro.candidate).set(ro.weight)
+            m.rollout_weight.labels(ro.model, ro.baseline).set(1 - ro.weight)
+            for state in STATES:
+                m.rollout_state.labels(ro.model, ro.candidate, state).set(state == ro.state)
