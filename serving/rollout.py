@@ -305,24 +305,30 @@ class Rollouts:
         ]
 
     def start(self, actor: str, model: str, version: str, spec: RolloutSpec) -> Rollout:
-        """Start a canary of an approved (or staging) version against production."""
+        """Start a canary of an approved (or staging, or archived) version against
+        production; it goes to staging (guardrails re-checked) to be deployed."""
         registry = self.stages.registry
         production = registry.production(model)
-        if production is None:
-            raise RolloutError(f"model {model!r} has no production version to compare with")
-        row = registry.get(model, version)
         target = f"rollout:{model}"
         problem = None
-        if version == production.version:
-            problem = f"{model}:{version} is already production"
-        elif row.stage not in ("approved", "staging"):
-            problem = f"{model}:{version} is {row.stage}; a rollout needs an approved version"
-        if problem is None and self._live(model) is not None:
-            problem = f"model {model!r} already has a rollout in progress"
-        if problem is not None:
+        if production is None:
+            problem = f"model {model!r} has no production version to compare with"
+        else:
+            row = registry.get(model, version)
+            if version == production.version:
+                problem = f"{model}:{version} is already production"
+            elif row.stage not in ("approved", "staging", "archived"):
+                problem = (
+                    f"{model}:{version} is {row.stage}; a rollout needs an approved version "
+                    "(or one in staging or archived)"
+                )
+            elif self._live(model) is not None:
+                problem = f"model {model!r} already has a rollout in progress"
+        if problem is not None or production is None:
+            problem = problem or "no production version"
             audit.append(self.engine, actor, "rollout.refused", target, reason=problem)
             raise RolloutError(problem)
-        if row.stage == "approved":
+        if registry.get(model, version).stage != "staging":
             # Deployed beside production, with no traffic until the rollout gives it some.
             self.stages.promote(actor, model, version, "staging")
         now = utcnow()
@@ -581,6 +587,7 @@ class RolloutController:
         """One pass: read the rows, analyse what is due, apply the weights."""
         rows = await asyncio.to_thread(self.store.by_ids, list(self._tracked))
         now = time.monotonic()
+        decided = False
         for ro in rows:
             tracked = self._tracked.get(ro.id)
             if tracked is None or (tracked.rollout.state, tracked.rollout.step) != (
@@ -595,7 +602,9 @@ class RolloutController:
             if not self._serving(ro):
                 tracked.window_start, tracked.due = now, now + ro.spec.interval_s
             elif ro.state == "running" and now >= tracked.due:
-                await self._analyse(tracked, now)
+                decided |= await self._analyse(tracked, now)
+        if decided:  # apply a new step or a rollback now, not a poll later
+            rows = await asyncio.to_thread(self.store.by_ids, list(self._tracked))
         self._apply(rows)
         self._tracked = {
             rid: t
@@ -618,7 +627,8 @@ class RolloutController:
     def _take(self, ro: Rollout) -> tuple[VersionStats, VersionStats, ShadowStats]:
         return self.windows.take(ro.model, (ro.baseline, ro.candidate))
 
-    async def _analyse(self, tracked: _Tracked, now: float) -> None:
+    async def _analyse(self, tracked: _Tracked, now: float) -> bool:
+        """Run a due analysis and write its verdict; True if the weights may change."""
         ro = tracked.rollout
         versions = (ro.baseline, ro.candidate)
         prod, cand, shadow = self.windows.current(ro.model, versions)
@@ -632,7 +642,7 @@ class RolloutController:
         if result.verdict == "wait":
             # Too few requests: the window stays open for another interval.
             await asyncio.to_thread(store.verdict, ro, "wait", figures, reason, ro.failures)
-            return
+            return False
         self._take(ro)
         tracked.window_start = now
         if result.verdict == "pass":
@@ -641,7 +651,7 @@ class RolloutController:
                 await asyncio.to_thread(store.finish_promoted, ro, CONTROLLER, figures, why)
             else:
                 await asyncio.to_thread(store.advance, ro, figures)
-            return
+            return True
         failures = ro.failures + 1
         if failures >= ro.spec.failure_threshold:
             why = f"{failures} failed analyses in a row: {reason}"
@@ -651,6 +661,7 @@ class RolloutController:
         else:
             why = f"failed analysis {failures} of {ro.spec.failure_threshold}: {reason}"
             await asyncio.to_thread(store.verdict, ro, "fail", figures, why, failures)
+        return True
 
     def _apply(self, rows: Sequence[Rollout]) -> None:
         latest = {ro.model: ro for ro in rows}  # rows come ordered by id
