@@ -12,13 +12,13 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from router._exceptions import InvalidArgument
+from router._exceptions import InvalidArgument, NotFound
 from router.admin import AdminRequest, AdminRoute, Conflict
 from serving.admin_api import blocking
 from serving.config import GatewayConfig
 from serving.promotion import ApprovalError, StageError, Stages
 from serving.registry import GuardrailRefused, Registry
-from serving.rollout import RolloutError, Rollouts, RolloutSpec
+from serving.rollout import NoRollout, RolloutError, Rollouts, RolloutSpec
 
 
 def _reason(body: dict[str, Any], required: bool) -> str:
@@ -37,6 +37,8 @@ def model_routes(engine: sa.Engine, state_dir: Path, config: GatewayConfig) -> l
         def wrapped(req: AdminRequest) -> Any:
             try:
                 return fn(req)
+            except NoRollout as exc:
+                raise NotFound(str(exc)) from None
             except (ApprovalError, StageError, GuardrailRefused, RolloutError) as exc:
                 raise Conflict(str(exc)) from None
 

@@ -58,6 +58,10 @@ class RolloutError(RegistryError):
     """A rollout command that is not allowed now; the message says why."""
 
 
+class NoRollout(RolloutError):
+    """The model has no rollout (in progress, for a command)."""
+
+
 class RolloutSpec(BaseModel):
     """How a rollout advances and what it checks (``gpugate rollout start`` flags)."""
 
@@ -272,7 +276,7 @@ class Rollouts:
                 .limit(1)
             ).first()
         if r is None:
-            raise RolloutError(f"model {model!r} has no rollout")
+            raise NoRollout(f"model {model!r} has no rollout")
         return _rollout(r)
 
     def by_ids(self, ids: Sequence[int]) -> list[Rollout]:
@@ -438,7 +442,7 @@ class Rollouts:
         """An operator's pause, resume, promote or abort of the model's live rollout."""
         ro = self._live(model)
         if ro is None:
-            raise RolloutError(f"model {model!r} has no rollout in progress")
+            raise NoRollout(f"model {model!r} has no rollout in progress")
         allowed = {
             "pause": ("running",),
             "resume": ("paused",),
@@ -576,11 +580,19 @@ class RolloutController:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self) -> None:
+        failing = False
         while True:
             try:
                 await self.tick()
             except Exception:
-                log.exception("rollout controller pass failed; retrying")
+                # E.g. the database is down: the weights in force stay; say so once.
+                if not failing:
+                    log.exception("rollout controller pass failed; retrying every %ss", self.poll_s)
+                failing = True
+            else:
+                if failing:
+                    log.warning("rollout controller recovered")
+                failing = False
             await asyncio.sleep(self.poll_s)
 
     async def tick(self) -> None:

@@ -58,6 +58,9 @@ def test_invalid_values_are_explained(tmp_path: Path) -> None:
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="declared twice"):
         load_config(_write(tmp_path, MODEL + MODEL.replace("models:\n", "")))
+    # 'shadow' owns mirrored canary traffic in the ledger; no tenant may take the name.
+    with pytest.raises(ConfigError, match="reserved for mirrored canary traffic"):
+        load_config(_write(tmp_path, "tenants: [{name: shadow, api_key_env: K}]\n"))
 
 
 def test_relative_artifact_is_relative_to_the_config_file(tmp_path: Path) -> None:

@@ -1,0 +1,540 @@
+"""Canary rollouts through a real `gpugate serve` (local Ray, SQLite state, the demo model).
+
+One gateway for the module; the tests run in order, each with its own candidate:
+split accuracy and stickiness (HTTP and gRPC), a shadow-only candidate that differs
+from production on a known share of inputs, a much slower candidate that is rolled
+back automatically, and a good candidate that survives a gateway restart mid-rollout
+and is promoted. Candidates are TorchScript modules built around the demo model's
+own weights, so they answer like production except where a test wants them not to.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import random
+import sqlite3
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from torch import nn
+
+from serving.demo import DEMO_HIDDEN, DigitsMLP
+from tests.e2e.conftest import Gateway, start_gateway
+
+pytestmark = pytest.mark.timeout(900)
+
+POLICY = "policies:\n  digits:\n    required_approvals: 1\n"
+MARK = 101.0  # pixel 0 set to this (real pixels are 0..16) marks an input
+
+
+# -- candidates ------------------------------------------------------------------
+
+
+class Differs(nn.Module):
+    """Production's answer, except the class is shifted by one on marked inputs."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        logits = self.base(pixels)
+        marked = pixels[:, 0:1] > 100.0
+        return torch.where(marked, logits.roll(1, dims=1), logits)
+
+
+class Faulty(nn.Module):
+    """Production's answer, but a batch holding a marked input fails (an index out of
+    range, computed from the data, so the traced graph fails at run time)."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        logits = self.base(pixels)
+        bad = (pixels[:, 0] > 100.0).long().max().reshape(1) * 1000
+        return logits + 0.0 * logits.index_select(1, bad)
+
+
+class Same(nn.Module):
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.base(pixels)
+        return out
+
+
+def production_model(gw: Gateway) -> DigitsMLP:
+    model = DigitsMLP(DEMO_HIDDEN)
+    weights = gw.state_dir / "models" / "digits" / "1" / "model.safetensors"
+    model.load_state_dict(safetensors.torch.load_file(weights))
+    return model.eval()
+
+
+def register_candidate(gw: Gateway, tmp: Path, module: nn.Module, version: str) -> None:
+    path = tmp / f"candidate-{version}.pt"
+    # Traced, not scripted: no Python control flow depends on the input.
+    torch.jit.trace(module.eval(), torch.zeros(2, 64), check_trace=False).save(str(path))
+    done = cli(
+        gw,
+        "models",
+        "register",
+        "digits",
+        "--artifact",
+        str(path),
+        "--format",
+        "torchscript",
+        "--version",
+        version,
+        "--parent",
+        "1",
+        "--json",
+    )
+    assert done.returncode == 0, done.stderr
+    ok = cli(gw, "models", "approve", "digits", version, "--reason", "canary", token=approver(gw))
+    assert ok.returncode == 0, ok.stderr
+
+
+# -- gateway, CLI ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    state = tmp_path_factory.mktemp("rollout-state")
+    config = state.parent / f"{state.name}-config.yaml"
+    config.write_text(POLICY)
+    gw = start_gateway(state, "--config", str(config))
+    gw.config = config  # type: ignore[attr-defined]
+    try:
+        yield gw
+    finally:
+        gw.close()
+
+
+def cli(gw: Gateway, *args: str, token: str | None = None) -> Any:
+    extra = ["--config", str(gw.config)]  # type: ignore[attr-defined]
+    return gw.cli(*args, *extra, *(["--token", token] if token else []))
+
+
+_approver: dict[Path, str] = {}
+
+
+def approver(gw: Gateway) -> str:
+    if gw.state_dir not in _approver:
+        made = cli(gw, "users", "create", "appr", "--role", "approver", "--json")
+        assert made.returncode == 0, made.stderr
+        _approver[gw.state_dir] = json.loads(made.stdout)["token"]
+    return _approver[gw.state_dir]
+
+
+def status(gw: Gateway) -> dict[str, Any]:
+    done = cli(gw, "rollout", "status", "digits", "--json")
+    assert done.returncode == 0, done.stderr
+    return dict(json.loads(done.stdout))
+
+
+def api(gw: Gateway, method: str, path: str, body: Any = None) -> Any:
+    """The admin HTTP API as the admin (no process start per call, unlike the CLI)."""
+    import urllib.request
+
+    token = (gw.state_dir / "admin.token").read_text().strip()
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(f"http://{gw.http_url}/admin{path}", data=data, method=method)
+    req.add_header("Authorization", f"Bearer {token}")
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def stage(gw: Gateway, version: str) -> str:
+    shown = cli(gw, "models", "show", "digits", version, "--json")
+    return str(json.loads(shown.stdout)["stage"])
+
+
+def wait_for(
+    what: str, check: Any, timeout_s: float = 180.0, every_s: float = 0.25, gw: Any = None
+) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(every_s)
+    extra = f"; rollout: {json.dumps(status(gw))}" if gw is not None else ""
+    raise AssertionError(f"timed out waiting for {what}{extra}")
+
+
+def canary_ready(gw: Gateway, version: str) -> bool:
+    req = urllib_request(gw, "/v2/repository/index", b"{}")
+    return any(e["version"] == version and e["state"] == "READY" for e in req)
+
+
+def urllib_request(gw: Gateway, path: str, body: bytes | None = None) -> Any:
+    import urllib.request
+
+    req = urllib.request.Request(f"http://{gw.http_url}{path}", data=body)
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+# -- traffic -------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    at: float  # time.monotonic() when answered
+    status: int
+    version: str | None
+    marked: bool
+    user: str | None
+    error: str = ""
+
+
+@dataclass
+class Traffic:
+    """Threads sending unversioned digits requests over keep-alive HTTP."""
+
+    gw: Gateway
+    threads: int = 4
+    mark_share: float = 0.0
+    users: list[str] | None = None
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._workers = [
+            threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(self.threads)
+        ]
+
+    def __enter__(self) -> Traffic:
+        for w in self._workers:
+            w.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for w in self._workers:
+            w.join(timeout=60)
+
+    def _run(self, seed: int) -> None:
+        rng = random.Random(seed)
+        while not self._stop.is_set():
+            marked = rng.random() < self.mark_share
+            user = rng.choice(self.users) if self.users else None
+            self.outcomes_append(send(self.gw, marked, user, rng))
+
+    def outcomes_append(self, o: Outcome) -> None:
+        with self._lock:
+            self.outcomes.append(o)
+
+    def snapshot(self) -> list[Outcome]:
+        with self._lock:
+            return list(self.outcomes)
+
+
+_conns = threading.local()
+
+
+def send(
+    gw: Gateway,
+    marked: bool,
+    user: str | None,
+    rng: random.Random,
+    version: str | None = None,
+) -> Outcome:
+    pixels = [float(rng.randint(0, 16)) for _ in range(64)]
+    if marked:
+        pixels[0] = MARK
+    body = json.dumps(
+        {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 64], "data": pixels}]}
+    ).encode()
+    headers = {"Authorization": f"Bearer {gw.demo_key}", "Content-Type": "application/json"}
+    if user is not None:
+        headers["X-User"] = user
+    path = "/v2/models/digits" + (f"/versions/{version}" if version else "") + "/infer"
+    conn = getattr(_conns, gw.http_url, None)
+    try:
+        if conn is None:
+            host, port = gw.http_url.split(":")
+            conn = http.client.HTTPConnection(host, int(port), timeout=60)
+            setattr(_conns, gw.http_url, conn)
+        conn.request("POST", path, body, headers)
+        resp = conn.getresponse()
+        data = resp.read()
+    except Exception as exc:  # a reset or a timeout is a failed request too
+        setattr(_conns, gw.http_url, None)
+        return Outcome(time.monotonic(), 0, None, marked, user, repr(exc))
+    if resp.status != 200:
+        return Outcome(time.monotonic(), resp.status, None, marked, user, data[:300].decode())
+    return Outcome(time.monotonic(), 200, json.loads(data)["model_version"], marked, user)
+
+
+# -- tests ---------------------------------------------------------------------------
+
+
+def test_sticky_split_is_accurate_stable_and_explicit_versions_bypass_it(
+    gateway: Gateway, tmp_path: Path
+) -> None:
+    register_candidate(gateway, tmp_path, Same(production_model(gateway)), "2")
+    started = cli(
+        gateway,
+        "rollout",
+        "start",
+        "digits",
+        "2",
+        "--steps",
+        "10,100",
+        "--interval",
+        "1h",
+        "--sticky",
+        "header:x-user",
+        "--json",
+    )
+    assert started.returncode == 0, started.stderr
+    assert json.loads(started.stdout)["weights"] == {"1": 0.9, "2": 0.1}
+    wait_for("the candidate to serve", lambda: canary_ready(gateway, "2"))
+
+    users = [f"user-{i}" for i in range(5000)]
+    first: dict[str, str | None] = {}
+    lock = threading.Lock()
+
+    def worker(part: list[str]) -> None:
+        rng = random.Random(len(part))
+        for u in part:
+            o = send(gateway, False, u, rng)
+            with lock:
+                first[u] = o.version if o.status == 200 else f"failed: {o.status} {o.error}"
+
+    threads = [threading.Thread(target=worker, args=(users[i::8],)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(first.values()) == {"1", "2"}, Counter(first.values()).most_common(4)
+    share = Counter(first.values())["2"] / len(users)
+    assert abs(share - 0.10) <= 0.015, share
+
+    rng = random.Random(7)
+    again = rng.sample(users, 400)
+    assert all(send(gateway, False, u, rng).version == first[u] for u in again)
+    # Naming a version bypasses the split, whatever the key says.
+    to_candidate = [u for u in again if first[u] == "2"][:20]
+    assert to_candidate and all(
+        send(gateway, False, u, rng, "1").version == "1" for u in to_candidate
+    )
+    assert send(gateway, False, None, rng, "2").version == "2"
+
+    # gRPC metadata carries the same key to the same version.
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(gateway.grpc_url)
+    x = grpcclient.InferInput("pixels", [1, 64], "FP32")
+    x.set_data_from_numpy(np.zeros((1, 64), dtype=np.float32))
+    for u in again[:100]:
+        result = client.infer(
+            "digits", [x], headers={"authorization": f"Bearer {gateway.demo_key}", "x-user": u}
+        )
+        assert result.get_response().model_version == first[u]
+    client.close()
+
+    aborted = cli(gateway, "rollout", "abort", "digits", "--reason", "split checked")
+    assert aborted.returncode == 0, aborted.stderr
+    assert stage(gateway, "2") == "archived"
+    assert all(send(gateway, False, u, rng).version == "1" for u in to_candidate)
+    assert (
+        gateway.metric("gpugate_rollout_state", model="digits", candidate="2", state="aborted")
+        == 1.0
+    )
+
+
+def test_shadow_agreement_is_measured_and_drives_a_rollback(
+    gateway: Gateway, tmp_path: Path
+) -> None:
+    register_candidate(gateway, tmp_path, Differs(production_model(gateway)), "3")
+    started = cli(
+        gateway,
+        "rollout",
+        "start",
+        "digits",
+        "3",
+        "--steps",
+        "0,100",
+        "--interval",
+        "3s",
+        "--min-requests",
+        "60",
+        "--mirror",
+        "100",
+        "--min-agreement",
+        "0.9",
+        "--failure-threshold",
+        "2",
+    )
+    assert started.returncode == 0, started.stderr
+    wait_for("the candidate to deploy", lambda: canary_ready(gateway, "3"))
+    with Traffic(gateway, threads=4, mark_share=0.25) as traffic:
+        wait_for("the rollback", lambda: status(gateway)["state"] == "failed", 120, gw=gateway)
+    seen = traffic.snapshot()
+    assert seen and all(o.status == 200 for o in seen), [o for o in seen if o.status != 200][:3]
+    assert {o.version for o in seen} == {"1"}  # step 0: shadow only, clients never see it
+
+    st = status(gateway)
+    history = [e["action"] for e in st["history"]]
+    assert history[0] == "start" and history[-2:] == ["fail", "rollback"], history
+    shadow = st["last_analysis"]["shadow"]
+    # A quarter of the inputs are marked and answered differently: agreement about 3/4.
+    assert shadow["compared"] >= 60 and abs(shadow["agreement"] - 0.75) <= 0.1, shadow
+    assert shadow["errors"] == 0
+    assert "shadow_agreement" in st["history"][-1]["reason"]
+    assert stage(gateway, "3") == "archived"
+    assert (
+        gateway.metric(
+            "gpugate_shadow_requests_total", model="digits", version="3", outcome="compared"
+        )
+        >= shadow["compared"]
+    )
+    # Shadow work is billed to the 'shadow' owner, never to the tenant who sent it.
+    with sqlite3.connect(gateway.state_dir / "gpugate.db") as db:
+        owners = dict(
+            db.execute(
+                "SELECT a.tenant, SUM(a.requests) FROM ledger_allocations a "
+                "JOIN ledger_batches b ON b.id = a.batch_id WHERE b.version = '3' "
+                "GROUP BY a.tenant"
+            ).fetchall()
+        )
+    assert set(owners) == {"shadow"} and owners["shadow"] >= shadow["compared"]
+
+
+def test_a_faulty_candidate_is_rolled_back_within_two_intervals(
+    gateway: Gateway, tmp_path: Path
+) -> None:
+    register_candidate(gateway, tmp_path, Faulty(production_model(gateway)), "4")
+    interval = 3.0
+    started = cli(
+        gateway,
+        "rollout",
+        "start",
+        "digits",
+        "4",
+        "--steps",
+        "30,100",
+        "--interval",
+        f"{interval}s",
+        "--min-requests",
+        "15",
+        "--failure-threshold",
+        "2",
+        "--max-p99-ratio",
+        "4",
+    )
+    assert started.returncode == 0, started.stderr
+    wait_for("the candidate to deploy", lambda: canary_ready(gateway, "4"))
+    with Traffic(gateway, threads=4, mark_share=0.1) as traffic:
+        first = wait_for(
+            "a candidate answer",
+            lambda: next((o.at for o in traffic.snapshot() if o.version == "4"), None),
+        )
+        wait_for("the rollback", lambda: status(gateway)["state"] == "failed", 60, gw=gateway)
+        rolled_back = time.monotonic()
+        time.sleep(2.0)
+    seen = traffic.snapshot()
+    st = status(gateway)
+    history = [(e["action"], e["reason"]) for e in st["history"]]
+    # Rolled back at the second analysis: two intervals of traffic, no waits.
+    assert [a for a, _ in history] == ["start", "fail", "rollback"], history
+    # Wall time from the first candidate answer, as seen here; the rollback is seen
+    # through the CLI (a process start per look), so allow a few seconds more.
+    assert rolled_back - first <= 2 * interval + 5.0, (rolled_back - first, history)
+    served = Counter(o.version for o in seen)
+    failed = [o for o in seen if o.status != 200]
+    # The candidate's own failures are what the analysis caught; the switch itself
+    # failed nobody: every failure names the candidate, none came from production, and
+    # none after the rollback (a request in flight at that moment may still finish).
+    assert served["4"] > 0 and failed
+    assert all(o.status == 500 and "version 4 failed" in o.error for o in failed), failed[:3]
+    assert all(o.at <= rolled_back + 1.0 for o in failed)
+    assert {o.version for o in seen if o.at > rolled_back + 1.0} == {"1"}
+    checks = {c["check"]: c for c in st["last_analysis"]["checks"]}
+    assert not checks["error_rate"]["passed"] and checks["error_rate"]["value"] > 0.01
+    assert stage(gateway, "4") == "archived"
+    records = json.loads(cli(gateway, "audit", "log", "--json").stdout)
+    rollback = [r for r in records if r["action"] == "rollout.rollback"][-1]
+    assert rollback["actor"] == "rollout-controller"
+    assert rollback["after"]["figures"]["candidate"]["version"] == "4"
+    assert rollback["after"]["figures"]["candidate"]["errors"] > 0
+
+
+def test_good_candidate_resumes_after_a_restart_and_is_promoted(
+    gateway: Gateway, tmp_path: Path
+) -> None:
+    register_candidate(gateway, tmp_path, Same(production_model(gateway)), "5")
+    started = cli(
+        gateway,
+        "rollout",
+        "start",
+        "digits",
+        "5",
+        "--steps",
+        "25,50,100",
+        "--interval",
+        "4s",
+        "--min-requests",
+        "15",
+        "--max-p99-ratio",
+        "4",
+    )
+    assert started.returncode == 0, started.stderr
+    wait_for("the candidate to deploy", lambda: canary_ready(gateway, "5"))
+    with Traffic(gateway, threads=3) as traffic:
+        # The admin API, not the CLI: no process start between seeing step 2 and pausing.
+        rollout = "/models/digits/rollout"
+        wait_for("step 2", lambda: api(gateway, "GET", rollout)["step"] >= 2, 90, 0.1, gateway)
+        paused = api(gateway, "POST", rollout + "/pause", {"reason": "restart"})
+        assert (paused["state"], paused["step"]) == ("paused", 2), paused
+    assert all(o.status == 200 for o in traffic.snapshot())
+    assert status(gateway)["step"] == 2
+
+    assert gateway.stop() == 0
+    restarted = start_gateway(gateway.state_dir, "--config", str(gateway.config))  # type: ignore[attr-defined]
+    gateway.proc, gateway.http_port = restarted.proc, restarted.http_port
+    gateway.grpc_port, gateway.metrics_port = restarted.grpc_port, restarted.metrics_port
+    gateway.lines = restarted.lines
+
+    st = status(gateway)
+    assert (st["state"], st["step"], st["weights"]) == ("paused", 2, {"1": 0.5, "5": 0.5})
+    wait_for("the candidate to serve again", lambda: canary_ready(gateway, "5"))
+    rng = random.Random(3)
+    got = Counter(send(gateway, False, None, rng).version for _ in range(200))
+    assert got["5"] == pytest.approx(100, abs=2), got  # the paused step's split, exactly
+
+    with Traffic(gateway, threads=3) as traffic:
+        assert cli(gateway, "rollout", "resume", "digits").returncode == 0
+        wait_for("the promotion", lambda: status(gateway)["state"] == "succeeded", 90, gw=gateway)
+        wait_for(
+            "v1 to leave",
+            lambda: not canary_ready(gateway, "1") and stage(gateway, "5") == "production",
+            90,
+        )
+        time.sleep(1.0)
+    seen = traffic.snapshot()
+    assert seen and all(o.status == 200 for o in seen), [o for o in seen if o.status != 200][:3]
+    assert seen[-1].version == "5"
+    assert stage(gateway, "1") == "archived"
+    history = [e["action"] for e in status(gateway)["history"]]
+    assert history[:1] == ["start"] and history[-1] == "promote"
+    assert "pause" in history and "resume" in history
