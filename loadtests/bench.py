@@ -257,8 +257,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=32, help="rows per batch, all systems")
     p.add_argument(
         "--replica-transport",
-        choices=("grpc", "actor"),
-        default="grpc",
+        choices=("direct", "grpc", "actor"),
+        default="direct",
         help="gpugate's server.replica_transport (how batches reach the model replica)",
     )
     p.add_argument(

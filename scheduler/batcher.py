@@ -207,6 +207,11 @@ class ModelBatcher:
             await self._loop_task
         if self._in_flight:
             await asyncio.gather(*self._in_flight, return_exceptions=True)
+        # A backend holding connections (serving.dataplane) closes them; the Backend
+        # protocol does not require it.
+        close = getattr(self._backend, "close", None)
+        if close is not None:
+            await close()
 
     # -- the loop ---------------------------------------------------------------
 

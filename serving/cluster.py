@@ -17,7 +17,8 @@ from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 
-from scheduler import BackendError, BackendUnavailableError, BatchResult, Tensors
+from scheduler import Backend, BackendError, BackendUnavailableError, BatchResult, Tensors
+from serving.dataplane import DirectBatchBackend
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,26 @@ class RayBatchBackend:
             log.warning("batch failed on the replica: %s", _short(exc))
             raise BackendError("the model failed to run the batch") from exc
         return result
+
+
+def batch_backend(handle: DeploymentHandle, transport: str, replicas: int = 1) -> Backend:
+    """The backend of one model version's batcher for ``server.replica_transport``.
+
+    ``direct``: Serve runs the replicas and tells each one's data-plane address
+    (a handle call), the batches go there over gRPC (serving.dataplane).
+    """
+    if transport != "direct":
+        return RayBatchBackend(handle, transport)
+    node_id = ray.get_runtime_context().get_node_id()
+
+    async def discover() -> str:
+        try:
+            address: str = await handle.data_endpoint.remote(node_id)
+        except (RayActorError, ActorUnavailableError) as exc:
+            raise BackendUnavailableError("no model replica is available") from exc
+        return address
+
+    return DirectBatchBackend(discover, expected_replicas=replicas)
 
 
 def _short(exc: BaseException) -> str:

@@ -235,10 +235,12 @@ class ServerConfig(_Strict):
     drain_timeout_s: float = Field(
         default=30.0, gt=0, description="How long SIGTERM waits for in-flight requests."
     )
-    replica_transport: Literal["grpc", "actor"] = Field(
-        default="grpc",
-        description="How batches reach model replicas: Ray Serve's inter-deployment gRPC "
-        "transport (faster here), or Ray actor calls (object store, by reference).",
+    replica_transport: Literal["direct", "grpc", "actor"] = Field(
+        default="direct",
+        description="How batches reach model replicas: `direct`, a gRPC connection to each "
+        "replica's own data-plane port (Serve still places, checks and restarts the "
+        "replicas; fastest here); or through Ray Serve handle calls, over Serve's "
+        "inter-deployment gRPC transport (`grpc`) or as Ray actor calls (`actor`).",
     )
     grpc_server: Literal["grpcio", "grpclib"] = Field(
         default="grpcio",

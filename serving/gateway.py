@@ -30,7 +30,7 @@ from router.tracing import batch_span_observer
 from scheduler import BatchPolicy, BatchRecord, ModelBatcher
 from serving.admin_api import UserBackend, core_routes
 from serving.admin_models import model_routes
-from serving.cluster import GATEWAY_DEPLOYMENT, RayBatchBackend
+from serving.cluster import GATEWAY_DEPLOYMENT, batch_backend
 from serving.config import CostsConfig, GatewayConfig, ModelConfig, ModelPolicy, ServerConfig
 from serving.cost_report import LedgerReports
 from serving.ledger import Ledger, LedgerWriter, Price, Pricing, from_unix_ns
@@ -125,7 +125,7 @@ class Gateway:
         batcher = ModelBatcher(
             model.name,
             model.version,
-            RayBatchBackend(handle, self.server_config.replica_transport),
+            batch_backend(handle, self.server_config.replica_transport, model.replicas),
             policy,
             observer=self._observe_batch,
             ledger=self._ledger,

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import serve
 
 from scheduler import BatchResult, Tensors
 from serving.config import ModelConfig
+from serving.dataplane import ReplicaDataServer
 from serving.ledger import Heartbeat, Reservation
 from serving.models import ModelLoadError, ModelRunner
 from serving.state import open_engine
@@ -59,6 +62,8 @@ class ModelReplica:
             device_share=self.device_share,
         )
         self._heartbeat = Heartbeat(reservation, store["heartbeat_s"])
+        self._data_lock = threading.Lock()
+        self._data: dict[str, ReplicaDataServer] = {}  # bind host -> server
         log.info(
             "model %s:%s ready on %s", self.config.name, self.config.version, self.runner.device
         )
@@ -72,8 +77,27 @@ class ModelReplica:
             device_share=self.device_share,
         )
 
+    def data_endpoint(self, caller_node_id: str) -> str:
+        """The address of this replica's direct data plane (serving.dataplane), opened
+        on first use: on loopback for a caller on the same Ray node, else on the node's
+        address (what Ray's own workers listen on)."""
+        same_node = caller_node_id == ray.get_runtime_context().get_node_id()
+        host = "127.0.0.1" if same_node else ray.util.get_node_ip_address()
+        with self._data_lock:
+            server = self._data.get(host)
+            if server is None:
+                workers = 2 * self.config.batches_in_flight_per_replica + 2
+                server = ReplicaDataServer(self.run_batch, max_workers=workers)
+                server.start(host)
+                self._data[host] = server
+                log.info("data plane of %s on %s", deployment_name(self.config), server.address)
+            return server.address
+
     def __del__(self) -> None:
-        """Serve calls this on graceful shutdown: close the reservation."""
+        """Serve calls this on graceful shutdown: finish data-plane batches, close the
+        reservation."""
+        for server in list(getattr(self, "_data", {}).values()):
+            server.stop(grace_s=5.0)
         heartbeat = getattr(self, "_heartbeat", None)
         if heartbeat is not None:
             heartbeat.stop()

@@ -18,7 +18,7 @@ from scheduler import (
     BatchRecord,
     ModelBatcher,
 )
-from serving.cluster import RayBatchBackend
+from serving.cluster import RayBatchBackend, batch_backend
 from serving.config import CostsConfig
 from serving.demo import ensure_demo_model, load_digits_split
 from serving.ledger import Ledger, LedgerWriter, Pricing
@@ -29,7 +29,7 @@ from serving.state import ledger_allocations, ledger_batches, ledger_reservation
 pytestmark = pytest.mark.timeout(300)
 
 
-@pytest.mark.parametrize("transport", ["grpc", "actor"])
+@pytest.mark.parametrize("transport", ["direct", "grpc", "actor"])
 def test_batches_run_on_a_serve_replica_and_rows_come_back_in_place(
     ray_serve: None, tmp_path: Path, transport: str
 ) -> None:
@@ -47,7 +47,7 @@ def test_batches_run_on_a_serve_replica_and_rows_come_back_in_place(
         batcher = ModelBatcher(
             "digits",
             "1",
-            RayBatchBackend(handle, transport),
+            batch_backend(handle, transport),
             BatchPolicy(max_batch_size=64, max_in_flight=2),
             observer=records.append,
             ledger=ledger,
@@ -92,7 +92,7 @@ def test_batches_run_on_a_serve_replica_and_rows_come_back_in_place(
 
         async def bad() -> None:
             # Bypasses the router's validation: the replica's own check must surface.
-            await RayBatchBackend(handle, transport).run_batch(
+            await batch_backend(handle, transport).run_batch(
                 {"pixels": np.zeros((2, 3), np.float32)}
             )
 
