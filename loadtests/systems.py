@@ -261,7 +261,7 @@ def write_gateway_config(
     path: Path,
     model: Any,
     tenant_envs: list[str],
-    transport: str = "grpc",
+    transport: str = "direct",
     grpc_server: str = "grpclib",
 ) -> None:
     config = {
@@ -284,7 +284,7 @@ def gpugate_system(
     keys: list[str],
     taken: set[int],
     log: Callable[[str], None],
-    transport: str = "grpc",
+    transport: str = "direct",
     grpc_server: str = "grpclib",
 ) -> tuple[Server, str, str]:
     """``gpugate serve`` with two tenants; returns it, its gRPC target and its HTTP base."""
