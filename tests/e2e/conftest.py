@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -36,6 +37,7 @@ class Gateway:
     metrics_port: int
     demo_key: str
     lines: list[str] = field(default_factory=list)
+    config: Path | None = None  # the --config it was started with
 
     @property
     def http_url(self) -> str:
@@ -53,6 +55,19 @@ class Gateway:
             timeout=60,
             check=False,
         )
+
+    def admin_cli(self, *args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
+        """An admin command with the gateway's config (e.g. registry policies) and a token."""
+        extra = ["--config", str(self.config)] if self.config is not None else []
+        return self.cli(*args, *extra, *(["--token", token] if token else []))
+
+    def restart(self) -> None:
+        """SIGTERM, then start again on the same state and config (new ports)."""
+        assert self.stop() == 0
+        extra = ("--config", str(self.config)) if self.config is not None else ()
+        new = start_gateway(self.state_dir, *extra)
+        self.proc, self.http_port, self.grpc_port = new.proc, new.http_port, new.grpc_port
+        self.metrics_port, self.lines = new.metrics_port, new.lines
 
     def metric(self, name: str, **labels: str) -> float:
         """The sum of a Prometheus series' samples matching ``labels``, scraped now."""
@@ -122,6 +137,22 @@ def start_gateway(state_dir: Path, *extra: str, env: dict[str, str] | None = Non
     match = re.search(r"demo tenant key: (\S+)", key_line)
     assert match is not None
     return Gateway(proc, state_dir, http, grpc_, metrics, match.group(1), lines)
+
+
+@contextlib.contextmanager
+def configured_gateway(
+    tmp_path_factory: pytest.TempPathFactory, name: str, config_text: str
+) -> Iterator[Gateway]:
+    """A gateway on a fresh state folder with ``config_text`` as its --config."""
+    state = tmp_path_factory.mktemp(name)
+    config = state.parent / f"{state.name}-config.yaml"
+    config.write_text(config_text)
+    gw = start_gateway(state, "--config", str(config))
+    gw.config = config
+    try:
+        yield gw
+    finally:
+        gw.close()
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import Gateway, start_gateway
+from tests.e2e.conftest import Gateway, configured_gateway
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -39,15 +39,8 @@ policies:
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    state = tmp_path_factory.mktemp("registry-state")
-    config = state.parent / f"{state.name}-config.yaml"
-    config.write_text(POLICY)
-    gw = start_gateway(state, "--config", str(config))
-    gw.config = config  # type: ignore[attr-defined]
-    try:
+    with configured_gateway(tmp_path_factory, "registry-state", POLICY) as gw:
         yield gw
-    finally:
-        gw.close()
 
 
 def admin(
@@ -68,11 +61,7 @@ def admin(
 
 def cli(gw: Gateway, *args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
     """The CLI with the gateway's config (the registry's policies) and a user token."""
-    extra = ["--config", str(gw.config)]  # type: ignore[attr-defined]
-    if token is not None:
-        extra += ["--token", token]
-    done = gw.cli(*args, *extra)
-    return done
+    return gw.admin_cli(*args, token=token)
 
 
 def admin_token(gw: Gateway) -> str:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from serving.demo import DEMO_HIDDEN, DigitsMLP
-from tests.e2e.conftest import Gateway, start_gateway
+from tests.e2e.conftest import Gateway, configured_gateway
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -113,20 +113,12 @@ def register_candidate(gw: Gateway, tmp: Path, module: nn.Module, version: str) 
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    state = tmp_path_factory.mktemp("rollout-state")
-    config = state.parent / f"{state.name}-config.yaml"
-    config.write_text(POLICY)
-    gw = start_gateway(state, "--config", str(config))
-    gw.config = config  # type: ignore[attr-defined]
-    try:
+    with configured_gateway(tmp_path_factory, "rollout-state", POLICY) as gw:
         yield gw
-    finally:
-        gw.close()
 
 
 def cli(gw: Gateway, *args: str, token: str | None = None) -> Any:
-    extra = ["--config", str(gw.config)]  # type: ignore[attr-defined]
-    return gw.cli(*args, *extra, *(["--token", token] if token else []))
+    return gw.admin_cli(*args, token=token)
 
 
 _approver: dict[Path, str] = {}
@@ -509,11 +501,7 @@ def test_good_candidate_resumes_after_a_restart_and_is_promoted(
     assert all(o.status == 200 for o in traffic.snapshot())
     assert status(gateway)["step"] == 2
 
-    assert gateway.stop() == 0
-    restarted = start_gateway(gateway.state_dir, "--config", str(gateway.config))  # type: ignore[attr-defined]
-    gateway.proc, gateway.http_port = restarted.proc, restarted.http_port
-    gateway.grpc_port, gateway.metrics_port = restarted.grpc_port, restarted.metrics_port
-    gateway.lines = restarted.lines
+    gateway.restart()
 
     st = status(gateway)
     assert (st["state"], st["step"], st["weights"]) == ("paused", 2, {"1": 0.5, "5": 0.5})
