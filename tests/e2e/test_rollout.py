@@ -16,6 +16,8 @@ import random
 import sqlite3
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -140,8 +142,6 @@ def status(gw: Gateway) -> dict[str, Any]:
 
 def api(gw: Gateway, method: str, path: str, body: Any = None) -> Any:
     """The admin HTTP API as the admin (no process start per call, unlike the CLI)."""
-    import urllib.request
-
     token = (gw.state_dir / "admin.token").read_text().strip()
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(f"http://{gw.http_url}/admin{path}", data=data, method=method)
@@ -176,8 +176,6 @@ def canary_ready(gw: Gateway, version: str) -> bool:
 
 
 def urllib_request(gw: Gateway, path: str, body: bytes | None = None) -> Any:
-    import urllib.request
-
     req = urllib.request.Request(f"http://{gw.http_url}{path}", data=body)
     with urllib.request.urlopen(req, timeout=10) as resp:
         return json.loads(resp.read())
@@ -319,6 +317,7 @@ def test_sticky_split_is_accurate_stable_and_explicit_versions_bypass_it(
         t.join()
     assert set(first.values()) == {"1", "2"}, Counter(first.values()).most_common(4)
     share = Counter(first.values())["2"] / len(users)
+    print(f"sticky split: {share:.2%} of 5000 keys on the 10% candidate")
     assert abs(share - 0.10) <= 0.015, share
 
     rng = random.Random(7)
@@ -389,6 +388,7 @@ def test_shadow_agreement_is_measured_and_drives_a_rollback(
     history = [e["action"] for e in st["history"]]
     assert history[0] == "start" and history[-2:] == ["fail", "rollback"], history
     shadow = st["last_analysis"]["shadow"]
+    print(f"shadow: {shadow}; client requests {len(seen)}, all 200")
     # A quarter of the inputs are marked and answered differently: agreement about 3/4.
     assert shadow["compared"] >= 60 and abs(shadow["agreement"] - 0.75) <= 0.1, shadow
     assert shadow["errors"] == 0
@@ -448,6 +448,11 @@ def test_a_faulty_candidate_is_rolled_back_within_two_intervals(
     st = status(gateway)
     history = [(e["action"], e["reason"]) for e in st["history"]]
     # Rolled back at the second analysis: two intervals of traffic, no waits.
+    failures = sum(o.status != 200 for o in seen)
+    print(
+        f"faulty: rolled back {rolled_back - first:.1f}s after its first answer; "
+        f"{len(seen)} requests, {failures} failed (all on the candidate); {history}"
+    )
     assert [a for a, _ in history] == ["start", "fail", "rollback"], history
     # Wall time from the first candidate answer, as seen here; the rollback is seen
     # through the CLI (a process start per look), so allow a few seconds more.
@@ -522,7 +527,48 @@ def test_good_candidate_resumes_after_a_restart_and_is_promoted(
     seen = traffic.snapshot()
     assert seen and all(o.status == 200 for o in seen), [o for o in seen if o.status != 200][:3]
     assert seen[-1].version == "5"
+    print(
+        f"promotion: {len(seen)} requests across resume and promotion, 0 failed; "
+        f"{Counter(o.version for o in seen)}"
+    )
     assert stage(gateway, "1") == "archived"
     history = [e["action"] for e in status(gateway)["history"]]
     assert history[:1] == ["start"] and history[-1] == "promote"
     assert "pause" in history and "resume" in history
+
+
+def test_rollout_commands_refuse_bad_input_and_wrong_roles(gateway: Gateway) -> None:
+    def call(method: str, path: str, body: Any, token: str) -> tuple[int, Any]:
+        req = urllib.request.Request(
+            f"http://{gateway.http_url}/admin{path}",
+            data=json.dumps(body).encode() if body is not None else None,
+            method=method,
+        )
+        req.add_header("Authorization", f"Bearer {token}")
+        req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    root = (gateway.state_dir / "admin.token").read_text().strip()
+    made = cli(gateway, "users", "create", "fin-ro", "--role", "finance", "--json")
+    finance = json.loads(made.stdout)["token"]
+    code, body = call("GET", "/models/nope/rollout", None, root)
+    assert code == 404 and "no rollout" in body["error"]
+    code, body = call("POST", "/models/digits/rollout", {"version": "4", "steps": [50, 10]}, root)
+    assert code == 400 and "steps must increase" in body["error"]
+    code, body = call("POST", "/models/digits/rollout", {"version": "4", "color": "red"}, root)
+    assert code == 400 and "color" in body["error"]
+    code, body = call("POST", "/models/digits/rollout", {"version": "4"}, finance)
+    assert code == 403 and "may not models.promote" in body["error"]
+    code, body = call("POST", "/models/digits/rollout/pause", {}, root)
+    assert code == 404 and "no rollout in progress" in body["error"]
+    # The CLI says the same in its own form.
+    bad = cli(gateway, "rollout", "start", "digits", "4", "--steps", "10,x")
+    assert bad.returncode == 2 and "comma-separated percentages" in bad.stderr
+    bad = cli(gateway, "rollout", "start", "digits", "4", "--interval", "soon")
+    assert bad.returncode == 2 and "duration 'soon'" in bad.stderr
+    assert cli(gateway, "rollout", "status", "digits", token=finance).returncode == 0
+    assert gateway.proc.poll() is None
