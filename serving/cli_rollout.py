@@ -149,26 +149,43 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "first step's share of the model's default traffic. Every --interval the gateway "
         "compares candidate and production over the same window: candidate error rate, p99 "
         "latency ratio, shadow agreement (with --mirror), at least --min-requests each. A pass "
-        "advances one step; reaching 100%% promotes the candidate to production; "
+        "advances one step; reaching 100% promotes the candidate to production; "
         "--failure-threshold failures in a row send all traffic back to production and retire "
         "the candidate. Requests naming a version are never split.",
     )
     add_common(start)
     start.add_argument("name")
     start.add_argument("version")
-    start.add_argument("--steps", default="5,25,50,100", help="candidate %% per step")
-    start.add_argument("--interval", default="60s", help="analysis interval (500ms, 30s, 2m)")
-    start.add_argument("--max-error-rate", type=float, default=0.01)
     start.add_argument(
-        "--max-p99-ratio", type=float, default=1.25, help="candidate p99 / production p99"
+        "--steps", default="5,25,50,100", help="candidate %% per step (default 5,25,50,100)"
+    )
+    start.add_argument(
+        "--interval", default="60s", help="analysis interval: 500ms, 30s, 2m (default 60s)"
+    )
+    start.add_argument(
+        "--max-error-rate",
+        type=float,
+        default=0.01,
+        help="candidate's 500/503/504 share (default 0.01)",
+    )
+    start.add_argument(
+        "--max-p99-ratio",
+        type=float,
+        default=1.25,
+        help="candidate p99 / production p99 (default 1.25)",
     )
     start.add_argument(
         "--min-requests",
         type=int,
         default=100,
-        help="requests each version (and shadow comparisons) needs in a window",
+        help="requests each version (and shadow comparisons) needs in a window (default 100)",
     )
-    start.add_argument("--failure-threshold", type=int, default=2)
+    start.add_argument(
+        "--failure-threshold",
+        type=int,
+        default=2,
+        help="failed analyses in a row that roll back (default 2)",
+    )
     start.add_argument(
         "--sticky",
         metavar="tenant|header:NAME",
@@ -186,7 +203,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "--min-agreement",
         type=float,
         default=0.99,
-        help="with --mirror: share of mirrored rows that must agree with production",
+        help="with --mirror: share of mirrored rows that must agree with production (default 0.99)",
     )
     start.add_argument("--json", action="store_true")
     start.set_defaults(func=run(cmd_start))
