@@ -86,8 +86,7 @@ class ModelReplica:
         with self._data_lock:
             server = self._data.get(host)
             if server is None:
-                workers = 2 * self.config.batches_in_flight_per_replica + 2
-                server = ReplicaDataServer(self.run_batch, max_workers=workers)
+                server = ReplicaDataServer(self.run_batch)
                 server.start(host)
                 self._data[host] = server
                 log.info("data plane of %s on %s", deployment_name(self.config), server.address)
