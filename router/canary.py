@@ -20,6 +20,7 @@ Shadow requests are picked the same way among the requests that production serve
 from __future__ import annotations
 
 import hashlib
+import random
 import struct
 from array import array
 from collections.abc import Callable, Mapping
@@ -115,22 +116,30 @@ class Splitter:
 # have served them, and a 429 is the gateway's admission, not the model.
 _ERROR_CODES = frozenset({"500", "503", "504"})
 _MAX_SAMPLES = 200_000
+_rng = random.Random(0)
 
 
 @dataclass
 class VersionStats:
+    """Live requests a version served in a window (successes and its own failures)."""
+
     requests: int = 0
     errors: int = 0
-    shadow_requests: int = 0
     latencies: array[float] = field(default_factory=lambda: array("d"))  # seconds, successes
+    _successes: int = 0
 
-    def add(self, ok: bool, seconds: float, shadow: bool) -> None:
+    def add(self, ok: bool, seconds: float) -> None:
         self.requests += 1
-        self.shadow_requests += shadow
         if not ok:
             self.errors += 1
-        elif len(self.latencies) < _MAX_SAMPLES:
+            return
+        self._successes += 1
+        if len(self.latencies) < _MAX_SAMPLES:
             self.latencies.append(seconds)
+        else:  # a uniform sample of the whole window (reservoir), not its first part
+            slot = _rng.randrange(self._successes)
+            if slot < _MAX_SAMPLES:
+                self.latencies[slot] = seconds
 
     @property
     def error_rate(self) -> float:
@@ -147,7 +156,6 @@ class VersionStats:
     def summary(self) -> dict[str, float | int | None]:
         return {
             "requests": self.requests,
-            "shadow_requests": self.shadow_requests,
             "errors": self.errors,
             "error_rate": round(self.error_rate, 6),
             "p99_ms": self.p99_ms,
@@ -158,6 +166,7 @@ class VersionStats:
 class ShadowStats:
     """Candidate answers to mirrored requests, against production's answers."""
 
+    requests: int = 0  # mirrored requests the candidate answered or failed
     compared: int = 0  # requests with both answers
     agreed: int = 0  # requests whose every row agreed
     rows: int = 0
@@ -165,7 +174,9 @@ class ShadowStats:
     max_abs_diff: float = 0.0
     max_rel_diff: float = 0.0
     errors: int = 0  # the candidate failed the mirrored request
-    dropped: int = 0  # not sent: too many shadow requests in flight, or a full queue
+    # Not sent or not run: too many in flight, a full queue, or its deadline passed
+    # while it waited behind clients' requests (which says nothing about the candidate).
+    dropped: int = 0
 
     @property
     def agreement(self) -> float | None:
@@ -174,6 +185,7 @@ class ShadowStats:
 
     def summary(self) -> dict[str, float | int | None]:
         return {
+            "requests": self.requests,
             "compared": self.compared,
             "agreement": self.agreement,
             "requests_agreed": self.agreed,
@@ -192,7 +204,8 @@ class Windows:
         self._versions: dict[tuple[str, str], VersionStats] = {}
         self._shadow: dict[tuple[str, str], ShadowStats] = {}
 
-    def record(self, model: str, version: str, code: str, seconds: float, shadow: bool) -> None:
+    def record(self, model: str, version: str, code: str, seconds: float) -> None:
+        """One live request's outcome (the router calls this for every request)."""
         if model not in self.watched:
             return
         ok = code == "200"
@@ -201,7 +214,7 @@ class Windows:
         stats = self._versions.get((model, version))
         if stats is None:
             stats = self._versions[(model, version)] = VersionStats()
-        stats.add(ok, seconds, shadow)
+        stats.add(ok, seconds)
 
     def shadow(self, model: str, version: str) -> ShadowStats:
         found = self._shadow.get((model, version))

@@ -290,9 +290,10 @@ class InferenceService:
     ) -> None:
         """Send a copy to the candidate after production answered; never awaited by the
         caller, queued behind every client's request, billed to the shadow owner."""
-        stats = self.windows.shadow(target.name, target.version)
-        if len(self._shadows) >= self.settings.max_shadow_in_flight:
-            stats.dropped += 1
+        if len(self._shadows) >= self.settings.max_shadow_in_flight or (
+            rows > target.signature.max_batch_size
+        ):
+            self.windows.shadow(target.name, target.version).dropped += 1
             self.metrics.shadow_requests.labels(target.name, target.version, "dropped").inc()
             return
         task = asyncio.get_running_loop().create_task(
@@ -304,34 +305,43 @@ class InferenceService:
     async def _shadow(
         self, target: ServedModel, arrays: Tensors, rows: int, answer: Tensors, timeout_s: float
     ) -> None:
-        stats = self.windows.shadow(target.name, target.version)
-        started = time.perf_counter()
-        code, outcome = "200", "compared"
+        outcome = "compared"
+        got: Tensors | None = None
         try:
             got = await target.batcher.submit(
                 SHADOW_TENANT, arrays, rows, priority=SHADOW_PRIORITY, timeout_s=timeout_s
             )
-        except QueueFullError:
-            stats.dropped += 1
-            outcome = "dropped"
-        except DeadlineExceededError:
-            code, outcome = "504", "error"
-        except (SchedulerClosedError, BackendUnavailableError):
-            code, outcome = "503", "error"
-        except BackendError:
-            code, outcome = "500", "error"
+        except (QueueFullError, DeadlineExceededError, SchedulerClosedError):
+            outcome = "dropped"  # it never ran: nothing learnt about the candidate
+        except (BackendError, BackendUnavailableError):
+            outcome = "error"
         except Exception:
             log.exception("shadow request to %s:%s failed", target.name, target.version)
-            code, outcome = "500", "error"
+            outcome = "error"
+        # Looked up after the wait: the window may have turned over meanwhile.
+        stats = self.windows.shadow(target.name, target.version)
+        if outcome == "dropped":
+            stats.dropped += 1
         else:
-            compare(answer, got, stats)
-        if outcome == "error":
-            stats.errors += 1
+            stats.requests += 1
+            if outcome == "error":
+                stats.errors += 1
+            else:
+                assert got is not None
+                try:
+                    compare(answer, got, stats)
+                except Exception:
+                    log.exception("comparing shadow answers of %s:%s", target.name, target.version)
+                    outcome = "error"
+                    stats.errors += 1
         self.metrics.shadow_requests.labels(target.name, target.version, outcome).inc()
-        if outcome != "dropped":
-            self.windows.record(
-                target.name, target.version, code, time.perf_counter() - started, shadow=True
-            )
+
+    async def cancel_shadows(self) -> None:
+        """Stop mirrored work (drain): a queued copy leaves its queue, none is billed."""
+        tasks = list(self._shadows)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # -- draining ---------------------------------------------------------------
 
@@ -376,7 +386,7 @@ class InferenceService:
             tenant = call.tenant.name if call.tenant else "-"
             elapsed = time.perf_counter() - started
             self.metrics.observe_request(call.model, call.version, tenant, code, elapsed)
-            self.windows.record(call.model, call.version, code, elapsed, shadow=False)
+            self.windows.record(call.model, call.version, code, elapsed)
             finish_request_span(
                 span,
                 tenant=tenant,

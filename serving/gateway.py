@@ -207,6 +207,7 @@ class Gateway:
         if self._drained is not None:
             return self._drained
         await self._rollouts.stop()
+        await self.service.cancel_shadows()  # mirrored work is optional; clients' is not
         in_flight_before = self.service.in_flight
         completed = await self.service.drain(timeout_s)
         # Keep answering 503 / UNAVAILABLE a moment before closing the sockets, so

@@ -31,6 +31,7 @@ from serving.registry import (
 )
 from serving.state import approvals as t_approvals
 from serving.state import model_versions as t_versions
+from serving.state import rollouts as t_rollouts
 from serving.state import utcnow
 
 
@@ -154,6 +155,15 @@ class Stages:
     # -- stages -----------------------------------------------------------------
 
     def promote(self, actor: str, name: str, version: str, to: str) -> VersionRow:
+        if to == "production":
+            self._refuse_during_rollout(actor, name, f"model:{name}:{version}", "promote")
+        row = self.check_promotion(actor, name, version, to)
+        with audit.audited(self.engine) as tx:
+            self.apply_promotion(tx, actor, row, to)
+        return self.registry.get(name, version)
+
+    def check_promotion(self, actor: str, name: str, version: str, to: str) -> VersionRow:
+        """Stage and guardrail checks of a promotion (refusals audited); the row checked."""
         if to not in _PROMOTE_FROM:
             raise ValueError(f"promote to staging or production, not {to!r}")
         target = f"model:{name}:{version}"
@@ -170,25 +180,43 @@ class Stages:
         except GuardrailRefused as exc:
             self.registry.refuse(actor, target, exc, f"promote:{to}")
             raise
-        with audit.audited(self.engine) as tx:
-            current = self._locked_row(tx, name, version)
-            if current.stage != row.stage:
-                raise StageError(f"{name}:{version} changed stage concurrently; try again")
-            before = {"stage": current.stage}
-            if to == "production":
-                old = self._production_in(tx.conn, name)
-                if old is not None:
-                    self._set_stage(tx.conn, name, old, "archived")
-                    before["previous_production"] = old
-                self._set_stage(tx.conn, name, version, "production", promoted=True)
-            else:
-                self._set_stage(tx.conn, name, version, "staging")
-            tx.append(actor, f"model.promote.{to}", target, before=before, after={"stage": to})
-        return self.registry.get(name, version)
+        return row
+
+    def apply_promotion(self, tx: audit.Audit, actor: str, row: VersionRow, to: str) -> None:
+        """The stage change of a checked promotion, in the caller's transaction."""
+        name, version = row.name, row.version
+        current = self._locked_row(tx, name, version)
+        if current.stage != row.stage:
+            raise StageError(f"{name}:{version} changed stage concurrently; try again")
+        before = {"stage": current.stage}
+        if to == "production":
+            old = self._production_in(tx.conn, name)
+            if old is not None:
+                self._set_stage(tx.conn, name, old, "archived")
+                before["previous_production"] = old
+            self._set_stage(tx.conn, name, version, "production", promoted=True)
+        else:
+            self._set_stage(tx.conn, name, version, "staging")
+        tx.append(actor, f"model.promote.{to}", row.target, before=before, after={"stage": to})
+
+    def _refuse_during_rollout(self, actor: str, name: str, target: str, action: str) -> None:
+        """Production changes while a rollout runs would pull its baseline away."""
+        with self.engine.connect() as conn:
+            live = conn.execute(
+                sa.select(t_rollouts.c.candidate).where(t_rollouts.c.active_model == name)
+            ).scalar()
+        if live is not None:
+            problem = (
+                f"model {name!r} has a rollout of version {live} in progress; use "
+                "'gpugate rollout promote' or 'gpugate rollout abort'"
+            )
+            self._refuse(actor, target, action, problem)
+            raise StageError(problem)
 
     def rollback(self, actor: str, name: str, reason: str = "") -> VersionRow:
         """Bring back the version that was production before the current one."""
         target = f"model:{name}"
+        self._refuse_during_rollout(actor, name, target, "rollback")
         with audit.audited(self.engine) as tx:
             current = self._production_in(tx.conn, name)
             previous = tx.conn.execute(
@@ -222,26 +250,22 @@ class Stages:
             raise StageError(problem or "no previous version")
         return self.registry.get(name, previous)
 
-    def retire(self, actor: str, name: str, version: str, reason: str) -> VersionRow:
-        """Take a staging version out of service (archived; promote it to staging again)."""
-        target = f"model:{name}:{version}"
-        with audit.audited(self.engine) as tx:
-            row = self._locked_row(tx, name, version)
-            problem = None if row.stage == "staging" else f"{name}:{version} is {row.stage}"
-            if problem is None:
-                self._set_stage(tx.conn, name, version, "archived")
-                tx.append(
-                    actor,
-                    "model.retire",
-                    target,
-                    before={"stage": "staging"},
-                    after={"stage": "archived"},
-                    reason=reason,
-                )
-        if problem is not None:
-            self._refuse(actor, target, "retire", problem + "; only a staging version retires")
-            raise StageError(problem)
-        return self.registry.get(name, version)
+    def retire(self, tx: audit.Audit, actor: str, name: str, version: str, reason: str) -> bool:
+        """Take a staging version out of service (archived; it can be promoted to staging
+        again), in the caller's transaction; False if it was not in staging."""
+        row = self._locked_row(tx, name, version)
+        if row.stage != "staging":
+            return False
+        self._set_stage(tx.conn, name, version, "archived")
+        tx.append(
+            actor,
+            "model.retire",
+            row.target,
+            before={"stage": "staging"},
+            after={"stage": "archived"},
+            reason=reason,
+        )
+        return True
 
     def set_config_production(self, name: str, version: str) -> None:
         """First start with a config model: its newest config version serves."""

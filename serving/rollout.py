@@ -29,13 +29,13 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from router.canary import ShadowStats, Split, VersionStats, Windows
 from router.metrics import RouterMetrics
@@ -50,6 +50,9 @@ from serving.state import utcnow
 log = logging.getLogger(__name__)
 
 CONTROLLER = "rollout-controller"
+# A rollout whose candidate (or production) is not served for this long fails: a
+# deploy that failed, or a production version changed under it.
+NOT_SERVING_LIMIT_S = 300.0
 LIVE_STATES = ("running", "paused")
 STATES = (*LIVE_STATES, "succeeded", "failed", "aborted")
 
@@ -85,7 +88,16 @@ class RolloutSpec(BaseModel):
             raise ValueError("steps are percentages in 0..100")
         if any(b <= a for a, b in itertools.pairwise(v)):
             raise ValueError("steps must increase")
-        return v if v[-1] == 100 else (*v, 100)  # a rollout ends in promotion
+        v = v if v[-1] == 100 else (*v, 100)  # a rollout ends in promotion
+        if len(v) < 2:
+            raise ValueError("steps need one below 100 to analyse (use rollout promote to skip)")
+        return v
+
+    @model_validator(mode="after")
+    def _zero_needs_mirror(self) -> RolloutSpec:
+        if self.steps[0] == 0 and self.mirror_pct == 0:
+            raise ValueError("a 0% step sends the candidate nothing: add --mirror PCT")
+        return self
 
     @field_validator("sticky")
     @classmethod
@@ -201,20 +213,39 @@ class Analysis:
 def analyse(
     spec: RolloutSpec,
     versions: tuple[str, str],
+    weight: float,
     prod: VersionStats,
     cand: VersionStats,
     shadow: ShadowStats,
     window_s: float,
 ) -> Analysis:
-    """Compare candidate with production over one window (pure; unit-tested)."""
+    """Compare candidate with production over one window (pure; unit-tested).
+
+    The candidate is judged on its live requests. At a 0% step it has none, and is
+    judged on the mirrored ones instead: their errors, not their latency (shadow work
+    waits behind every client by design, so its latency says nothing comparable).
+    """
     n = spec.min_requests
     mirrored = spec.mirror_pct > 0
+    shadow_only = weight <= 0.0
+    requests, errors = (
+        (shadow.requests, shadow.errors)
+        if shadow_only
+        else (
+            cand.requests,
+            cand.errors,
+        )
+    )
+    rate = errors / requests if requests else 0.0
     short: list[str] = []
-    if cand.requests < n:
+    if shadow_only:
+        if shadow.requests < n:
+            short.append(f"candidate answered {shadow.requests} of the {n} shadow requests needed")
+    elif cand.requests < n:
         short.append(f"candidate served {cand.requests} of the {n} requests needed")
     if prod.requests < n:
         short.append(f"production served {prod.requests} of the {n} requests needed")
-    if mirrored and shadow.compared < n:
+    if mirrored and not shadow_only and shadow.compared < n:
         short.append(f"{shadow.compared} of the {n} shadow comparisons needed")
 
     checks: list[dict[str, Any]] = []
@@ -226,14 +257,15 @@ def analyse(
     # could bring the rate under the limit, a faulty candidate need not wait.
     limit = spec.max_error_rate
     if short:
-        check("error_rate", cand.error_rate, limit, cand.errors <= limit * max(n, cand.requests))
+        check("error_rate", round(rate, 6), limit, errors <= limit * max(n, requests))
     else:
-        check("error_rate", cand.error_rate, limit, cand.error_rate <= limit)
+        check("error_rate", round(rate, 6), limit, rate <= limit)
     prod_p99, cand_p99 = prod.p99_ms, cand.p99_ms
     ratio = round(cand_p99 / prod_p99, 4) if prod_p99 and cand_p99 is not None else None
     if not short:
-        ok = ratio is not None and ratio <= spec.max_p99_ratio
-        check("p99_ratio", ratio, spec.max_p99_ratio, ok)
+        if not shadow_only:
+            ok = ratio is not None and ratio <= spec.max_p99_ratio
+            check("p99_ratio", ratio, spec.max_p99_ratio, ok)
         if mirrored:
             agreement = shadow.agreement
             ok = agreement is not None and agreement >= spec.min_agreement
@@ -246,6 +278,7 @@ def analyse(
     verdict = "fail" if failed else ("wait" if short else "pass")
     figures = {
         "window_s": round(window_s, 3),
+        "candidate_weight": weight,
         "production": {"version": versions[0], **prod.summary()},
         "candidate": {"version": versions[1], **cand.summary()},
         "p99_ratio": ratio,
@@ -310,7 +343,8 @@ class Rollouts:
 
     def start(self, actor: str, model: str, version: str, spec: RolloutSpec) -> Rollout:
         """Start a canary of an approved (or staging, or archived) version against
-        production; it goes to staging (guardrails re-checked) to be deployed."""
+        production; it goes to staging (guardrails re-checked) to be deployed, in the
+        transaction that records the rollout."""
         registry = self.stages.registry
         production = registry.production(model)
         target = f"rollout:{model}"
@@ -332,12 +366,14 @@ class Rollouts:
             problem = problem or "no production version"
             audit.append(self.engine, actor, "rollout.refused", target, reason=problem)
             raise RolloutError(problem)
-        if registry.get(model, version).stage != "staging":
-            # Deployed beside production, with no traffic until the rollout gives it some.
-            self.stages.promote(actor, model, version, "staging")
+        checked = None
+        if row.stage != "staging":  # deployed beside production, no traffic until now
+            checked = self.stages.check_promotion(actor, model, version, "staging")
         now = utcnow()
         try:
             with audit.audited(self.engine) as tx:
+                if checked is not None:
+                    self.stages.apply_promotion(tx, actor, checked, "staging")
                 rid = tx.conn.execute(
                     t_rollouts.insert()
                     .values(
@@ -359,7 +395,10 @@ class Rollouts:
                 ).scalar_one()
                 self._event(tx, rid, actor, "start", 0, spec.steps[0] / 100, None, "", model)
         except sa.exc.IntegrityError:
-            raise RolloutError(f"model {model!r} already has a rollout in progress") from None
+            # Another writer started one between our check and this insert.
+            problem = f"model {model!r} already has a rollout in progress"
+            audit.append(self.engine, actor, "rollout.refused", target, reason=problem)
+            raise RolloutError(problem) from None
         return self.get(model)
 
     def _live(self, model: str) -> Rollout | None:
@@ -414,14 +453,18 @@ class Rollouts:
         *,
         figures: dict[str, Any] | None = None,
         reason: str = "",
+        then: Callable[[audit.Audit], object] | None = None,
         **values: Any,
     ) -> bool:
-        """Write one change and its event if the row is still at ``ro.revision``."""
+        """Write one change and its event if the row is still at ``ro.revision``; ``then``
+        runs in the same transaction (a stage change), so both happen or neither."""
         state = values.get("state", ro.state)
         step = values.get("step", ro.step)
         if state not in LIVE_STATES:
             values["active_model"] = None
             values["finished_at"] = utcnow()
+        if figures is not None:
+            values["last_analysis"] = json.dumps(figures)
         weight = {"succeeded": 1.0, "running": None, "paused": None}.get(state, 0.0)
         if weight is None:
             weight = ro.spec.steps[step] / 100
@@ -436,13 +479,14 @@ class Rollouts:
                 self._event(
                     tx, ro.id, actor, action, step, weight, figures, reason, ro.model, before
                 )
+                if then is not None:
+                    then(tx)
+        if not done:
+            log.info("rollout %s: %s by %s lost to a newer change", ro.id, action, actor)
         return bool(done)
 
     def command(self, actor: str, model: str, action: str, reason: str = "") -> Rollout:
         """An operator's pause, resume, promote or abort of the model's live rollout."""
-        ro = self._live(model)
-        if ro is None:
-            raise NoRollout(f"model {model!r} has no rollout in progress")
         allowed = {
             "pause": ("running",),
             "resume": ("paused",),
@@ -451,6 +495,9 @@ class Rollouts:
         }
         if action not in allowed:
             raise ValueError(f"unknown rollout action {action!r}")
+        ro = self._live(model)
+        if ro is None:
+            raise NoRollout(f"model {model!r} has no rollout in progress")
         if ro.state not in allowed[action]:
             raise RolloutError(f"the rollout of {model!r} is {ro.state}; cannot {action} it")
         if action == "pause":
@@ -458,11 +505,15 @@ class Rollouts:
         elif action == "resume":
             ok = self._update(ro, actor, "resume", state="running", reason=reason)
         elif action == "promote":
-            ok = self.finish_promoted(ro, actor, None, reason or "promoted by an operator")
+            try:
+                ok = self.finish_promoted(ro, actor, None, reason or "promoted by an operator")
+            except (GuardrailRefused, RegistryError) as exc:
+                # The operator asked for a promotion: say it was refused; the rollout
+                # goes on as it was.
+                raise RolloutError(f"promotion refused: {exc}") from None
         else:
-            ok = self.finish_back(
-                ro, actor, "abort", "aborted", None, reason or "aborted by an operator"
-            )
+            why = reason or "aborted by an operator"
+            ok = self.finish_back(ro, actor, "abort", "aborted", None, why)
         if not ok:
             raise RolloutError(f"the rollout of {model!r} changed meanwhile; try again")
         return self.get(model)
@@ -477,7 +528,6 @@ class Rollouts:
             figures=figures,
             step=ro.step + 1,
             failures=0,
-            last_analysis=json.dumps(figures),
             reason="analysis passed",
         )
 
@@ -485,27 +535,15 @@ class Rollouts:
         self, ro: Rollout, action: str, figures: dict[str, Any], reason: str, failures: int
     ) -> bool:
         return self._update(
-            ro,
-            CONTROLLER,
-            action,
-            figures=figures,
-            failures=failures,
-            last_analysis=json.dumps(figures),
-            reason=reason,
+            ro, CONTROLLER, action, figures=figures, failures=failures, reason=reason
         )
 
     def finish_promoted(
         self, ro: Rollout, actor: str, figures: dict[str, Any] | None, reason: str
     ) -> bool:
-        """Candidate to production (guardrails re-checked), then the rollout succeeded;
-        a refused promotion ends the rollout failed instead."""
-        try:
-            self.stages.promote(actor, ro.model, ro.candidate, "production")
-        except (GuardrailRefused, RegistryError) as exc:
-            return self.finish_back(
-                ro, actor, "rollback", "failed", figures, f"promotion refused: {exc}"
-            )
-        extra = {"last_analysis": json.dumps(figures)} if figures else {}
+        """Candidate to production and the rollout succeeded, in one transaction. A
+        refused promotion (stage or guardrail) raises; the rollout is unchanged."""
+        checked = self.stages.check_promotion(actor, ro.model, ro.candidate, "production")
         return self._update(
             ro,
             actor,
@@ -514,7 +552,7 @@ class Rollouts:
             state="succeeded",
             step=len(ro.spec.steps) - 1,
             reason=reason,
-            **extra,
+            then=lambda tx: self.stages.apply_promotion(tx, actor, checked, "production"),
         )
 
     def finish_back(
@@ -527,19 +565,20 @@ class Rollouts:
         reason: str,
         failures: int | None = None,
     ) -> bool:
-        """All traffic back to production; the candidate is retired (archived)."""
-        extra: dict[str, Any] = {"last_analysis": json.dumps(figures)} if figures else {}
-        if failures is not None:
-            extra["failures"] = failures
-        if not self._update(
-            ro, actor, action, figures=figures, state=state, reason=reason, **extra
-        ):
-            return False
-        try:
-            self.stages.retire(actor, ro.model, ro.candidate, f"rollout {ro.id} {state}")
-        except RegistryError as exc:
-            log.warning("rollout %s: cannot retire %s:%s: %s", ro.id, ro.model, ro.candidate, exc)
-        return True
+        """All traffic back to production and the candidate retired (archived), in one
+        transaction."""
+        extra: dict[str, Any] = {} if failures is None else {"failures": failures}
+        why = f"rollout {ro.id} {state}"
+        return self._update(
+            ro,
+            actor,
+            action,
+            figures=figures,
+            state=state,
+            reason=reason,
+            then=lambda tx: self.stages.retire(tx, actor, ro.model, ro.candidate, why),
+            **extra,
+        )
 
 
 # -- the controller --------------------------------------------------------------
@@ -550,6 +589,7 @@ class _Tracked:
     rollout: Rollout
     window_start: float
     due: float  # when the next analysis runs
+    unserved_since: float | None = None  # candidate or baseline not in the table
 
 
 class RolloutController:
@@ -611,10 +651,12 @@ class RolloutController:
                 self._take(ro)
                 tracked = self._tracked[ro.id] = _Tracked(ro, now, now + ro.spec.interval_s)
             tracked.rollout = ro
-            if not self._serving(ro):
-                tracked.window_start, tracked.due = now, now + ro.spec.interval_s
-            elif ro.state == "running" and now >= tracked.due:
-                decided |= await self._analyse(tracked, now)
+            try:
+                decided |= await self._step(tracked, now)
+            except Exception:
+                # One rollout's trouble (e.g. its promotion's database write) must not
+                # hold the others' weights; it is retried on the next pass.
+                log.exception("rollout %s of %s: pass failed", ro.id, ro.model)
         if decided:  # apply a new step or a rollback now, not a poll later
             rows = await asyncio.to_thread(self.store.by_ids, list(self._tracked))
         self._apply(rows)
@@ -623,6 +665,33 @@ class RolloutController:
             for rid, t in self._tracked.items()
             if t.rollout.live or not self._settled(t.rollout)
         }
+
+    async def _step(self, tracked: _Tracked, now: float) -> bool:
+        ro = tracked.rollout
+        if not ro.live:
+            return False
+        if not self._serving(ro):
+            # Nothing to compare yet: start the window when both versions serve.
+            self._take(ro)
+            tracked.window_start, tracked.due = now, now + ro.spec.interval_s
+            if tracked.unserved_since is None:
+                tracked.unserved_since = now
+            elif now - tracked.unserved_since > NOT_SERVING_LIMIT_S:
+                missing = [
+                    f"{ro.model}:{v}"
+                    for v in (ro.baseline, ro.candidate)
+                    if not self.table.serves(ro.model, v)
+                ]
+                why = f"{', '.join(missing)} not served for {NOT_SERVING_LIMIT_S:g}s"
+                await asyncio.to_thread(
+                    self.store.finish_back, ro, CONTROLLER, "rollback", "failed", None, why
+                )
+                return True
+            return False
+        tracked.unserved_since = None
+        if ro.state == "running" and now >= tracked.due:
+            return await self._analyse(tracked, now)
+        return False
 
     def _serving(self, ro: Rollout) -> bool:
         return self.table.serves(ro.model, ro.candidate) and self.table.serves(
@@ -644,7 +713,9 @@ class RolloutController:
         ro = tracked.rollout
         versions = (ro.baseline, ro.candidate)
         prod, cand, shadow = self.windows.current(ro.model, versions)
-        result = analyse(ro.spec, versions, prod, cand, shadow, now - tracked.window_start)
+        result = analyse(
+            ro.spec, versions, ro.weight, prod, cand, shadow, now - tracked.window_start
+        )
         self.metrics.rollout_analyses.labels(ro.model, ro.candidate, result.verdict).inc()
         if ro.spec.mirror_pct > 0 and shadow.agreement is not None:
             self.metrics.shadow_agreement.labels(ro.model, ro.candidate).set(shadow.agreement)
@@ -658,9 +729,20 @@ class RolloutController:
         self._take(ro)
         tracked.window_start = now
         if result.verdict == "pass":
-            if ro.spec.steps[ro.step + 1] >= 100:
+            if ro.step + 1 >= len(ro.spec.steps) - 1:  # the next step is 100%
                 why = "analysis passed at every step"
-                await asyncio.to_thread(store.finish_promoted, ro, CONTROLLER, figures, why)
+                try:
+                    await asyncio.to_thread(store.finish_promoted, ro, CONTROLLER, figures, why)
+                except (GuardrailRefused, RegistryError) as exc:
+                    await asyncio.to_thread(
+                        store.finish_back,
+                        ro,
+                        CONTROLLER,
+                        "rollback",
+                        "failed",
+                        figures,
+                        f"promotion refused: {exc}",
+                    )
             else:
                 await asyncio.to_thread(store.advance, ro, figures)
             return True

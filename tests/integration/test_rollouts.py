@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -21,9 +20,10 @@ from router.model_table import LiveModelTable
 from router.service import ServedModel
 from router.types import ModelSignature, TensorSpec
 from serving import audit
+from serving import rollout as rollout_module
 from serving.config import GatewayConfig, ModelPolicy
-from serving.promotion import Stages
-from serving.registry import Registry
+from serving.promotion import StageError, Stages
+from serving.registry import Registry, artifact_path
 from serving.rollout import RolloutController, RolloutError, Rollouts, RolloutSpec
 from tests.integration.conftest import OpenEngine
 from tests.integration.test_registry import cand, weights
@@ -58,7 +58,7 @@ def store(open_db: OpenEngine, tmp_path: Path) -> Rollouts:
 
 def feed(windows: Windows, version: str, n: int, latency_s: float, errors: int = 0) -> None:
     for i in range(n):
-        windows.record("digits", version, "500" if i < errors else "200", latency_s, False)
+        windows.record("digits", version, "500" if i < errors else "200", latency_s)
 
 
 def events(store: Rollouts) -> list[tuple[str, str]]:
@@ -84,9 +84,18 @@ def test_start_is_checked_and_operators_steer_it(store: Rollouts) -> None:
     with pytest.raises(RolloutError, match="paused; cannot pause"):
         store.command("carol", "digits", "pause")
     assert store.command("carol", "digits", "resume").state == "running"
-    # A writer holding an old revision loses to the operator instead of overwriting.
+    # A writer holding an old revision loses to the operator instead of overwriting,
+    # and a promotion it carried is not made either (one transaction).
     stale = ro
     assert not store.advance(stale, {"verdict": "pass"})
+    assert not store.finish_promoted(stale, "rollout-controller", None, "late")
+    assert reg.production("digits").version == "1"  # type: ignore[union-attr]
+    assert reg.get("digits", "2").stage == "staging"
+    # While it runs, production is changed only through the rollout.
+    with pytest.raises(StageError, match="rollout of version 2 in progress"):
+        store.stages.promote("carol", "digits", "3", "production")
+    with pytest.raises(StageError, match="rollout of version 2 in progress"):
+        store.stages.rollback("carol", "digits")
     done = store.command("carol", "digits", "abort", "wrong build")
     assert (done.state, done.weight, done.finished_at is not None) == ("aborted", 0.0, True)
     assert reg.get("digits", "2").stage == "archived"  # its replica is freed
@@ -103,6 +112,7 @@ def test_start_is_checked_and_operators_steer_it(store: Rollouts) -> None:
         ("carol", "rollout.resume"),
         ("carol", "rollout.abort"),
     ]
+    assert ("carol", "model.refused") in {(r.actor, r.action) for r in audit.read(store.engine)}
     # An archived candidate can be tried again; an operator may promote at once.
     again = store.start("carol", "digits", "2", RolloutSpec())
     assert again.id != done.id and reg.get("digits", "2").stage == "staging"
@@ -223,12 +233,71 @@ def test_controller_rolls_a_bad_candidate_back_after_the_threshold(store: Rollou
 
 
 def test_one_live_rollout_per_model_even_when_two_writers_race(
-    open_db: OpenEngine, store: Rollouts
+    open_db: OpenEngine, store: Rollouts, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     other = Rollouts(Stages(Registry(open_db(), store.stages.registry.state_dir, CONFIG)))
-    store.stages.promote("carol", "digits", "3", "staging")
     store.start("carol", "digits", "2", RolloutSpec())
-    # The second writer got past the check before the first committed: the index refuses.
+    # The second writer got past its check before the first committed (its look saw
+    # nothing): the unique index refuses, and its stage change is undone with it.
+    monkeypatch.setattr(other, "_live", lambda model: None)
     with pytest.raises(RolloutError, match="in progress"):
         other.start("dave", "digits", "3", RolloutSpec())
-    assert time.time() > 0 and store.get("digits").candidate == "2"
+    assert store.get("digits").candidate == "2"
+    assert store.stages.registry.get("digits", "3").stage == "approved"
+
+
+def test_refused_promotions_fail_the_rollout_or_the_command(
+    store: Rollouts, tmp_path: Path
+) -> None:
+    reg = store.stages.registry
+    store.start(
+        "carol", "digits", "2", RolloutSpec(steps=(50, 100), interval_s=0.05, min_requests=5)
+    )
+    # The candidate's stored bytes change: the promotion's digest guardrail refuses.
+    stored = artifact_path(reg.state_dir, reg.get("digits", "2").digest)
+    stored.chmod(0o644)
+    stored.write_bytes(stored.read_bytes() + b"tampered")
+    with pytest.raises(RolloutError, match="promotion refused: refused by the digest"):
+        store.command("carol", "digits", "promote")
+    assert store.get("digits").state == "running"  # the operator's refusal changes nothing
+
+    async def scenario() -> None:
+        table, windows = LiveModelTable(), Windows()
+        table.swap([served("1")], [served("2")])
+        ctl = RolloutController(store, table, windows, RouterMetrics(None))
+        await ctl.tick()
+        feed(windows, "1", 10, 0.01)
+        feed(windows, "2", 10, 0.01)
+        await asyncio.sleep(0.06)
+        await ctl.tick()
+        assert table.splits == {}
+
+    asyncio.run(scenario())
+    ro = store.get("digits")
+    assert ro.state == "failed" and reg.get("digits", "2").stage == "archived"
+    assert "promotion refused" in store.history(ro.id)[-1]["reason"]
+    assert reg.production("digits").version == "1"  # type: ignore[union-attr]
+
+
+def test_a_candidate_that_never_serves_fails_the_rollout(
+    store: Rollouts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(rollout_module, "NOT_SERVING_LIMIT_S", 0.1)
+    store.start("carol", "digits", "3", RolloutSpec(interval_s=0.05, min_requests=1))
+
+    async def scenario() -> None:
+        table, windows = LiveModelTable(), Windows()
+        table.swap([served("1")], [])  # its deploy failed: never in the table
+        ctl = RolloutController(store, table, windows, RouterMetrics(None))
+        await ctl.tick()
+        assert store.get("digits").state == "running"
+        assert table.route("digits", None, "t")[0].version == "1"
+        await asyncio.sleep(0.15)
+        await ctl.tick()
+        await ctl.tick()
+
+    asyncio.run(scenario())
+    ro = store.get("digits")
+    assert ro.state == "failed", store.history(ro.id)
+    assert "digits:3 not served for 0.1s" in store.history(ro.id)[-1]["reason"]
+    assert store.stages.registry.get("digits", "3").stage == "archived"

@@ -108,14 +108,14 @@ def test_table_routes_by_split_and_named_versions_bypass_it() -> None:
 
 def test_windows_count_only_version_outcomes_of_watched_models() -> None:
     w = Windows()
-    w.record("m", "1", "200", 0.01, shadow=False)  # not watched yet
+    w.record("m", "1", "200", 0.01)  # not watched yet
     w.watched = frozenset({"m"})
     for code in ("200", "200", "500", "503", "504", "400", "401", "404", "429", "499"):
-        w.record("m", "1", code, 0.02, shadow=False)
-    w.record("m", "2", "200", 0.05, shadow=True)
+        w.record("m", "1", code, 0.02)
+    w.record("m", "2", "200", 0.05)
     prod, cand, _ = w.current("m", ("1", "2"))
     assert (prod.requests, prod.errors, len(prod.latencies)) == (5, 3, 2)
-    assert (cand.requests, cand.shadow_requests) == (1, 1)
+    assert (cand.requests, cand.p99_ms) == (1, 50.0)
     prod, cand, _ = w.take("m", ("1", "2"))
     assert prod.requests == 5
     assert w.current("m", ("1", "2"))[0].requests == 0  # a new window
@@ -150,49 +150,64 @@ def test_shadow_comparison_for_classifiers_regressors_and_mismatches() -> None:
     assert (shape.rows, shape.rows_agreed) == (4, 0)
 
 
-def _stats(requests: int, errors: int, latency_s: float, shadow: bool = False) -> VersionStats:
+def _stats(requests: int, errors: int, latency_s: float) -> VersionStats:
     s = VersionStats()
     for i in range(requests):
-        s.add(i >= errors, latency_s, shadow)
+        s.add(i >= errors, latency_s)
     return s
 
 
 def test_analysis_verdicts() -> None:
     spec = RolloutSpec(min_requests=50, max_error_rate=0.02, max_p99_ratio=1.5)
     vs = ("1", "2")
-    good = analyse(spec, vs, _stats(200, 0, 0.010), _stats(60, 1, 0.012), ShadowStats(), 5.0)
+    good = analyse(spec, vs, 0.2, _stats(200, 0, 0.010), _stats(60, 1, 0.012), ShadowStats(), 5.0)
     assert good.verdict == "pass", good.reasons
     assert good.figures["p99_ratio"] == pytest.approx(1.2)
     assert good.figures["candidate"]["requests"] == 60
 
-    slow = analyse(spec, vs, _stats(200, 0, 0.010), _stats(60, 0, 0.030), ShadowStats(), 5.0)
+    slow = analyse(spec, vs, 0.2, _stats(200, 0, 0.010), _stats(60, 0, 0.030), ShadowStats(), 5.0)
     assert slow.verdict == "fail" and "p99_ratio" in slow.reasons[0]
 
-    erring = analyse(spec, vs, _stats(200, 0, 0.01), _stats(60, 3, 0.01), ShadowStats(), 5.0)
+    erring = analyse(spec, vs, 0.2, _stats(200, 0, 0.01), _stats(60, 3, 0.01), ShadowStats(), 5.0)
     assert erring.verdict == "fail" and "error_rate" in erring.reasons[0]
 
-    few = analyse(spec, vs, _stats(200, 0, 0.01), _stats(20, 0, 0.01), ShadowStats(), 5.0)
+    few = analyse(spec, vs, 0.2, _stats(200, 0, 0.01), _stats(20, 0, 0.01), ShadowStats(), 5.0)
     assert few.verdict == "wait" and "20 of the 50" in few.reasons[0]
     # Errors decide early once no later successes could save the rate: 2 > 0.02 x 50.
-    early = analyse(spec, vs, _stats(200, 0, 0.01), _stats(20, 2, 0.01), ShadowStats(), 5.0)
+    early = analyse(spec, vs, 0.2, _stats(200, 0, 0.01), _stats(20, 2, 0.01), ShadowStats(), 5.0)
     assert early.verdict == "fail"
-    one = analyse(spec, vs, _stats(200, 0, 0.01), _stats(20, 1, 0.01), ShadowStats(), 5.0)
+    one = analyse(spec, vs, 0.2, _stats(200, 0, 0.01), _stats(20, 1, 0.01), ShadowStats(), 5.0)
     assert one.verdict == "wait"
 
     mirrored = RolloutSpec(min_requests=50, mirror_pct=20, min_agreement=0.95)
-    shadow = ShadowStats(compared=60, rows=60, rows_agreed=54)
-    disagree = analyse(mirrored, vs, _stats(300, 0, 0.01), _stats(60, 0, 0.01), shadow, 5.0)
+    shadow = ShadowStats(requests=60, compared=60, rows=60, rows_agreed=54)
+    disagree = analyse(mirrored, vs, 0.2, _stats(300, 0, 0.01), _stats(60, 0, 0.01), shadow, 5.0)
     assert disagree.verdict == "fail" and "shadow_agreement 0.9" in disagree.reasons[0]
-    shadow_ok = ShadowStats(compared=60, rows=60, rows_agreed=60)
-    agree = analyse(mirrored, vs, _stats(300, 0, 0.01), _stats(60, 0, 0.01), shadow_ok, 5.0)
+    shadow_ok = ShadowStats(requests=60, compared=60, rows=60, rows_agreed=60)
+    agree = analyse(mirrored, vs, 0.2, _stats(300, 0, 0.01), _stats(60, 0, 0.01), shadow_ok, 5.0)
     assert agree.verdict == "pass" and agree.figures["shadow"]["agreement"] == 1.0
+
+    # At a 0% step the candidate is judged on mirrored requests: errors and agreement,
+    # never their latency (they wait behind every client by design).
+    zero = RolloutSpec(steps=(0, 100), min_requests=50, mirror_pct=100, min_agreement=0.95)
+    only = analyse(zero, vs, 0.0, _stats(300, 0, 0.01), VersionStats(), shadow_ok, 5.0)
+    assert only.verdict == "pass", only.reasons
+    assert {c["check"] for c in only.figures["checks"]} == {"error_rate", "shadow_agreement"}
+    failing = ShadowStats(requests=60, compared=57, rows=57, rows_agreed=57, errors=3)
+    bad = analyse(zero, vs, 0.0, _stats(300, 0, 0.01), VersionStats(), failing, 5.0)
+    assert bad.verdict == "fail" and "error_rate 0.05" in bad.reasons[0]
+    early = analyse(zero, vs, 0.0, _stats(300, 0, 0.01), VersionStats(), ShadowStats(), 5.0)
+    assert early.verdict == "wait" and "0 of the 50 shadow" in early.reasons[0]
 
 
 def test_rollout_spec_and_durations() -> None:
     assert RolloutSpec(steps=(10, 50)).steps == (10, 50, 100)
-    for bad in ((50, 10), (), (5, 101)):
+    for bad in ((50, 10), (), (5, 101), (100,)):
         with pytest.raises(ValueError):
             RolloutSpec(steps=bad)
+    with pytest.raises(ValueError, match="add --mirror"):
+        RolloutSpec(steps=(0, 100))
+    assert RolloutSpec(steps=(0, 100), mirror_pct=10).steps == (0, 100)
     assert RolloutSpec(sticky="header:X-User").sticky == "header:x-user"
     assert RolloutSpec(sticky="none").sticky is None
     with pytest.raises(ValueError):
@@ -208,3 +223,15 @@ def test_rollout_spec_and_durations() -> None:
     ]
     with pytest.raises(ValueError, match="duration"):
         parse_duration("soon")
+
+
+def test_latency_sample_covers_the_whole_window() -> None:
+    from router import canary
+
+    s = VersionStats()
+    n = canary._MAX_SAMPLES * 3
+    for i in range(n):
+        s.add(True, 0.001 if i < n // 2 else 0.1)  # a slow second half
+    assert len(s.latencies) == canary._MAX_SAMPLES and s.requests == n
+    # A sample of only the first part would put p99 at 1 ms.
+    assert s.p99_ms == pytest.approx(100.0)
