@@ -20,6 +20,8 @@ from router.types import DATATYPES, ModelSignature, TensorSpec
 
 ArtifactFormat = Literal["torchscript", "export", "safetensors"]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# Ray refuses these in ``resources`` (they have keywords of their own).
+_RAY_BUILTIN_RESOURCES = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
 
 
 class ConfigError(ValueError):
@@ -249,6 +251,23 @@ class ServerConfig(_Strict):
         "on the gateway's event loop; more small requests/s here, but it buffers a whole "
         "message before refusing it and moves multi-MiB tensors ~3x slower).",
     )
+    gateway_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Ray custom resources the gateway replica requests, which pins it to the "
+        "Ray nodes that advertise them: on a cluster the Service that exposes the ports must "
+        "select the pod the gateway runs in (deploy/kuberay gives one worker group "
+        "`{gpugate_gateway: 1}`). Empty: any node Ray chooses.",
+    )
+
+    @field_validator("gateway_resources")
+    @classmethod
+    def _custom_resources(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, amount in v.items():
+            if not name or name in _RAY_BUILTIN_RESOURCES:
+                raise ValueError(f"{name!r} is not a custom resource name")
+            if not amount > 0:
+                raise ValueError(f"{name}: the amount must be > 0")
+        return v
 
 
 class GatewayConfig(_Strict):

@@ -226,6 +226,16 @@ class Gateway:
         return self._drained
 
 
+def gateway_actor_options(server: ServerConfig) -> dict[str, Any]:
+    """The gateway is I/O and Python: it holds no CPU a model needs. Its custom
+    resources (``server.gateway_resources``) pin it to the node whose pod serves
+    the ports."""
+    options: dict[str, Any] = {"num_cpus": 0}
+    if server.gateway_resources:
+        options["resources"] = dict(server.gateway_resources)
+    return options
+
+
 def build_app(
     server: ServerConfig,
     state_dir: Path,
@@ -242,8 +252,7 @@ def build_app(
         .options(
             name=GATEWAY_DEPLOYMENT,
             num_replicas=1,
-            # The gateway is I/O and Python: do not let it hold a CPU the models need.
-            ray_actor_options={"num_cpus": 0},
+            ray_actor_options=gateway_actor_options(server),
             max_ongoing_requests=16,
             graceful_shutdown_timeout_s=server.drain_timeout_s,
         )
