@@ -97,3 +97,14 @@ def test_every_field_is_documented(model: type[BaseModel]) -> None:
         assert f"{name}`" in doc, f"{model.__name__}.{name} missing from docs/config.md"
         if model is not GatewayConfig:
             assert field.description, f"{model.__name__}.{name} has no description"
+
+
+def test_gateway_resources_are_custom_ray_resources(tmp_path: Path) -> None:
+    config = load_config(_write(tmp_path, "server: {gateway_resources: {gpugate_gateway: 1}}\n"))
+    assert config.server.gateway_resources == {"gpugate_gateway": 1.0}
+    assert GatewayConfig().server.gateway_resources == {}  # one machine: anywhere
+    # Ray refuses its built-in resources here; the config says so before Ray does.
+    with pytest.raises(ConfigError, match="'GPU' is not a custom resource name"):
+        load_config(_write(tmp_path, "server: {gateway_resources: {GPU: 1}}\n"))
+    with pytest.raises(ConfigError, match="must be > 0"):
+        load_config(_write(tmp_path, "server: {gateway_resources: {gpugate_gateway: 0}}\n"))
