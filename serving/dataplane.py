@@ -166,6 +166,10 @@ class ReplicaDataServer:
         self.address = f"{host}:{port}"
         return self.address
 
+    @property
+    def healthy(self) -> bool:
+        return self._server is None or self._thread.is_alive()
+
     def stop(self, grace_s: float = 5.0) -> None:
         """Refuse new connections, let running batches answer (up to ``grace_s``)."""
         if self._server is None:

@@ -92,6 +92,11 @@ class ModelReplica:
                 log.info("data plane of %s on %s", deployment_name(self.config), server.address)
             return server.address
 
+    def check_health(self) -> None:
+        """Serve's health probe: a dead data plane makes Serve restart the replica."""
+        if not all(server.healthy for server in list(self._data.values())):
+            raise RuntimeError("the data plane's thread stopped")
+
     def __del__(self) -> None:
         """Serve calls this on graceful shutdown: finish data-plane batches, close the
         reservation."""
