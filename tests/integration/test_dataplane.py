@@ -51,7 +51,8 @@ def test_a_killed_replica_fails_its_batches_as_unavailable_then_the_restarted_on
         replica = _replica_actor("it-direct")
         failures: list[BaseException] = []
         answered_after_kill = 0
-        killed = asyncio.Event()
+        kill_sent = False
+        killed = asyncio.Event()  # set once a batch has failed: the old replica is gone
         stop = asyncio.Event()
 
         async def client() -> None:
@@ -61,6 +62,8 @@ def test_a_killed_replica_fails_its_batches_as_unavailable_then_the_restarted_on
                     result = await backend.run_batch({"pixels": x})
                 except Exception as exc:
                     failures.append(exc)
+                    if kill_sent:
+                        killed.set()
                     await asyncio.sleep(0.05)  # as a client backs off on a 503
                 else:
                     np.testing.assert_allclose(result.outputs["logits"], want["logits"], rtol=1e-5)
@@ -71,7 +74,9 @@ def test_a_killed_replica_fails_its_batches_as_unavailable_then_the_restarted_on
         clients = [asyncio.create_task(client()) for _ in range(8)]
         await asyncio.sleep(0.5)
         ray.kill(replica)
-        killed.set()
+        # ray.kill returns before the process is gone: answers that arrive meanwhile are
+        # the old replica's, so count only those after the first failure.
+        kill_sent = True
         deadline = asyncio.get_running_loop().time() + 60
         while answered_after_kill < 20 and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.2)
