@@ -235,3 +235,46 @@ def test_latency_sample_covers_the_whole_window() -> None:
     assert len(s.latencies) == canary._MAX_SAMPLES and s.requests == n
     # A sample of only the first part would put p99 at 1 ms.
     assert s.p99_ms == pytest.approx(100.0)
+
+
+def test_status_text_renders_every_kind_of_analysis() -> None:
+    from serving.cli_rollout import describe
+
+    vs = ("1", "2")
+    spec = RolloutSpec(steps=(0, 50), mirror_pct=100, min_requests=5, min_agreement=0.9)
+    shadow = ShadowStats(requests=6, compared=6, rows=6, rows_agreed=4, max_abs_diff=3.5)
+    shadow_only = analyse(spec, vs, 0.0, _stats(10, 0, 0.01), VersionStats(), shadow, 3.0)
+    live = analyse(
+        RolloutSpec(), vs, 0.05, _stats(200, 0, 0.01), _stats(3, 2, 0.02), ShadowStats(), 60.0
+    )
+    for figures, verdict in ((shadow_only.figures, "fail"), (live.figures, "fail")):
+        data = {
+            "id": 7,
+            "model": "m",
+            "candidate": "2",
+            "production": "1",
+            "state": "running",
+            "step": 1,
+            "steps": 2,
+            "weights": {"1": 1.0, "2": 0.0},
+            "failures": 1,
+            "settings": spec.model_dump(mode="json", exclude={"salt"}),
+            "last_analysis": figures,
+        }
+        history = [
+            {
+                "at": "2026-11-23T00:00:00+00:00",
+                "actor": "rollout-controller",
+                "action": "fail",
+                "step": 1,
+                "weight": 0.0,
+                "figures": figures,
+                "reason": "failed analysis 1 of 2",
+            },
+        ]
+        text = "\n".join(describe(data, history))
+        assert f"last analysis: {verdict}" in text and "FAIL" in text
+        assert "rollout 7 of m: 1 -> 2" in text and "history:" in text
+    assert "shadow: 6 compared, agreement 66.67%" in "\n".join(
+        describe({**data, "last_analysis": shadow_only.figures}, [])
+    )
