@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
+import json
 import os
+import random
 import re
 import signal
 import socket
@@ -12,9 +15,11 @@ import sys
 import threading
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -68,6 +73,12 @@ class Gateway:
         new = start_gateway(self.state_dir, *extra)
         self.proc, self.http_port, self.grpc_port = new.proc, new.http_port, new.grpc_port
         self.metrics_port, self.lines = new.metrics_port, new.lines
+
+    def index(self) -> list[dict[str, Any]]:
+        """POST /v2/repository/index: every version with its state."""
+        req = urllib.request.Request(f"http://{self.http_url}/v2/repository/index", data=b"{}")
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return list(json.loads(resp.read()))
 
     def metric(self, name: str, **labels: str) -> float:
         """The sum of a Prometheus series' samples matching ``labels``, scraped now."""
@@ -162,3 +173,116 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         yield gw
     finally:
         gw.close()
+
+
+# -- digits traffic ----------------------------------------------------------------
+
+MARK = 101.0  # pixel 0 set to this (real pixels are 0..16) marks an input
+
+
+@dataclass
+class Outcome:
+    at: float  # time.monotonic() when answered
+    status: int
+    version: str | None
+    marked: bool
+    user: str | None
+    error: str = ""
+
+
+@dataclass
+class Traffic:
+    """Threads sending unversioned requests for the demo digits model over keep-alive
+    HTTP, recording every outcome and which version answered."""
+
+    gw: Gateway
+    threads: int = 4
+    mark_share: float = 0.0  # share of inputs marked with MARK
+    users: list[str] | None = None  # X-User values to draw from
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._workers = [
+            threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(self.threads)
+        ]
+
+    def __enter__(self) -> Traffic:
+        for w in self._workers:
+            w.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for w in self._workers:
+            w.join(timeout=60)
+
+    def _run(self, seed: int) -> None:
+        rng = random.Random(seed)
+        while not self._stop.is_set():
+            marked = rng.random() < self.mark_share
+            user = rng.choice(self.users) if self.users else None
+            outcome = send(self.gw, marked, user, rng)
+            with self._lock:
+                self.outcomes.append(outcome)
+
+    def snapshot(self) -> list[Outcome]:
+        with self._lock:
+            return list(self.outcomes)
+
+    @property
+    def failures(self) -> list[str]:
+        return [f"{o.status} {o.error}" for o in self.snapshot() if o.status != 200]
+
+    def count(self) -> Counter[str]:
+        """Answers per version so far."""
+        return Counter(o.version for o in self.snapshot() if o.version is not None)
+
+    def wait_for_version(self, version: str, timeout_s: float = 120) -> float:
+        """Seconds until every answer in a row of 20 comes from ``version``."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout_s:
+            recent = [o.version for o in self.snapshot() if o.status == 200][-20:]
+            if len(recent) == 20 and set(recent) == {version}:
+                return time.monotonic() - start
+            time.sleep(0.05)
+        raise AssertionError(f"answers never switched to version {version}")
+
+
+_conns = threading.local()
+
+
+def send(
+    gw: Gateway,
+    marked: bool,
+    user: str | None,
+    rng: random.Random,
+    version: str | None = None,
+) -> Outcome:
+    """One digits request with random pixels (pixel 0 = MARK if ``marked``)."""
+    pixels = [float(rng.randint(0, 16)) for _ in range(64)]
+    if marked:
+        pixels[0] = MARK
+    body = json.dumps(
+        {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 64], "data": pixels}]}
+    ).encode()
+    headers = {"Authorization": f"Bearer {gw.demo_key}", "Content-Type": "application/json"}
+    if user is not None:
+        headers["X-User"] = user
+    path = "/v2/models/digits" + (f"/versions/{version}" if version else "") + "/infer"
+    conn = getattr(_conns, gw.http_url, None)
+    try:
+        if conn is None:
+            host, port = gw.http_url.split(":")
+            conn = http.client.HTTPConnection(host, int(port), timeout=60)
+            setattr(_conns, gw.http_url, conn)
+        conn.request("POST", path, body, headers)
+        resp = conn.getresponse()
+        data = resp.read()
+    except Exception as exc:  # a reset or a timeout is a failed request too
+        setattr(_conns, gw.http_url, None)
+        return Outcome(time.monotonic(), 0, None, marked, user, repr(exc))
+    if resp.status != 200:
+        return Outcome(time.monotonic(), resp.status, None, marked, user, data[:300].decode())
+    return Outcome(time.monotonic(), 200, json.loads(data)["model_version"], marked, user)

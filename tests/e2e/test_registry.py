@@ -8,23 +8,20 @@ while a load generator runs, then rollback, then every guardrail refusal.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import sqlite3
 import subprocess
-import threading
 import time
 import urllib.error
 import urllib.request
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import Gateway, configured_gateway
+from tests.e2e.conftest import Gateway, Traffic, configured_gateway
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -183,86 +180,6 @@ def register(
     )
 
 
-def index(gw: Gateway) -> list[dict[str, Any]]:
-    req = urllib.request.Request(f"http://{gw.http_url}/v2/repository/index", data=b"{}")
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        return list(json.loads(resp.read()))
-
-
-class Load:
-    """Threads sending unversioned digits requests over keep-alive HTTP, recording
-    every outcome and which version answered."""
-
-    def __init__(self, gw: Gateway, threads: int = 4) -> None:
-        self.gw = gw
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.versions: list[tuple[float, str]] = []
-        self.failures: list[str] = []
-        body = {
-            "inputs": [
-                {
-                    "name": "pixels",
-                    "datatype": "FP32",
-                    "shape": [1, 64],
-                    "data": [float(i % 17) for i in range(64)],
-                }
-            ]
-        }
-        self.body = json.dumps(body).encode()
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
-
-    def __enter__(self) -> Load:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=30)
-
-    def _run(self) -> None:
-        host, port = self.gw.http_url.split(":")
-        conn = http.client.HTTPConnection(host, int(port), timeout=30)
-        headers = {
-            "Authorization": f"Bearer {self.gw.demo_key}",
-            "Content-Type": "application/json",
-        }
-        while not self.stop.is_set():
-            try:
-                conn.request("POST", "/v2/models/digits/infer", self.body, headers)
-                resp = conn.getresponse()
-                data = resp.read()
-                if resp.status != 200:
-                    with self.lock:
-                        self.failures.append(f"{resp.status} {data[:200]!r}")
-                    continue
-                version = json.loads(data)["model_version"]
-                with self.lock:
-                    self.versions.append((time.monotonic(), version))
-            except Exception as exc:  # a reset or timeout is a failed request too
-                with self.lock:
-                    self.failures.append(repr(exc))
-                conn.close()
-                conn = http.client.HTTPConnection(host, int(port), timeout=30)
-
-    def wait_for_version(self, version: str, timeout_s: float = 120) -> float:
-        """Seconds until every answer in a row of 20 comes from ``version``."""
-        start = time.monotonic()
-        while time.monotonic() - start < timeout_s:
-            with self.lock:
-                recent = [v for t, v in self.versions[-20:]]
-            if len(recent) == 20 and set(recent) == {version}:
-                return time.monotonic() - start
-            time.sleep(0.05)
-        raise AssertionError(f"answers never switched to version {version}")
-
-    def count(self) -> Counter[str]:
-        with self.lock:
-            return Counter(v for _, v in self.versions)
-
-
 def test_second_version_approval_and_live_promotion_under_load(
     gateway: Gateway, tmp_path: Path
 ) -> None:
@@ -309,15 +226,15 @@ def test_second_version_approval_and_live_promotion_under_load(
     denied = cli(gateway, "models", "promote", "digits", "2", "--to", "staging", token=finance)
     assert denied.returncode == 2 and "may not models.promote" in denied.stderr
 
-    with Load(gateway) as load:
+    with Traffic(gateway) as load:
         time.sleep(1.0)
         staged = cli(gateway, "models", "promote", "digits", "2", "--to", "staging", token=deployer)
         assert staged.returncode == 0, staged.stderr
         deadline = time.monotonic() + 120
         while {"name": "digits", "version": "2", "state": "UNAVAILABLE"}.items() > {
-            **next((e for e in index(gateway) if e["version"] == "2"), {})
+            **next((e for e in gateway.index() if e["version"] == "2"), {})
         }.items():
-            assert time.monotonic() < deadline, index(gateway)
+            assert time.monotonic() < deadline, gateway.index()
             time.sleep(0.1)
         # Staging takes no tenant traffic.
         assert load.count()["2"] == 0
@@ -336,14 +253,14 @@ def test_second_version_approval_and_live_promotion_under_load(
     )
     assert load.failures == []
     assert counts["1"] > 0 and counts["2"] > 0
-    assert index(gateway) == [{"name": "digits", "version": "2", "state": "READY", "reason": ""}]
+    assert gateway.index() == [{"name": "digits", "version": "2", "state": "READY", "reason": ""}]
     with urllib.request.urlopen(f"http://{gateway.http_url}/v2/models/digits") as resp:
         assert json.loads(resp.read())["versions"] == ["2"]
 
 
 def test_rollback_under_load(gateway: Gateway) -> None:
     deployer = make_user(gateway, "dep-rb", "deployer")
-    with Load(gateway) as load:
+    with Traffic(gateway) as load:
         time.sleep(1.0)
         back = cli(gateway, "models", "rollback", "digits", "--reason", "drill", token=deployer)
         assert back.returncode == 0, back.stderr
@@ -355,7 +272,7 @@ def test_rollback_under_load(gateway: Gateway) -> None:
         f"{len(load.failures)} failed, switched after {switch_s:.2f}s"
     )
     assert load.failures == []
-    assert index(gateway) == [{"name": "digits", "version": "1", "state": "READY", "reason": ""}]
+    assert gateway.index() == [{"name": "digits", "version": "1", "state": "READY", "reason": ""}]
     stages = {
         v["version"]: v["stage"]
         for v in json.loads(cli(gateway, "models", "list", "--json").stdout)

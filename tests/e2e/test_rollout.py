@@ -10,7 +10,6 @@ own weights, so they answer like production except where a test wants them not t
 
 from __future__ import annotations
 
-import http.client
 import json
 import random
 import sqlite3
@@ -20,7 +19,6 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -32,12 +30,11 @@ import torch
 from torch import nn
 
 from serving.demo import DEMO_HIDDEN, DigitsMLP
-from tests.e2e.conftest import Gateway, configured_gateway
+from tests.e2e.conftest import Gateway, Traffic, configured_gateway, send
 
 pytestmark = pytest.mark.timeout(900)
 
 POLICY = "policies:\n  digits:\n    required_approvals: 1\n"
-MARK = 101.0  # pixel 0 set to this (real pixels are 0..16) marks an input
 
 
 # -- candidates ------------------------------------------------------------------
@@ -172,107 +169,7 @@ def wait_for(
 
 
 def canary_ready(gw: Gateway, version: str) -> bool:
-    req = urllib_request(gw, "/v2/repository/index", b"{}")
-    return any(e["version"] == version and e["state"] == "READY" for e in req)
-
-
-def urllib_request(gw: Gateway, path: str, body: bytes | None = None) -> Any:
-    req = urllib.request.Request(f"http://{gw.http_url}{path}", data=body)
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        return json.loads(resp.read())
-
-
-# -- traffic -------------------------------------------------------------------------
-
-
-@dataclass
-class Outcome:
-    at: float  # time.monotonic() when answered
-    status: int
-    version: str | None
-    marked: bool
-    user: str | None
-    error: str = ""
-
-
-@dataclass
-class Traffic:
-    """Threads sending unversioned digits requests over keep-alive HTTP."""
-
-    gw: Gateway
-    threads: int = 4
-    mark_share: float = 0.0
-    users: list[str] | None = None
-    outcomes: list[Outcome] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._workers = [
-            threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(self.threads)
-        ]
-
-    def __enter__(self) -> Traffic:
-        for w in self._workers:
-            w.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for w in self._workers:
-            w.join(timeout=60)
-
-    def _run(self, seed: int) -> None:
-        rng = random.Random(seed)
-        while not self._stop.is_set():
-            marked = rng.random() < self.mark_share
-            user = rng.choice(self.users) if self.users else None
-            self.outcomes_append(send(self.gw, marked, user, rng))
-
-    def outcomes_append(self, o: Outcome) -> None:
-        with self._lock:
-            self.outcomes.append(o)
-
-    def snapshot(self) -> list[Outcome]:
-        with self._lock:
-            return list(self.outcomes)
-
-
-_conns = threading.local()
-
-
-def send(
-    gw: Gateway,
-    marked: bool,
-    user: str | None,
-    rng: random.Random,
-    version: str | None = None,
-) -> Outcome:
-    pixels = [float(rng.randint(0, 16)) for _ in range(64)]
-    if marked:
-        pixels[0] = MARK
-    body = json.dumps(
-        {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 64], "data": pixels}]}
-    ).encode()
-    headers = {"Authorization": f"Bearer {gw.demo_key}", "Content-Type": "application/json"}
-    if user is not None:
-        headers["X-User"] = user
-    path = "/v2/models/digits" + (f"/versions/{version}" if version else "") + "/infer"
-    conn = getattr(_conns, gw.http_url, None)
-    try:
-        if conn is None:
-            host, port = gw.http_url.split(":")
-            conn = http.client.HTTPConnection(host, int(port), timeout=60)
-            setattr(_conns, gw.http_url, conn)
-        conn.request("POST", path, body, headers)
-        resp = conn.getresponse()
-        data = resp.read()
-    except Exception as exc:  # a reset or a timeout is a failed request too
-        setattr(_conns, gw.http_url, None)
-        return Outcome(time.monotonic(), 0, None, marked, user, repr(exc))
-    if resp.status != 200:
-        return Outcome(time.monotonic(), resp.status, None, marked, user, data[:300].decode())
-    return Outcome(time.monotonic(), 200, json.loads(data)["model_version"], marked, user)
+    return any(e["version"] == version and e["state"] == "READY" for e in gw.index())
 
 
 # -- tests ---------------------------------------------------------------------------
