@@ -37,7 +37,8 @@ from serving.ledger import Ledger, LedgerWriter, Price, Pricing, from_unix_ns
 from serving.promotion import Stages
 from serving.registry import Registry
 from serving.replica import deployment_name
-from serving.rollout import RolloutController, Rollouts
+from serving.rollout import Rollouts
+from serving.rollout_controller import RolloutController
 from serving.state import open_engine
 from serving.telemetry import configure_tracing, otel_env
 from serving.tenants import TenantDirectory, TenantStore

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
@@ -148,6 +149,28 @@ def start_gateway(state_dir: Path, *extra: str, env: dict[str, str] | None = Non
     match = re.search(r"demo tenant key: (\S+)", key_line)
     assert match is not None
     return Gateway(proc, state_dir, http, grpc_, metrics, match.group(1), lines)
+
+
+def admin_token(gw: Gateway) -> str:
+    """The token of the admin user the first admin command created (STATE_DIR/admin.token)."""
+    return (gw.state_dir / "admin.token").read_text().strip()
+
+
+def admin(
+    gw: Gateway, method: str, path: str, token: str | None, body: Any = None
+) -> tuple[int, Any]:
+    """One admin HTTP API call: (status, JSON body), errors included."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(f"http://{gw.http_url}/admin{path}", data=data, method=method)
+    if token is not None:
+        req.add_header("Authorization", f"Bearer {token}")
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
 
 
 @contextlib.contextmanager

@@ -17,11 +17,10 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import Gateway, Traffic, configured_gateway
+from tests.e2e.conftest import Gateway, Traffic, admin, admin_token, configured_gateway
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -40,29 +39,9 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         yield gw
 
 
-def admin(
-    gw: Gateway, method: str, path: str, token: str | None, body: Any = None
-) -> tuple[int, Any]:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(f"http://{gw.http_url}/admin{path}", data=data, method=method)
-    if token is not None:
-        req.add_header("Authorization", f"Bearer {token}")
-    if data is not None:
-        req.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
 def cli(gw: Gateway, *args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
     """The CLI with the gateway's config (the registry's policies) and a user token."""
     return gw.admin_cli(*args, token=token)
-
-
-def admin_token(gw: Gateway) -> str:
-    return (gw.state_dir / "admin.token").read_text().strip()
 
 
 def make_user(gw: Gateway, name: str, role: str) -> str:

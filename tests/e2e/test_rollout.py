@@ -15,8 +15,6 @@ import random
 import sqlite3
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime
@@ -30,7 +28,14 @@ import torch
 from torch import nn
 
 from serving.demo import DEMO_HIDDEN, DigitsMLP
-from tests.e2e.conftest import Gateway, Traffic, configured_gateway, send
+from tests.e2e.conftest import (
+    Gateway,
+    Traffic,
+    admin,
+    admin_token,
+    configured_gateway,
+    send,
+)
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -140,14 +145,9 @@ def status(gw: Gateway) -> dict[str, Any]:
 
 def api(gw: Gateway, method: str, path: str, body: Any = None) -> Any:
     """The admin HTTP API as the admin (no process start per call, unlike the CLI)."""
-    token = (gw.state_dir / "admin.token").read_text().strip()
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(f"http://{gw.http_url}/admin{path}", data=data, method=method)
-    req.add_header("Authorization", f"Bearer {token}")
-    if data is not None:
-        req.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        return json.loads(resp.read())
+    status, data = admin(gw, method, path, admin_token(gw), body)
+    assert status < 300, (status, data)
+    return data
 
 
 def stage(gw: Gateway, version: str) -> str:
@@ -447,20 +447,9 @@ def test_good_candidate_resumes_after_a_restart_and_is_promoted(
 
 def test_rollout_commands_refuse_bad_input_and_wrong_roles(gateway: Gateway) -> None:
     def call(method: str, path: str, body: Any, token: str) -> tuple[int, Any]:
-        req = urllib.request.Request(
-            f"http://{gateway.http_url}/admin{path}",
-            data=json.dumps(body).encode() if body is not None else None,
-            method=method,
-        )
-        req.add_header("Authorization", f"Bearer {token}")
-        req.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(req, timeout=30) as resp:
-                return resp.status, json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
+        return admin(gateway, method, path, token, body)
 
-    root = (gateway.state_dir / "admin.token").read_text().strip()
+    root = admin_token(gateway)
     made = cli(gateway, "users", "create", "fin-ro", "--role", "finance", "--json")
     finance = json.loads(made.stdout)["token"]
     code, body = call("GET", "/models/nope/rollout", None, root)

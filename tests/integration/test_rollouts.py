@@ -19,12 +19,12 @@ from router.metrics import RouterMetrics
 from router.model_table import LiveModelTable
 from router.service import ServedModel
 from router.types import ModelSignature, TensorSpec
-from serving import audit
-from serving import rollout as rollout_module
+from serving import audit, rollout_controller
 from serving.config import GatewayConfig, ModelPolicy
 from serving.promotion import StageError, Stages
 from serving.registry import Registry, artifact_path
-from serving.rollout import RolloutController, RolloutError, Rollouts, RolloutSpec
+from serving.rollout import RolloutError, Rollouts, RolloutSpec
+from serving.rollout_controller import RolloutController
 from tests.integration.conftest import OpenEngine
 from tests.integration.test_registry import cand, weights
 
@@ -282,7 +282,7 @@ def test_refused_promotions_fail_the_rollout_or_the_command(
 def test_a_candidate_that_never_serves_fails_the_rollout(
     store: Rollouts, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(rollout_module, "NOT_SERVING_LIMIT_S", 0.1)
+    monkeypatch.setattr(rollout_controller, "NOT_SERVING_LIMIT_S", 0.1)
     store.start("carol", "digits", "3", RolloutSpec(interval_s=0.05, min_requests=1))
 
     async def scenario() -> None:

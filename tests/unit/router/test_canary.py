@@ -12,7 +12,8 @@ from router.canary import ShadowStats, Split, Splitter, VersionStats, Windows, b
 from router.model_table import CANARY_REASON, LiveModelTable
 from router.service import ServedModel
 from router.types import ModelSignature, TensorSpec
-from serving.rollout import RolloutSpec, analyse, parse_duration
+from serving.rollout import RolloutSpec, parse_duration
+from serving.rollout_controller import analyse
 
 SIG = ModelSignature((TensorSpec("x", "FP32", (4,)),), (TensorSpec("y", "FP32", (3,)),), 8)
 
