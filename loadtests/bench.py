@@ -268,6 +268,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="gpugate's server.grpc_server (which implementation serves its gRPC port)",
     )
     p.add_argument(
+        "--grpc-accepts",
+        type=int,
+        help="gpugate's server.grpc_accepts (ModelInfer calls the grpcio door asks gRPC's "
+        "core for at once; default: the gateway's own default, 1 = grpcio's behaviour)",
+    )
+    p.add_argument(
         "--batch-wait-ms",
         type=float,
         default=0.0,
@@ -439,7 +445,14 @@ def _run(
     if "gpugate" in args.systems:
         run = runs["gpugate"] = SystemRun("gpugate")
         server, target, base = gpugate_system(
-            state_dir, model, keys, taken, _log, args.replica_transport, args.grpc_server
+            state_dir,
+            model,
+            keys,
+            taken,
+            _log,
+            args.replica_transport,
+            args.grpc_server,
+            args.grpc_accepts,
         )
         with running(server, args.startup_timeout, run):
             check_probe(run, loop.run(grpc_probe(target, keys, row, 60)))
@@ -558,6 +571,9 @@ def _run(
                 "duration_s": args.duration,
                 "max_batch_size": args.max_batch_size,
                 "batch_wait_ms": args.batch_wait_ms,
+                "replica_transport": args.replica_transport,
+                "grpc_server": args.grpc_server,
+                "grpc_accepts": args.grpc_accepts,
                 "peer_forward": args.peer_forward,
                 "peer_access_log": args.peer_access_log,
                 "noisy": args.noisy,

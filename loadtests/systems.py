@@ -263,9 +263,13 @@ def write_gateway_config(
     tenant_envs: list[str],
     transport: str = "direct",
     grpc_server: str = "grpclib",
+    grpc_accepts: int | None = None,
 ) -> None:
+    server: dict[str, Any] = {"replica_transport": transport, "grpc_server": grpc_server}
+    if grpc_accepts is not None:
+        server["grpc_accepts"] = grpc_accepts
     config = {
-        "server": {"replica_transport": transport, "grpc_server": grpc_server},
+        "server": server,
         "models": [model.model_dump(mode="json")],
         "tenants": [
             {"name": f"bench-{i}", "weight": 1.0, "api_key_env": env}
@@ -286,12 +290,13 @@ def gpugate_system(
     log: Callable[[str], None],
     transport: str = "direct",
     grpc_server: str = "grpclib",
+    grpc_accepts: int | None = None,
 ) -> tuple[Server, str, str]:
     """``gpugate serve`` with two tenants; returns it, its gRPC target and its HTTP base."""
     http_port, grpc_port, metrics_port = (free_port(taken) for _ in range(3))
     key_envs = ["GPUGATE_BENCH_KEY_A", "GPUGATE_BENCH_KEY_B"]
     config_path = state_dir / "gpugate-bench.yaml"
-    write_gateway_config(config_path, model, key_envs, transport, grpc_server)
+    write_gateway_config(config_path, model, key_envs, transport, grpc_server, grpc_accepts)
     gw_state = state_dir / "gpugate-state"
     server = Server(
         "gpugate",

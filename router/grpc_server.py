@@ -16,6 +16,7 @@ from gpugate_proto import grpc_service_pb2 as pb
 from gpugate_proto import grpc_service_pb2_grpc as pb_grpc
 
 from router._exceptions import GatewayError, InvalidArgument
+from router.grpc_accept import HandlerRecorder
 from router.service import (
     EXTENSIONS,
     PLATFORM,
@@ -203,8 +204,17 @@ def _decode_inputs(request: Any) -> list[InputTensor]:
     return inputs
 
 
-def build_grpc_server(service: InferenceService, max_message_bytes: int) -> grpc.aio.Server:
-    """A grpc.aio server on the running loop; the caller adds ports and starts it."""
+INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def build_grpc_server(
+    service: InferenceService, max_message_bytes: int
+) -> tuple[grpc.aio.Server, dict[str, grpc.RpcMethodHandler]]:
+    """A grpc.aio server on the running loop, and its handlers by full method name.
+
+    The caller adds ports and starts it (and may give the hot method extra
+    accepts, router.grpc_accept).
+    """
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -212,5 +222,6 @@ def build_grpc_server(service: InferenceService, max_message_bytes: int) -> grpc
             ("grpc.so_reuseport", 0),
         ]
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), server)
-    return server
+    recorder = HandlerRecorder(server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), recorder)
+    return server, recorder.handlers

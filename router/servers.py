@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 
 import grpc
 import uvicorn
 from starlette.types import ASGIApp
 
-from router.grpc_server import build_grpc_server
+from router.grpc_accept import DEFAULT_ACCEPTS, Acceptors, unsupported
+from router.grpc_server import INFER_METHOD, build_grpc_server
 from router.grpclib_server import GrpclibServer
 from router.http_server import UsageSource, build_http_app
 from router.service import InferenceService
+
+log = logging.getLogger(__name__)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -45,6 +49,7 @@ class FrontDoors:
         admin: ASGIApp | None = None,
         usage: UsageSource | None = None,
         grpc_server: str = "grpcio",
+        grpc_accepts: int = DEFAULT_ACCEPTS,
     ) -> None:
         self.service = service
         self._admin = admin
@@ -54,6 +59,9 @@ class FrontDoors:
         self.grpc_port = 0
         self._max_bytes = max_message_bytes
         self._grpc: grpc.aio.Server | None = None
+        self._grpc_handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self._grpc_accepts = grpc_accepts
+        self.acceptors: Acceptors | None = None
         self._grpclib: GrpclibServer | None = (
             GrpclibServer(service, max_message_bytes) if grpc_server == "grpclib" else None
         )
@@ -64,7 +72,7 @@ class FrontDoors:
         if self._grpclib is not None:
             self.grpc_port = await self._grpclib.start(self.host, grpc_port)
         else:
-            self._grpc = build_grpc_server(self.service, self._max_bytes)
+            self._grpc, self._grpc_handlers = build_grpc_server(self.service, self._max_bytes)
             try:
                 self.grpc_port = self._grpc.add_insecure_port(f"{self.host}:{grpc_port}")
             except RuntimeError as exc:
@@ -73,6 +81,7 @@ class FrontDoors:
         self.http_port = sock.getsockname()[1]
         if self._grpc is not None:
             await self._grpc.start()
+            self._start_acceptors()
         self._http = uvicorn.Server(
             uvicorn.Config(
                 build_http_app(self.service, self._admin, self._usage),
@@ -91,6 +100,20 @@ class FrontDoors:
                 raise RuntimeError(f"HTTP server failed to start: {self._http_task.exception()}")
             await asyncio.sleep(0.01)
 
+    def _start_acceptors(self) -> None:
+        """grpcio keeps one accept per method outstanding; ask for the rest for ModelInfer."""
+        assert self._grpc is not None
+        if self._grpc_accepts <= 1:
+            return
+        reason = unsupported()
+        if reason is not None:
+            log.warning("server.grpc_accepts ignored (one accept at a time): %s", reason)
+            return
+        self.acceptors = Acceptors(
+            self._grpc, INFER_METHOD, self._grpc_handlers[INFER_METHOD], self._grpc_accepts - 1
+        )
+        self.acceptors.start()
+
     @property
     def healthy(self) -> bool:
         return self._http_task is not None and not self._http_task.done()
@@ -99,6 +122,8 @@ class FrontDoors:
         """Close both servers; call after the service has drained."""
         if self._grpc is not None:
             await self._grpc.stop(grace=grace_s)
+        if self.acceptors is not None:
+            await self.acceptors.stop()
         if self._grpclib is not None:
             await self._grpclib.stop(grace_s)
         if self._http is not None and self._http_task is not None:

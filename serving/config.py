@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from router.canary import SHADOW_TENANT
+from router.grpc_accept import DEFAULT_ACCEPTS
 from router.types import DATATYPES, ModelSignature, TensorSpec
 
 ArtifactFormat = Literal["torchscript", "export", "safetensors"]
@@ -250,6 +251,16 @@ class ServerConfig(_Strict):
         "core; refuses an over-size message while reading it) or grpclib (pure-asyncio HTTP/2 "
         "on the gateway's event loop; more small requests/s here, but it buffers a whole "
         "message before refusing it and moves multi-MiB tensors ~3x slower).",
+    )
+    grpc_accepts: int = Field(
+        default=DEFAULT_ACCEPTS,
+        ge=1,
+        le=1024,
+        description="How many ModelInfer calls the grpcio door asks gRPC's core for at once. "
+        "grpcio asks for one, starts its handler, then asks for the next, so under load calls "
+        "wait inside core in arrival order, before their tenant is known; more outstanding "
+        "accepts move them into the tenant-fair queue. 1 = grpcio's own behaviour. Ignored "
+        "with `grpc_server: grpclib`.",
     )
     gateway_resources: dict[str, float] = Field(
         default_factory=dict,

@@ -107,6 +107,7 @@ class Gateway:
             admin,
             reports,
             grpc_server=cfg.grpc_server,
+            grpc_accepts=cfg.grpc_accepts,
         )
         await self._doors.start(cfg.http_port, cfg.grpc_port)
         self._metrics_server, self._metrics_thread = start_http_server(

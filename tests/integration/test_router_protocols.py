@@ -49,6 +49,7 @@ from gpugate_proto import grpc_service_pb2 as pb
 from gpugate_proto import grpc_service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
+from router.grpc_accept import DEFAULT_ACCEPTS, unsupported
 from router.servers import FrontDoors
 from router.service import InferenceService, RouterSettings, ServedModel, StaticModelTable
 from router.types import ModelSignature, Tenant, TensorSpec
@@ -219,7 +220,9 @@ class Stack:
 ModelSpec = tuple[str, str, ModelSignature, Any, BatchPolicy]
 
 
-async def start_stack(models: list[ModelSpec], grpc_server: str = "grpclib") -> Stack:
+async def start_stack(
+    models: list[ModelSpec], grpc_server: str = "grpclib", grpc_accepts: int = DEFAULT_ACCEPTS
+) -> Stack:
     served = []
     batchers = []
     for name, version, signature, backend, policy in models:
@@ -232,7 +235,7 @@ async def start_stack(models: list[ModelSpec], grpc_server: str = "grpclib") -> 
         Directory(),
         RouterSettings(max_request_bytes=MAX_BYTES, default_timeout_s=10.0),
     )
-    doors = FrontDoors(service, HOST, MAX_BYTES, grpc_server=grpc_server)
+    doors = FrontDoors(service, HOST, MAX_BYTES, grpc_server=grpc_server, grpc_accepts=grpc_accepts)
     await doors.start(0, 0)
     return Stack(service, doors, batchers, {(m[0], m[1]): m[3] for m in models})
 
@@ -1927,3 +1930,93 @@ def test_open_repository_index_reads_only_a_small_body(web: httpx.Client) -> Non
     assert r.status_code == 413
     assert "limit" in r.json()["error"]
     assert web.post("/v2/repository/index", content=b"{}").status_code == 200
+
+
+# --------------------------------------------------------------------------
+# grpcio door: extra outstanding accepts (server.grpc_accepts)
+# --------------------------------------------------------------------------
+
+
+def test_installed_grpcio_takes_extra_accepts() -> None:
+    # The accepts use grpcio internals; a grpcio release without them must fail here
+    # rather than fall back to one accept at a time unnoticed.
+    assert unsupported() is None
+
+
+@pytest.mark.parametrize("accepts", [1, 16])
+def test_grpc_accepts_answer_many_calls_on_one_channel(
+    loop_thread: LoopThread, accepts: int
+) -> None:
+    backend = AffineBackend(2, delay_s=0.01)
+    models: list[ModelSpec] = [
+        ("affine", "1", AFFINE_SIGNATURE, backend, BatchPolicy(max_batch_size=64)),
+    ]
+    stack: Stack = loop_thread.run(start_stack(models, "grpcio", accepts))
+    samples = {i: sample(i % 3 + 1, seed=5000 + i) for i in range(300)}
+
+    async def burst() -> dict[int, dict[str, np.ndarray]]:
+        # One channel, as tritonclient uses: every call arrives on one connection.
+        async with grpc.aio.insecure_channel(stack.grpc_url) as channel:
+            client = pb_grpc.GRPCInferenceServiceStub(channel)
+
+            async def one(i: int) -> tuple[int, dict[str, np.ndarray]]:
+                x, k = samples[i]
+                response = await client.ModelInfer(
+                    raw_request(x, k, id=f"a{i}"), metadata=MD_ALICE, timeout=20
+                )
+                assert response.id == f"a{i}"
+                return i, decode_outputs(response)
+
+            return dict(await asyncio.gather(*(one(i) for i in samples)))
+
+    acceptors = stack.doors.acceptors
+    tasks = list(acceptors._tasks) if acceptors is not None else []
+    try:
+        results = asyncio.run(burst())
+        assert sorted(results) == sorted(samples)
+        for i, out in results.items():
+            x, k = samples[i]
+            np.testing.assert_array_equal(out["y"], affine(x, k, 2)["y"], err_msg=f"call {i}")
+            np.testing.assert_array_equal(out["s"], affine(x, k, 2)["s"], err_msg=f"call {i}")
+        assert sum(backend.batch_rows) == sum(len(x) for x, _ in samples.values())
+        if accepts == 1:
+            assert acceptors is None  # grpcio's own accept loop alone
+        else:
+            assert acceptors is not None
+            # grpcio's own loop holds 1 of the 16 outstanding accepts: the extra ones
+            # must have started most of the calls.
+            assert acceptors.accepted > len(samples) // 2, acceptors.accepted
+    finally:
+        loop_thread.run(stop_stack(stack))
+    assert all(task.done() for task in tasks)  # the accepts ended with the server
+
+
+def test_grpc_accepts_stop_cleanly_with_a_call_in_flight() -> None:
+    # A loop of its own, to see every error the shutdown might leave behind.
+    lt = LoopThread()
+    errors: list[dict[str, Any]] = []
+    lt.loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    lt.start()
+    backend = AffineBackend(2, delay_s=0.5)
+    models: list[ModelSpec] = [
+        ("affine", "1", AFFINE_SIGNATURE, backend, BatchPolicy(max_batch_size=64)),
+    ]
+    try:
+        stack: Stack = lt.run(start_stack(models, "grpcio", 8))
+        assert stack.doors.acceptors is not None
+        x, k = sample(2, seed=77)
+        # Core hands calls to outstanding accepts in the order they were asked for:
+        # grpcio's own loop takes the first call, the extra accepts the next ones.
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            in_flight = [pool.submit(_infer_grpc_at, stack, "affine", x, k) for _ in range(4)]
+            _wait_for(lambda: stack.service.in_flight == 4)
+            started = time.monotonic()
+            lt.run(stop_stack(stack))
+            assert time.monotonic() - started < 10
+            for call in in_flight:
+                assert_affine(call.result(10), x, k)  # accepted, then answered in full
+        assert stack.doors.acceptors.accepted >= 3
+        assert not stack.doors.acceptors._tasks  # stop() awaited and dropped them
+    finally:
+        lt.stop()
+    assert errors == [], errors

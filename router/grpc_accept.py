@@ -1,0 +1,139 @@
+"""More than one outstanding accept for grpc.aio's hot method.
+
+grpc.aio's server asks gRPC's core for the next call of each method one at a
+time: it requests a call, waits for the completion to cross from core's poller
+thread to the event loop, starts the handler, and only then requests the next
+one. Under load that hand-off takes a few loop iterations, so calls queue
+inside core, in arrival order and before any handler has seen their tenant,
+at about 1,000 calls/s here however idle the model is (loadtests/README.md,
+"gRPC accept slots"). :class:`Acceptors` keeps ``count`` more requests for one
+method outstanding, so up to that many calls move from core to the handlers
+(and on to the tenant-fair queue) per loop iteration.
+
+The calls it accepts are handled by grpcio's own ``_handle_rpc`` and
+``_schedule_rpc_coro`` (deadlines, cancellation, metadata, status codes all as
+usual); only who requested the call differs. These are grpcio internals, so
+:func:`unsupported` checks for them first and the door falls back to grpcio's
+single accept loop, with a warning, when a grpcio release lacks them.
+Interceptors are not applied to these calls: the router registers none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from typing import Any
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+# Outstanding ModelInfer accepts by default (server.grpc_accepts); 1 is grpcio's own.
+DEFAULT_ACCEPTS = 64
+
+try:
+    from grpc._cython import cygrpc
+except ImportError:  # pragma: no cover - grpcio always ships it
+    cygrpc = None
+
+_NEEDS = {
+    "_handle_rpc": ("method_name", "method_resolver", "interceptors", "rpc_state", "loop"),
+    "_schedule_rpc_coro": ("rpc_coro", "rpc_state", "loop", "method_name"),
+}
+
+
+def unsupported() -> str | None:
+    """Why this grpcio cannot take extra accepts, or None when it can."""
+    if cygrpc is None:
+        return "grpc._cython.cygrpc is missing"
+    for name, params in _NEEDS.items():
+        fn = getattr(cygrpc, name, None)
+        if fn is None:
+            return f"grpcio {grpc.__version__} has no cygrpc.{name}"
+        try:
+            got = tuple(inspect.signature(fn).parameters)
+        except (TypeError, ValueError):
+            return f"cannot read the signature of cygrpc.{name}"
+        if got[: len(params)] != params:
+            return f"cygrpc.{name} takes {got}, expected {params}"
+    if not hasattr(cygrpc, "_MethodResolver"):
+        return f"grpcio {grpc.__version__} has no cygrpc._MethodResolver"
+    if not hasattr(cygrpc.AioServer, "_request_registered_call"):
+        return f"grpcio {grpc.__version__} has no AioServer._request_registered_call"
+    return None
+
+
+class HandlerRecorder:
+    """Stands in for the server while generated code registers a servicer.
+
+    Forwards every registration to the real server and keeps the registered
+    method handlers, so the extra accepts run exactly the generated handlers.
+    """
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        self._server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self.handlers.update({f"/{service}/{m}": h for m, h in handlers.items()})
+        self._server.add_registered_method_handlers(service, handlers)
+
+
+class Acceptors:
+    """``count`` extra outstanding requests for calls of ``method`` on a started server."""
+
+    def __init__(
+        self, server: grpc.aio.Server, method: str, handler: grpc.RpcMethodHandler, count: int
+    ) -> None:
+        self._core: Any = server._server  # cygrpc.AioServer
+        self._method = method
+        self._handler = handler
+        self._count = count
+        self._tasks: list[asyncio.Task[None]] = []
+        self._rpcs: set[asyncio.Task[Any]] = set()
+        self.accepted = 0  # calls started by these accepts (tests, metrics)
+
+    def start(self) -> None:
+        assert cygrpc is not None
+        loop = asyncio.get_running_loop()
+        resolver = cygrpc._MethodResolver([], {self._method: self._handler})
+        self._tasks = [
+            loop.create_task(self._accept(loop, resolver), name=f"grpc-accept-{i}")
+            for i in range(self._count)
+        ]
+
+    async def stop(self) -> None:
+        """After the server stopped: core has failed the pending requests by then."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    async def _accept(self, loop: asyncio.AbstractEventLoop, resolver: Any) -> None:
+        assert cygrpc is not None
+        method = self._method.encode()
+        while self._core.is_running():
+            try:
+                state = await self._core._request_registered_call(method)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not self._core.is_running():
+                    return  # shutdown fails the pending request; that is the way out
+                if isinstance(exc, getattr(cygrpc, "_RequestCallError", ())):
+                    continue  # core failed this one request; ask again, as grpcio does
+                # A synchronous refusal repeats forever: stop this accept, grpcio's own
+                # accept loop keeps serving.
+                log.warning("extra gRPC accept stopped: %s", exc)
+                return
+            coro = cygrpc._handle_rpc(self._method, resolver, (), state, loop, False)
+            rpc = loop.create_task(cygrpc._schedule_rpc_coro(coro, state, loop, self._method))
+            self._rpcs.add(rpc)  # the loop keeps only weak references to tasks
+            rpc.add_done_callback(self._rpcs.discard)
+            self.accepted += 1
