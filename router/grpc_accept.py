@@ -37,10 +37,20 @@ try:
 except ImportError:  # pragma: no cover - grpcio always ships it
     cygrpc = None
 
+# The exact parameters the calls below pass, positionally.
 _NEEDS = {
-    "_handle_rpc": ("method_name", "method_resolver", "interceptors", "rpc_state", "loop"),
+    "_handle_rpc": (
+        "method_name",
+        "method_resolver",
+        "interceptors",
+        "rpc_state",
+        "loop",
+        "concurrency_exceeded",
+    ),
     "_schedule_rpc_coro": ("rpc_coro", "rpc_state", "loop", "method_name"),
 }
+# How long stop() waits for the accepts to end on their own once the server stopped.
+_STOP_WAIT_S = 5.0
 
 
 def unsupported() -> str | None:
@@ -55,7 +65,7 @@ def unsupported() -> str | None:
             got = tuple(inspect.signature(fn).parameters)
         except (TypeError, ValueError):
             return f"cannot read the signature of cygrpc.{name}"
-        if got[: len(params)] != params:
+        if got != params:
             return f"cygrpc.{name} takes {got}, expected {params}"
     if not hasattr(cygrpc, "_MethodResolver"):
         return f"grpcio {grpc.__version__} has no cygrpc._MethodResolver"
@@ -98,6 +108,7 @@ class Acceptors:
         self._tasks: list[asyncio.Task[None]] = []
         self._rpcs: set[asyncio.Task[Any]] = set()
         self.accepted = 0  # calls started by these accepts (tests, metrics)
+        self._warned = False
 
     def start(self) -> None:
         assert cygrpc is not None
@@ -109,11 +120,24 @@ class Acceptors:
         ]
 
     async def stop(self) -> None:
-        """After the server stopped: core has failed the pending requests by then."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
+        """Wait for the accepts to end; call after the server's own stop.
+
+        Shutting the server down fails every pending request in core, which ends
+        each accept. They are not cancelled while core may still hold their
+        requests: core writes the call it matches into the awaiting RPCState.
+        """
+        if self._core.is_running():  # the server's stop failed: leave them to core
+            log.warning("gRPC server still running; its extra accepts stay")
+            return
+        tasks, self._tasks = self._tasks, []
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=_STOP_WAIT_S)
+        if pending:  # not seen; the loop is going away anyway
+            log.warning("%d gRPC accepts still pending after shutdown; cancelling", len(pending))
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
     async def _accept(self, loop: asyncio.AbstractEventLoop, resolver: Any) -> None:
         assert cygrpc is not None
@@ -121,8 +145,6 @@ class Acceptors:
         while self._core.is_running():
             try:
                 state = await self._core._request_registered_call(method)
-            except asyncio.CancelledError:
-                raise
             except Exception as exc:
                 if not self._core.is_running():
                     return  # shutdown fails the pending request; that is the way out
@@ -130,10 +152,17 @@ class Acceptors:
                     continue  # core failed this one request; ask again, as grpcio does
                 # A synchronous refusal repeats forever: stop this accept, grpcio's own
                 # accept loop keeps serving.
-                log.warning("extra gRPC accept stopped: %s", exc)
+                self._stopped_by(exc)
                 return
+            # No interceptors and no concurrency limit: the router's server has neither
+            # (build_grpc_server); grpcio's own loop would apply them to its calls only.
             coro = cygrpc._handle_rpc(self._method, resolver, (), state, loop, False)
             rpc = loop.create_task(cygrpc._schedule_rpc_coro(coro, state, loop, self._method))
             self._rpcs.add(rpc)  # the loop keeps only weak references to tasks
             rpc.add_done_callback(self._rpcs.discard)
             self.accepted += 1
+
+    def _stopped_by(self, exc: Exception) -> None:
+        if not self._warned:  # once, not once per accept
+            self._warned = True
+            log.warning("extra gRPC accepts stopping, grpcio's own accept goes on: %s", exc)

@@ -109,9 +109,11 @@ class FrontDoors:
         if reason is not None:
             log.warning("server.grpc_accepts ignored (one accept at a time): %s", reason)
             return
-        self.acceptors = Acceptors(
-            self._grpc, INFER_METHOD, self._grpc_handlers[INFER_METHOD], self._grpc_accepts - 1
-        )
+        handler = self._grpc_handlers.get(INFER_METHOD)
+        if handler is None:  # generated code that registers no method handlers
+            log.warning("server.grpc_accepts ignored: %s is not a registered method", INFER_METHOD)
+            return
+        self.acceptors = Acceptors(self._grpc, INFER_METHOD, handler, self._grpc_accepts - 1)
         self.acceptors.start()
 
     @property
@@ -121,9 +123,11 @@ class FrontDoors:
     async def stop(self, grace_s: float = 1.0) -> None:
         """Close both servers; call after the service has drained."""
         if self._grpc is not None:
-            await self._grpc.stop(grace=grace_s)
-        if self.acceptors is not None:
-            await self.acceptors.stop()
+            try:
+                await self._grpc.stop(grace=grace_s)
+            finally:
+                if self.acceptors is not None:
+                    await self.acceptors.stop()
         if self._grpclib is not None:
             await self._grpclib.stop(grace_s)
         if self._http is not None and self._http_task is not None:

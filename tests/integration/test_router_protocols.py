@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import gc as garbage
 import gzip
 import json
 import threading
@@ -1988,22 +1989,39 @@ def test_grpc_accepts_answer_many_calls_on_one_channel(
             assert acceptors.accepted > len(samples) // 2, acceptors.accepted
     finally:
         loop_thread.run(stop_stack(stack))
-    assert all(task.done() for task in tasks)  # the accepts ended with the server
+    # The accepts ended because the server's shutdown failed their requests, not by
+    # cancellation (Acceptors.stop cancels only as a last resort).
+    assert all(task.done() and not task.cancelled() for task in tasks)
 
 
-def test_grpc_accepts_stop_cleanly_with_a_call_in_flight() -> None:
-    # A loop of its own, to see every error the shutdown might leave behind.
-    lt = LoopThread()
-    errors: list[dict[str, Any]] = []
-    lt.loop.set_exception_handler(lambda _loop, context: errors.append(context))
-    lt.start()
+class _ErrorsSeen:
+    """A server loop of its own that records every error the loop reports."""
+
+    def __init__(self) -> None:
+        self.lt = LoopThread()
+        self.errors: list[dict[str, Any]] = []
+        self.lt.loop.set_exception_handler(lambda _loop, context: self.errors.append(context))
+        self.lt.start()
+
+    def collect_garbage(self) -> None:
+        # "exception was never retrieved" is reported when the future is collected.
+        async def collect() -> None:
+            garbage.collect()
+
+        self.lt.run(collect())
+
+
+def test_grpc_accepts_drain_then_stop_answers_calls_in_flight() -> None:
+    seen = _ErrorsSeen()
     backend = AffineBackend(2, delay_s=0.5)
     models: list[ModelSpec] = [
         ("affine", "1", AFFINE_SIGNATURE, backend, BatchPolicy(max_batch_size=64)),
     ]
     try:
-        stack: Stack = lt.run(start_stack(models, "grpcio", 8))
-        assert stack.doors.acceptors is not None
+        stack: Stack = seen.lt.run(start_stack(models, "grpcio", 8))
+        acceptors = stack.doors.acceptors
+        assert acceptors is not None
+        tasks = list(acceptors._tasks)
         x, k = sample(2, seed=77)
         # Core hands calls to outstanding accepts in the order they were asked for:
         # grpcio's own loop takes the first call, the extra accepts the next ones.
@@ -2011,12 +2029,49 @@ def test_grpc_accepts_stop_cleanly_with_a_call_in_flight() -> None:
             in_flight = [pool.submit(_infer_grpc_at, stack, "affine", x, k) for _ in range(4)]
             _wait_for(lambda: stack.service.in_flight == 4)
             started = time.monotonic()
-            lt.run(stop_stack(stack))
+            seen.lt.run(stop_stack(stack))  # drains the service, then stops the doors
             assert time.monotonic() - started < 10
             for call in in_flight:
                 assert_affine(call.result(10), x, k)  # accepted, then answered in full
-        assert stack.doors.acceptors.accepted >= 3
-        assert not stack.doors.acceptors._tasks  # stop() awaited and dropped them
+        assert acceptors.accepted >= 3
+        assert all(task.done() and not task.cancelled() for task in tasks)
+        seen.collect_garbage()
     finally:
-        lt.stop()
-    assert errors == [], errors
+        seen.lt.stop()
+    assert seen.errors == [], seen.errors
+
+
+def test_grpc_accepts_stop_past_grace_cancels_calls_in_flight() -> None:
+    # No drain: the gRPC server stops with handlers still waiting on a slow batch, and
+    # its grace (0.2 s) ends first, so core cancels the calls, ours included.
+    seen = _ErrorsSeen()
+    backend = AffineBackend(2, delay_s=3.0)
+    models: list[ModelSpec] = [
+        ("affine", "1", AFFINE_SIGNATURE, backend, BatchPolicy(max_batch_size=64)),
+    ]
+    try:
+        stack: Stack = seen.lt.run(start_stack(models, "grpcio", 8))
+        acceptors = stack.doors.acceptors
+        assert acceptors is not None
+        tasks = list(acceptors._tasks)
+        x, k = sample(1, seed=78)
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            in_flight = [pool.submit(_infer_grpc_at, stack, "affine", x, k) for _ in range(4)]
+            _wait_for(lambda: stack.service.in_flight == 4)
+            started = time.monotonic()
+            seen.lt.run(stack.doors.stop(0.2))
+            assert time.monotonic() - started < 5
+            codes = []
+            for call in in_flight:
+                with pytest.raises(InferenceServerException) as err:
+                    call.result(10)
+                codes.append(err.value.status())
+        assert set(codes) <= {"StatusCode.CANCELLED", "StatusCode.UNAVAILABLE"}, codes
+        assert acceptors.accepted >= 3
+        assert all(task.done() and not task.cancelled() for task in tasks)
+        for batcher in stack.batchers:
+            seen.lt.run(batcher.close(drain=False))
+        seen.collect_garbage()
+    finally:
+        seen.lt.stop()
+    assert seen.errors == [], seen.errors
