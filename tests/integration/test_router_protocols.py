@@ -2011,67 +2011,62 @@ class _ErrorsSeen:
         self.lt.run(collect())
 
 
-def test_grpc_accepts_drain_then_stop_answers_calls_in_flight() -> None:
+def _stop_with_four_calls_in_flight(
+    stop: Callable[[Stack], Any], delay_s: float
+) -> tuple[list[concurrent.futures.Future[Any]], np.ndarray, np.ndarray]:
+    """Four gRPC calls wait on a slow batch while ``stop(stack)`` runs on the server loop.
+
+    Checks what holds however the calls end: most were started by the extra
+    accepts (core hands calls to outstanding accepts in the order they were asked
+    for, so grpcio's own loop takes the first one), stopping took under 10 s, the
+    accepts ended because shutdown failed their requests (not by cancellation),
+    and the loop reported no error. Returns the calls, done, and their inputs.
+    """
     seen = _ErrorsSeen()
-    backend = AffineBackend(2, delay_s=0.5)
+    backend = AffineBackend(2, delay_s=delay_s)
     models: list[ModelSpec] = [
         ("affine", "1", AFFINE_SIGNATURE, backend, BatchPolicy(max_batch_size=64)),
     ]
+    x, k = sample(2, seed=77)
     try:
         stack: Stack = seen.lt.run(start_stack(models, "grpcio", 8))
         acceptors = stack.doors.acceptors
         assert acceptors is not None
         tasks = list(acceptors._tasks)
-        x, k = sample(2, seed=77)
-        # Core hands calls to outstanding accepts in the order they were asked for:
-        # grpcio's own loop takes the first call, the extra accepts the next ones.
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             in_flight = [pool.submit(_infer_grpc_at, stack, "affine", x, k) for _ in range(4)]
             _wait_for(lambda: stack.service.in_flight == 4)
             started = time.monotonic()
-            seen.lt.run(stop_stack(stack))  # drains the service, then stops the doors
+            seen.lt.run(stop(stack))
             assert time.monotonic() - started < 10
-            for call in in_flight:
-                assert_affine(call.result(10), x, k)  # accepted, then answered in full
+            concurrent.futures.wait(in_flight, timeout=10)
         assert acceptors.accepted >= 3
         assert all(task.done() and not task.cancelled() for task in tasks)
-        seen.collect_garbage()
-    finally:
-        seen.lt.stop()
-    assert seen.errors == [], seen.errors
-
-
-def test_grpc_accepts_stop_past_grace_cancels_calls_in_flight() -> None:
-    # No drain: the gRPC server stops with handlers still waiting on a slow batch, and
-    # its grace (0.2 s) ends first, so core cancels the calls, ours included.
-    seen = _ErrorsSeen()
-    backend = AffineBackend(2, delay_s=3.0)
-    models: list[ModelSpec] = [
-        ("affine", "1", AFFINE_SIGNATURE, backend, BatchPolicy(max_batch_size=64)),
-    ]
-    try:
-        stack: Stack = seen.lt.run(start_stack(models, "grpcio", 8))
-        acceptors = stack.doors.acceptors
-        assert acceptors is not None
-        tasks = list(acceptors._tasks)
-        x, k = sample(1, seed=78)
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            in_flight = [pool.submit(_infer_grpc_at, stack, "affine", x, k) for _ in range(4)]
-            _wait_for(lambda: stack.service.in_flight == 4)
-            started = time.monotonic()
-            seen.lt.run(stack.doors.stop(0.2))
-            assert time.monotonic() - started < 5
-            codes = []
-            for call in in_flight:
-                with pytest.raises(InferenceServerException) as err:
-                    call.result(10)
-                codes.append(err.value.status())
-        assert set(codes) <= {"StatusCode.CANCELLED", "StatusCode.UNAVAILABLE"}, codes
-        assert acceptors.accepted >= 3
-        assert all(task.done() and not task.cancelled() for task in tasks)
-        for batcher in stack.batchers:
+        for batcher in stack.batchers:  # no-op after stop_stack
             seen.lt.run(batcher.close(drain=False))
         seen.collect_garbage()
     finally:
         seen.lt.stop()
     assert seen.errors == [], seen.errors
+    return in_flight, x, k
+
+
+def test_grpc_accepts_drain_then_stop_answers_calls_in_flight() -> None:
+    # stop_stack drains the service, then stops the doors.
+    in_flight, x, k = _stop_with_four_calls_in_flight(stop_stack, delay_s=0.5)
+    for call in in_flight:
+        assert_affine(call.result(0), x, k)  # accepted, then answered in full
+
+
+def test_grpc_accepts_stop_past_grace_cancels_calls_in_flight() -> None:
+    # No drain: the gRPC server stops with handlers still waiting on a slow batch, and
+    # its grace (0.2 s) ends first, so core cancels the calls, ours included.
+    in_flight, _, _ = _stop_with_four_calls_in_flight(
+        lambda stack: stack.doors.stop(0.2), delay_s=3.0
+    )
+    codes = []
+    for call in in_flight:
+        with pytest.raises(InferenceServerException) as err:
+            call.result(0)
+        codes.append(err.value.status())
+    assert set(codes) <= {"StatusCode.CANCELLED", "StatusCode.UNAVAILABLE"}, codes
