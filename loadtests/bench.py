@@ -35,27 +35,24 @@ the pieces sit next to it and are imported as top-level modules (a script's own
 folder is on ``sys.path``): ``loadgen.py`` (closed loop, latency and CPU stats),
 ``kserve_client.py`` (KServe v2 gRPC/HTTP encoders, decoders, probes, drivers),
 ``systems.py`` (the server subprocesses and their configs) and ``inprocess.py``
-(the bench row, its reference output and the in-process limit).
+(the bench row, its reference output and the in-process limit), and
+``provenance.py`` (what a run was measured on: versions, commit, machine).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime as dt
 import json
 import os
-import platform
 import secrets
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from inprocess import InProcessResult, bench_row, in_process_limit, reference_output
@@ -69,8 +66,8 @@ from kserve_client import (
     http_probe,
 )
 from loadgen import LevelResult, LoadPlan, NoisyResult, fmt
+from provenance import git_state, machine, server_version, versions
 from systems import (
-    REPO,
     Server,
     SystemRun,
     gpugate_system,
@@ -87,63 +84,6 @@ SYSTEMS = ("gpugate", "rayserve", "triton", "null")
 
 
 # ------------------------------------------------------------------------ report
-
-
-def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("ray", "torch", "grpcio", "numpy", "aiohttp", "protobuf"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
-
-
-def git_state() -> dict[str, Any]:
-    """The commit benchmarked and any uncommitted changes to the code it runs."""
-
-    def git(*argv: str) -> str:
-        done = subprocess.run(
-            ["git", *argv], cwd=REPO, capture_output=True, text=True, timeout=30, check=False
-        )
-        return done.stdout.strip() if done.returncode == 0 else ""
-
-    dirty = git("status", "--porcelain", "--", "router", "scheduler", "serving", "proto")
-    return {
-        "commit": git("rev-parse", "HEAD") or None,
-        "uncommitted": [line[3:] for line in dirty.splitlines()],
-    }
-
-
-def server_version(http_base: str) -> str | None:
-    """The server's own version from KServe v2 server metadata (``GET /v2``)."""
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{http_base}/v2", timeout=5) as resp:
-            meta = json.loads(resp.read())
-    except (OSError, ValueError):
-        return None
-    return f"{meta.get('name')} {meta.get('version')}"
-
-
-def machine(loadavg_at_start: tuple[float, float, float]) -> dict[str, Any]:
-    gpu = "none"
-    with contextlib.suppress(Exception):
-        import torch
-
-        if torch.cuda.is_available():
-            gpu = torch.cuda.get_device_name(0)
-    return {
-        "cpus": os.cpu_count(),
-        "gpu": gpu,
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "loadavg_at_start": list(loadavg_at_start),
-        "loadavg_at_end": list(os.getloadavg()),
-    }
 
 
 def add_ratios(rows: list[LevelResult], limit: InProcessResult | None) -> None:
