@@ -107,7 +107,7 @@ class Acceptors:
         self._count = count
         self._tasks: list[asyncio.Task[None]] = []
         self._rpcs: set[asyncio.Task[Any]] = set()
-        self.accepted = 0  # calls started by these accepts (tests, metrics)
+        self.accepted = 0  # calls started by these accepts (read by tests)
         self._warned = False
 
     def start(self) -> None:
