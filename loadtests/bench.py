@@ -53,6 +53,7 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from inprocess import InProcessResult, bench_row, in_process_limit, reference_output
@@ -288,6 +289,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def gateway_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """gpugate's server settings under test (None: the gateway's own default)."""
+    return {
+        "replica_transport": args.replica_transport,
+        "grpc_server": args.grpc_server,
+        "grpc_accepts": args.grpc_accepts,
+    }
+
+
 def _log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -385,14 +395,7 @@ def _run(
     if "gpugate" in args.systems:
         run = runs["gpugate"] = SystemRun("gpugate")
         server, target, base = gpugate_system(
-            state_dir,
-            model,
-            keys,
-            taken,
-            _log,
-            args.replica_transport,
-            args.grpc_server,
-            args.grpc_accepts,
+            state_dir, model, keys, taken, _log, gateway_settings(args)
         )
         with running(server, args.startup_timeout, run):
             check_probe(run, loop.run(grpc_probe(target, keys, row, 60)))
@@ -511,9 +514,7 @@ def _run(
                 "duration_s": args.duration,
                 "max_batch_size": args.max_batch_size,
                 "batch_wait_ms": args.batch_wait_ms,
-                "replica_transport": args.replica_transport,
-                "grpc_server": args.grpc_server,
-                "grpc_accepts": args.grpc_accepts,
+                **gateway_settings(args),
                 "peer_forward": args.peer_forward,
                 "peer_access_log": args.peer_access_log,
                 "noisy": args.noisy,

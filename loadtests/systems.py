@@ -261,15 +261,11 @@ def write_gateway_config(
     path: Path,
     model: Any,
     tenant_envs: list[str],
-    transport: str = "direct",
-    grpc_server: str = "grpclib",
-    grpc_accepts: int | None = None,
+    server: dict[str, Any],
 ) -> None:
-    server: dict[str, Any] = {"replica_transport": transport, "grpc_server": grpc_server}
-    if grpc_accepts is not None:
-        server["grpc_accepts"] = grpc_accepts
+    """``server``: the config's server settings; a None value leaves the gateway's default."""
     config = {
-        "server": server,
+        "server": {k: v for k, v in server.items() if v is not None},
         "models": [model.model_dump(mode="json")],
         "tenants": [
             {"name": f"bench-{i}", "weight": 1.0, "api_key_env": env}
@@ -288,15 +284,13 @@ def gpugate_system(
     keys: list[str],
     taken: set[int],
     log: Callable[[str], None],
-    transport: str = "direct",
-    grpc_server: str = "grpclib",
-    grpc_accepts: int | None = None,
+    server_settings: dict[str, Any],
 ) -> tuple[Server, str, str]:
     """``gpugate serve`` with two tenants; returns it, its gRPC target and its HTTP base."""
     http_port, grpc_port, metrics_port = (free_port(taken) for _ in range(3))
     key_envs = ["GPUGATE_BENCH_KEY_A", "GPUGATE_BENCH_KEY_B"]
     config_path = state_dir / "gpugate-bench.yaml"
-    write_gateway_config(config_path, model, key_envs, transport, grpc_server, grpc_accepts)
+    write_gateway_config(config_path, model, key_envs, server_settings)
     gw_state = state_dir / "gpugate-state"
     server = Server(
         "gpugate",

@@ -95,6 +95,33 @@ class HandlerRecorder:
         self._server.add_registered_method_handlers(service, handlers)
 
 
+def start_acceptors(
+    server: grpc.aio.Server,
+    handlers: dict[str, grpc.RpcMethodHandler],
+    method: str,
+    total: int,
+) -> Acceptors | None:
+    """Bring ``method``'s outstanding accepts on a started server up to ``total``.
+
+    grpcio keeps one itself, so this starts ``total - 1`` more; None when
+    ``total`` is 1, or (with a warning) when this grpcio or the registered
+    handlers do not allow it.
+    """
+    if total <= 1:
+        return None
+    reason = unsupported()
+    handler = handlers.get(method)
+    if reason is None and handler is None:  # generated code that registers no handlers
+        reason = f"{method} is not a registered method"
+    if reason is not None:
+        log.warning("server.grpc_accepts ignored (one accept at a time): %s", reason)
+        return None
+    assert handler is not None
+    acceptors = Acceptors(server, method, handler, total - 1)
+    acceptors.start()
+    return acceptors
+
+
 class Acceptors:
     """``count`` extra outstanding requests for calls of ``method`` on a started server."""
 

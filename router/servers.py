@@ -11,7 +11,7 @@ import grpc
 import uvicorn
 from starlette.types import ASGIApp
 
-from router.grpc_accept import DEFAULT_ACCEPTS, Acceptors, unsupported
+from router.grpc_accept import DEFAULT_ACCEPTS, Acceptors, start_acceptors
 from router.grpc_server import INFER_METHOD, build_grpc_server
 from router.grpclib_server import GrpclibServer
 from router.http_server import UsageSource, build_http_app
@@ -81,7 +81,9 @@ class FrontDoors:
         self.http_port = sock.getsockname()[1]
         if self._grpc is not None:
             await self._grpc.start()
-            self._start_acceptors()
+            self.acceptors = start_acceptors(
+                self._grpc, self._grpc_handlers, INFER_METHOD, self._grpc_accepts
+            )
         self._http = uvicorn.Server(
             uvicorn.Config(
                 build_http_app(self.service, self._admin, self._usage),
@@ -99,22 +101,6 @@ class FrontDoors:
             if self._http_task.done():
                 raise RuntimeError(f"HTTP server failed to start: {self._http_task.exception()}")
             await asyncio.sleep(0.01)
-
-    def _start_acceptors(self) -> None:
-        """grpcio keeps one accept per method outstanding; ask for the rest for ModelInfer."""
-        assert self._grpc is not None
-        if self._grpc_accepts <= 1:
-            return
-        reason = unsupported()
-        if reason is not None:
-            log.warning("server.grpc_accepts ignored (one accept at a time): %s", reason)
-            return
-        handler = self._grpc_handlers.get(INFER_METHOD)
-        if handler is None:  # generated code that registers no method handlers
-            log.warning("server.grpc_accepts ignored: %s is not a registered method", INFER_METHOD)
-            return
-        self.acceptors = Acceptors(self._grpc, INFER_METHOD, handler, self._grpc_accepts - 1)
-        self.acceptors.start()
 
     @property
     def healthy(self) -> bool:
