@@ -51,37 +51,40 @@ def _param_value(p: pb.InferParameter) -> Any:
     return getattr(p, kind) if kind else None
 
 
-def _metadata_lookup(context: grpc.aio.ServicerContext) -> Callable[[str], str | None]:
-    """A lookup of one metadata value by lower-case key (a rollout's sticky header)."""
-
-    def lookup(name: str) -> str | None:
-        for key, value in context.invocation_metadata() or ():
-            if key == name:
-                return value if isinstance(value, str) else value.decode(errors="replace")
-        return None
-
-    return lookup
-
-
-def _authorization(context: grpc.aio.ServicerContext) -> str | None:
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization":
-            return value if isinstance(value, str) else value.decode()
-    return None
-
-
 _INFER_SPAN = "inference.GRPCInferenceService/ModelInfer"
 _TRACE_KEYS = frozenset({"traceparent", "tracestate", "baggage"})
 
 
-def _trace_carrier(context: grpc.aio.ServicerContext) -> dict[str, str] | None:
-    """W3C trace context sent as gRPC metadata, as OpenTelemetry's gRPC clients do."""
-    found = {
-        k: v if isinstance(v, str) else v.decode()
-        for k, v in context.invocation_metadata() or ()
-        if k in _TRACE_KEYS
-    }
-    return found or None
+def _text(value: str | bytes) -> str:
+    return value if isinstance(value, str) else value.decode(errors="replace")
+
+
+class _CallMetadata:
+    """The call's metadata, read once: grpc.aio builds a new tuple on every
+    ``invocation_metadata()`` call, and a request needs it three times."""
+
+    __slots__ = ("authorization", "items", "trace_carrier")
+
+    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+        self.items = context.invocation_metadata() or ()
+        self.authorization: str | None = None
+        # W3C trace context sent as gRPC metadata, as OpenTelemetry's gRPC clients do.
+        self.trace_carrier: dict[str, str] | None = None
+        for key, value in self.items:
+            if key == "authorization":
+                if self.authorization is None:
+                    self.authorization = _text(value)
+            elif key in _TRACE_KEYS:
+                if self.trace_carrier is None:
+                    self.trace_carrier = {}
+                self.trace_carrier[key] = _text(value)
+
+    def lookup(self, name: str) -> str | None:
+        """One value by lower-case key (a rollout's sticky header)."""
+        for key, value in self.items:
+            if key == name:
+                return _text(value)
+        return None
 
 
 async def _guard(context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[R]]) -> R:
@@ -149,12 +152,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         )
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
+        metadata = _CallMetadata(context)
+
         async def run() -> Any:
-            with self._service.admitted(_INFER_SPAN, _trace_carrier(context)) as call:
+            with self._service.admitted(_INFER_SPAN, metadata.trace_carrier) as call:
                 return await admitted_infer(call)
 
         async def admitted_infer(call: Call) -> Any:
-            await self._service.authenticate(call, _authorization(context))
+            await self._service.authenticate(call, metadata.authorization)
             inputs = _decode_inputs(request)
             params = parse_params({k: _param_value(v) for k, v in request.parameters.items()})
             served, outputs = await self._service.infer(
@@ -165,7 +170,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                 params,
                 requested_outputs=[o.name for o in request.outputs],
                 transport_timeout_s=context.time_remaining(),
-                header=_metadata_lookup(context),
+                header=metadata.lookup,
             )
             response = pb.ModelInferResponse(
                 model_name=served.name, model_version=served.version, id=request.id

@@ -7,6 +7,7 @@ each histogram family large enough to slow scrapes (document before growing).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -37,6 +38,7 @@ class RouterMetrics:
 
     def __init__(self, registry: CollectorRegistry | None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self._children: dict[tuple[Any, ...], Any] = {}
         r = self.registry
         self.requests = Counter(
             "gpugate_requests",
@@ -154,12 +156,22 @@ class RouterMetrics:
             registry=r,
         )
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, remembered: ``labels()`` takes a lock and builds
+        its key on every call, and these are looked up per request. Only series that
+        are never removed go through here (removed gauges would stay cached)."""
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def observe_request(
         self, model: str, version: str, tenant: str, code: str, seconds: float
     ) -> None:
-        self.requests.labels(model, version, tenant, code).inc()
+        self._child(self.requests, model, version, tenant, code).inc()
         if code == "200":
-            self.latency.labels(model, version, tenant).observe(seconds)
+            self._child(self.latency, model, version, tenant).observe(seconds)
 
     def observe_batch(self, record: BatchRecord) -> None:
         self.batch_rows.labels(record.model, record.version).observe(record.rows)
@@ -181,10 +193,10 @@ class RouterMetrics:
         if record.result is None:
             return
         device = record.result.device
+        per_tenant: dict[str, int] = {}
         for (tenant, _rows), part in zip(record.tenants, record.charges_ns, strict=True):
-            self.tenant_device_seconds.labels(tenant, record.model, record.version, device).inc(
-                part / 1e9
-            )
-            self.tenant_cost.labels(tenant, record.model, record.version, currency).inc(
-                cost_of(part)
-            )
+            per_tenant[tenant] = per_tenant.get(tenant, 0) + part
+        for tenant, ns in per_tenant.items():
+            m, v = record.model, record.version
+            self._child(self.tenant_device_seconds, tenant, m, v, device).inc(ns / 1e9)
+            self._child(self.tenant_cost, tenant, m, v, currency).inc(cost_of(ns))

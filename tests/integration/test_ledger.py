@@ -27,7 +27,7 @@ from serving.cost_report import (
     render,
     report_for_query,
 )
-from serving.ledger import Ledger, LedgerWriter, Pricing
+from serving.ledger import Ledger, LedgerWriter, Pricing, as_utc
 from serving.state import ledger_allocations, ledger_batches, ledger_reservations
 
 DAY = datetime(2026, 11, 20, tzinfo=UTC)
@@ -154,6 +154,75 @@ def test_randomized_run_conserves_every_nanosecond_in_the_database(engine: sa.En
     assert per_tenant == dict(Counter(t for t, _ in plan))
     # Group commit: batches finishing together share a transaction.
     assert writer.commits <= len(records)
+
+
+def test_rows_read_back_exactly_as_written(engine: sa.Engine) -> None:
+    """The writer's DBAPI statements store what the schema's types would: every column,
+    tz-aware UTC instants to the microsecond, ids in record order."""
+    ledger = Ledger(engine, Pricing(PRICES), gateway="host:1")
+    finished = DAY + timedelta(hours=3, microseconds=123_456)
+    records = [
+        record("m", [("a", 2), ("b", 1), ("a", 3)], 7_000_001, finished),
+        record("m", [("b", 4)], 10**9, finished + timedelta(days=1), share=0.5),
+        record("g", [("c", 1)], 5, finished, device="NVIDIA L4", share=0.25),
+    ]
+    costs = ledger.write(records)
+    with engine.connect() as conn:
+        batches = conn.execute(sa.select(ledger_batches).order_by(ledger_batches.c.id)).all()
+        allocations = conn.execute(
+            sa.select(ledger_allocations).order_by(
+                ledger_allocations.c.batch_id, ledger_allocations.c.tenant
+            )
+        ).all()
+    assert [b.model for b in batches] == ["m", "m", "g"]
+    first = batches[0]
+    assert (first.gateway, first.version, first.device, first.device_share) == (
+        "host:1",
+        "1",
+        "cpu",
+        1.0,
+    )
+    assert (first.device_ns, first.charge_ns, first.rows, first.requests) == (7_000_001,) * 2 + (
+        6,
+        3,
+    )
+    assert as_utc(first.finished_at) == finished
+    assert as_utc(first.started_at) == datetime.fromtimestamp(records[0].started_at_ns / 1e9, UTC)
+    # The price in force on each batch's day is stored with it.
+    assert [(b.currency, b.price_nanos_per_hour) for b in batches] == [
+        ("USD", 360_000_000),
+        ("USD", 720_000_000),
+        ("USD", 3_600_000_000),
+    ]
+    assert batches[1].charge_ns == 5 * 10**8 and batches[2].device == "NVIDIA L4"
+    by_batch = [(a.batch_id, a.tenant, a.requests, a.rows, a.charge_ns) for a in allocations]
+    ids = [b.id for b in batches]
+    a_part = records[0].charges_ns[0] + records[0].charges_ns[2]
+    assert by_batch == [
+        (ids[0], "a", 2, 5, a_part),
+        (ids[0], "b", 1, 1, records[0].charges_ns[1]),
+        (ids[1], "b", 1, 4, 5 * 10**8),
+        (ids[2], "c", 1, 1, 1),
+    ]
+    assert costs[1] == [pytest.approx(5 * 10**8 * 0.72 / 3.6e12)]
+
+
+def test_a_refused_write_leaves_no_rows(engine: sa.Engine) -> None:
+    """One transaction per write: when a later batch is refused, earlier ones roll back."""
+    ledger = Ledger(engine, Pricing(PRICES))
+    good = record("m", [("a", 1)], 1_000, DAY)
+    bad = record("m", [("a", 1)], 1_000, DAY)
+    bad = BatchRecord(**{**bad.__dict__, "model": None})  # type: ignore[arg-type]
+    refused = (sa.exc.IntegrityError, engine.dialect.loaded_dbapi.IntegrityError)
+    with pytest.raises(refused):
+        ledger.write([good, bad])
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(ledger_batches)).scalar() == 0
+        count = sa.select(sa.func.count()).select_from(ledger_allocations)
+        assert conn.execute(count).scalar() == 0
+    ledger.write([good])  # the connection went back to the pool usable
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(ledger_batches)).scalar() == 1
 
 
 def test_report_reconciles_with_the_ledger_and_idle_capacity(engine: sa.Engine) -> None:
