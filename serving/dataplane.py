@@ -51,6 +51,9 @@ _LENGTH = struct.Struct("<I")
 _MAX_MESSAGE = 2**31 - 1  # protobuf's own limit
 _DISCOVERY_TIMEOUT_S = 30.0
 _CONNECT_TIMEOUT_S = 5.0
+# While fewer replicas are known than the version has, discovery runs again this often
+# (Serve may route every discovery call of a round to the same replica).
+_SHORT_REFRESH_S = 0.2
 
 
 # --------------------------------------------------------------------------- codec
@@ -331,7 +334,9 @@ class DirectBatchBackend:
     # -- replica addresses ------------------------------------------------------
 
     async def _pick(self, tried: set[str]) -> _Replica:
-        stale = self._clock() - self._refreshed_at > self._refresh_s
+        age = self._clock() - self._refreshed_at
+        short = len(self._replicas) < self._expected and age > _SHORT_REFRESH_S
+        stale = short or age > self._refresh_s
         if (not self._replicas or stale) and (self._refresh is None or self._refresh.done()):
             self._refresh = asyncio.get_running_loop().create_task(
                 self._discover_all(), name="gpugate-replica-discovery"
