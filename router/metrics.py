@@ -192,11 +192,8 @@ class RouterMetrics:
         """Per-tenant device seconds and cost of a batch that ran (from its exact split)."""
         if record.result is None:
             return
-        device = record.result.device
-        per_tenant: dict[str, int] = {}
-        for (tenant, _rows), part in zip(record.tenants, record.charges_ns, strict=True):
-            per_tenant[tenant] = per_tenant.get(tenant, 0) + part
-        for tenant, ns in per_tenant.items():
-            m, v = record.model, record.version
+        m, v, device = record.model, record.version, record.result.device
+        for tenant, share in record.by_tenant.items():
+            ns = share.charge_ns
             self._child(self.tenant_device_seconds, tenant, m, v, device).inc(ns / 1e9)
             self._child(self.tenant_cost, tenant, m, v, currency).inc(cost_of(ns))

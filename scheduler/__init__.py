@@ -8,7 +8,14 @@ from scheduler._exceptions import (
     SchedulerClosedError,
     SchedulerError,
 )
-from scheduler.batcher import BatchObserver, BatchRecord, CostSink, ModelBatcher, Receipt
+from scheduler.batcher import (
+    BatchObserver,
+    BatchRecord,
+    CostSink,
+    ModelBatcher,
+    Receipt,
+    TenantShare,
+)
 from scheduler.costs import charge_ns, split_by_rows
 from scheduler.fair_queue import FairQueue, Pending
 from scheduler.types import Backend, BatchPolicy, BatchResult, Tensors
@@ -30,6 +37,7 @@ __all__ = [
     "Receipt",
     "SchedulerClosedError",
     "SchedulerError",
+    "TenantShare",
     "Tensors",
     "charge_ns",
     "split_by_rows",

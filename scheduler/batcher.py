@@ -10,12 +10,13 @@ and sent in ONE backend call; outputs are sliced back per request.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -56,6 +57,27 @@ class BatchRecord:
     charge_ns: int = 0
     charges_ns: tuple[int, ...] = ()
     traces: tuple[object | None, ...] = ()  # the callers' opaque trace contexts
+
+    @functools.cached_property
+    def by_tenant(self) -> dict[str, TenantShare]:
+        """Requests, rows and charge per tenant, in first-seen order (the ledger's
+        allocation rows, the per-tenant cost metrics). Empty charges when it failed."""
+        shares: dict[str, TenantShare] = {}
+        charges = self.charges_ns or (0,) * len(self.tenants)
+        for (tenant, rows), part in zip(self.tenants, charges, strict=True):
+            prev = shares.get(tenant)
+            shares[tenant] = (
+                TenantShare(1, rows, part)
+                if prev is None
+                else TenantShare(prev.requests + 1, prev.rows + rows, prev.charge_ns + part)
+            )
+        return shares
+
+
+class TenantShare(NamedTuple):
+    requests: int
+    rows: int
+    charge_ns: int
 
 
 BatchObserver = Callable[[BatchRecord], None]

@@ -19,7 +19,7 @@ import queue
 import socket
 import threading
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -86,7 +86,7 @@ class _Inserts:
     The writer thread commits a transaction for every group of batches, so its cost
     is paid per batch on the gateway's GIL: through SQLAlchemy Core (compiled
     insertmanyvalues with RETURNING) a one-batch commit took 0.20-0.25 ms of CPU
-    here, on the driver's cursor 0.05 ms (loadtests/README.md, "Loop turns").
+    here, on the driver's cursor 0.08 ms (loadtests/README.md, "Loop turns").
     The statements are built from the table definitions, and every value passes
     through its column type's bind processor (SQLite's DATETIME text form), so the
     rows are the ones SQLAlchemy would have written.
@@ -116,23 +116,24 @@ class _Inserts:
             f"({', '.join(quote(c.name) for c in alloc_cols)}) "
             f"VALUES ({', '.join(mark for _ in alloc_cols)})"
         )
-        self.batch_columns = [c.name for c in batch_cols]
-        self._batch_procs = _processors(batch_cols, dialect)
-        self._alloc_procs = _processors(alloc_cols, dialect)
+        self._batch_binds = _binds(batch_cols, dialect)
+        self._alloc_binds = _binds(alloc_cols, dialect)
 
-    def batch_params(self, values: Sequence[object]) -> tuple[object, ...]:
-        return _bind(values, self._batch_procs)
+    def batch_params(self, row: Mapping[str, object]) -> tuple[object, ...]:
+        """A ``ledger_batches`` row by column name, as the statement's parameters."""
+        return _bind(row, self._batch_binds)
 
-    def allocation_params(self, values: Sequence[object]) -> tuple[object, ...]:
-        return _bind(values, self._alloc_procs)
-
-
-def _processors(columns: Sequence[sa.Column[Any]], dialect: sa.Dialect) -> list[Any]:
-    return [c.type.dialect_impl(dialect).bind_processor(dialect) for c in columns]
+    def allocation_params(self, row: Mapping[str, object]) -> tuple[object, ...]:
+        return _bind(row, self._alloc_binds)
 
 
-def _bind(values: Sequence[object], procs: Sequence[Any]) -> tuple[object, ...]:
-    return tuple(v if p is None else p(v) for v, p in zip(values, procs, strict=True))
+def _binds(columns: Sequence[sa.Column[Any]], dialect: sa.Dialect) -> list[tuple[str, Any]]:
+    """(name, bind processor or None) per column, in the statement's order."""
+    return [(c.name, c.type.dialect_impl(dialect).bind_processor(dialect)) for c in columns]
+
+
+def _bind(row: Mapping[str, object], binds: Sequence[tuple[str, Any]]) -> tuple[object, ...]:
+    return tuple(row[name] if p is None else p(row[name]) for name, p in binds)
 
 
 class Ledger:
@@ -174,19 +175,13 @@ class Ledger:
                     "currency": price.currency,
                     "price_nanos_per_hour": price.nanos_per_hour,
                 }
-                cursor.execute(ins.batch_sql, ins.batch_params([row[c] for c in ins.batch_columns]))
+                cursor.execute(ins.batch_sql, ins.batch_params(row))
                 returned = cursor.fetchone()
                 assert returned is not None, "INSERT ... RETURNING gives the new id"
                 batch_id = returned[0]
-                per_tenant: dict[str, list[int]] = {}
-                for (tenant, rows), part in zip(r.tenants, r.charges_ns, strict=True):
-                    acc = per_tenant.setdefault(tenant, [0, 0, 0])
-                    acc[0] += 1
-                    acc[1] += rows
-                    acc[2] += part
                 allocations.extend(
-                    ins.allocation_params((batch_id, tenant, n, rows, ns))
-                    for tenant, (n, rows, ns) in per_tenant.items()
+                    ins.allocation_params({"batch_id": batch_id, "tenant": t, **share._asdict()})
+                    for t, share in r.by_tenant.items()
                 )
             cursor.executemany(ins.allocation_sql, allocations)
             cursor.close()

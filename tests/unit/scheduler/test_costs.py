@@ -17,6 +17,7 @@ from scheduler import (
     BatchResult,
     ModelBatcher,
     Receipt,
+    TenantShare,
     Tensors,
     charge_ns,
     split_by_rows,
@@ -158,3 +159,30 @@ def test_a_ledger_failure_withholds_the_results() -> None:
     assert all(isinstance(o, BackendUnavailableError) for o in outs)
     assert "cost ledger unavailable" in str(outs[0])
     assert sum(r.rows for r in records) == 5  # the batches ran; observers still see them
+
+
+def test_by_tenant_sums_a_batchs_requests_rows_and_charge_per_tenant() -> None:
+    charges = tuple(split_by_rows(1_000_003, [2, 1, 3, 4]))
+    record = BatchRecord(
+        model="m",
+        version="1",
+        tenants=(("a", 2), ("b", 1), ("a", 3), ("c", 4)),
+        rows=10,
+        result=BatchResult({}, 1_000_003, "cpu", 1.0),
+        queue_wait_s=(0.0,) * 4,
+        duration_s=0.0,
+        started_at_ns=0,
+        finished_at_ns=0,
+        charge_ns=1_000_003,
+        charges_ns=charges,
+    )
+    assert record.by_tenant == {
+        "a": TenantShare(2, 5, charges[0] + charges[2]),
+        "b": TenantShare(1, 1, charges[1]),
+        "c": TenantShare(1, 4, charges[3]),
+    }
+    assert list(record.by_tenant) == ["a", "b", "c"]
+    assert sum(s.charge_ns for s in record.by_tenant.values()) == 1_000_003
+    # A failed batch has no charges: its tenants are listed with none.
+    failed = BatchRecord("m", "1", (("a", 1),), 1, None, (0.0,), 0.0, 0, 0)
+    assert failed.by_tenant == {"a": TenantShare(1, 1, 0)}
