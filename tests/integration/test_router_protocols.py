@@ -1759,7 +1759,12 @@ def test_deadlines(
     calls = backend.calls
     codes_before = request_codes(stack)
     x, k = sample(1, seed=11)
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    # The transport-deadline call below goes on a channel connected beforehand: its
+    # 100 ms must cover the call, not a TCP + HTTP/2 handshake, which on a loaded
+    # machine can outlast it, and then the call never reaches the server to be counted.
+    connected = grpcclient.InferenceServerClient(stack.grpc_url)
+    assert connected.is_server_live()
+    with connected, concurrent.futures.ThreadPoolExecutor(4) as pool:
         # Occupy the only backend slot, so the next requests wait in the queue.
         blocker = pool.submit(_slow_http, stack, x, k)
         _wait_for(lambda: backend.calls == calls + 1)
@@ -1781,7 +1786,7 @@ def test_deadlines(
         # The transport deadline (grpc-timeout) bounds the request too.
         started = time.perf_counter()
         with pytest.raises(InferenceServerException) as err:
-            _slow_grpc(stack, x, k, client_timeout=0.1)
+            grpc_infer(connected, x, k, model="slow", client_timeout=0.1)
         assert err.value.status() == "StatusCode.DEADLINE_EXCEEDED"
         assert time.perf_counter() - started < SLOW_DELAY_S
 
