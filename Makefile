@@ -2,8 +2,10 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The native gRPC door (router/native/build.sh; server.grpc_server: auto uses it when built).
+NATIVE := router/_grpcdoor$(shell python3 -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 
-.PHONY: install serve test lint bench triton-venv clean
+.PHONY: install native serve test lint bench triton-venv clean
 
 # torch is installed first and pinned: any other spec pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -12,12 +14,19 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) native
 
-serve: $(STAMP)
+# Installs Debian's libgrpc++-dev first when missing and run as root; else says what to
+# install and leaves the gRPC port to grpcio.
+native: $(STAMP)
+	@if [ ! -e $(NATIVE) ] || [ router/native/grpcdoor.cc -nt $(NATIVE) ] \
+	    || [ router/native/build.sh -nt $(NATIVE) ]; then \
+	  PYTHON=$(PY) bash router/native/build.sh; fi
+
+serve: $(STAMP) native
 	$(VENV)/bin/gpugate serve $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) native
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
@@ -34,3 +43,4 @@ triton-venv: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .venv-triton .gpugate .pytest_cache .mypy_cache .ruff_cache
+	rm -f router/_grpcdoor*.so

@@ -204,8 +204,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--grpc-server",
-        choices=("grpcio", "grpclib"),
-        default="grpcio",
+        choices=("auto", "native", "grpcio", "grpclib"),
+        default="auto",
         help="gpugate's server.grpc_server (which implementation serves its gRPC port)",
     )
     p.add_argument(

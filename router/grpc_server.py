@@ -45,6 +45,19 @@ _CONTENTS_FIELD = {
 
 R = TypeVar("R")
 
+SERVICE_PREFIX = "/inference.GRPCInferenceService/"
+# Unary method name -> (request type, response type), as in grpc_service.proto: what the
+# doors that do not use grpcio's generated registration (grpclib, native) serve.
+METHODS: dict[str, tuple[Any, Any]] = {
+    "ServerLive": (pb.ServerLiveRequest, pb.ServerLiveResponse),
+    "ServerReady": (pb.ServerReadyRequest, pb.ServerReadyResponse),
+    "ModelReady": (pb.ModelReadyRequest, pb.ModelReadyResponse),
+    "ServerMetadata": (pb.ServerMetadataRequest, pb.ServerMetadataResponse),
+    "ModelMetadata": (pb.ModelMetadataRequest, pb.ModelMetadataResponse),
+    "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse),
+    "RepositoryIndex": (pb.RepositoryIndexRequest, pb.RepositoryIndexResponse),
+}
+
 
 def _param_value(p: pb.InferParameter) -> Any:
     kind = p.WhichOneof("parameter_choice")
@@ -209,7 +222,7 @@ def _decode_inputs(request: Any) -> list[InputTensor]:
     return inputs
 
 
-INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+INFER_METHOD = SERVICE_PREFIX + "ModelInfer"
 
 
 def build_grpc_server(

@@ -16,27 +16,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
-from gpugate_proto import grpc_service_pb2 as pb
 from grpclib.const import Cardinality, Handler, Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
 from grpclib.server import Server, Stream
 
-from router.grpc_server import InferenceServicer
+from router.grpc_server import METHODS, SERVICE_PREFIX, InferenceServicer
 from router.service import InferenceService
-
-_SERVICE = "/inference.GRPCInferenceService/"
-
-# Method name -> (request type, response type), as in grpc_service.proto.
-_METHODS = {
-    "ServerLive": (pb.ServerLiveRequest, pb.ServerLiveResponse),
-    "ServerReady": (pb.ServerReadyRequest, pb.ServerReadyResponse),
-    "ModelReady": (pb.ModelReadyRequest, pb.ModelReadyResponse),
-    "ServerMetadata": (pb.ServerMetadataRequest, pb.ServerMetadataResponse),
-    "ModelMetadata": (pb.ModelMetadataRequest, pb.ModelMetadataResponse),
-    "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse),
-    "RepositoryIndex": (pb.RepositoryIndexRequest, pb.RepositoryIndexResponse),
-}
 
 
 class _CappedCodec(ProtoCodec):
@@ -89,10 +75,10 @@ class _Servable:
 
     def __mapping__(self) -> dict[str, Handler]:
         return {
-            _SERVICE + name: Handler(
+            SERVICE_PREFIX + name: Handler(
                 _handler(getattr(self._servicer, name)), Cardinality.UNARY_UNARY, req, resp
             )
-            for name, (req, resp) in _METHODS.items()
+            for name, (req, resp) in METHODS.items()
         }
 
 

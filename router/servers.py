@@ -15,6 +15,8 @@ from router.grpc_accept import DEFAULT_ACCEPTS, Acceptors, start_acceptors
 from router.grpc_server import INFER_METHOD, build_grpc_server
 from router.grpclib_server import GrpclibServer
 from router.http_server import UsageSource, build_http_app
+from router.native_server import NativeServer
+from router.native_server import available as native_available
 from router.service import InferenceService
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,8 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 class FrontDoors:
-    """The HTTP (uvicorn) and gRPC (grpc.aio) servers of one InferenceService.
+    """The HTTP (uvicorn) and gRPC (grpc.aio, grpclib or native) servers of one
+    InferenceService.
 
     Port 0 picks a free port; ``http_port``/``grpc_port`` tell which after start.
     """
@@ -48,7 +51,7 @@ class FrontDoors:
         max_message_bytes: int,
         admin: ASGIApp | None = None,
         usage: UsageSource | None = None,
-        grpc_server: str = "grpcio",
+        grpc_server: str = "auto",
         grpc_accepts: int = DEFAULT_ACCEPTS,
     ) -> None:
         self.service = service
@@ -62,15 +65,26 @@ class FrontDoors:
         self._grpc_handlers: dict[str, grpc.RpcMethodHandler] = {}
         self._grpc_accepts = grpc_accepts
         self.acceptors: Acceptors | None = None
-        self._grpclib: GrpclibServer | None = (
-            GrpclibServer(service, max_message_bytes) if grpc_server == "grpclib" else None
-        )
+        # The gRPC doors other than grpcio's: both start(host, port) -> port, stop(grace).
+        self._door: GrpclibServer | NativeServer | None = None
+        if grpc_server == "auto":
+            why_not = native_available()
+            grpc_server = "native" if why_not is None else "grpcio"
+            if why_not is not None:
+                log.info("gRPC port on grpcio: %s", why_not)
+        self.grpc_server = grpc_server  # the implementation serving the gRPC port
+        if grpc_server == "grpclib":
+            self._door = GrpclibServer(service, max_message_bytes)
+        elif grpc_server == "native":
+            self._door = NativeServer(service, max_message_bytes, grpc_accepts)
+        elif grpc_server != "grpcio":
+            raise ValueError(f"unknown gRPC server {grpc_server!r}")
         self._http: uvicorn.Server | None = None
         self._http_task: asyncio.Task[None] | None = None
 
     async def start(self, http_port: int, grpc_port: int) -> None:
-        if self._grpclib is not None:
-            self.grpc_port = await self._grpclib.start(self.host, grpc_port)
+        if self._door is not None:
+            self.grpc_port = await self._door.start(self.host, grpc_port)
         else:
             self._grpc, self._grpc_handlers = build_grpc_server(self.service, self._max_bytes)
             try:
@@ -114,8 +128,8 @@ class FrontDoors:
             finally:
                 if self.acceptors is not None:
                     await self.acceptors.stop()
-        if self._grpclib is not None:
-            await self._grpclib.stop(grace_s)
+        if self._door is not None:
+            await self._door.stop(grace_s)
         if self._http is not None and self._http_task is not None:
             self._http.should_exit = True
             with contextlib.suppress(Exception):

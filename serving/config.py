@@ -245,22 +245,27 @@ class ServerConfig(_Strict):
         "replicas; fastest here); or through Ray Serve handle calls, over Serve's "
         "inter-deployment gRPC transport (`grpc`) or as Ray actor calls (`actor`).",
     )
-    grpc_server: Literal["grpcio", "grpclib"] = Field(
-        default="grpcio",
-        description="Implementation of the KServe v2 gRPC port: grpcio's grpc.aio (gRPC's C "
-        "core; refuses an over-size message while reading it) or grpclib (pure-asyncio HTTP/2 "
-        "on the gateway's event loop; more small requests/s here, but it buffers a whole "
-        "message before refusing it and moves multi-MiB tensors ~3x slower).",
+    grpc_server: Literal["auto", "native", "grpcio", "grpclib"] = Field(
+        default="auto",
+        description="Implementation of the KServe v2 gRPC port. `native`: gRPC C++ (Debian's "
+        "libgrpc++, built into router._grpcdoor by `make native`) reads HTTP/2 on its own "
+        "thread without the GIL and hands the event loop every waiting call per wake-up; "
+        "fastest here. `grpcio`: grpc.aio (gRPC's C core, one loop hand-off per call event). "
+        "`grpclib`: pure-asyncio HTTP/2 on the event loop (buffers a whole message before "
+        "refusing it, moves multi-MiB tensors ~3x slower). `auto`: native when built, else "
+        "grpcio. All three refuse an over-size message with RESOURCE_EXHAUSTED; grpcio and "
+        "native while reading it.",
     )
     grpc_accepts: int = Field(
         default=DEFAULT_ACCEPTS,
         ge=1,
         le=1024,
-        description="How many ModelInfer calls the grpcio door asks gRPC's core for at once. "
+        description="How many calls the grpcio and native doors ask gRPC's core for at once. "
         "grpcio asks for one, starts its handler, then asks for the next, so under load calls "
         "wait inside core in arrival order, before their tenant is known; more outstanding "
-        "accepts move them into the tenant-fair queue. 1 = grpcio's own behaviour. Ignored "
-        "with `grpc_server: grpclib`.",
+        "accepts move them into the tenant-fair queue. 1 = grpcio's own behaviour. On the "
+        "native door it counts calls of every method, and core's own thread asks again at "
+        "once. Ignored with `grpc_server: grpclib`.",
     )
     gateway_resources: dict[str, float] = Field(
         default_factory=dict,

@@ -113,7 +113,12 @@ class Gateway:
         self._metrics_server, self._metrics_thread = start_http_server(
             cfg.metrics_port, cfg.host, registry=self._registry
         )
-        log.info("gateway serving http=%s grpc=%s", cfg.http_port, cfg.grpc_port)
+        log.info(
+            "gateway serving http=%s grpc=%s (%s)",
+            cfg.http_port,
+            cfg.grpc_port,
+            self._doors.grpc_server,
+        )
 
     def _start_batcher(self, model: ModelConfig, app: str) -> ServedModel:
         policy = BatchPolicy(

@@ -55,6 +55,7 @@ from router.servers import FrontDoors
 from router.service import InferenceService, RouterSettings, ServedModel, StaticModelTable
 from router.types import ModelSignature, Tenant, TensorSpec
 from scheduler import BatchPolicy, BatchResult, ModelBatcher, Tensors
+from tests.native_door import require_native_door
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -280,9 +281,11 @@ def loop_thread() -> Iterator[LoopThread]:
     lt.stop()
 
 
-@pytest.fixture(scope="module", params=["grpcio", "grpclib"])
+@pytest.fixture(scope="module", params=["grpcio", "grpclib", "native"])
 def stack(loop_thread: LoopThread, request: pytest.FixtureRequest) -> Iterator[Stack]:
     """The main servers, once per gRPC implementation (``server.grpc_server``)."""
+    if request.param == "native":
+        require_native_door()
     s: Stack = loop_thread.run(start_stack(main_models(), request.param))
     yield s
     loop_thread.run(stop_stack(s))

@@ -1,0 +1,491 @@
+// gpugate's native gRPC door (router/native_server.py drives it).
+//
+// gRPC C++'s async generic service takes the calls: HTTP/2, HPACK, flow control,
+// deadlines and message limits all run in gRPC's core on this module's completion
+// queue thread, without the GIL. A call whose request message has arrived goes on
+// a queue, and an eventfd wakes the Python event loop, which takes every queued call
+// in one go (Door.take) and answers each with Door.finish. Python sees raw request
+// bytes, metadata and the time left; it parses and serializes the messages itself,
+// so this module knows nothing of the KServe protobufs.
+//
+// Lifetime of a call: Accept -> Read -> (Python) -> Finish. AsyncNotifyWhenDone
+// delivers Done once the call is over, finished or cancelled; a call cancelled while
+// Python holds it is reported to Python (take() returns it as a cancellation), and
+// Python still finishes it. A call is deleted once Done has arrived and no Finish
+// of its is pending, and Python no longer holds it.
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <grpc/grpc.h>
+#include <grpcpp/generic/async_generic_service.h>
+#include <grpcpp/grpcpp.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+namespace {
+
+enum class Ev : uint8_t { Accept, Read, Finish, Done };
+
+struct Call;
+
+struct Tag {
+  Call* call;
+  Ev ev;
+};
+
+struct Call {
+  uint64_t id = 0;
+  grpc::GenericServerContext ctx;
+  grpc::GenericServerAsyncReaderWriter stream{&ctx};
+  grpc::ByteBuffer request;
+  grpc::ByteBuffer response;
+  Tag accept_tag{this, Ev::Accept};
+  Tag read_tag{this, Ev::Read};
+  Tag finish_tag{this, Ev::Finish};
+  Tag done_tag{this, Ev::Done};
+  bool done = false;            // Done delivered
+  bool finish_pending = false;  // a Finish started, its tag not back yet
+  bool handed = false;          // queued for or held by Python
+  bool finished = false;        // a Finish was started (by Python or here)
+};
+
+struct Event {
+  bool cancelled;  // false: a new call (call is set); true: call `id` was cancelled
+  Call* call;
+  uint64_t id;
+};
+
+class Door {
+ public:
+  Door(const std::string& address, int max_recv, int max_send, int accepts)
+      : accepts_(accepts) {
+    efd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    grpc::ServerBuilder builder;
+    builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &port_);
+    builder.RegisterAsyncGenericService(&service_);
+    builder.SetMaxReceiveMessageSize(max_recv);
+    builder.SetMaxSendMessageSize(max_send);
+    // A second server on the same port must fail to bind, not share it.
+    builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+    cq_ = builder.AddCompletionQueue();
+    server_ = builder.BuildAndStart();
+  }
+
+  bool ok() const { return efd_ >= 0 && server_ != nullptr && port_ > 0; }
+  int port() const { return port_; }
+  int fileno() const { return efd_; }
+  int64_t allocated() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return allocated_;
+  }
+
+  void Start() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (int i = 0; i < accepts_; ++i) RequestLocked();
+    }
+    thread_ = std::thread([this] { Run(); });
+  }
+
+  // Everything queued since the last take (called with the GIL held).
+  void Take(std::vector<Event>* out) {
+    uint64_t count;
+    while (read(efd_, &count, sizeof count) > 0) {
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    out->swap(queue_);
+    signalled_ = false;
+  }
+
+  // Start answering call `id`; false when it is gone (already finished, or stopped).
+  bool Finish(uint64_t id, int code, const std::string& details, const char* data,
+              Py_ssize_t size, bool has_payload) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopped_) return false;
+    auto it = calls_.find(id);
+    if (it == calls_.end()) return false;
+    Call* call = it->second;
+    calls_.erase(it);
+    call->handed = false;
+    call->finished = true;
+    call->finish_pending = true;
+    grpc::Status status(static_cast<grpc::StatusCode>(code), details);
+    if (has_payload && code == 0) {
+      grpc::Slice slice(data, static_cast<size_t>(size));
+      call->response = grpc::ByteBuffer(&slice, 1);
+      call->stream.WriteAndFinish(call->response, grpc::WriteOptions(), status,
+                                  &call->finish_tag);
+    } else {
+      call->stream.Finish(status, &call->finish_tag);
+    }
+    return true;
+  }
+
+  // Stop accepting; wait up to grace_s for calls in progress, then cancel the rest.
+  // Blocks: call without the GIL, and keep the event loop running meanwhile so
+  // Python can finish what it holds.
+  void Shutdown(double grace_s) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (shutdown_started_) return;
+      shutdown_started_ = true;
+    }
+    auto deadline = std::chrono::system_clock::now() +
+                    std::chrono::microseconds(static_cast<int64_t>(grace_s * 1e6));
+    if (server_) server_->Shutdown(deadline);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stopped_ = true;
+    }
+    if (cq_) {
+      cq_->Shutdown();
+      if (thread_.joinable()) {
+        thread_.join();
+      } else {  // never started: drain here, as a completion queue must be before it goes
+        void* tag;
+        bool ok;
+        while (cq_->Next(&tag, &ok)) {
+        }
+      }
+    }
+  }
+
+  ~Door() {
+    Shutdown(0);
+    // Calls still allocated here belong to a server that is gone; they are left
+    // (a few objects at most, once per server).
+    server_.reset();
+    cq_.reset();
+    if (efd_ >= 0) close(efd_);
+  }
+
+ private:
+  void RequestLocked() {
+    if (stopped_ || shutdown_started_) return;
+    Call* call = new Call();
+    ++allocated_;
+    call->ctx.AsyncNotifyWhenDone(&call->done_tag);
+    service_.RequestCall(&call->ctx, &call->stream, cq_.get(), cq_.get(), &call->accept_tag);
+  }
+
+  void PushLocked(Event event) {
+    queue_.push_back(event);
+    if (!signalled_) {
+      signalled_ = true;
+      uint64_t one = 1;
+      ssize_t n = write(efd_, &one, sizeof one);
+      (void)n;  // EAGAIN means the counter is already non-zero: Python wakes anyway
+    }
+  }
+
+  void MaybeDeleteLocked(Call* call) {
+    if (call->done && !call->finish_pending && !call->handed) {
+      delete call;
+      --allocated_;
+    }
+  }
+
+  void Run() {
+    void* raw;
+    bool ok;
+    while (cq_->Next(&raw, &ok)) {
+      Tag* tag = static_cast<Tag*>(raw);
+      Call* call = tag->call;
+      std::lock_guard<std::mutex> lock(mu_);
+      switch (tag->ev) {
+        case Ev::Accept:
+          if (!ok) break;  // shutting down; a call never started gets no Done (grpc#10136)
+          RequestLocked();
+          call->id = ++next_id_;
+          call->stream.Read(&call->request, &call->read_tag);
+          break;
+        case Ev::Read:
+          if (ok) {
+            call->handed = true;
+            calls_.emplace(call->id, call);
+            PushLocked(Event{false, call, call->id});
+          } else {  // the client went away (or half-closed) before sending a message
+            call->finished = true;
+            call->finish_pending = true;
+            call->stream.Finish(grpc::Status(grpc::StatusCode::CANCELLED, "no request"),
+                                &call->finish_tag);
+          }
+          break;
+        case Ev::Finish:
+          call->finish_pending = false;
+          MaybeDeleteLocked(call);
+          break;
+        case Ev::Done:
+          call->done = true;
+          if (call->handed && call->ctx.IsCancelled()) {
+            PushLocked(Event{true, nullptr, call->id});
+          }
+          MaybeDeleteLocked(call);
+          break;
+      }
+    }
+  }
+
+  grpc::AsyncGenericService service_;
+  std::unique_ptr<grpc::ServerCompletionQueue> cq_;
+  std::unique_ptr<grpc::Server> server_;
+  std::thread thread_;
+  int port_ = 0;
+  int efd_ = -1;
+  int accepts_;
+  std::mutex mu_;
+  std::vector<Event> queue_;
+  std::unordered_map<uint64_t, Call*> calls_;  // held by Python, by id
+  uint64_t next_id_ = 0;
+  int64_t allocated_ = 0;  // Call objects alive: outstanding accepts + calls in progress
+  bool signalled_ = false;
+  bool shutdown_started_ = false;
+  bool stopped_ = false;
+};
+
+// ---------------------------------------------------------------------------
+// Python type
+
+struct DoorObject {
+  PyObject_HEAD Door* door;
+};
+
+PyObject* TakeCall(Call* call) {
+  // (id, method, request bytes, metadata, seconds left or None)
+  std::vector<grpc::Slice> slices;
+  PyObject* payload;
+  if (call->request.Valid() && call->request.Dump(&slices).ok()) {
+    payload = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(call->request.Length()));
+    if (payload == nullptr) return nullptr;
+    char* dst = PyBytes_AS_STRING(payload);
+    for (const auto& s : slices) {
+      memcpy(dst, s.begin(), s.size());
+      dst += s.size();
+    }
+  } else {
+    payload = PyBytes_FromStringAndSize("", 0);
+    if (payload == nullptr) return nullptr;
+  }
+  const auto& md = call->ctx.client_metadata();
+  PyObject* items = PyTuple_New(static_cast<Py_ssize_t>(md.size()));
+  if (items == nullptr) {
+    Py_DECREF(payload);
+    return nullptr;
+  }
+  Py_ssize_t i = 0;
+  for (const auto& [key, value] : md) {
+    bool binary = key.size() > 4 && memcmp(key.data() + key.size() - 4, "-bin", 4) == 0;
+    PyObject* k = PyUnicode_DecodeLatin1(key.data(), static_cast<Py_ssize_t>(key.size()), nullptr);
+    PyObject* v = binary ? PyBytes_FromStringAndSize(value.data(), static_cast<Py_ssize_t>(value.size()))
+                         : PyUnicode_DecodeLatin1(value.data(),
+                                                  static_cast<Py_ssize_t>(value.size()), nullptr);
+    PyObject* pair = (k && v) ? PyTuple_Pack(2, k, v) : nullptr;
+    Py_XDECREF(k);
+    Py_XDECREF(v);
+    if (pair == nullptr) {
+      Py_DECREF(items);
+      Py_DECREF(payload);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(items, i++, pair);
+  }
+  PyObject* left;
+  auto deadline = call->ctx.deadline();
+  if (deadline == std::chrono::system_clock::time_point::max()) {
+    left = Py_NewRef(Py_None);
+  } else {
+    std::chrono::duration<double> d = deadline - std::chrono::system_clock::now();
+    left = PyFloat_FromDouble(d.count() > 0 ? d.count() : 0.0);
+  }
+  const std::string& method = call->ctx.method();
+  return Py_BuildValue("(Ks#NNN)", static_cast<unsigned long long>(call->id), method.data(),
+                       static_cast<Py_ssize_t>(method.size()), payload, items, left);
+}
+
+PyObject* Door_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
+  static const char* kw[] = {"address", "max_receive", "max_send", "accepts", nullptr};
+  const char* address;
+  int max_recv, max_send, accepts;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "siii", const_cast<char**>(kw), &address,
+                                   &max_recv, &max_send, &accepts)) {
+    return nullptr;
+  }
+  if (accepts < 1) {
+    PyErr_SetString(PyExc_ValueError, "accepts must be at least 1");
+    return nullptr;
+  }
+  auto* self = reinterpret_cast<DoorObject*>(type->tp_alloc(type, 0));
+  if (self == nullptr) return nullptr;
+  PyThreadState* state = PyEval_SaveThread();
+  Door* door = new Door(address, max_recv, max_send, accepts);
+  bool ok = door->ok();
+  if (ok) {
+    door->Start();
+  } else {
+    delete door;
+  }
+  PyEval_RestoreThread(state);
+  if (!ok) {
+    Py_DECREF(self);
+    PyErr_Format(PyExc_OSError, "cannot listen on %s", address);
+    return nullptr;
+  }
+  self->door = door;
+  return reinterpret_cast<PyObject*>(self);
+}
+
+void Door_dealloc(DoorObject* self) {
+  if (self->door != nullptr) {
+    Door* door = self->door;
+    self->door = nullptr;
+    PyThreadState* state = PyEval_SaveThread();
+    delete door;
+    PyEval_RestoreThread(state);
+  }
+  Py_TYPE(self)->tp_free(reinterpret_cast<PyObject*>(self));
+}
+
+bool Alive(DoorObject* self) {
+  if (self->door == nullptr) {
+    PyErr_SetString(PyExc_RuntimeError, "door is closed");
+    return false;
+  }
+  return true;
+}
+
+PyObject* Door_take(DoorObject* self, PyObject*) {
+  if (!Alive(self)) return nullptr;
+  std::vector<Event> events;
+  self->door->Take(&events);
+  PyObject* calls = PyList_New(0);
+  PyObject* cancelled = PyList_New(0);
+  if (calls == nullptr || cancelled == nullptr) {
+    Py_XDECREF(calls);
+    Py_XDECREF(cancelled);
+    return nullptr;
+  }
+  for (const Event& e : events) {
+    PyObject* item = e.cancelled ? PyLong_FromUnsignedLongLong(e.id) : TakeCall(e.call);
+    if (item == nullptr || PyList_Append(e.cancelled ? cancelled : calls, item) < 0) {
+      // Out of memory mid-way: the calls not handed over are answered here.
+      Py_XDECREF(item);
+      for (const Event& rest : events) {
+        if (!rest.cancelled) self->door->Finish(rest.id, 13, "out of memory", nullptr, 0, false);
+      }
+      Py_DECREF(calls);
+      Py_DECREF(cancelled);
+      return nullptr;
+    }
+    Py_DECREF(item);
+  }
+  return Py_BuildValue("(NN)", calls, cancelled);
+}
+
+PyObject* Door_finish(DoorObject* self, PyObject* args) {
+  unsigned long long id;
+  int code;
+  const char* details;
+  Py_ssize_t details_size;
+  PyObject* payload;
+  if (!PyArg_ParseTuple(args, "Kis#O", &id, &code, &details, &details_size, &payload)) {
+    return nullptr;
+  }
+  if (!Alive(self)) return nullptr;
+  if (code < 0 || code > 16) {
+    PyErr_Format(PyExc_ValueError, "not a gRPC status code: %d", code);
+    return nullptr;
+  }
+  const char* data = nullptr;
+  Py_ssize_t size = 0;
+  bool has_payload = payload != Py_None;
+  if (has_payload && PyBytes_AsStringAndSize(payload, const_cast<char**>(&data), &size) < 0) {
+    return nullptr;
+  }
+  bool started = self->door->Finish(id, code, std::string(details, details_size), data, size,
+                                    has_payload);
+  return PyBool_FromLong(started);
+}
+
+PyObject* Door_shutdown(DoorObject* self, PyObject* args) {
+  double grace;
+  if (!PyArg_ParseTuple(args, "d", &grace)) return nullptr;
+  if (!Alive(self)) return nullptr;
+  Door* door = self->door;
+  PyThreadState* state = PyEval_SaveThread();
+  door->Shutdown(grace);
+  PyEval_RestoreThread(state);
+  Py_RETURN_NONE;
+}
+
+PyObject* Door_fileno(DoorObject* self, PyObject*) {
+  if (!Alive(self)) return nullptr;
+  return PyLong_FromLong(self->door->fileno());
+}
+
+PyObject* Door_port(DoorObject* self, void*) {
+  if (!Alive(self)) return nullptr;
+  return PyLong_FromLong(self->door->port());
+}
+
+PyObject* Door_allocated(DoorObject* self, void*) {
+  if (!Alive(self)) return nullptr;
+  return PyLong_FromLongLong(self->door->allocated());
+}
+
+PyMethodDef door_methods[] = {
+    {"take", reinterpret_cast<PyCFunction>(Door_take), METH_NOARGS,
+     "take() -> (calls, cancelled): calls as (id, method, request, metadata, seconds "
+     "left or None); cancelled as ids of calls taken earlier"},
+    {"finish", reinterpret_cast<PyCFunction>(Door_finish), METH_VARARGS,
+     "finish(id, code, details, response or None) -> bool: answer a taken call"},
+    {"shutdown", reinterpret_cast<PyCFunction>(Door_shutdown), METH_VARARGS,
+     "shutdown(grace_s): stop accepting, wait for calls up to grace_s, cancel the rest"},
+    {"fileno", reinterpret_cast<PyCFunction>(Door_fileno), METH_NOARGS,
+     "the eventfd that becomes readable when calls are waiting"},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyGetSetDef door_getset[] = {
+    {"port", reinterpret_cast<getter>(Door_port), nullptr, "the bound port", nullptr},
+    {"allocated", reinterpret_cast<getter>(Door_allocated), nullptr,
+     "call objects alive: outstanding accepts plus calls not yet over", nullptr},
+    {nullptr, nullptr, nullptr, nullptr, nullptr}};
+
+PyTypeObject DoorType = {
+    PyVarObject_HEAD_INIT(nullptr, 0) "router._grpcdoor.Door", /* tp_name */
+    sizeof(DoorObject),                                       /* tp_basicsize */
+};
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_grpcdoor",
+                          "gRPC C++ front door for the router (router/native_server.py)",
+                          -1, nullptr};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__grpcdoor(void) {
+  DoorType.tp_dealloc = reinterpret_cast<destructor>(Door_dealloc);
+  DoorType.tp_flags = Py_TPFLAGS_DEFAULT;
+  DoorType.tp_doc = "Door(address, max_receive, max_send, accepts): a started gRPC server";
+  DoorType.tp_methods = door_methods;
+  DoorType.tp_getset = door_getset;
+  DoorType.tp_new = Door_new;
+  if (PyType_Ready(&DoorType) < 0) return nullptr;
+  PyObject* m = PyModule_Create(&module_def);
+  if (m == nullptr) return nullptr;
+  PyModule_AddStringConstant(m, "GRPC_VERSION", grpc::Version().c_str());
+  if (PyModule_AddObjectRef(m, "Door", reinterpret_cast<PyObject*>(&DoorType)) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
+}

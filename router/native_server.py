@@ -1,0 +1,203 @@
+"""KServe v2 over gRPC on gRPC C++ (``server.grpc_server: native``).
+
+The same :class:`~router.grpc_server.InferenceServicer` answers; only the
+transport differs. gRPC C++'s core (``router/native/grpcdoor.cc``, built into
+``router._grpcdoor`` by ``make native``) reads HTTP/2 on a thread of its own,
+without the GIL, and queues each call once its request message is in; an eventfd
+wakes the event loop, which takes every queued call in one go. So the loop pays
+one wake-up for many calls, where grpc.aio pays several completions through its
+poller thread for each (loadtests/README.md, "Native gRPC door").
+
+Deadlines, cancellation, message limits and status codes behave as on grpc.aio:
+core enforces ``grpc-timeout`` and the size limits itself; a call it cancels
+(deadline or client) cancels the handler's task; an abort becomes the call's
+status; an unexpected exception is UNKNOWN.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+from collections.abc import Awaitable, Callable
+from types import ModuleType
+from typing import Any
+
+import grpc
+
+from router.grpc_server import METHODS, SERVICE_PREFIX, InferenceServicer
+from router.service import InferenceService
+
+log = logging.getLogger(__name__)
+
+_Handler = tuple[Callable[[bytes], Any], Callable[[Any, Any], Awaitable[Any]]]
+
+
+def load() -> ModuleType:
+    """The compiled door, or ImportError saying how to build it."""
+    try:
+        return importlib.import_module("router._grpcdoor")
+    except ImportError as exc:
+        raise ImportError(
+            "server.grpc_server: native needs router._grpcdoor, which is not built "
+            f"({exc}); build it with `make native` (needs g++ and Debian's libgrpc++-dev)"
+        ) from exc
+
+
+def available() -> str | None:
+    """None when the native door can run here, else why not."""
+    try:
+        load()
+    except ImportError as exc:
+        return str(exc)
+    return None
+
+
+class _Abort(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class _Context:
+    """The part of grpc.aio's ServicerContext that InferenceServicer uses."""
+
+    __slots__ = ("_deadline", "_loop", "_metadata")
+
+    def __init__(
+        self,
+        metadata: tuple[tuple[str, str | bytes], ...],
+        left: float | None,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self._metadata = metadata
+        self._loop = loop
+        self._deadline = None if left is None else loop.time() + left
+
+    def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        return self._metadata
+
+    def time_remaining(self) -> float | None:
+        if self._deadline is None:
+            return None
+        return max(self._deadline - self._loop.time(), 0.0)
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise _Abort(code, details)
+
+
+_OK = grpc.StatusCode.OK.value[0]
+_CANCELLED = grpc.StatusCode.CANCELLED.value[0]
+_UNKNOWN = grpc.StatusCode.UNKNOWN.value[0]
+_INTERNAL = grpc.StatusCode.INTERNAL.value[0]
+_UNIMPLEMENTED = grpc.StatusCode.UNIMPLEMENTED.value[0]
+
+
+class NativeServer:
+    """Start/stop like FrontDoors needs it; ``port`` is known after :meth:`start`."""
+
+    def __init__(self, service: InferenceService, max_message_bytes: int, accepts: int) -> None:
+        self._native = load()
+        servicer = InferenceServicer(service)
+        self._handlers: dict[str, _Handler] = {
+            SERVICE_PREFIX + name: (request_type.FromString, getattr(servicer, name))
+            for name, (request_type, _) in METHODS.items()
+        }
+        self._max_receive = max_message_bytes
+        self._max_send = max(max_message_bytes, 256 * 2**20)
+        self._accepts = max(accepts, 1)
+        self._door: Any = None
+        self._stopped = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self.port = 0
+        self.taken = 0  # calls handed to handlers (read by tests)
+
+    async def start(self, host: str, port: int) -> int:
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            self._door = self._native.Door(
+                address, self._max_receive, self._max_send, self._accepts
+            )
+        except OSError as exc:
+            raise RuntimeError(f"cannot bind gRPC port {host}:{port}: {exc}") from exc
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._door.fileno(), self._take)
+        self.port = int(self._door.port)
+        return self.port
+
+    def _take(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        calls, cancelled = self._door.take()
+        for call_id, method, payload, metadata, left in calls:
+            task = loop.create_task(self._handle(call_id, method, payload, metadata, left))
+            self._tasks[call_id] = task
+        self.taken += len(calls)
+        for call_id in cancelled:
+            self._cancel(call_id)
+
+    def _cancel(self, call_id: int) -> None:
+        task = self._tasks.get(call_id)
+        if task is None:
+            return
+        task.cancel()
+        # A task cancelled before its first step never runs _handle's finally.
+        task.add_done_callback(lambda _: self._unstarted_ended(call_id))
+
+    def _unstarted_ended(self, call_id: int) -> None:
+        if self._tasks.pop(call_id, None) is not None:  # _handle's finally did not run
+            self._door.finish(call_id, _CANCELLED, "Cancelled", None)
+
+    async def _handle(
+        self,
+        call_id: int,
+        method: str,
+        payload: bytes,
+        metadata: tuple[tuple[str, str | bytes], ...],
+        left: float | None,
+    ) -> None:
+        assert self._loop is not None
+        code, details, body = _OK, "", None
+        try:
+            handler = self._handlers.get(method)
+            if handler is None:
+                code, details = _UNIMPLEMENTED, "Method not found!"
+                return
+            parse, run = handler
+            try:
+                request = parse(payload)
+            except Exception:
+                code, details = _INTERNAL, "Exception deserializing request!"
+                return
+            response = await run(request, _Context(metadata, left, self._loop))
+            body = response.SerializeToString()
+        except _Abort as exc:
+            code, details = exc.code.value[0], exc.details
+        except asyncio.CancelledError:
+            code, details = _CANCELLED, "Cancelled"  # by core: the caller or its deadline
+        except Exception as exc:
+            log.exception("gRPC handler %s failed", method)
+            code, details = _UNKNOWN, f"Unexpected {type(exc).__name__}"
+        finally:
+            self._tasks.pop(call_id, None)
+            self._door.finish(call_id, code, details, body)
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop accepting; calls in progress get ``grace_s`` to finish, the rest are
+        cancelled (CANCELLED to their callers)."""
+        if self._door is None or self._stopped:
+            return
+        # Shutdown blocks until the calls in progress end, and they end on this loop.
+        await asyncio.to_thread(self._door.shutdown, grace_s)
+        assert self._loop is not None
+        self._take()  # the cancellations shutdown reported
+        self._loop.remove_reader(self._door.fileno())
+        tasks = list(self._tasks.values())
+        for call_id in list(self._tasks):
+            self._cancel(call_id)
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._stopped = True
