@@ -130,11 +130,16 @@ def render_table(rows: list[LevelResult], limit: InProcessResult | None) -> str:
     return "\n".join(lines)
 
 
+def _inside(r: NoisyResult) -> str:
+    a, b = r.light_inside_alone_ms, r.light_inside_beside_ms
+    return "-" if a is None or b is None else f"{a:.1f}/{b:.1f}"
+
+
 def render_noisy(results: list[NoisyResult]) -> str:
     head = (
         f"{'system':<10} {'protocol':<8} {'light p50 alone':>15} {'p99 alone':>10} "
         f"{'p50 beside':>10} {'p99 beside':>10} {'p99 x':>6} {'heavy req/s':>11} "
-        f"{'light err':>9} {'heavy err':>9}"
+        f"{'light err':>9} {'heavy err':>9} {'gw mean a/b':>13}"
     )
     lines = [head, "-" * len(head)]
     for r in results:
@@ -142,7 +147,8 @@ def render_noisy(results: list[NoisyResult]) -> str:
         lines.append(
             f"{r.system:<10} {r.protocol:<8} {fmt(a.p50_ms, '.2f'):>15} {fmt(a.p99_ms, '.2f'):>10} "
             f"{fmt(b.p50_ms, '.2f'):>10} {fmt(b.p99_ms, '.2f'):>10} {fmt(r.p99_ratio, '.2f'):>6} "
-            f"{r.heavy.req_per_s:>11.1f} {a.errors + b.errors:>9} {r.heavy.errors:>9}"
+            f"{r.heavy.req_per_s:>11.1f} {a.errors + b.errors:>9} {r.heavy.errors:>9} "
+            f"{_inside(r):>13}"
         )
     return "\n".join(lines)
 
@@ -207,6 +213,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=("auto", "native", "grpcio", "grpclib"),
         default="auto",
         help="gpugate's server.grpc_server (which implementation serves its gRPC port)",
+    )
+    p.add_argument(
+        "--gc-tuning",
+        choices=("on", "off"),
+        help="gpugate's server.gc_tuning (default: the gateway's own default, on)",
     )
     p.add_argument(
         "--grpc-accepts",
@@ -295,6 +306,7 @@ def gateway_settings(args: argparse.Namespace) -> dict[str, Any]:
         "replica_transport": args.replica_transport,
         "grpc_server": args.grpc_server,
         "grpc_accepts": args.grpc_accepts,
+        "gc_tuning": None if args.gc_tuning is None else args.gc_tuning == "on",
     }
 
 
@@ -374,12 +386,18 @@ def _run(
     noisy: list[NoisyResult] = []
     skipped: dict[str, str] = {}
 
-    def noisy_run(system: str, target: str) -> None:
+    def noisy_run(system: str, target: str, server: Server) -> None:
         if args.noisy == "on":
             noisy.append(
                 loop.run(
                     grpc_noisy(
-                        system, target, plan, row_file, args.light_rate, args.heavy_concurrency
+                        system,
+                        target,
+                        plan,
+                        row_file,
+                        args.light_rate,
+                        args.heavy_concurrency,
+                        server.light_inside,
                     )
                 )
             )
@@ -402,7 +420,7 @@ def _run(
             check_probe(run, loop.run(http_probe(base, keys, row, 60)))
             run.levels += measure("grpc", "gpugate", target, server)
             run.levels += measure("http", "gpugate", base, server)
-            noisy_run("gpugate", target)
+            noisy_run("gpugate", target, server)
         rows += run.levels
 
     # 4. Plain Ray Serve, gRPC.
@@ -420,7 +438,7 @@ def _run(
         with running(server, args.startup_timeout, run):
             check_probe(run, loop.run(grpc_probe(target, keys, row, 60)))
             run.levels += measure("grpc", "rayserve", target, server)
-            noisy_run("rayserve", target)
+            noisy_run("rayserve", target, server)
         rows += run.levels
 
     # 4b. Triton (PyTriton), gRPC then HTTP, from its own venv.
@@ -443,7 +461,7 @@ def _run(
                 run.version = server_version(base)
                 run.levels += measure("grpc", "triton", target, server)
                 run.levels += measure("http", "triton", base, server)
-                noisy_run("triton", target)
+                noisy_run("triton", target, server)
             rows += run.levels
 
     # Calibration: the same client against a server that runs no model.
@@ -493,6 +511,10 @@ def _run(
         )
         print(render_noisy(noisy))
         print("p99 x = light p99 beside the heavy tenant / light p99 alone")
+        print(
+            "gw mean a/b = gpugate: the light tenant's mean time inside the gateway, alone / "
+            "beside (its own metrics; the rest is the door, the network and the client)"
+        )
     for name, reason in skipped.items():
         print(f"SKIPPED: {name}: {reason}")
     for name, run in runs.items():

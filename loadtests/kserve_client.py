@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 from loadgen import (
+    BatchCounter,
     LevelResult,
     LoadPlan,
     Meters,
@@ -170,26 +171,39 @@ async def grpc_noisy(
     row_file: Path,
     light_rate: float,
     heavy_concurrency: int,
+    light_inside: BatchCounter | None = None,
 ) -> NoisyResult:
     """The noisy-neighbour scenario over gRPC: the light tenant sends with the first key
-    from its own process; the heavy one with the second key from this process."""
+    from its own process; the heavy one with the second key from this process.
+    ``light_inside`` (gpugate): the light tenant's (count, sum) of time inside the server,
+    read around each light phase for its mean."""
     import grpc
     from gpugate_proto import grpc_service_pb2_grpc as pb_grpc
+
+    inside_ms: list[float | None] = []
+
+    async def light() -> LevelResult:
+        before = light_inside() if light_inside else None
+        result = await light_tenant_process(
+            system, target, plan.keys[0], row_file, light_rate, plan
+        )
+        after = light_inside() if light_inside else None
+        if before and after and after[0] > before[0]:
+            inside_ms.append((after[1] - before[1]) / (after[0] - before[0]) * 1e3)
+        else:
+            inside_ms.append(None)
+        return result
 
     heavy_meta = _grpc_metadata(plan.keys)[1]
     async with grpc.aio.insecure_channel(target) as channel:
         send_heavy = grpc_sender(
             pb_grpc.GRPCInferenceServiceStub(channel), _grpc_request(plan.row), heavy_meta
         )
-        return await noisy_neighbour(
-            lambda: light_tenant_process(system, target, plan.keys[0], row_file, light_rate, plan),
-            send_heavy,
-            system,
-            "grpc",
-            light_rate,
-            heavy_concurrency,
-            plan,
+        result = await noisy_neighbour(
+            light, send_heavy, system, "grpc", light_rate, heavy_concurrency, plan
         )
+    result.light_inside_alone_ms, result.light_inside_beside_ms = inside_ms
+    return result
 
 
 # ------------------------------------------------------------------------ HTTP

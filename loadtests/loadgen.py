@@ -306,6 +306,10 @@ class NoisyResult:
     light_alone: LevelResult
     light_beside: LevelResult
     heavy: LevelResult
+    # gpugate: the light tenant's mean time inside the gateway (from its own metrics, the
+    # phase's warm-up included); the rest of its latency is the door, the network, the client.
+    light_inside_alone_ms: float | None = None
+    light_inside_beside_ms: float | None = None
 
     @property
     def p99_ratio(self) -> float | None:

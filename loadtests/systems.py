@@ -77,6 +77,29 @@ def gateway_batches(metrics_url: str) -> BatchCounter:
     return read
 
 
+def gateway_tenant_latency(metrics_url: str, tenant: str) -> BatchCounter:
+    """gpugate's ``gpugate_request_duration_seconds`` for one tenant: (_count, _sum)."""
+    label = f'tenant="{tenant}"'
+
+    def read() -> tuple[float, float] | None:
+        try:
+            with urllib.request.urlopen(metrics_url, timeout=5) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return None
+        count = total = 0.0
+        for line in text.splitlines():
+            if label not in line:
+                continue
+            if line.startswith("gpugate_request_duration_seconds_count"):
+                count += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("gpugate_request_duration_seconds_sum"):
+                total += float(line.rsplit(" ", 1)[1])
+        return count, total
+
+    return read
+
+
 def peer_batches(stats_url: str) -> BatchCounter:
     """The peer deployment's own counters, served at its HTTP route."""
 
@@ -150,6 +173,8 @@ class Server:
         self._logfile: TextIO | None = None
         self.exit_code: int | None = None
         self.batch_counter: BatchCounter | None = None
+        # gpugate only: (count, sum) of the light tenant's time inside the gateway.
+        self.light_inside: BatchCounter | None = None
 
     def start(self, timeout_s: float) -> float:
         """Start and wait for the ready line; returns the seconds it took."""
@@ -314,6 +339,10 @@ def gpugate_system(
         log,
     )
     server.batch_counter = gateway_batches(f"http://127.0.0.1:{metrics_port}/metrics")
+    # The noisy-neighbour light tenant sends with the first key (kserve_client.grpc_noisy).
+    server.light_inside = gateway_tenant_latency(
+        f"http://127.0.0.1:{metrics_port}/metrics", "bench-0"
+    )
     return server, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}"
 
 

@@ -28,6 +28,7 @@ from router.servers import FrontDoors
 from router.service import InferenceService, RouterSettings, ServedModel
 from router.tracing import batch_span_observer
 from scheduler import BatchPolicy, BatchRecord, ModelBatcher
+from serving import gc_tuning
 from serving.admin_api import UserBackend, core_routes
 from serving.admin_models import model_routes
 from serving.cluster import GATEWAY_DEPLOYMENT, batch_backend
@@ -113,6 +114,8 @@ class Gateway:
         self._metrics_server, self._metrics_thread = start_http_server(
             cfg.metrics_port, cfg.host, registry=self._registry
         )
+        if cfg.gc_tuning:
+            gc_tuning.settle()
         log.info(
             "gateway serving http=%s grpc=%s (%s)",
             cfg.http_port,
