@@ -25,6 +25,7 @@
 
 #include <cerrno>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -50,6 +51,8 @@ struct Call {
   grpc::GenericServerAsyncReaderWriter stream{&ctx};
   grpc::ByteBuffer request;
   grpc::ByteBuffer response;
+  grpc::Status status;
+  bool with_payload = false;
   Tag accept_tag{this, Ev::Accept};
   Tag read_tag{this, Ev::Read};
   Tag finish_tag{this, Ev::Finish};
@@ -59,6 +62,10 @@ struct Call {
   bool handed = false;          // queued for or held by Python
   bool finished = false;        // a Finish was started (by Python or here)
 };
+
+// Fewer calls than this held by Python, and none queued for the writer: Finish
+// writes on the caller's thread.
+constexpr size_t kInlineBelow = 4;
 
 struct Event {
   bool cancelled;  // false: a new call (call is set); true: call `id` was cancelled
@@ -96,6 +103,7 @@ class Door {
       for (int i = 0; i < accepts_; ++i) RequestLocked();
     }
     thread_ = std::thread([this] { Run(); });
+    writer_ = std::thread([this] { Write(); });
   }
 
   // Everything queued since the last take (called with the GIL held).
@@ -108,11 +116,21 @@ class Door {
     signalled_ = false;
   }
 
-  // Start answering call `id`; false when it is gone (already finished, or stopped).
+  // Answer call `id` (called with the GIL held); false when it is gone (already
+  // finished, or stopped). Under load the answer is queued for the writer thread,
+  // which starts its write: gRPC's framing and the socket write run there, off the
+  // event loop's thread and without the GIL (+10-15% calls/s at 64 in flight); near
+  // idle it is written here, which is quicker for one call.
   bool Finish(uint64_t id, int code, const std::string& details, const char* data,
               Py_ssize_t size, bool has_payload) {
+    bool with_payload = has_payload && code == 0;
+    grpc::ByteBuffer response;
+    if (with_payload) {
+      grpc::Slice slice(data, static_cast<size_t>(size));  // the copy, outside the lock
+      response = grpc::ByteBuffer(&slice, 1);
+    }
     std::lock_guard<std::mutex> lock(mu_);
-    if (stopped_) return false;
+    if (stopped_ || writer_stopping_) return false;
     auto it = calls_.find(id);
     if (it == calls_.end()) return false;
     Call* call = it->second;
@@ -120,15 +138,17 @@ class Door {
     call->handed = false;
     call->finished = true;
     call->finish_pending = true;
-    grpc::Status status(static_cast<grpc::StatusCode>(code), details);
-    if (has_payload && code == 0) {
-      grpc::Slice slice(data, static_cast<size_t>(size));
-      call->response = grpc::ByteBuffer(&slice, 1);
-      call->stream.WriteAndFinish(call->response, grpc::WriteOptions(), status,
-                                  &call->finish_tag);
-    } else {
-      call->stream.Finish(status, &call->finish_tag);
+    call->status = grpc::Status(static_cast<grpc::StatusCode>(code), details);
+    call->with_payload = with_payload;
+    if (with_payload) call->response.Swap(&response);
+    if (replies_.empty() && calls_.size() < kInlineBelow) {
+      // Next to idle: write here, as a hand-off to the writer thread would cost
+      // more latency than the write itself.
+      StartReply(call);
+      return true;
     }
+    replies_.push_back(call);
+    if (replies_.size() == 1) replies_ready_.notify_one();
     return true;
   }
 
@@ -144,6 +164,12 @@ class Door {
     auto deadline = std::chrono::system_clock::now() +
                     std::chrono::microseconds(static_cast<int64_t>(grace_s * 1e6));
     if (server_) server_->Shutdown(deadline);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      writer_stopping_ = true;  // the writer starts what is queued, then ends
+    }
+    replies_ready_.notify_one();
+    if (writer_.joinable()) writer_.join();
     {
       std::lock_guard<std::mutex> lock(mu_);
       stopped_ = true;
@@ -177,6 +203,31 @@ class Door {
     ++allocated_;
     call->ctx.AsyncNotifyWhenDone(&call->done_tag);
     service_.RequestCall(&call->ctx, &call->stream, cq_.get(), cq_.get(), &call->accept_tag);
+  }
+
+  static void StartReply(Call* c) {
+    if (c->with_payload) {
+      c->stream.WriteAndFinish(c->response, grpc::WriteOptions(), c->status, &c->finish_tag);
+    } else {
+      c->stream.Finish(c->status, &c->finish_tag);
+    }
+  }
+
+  // Starts the writes Python queued. The operations start outside the lock: a call
+  // with a pending Finish is not deleted, and the completion queue is shut down only
+  // after this thread has ended.
+  void Write() {
+    std::vector<Call*> batch;
+    std::unique_lock<std::mutex> lock(mu_);
+    while (true) {
+      replies_ready_.wait(lock, [this] { return !replies_.empty() || writer_stopping_; });
+      if (replies_.empty()) return;  // stopping, nothing left
+      batch.swap(replies_);
+      lock.unlock();
+      for (Call* c : batch) StartReply(c);
+      batch.clear();
+      lock.lock();
+    }
   }
 
   void PushLocked(Event event) {
@@ -226,6 +277,7 @@ class Door {
           call->finish_pending = false;
           MaybeDeleteLocked(call);
           break;
+
         case Ev::Done:
           call->done = true;
           if (call->handed && call->ctx.IsCancelled()) {
@@ -247,6 +299,10 @@ class Door {
   std::mutex mu_;
   std::vector<Event> queue_;
   std::unordered_map<uint64_t, Call*> calls_;  // held by Python, by id
+  std::vector<Call*> replies_;                 // answered by Python, not yet written
+  std::condition_variable replies_ready_;
+  std::thread writer_;
+  bool writer_stopping_ = false;
   uint64_t next_id_ = 0;
   int64_t allocated_ = 0;  // Call objects alive: outstanding accepts + calls in progress
   bool signalled_ = false;
