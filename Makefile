@@ -18,10 +18,11 @@ install: $(STAMP) native
 
 # Installs Debian's libgrpc++-dev first when missing and run as root; else says what to
 # install and leaves the gRPC port to grpcio.
-native: $(STAMP)
-	@if [ ! -e $(NATIVE) ] || [ router/native/grpcdoor.cc -nt $(NATIVE) ] \
-	    || [ router/native/build.sh -nt $(NATIVE) ]; then \
-	  PYTHON=$(PY) bash router/native/build.sh; fi
+# (Without the libraries no file is made, so the next make tries again.)
+native: $(NATIVE)
+
+$(NATIVE): router/native/grpcdoor.cc router/native/build.sh | $(STAMP)
+	PYTHON=$(PY) bash router/native/build.sh
 
 serve: $(STAMP) native
 	$(VENV)/bin/gpugate serve $(ARGS)

@@ -57,8 +57,11 @@ class SystemRun:
 # ------------------------------------------------------------- batch counters
 
 
-def gateway_batches(metrics_url: str) -> BatchCounter:
-    """gpugate's ``gpugate_batch_size_rows`` histogram: (_count, _sum) over all labels."""
+def prometheus_totals(
+    metrics_url: str, first: str, second: str, label: str | None = None
+) -> BatchCounter:
+    """Two series of a Prometheus text page, each summed over its labels (only the
+    lines holding ``label`` when given): (sum of ``first``, sum of ``second``)."""
 
     def read() -> tuple[float, float] | None:
         try:
@@ -66,38 +69,34 @@ def gateway_batches(metrics_url: str) -> BatchCounter:
                 text = resp.read().decode()
         except OSError:
             return None
-        count = total = 0.0
+        a = b = 0.0
         for line in text.splitlines():
-            if line.startswith("gpugate_batch_size_rows_count"):
-                count += float(line.rsplit(" ", 1)[1])
-            elif line.startswith("gpugate_batch_size_rows_sum"):
-                total += float(line.rsplit(" ", 1)[1])
-        return count, total
+            if label is not None and label not in line:
+                continue
+            if line.startswith(first):
+                a += float(line.rsplit(" ", 1)[1])
+            elif line.startswith(second):
+                b += float(line.rsplit(" ", 1)[1])
+        return a, b
 
     return read
+
+
+def gateway_batches(metrics_url: str) -> BatchCounter:
+    """gpugate's ``gpugate_batch_size_rows`` histogram: (_count, _sum) over all labels."""
+    return prometheus_totals(
+        metrics_url, "gpugate_batch_size_rows_count", "gpugate_batch_size_rows_sum"
+    )
 
 
 def gateway_tenant_latency(metrics_url: str, tenant: str) -> BatchCounter:
     """gpugate's ``gpugate_request_duration_seconds`` for one tenant: (_count, _sum)."""
-    label = f'tenant="{tenant}"'
-
-    def read() -> tuple[float, float] | None:
-        try:
-            with urllib.request.urlopen(metrics_url, timeout=5) as resp:
-                text = resp.read().decode()
-        except OSError:
-            return None
-        count = total = 0.0
-        for line in text.splitlines():
-            if label not in line:
-                continue
-            if line.startswith("gpugate_request_duration_seconds_count"):
-                count += float(line.rsplit(" ", 1)[1])
-            elif line.startswith("gpugate_request_duration_seconds_sum"):
-                total += float(line.rsplit(" ", 1)[1])
-        return count, total
-
-    return read
+    return prometheus_totals(
+        metrics_url,
+        "gpugate_request_duration_seconds_count",
+        "gpugate_request_duration_seconds_sum",
+        f'tenant="{tenant}"',
+    )
 
 
 def peer_batches(stats_url: str) -> BatchCounter:
@@ -117,22 +116,7 @@ def peer_batches(stats_url: str) -> BatchCounter:
 def triton_batches(metrics_url: str) -> BatchCounter:
     """Triton's own counters: ``nv_inference_exec_count`` (batches run) and
     ``nv_inference_count`` (rows inferred), summed over models."""
-
-    def read() -> tuple[float, float] | None:
-        try:
-            with urllib.request.urlopen(metrics_url, timeout=5) as resp:
-                text = resp.read().decode()
-        except OSError:
-            return None
-        batches = rows = 0.0
-        for line in text.splitlines():
-            if line.startswith("nv_inference_exec_count{"):
-                batches += float(line.rsplit(" ", 1)[1])
-            elif line.startswith("nv_inference_count{"):
-                rows += float(line.rsplit(" ", 1)[1])
-        return batches, rows
-
-    return read
+    return prometheus_totals(metrics_url, "nv_inference_exec_count{", "nv_inference_count{")
 
 
 # ------------------------------------------------------------------ subprocesses

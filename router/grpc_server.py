@@ -46,6 +46,13 @@ _CONTENTS_FIELD = {
 R = TypeVar("R")
 
 SERVICE_PREFIX = "/inference.GRPCInferenceService/"
+
+
+def send_limit(max_message_bytes: int) -> int:
+    """The gRPC doors' send limit: answers may outgrow requests (at least 256 MiB)."""
+    return max(max_message_bytes, 256 * 2**20)
+
+
 # Unary method name -> (request type, response type), as in grpc_service.proto: what the
 # doors that do not use grpcio's generated registration (grpclib, native) serve.
 METHODS: dict[str, tuple[Any, Any]] = {
@@ -236,7 +243,7 @@ def build_grpc_server(
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max(max_message_bytes, 256 * 2**20)),
+            ("grpc.max_send_message_length", send_limit(max_message_bytes)),
             ("grpc.so_reuseport", 0),
         ]
     )

@@ -26,7 +26,7 @@ from typing import Any
 
 import grpc
 
-from router.grpc_server import METHODS, SERVICE_PREFIX, InferenceServicer
+from router.grpc_server import METHODS, SERVICE_PREFIX, InferenceServicer, send_limit
 from router.service import InferenceService
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class NativeServer:
             for name, (request_type, _) in METHODS.items()
         }
         self._max_receive = max_message_bytes
-        self._max_send = max(max_message_bytes, 256 * 2**20)
+        self._max_send = send_limit(max_message_bytes)
         self._accepts = max(accepts, 1)
         self._door: Any = None
         self._stopped = False
@@ -195,9 +195,9 @@ class NativeServer:
         assert self._loop is not None
         self._take()  # the cancellations shutdown reported
         self._loop.remove_reader(self._door.fileno())
-        tasks = list(self._tasks.values())
-        for call_id in list(self._tasks):
+        tasks = list(self._tasks.items())
+        for call_id, _ in tasks:
             self._cancel(call_id)
         with contextlib.suppress(Exception):
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*(task for _, task in tasks), return_exceptions=True)
         self._stopped = True

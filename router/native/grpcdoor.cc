@@ -23,7 +23,6 @@
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/grpcpp.h>
 
-#include <cerrno>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -60,7 +59,6 @@ struct Call {
   bool done = false;            // Done delivered
   bool finish_pending = false;  // a Finish started, its tag not back yet
   bool handed = false;          // queued for or held by Python
-  bool finished = false;        // a Finish was started (by Python or here)
 };
 
 // Fewer calls than this held by Python, and none queued for the writer: Finish
@@ -136,7 +134,6 @@ class Door {
     Call* call = it->second;
     calls_.erase(it);
     call->handed = false;
-    call->finished = true;
     call->finish_pending = true;
     call->status = grpc::Status(static_cast<grpc::StatusCode>(code), details);
     call->with_payload = with_payload;
@@ -267,7 +264,6 @@ class Door {
             calls_.emplace(call->id, call);
             PushLocked(Event{false, call, call->id});
           } else {  // the client went away (or half-closed) before sending a message
-            call->finished = true;
             call->finish_pending = true;
             call->stream.Finish(grpc::Status(grpc::StatusCode::CANCELLED, "no request"),
                                 &call->finish_tag);

@@ -2019,6 +2019,23 @@ class _ErrorsSeen:
         self.lt.run(collect())
 
 
+def stop_with_four_calls_in_flight(
+    lt: LoopThread, stack: Stack, stop: Callable[[Stack], Any], x: np.ndarray, k: np.ndarray
+) -> list[concurrent.futures.Future[Any]]:
+    """Four gRPC calls wait on the backend while ``stop(stack)`` runs on ``lt``'s loop;
+    stopping must take under 10 s. Returns the calls, done; closes the batchers."""
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        in_flight = [pool.submit(_infer_grpc_at, stack, "affine", x, k) for _ in range(4)]
+        _wait_for(lambda: stack.service.in_flight == 4)
+        started = time.monotonic()
+        lt.run(stop(stack))
+        assert time.monotonic() - started < 10
+        concurrent.futures.wait(in_flight, timeout=10)
+    for batcher in stack.batchers:  # no-op after stop_stack
+        lt.run(batcher.close(drain=False))
+    return in_flight
+
+
 def _stop_with_four_calls_in_flight(
     stop: Callable[[Stack], Any], delay_s: float
 ) -> tuple[list[concurrent.futures.Future[Any]], np.ndarray, np.ndarray]:
@@ -2041,17 +2058,9 @@ def _stop_with_four_calls_in_flight(
         acceptors = stack.doors.acceptors
         assert acceptors is not None
         tasks = list(acceptors._tasks)
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            in_flight = [pool.submit(_infer_grpc_at, stack, "affine", x, k) for _ in range(4)]
-            _wait_for(lambda: stack.service.in_flight == 4)
-            started = time.monotonic()
-            seen.lt.run(stop(stack))
-            assert time.monotonic() - started < 10
-            concurrent.futures.wait(in_flight, timeout=10)
+        in_flight = stop_with_four_calls_in_flight(seen.lt, stack, stop, x, k)
         assert acceptors.accepted >= 3
         assert all(task.done() and not task.cancelled() for task in tasks)
-        for batcher in stack.batchers:  # no-op after stop_stack
-            seen.lt.run(batcher.close(drain=False))
         seen.collect_garbage()
     finally:
         seen.lt.stop()
