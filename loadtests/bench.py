@@ -233,6 +233,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "dispatch what is queued as soon as the model is free)",
     )
     p.add_argument(
+        "--latency-lane-rows",
+        type=int,
+        default=None,
+        help="gpugate's models[].latency_lane_rows (0 = no latency lane; default: the "
+        "gateway's own default)",
+    )
+    p.add_argument(
         "--peer-forward",
         choices=("thread", "inline"),
         default="thread",
@@ -363,6 +370,7 @@ def _run(
         max_queue_delay_ms=args.batch_wait_ms,
         replicas=1,
         num_cpus=1.0,
+        **({} if args.latency_lane_rows is None else {"latency_lane_rows": args.latency_lane_rows}),
     )
     row = bench_row()
     expected = reference_output(model, row)
@@ -536,6 +544,7 @@ def _run(
                 "duration_s": args.duration,
                 "max_batch_size": args.max_batch_size,
                 "batch_wait_ms": args.batch_wait_ms,
+                "latency_lane_rows": model.latency_lane_rows,
                 **gateway_settings(args),
                 "peer_forward": args.peer_forward,
                 "peer_access_log": args.peer_access_log,

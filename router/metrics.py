@@ -80,6 +80,13 @@ class RouterMetrics:
             ["model", "version", "device"],
             registry=r,
         )
+        self.lane_batches = Counter(
+            "gpugate_lane_batches",
+            "Latency-lane batches: small urgent batches of lightly loaded tenants sent "
+            "while every ordinary batch slot was taken.",
+            ["model", "version"],
+            registry=r,
+        )
         self.batch_failures = Counter(
             "gpugate_batch_failures",
             "Batches the replica failed to run.",
@@ -176,6 +183,8 @@ class RouterMetrics:
     def observe_batch(self, record: BatchRecord) -> None:
         self.batch_rows.labels(record.model, record.version).observe(record.rows)
         self.batch_duration.labels(record.model, record.version).observe(record.duration_s)
+        if record.urgent:
+            self.lane_batches.labels(record.model, record.version).inc()
         wait = self.queue_wait.labels(record.model, record.version)
         for w in record.queue_wait_s:
             wait.observe(w)

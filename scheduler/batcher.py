@@ -5,6 +5,16 @@ Requests wait in a :class:`FairQueue`; whenever the backend has a free slot
 would be full or the oldest request has waited ``max_queue_delay``, otherwise
 the loop sleeps until that moment. A batch's inputs are concatenated row-wise
 and sent in ONE backend call; outputs are sliced back per request.
+
+Latency lane (``policy.latency_lane_rows`` > 0): fair order alone cannot help a
+light tenant whose request arrives while every slot holds a full batch: it waits
+for one to come back, then rides the next full batch. So a small request from a
+tenant that had nothing queued and nothing running when it arrived is marked for
+the lane; when every ordinary slot is taken, the lane's requests go out at once
+as one urgent batch of their own (one lane batch at a time, up to
+``latency_lane_rows`` rows), which the backend runs before the ordinary batches
+waiting at the replica. A backlogged tenant never qualifies (it always has
+something queued or running), so the lane cannot be used to jump the queue.
 """
 
 from __future__ import annotations
@@ -57,6 +67,7 @@ class BatchRecord:
     charge_ns: int = 0
     charges_ns: tuple[int, ...] = ()
     traces: tuple[object | None, ...] = ()  # the callers' opaque trace contexts
+    urgent: bool = False  # a latency-lane batch
 
     @functools.cached_property
     def by_tenant(self) -> dict[str, TenantShare]:
@@ -139,6 +150,8 @@ class ModelBatcher:
         self._queue = FairQueue(policy.max_queued_rows, policy.max_queued_rows_per_tenant)
         self._wake = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._lane: asyncio.Task[None] | None = None  # the lane batch in flight, if any
+        self._running: dict[str, int] = {}  # tenant -> its requests in batches in flight
         self._closing = False
         self._loop_task: asyncio.Task[None] | None = None
         self._sleeps_until = -math.inf  # when the loop's own timer fires next
@@ -183,6 +196,11 @@ class ModelBatcher:
         now = self._clock()
         deadline = now + timeout_s if timeout_s is not None else math.inf
         future: asyncio.Future[Tensors] = asyncio.get_running_loop().create_future()
+        lane = (
+            rows <= self.policy.latency_lane_rows
+            and not self._queue.tenant_rows(tenant)
+            and tenant not in self._running
+        )
         req = Pending(
             tenant=tenant,
             rows=rows,
@@ -192,9 +210,14 @@ class ModelBatcher:
             arrival=now,
             payload=_Job(inputs, future, receipt, trace),
             group=tuple((name, a.shape[1:], a.dtype.str) for name, a in inputs.items()),
+            lane=lane,
         )
         self._queue.push(req)  # raises QueueFullError before anything waits
-        if len(self._in_flight) < self.policy.max_in_flight or deadline < self._sleeps_until:
+        if (
+            len(self._in_flight) < self.policy.max_in_flight
+            or deadline < self._sleeps_until
+            or (lane and self._lane is None)
+        ):
             # Else the loop is waiting for a batch to finish, and nothing here is urgent.
             self._wake.set()
         # The loop answers expired *queued* requests itself; this timer also covers a
@@ -245,6 +268,15 @@ class ModelBatcher:
                 _fail(req, DeadlineExceededError(now - req.arrival, ran=False))
             next_deadline = self._queue.next_deadline()
             wake_at = math.inf if next_deadline is None else next_deadline
+            if (
+                self._queue.lane_requests
+                and self._lane is None
+                and len(self._in_flight) >= policy.max_in_flight
+            ):
+                lane = self._queue.take_batch(policy.latency_lane_rows, lane_only=True)
+                if lane:
+                    self._dispatch(lane, now, urgent=True)
+                    continue
             if self._queue.rows and len(self._in_flight) < policy.max_in_flight:
                 oldest = self._queue.oldest_arrival()
                 ready_at = (oldest if oldest is not None else now) + policy.max_queue_delay_s
@@ -264,18 +296,34 @@ class ModelBatcher:
             if timer is not None:
                 timer.cancel()
 
-    def _dispatch(self, batch: list[Pending], now: float) -> None:
+    def _dispatch(self, batch: list[Pending], now: float, urgent: bool = False) -> None:
         if not batch:
             return
-        task = asyncio.get_running_loop().create_task(self._run_batch(batch, now))
+        running = self._running
+        for req in batch:
+            running[req.tenant] = running.get(req.tenant, 0) + 1
+        task = asyncio.get_running_loop().create_task(self._run_batch(batch, now, urgent))
         self._in_flight.add(task)
+        if urgent:
+            self._lane = task
         task.add_done_callback(self._batch_done)
 
     def _batch_done(self, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
+        if task is self._lane:
+            self._lane = None
         self._wake.set()
 
-    async def _run_batch(self, batch: list[Pending], started: float) -> None:
+    def _not_running(self, batch: list[Pending]) -> None:
+        running = self._running
+        for req in batch:
+            left = running[req.tenant] - 1
+            if left:
+                running[req.tenant] = left
+            else:
+                del running[req.tenant]
+
+    async def _run_batch(self, batch: list[Pending], started: float, urgent: bool) -> None:
         jobs: list[_Job] = [req.payload for req in batch]
         started_at_ns = self._wall_clock_ns()
         result: BatchResult | None = None
@@ -286,8 +334,8 @@ class ModelBatcher:
             else:
                 names = jobs[0].inputs.keys()
                 inputs = {n: np.concatenate([j.inputs[n] for j in jobs]) for n in names}
-            result = await self._backend.run_batch(inputs)
-            record = self._record(batch, jobs, started, started_at_ns, result)
+            result = await self._backend.run_batch(inputs, urgent=urgent)
+            record = self._record(batch, jobs, started, started_at_ns, result, urgent)
             costs: Sequence[float] = ()
             if self._ledger is not None:
                 try:
@@ -308,9 +356,11 @@ class ModelBatcher:
             for req in batch:
                 _fail(req, err)
         finally:
+            # Before the callers run again: a tenant's next request sees this one done.
+            self._not_running(batch)
             if self._observer is not None:
                 if record is None:  # the backend failed: no result, no charge
-                    record = self._record(batch, jobs, started, started_at_ns, None)
+                    record = self._record(batch, jobs, started, started_at_ns, None, urgent)
                 self._observer(record)
 
     @property
@@ -324,6 +374,7 @@ class ModelBatcher:
         started: float,
         started_at_ns: int,
         result: BatchResult | None,
+        urgent: bool,
     ) -> BatchRecord:
         rows = [r.rows for r in batch]
         charge = charge_ns(result.device_ns, result.device_share) if result is not None else 0
@@ -340,6 +391,7 @@ class ModelBatcher:
             charge_ns=charge,
             charges_ns=tuple(split_by_rows(charge, rows)) if result is not None else (),
             traces=tuple(j.trace for j in jobs),
+            urgent=urgent,
         )
 
     @staticmethod

@@ -40,6 +40,8 @@ class Pending:
     # Requests batch together only within one group (e.g. equal non-batch dims of
     # variable-length inputs, which could not be concatenated otherwise).
     group: Hashable = None
+    # May ride the latency lane (the driver decides who qualifies: see ModelBatcher).
+    lane: bool = False
     seq: int = field(default=0, init=False)
     dead: bool = field(default=False, init=False)  # removed: taken, expired or cancelled
 
@@ -63,6 +65,7 @@ class FairQueue:
         self.max_queued_rows = max_queued_rows
         self.max_queued_rows_per_tenant = max_queued_rows_per_tenant
         self.rows = 0
+        self.lane_requests = 0  # queued requests with ``lane`` set
         self._tenants: dict[str, _TenantQueue] = {}
         self._backlogged: set[str] = set()
         self._arrivals: list[tuple[float, int, Pending]] = []  # for the oldest waiter
@@ -89,6 +92,7 @@ class FairQueue:
             heapq.heappush(self._deadlines, (req.deadline, req.seq, req))
         tq.rows += req.rows
         self.rows += req.rows
+        self.lane_requests += req.lane
 
     def remove(self, req: Pending) -> bool:
         """Drop a queued request (its caller went away). False if already gone."""
@@ -97,10 +101,12 @@ class FairQueue:
         self._retire(req)
         return True
 
-    def take_batch(self, max_rows: int) -> list[Pending]:
+    def take_batch(self, max_rows: int, lane_only: bool = False) -> list[Pending]:
         """Up to ``max_rows`` rows of one group, in priority then weighted-fair order.
 
         A tenant whose next request is of another group waits for a later batch.
+        ``lane_only``: take only requests marked ``lane`` (a tenant whose next request
+        is not marked is passed over).
         """
         batch: list[Pending] = []
         room = max_rows
@@ -111,6 +117,8 @@ class FairQueue:
                 tq = self._tenants[name]
                 head = tq.head()
                 if head is None or head.rows > room or (batch and head.group != batch[0].group):
+                    continue
+                if lane_only and not head.lane:
                     continue
                 key = (head.priority, tq.vt, head.seq)
                 if best is None or key < best:
@@ -155,6 +163,7 @@ class FairQueue:
         tq = self._tenants[req.tenant]
         tq.rows -= req.rows
         self.rows -= req.rows
+        self.lane_requests -= req.lane
         if tq.rows == 0:
             self._backlogged.discard(req.tenant)
             tq.heap.clear()  # only dead entries are left; drop them and their inputs

@@ -27,9 +27,13 @@ class BatchResult:
 
 
 class Backend(Protocol):
-    """Runs one batch of one model version. ``serving`` supplies the Ray-backed one."""
+    """Runs one batch of one model version. ``serving`` supplies the Ray-backed one.
 
-    async def run_batch(self, inputs: Tensors) -> BatchResult: ...
+    ``urgent`` marks a latency-lane batch: a backend that queues batches per replica
+    runs it before the ordinary ones waiting there (it cannot stop one running).
+    """
+
+    async def run_batch(self, inputs: Tensors, *, urgent: bool = False) -> BatchResult: ...
 
 
 @dataclass(frozen=True)
@@ -39,9 +43,16 @@ class BatchPolicy:
     max_in_flight: int = 2  # batches outstanding at the backend at once
     max_queued_rows: int = 4096
     max_queued_rows_per_tenant: int = 1024
+    # Latency lane: a request of at most this many rows from a tenant with nothing
+    # queued and nothing running when it arrived goes out at once in a small urgent
+    # batch of its own when every ordinary slot is taken (one such batch at a time).
+    # 0 turns the lane off.
+    latency_lane_rows: int = 0
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_in_flight < 1:
             raise ValueError("max_batch_size and max_in_flight must be >= 1")
+        if self.latency_lane_rows < 0:
+            raise ValueError("latency_lane_rows must be >= 0")
         if self.max_queue_delay_s < 0:
             raise ValueError("max_queue_delay_s must be >= 0")

@@ -38,7 +38,9 @@ class RayBatchBackend:
     def __init__(self, handle: DeploymentHandle, transport: str = "grpc") -> None:
         self._handle = handle.options(_by_reference=False) if transport == "grpc" else handle
 
-    async def run_batch(self, inputs: Tensors) -> BatchResult:
+    async def run_batch(self, inputs: Tensors, *, urgent: bool = False) -> BatchResult:
+        # ``urgent`` cannot reorder a Serve handle's calls at the replica: a lane batch
+        # still goes out at once, and runs in the order the replica takes its calls.
         try:
             result: BatchResult = await self._handle.run_batch.remote(inputs)
         except (RayActorError, ActorUnavailableError) as exc:

@@ -94,6 +94,16 @@ class ModelConfig(_Strict):
         description="Batches sent to one replica before the previous returns; 2 hides the "
         "Ray hop behind the forward.",
     )
+    latency_lane_rows: int = Field(
+        default=4,
+        ge=0,
+        le=1024,
+        description="Latency lane: a request of at most this many rows, from a tenant with "
+        "nothing queued and nothing running here when it arrived, does not wait for a free "
+        "batch slot behind full batches; it goes out at once in a small batch of its own "
+        "(one at a time, up to this many rows), which the replica runs before the ordinary "
+        "batches waiting there. 0 turns the lane off.",
+    )
     max_queued_rows: int = Field(
         default=4096, ge=1, description="Rows waiting for this version before 429."
     )

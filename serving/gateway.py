@@ -130,6 +130,7 @@ class Gateway:
             max_in_flight=model.replicas * model.batches_in_flight_per_replica,
             max_queued_rows=model.max_queued_rows,
             max_queued_rows_per_tenant=model.max_queued_rows_per_tenant,
+            latency_lane_rows=model.latency_lane_rows,
         )
         handle = serve.get_deployment_handle(deployment_name(model), app_name=app)
         batcher = ModelBatcher(

@@ -95,7 +95,7 @@ class RandomBackend:
     def __init__(self, seed: int) -> None:
         self.rng = random.Random(seed)
 
-    async def run_batch(self, inputs: Tensors) -> BatchResult:
+    async def run_batch(self, inputs: Tensors, *, urgent: bool = False) -> BatchResult:
         await asyncio.sleep(self.rng.random() / 1000)
         share = self.rng.choice([1.0, 0.5, 0.25, 1 / 3])
         return BatchResult({"y": inputs["x"]}, self.rng.randint(1, 5 * 10**7), "cpu", share)

@@ -110,7 +110,7 @@ class AffineBackend:
         self.batch_rows: list[int] = []
         self.running = 0
 
-    async def run_batch(self, inputs: Tensors) -> BatchResult:
+    async def run_batch(self, inputs: Tensors, *, urgent: bool = False) -> BatchResult:
         self.calls += 1
         self.batch_rows.append(len(inputs["x"]))
         self.running += 1
@@ -123,13 +123,13 @@ class AffineBackend:
 
 
 class VecBackend:
-    async def run_batch(self, inputs: Tensors) -> BatchResult:
+    async def run_batch(self, inputs: Tensors, *, urgent: bool = False) -> BatchResult:
         v = inputs["v"]
         return BatchResult({"n": v.sum(axis=1, keepdims=True, dtype=np.float32)}, 1, "cpu", 1.0)
 
 
 class BrokenBackend:
-    async def run_batch(self, inputs: Tensors) -> BatchResult:
+    async def run_batch(self, inputs: Tensors, *, urgent: bool = False) -> BatchResult:
         raise RuntimeError("replica exploded")
 
 

@@ -26,7 +26,9 @@ def test_a_batch_of_mixed_dtypes_and_shapes_round_trips_exactly() -> None:
         "big_endian": np.arange(6, dtype=">i4").reshape(3, 2),
         "not_contiguous": np.arange(24, dtype=np.float64).reshape(4, 6).T[:3],
     }
-    out = decode_batch(encode_batch(inputs))
+    out, urgent = decode_batch(encode_batch(inputs))
+    assert not urgent
+    assert decode_batch(encode_batch(inputs, urgent=True))[1]
     assert list(out) == list(inputs)  # input order is kept
     for name, arr in inputs.items():
         assert out[name].dtype == arr.dtype and out[name].shape == arr.shape, name

@@ -27,7 +27,7 @@ class Backend:
         self.gate = gate
         self.rows = 0
 
-    async def run_batch(self, inputs: Tensors) -> BatchResult:
+    async def run_batch(self, inputs: Tensors, *, urgent: bool = False) -> BatchResult:
         if self.gate is not None:
             await self.gate.wait()
         x = inputs["x"]

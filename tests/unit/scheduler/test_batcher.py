@@ -31,7 +31,7 @@ class RecordingBackend:
         self.fail = fail
         self.batches: list[int] = []
 
-    async def run_batch(self, inputs: Tensors) -> BatchResult:
+    async def run_batch(self, inputs: Tensors, *, urgent: bool = False) -> BatchResult:
         x = inputs["x"]
         self.batches.append(x.shape[0])
         await asyncio.sleep(self.delay_s)
@@ -244,3 +244,116 @@ def test_variable_length_inputs_of_different_lengths_are_not_mixed() -> None:
 
     run(main)
     assert sum(backend.batches) == 7
+
+
+class GatedBackend:
+    """Ordinary batches wait for ``release``; urgent ones run at once. Records both."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.calls: list[tuple[int, bool]] = []  # (rows, urgent) in dispatch order
+        self.answered: list[bool] = []  # urgent flag, in answer order
+
+    async def run_batch(self, inputs: Tensors, *, urgent: bool = False) -> BatchResult:
+        x = inputs["x"]
+        self.calls.append((x.shape[0], urgent))
+        if not urgent:
+            await self.release.wait()
+        self.answered.append(urgent)
+        return BatchResult({"y": 2 * x}, device_ns=1000, device="cpu", device_share=1.0)
+
+
+def _lane_policy(lane_rows: int) -> BatchPolicy:
+    return BatchPolicy(max_batch_size=8, max_in_flight=2, latency_lane_rows=lane_rows)
+
+
+async def _fill_both_slots(b: ModelBatcher) -> list[asyncio.Task[Tensors]]:
+    """The heavy tenant fills both slots and keeps more queued."""
+    heavy = [asyncio.ensure_future(b.submit("heavy", _x(4, i), 4)) for i in range(8)]
+    await asyncio.sleep(0.01)
+    assert b.in_flight == 2 and b.queued_rows == 4 * 4  # two batches of 2 x 4 rows out
+    return heavy
+
+
+def test_a_light_tenant_rides_the_lane_past_full_slots_and_gets_its_own_rows() -> None:
+    backend = GatedBackend()
+    records: list[BatchRecord] = []
+
+    async def main() -> None:
+        b = ModelBatcher("m", "1", backend, _lane_policy(4), observer=records.append)
+        b.start()
+        heavy = await _fill_both_slots(b)
+        x = _x(2, 99)
+        out = await asyncio.wait_for(b.submit("light", x, 2), 1.0)  # no slot was free
+        np.testing.assert_array_equal(out["y"], 2 * x["x"])
+        assert not any(f.done() for f in heavy)
+        # The heavy tenant has work queued and running: its next request waits its turn.
+        more = asyncio.ensure_future(b.submit("heavy", _x(1, 50), 1))
+        await asyncio.sleep(0.01)
+        assert not more.done() and backend.calls[-1] == (2, True)
+        backend.release.set()
+        await asyncio.gather(*heavy, more)
+        await b.close()
+
+    run(main)
+    assert backend.calls[:3] == [(8, False), (8, False), (2, True)]
+    assert backend.answered[0] is True
+    assert [c for c in backend.calls if c[1]] == [(2, True)]  # one lane batch only
+    lane = [r for r in records if r.urgent]
+    assert len(lane) == 1 and lane[0].tenants == (("light", 2),)
+
+
+def test_the_lane_is_off_at_zero_and_closed_to_requests_bigger_than_it() -> None:
+    async def light_answered_before_release(lane_rows: int, rows: int) -> bool:
+        backend = GatedBackend()
+        b = ModelBatcher("m", "1", backend, _lane_policy(lane_rows))
+        b.start()
+        heavy = await _fill_both_slots(b)
+        light = asyncio.ensure_future(b.submit("light", _x(rows, 7), rows))
+        await asyncio.sleep(0.05)
+        answered = light.done()
+        backend.release.set()
+        await asyncio.gather(*heavy, light)
+        await b.close()
+        assert all(not urgent for _, urgent in backend.calls) or answered
+        return answered
+
+    assert run(lambda: light_answered_before_release(0, 1)) is False
+    assert run(lambda: light_answered_before_release(4, 5)) is False
+    assert run(lambda: light_answered_before_release(4, 4)) is True
+
+
+def test_one_lane_batch_at_a_time_and_the_next_takes_every_waiting_light_tenant() -> None:
+    class SlowLane(GatedBackend):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lane_release = asyncio.Event()
+
+        async def run_batch(self, inputs: Tensors, *, urgent: bool = False) -> BatchResult:
+            first_lane = urgent and not any(u for _, u in self.calls)
+            result = await super().run_batch(inputs, urgent=urgent)
+            if first_lane:  # held until released, as a slow replica would
+                await self.lane_release.wait()
+            return result
+
+    backend = SlowLane()
+
+    async def main() -> None:
+        b = ModelBatcher("m", "1", backend, _lane_policy(4))
+        b.start()
+        heavy = await _fill_both_slots(b)
+        first = asyncio.ensure_future(b.submit("l1", _x(1, 1), 1))
+        await asyncio.sleep(0.01)
+        later = [asyncio.ensure_future(b.submit(f"l{i}", _x(1, i), 1)) for i in (2, 3)]
+        await asyncio.sleep(0.01)
+        assert [c for c in backend.calls if c[1]] == [(1, True)]  # l2, l3 wait
+        backend.lane_release.set()
+        outs = await asyncio.wait_for(asyncio.gather(first, *later), 1.0)
+        for seed, out in zip((1, 2, 3), outs, strict=True):
+            np.testing.assert_array_equal(out["y"], 2 * _x(1, seed)["x"])
+        assert [c for c in backend.calls if c[1]] == [(1, True), (2, True)]
+        backend.release.set()
+        await asyncio.gather(*heavy)
+        await b.close()
+
+    run(main)

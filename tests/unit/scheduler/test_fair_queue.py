@@ -196,3 +196,33 @@ def test_expired_and_cancelled_requests_do_not_linger_in_tenant_heaps() -> None:
         q.remove(c)
     assert q.rows == 0
     assert q._tenants["a"].heap == []
+
+
+def test_a_lane_only_batch_takes_marked_requests_and_the_count_follows_every_exit() -> None:
+    q = _queue()
+    heavy = [Pending("heavy", rows=4) for _ in range(3)]
+    light = Pending("light", rows=1, lane=True)
+    late = Pending("late", rows=2, lane=True, deadline=5.0)
+    gone = Pending("gone", rows=1, lane=True)
+    for r in (*heavy, light, late, gone):
+        q.push(r)
+    assert q.lane_requests == 3
+    assert q.remove(gone)
+    assert q.expire(now=6.0) == [late]
+    assert q.lane_requests == 1
+    # Room for everything, yet only the marked request is taken.
+    assert q.take_batch(BATCH, lane_only=True) == [light]
+    assert q.lane_requests == 0
+    assert q.take_batch(BATCH, lane_only=True) == []
+    assert q.take_batch(BATCH) == heavy
+
+
+def test_lane_service_counts_toward_the_tenants_fair_share() -> None:
+    q = _queue()
+    q.push(Pending("heavy", rows=1))
+    q.push(Pending("heavy", rows=1))
+    q.push(Pending("light", rows=1, lane=True))
+    assert q.take_batch(BATCH, lane_only=True)[0].tenant == "light"
+    # The lane's row was service: light's next request queues behind heavy's.
+    q.push(Pending("light", rows=1))
+    assert [r.tenant for r in q.take_batch(1)] == ["heavy"]
