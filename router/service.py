@@ -309,7 +309,12 @@ class InferenceService:
         got: Tensors | None = None
         try:
             got = await target.batcher.submit(
-                SHADOW_TENANT, arrays, rows, priority=SHADOW_PRIORITY, timeout_s=timeout_s
+                SHADOW_TENANT,
+                arrays,
+                rows,
+                priority=SHADOW_PRIORITY,
+                timeout_s=timeout_s,
+                lane=False,  # mirrored work never goes past anyone's batch
             )
         except (QueueFullError, DeadlineExceededError, SchedulerClosedError):
             outcome = "dropped"  # it never ran: nothing learnt about the candidate

@@ -183,11 +183,14 @@ class ModelBatcher:
         timeout_s: float | None = None,
         receipt: Receipt | None = None,
         trace: object | None = None,
+        lane: bool = True,
     ) -> Tensors:
         """Queue one request and wait for its own rows of the batch output.
 
         ``receipt``, if given, is filled in with the request's queue wait and cost;
-        ``trace`` is handed back in the :class:`BatchRecord` (span links).
+        ``trace`` is handed back in the :class:`BatchRecord` (span links). ``lane``:
+        whether it may use the latency lane when it qualifies (a request qualifies only
+        if nothing of a more urgent priority level is queued).
         """
         if self._closing:
             raise SchedulerClosedError(f"model {self.model} version {self.version} is draining")
@@ -197,9 +200,11 @@ class ModelBatcher:
         deadline = now + timeout_s if timeout_s is not None else math.inf
         future: asyncio.Future[Tensors] = asyncio.get_running_loop().create_future()
         lane = (
-            rows <= self.policy.latency_lane_rows
+            lane
+            and rows <= self.policy.latency_lane_rows
             and not self._queue.tenant_rows(tenant)
             and tenant not in self._running
+            and priority <= self._queue.most_urgent_level()
         )
         req = Pending(
             tenant=tenant,

@@ -154,6 +154,11 @@ class FairQueue:
             heapq.heappop(self._deadlines)
         return self._deadlines[0][0] if self._deadlines else None
 
+    def most_urgent_level(self) -> float:
+        """The smallest priority number queued (inf when nothing is); O(tenants)."""
+        heads = (self._tenants[t].head() for t in self._backlogged)
+        return min((h.priority for h in heads if h is not None), default=math.inf)
+
     def tenant_rows(self, tenant: str) -> int:
         tq = self._tenants.get(tenant)
         return tq.rows if tq else 0

@@ -357,3 +357,22 @@ def test_one_lane_batch_at_a_time_and_the_next_takes_every_waiting_light_tenant(
         await b.close()
 
     run(main)
+
+
+def test_the_lane_never_passes_more_urgent_work_and_mirrored_requests_stay_out() -> None:
+    async def light_answered_before_release(priority: int, lane: bool) -> bool:
+        backend = GatedBackend()
+        b = ModelBatcher("m", "1", backend, _lane_policy(4))
+        b.start()
+        heavy = await _fill_both_slots(b)  # at priority 0, with more of it queued
+        light = asyncio.ensure_future(b.submit("light", _x(1, 7), 1, priority=priority, lane=lane))
+        await asyncio.sleep(0.05)
+        answered = light.done()
+        backend.release.set()
+        await asyncio.gather(*heavy, light)
+        await b.close()
+        return answered
+
+    assert run(lambda: light_answered_before_release(0, True)) is True
+    assert run(lambda: light_answered_before_release(1, True)) is False
+    assert run(lambda: light_answered_before_release(0, False)) is False
