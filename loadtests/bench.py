@@ -26,8 +26,8 @@
    the light tenant's p50/p99 in both phases (a second table).
 7. Calibration ("null"): ``loadtests/null_server.py``, a grpc.aio server that
    runs no model, driven the same way -- the most this client can do here --
-   and put through the noisy-neighbour scenario too: the light tenant's p99
-   beside the heavy one when the server does no work is this machine's floor.
+   and put through the noisy-neighbour scenario too: a server that does no
+   work but isolates no tenant, saturated by the same heavy client.
 
     python loadtests/bench.py                       # full run, a few minutes
     python loadtests/bench.py --quick --json-out /tmp/bench.json
@@ -481,8 +481,8 @@ def _run(
         with running(server, args.startup_timeout, run):
             loop.run(grpc_probe(target, keys, row, 30))
             run.levels += measure("grpc", "null", target, server)
-            # The floor of the noisy-neighbour table: the same two tenants' load on
-            # this machine when the server does no work and has no queue at all.
+            # The same two tenants against a server that does no work but isolates
+            # no one (first come, first served): what saturation alone does here.
             noisy_run("null", target, server)
         rows += run.levels
 
