@@ -11,10 +11,12 @@ light tenant whose request arrives while every slot holds a full batch: it waits
 for one to come back, then rides the next full batch. So a small request from a
 tenant that had nothing queued and nothing running when it arrived is marked for
 the lane; when every ordinary slot is taken, the lane's requests go out at once
-as one urgent batch of their own (one lane batch at a time, up to
-``latency_lane_rows`` rows), which the backend runs before the ordinary batches
-waiting at the replica. A backlogged tenant never qualifies (it always has
-something queued or running), so the lane cannot be used to jump the queue.
+as one urgent batch of their own (one lane batch at a time, beside the ordinary
+slots, up to ``latency_lane_rows`` rows and never more than ``max_batch_size``),
+which the backend runs before the ordinary batches waiting at the replica. A
+marked request is still taken only while nothing more urgent is queued. A
+backlogged tenant never qualifies (it always has something queued or running),
+so the lane cannot be used to jump the queue.
 """
 
 from __future__ import annotations
@@ -219,7 +221,7 @@ class ModelBatcher:
         )
         self._queue.push(req)  # raises QueueFullError before anything waits
         if (
-            len(self._in_flight) < self.policy.max_in_flight
+            self._ordinary_in_flight < self.policy.max_in_flight
             or deadline < self._sleeps_until
             or (lane and self._lane is None)
         ):
@@ -276,13 +278,15 @@ class ModelBatcher:
             if (
                 self._queue.lane_requests
                 and self._lane is None
-                and len(self._in_flight) >= policy.max_in_flight
+                and self._ordinary_in_flight >= policy.max_in_flight
             ):
-                lane = self._queue.take_batch(policy.latency_lane_rows, lane_only=True)
+                lane = self._queue.take_batch(
+                    min(policy.latency_lane_rows, policy.max_batch_size), lane_only=True
+                )
                 if lane:
                     self._dispatch(lane, now, urgent=True)
                     continue
-            if self._queue.rows and len(self._in_flight) < policy.max_in_flight:
+            if self._queue.rows and self._ordinary_in_flight < policy.max_in_flight:
                 oldest = self._queue.oldest_arrival()
                 ready_at = (oldest if oldest is not None else now) + policy.max_queue_delay_s
                 if self._queue.rows >= policy.max_batch_size or now >= ready_at or self._closing:
@@ -367,6 +371,11 @@ class ModelBatcher:
                 if record is None:  # the backend failed: no result, no charge
                     record = self._record(batch, jobs, started, started_at_ns, None, urgent)
                 self._observer(record)
+
+    @property
+    def _ordinary_in_flight(self) -> int:
+        """Batches holding a slot: the lane batch rides beside them, not in one."""
+        return len(self._in_flight) - (self._lane is not None)
 
     @property
     def _key(self) -> tuple[str, str]:

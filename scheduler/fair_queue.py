@@ -106,10 +106,12 @@ class FairQueue:
 
         A tenant whose next request is of another group waits for a later batch.
         ``lane_only``: take only requests marked ``lane`` (a tenant whose next request
-        is not marked is passed over).
+        is not marked is passed over), and none of a level less urgent than the most
+        urgent queued: the lane goes past full batches, never past priority.
         """
         batch: list[Pending] = []
         room = max_rows
+        level = self.most_urgent_level() if lane_only else math.inf
         while room > 0 and self._backlogged:
             best: tuple[int, float, int] | None = None
             chosen: _TenantQueue | None = None
@@ -118,7 +120,7 @@ class FairQueue:
                 head = tq.head()
                 if head is None or head.rows > room or (batch and head.group != batch[0].group):
                     continue
-                if lane_only and not head.lane:
+                if lane_only and (not head.lane or head.priority > level):
                     continue
                 key = (head.priority, tq.vt, head.seq)
                 if best is None or key < best:

@@ -100,9 +100,10 @@ class ModelConfig(_Strict):
         le=1024,
         description="Latency lane: a request of at most this many rows, from a tenant with "
         "nothing queued and nothing running here when it arrived, does not wait for a free "
-        "batch slot behind full batches; it goes out at once in a small batch of its own "
-        "(one at a time, up to this many rows), which the replica runs before the ordinary "
-        "batches waiting there. 0 turns the lane off.",
+        "batch slot behind full batches; it goes out in a small batch of its own beside them "
+        "(one lane batch at a time, at most this many rows and max_batch_size), which the "
+        "replica runs before the ordinary batches waiting there (replica_transport direct). "
+        "Never past a more urgent priority level. 0 turns the lane off.",
     )
     max_queued_rows: int = Field(
         default=4096, ge=1, description="Rows waiting for this version before 429."

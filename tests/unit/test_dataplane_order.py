@@ -133,3 +133,89 @@ def test_frames_split_across_writes_and_an_undecodable_one_leave_the_server_serv
         await backend.close()
 
     asyncio.run(main())
+
+
+class TaggedGates:
+    """y = x + 1; a batch whose tag (x[0, 0]) has a gate waits for it; ``big`` adds a
+    16 MB output. Records the order batches ran in."""
+
+    def __init__(self, gated: tuple[float, ...], big: bool = False) -> None:
+        self.gates = {tag: threading.Event() for tag in gated}
+        self.started = {tag: threading.Event() for tag in gated}
+        self.order: list[float] = []
+        self.big = big
+
+    def __call__(self, inputs: Tensors) -> BatchResult:
+        tag = float(inputs["x"][0, 0])
+        self.order.append(tag)
+        if tag in self.gates:
+            self.started[tag].set()
+            assert self.gates[tag].wait(10)
+        outputs = {"y": inputs["x"] + 1}
+        if self.big:
+            outputs["big"] = np.ones((4, 1_000_000), np.float32)
+        return BatchResult(outputs, device_ns=7, device="cpu", device_share=1)
+
+
+async def _connect(address: str, n: int) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    host, _, port = address.rpartition(":")
+    return [await asyncio.open_connection(host, int(port)) for _ in range(n)]
+
+
+def test_a_lane_batch_that_arrives_during_a_forward_beats_one_already_waiting() -> None:
+    # B1 runs while B2 already waits in the queue; the lane batch L arrives during B1.
+    # The pick after B1 must see L, though it was read only after B1 ended.
+    model = TaggedGates(gated=(0.0, 1.0))
+    server = ReplicaDataServer(model)
+    address = server.start("127.0.0.1")
+
+    async def main() -> None:
+        conns = await _connect(address, 4)
+        conns[0][1].write(frame(encode_batch(_batch(0.0))))
+        assert await asyncio.to_thread(model.started[0.0].wait, 5)
+        conns[1][1].write(frame(encode_batch(_batch(1.0))))
+        conns[2][1].write(frame(encode_batch(_batch(2.0))))
+        await asyncio.sleep(0.1)
+        model.gates[0.0].set()  # B1 and B2 are read together; B1 runs, B2 waits
+        assert await asyncio.to_thread(model.started[1.0].wait, 5)
+        conns[3][1].write(frame(encode_batch(_batch(3.0), urgent=True)))
+        await asyncio.sleep(0.1)
+        model.gates[1.0].set()
+        for tag, (reader, writer) in zip((0.0, 1.0, 2.0, 3.0), conns, strict=True):
+            result = decode_result(await asyncio.wait_for(read_frame(reader), 5))
+            np.testing.assert_array_equal(result.outputs["y"], _batch(tag)["x"] + 1)
+            writer.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        for gate in model.gates.values():
+            gate.set()
+        server.stop(grace_s=2)
+    assert model.order == [0.0, 1.0, 3.0, 2.0]
+
+
+def test_stop_lets_a_running_batch_send_its_whole_answer() -> None:
+    model = TaggedGates(gated=(0.0,), big=True)
+    server = ReplicaDataServer(model)
+    address = server.start("127.0.0.1")
+
+    async def main() -> BatchResult:
+        [(reader, writer)] = await _connect(address, 1)
+        writer.write(frame(encode_batch(_batch(0.0))))
+        assert await asyncio.to_thread(model.started[0.0].wait, 5)
+        stopping = asyncio.ensure_future(asyncio.to_thread(server.stop, 5.0))
+        await asyncio.sleep(0.1)  # stop() is waiting for the running batch
+        model.gates[0.0].set()
+        result = decode_result(await asyncio.wait_for(read_frame(reader), 10))
+        await stopping
+        writer.close()
+        return result
+
+    try:
+        result = asyncio.run(main())
+    finally:
+        model.gates[0.0].set()
+        server.stop(grace_s=1)
+    assert result.outputs["big"].shape == (4, 1_000_000)
+    assert float(result.outputs["big"].sum()) == 4_000_000.0

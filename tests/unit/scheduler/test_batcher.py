@@ -376,3 +376,79 @@ def test_the_lane_never_passes_more_urgent_work_and_mirrored_requests_stay_out()
     assert run(lambda: light_answered_before_release(0, True)) is True
     assert run(lambda: light_answered_before_release(1, True)) is False
     assert run(lambda: light_answered_before_release(0, False)) is False
+
+
+class StepBackend:
+    """Each ordinary batch waits for its own gate (by dispatch order); lane batches wait
+    for ``lane_gate``. Records (rows, urgent) in dispatch order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, bool]] = []
+        self.gates = [asyncio.Event() for _ in range(64)]
+        self.lane_gate = asyncio.Event()
+        self._ordinary = 0
+
+    async def run_batch(self, inputs: Tensors, *, urgent: bool = False) -> BatchResult:
+        x = inputs["x"]
+        self.calls.append((x.shape[0], urgent))
+        if urgent:
+            await self.lane_gate.wait()
+        else:
+            gate = self.gates[self._ordinary]
+            self._ordinary += 1
+            await gate.wait()
+        return BatchResult({"y": 2 * x}, device_ns=1000, device="cpu", device_share=1.0)
+
+
+def test_the_lane_batch_rides_beside_the_slots_and_a_tenant_can_use_it_again() -> None:
+    backend = StepBackend()
+
+    async def main() -> None:
+        b = ModelBatcher("m", "1", backend, _lane_policy(4))
+        b.start()
+        heavy = await _fill_both_slots(b)
+        first = asyncio.ensure_future(b.submit("light", _x(1, 1), 1))
+        await asyncio.sleep(0.01)
+        assert backend.calls[-1] == (1, True)  # held at the replica
+        # An ordinary batch returns while the lane batch is out: the freed slot is
+        # used at once (the lane batch does not hold one).
+        backend.gates[0].set()
+        await asyncio.sleep(0.01)
+        assert backend.calls == [(8, False), (8, False), (1, True), (8, False)]
+        backend.lane_gate.set()
+        np.testing.assert_array_equal((await first)["y"], 2 * _x(1, 1)["x"])
+        # Done and nothing queued: the same tenant qualifies again.
+        again = await asyncio.wait_for(b.submit("light", _x(1, 2), 1), 1.0)
+        np.testing.assert_array_equal(again["y"], 2 * _x(1, 2)["x"])
+        assert backend.calls[-1] == (1, True)
+        for gate in backend.gates:
+            gate.set()
+        await asyncio.gather(*heavy)
+        await b.close()
+
+    run(main)
+
+
+def test_a_tenant_with_a_request_running_does_not_qualify_even_with_nothing_queued() -> None:
+    backend = StepBackend()
+    backend.lane_gate.set()
+
+    async def main() -> None:
+        b = ModelBatcher("m", "1", backend, _lane_policy(4))
+        b.start()
+        # Exactly two full batches of "mid": both slots busy, nothing of it queued.
+        mid = [asyncio.ensure_future(b.submit("mid", _x(4, i), 4)) for i in range(4)]
+        await asyncio.sleep(0.01)
+        assert b.in_flight == 2 and b.queued_rows == 0
+        more = asyncio.ensure_future(b.submit("mid", _x(1, 9), 1))
+        await asyncio.sleep(0.01)
+        assert not more.done() and len(backend.calls) == 2  # it waits for a slot
+        fresh = await asyncio.wait_for(b.submit("fresh", _x(1, 8), 1), 1.0)
+        np.testing.assert_array_equal(fresh["y"], 2 * _x(1, 8)["x"])
+        assert backend.calls[2] == (1, True)
+        for gate in backend.gates:
+            gate.set()
+        await asyncio.gather(*mid, more)
+        await b.close()
+
+    run(main)

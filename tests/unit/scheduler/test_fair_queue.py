@@ -219,10 +219,17 @@ def test_a_lane_only_batch_takes_marked_requests_and_the_count_follows_every_exi
 
 def test_lane_service_counts_toward_the_tenants_fair_share() -> None:
     q = _queue()
-    q.push(Pending("heavy", rows=1))
-    q.push(Pending("heavy", rows=1))
     q.push(Pending("light", rows=1, lane=True))
+    q.push(Pending("light", rows=1))  # older than heavy's: it would win a tie
+    q.push(Pending("heavy", rows=1))
     assert q.take_batch(BATCH, lane_only=True)[0].tenant == "light"
-    # The lane's row was service: light's next request queues behind heavy's.
-    q.push(Pending("light", rows=1))
+    # The lane's row was service (light's counter 1, heavy's 0): heavy goes next.
     assert [r.tenant for r in q.take_batch(1)] == ["heavy"]
+
+
+def test_a_lane_only_batch_never_takes_a_request_below_the_most_urgent_level() -> None:
+    q = _queue()
+    q.push(Pending("light", rows=1, lane=True, priority=2))
+    q.push(Pending("urgent", rows=4, priority=1))
+    assert q.take_batch(BATCH, lane_only=True) == []
+    assert [r.tenant for r in q.take_batch(BATCH)] == ["urgent", "light"]
