@@ -195,9 +195,9 @@ class NativeServer:
         assert self._loop is not None
         self._take()  # the cancellations shutdown reported
         self._loop.remove_reader(self._door.fileno())
-        tasks = list(self._tasks.items())
-        for call_id, _ in tasks:
+        tasks = dict(self._tasks)  # _cancel's callbacks remove entries
+        for call_id in tasks:
             self._cancel(call_id)
         with contextlib.suppress(Exception):
-            await asyncio.gather(*(task for _, task in tasks), return_exceptions=True)
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
         self._stopped = True

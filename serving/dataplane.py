@@ -237,8 +237,9 @@ class ReplicaDataServer:
             self._pick_scheduled = True
             # Two hops, so that a poll of the loop runs before the pick on uvloop and on
             # asyncio's own loop alike: a handle queued now can run before the reads of
-            # the next poll have been handled (with one hop, uvloop ran an urgent batch
-            # after an ordinary one in 2 of 3 tries).
+            # the next poll have been handled (with one hop, an urgent batch read in that
+            # poll ran after an ordinary one always on asyncio's loop, at times on uvloop:
+            # tests/unit/test_dataplane_order.py).
             self._loop.call_soon(self._loop.call_soon, self._pick)
 
     def _pick(self) -> None:
@@ -269,7 +270,6 @@ class _Link(asyncio.Protocol):
         self._server = server
         self._buffer = bytearray()
         self._transport: asyncio.Transport | None = None
-        self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's does not subclass it
@@ -294,13 +294,14 @@ class _Link(asyncio.Protocol):
 
     @property
     def gone(self) -> bool:
-        return self.closed or self._transport is None or self._transport.is_closing()
+        """Closed, closing or lost: nothing more can be sent."""
+        return self._transport is None or self._transport.is_closing()
 
     @property
     def unsent(self) -> bool:
         """Answer bytes still queued in the transport (the socket would not take them)."""
         transport = self._transport
-        return not self.closed and transport is not None and transport.get_write_buffer_size() > 0
+        return not self.gone and transport is not None and transport.get_write_buffer_size() > 0
 
     def send(self, answer: bytes) -> None:
         if not self.gone:
@@ -312,7 +313,6 @@ class _Link(asyncio.Protocol):
             self._transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
         self._buffer.clear()
         self._server._connections.discard(self)
 

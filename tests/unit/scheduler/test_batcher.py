@@ -247,18 +247,32 @@ def test_variable_length_inputs_of_different_lengths_are_not_mixed() -> None:
 
 
 class GatedBackend:
-    """Ordinary batches wait for ``release``; urgent ones run at once. Records both."""
+    """Each ordinary batch waits for its own gate (by dispatch order) until ``release()``
+    opens them all; lane batches wait for ``lane_gate``, open unless ``hold_lane``.
+    Records (rows, urgent) in dispatch order and the urgent flag in answer order."""
 
-    def __init__(self) -> None:
-        self.release = asyncio.Event()
-        self.calls: list[tuple[int, bool]] = []  # (rows, urgent) in dispatch order
-        self.answered: list[bool] = []  # urgent flag, in answer order
+    def __init__(self, hold_lane: bool = False) -> None:
+        self.calls: list[tuple[int, bool]] = []
+        self.answered: list[bool] = []
+        self.gates = [asyncio.Event() for _ in range(64)]
+        self.lane_gate = asyncio.Event()
+        if not hold_lane:
+            self.lane_gate.set()
+        self._ordinary = 0
+
+    def release(self) -> None:
+        for gate in self.gates:
+            gate.set()
 
     async def run_batch(self, inputs: Tensors, *, urgent: bool = False) -> BatchResult:
         x = inputs["x"]
         self.calls.append((x.shape[0], urgent))
-        if not urgent:
-            await self.release.wait()
+        if urgent:
+            await self.lane_gate.wait()
+        else:
+            gate = self.gates[self._ordinary]
+            self._ordinary += 1
+            await gate.wait()
         self.answered.append(urgent)
         return BatchResult({"y": 2 * x}, device_ns=1000, device="cpu", device_share=1.0)
 
@@ -291,7 +305,7 @@ def test_a_light_tenant_rides_the_lane_past_full_slots_and_gets_its_own_rows() -
         more = asyncio.ensure_future(b.submit("heavy", _x(1, 50), 1))
         await asyncio.sleep(0.01)
         assert not more.done() and backend.calls[-1] == (2, True)
-        backend.release.set()
+        backend.release()
         await asyncio.gather(*heavy, more)
         await b.close()
 
@@ -303,40 +317,34 @@ def test_a_light_tenant_rides_the_lane_past_full_slots_and_gets_its_own_rows() -
     assert len(lane) == 1 and lane[0].tenants == (("light", 2),)
 
 
-def test_the_lane_is_off_at_zero_and_closed_to_requests_bigger_than_it() -> None:
-    async def light_answered_before_release(lane_rows: int, rows: int) -> bool:
-        backend = GatedBackend()
-        b = ModelBatcher("m", "1", backend, _lane_policy(lane_rows))
-        b.start()
-        heavy = await _fill_both_slots(b)
-        light = asyncio.ensure_future(b.submit("light", _x(rows, 7), rows))
-        await asyncio.sleep(0.05)
-        answered = light.done()
-        backend.release.set()
-        await asyncio.gather(*heavy, light)
-        await b.close()
-        assert all(not urgent for _, urgent in backend.calls) or answered
-        return answered
+async def _light_answered_while_slots_full(
+    lane_rows: int, rows: int = 1, priority: int = 0, lane: bool = True
+) -> bool:
+    """Whether a light request is answered while the heavy tenant holds both slots."""
+    backend = GatedBackend()
+    b = ModelBatcher("m", "1", backend, _lane_policy(lane_rows))
+    b.start()
+    heavy = await _fill_both_slots(b)  # at priority 0, with more of it queued
+    light = asyncio.ensure_future(
+        b.submit("light", _x(rows, 7), rows, priority=priority, lane=lane)
+    )
+    await asyncio.sleep(0.05)
+    answered = light.done()
+    backend.release()
+    await asyncio.gather(*heavy, light)
+    await b.close()
+    assert all(not urgent for _, urgent in backend.calls) or answered
+    return answered
 
-    assert run(lambda: light_answered_before_release(0, 1)) is False
-    assert run(lambda: light_answered_before_release(4, 5)) is False
-    assert run(lambda: light_answered_before_release(4, 4)) is True
+
+def test_the_lane_is_off_at_zero_and_closed_to_requests_bigger_than_it() -> None:
+    assert run(lambda: _light_answered_while_slots_full(0, 1)) is False
+    assert run(lambda: _light_answered_while_slots_full(4, 5)) is False
+    assert run(lambda: _light_answered_while_slots_full(4, 4)) is True
 
 
 def test_one_lane_batch_at_a_time_and_the_next_takes_every_waiting_light_tenant() -> None:
-    class SlowLane(GatedBackend):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lane_release = asyncio.Event()
-
-        async def run_batch(self, inputs: Tensors, *, urgent: bool = False) -> BatchResult:
-            first_lane = urgent and not any(u for _, u in self.calls)
-            result = await super().run_batch(inputs, urgent=urgent)
-            if first_lane:  # held until released, as a slow replica would
-                await self.lane_release.wait()
-            return result
-
-    backend = SlowLane()
+    backend = GatedBackend(hold_lane=True)
 
     async def main() -> None:
         b = ModelBatcher("m", "1", backend, _lane_policy(4))
@@ -347,12 +355,12 @@ def test_one_lane_batch_at_a_time_and_the_next_takes_every_waiting_light_tenant(
         later = [asyncio.ensure_future(b.submit(f"l{i}", _x(1, i), 1)) for i in (2, 3)]
         await asyncio.sleep(0.01)
         assert [c for c in backend.calls if c[1]] == [(1, True)]  # l2, l3 wait
-        backend.lane_release.set()
+        backend.lane_gate.set()
         outs = await asyncio.wait_for(asyncio.gather(first, *later), 1.0)
         for seed, out in zip((1, 2, 3), outs, strict=True):
             np.testing.assert_array_equal(out["y"], 2 * _x(1, seed)["x"])
         assert [c for c in backend.calls if c[1]] == [(1, True), (2, True)]
-        backend.release.set()
+        backend.release()
         await asyncio.gather(*heavy)
         await b.close()
 
@@ -360,48 +368,13 @@ def test_one_lane_batch_at_a_time_and_the_next_takes_every_waiting_light_tenant(
 
 
 def test_the_lane_never_passes_more_urgent_work_and_mirrored_requests_stay_out() -> None:
-    async def light_answered_before_release(priority: int, lane: bool) -> bool:
-        backend = GatedBackend()
-        b = ModelBatcher("m", "1", backend, _lane_policy(4))
-        b.start()
-        heavy = await _fill_both_slots(b)  # at priority 0, with more of it queued
-        light = asyncio.ensure_future(b.submit("light", _x(1, 7), 1, priority=priority, lane=lane))
-        await asyncio.sleep(0.05)
-        answered = light.done()
-        backend.release.set()
-        await asyncio.gather(*heavy, light)
-        await b.close()
-        return answered
-
-    assert run(lambda: light_answered_before_release(0, True)) is True
-    assert run(lambda: light_answered_before_release(1, True)) is False
-    assert run(lambda: light_answered_before_release(0, False)) is False
-
-
-class StepBackend:
-    """Each ordinary batch waits for its own gate (by dispatch order); lane batches wait
-    for ``lane_gate``. Records (rows, urgent) in dispatch order."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[int, bool]] = []
-        self.gates = [asyncio.Event() for _ in range(64)]
-        self.lane_gate = asyncio.Event()
-        self._ordinary = 0
-
-    async def run_batch(self, inputs: Tensors, *, urgent: bool = False) -> BatchResult:
-        x = inputs["x"]
-        self.calls.append((x.shape[0], urgent))
-        if urgent:
-            await self.lane_gate.wait()
-        else:
-            gate = self.gates[self._ordinary]
-            self._ordinary += 1
-            await gate.wait()
-        return BatchResult({"y": 2 * x}, device_ns=1000, device="cpu", device_share=1.0)
+    assert run(lambda: _light_answered_while_slots_full(4, priority=0)) is True
+    assert run(lambda: _light_answered_while_slots_full(4, priority=1)) is False
+    assert run(lambda: _light_answered_while_slots_full(4, lane=False)) is False
 
 
 def test_the_lane_batch_rides_beside_the_slots_and_a_tenant_can_use_it_again() -> None:
-    backend = StepBackend()
+    backend = GatedBackend(hold_lane=True)
 
     async def main() -> None:
         b = ModelBatcher("m", "1", backend, _lane_policy(4))
@@ -421,8 +394,7 @@ def test_the_lane_batch_rides_beside_the_slots_and_a_tenant_can_use_it_again() -
         again = await asyncio.wait_for(b.submit("light", _x(1, 2), 1), 1.0)
         np.testing.assert_array_equal(again["y"], 2 * _x(1, 2)["x"])
         assert backend.calls[-1] == (1, True)
-        for gate in backend.gates:
-            gate.set()
+        backend.release()
         await asyncio.gather(*heavy)
         await b.close()
 
@@ -430,8 +402,7 @@ def test_the_lane_batch_rides_beside_the_slots_and_a_tenant_can_use_it_again() -
 
 
 def test_a_tenant_with_a_request_running_does_not_qualify_even_with_nothing_queued() -> None:
-    backend = StepBackend()
-    backend.lane_gate.set()
+    backend = GatedBackend()
 
     async def main() -> None:
         b = ModelBatcher("m", "1", backend, _lane_policy(4))
@@ -446,8 +417,7 @@ def test_a_tenant_with_a_request_running_does_not_qualify_even_with_nothing_queu
         fresh = await asyncio.wait_for(b.submit("fresh", _x(1, 8), 1), 1.0)
         np.testing.assert_array_equal(fresh["y"], 2 * _x(1, 8)["x"])
         assert backend.calls[2] == (1, True)
-        for gate in backend.gates:
-            gate.set()
+        backend.release()
         await asyncio.gather(*mid, more)
         await b.close()
 
