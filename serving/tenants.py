@@ -451,6 +451,7 @@ def _write_key_file(path: Path, key: str) -> None:
 class _Entry:
     tenant: Tenant
     expires: float
+    refresh_at: float  # from here on, a request starts a lookup in the background
 
 
 class TenantDirectory:
@@ -462,6 +463,13 @@ class TenantDirectory:
     the CLI a moment ago is found on its first use, while a flood of bad keys
     reaches the database at most once per key per interval. Concurrent requests
     with the same uncached key share one lookup.
+
+    Refresh ahead: a request in the last quarter of a valid key's TTL is answered
+    from the cache and starts the lookup in the background, so a key in steady use
+    never makes a request wait for the database. Beside a heavy tenant that wait was
+    2-13 ms on a thread contending for the GIL, once per key per TTL: 1 in 40 of a
+    20 req/s tenant's requests, inside its p99. A change still takes effect within
+    the TTL.
     """
 
     def __init__(
@@ -489,21 +497,30 @@ class TenantDirectory:
         now = self._clock()
         entry = self._positive.get(h)
         if entry is not None and entry.expires > now:
+            if entry.refresh_at <= now:
+                self._lookup_task(h)  # not awaited: this request uses the cached entry
             return entry.tenant
         if self._negative.get(h, 0.0) > now:
             return None
+        # shield: one caller giving up (client disconnect) must not cancel the lookup
+        # the other callers are waiting on.
+        return await asyncio.shield(self._lookup_task(h))
+
+    def _lookup_task(self, h: str) -> asyncio.Task[Tenant | None]:
+        """The lookup of ``h`` in progress, started if there is none."""
         task = self._inflight.get(h)
         if task is None:
             task = asyncio.create_task(self._lookup(h))
             self._inflight[h] = task
             task.add_done_callback(lambda t: self._forget_inflight(h, t))
-        # shield: one caller giving up (client disconnect) must not cancel the lookup
-        # the other callers are waiting on.
-        return await asyncio.shield(task)
+        return task
 
     def _forget_inflight(self, h: str, task: asyncio.Task[Tenant | None]) -> None:
         if self._inflight.get(h) is task:
             del self._inflight[h]
+        if not task.cancelled() and task.exception() is not None:
+            # A background refresh has no caller to raise to; waiting callers got it.
+            log.debug("tenant lookup failed: %s", task.exception())
 
     async def _lookup(self, h: str) -> Tenant | None:
         try:
@@ -517,6 +534,7 @@ class TenantDirectory:
                     "tenant lookup failed (%s); using cached tenant %s", exc, stale.tenant.name
                 )
                 stale.expires = self._clock() + self._ttl
+                stale.refresh_at = stale.expires - self._ttl / 4
                 return stale.tenant
             raise TenantLookupError(f"tenant lookup failed: {exc}") from exc
         now = self._clock()
@@ -527,7 +545,7 @@ class TenantDirectory:
             self._negative[h] = now + self._negative_ttl
         else:
             self._negative.pop(h, None)
-            self._positive[h] = _Entry(tenant, now + self._ttl)
+            self._positive[h] = _Entry(tenant, now + self._ttl, now + self._ttl * 0.75)
         return tenant
 
     def _prune_negative(self, now: float) -> None:

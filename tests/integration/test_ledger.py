@@ -8,11 +8,15 @@ import dataclasses
 import io
 import json
 import random
+import sqlite3
+import time
 from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,7 +33,13 @@ from serving.cost_report import (
     report_for_query,
 )
 from serving.ledger import Ledger, LedgerWriter, Pricing, as_utc
-from serving.state import ledger_allocations, ledger_batches, ledger_reservations
+from serving.state import (
+    SQLITE_FILENAME,
+    ledger_allocations,
+    ledger_batches,
+    ledger_reservations,
+    open_engine,
+)
 
 DAY = datetime(2026, 11, 20, tzinfo=UTC)
 PRICES = CostsConfig(
@@ -101,8 +111,15 @@ class RandomBackend:
         return BatchResult({"y": inputs["x"]}, self.rng.randint(1, 5 * 10**7), "cpu", share)
 
 
-def test_randomized_run_conserves_every_nanosecond_in_the_database(engine: sa.Engine) -> None:
-    writer = LedgerWriter(Ledger(engine, Pricing(PRICES)))
+@pytest.mark.parametrize("path", ["default", "thread"])
+def test_randomized_run_conserves_every_nanosecond_in_the_database(
+    engine: sa.Engine, path: str
+) -> None:
+    """On SQLite the default path commits inline on the loop; "thread" forces the writer
+    thread (PostgreSQL's path) on both databases."""
+    writer = LedgerWriter(
+        Ledger(engine, Pricing(PRICES)), inline=None if path == "default" else False
+    )
     records: list[BatchRecord] = []
     rng = random.Random(5)
     tenants = [f"tenant-{i}" for i in range(23)]
@@ -153,8 +170,86 @@ def test_randomized_run_conserves_every_nanosecond_in_the_database(engine: sa.En
     assert batch_total == alloc_total == sum(r.charge_ns for r in records) > 0
     assert mismatched == []
     assert per_tenant == dict(Counter(t for t, _ in plan))
-    # Group commit: batches finishing together share a transaction.
-    assert writer.commits <= len(records)
+    if path == "default" and engine.dialect.name == "sqlite":
+        # Nothing else wrote the file: every batch committed inline, none on the thread.
+        assert (writer.inline_commits, writer.inline_busy, writer.commits) == (len(records), 0, 0)
+    else:
+        # Group commit: batches finishing together share a transaction.
+        assert writer.inline_commits == 0 and 0 < writer.commits <= len(records)
+
+
+def _sqlite_writer(tmp_path: Path, **kwargs: Any) -> tuple[sa.Engine, LedgerWriter]:
+    engine = open_engine(None, tmp_path / "state")
+    return engine, LedgerWriter(Ledger(engine, Pricing(PRICES)), **kwargs)
+
+
+def _batches(engine: sa.Engine) -> int:
+    with engine.connect() as conn:
+        count = conn.execute(sa.select(sa.func.count()).select_from(ledger_batches)).scalar()
+    return int(count or 0)
+
+
+def test_sqlite_commit_is_inline_and_never_leaves_the_callers_step(tmp_path: Path) -> None:
+    """The coroutine finishes on its first step (no await on the thread), and the row is
+    there for any other connection at once."""
+    engine, writer = _sqlite_writer(tmp_path)
+
+    async def main() -> None:
+        coro = writer.commit(record("m", [("a", 2), ("b", 1)], 3_600 * 10**9, DAY))
+        with pytest.raises(StopIteration) as done:
+            coro.send(None)
+        assert done.value.value == pytest.approx([0.24, 0.12])  # 1 h at 0.36/h, by rows
+        assert _batches(engine) == 1
+
+    asyncio.run(main())
+    writer.close()
+    assert (writer.inline_commits, writer.commits) == (1, 0)
+    engine.dispose()
+
+
+def test_sqlite_locked_by_another_writer_goes_to_the_thread_and_waits(tmp_path: Path) -> None:
+    """A lock held elsewhere (the CLI, another worker) never blocks the loop: the batch
+    goes to the writer thread, which waits for the lock and commits it."""
+    engine, writer = _sqlite_writer(tmp_path)
+    other = sqlite3.connect(tmp_path / "state" / SQLITE_FILENAME, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # holds the write lock
+
+    async def main() -> list[float]:
+        task = asyncio.create_task(writer.commit(record("m", [("a", 1)], 10**9, DAY)))
+        await asyncio.sleep(0.3)
+        assert not task.done() and writer.inline_busy == 1  # waiting on the thread
+        other.execute("COMMIT")
+        return list(await asyncio.wait_for(task, 10))
+
+    costs = asyncio.run(main())
+    other.close()
+    writer.close()
+    assert costs == pytest.approx([0.0001])
+    assert (writer.inline_commits, writer.commits, _batches(engine)) == (0, 1, 1)
+    engine.dispose()
+
+
+def test_inline_commits_are_checkpointed_by_the_thread(tmp_path: Path) -> None:
+    """The inline connection never checkpoints (an fsync on the loop); the thread copies
+    the WAL into the database file every interval."""
+    engine, writer = _sqlite_writer(tmp_path, checkpoint_every_s=0.05)
+    db = tmp_path / "state" / SQLITE_FILENAME
+    before = db.stat().st_size
+    many = [("t" + str(i), 1) for i in range(200)]
+
+    async def main() -> None:
+        for _ in range(50):  # ~10k allocation rows: far more pages than the file had
+            await writer.commit(record("m", many, 10**9, DAY))
+
+    asyncio.run(main())
+    deadline = time.monotonic() + 10
+    while writer.checkpoints == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert writer.checkpoints >= 1
+    assert db.stat().st_size > before  # the pages reached the main file
+    writer.close()
+    assert _batches(engine) == 50 and writer.inline_commits == 50
+    engine.dispose()
 
 
 def test_rows_read_back_exactly_as_written(engine: sa.Engine) -> None:

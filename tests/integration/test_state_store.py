@@ -283,6 +283,60 @@ def test_changes_take_effect_after_ttl(engine: sa.Engine, store: TenantStore) ->
     assert auth(directory, new) == Tenant("acme", 4.0, frozenset({"bert"}))
 
 
+def test_a_key_in_use_is_refreshed_ahead_without_waiting(
+    engine: sa.Engine, store: TenantStore
+) -> None:
+    """In the TTL's last quarter the cached tenant answers at once and a background
+    lookup brings the change in; no request waits for the database while the key is
+    used; an idle key past its TTL is looked up before it answers, as before."""
+    clock = ManualClock()
+    directory = TenantDirectory(store, ttl_s=2.0, clock=clock)
+    key = store.create("acme", weight=1)
+    queries = count_tenant_queries(engine)
+
+    def lookups() -> int:
+        return sum(q.lstrip().upper().startswith("SELECT") for q in queries)
+
+    def set_weight(weight: float) -> None:
+        with engine.begin() as conn:
+            tenants = metadata.tables["tenants"]
+            conn.execute(tenants.update().where(tenants.c.name == "acme").values(weight=weight))
+
+    async def refreshed(n: int) -> None:
+        """Until the ``n``-th lookup has ended."""
+        deadline = time.monotonic() + 10
+        while lookups() < n or directory._inflight:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+
+    async def main() -> None:
+        assert await directory.authenticate(key) == Tenant("acme", 1.0, frozenset({"*"}))
+        set_weight(4.0)
+        clock.now += 1.0  # inside the TTL, before its last quarter: the cache, no lookup
+        assert (await directory.authenticate(key)).weight == 1.0  # type: ignore[union-attr]
+        assert lookups() == 1
+        clock.now += 0.6  # t = 1.6: answered from the cache, one lookup started
+        coro = directory.authenticate(key)
+        with pytest.raises(StopIteration) as answered:
+            coro.send(None)  # returned on its first step: it did not wait for the lookup
+        assert answered.value.value.weight == 1.0
+        assert (await directory.authenticate(key)).weight == 1.0  # type: ignore[union-attr]
+        await refreshed(2)
+        assert lookups() == 2  # the two requests shared one lookup
+        assert await directory.authenticate(key) == Tenant("acme", 4.0, frozenset({"*"}))
+        # The refreshed entry lives a full TTL from its lookup (t = 1.6 to 3.6).
+        clock.now += 1.8  # t = 3.4, inside it: cached, a refresh due again
+        set_weight(2.0)
+        assert (await directory.authenticate(key)).weight == 4.0  # type: ignore[union-attr]
+        await refreshed(3)  # (it brings 2.0 in)
+        clock.now += 10  # idle far past the TTL: this request waits for the lookup
+        set_weight(3.0)
+        assert (await directory.authenticate(key)).weight == 3.0  # type: ignore[union-attr]
+        assert lookups() == 4
+
+    asyncio.run(main())
+
+
 def test_database_outage(engine: sa.Engine, store: TenantStore) -> None:
     """Known tenants keep working through an outage; unknown keys get an error, not a 401."""
     clock = ManualClock()
