@@ -20,18 +20,9 @@ completions add thread hops under load. A connection carries one batch at a
 time, so no request ids or multiplexing are needed: the gateway opens one per
 batch in flight (``max_in_flight`` bounds them) and reuses it.
 
-Order at the replica: ordinary batches run one at a time, in arrival order. A
-latency-lane batch (``urgent``) goes over a lane connection of its own, to a lane
-port the replica serves on a thread of its own, and runs at once, beside the
-ordinary batch in progress (a second model instance, as Triton's instance groups
-run one, on a CUDA stream of its own on a GPU). Beside a heavy tenant on two
-cores the ordinary 32-row forward took 7.6 ms p50, 11 ms p90, and a lane batch
-that had to wait for it came back in 11 ms p50 with a 1.8 ms forward of its own
-(loadtests/README.md, "Lane instance"). Where forwards overlap, each moment of
-device time is split between those running then (:class:`DeviceOverlap`), so no
-moment is billed twice. An urgent batch on an ordinary connection (a replica
-without a lane port) goes before the ordinary ones waiting, never before the one
-running.
+Order at the replica: batches run one at a time; of those that have arrived, a
+latency-lane batch (``urgent`` in the request's parameters) goes before the
+ordinary ones waiting, never before the one running.
 
 Failure handling: a connection that is refused, reset or closed mid-batch means
 the replica is gone: its address is forgotten, the batch is retried once on
@@ -46,11 +37,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import heapq
 import itertools
 import logging
-import socket
 import struct
 import threading
 import time
@@ -158,84 +147,15 @@ async def read_frame(reader: asyncio.StreamReader) -> bytes:
     return await reader.readexactly(size)
 
 
-def _recv_exactly(sock: socket.socket, n: int) -> bytes | None:
-    """``n`` bytes from a blocking socket; None if it closed first."""
-    chunks = bytearray()
-    while len(chunks) < n:
-        chunk = sock.recv(min(n - len(chunks), 1 << 20))
-        if not chunk:
-            return None
-        chunks += chunk
-    return bytes(chunks)
-
-
-def endpoint(address: str, lane_port: int | None) -> str:
-    """What a replica's ``data_endpoint`` answers: ``host:port`` and, if it serves a
-    lane, ``/lane_port``."""
-    return address if lane_port is None else f"{address}/{lane_port}"
-
-
-def parse_endpoint(value: str) -> tuple[str, str | None]:
-    """(data address, lane address or None) of an :func:`endpoint` string."""
-    address, _, lane = value.partition("/")
-    if not lane:
-        return address, None
-    host = address.rpartition(":")[0]
-    return address, f"{host}:{int(lane)}"
-
-
-class DeviceOverlap:
-    """Splits a replica's device time among the forwards running at once.
-
-    Each moment is shared equally by the forwards running then, so two overlapping
-    forwards are not both billed for it, and the shares add up to the time the
-    device was busy. :meth:`end` gives a forward its share as a fraction of its own
-    wall time: exactly 1.0 when nothing overlapped it.
-    """
-
-    def __init__(self, clock: Callable[[], int] = time.perf_counter_ns) -> None:
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._running: dict[int, list[float]] = {}  # token -> [start, share so far]
-        self._since = 0
-        self._tokens = itertools.count()
-
-    def _advance(self, now: int) -> None:
-        if self._running:
-            part = (now - self._since) / len(self._running)
-            for entry in self._running.values():
-                entry[1] += part
-        self._since = now
-
-    def begin(self) -> int:
-        with self._lock:
-            now = self._clock()
-            self._advance(now)
-            token = next(self._tokens)
-            self._running[token] = [now, 0.0]
-            return token
-
-    def end(self, token: int) -> float:
-        with self._lock:
-            now = self._clock()
-            self._advance(now)
-            start, share = self._running.pop(token)
-        wall = now - start
-        return 1.0 if wall <= 0 or share >= wall else share / wall
-
-
 # --------------------------------------------------------------------------- replica side
 
 
 class ReplicaDataServer:
-    """The replica's end: an asyncio server on a loop of its own (its own thread),
-    and a lane port served by threads of its own.
+    """The replica's end: an asyncio server on a loop of its own (its own thread).
 
-    Ordinary batches run inline on that loop, one at a time. Lane batches run on
-    their connection's thread, one at a time (``run_lane_batch``: on a GPU, on a
-    stream of its own), beside the ordinary one; :class:`DeviceOverlap` splits the
-    device time where they overlap. Blocking sockets on the lane: the loop's thread
-    is inside a forward when a lane batch comes, so it could not read it.
+    Batches run inline on that loop, one at a time, as under Serve: two concurrent
+    forwards on one reserved device would each measure the other's time and bill it
+    twice. The lock also orders them against Serve's own calls of ``run_batch``.
 
     Which batch next: every frame that arrived during a forward is parsed in the
     loop's next poll (``_Link.data_received`` queues it at once), and the pick waits
@@ -247,24 +167,9 @@ class ReplicaDataServer:
     batch later.
     """
 
-    def __init__(
-        self,
-        run_batch: Callable[[Tensors], BatchResult],
-        run_lane_batch: Callable[[Tensors], BatchResult] | None = None,
-        *,
-        lane: bool = True,
-    ) -> None:
+    def __init__(self, run_batch: Callable[[Tensors], BatchResult]) -> None:
         self._run_batch = run_batch
-        self._run_lane_batch = run_lane_batch or run_batch
-        self._serve_lane = lane
         self._forward_lock = threading.Lock()
-        self._lane_lock = threading.Lock()
-        self._overlap = DeviceOverlap()
-        self._lane_listener: socket.socket | None = None
-        self._lane_accept: threading.Thread | None = None
-        self._lane_socks: set[socket.socket] = set()
-        self._lane_busy = 0  # lane batches being run or answered
-        self._lane_guard = threading.Lock()  # the two above
         self._loop = _new_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="gpugate-data", daemon=True
@@ -276,7 +181,6 @@ class ReplicaDataServer:
         self._pick_scheduled = False
         self._connections: set[_Link] = set()
         self.address = ""
-        self.endpoint = ""  # address and lane port, for data_endpoint
 
     def start(self, host: str) -> str:
         self._thread.start()
@@ -288,43 +192,18 @@ class ReplicaDataServer:
         self._server = server
         port = server.sockets[0].getsockname()[1]
         self.address = f"{host}:{port}"
-        lane_port = None
-        if self._serve_lane:
-            listener = socket.create_server((host, 0))
-            self._lane_listener = listener
-            lane_port = int(listener.getsockname()[1])
-            self._lane_accept = threading.Thread(
-                target=self._accept_lane, args=(listener,), name="gpugate-lane", daemon=True
-            )
-            self._lane_accept.start()
-        self.endpoint = endpoint(self.address, lane_port)
-        return self.endpoint
+        return self.address
 
     @property
     def healthy(self) -> bool:
-        if self._server is None:
-            return True
-        lane = self._lane_accept
-        return self._thread.is_alive() and (lane is None or lane.is_alive())
+        return self._server is None or self._thread.is_alive()
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Refuse new connections, let queued batches answer (up to ``grace_s``)."""
         if self._server is None:
             return
-        listener = self._lane_listener
-        if listener is not None:
-            with contextlib.suppress(OSError):
-                listener.shutdown(socket.SHUT_RDWR)  # wakes accept(); close() alone does not
-            listener.close()
         with contextlib.suppress(Exception):
             asyncio.run_coroutine_threadsafe(self._drain(grace_s), self._loop).result(grace_s + 5)
-        with self._lane_guard:
-            lane_socks = list(self._lane_socks)
-        for sock in lane_socks:  # the lane's answers were sent in the drain
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-        if self._lane_accept is not None:
-            self._lane_accept.join(5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         self._server = None  # stopped: a second stop() has nothing to do
@@ -335,7 +214,7 @@ class ReplicaDataServer:
         self._server.close()
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline and (
-            self._waiting or self._lane_busy or any(conn.unsent for conn in self._connections)
+            self._waiting or any(conn.unsent for conn in self._connections)
         ):
             await asyncio.sleep(0.01)
         for conn in list(self._connections):
@@ -374,69 +253,14 @@ class ReplicaDataServer:
         finally:
             self._schedule_pick()  # whatever happened to this one, the rest still run
 
-    def _answer(self, inputs: Tensors, lane: bool = False) -> bytes:
+    def _answer(self, inputs: Tensors) -> bytes:
         try:
-            with self._lane_lock if lane else self._forward_lock:
-                token = self._overlap.begin()
-                try:
-                    result = (self._run_lane_batch if lane else self._run_batch)(inputs)
-                finally:
-                    alone = self._overlap.end(token)
-            if alone < 1.0:  # overlapped: bill only this forward's share of the time
-                result = dataclasses.replace(
-                    result, device_ns=max(1, round(result.device_ns * alone))
-                )
+            with self._forward_lock:
+                result = self._run_batch(inputs)
             return encode_result(result)
         except Exception as exc:  # the model's own error: the gateway logs it, callers get 500
             log.warning("batch failed: %s", exc)
             return encode_error(f"{type(exc).__name__}: {exc}")
-
-    # -- the lane (threads) -----------------------------------------------------
-
-    def _accept_lane(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                sock, _ = listener.accept()
-            except OSError:
-                return  # stop() shut the listener
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with self._lane_guard:
-                self._lane_socks.add(sock)
-            threading.Thread(
-                target=self._lane_connection, args=(sock,), name="gpugate-lane-conn", daemon=True
-            ).start()
-
-    def _lane_connection(self, sock: socket.socket) -> None:
-        """One gateway's lane connection: a frame in, its answer out, until it closes."""
-        try:
-            while True:
-                head = _recv_exactly(sock, _LENGTH.size)
-                if head is None:
-                    return
-                (size,) = _LENGTH.unpack(head)
-                message = _recv_exactly(sock, size) if size <= _MAX_MESSAGE else None
-                if message is None:
-                    return
-                with self._lane_guard:
-                    self._lane_busy += 1
-                try:
-                    try:
-                        inputs, _ = decode_batch(message)
-                    except Exception as exc:
-                        log.warning("undecodable lane batch: %s", exc)
-                        answer = encode_error(f"{type(exc).__name__}: {exc}")
-                    else:
-                        answer = self._answer(inputs, lane=True)
-                    sock.sendall(frame(answer))
-                finally:
-                    with self._lane_guard:
-                        self._lane_busy -= 1
-        except OSError:
-            return  # the gateway went away, or stop() shut the socket
-        finally:
-            with self._lane_guard:
-                self._lane_socks.discard(sock)
-            sock.close()
 
 
 class _Link(asyncio.Protocol):
@@ -511,26 +335,21 @@ _Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 @dataclass(eq=False)
 class _Replica:
     address: str
-    lane_address: str | None = None  # None: the replica serves no lane port
     idle: list[_Connection] = field(default_factory=list)
-    lane_idle: list[_Connection] = field(default_factory=list)
     in_flight: int = 0
     gone: bool = False
 
-    async def connect(self, lane: bool) -> _Connection:
-        idle = self.lane_idle if lane else self.idle
-        if idle:
-            return idle.pop()
-        address = self.lane_address if lane and self.lane_address else self.address
-        host, _, port = address.rpartition(":")
+    async def connect(self) -> _Connection:
+        if self.idle:
+            return self.idle.pop()
+        host, _, port = self.address.rpartition(":")
         return await asyncio.wait_for(asyncio.open_connection(host, int(port)), _CONNECT_TIMEOUT_S)
 
     def close(self) -> None:
         self.gone = True
-        for _, writer in self.idle + self.lane_idle:
+        for _, writer in self.idle:
             writer.close()
         self.idle.clear()
-        self.lane_idle.clear()
 
 
 class DirectBatchBackend:
@@ -574,9 +393,8 @@ class DirectBatchBackend:
             replica.in_flight += 1
             conn: _Connection | None = None
             answered = False
-            lane = urgent and replica.lane_address is not None
             try:
-                conn = await replica.connect(lane)
+                conn = await replica.connect()
                 reader, writer = conn
                 writer.write(payload)
                 data = await read_frame(reader)
@@ -592,7 +410,7 @@ class DirectBatchBackend:
                 replica.in_flight -= 1
                 if conn is not None:
                     if answered and not replica.gone:
-                        (replica.lane_idle if lane else replica.idle).append(conn)
+                        replica.idle.append(conn)
                     else:  # e.g. cancelled mid-batch: its answer would reach the next one
                         conn[1].close()
             try:
@@ -647,13 +465,11 @@ class DirectBatchBackend:
             errors = [a for a in answers if isinstance(a, BaseException)]
             raise errors[0] if errors else RuntimeError("no replica answered")
         self._refreshed_at = self._clock()
-        for value in found:
-            address, lane_address = parse_endpoint(value)
+        for address in found - set(self._replicas):
             if self._closed:
                 return
-            if address not in self._replicas:
-                self._replicas[address] = _Replica(address, lane_address)
-                log.info("data plane: replica at %s (lane %s)", address, lane_address or "none")
+            self._replicas[address] = _Replica(address)
+            log.info("data plane: replica at %s", address)
 
     def _forget(self, replica: _Replica) -> None:
         replica.close()

@@ -22,7 +22,6 @@ Trust model. Nothing here calls ``torch.load`` or ``pickle`` on an artifact:
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import io
 import json
@@ -375,17 +374,6 @@ class ModelRunner:
             config.artifact, config.format, config.model_class, config.model_kwargs, self.device
         )
         self._out_dtypes = [_torch_dtype(spec) for spec in self.signature.outputs]
-        self._side: Any = None  # the CUDA stream of side_stream(), made on first use
-
-    def side_stream(self) -> contextlib.AbstractContextManager[Any]:
-        """Where a second, concurrent forward runs: a CUDA stream of its own on a GPU
-        (kernels on the default stream would queue behind the batch in progress);
-        on the CPU a thread of its own is all it takes."""
-        if self.device.type != "cuda":
-            return contextlib.nullcontext()
-        if self._side is None:
-            self._side = torch.cuda.Stream(device=self.device)  # type: ignore[no-untyped-call]
-        return torch.cuda.stream(self._side)
 
     @property
     def device_type(self) -> str:

@@ -77,12 +77,6 @@ class ModelReplica:
             device_share=self.device_share,
         )
 
-    def run_lane_batch(self, inputs: Tensors) -> BatchResult:
-        """A latency-lane batch, run beside the ordinary one in progress (on a GPU, on
-        a CUDA stream of its own, so its kernels need not queue behind that batch's)."""
-        with self.runner.side_stream():
-            return self.run_batch(inputs)
-
     def data_endpoint(self, caller_node_id: str) -> str:
         """The address of this replica's direct data plane (serving.dataplane), opened
         on first use: on loopback for a caller on the same Ray node, else on the node's
@@ -92,11 +86,11 @@ class ModelReplica:
         with self._data_lock:
             server = self._data.get(host)
             if server is None:
-                server = ReplicaDataServer(self.run_batch, self.run_lane_batch)
+                server = ReplicaDataServer(self.run_batch)
                 server.start(host)
                 self._data[host] = server
                 log.info("data plane of %s on %s", deployment_name(self.config), server.address)
-            return server.endpoint
+            return server.address
 
     def check_health(self) -> None:
         """Serve's health probe: a dead data plane makes Serve restart the replica."""

@@ -1,6 +1,4 @@
-"""The replica's data server over real sockets: ordinary batches one at a time in
-arrival order; a lane batch on the lane port runs at once, beside the one running,
-billed only its share where they overlap; an urgent batch on an ordinary connection
+"""The replica's data server over real sockets: one batch at a time, and a lane batch
 goes before the ordinary ones waiting (never before the one running)."""
 
 from __future__ import annotations
@@ -8,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -32,13 +29,11 @@ class TaggedGates:
     running); ``big`` adds a 16 MB output. Records the order batches ran in and how
     many ran at once."""
 
-    def __init__(self, gated: tuple[float, ...], big: bool = False, timed: bool = False) -> None:
+    def __init__(self, gated: tuple[float, ...], big: bool = False) -> None:
         self.gates = {tag: threading.Event() for tag in gated}
         self.started = {tag: threading.Event() for tag in gated}
         self.order: list[float] = []
         self.big = big
-        self.timed = timed  # device_ns = the forward's own wall time (else 7)
-        self.walls: dict[float, int] = {}
         self.concurrent = 0
         self.max_concurrent = 0
         self._lock = threading.Lock()
@@ -47,7 +42,6 @@ class TaggedGates:
         with self._lock:
             self.concurrent += 1
             self.max_concurrent = max(self.max_concurrent, self.concurrent)
-        t0 = time.perf_counter_ns()
         try:
             tag = float(inputs["x"][0, 0])
             self.order.append(tag)
@@ -57,9 +51,7 @@ class TaggedGates:
             outputs = {"y": inputs["x"] + 1}
             if self.big:
                 outputs["big"] = np.ones((4, 1_000_000), np.float32)
-            wall = time.perf_counter_ns() - t0
-            self.walls[tag] = wall
-            return BatchResult(outputs, wall if self.timed else 7, "cpu", 1)
+            return BatchResult(outputs, device_ns=7, device="cpu", device_share=1)
         finally:
             with self._lock:
                 self.concurrent -= 1
@@ -68,9 +60,9 @@ class TaggedGates:
 @contextlib.contextmanager
 def _serving(model: TaggedGates) -> Iterator[tuple[ReplicaDataServer, str]]:
     server = ReplicaDataServer(model)
-    server.start("127.0.0.1")
+    address = server.start("127.0.0.1")
     try:
-        yield server, server.address  # the ordinary port (raw frames here)
+        yield server, address
     finally:
         for gate in model.gates.values():
             gate.set()
@@ -216,84 +208,3 @@ def test_stop_lets_a_running_batch_send_its_whole_answer() -> None:
         result = asyncio.run(main(server, address))
     assert result.outputs["big"].shape == (4, 1_000_000)
     assert float(result.outputs["big"].sum()) == 4_000_000.0
-
-
-def test_a_lane_batch_runs_beside_the_forward_in_progress_and_shares_its_time() -> None:
-    """Through the gateway's backend: an urgent batch goes over the lane connection and
-    is answered while the ordinary batch is still inside its forward; where the two
-    overlapped, each is billed a share, not the whole."""
-    model = TaggedGates(gated=(1.0,), timed=True)
-
-    async def main(endpoint: str) -> tuple[BatchResult, BatchResult, BatchResult]:
-        async def discover() -> str:
-            return endpoint
-
-        backend = DirectBatchBackend(discover)
-        ordinary = asyncio.create_task(backend.run_batch(_batch(1.0)))
-        assert await asyncio.to_thread(model.started[1.0].wait, 5)  # inside its forward
-        urgent = await asyncio.wait_for(backend.run_batch(_batch(4.0), urgent=True), 5)
-        assert not ordinary.done()  # the lane did not wait for it
-        again = await asyncio.wait_for(backend.run_batch(_batch(5.0), urgent=True), 5)
-        await asyncio.sleep(0.05)  # the held one runs on alone for a while
-        model.gates[1.0].set()
-        first = await asyncio.wait_for(ordinary, 5)
-        await backend.close()
-        return first, urgent, again
-
-    with _serving(model) as (server, _):
-        assert server.endpoint.startswith(server.address + "/")
-        first, urgent, again = asyncio.run(main(server.endpoint))
-    assert model.order == [1.0, 4.0, 5.0] and model.max_concurrent == 2
-    for tag, result in ((1.0, first), (4.0, urgent), (5.0, again)):
-        np.testing.assert_array_equal(result.outputs["y"], _batch(tag)["x"] + 1)
-    # The lane forwards ran wholly inside the held one: half of each moment is theirs.
-    walls = model.walls
-    assert urgent.device_ns == round(walls[4.0] * 0.5)
-    assert again.device_ns == round(walls[5.0] * 0.5)
-    # The held one keeps the rest: less than its own time, and no moment billed twice.
-    assert walls[1.0] - walls[4.0] - walls[5.0] < first.device_ns < walls[1.0]
-    assert first.device_ns + urgent.device_ns + again.device_ns <= walls[1.0] * 1.01
-
-
-def test_device_overlap_splits_each_moment_among_the_forwards_running() -> None:
-    now = [0]
-    overlap = dataplane.DeviceOverlap(clock=lambda: now[0])
-    a = overlap.begin()  # A alone 0-100, A and B 100-200, A alone 200-400
-    now[0] = 100
-    b = overlap.begin()
-    now[0] = 200
-    assert overlap.end(b) == 0.5  # 50 of its 100
-    now[0] = 400
-    assert overlap.end(a) == (100 + 50 + 200) / 400
-    # Nothing overlapping: exactly its own time, so a lone forward is billed as measured.
-    c = overlap.begin()
-    now[0] = 1_000_000_007
-    assert overlap.end(c) == 1.0
-
-
-def test_the_lane_port_survives_a_bad_frame_and_stop_ends_its_threads() -> None:
-    model = TaggedGates(gated=())
-    with _serving(model) as (server, _):
-        _, lane = dataplane.parse_endpoint(server.endpoint)
-        assert lane is not None
-
-        async def main() -> None:
-            host, _, port = lane.rpartition(":")
-            reader, writer = await asyncio.open_connection(host, int(port))
-            writer.write(frame(b"\xff\xff not a protobuf"))
-            with pytest.raises(ReplicaError, match="DecodeError"):
-                decode_result(await asyncio.wait_for(read_frame(reader), 5))
-            writer.write(frame(encode_batch(_batch(2.0), urgent=True)))
-            result = decode_result(await asyncio.wait_for(read_frame(reader), 5))
-            np.testing.assert_array_equal(result.outputs["y"], _batch(2.0)["x"] + 1)
-            writer.close()
-            # Left open: stop() must still end the connection's thread.
-            reader2, writer2 = await asyncio.open_connection(host, int(port))
-            writer2.write(frame(encode_batch(_batch(3.0))))
-            decode_result(await asyncio.wait_for(read_frame(reader2), 5))
-            await asyncio.to_thread(server.stop, 2.0)
-            assert await asyncio.wait_for(reader2.read(), 5) == b""  # closed by the server
-            writer2.close()
-
-        asyncio.run(main())
-    assert not any(t.name.startswith("gpugate-lane") for t in threading.enumerate())
