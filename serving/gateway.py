@@ -232,7 +232,7 @@ class Gateway:
         await asyncio.to_thread(self._ledger.close)
         if self._tracer_provider is not None:
             await asyncio.to_thread(self._tracer_provider.shutdown)
-        self._metrics_server.shutdown()
+        await asyncio.to_thread(self._metrics_server.shutdown)  # waits up to its poll interval
         self._drained = {"completed": completed, "in_flight_at_drain": in_flight_before}
         return self._drained
 
