@@ -280,9 +280,7 @@ class ModelBatcher:
                 and self._lane is None
                 and self._ordinary_in_flight >= policy.max_in_flight
             ):
-                lane = self._queue.take_batch(
-                    min(policy.latency_lane_rows, policy.max_batch_size), lane_only=True
-                )
+                lane = self._queue.take_batch(policy.lane_batch_rows, lane_only=True)
                 if lane:
                     self._dispatch(lane, now, urgent=True)
                     continue

@@ -56,3 +56,8 @@ class BatchPolicy:
             raise ValueError("latency_lane_rows must be >= 0")
         if self.max_queue_delay_s < 0:
             raise ValueError("max_queue_delay_s must be >= 0")
+
+    @property
+    def lane_batch_rows(self) -> int:
+        """Rows of one lane batch at most: the lane's size, never past a full batch."""
+        return min(self.latency_lane_rows, self.max_batch_size)

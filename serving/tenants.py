@@ -447,11 +447,15 @@ def _write_key_file(path: Path, key: str) -> None:
     os.replace(tmp, path)
 
 
+# The last part of a valid key's TTL in which a request starts its lookup in the
+# background (TenantDirectory, "refresh ahead").
+_REFRESH_AHEAD = 0.25
+
+
 @dataclass
 class _Entry:
     tenant: Tenant
     expires: float
-    refresh_at: float  # from here on, a request starts a lookup in the background
 
 
 class TenantDirectory:
@@ -497,7 +501,7 @@ class TenantDirectory:
         now = self._clock()
         entry = self._positive.get(h)
         if entry is not None and entry.expires > now:
-            if entry.refresh_at <= now:
+            if entry.expires - now <= self._ttl * _REFRESH_AHEAD:
                 self._lookup_task(h)  # not awaited: this request uses the cached entry
             return entry.tenant
         if self._negative.get(h, 0.0) > now:
@@ -534,7 +538,6 @@ class TenantDirectory:
                     "tenant lookup failed (%s); using cached tenant %s", exc, stale.tenant.name
                 )
                 stale.expires = self._clock() + self._ttl
-                stale.refresh_at = stale.expires - self._ttl / 4
                 return stale.tenant
             raise TenantLookupError(f"tenant lookup failed: {exc}") from exc
         now = self._clock()
@@ -545,7 +548,7 @@ class TenantDirectory:
             self._negative[h] = now + self._negative_ttl
         else:
             self._negative.pop(h, None)
-            self._positive[h] = _Entry(tenant, now + self._ttl, now + self._ttl * 0.75)
+            self._positive[h] = _Entry(tenant, now + self._ttl)
         return tenant
 
     def _prune_negative(self, now: float) -> None:
