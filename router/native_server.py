@@ -137,7 +137,10 @@ class NativeServer:
             self._tasks[call_id] = task
         self.taken += len(calls)
         for call_id in cancelled:
-            self._cancel(call_id)
+            # After the handlers' first steps (create_task queued those just above):
+            # a call taken and cancelled in the same wake-up still enters the service
+            # and is counted there (499), as on grpc.aio, instead of never starting.
+            loop.call_soon(self._cancel, call_id)
 
     def _cancel(self, call_id: int) -> None:
         task = self._tasks.get(call_id)

@@ -38,6 +38,7 @@ from tests.integration.test_router_protocols import (
     assert_affine,
     decode_outputs,
     raw_request,
+    request_codes,
     sample,
     start_stack,
     stop_stack,
@@ -128,6 +129,7 @@ def test_many_calls_on_one_channel_with_cancels_and_deadlines(seen: _ErrorsSeen)
 
             return dict(await asyncio.gather(*(one(i) for i in samples)))
 
+    counted_before = sum(request_codes(stack).values())
     try:
         results = asyncio.run(burst())
         assert sorted(results) == sorted(samples)
@@ -148,6 +150,9 @@ def test_many_calls_on_one_channel_with_cancels_and_deadlines(seen: _ErrorsSeen)
         _wait_for(lambda: stack.service.in_flight == 0)
         assert door.taken >= answered
         _wait_for(lambda: door._tasks == {})
+        # Every call taken is counted once, also those cancelled in the wake-up that
+        # took them (the 1 ms deadlines make some).
+        assert sum(request_codes(stack).values()) - counted_before == door.taken
         # In C++, every call over is freed: what is left is the outstanding accepts.
         _wait_for(lambda: door._door.allocated == DEFAULT_ACCEPTS)
         # The server still answers.
