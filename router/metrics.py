@@ -162,6 +162,13 @@ class RouterMetrics:
             ["model", "version"],
             registry=r,
         )
+        # Read at scrape time from the service's counter (set_function): nothing per request.
+        self.requests_in_flight = Gauge(
+            "gpugate_requests_in_flight",
+            "Inference requests inside the gateway now: admitted and not yet answered, "
+            "over every front door (queued, batched or running).",
+            registry=r,
+        )
 
     def _child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, remembered: ``labels()`` takes a lock and builds

@@ -168,6 +168,7 @@ class InferenceService:
         self._tenants = tenants
         self._draining = False
         self._in_flight = 0
+        self.metrics.requests_in_flight.set_function(lambda: self._in_flight)
         self._idle = asyncio.Event()
         self._idle.set()
         # Outcomes per version for the models under a rollout (serving.rollout reads them).

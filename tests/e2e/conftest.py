@@ -88,7 +88,8 @@ class Gateway:
         return sum(
             float(line.rsplit(" ", 1)[1])
             for line in text.splitlines()
-            if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items())
+            if (line.startswith(name + "{") or line.startswith(name + " "))
+            and all(f'{k}="{v}"' in line for k, v in labels.items())
         )
 
     def close(self) -> None:

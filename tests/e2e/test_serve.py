@@ -224,9 +224,59 @@ def test_metrics_count_requests_per_tenant(gateway: Gateway) -> None:
     assert gateway.metric("gpugate_batch_size_rows_bucket", model="digits", le="+Inf") >= 1
 
 
+def _open_slow_http_infer(gw: Gateway, x: np.ndarray, key: str) -> tuple[socket.socket, bytes]:
+    """An HTTP infer call whose body is half sent: the gateway has admitted it (the body
+    is read inside the request) and holds it until the rest comes. Returns the socket
+    and the rest of the body."""
+    body = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "pixels",
+                    "shape": list(x.shape),
+                    "datatype": "FP32",
+                    "data": x.ravel().tolist(),
+                }
+            ]
+        }
+    ).encode()
+    head = (
+        f"POST /v2/models/digits/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    sock = socket.create_connection(("127.0.0.1", gw.http_port), timeout=60)
+    half = len(body) // 2
+    sock.sendall(head + body[:half])
+    return sock, body[half:]
+
+
+def _finish_slow_http_infer(sock: socket.socket, rest: bytes) -> tuple[str, dict]:
+    """Send the rest of the body; the status line and the JSON answer."""
+    with sock:
+        sock.sendall(rest)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, payload = data.partition(b"\r\n\r\n")
+    return head.split(b"\r\n", 1)[0].decode(), json.loads(payload)
+
+
 def test_sigterm_drains_in_flight_requests_and_exits_zero(gateway: Gateway) -> None:
-    """Last test of the module: it stops the shared gateway."""
+    """Last test of the module: it stops the shared gateway.
+
+    One request is held inside the gateway across the SIGTERM (its body half sent), so
+    the drain has something in flight whatever the timing; 16 clients in a closed loop
+    race the shutdown beside it."""
     key = gateway.demo_key
+    alone = _http_infer(gateway, X[:2], key, binary=False).as_numpy("logits")
+    assert gateway.metric("gpugate_requests_in_flight") == 0
+    slow, rest = _open_slow_http_infer(gateway, X[:2], key)
+    deadline = time.monotonic() + 30
+    while gateway.metric("gpugate_requests_in_flight") != 1:
+        assert time.monotonic() < deadline, "the half-sent request was not admitted"
+        time.sleep(0.05)
+
     stop = threading.Event()
     outcomes: list[str] = []
     lock = threading.Lock()
@@ -251,22 +301,35 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(gateway: Gateway) -> N
     time.sleep(2.0)
     with lock:
         before = outcomes.count("ok")
-    code = gateway.stop()
+    with ThreadPoolExecutor(1) as pool:
+        stopped = pool.submit(gateway.stop)  # SIGTERM, then waits for the exit
+        # The gateway is draining once it refuses new calls; the held request still waits.
+        deadline = time.monotonic() + 60
+        while not any(o.startswith("StatusCode.UNAVAILABLE") for o in list(outcomes)):
+            assert time.monotonic() < deadline, set(outcomes)
+            time.sleep(0.05)
+        assert not stopped.done()
+        status, answer = _finish_slow_http_infer(slow, rest)
+        code = stopped.result(timeout=120)
     stop.set()
     for t in threads:
         t.join(timeout=30)
     assert code == 0
     assert before > 0
-    drained = [line for line in gateway.lines if line.startswith("gpugate drained")]
-    assert drained and "completed=True" in drained[0]
-    # 16 clients in a closed loop: requests were inside the gateway when SIGTERM came.
-    in_flight = int(drained[0].split("in_flight=")[1])
-    assert in_flight > 0, drained[0]
     # Every request either completed correctly or was refused cleanly as unavailable.
     refused = [o for o in outcomes if o != "ok"]
     assert all(o.startswith("StatusCode.UNAVAILABLE") and "draining" in o for o in refused), set(
         refused
     )
+    # The request held across the SIGTERM was answered, with its own rows.
+    assert status == "HTTP/1.1 200 OK", (status, answer)
+    (logits,) = answer["outputs"]
+    got = np.asarray(logits["data"], dtype=np.float32).reshape(logits["shape"])
+    np.testing.assert_allclose(got, alone, rtol=1e-5, atol=1e-5)
+    drained = [line for line in gateway.lines if line.startswith("gpugate drained")]
+    assert drained and "completed=True" in drained[0]
+    in_flight = int(drained[0].split("in_flight=")[1])
+    assert in_flight >= 1, drained[0]  # at least the held request
     assert any(line.startswith("gpugate stopped") for line in gateway.lines)
     # A clean stop loses no ledger record: every answer of the module is billed.
     db = sqlite3.connect(gateway.state_dir / "gpugate.db")
@@ -276,4 +339,4 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(gateway: Gateway) -> N
         ).fetchone()[0]
     finally:
         db.close()
-    assert billed >= answered_earlier + outcomes.count("ok") > 0
+    assert billed >= answered_earlier + outcomes.count("ok") + 1 > 1
