@@ -155,6 +155,7 @@ class Server:
         self.proc: subprocess.Popen[str] | None = None
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._logfile: TextIO | None = None
+        self._log_lock = threading.Lock()  # two pumps write the log
         self.exit_code: int | None = None
         self.batch_counter: BatchCounter | None = None
         # gpugate only: (count, sum) of the light tenant's time inside the gateway.
@@ -170,13 +171,19 @@ class Server:
             cwd=REPO,
             env=self.env,
             stdin=subprocess.DEVNULL,
+            # Two pipes: the ready line is read from stdout alone, so a server's own
+            # log lines on stderr (tritonserver's, Ray's) cannot split it in two.
             stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
+            stderr=subprocess.PIPE,
             text=True,
             bufsize=1,
             start_new_session=True,
         )
-        threading.Thread(target=self._pump, daemon=True, name=f"{self.name}-log").start()
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        for stream, lines in ((self.proc.stdout, self._lines), (self.proc.stderr, None)):
+            threading.Thread(
+                target=self._pump, args=(stream, lines), daemon=True, name=f"{self.name}-log"
+            ).start()
         deadline = started + timeout_s
         while True:
             remaining = deadline - time.monotonic()
@@ -203,14 +210,17 @@ class Server:
         """CPU of this server's process session (plus the load generator) and its batches."""
         return Meters(CpuMeter(self.proc.pid if self.proc else None), self.batch_counter)
 
-    def _pump(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if self._logfile is not None:
-                self._logfile.write(line)
-                self._logfile.flush()
-            self._lines.put(line)
-        self._lines.put(None)
+    def _pump(self, stream: TextIO, lines: queue.Queue[str | None] | None) -> None:
+        """Copy one of the server's streams to its log; stdout's lines also to ``lines``."""
+        for line in stream:
+            with self._log_lock:
+                if self._logfile is not None:
+                    self._logfile.write(line)
+                    self._logfile.flush()
+            if lines is not None:
+                lines.put(line)
+        if lines is not None:
+            lines.put(None)
 
     def tail(self, n: int = 30) -> str:
         try:
@@ -235,8 +245,9 @@ class Server:
         if self._logfile is not None:
             # Give the pump a moment to copy the last lines.
             time.sleep(0.2)
-            self._logfile.close()
-            self._logfile = None
+            with self._log_lock:
+                self._logfile.close()
+                self._logfile = None
         self.log(f"{self.name}: exited with {self.exit_code}")
         return self.exit_code
 
