@@ -17,7 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,7 +88,7 @@ class Gateway:
         return sum(
             float(line.rsplit(" ", 1)[1])
             for line in text.splitlines()
-            if (line.startswith(name + "{") or line.startswith(name + " "))
+            if line.startswith((name + "{", name + " "))
             and all(f'{k}="{v}"' in line for k, v in labels.items())
         )
 
@@ -150,6 +150,25 @@ def start_gateway(state_dir: Path, *extra: str, env: dict[str, str] | None = Non
     match = re.search(r"demo tenant key: (\S+)", key_line)
     assert match is not None
     return Gateway(proc, state_dir, http, grpc_, metrics, match.group(1), lines)
+
+
+def wait_for(
+    what: str,
+    check: Callable[[], Any],
+    timeout_s: float = 180.0,
+    every_s: float = 0.25,
+    explain: Callable[[], str] | None = None,
+) -> Any:
+    """Poll ``check`` until it returns something truthy, and return that; past
+    ``timeout_s`` fail naming ``what`` (and ``explain()``'s account, if given)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(every_s)
+    extra = f"; {explain()}" if explain is not None else ""
+    raise AssertionError(f"timed out waiting for {what}{extra}")
 
 
 def admin_token(gw: Gateway) -> str:

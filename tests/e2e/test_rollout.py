@@ -36,6 +36,7 @@ from tests.e2e.conftest import (
     configured_gateway,
     send,
 )
+from tests.e2e.conftest import wait_for as poll
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -158,14 +159,9 @@ def stage(gw: Gateway, version: str) -> str:
 def wait_for(
     what: str, check: Any, timeout_s: float = 180.0, every_s: float = 0.25, gw: Any = None
 ) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(every_s)
-    extra = f"; rollout: {json.dumps(status(gw))}" if gw is not None else ""
-    raise AssertionError(f"timed out waiting for {what}{extra}")
+    """conftest's wait_for; a failure also shows the rollout's status when ``gw`` is given."""
+    explain = None if gw is None else (lambda: f"rollout: {json.dumps(status(gw))}")
+    return poll(what, check, timeout_s, every_s, explain)
 
 
 def canary_ready(gw: Gateway, version: str) -> bool:

@@ -6,6 +6,7 @@ every test of this module; the last test stops it with SIGTERM under load.
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 import sqlite3
@@ -21,7 +22,7 @@ import tritonclient.http as thttp
 from sklearn.datasets import load_digits
 from tritonclient.utils import InferenceServerException
 
-from tests.e2e.conftest import Gateway
+from tests.e2e.conftest import Gateway, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -224,10 +225,12 @@ def test_metrics_count_requests_per_tenant(gateway: Gateway) -> None:
     assert gateway.metric("gpugate_batch_size_rows_bucket", model="digits", le="+Inf") >= 1
 
 
-def _open_slow_http_infer(gw: Gateway, x: np.ndarray, key: str) -> tuple[socket.socket, bytes]:
+def _open_slow_http_infer(
+    gw: Gateway, x: np.ndarray, key: str
+) -> tuple[http.client.HTTPConnection, bytes]:
     """An HTTP infer call whose body is half sent: the gateway has admitted it (the body
-    is read inside the request) and holds it until the rest comes. Returns the socket
-    and the rest of the body."""
+    is read inside the request) and holds it until the rest comes. Returns the
+    connection and the rest of the body (``conn.send(rest)``, then ``getresponse()``)."""
     body = json.dumps(
         {
             "inputs": [
@@ -240,26 +243,14 @@ def _open_slow_http_infer(gw: Gateway, x: np.ndarray, key: str) -> tuple[socket.
             ]
         }
     ).encode()
-    head = (
-        f"POST /v2/models/digits/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-        f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-    ).encode()
-    sock = socket.create_connection(("127.0.0.1", gw.http_port), timeout=60)
+    conn = http.client.HTTPConnection("127.0.0.1", gw.http_port, timeout=60)
+    conn.putrequest("POST", "/v2/models/digits/infer")
+    for name, value in {**_auth(key), "Content-Type": "application/json"}.items():
+        conn.putheader(name, value)
+    conn.putheader("Content-Length", str(len(body)))
     half = len(body) // 2
-    sock.sendall(head + body[:half])
-    return sock, body[half:]
-
-
-def _finish_slow_http_infer(sock: socket.socket, rest: bytes) -> tuple[str, dict]:
-    """Send the rest of the body; the status line and the JSON answer."""
-    with sock:
-        sock.sendall(rest)
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    head, _, payload = data.partition(b"\r\n\r\n")
-    return head.split(b"\r\n", 1)[0].decode(), json.loads(payload)
+    conn.endheaders(body[:half])
+    return conn, body[half:]
 
 
 def test_sigterm_drains_in_flight_requests_and_exits_zero(gateway: Gateway) -> None:
@@ -272,10 +263,12 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(gateway: Gateway) -> N
     alone = _http_infer(gateway, X[:2], key, binary=False).as_numpy("logits")
     assert gateway.metric("gpugate_requests_in_flight") == 0
     slow, rest = _open_slow_http_infer(gateway, X[:2], key)
-    deadline = time.monotonic() + 30
-    while gateway.metric("gpugate_requests_in_flight") != 1:
-        assert time.monotonic() < deadline, "the half-sent request was not admitted"
-        time.sleep(0.05)
+    wait_for(
+        "the half-sent request to be admitted",
+        lambda: gateway.metric("gpugate_requests_in_flight") == 1,
+        30,
+        0.05,
+    )
 
     stop = threading.Event()
     outcomes: list[str] = []
@@ -303,13 +296,18 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(gateway: Gateway) -> N
         before = outcomes.count("ok")
     with ThreadPoolExecutor(1) as pool:
         stopped = pool.submit(gateway.stop)  # SIGTERM, then waits for the exit
+
         # The gateway is draining once it refuses new calls; the held request still waits.
-        deadline = time.monotonic() + 60
-        while not any(o.startswith("StatusCode.UNAVAILABLE") for o in list(outcomes)):
-            assert time.monotonic() < deadline, set(outcomes)
-            time.sleep(0.05)
+        def refused() -> bool:
+            with lock:
+                return any(o.startswith("StatusCode.UNAVAILABLE") for o in outcomes)
+
+        wait_for("the gateway to refuse new calls", refused, 60, 0.05)
         assert not stopped.done()
-        status, answer = _finish_slow_http_infer(slow, rest)
+        slow.send(rest)
+        response = slow.getresponse()
+        status, answer = response.status, json.loads(response.read())
+        slow.close()
         code = stopped.result(timeout=120)
     stop.set()
     for t in threads:
@@ -322,7 +320,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(gateway: Gateway) -> N
         refused
     )
     # The request held across the SIGTERM was answered, with its own rows.
-    assert status == "HTTP/1.1 200 OK", (status, answer)
+    assert status == 200, (status, answer)
     (logits,) = answer["outputs"]
     got = np.asarray(logits["data"], dtype=np.float32).reshape(logits["shape"])
     np.testing.assert_allclose(got, alone, rtol=1e-5, atol=1e-5)
