@@ -150,10 +150,16 @@ def _to_array(tensor: InputTensor, spec: TensorSpec, count: int) -> np.ndarray:
     try:
         # numpy casts silently (1.5 -> 1 for INT64, "7" -> 7.0, null -> NaN, "x" -> True):
         # the values' own kind must fit the datatype before the checked conversion.
-        kind = np.asarray(tensor.values).dtype.kind
-        arr = np.asarray(tensor.values, dtype=dtype)
-        if arr.size and kind not in _VALUE_KINDS[dtype.kind]:
+        values = np.asarray(tensor.values)
+        kind = values.dtype.kind
+        if values.size and kind not in _VALUE_KINDS[dtype.kind]:
             raise TypeError(f"got values of numpy kind {kind!r}")
+        if dtype.kind == "f" and values.size and dtype.itemsize < values.dtype.itemsize:
+            with np.errstate(over="ignore"):  # checked just below
+                arr = np.asarray(tensor.values, dtype=dtype)
+            _check_float_range(values, arr)
+        else:
+            arr = np.asarray(tensor.values, dtype=dtype)
     except (ValueError, TypeError, OverflowError) as exc:
         raise InvalidArgument(
             f"input {tensor.name!r}: data is not {spec.datatype}: {exc}"
@@ -164,6 +170,14 @@ def _to_array(tensor: InputTensor, spec: TensorSpec, count: int) -> np.ndarray:
             f"(needs {count})"
         )
     return arr.reshape(tuple(tensor.shape))
+
+
+def _check_float_range(values: np.ndarray, arr: np.ndarray) -> None:
+    """A finite value too large for the datatype would silently become infinity."""
+    overflowed = np.isinf(arr) & np.isfinite(values)
+    if overflowed.any():
+        bad = values[overflowed].flat[0].item()
+        raise OverflowError(f"{bad!r} is out of range (largest {np.finfo(arr.dtype).max:.6g})")
 
 
 def _check_value_count(tensor: InputTensor, count: int) -> None:

@@ -1057,6 +1057,12 @@ HTTP_CASES = [
         json_body=infer_body([jx(), jk(data=[2**63])]),
     ),
     HttpCase(
+        "json-fp32-overflow",  # numpy alone would make it infinity
+        400,
+        "input 'x': data is not FP32: 1e+39 is out of range",
+        json_body=infer_body([jx(data=[1.0, 1e39, 3.0, 4.0]), jk()]),
+    ),
+    HttpCase(
         "json-data-missing",
         400,
         "input 'x' carries no data",
