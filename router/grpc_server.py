@@ -12,10 +12,12 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
+from google.protobuf import json_format
 from gpugate_proto import grpc_service_pb2 as pb
 from gpugate_proto import grpc_service_pb2_grpc as pb_grpc
 
 from router._exceptions import GatewayError, InvalidArgument
+from router.extensions import config_of, statistics_of
 from router.grpc_accept import HandlerRecorder
 from router.service import (
     EXTENSIONS,
@@ -63,6 +65,8 @@ METHODS: dict[str, tuple[Any, Any]] = {
     "ModelMetadata": (pb.ModelMetadataRequest, pb.ModelMetadataResponse),
     "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse),
     "RepositoryIndex": (pb.RepositoryIndexRequest, pb.RepositoryIndexResponse),
+    "ModelConfig": (pb.ModelConfigRequest, pb.ModelConfigResponse),
+    "ModelStatistics": (pb.ModelStatisticsRequest, pb.ModelStatisticsResponse),
 }
 
 
@@ -155,6 +159,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                 inputs=meta(served.signature.inputs),
                 outputs=meta(served.signature.outputs),
             )
+
+        return await _guard(context, run)
+
+    async def ModelConfig(self, request: Any, context: Any) -> Any:
+        async def run() -> Any:
+            config = config_of(self._service, request.name, request.version or None)
+            return pb.ModelConfigResponse(config=json_format.ParseDict(config, pb.ModelConfig()))
+
+        return await _guard(context, run)
+
+    async def ModelStatistics(self, request: Any, context: Any) -> Any:
+        async def run() -> Any:
+            stats = statistics_of(self._service, request.name or None, request.version or None)
+            return json_format.ParseDict(stats, pb.ModelStatisticsResponse())
 
         return await _guard(context, run)
 

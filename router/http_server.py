@@ -23,6 +23,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp
 
 from router._exceptions import GatewayError, InvalidArgument, NotFound, PayloadTooLarge
+from router.extensions import config_of, statistics_of
 from router.service import (
     EXTENSIONS,
     PLATFORM,
@@ -90,6 +91,24 @@ def build_http_app(
             }
         )
 
+    async def model_config(request: Request) -> Response:
+        try:
+            config = config_of(
+                service, request.path_params["model"], request.path_params.get("version")
+            )
+        except NotFound as exc:
+            return _error(exc)
+        return _json(config)
+
+    async def model_stats(request: Request) -> Response:
+        try:
+            stats = statistics_of(
+                service, request.path_params.get("model"), request.path_params.get("version")
+            )
+        except NotFound as exc:
+            return _error(exc)
+        return _json(stats)
+
     async def model_ready(request: Request) -> Response:
         ok = service.model_ready(request.path_params["model"], request.path_params.get("version"))
         return Response(status_code=200 if ok else 503)
@@ -143,7 +162,13 @@ def build_http_app(
         Route("/v2/health/live", live, methods=["GET"]),
         Route("/v2/health/ready", ready, methods=["GET"]),
         Route("/v2", server_metadata, methods=["GET"]),
+        # Before /v2/models/{model}, which would take "stats" for a model's name.
+        Route("/v2/models/stats", model_stats, methods=["GET"]),
         Route("/v2/models/{model}", model_metadata, methods=["GET"]),
+        Route("/v2/models/{model}/config", model_config, methods=["GET"]),
+        Route("/v2/models/{model}/versions/{version}/config", model_config, methods=["GET"]),
+        Route("/v2/models/{model}/stats", model_stats, methods=["GET"]),
+        Route("/v2/models/{model}/versions/{version}/stats", model_stats, methods=["GET"]),
         Route("/v2/models/{model}/versions/{version}", model_metadata, methods=["GET"]),
         Route("/v2/models/{model}/ready", model_ready, methods=["GET"]),
         Route("/v2/models/{model}/versions/{version}/ready", model_ready, methods=["GET"]),

@@ -123,3 +123,13 @@ class LiveModelTable:
     def versions(self, name: str) -> list[str]:
         served = self._snap.production.get(name)
         return [served.version] if served is not None else []
+
+    def serving(self, name: str | None = None) -> list[ServedModel]:
+        """Production versions and the rollouts' candidates (staging takes no requests)."""
+        snap = self._snap
+        found = [m for m in snap.production.values() if name is None or m.name == name]
+        for model in [name] if name is not None else list(self._splits):
+            canary = self._candidate(snap, model)
+            if canary is not None and canary[1] not in found:
+                found.append(canary[1])
+        return sorted(found, key=lambda m: (m.name, version_order(m.version)))

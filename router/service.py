@@ -40,11 +40,12 @@ from scheduler import (
     Receipt,
     SchedulerClosedError,
     Tensors,
+    VersionStats,
 )
 
 SERVER_NAME = "gpugate"
 SERVER_VERSION = "0.1.0"
-EXTENSIONS = ["binary_tensor_data", "model_repository"]
+EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "statistics"]
 PLATFORM = "pytorch_libtorch"
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ class ServedModel:
     version: str
     signature: ModelSignature
     batcher: ModelBatcher
+    replicas: int = 1  # for the model configuration's instance group
+    gpus_per_replica: float = 0.0
 
 
 @dataclass
@@ -70,6 +73,7 @@ class Call:
     version: str = "-"
     receipt: Receipt = field(default_factory=Receipt)
     trace: object | None = None  # the request span's context, for the batch span's link
+    stats: VersionStats | None = None  # the resolved version's, for its outcome
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,10 @@ class ModelTable(Protocol):
 
     def versions(self, name: str) -> list[str]:
         """Versions of ``name``, oldest first."""
+        ...
+
+    def serving(self, name: str | None = None) -> list[ServedModel]:
+        """The versions that take requests, of ``name`` or of every model, in index order."""
         ...
 
 
@@ -140,6 +148,10 @@ class StaticModelTable:
     def versions(self, name: str) -> list[str]:
         found = [v for (n, v) in self._by_key if n == name]
         return sorted(found, key=version_order)
+
+    def serving(self, name: str | None = None) -> list[ServedModel]:
+        found = [m for m in self._by_key.values() if name is None or m.name == name]
+        return sorted(found, key=lambda m: (m.name, version_order(m.version)))
 
 
 def version_order(version: str) -> tuple[int, int, str]:
@@ -238,6 +250,7 @@ class InferenceService:
         assert tenant is not None, "authenticate the call first"
         served, shadow = self.models.route(model_name, version, tenant.name, header)
         call.model, call.version = served.name, served.version
+        call.stats = served.batcher.stats
         if not tenant.may_use(served.name):
             raise PermissionDenied(f"tenant {tenant.name!r} may not use model {served.name!r}")
         unknown = [o for o in requested_outputs if o not in served.signature.output_names]
@@ -391,6 +404,8 @@ class InferenceService:
                 self._idle.set()
             tenant = call.tenant.name if call.tenant else "-"
             elapsed = time.perf_counter() - started
+            if call.stats is not None:
+                call.stats.record_request(code == "200", round(elapsed * 1e9))
             self.metrics.observe_request(call.model, call.version, tenant, code, elapsed)
             self.windows.record(call.model, call.version, code, elapsed)
             finish_request_span(

@@ -18,6 +18,7 @@ from scheduler.batcher import (
 )
 from scheduler.costs import charge_ns, split_by_rows
 from scheduler.fair_queue import FairQueue, Pending
+from scheduler.stats import BatchSizeStats, Duration, VersionStats
 from scheduler.types import Backend, BatchPolicy, BatchResult, Tensors
 
 __all__ = [
@@ -28,8 +29,10 @@ __all__ = [
     "BatchPolicy",
     "BatchRecord",
     "BatchResult",
+    "BatchSizeStats",
     "CostSink",
     "DeadlineExceededError",
+    "Duration",
     "FairQueue",
     "ModelBatcher",
     "Pending",
@@ -39,6 +42,7 @@ __all__ = [
     "SchedulerError",
     "TenantShare",
     "Tensors",
+    "VersionStats",
     "charge_ns",
     "split_by_rows",
 ]

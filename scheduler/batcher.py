@@ -40,6 +40,7 @@ from scheduler._exceptions import (
 )
 from scheduler.costs import charge_ns, split_by_rows
 from scheduler.fair_queue import FairQueue, Pending
+from scheduler.stats import VersionStats
 from scheduler.types import Backend, BatchPolicy, BatchResult, Clock, Tensors
 
 log = logging.getLogger(__name__)
@@ -157,6 +158,7 @@ class ModelBatcher:
         self._closing = False
         self._loop_task: asyncio.Task[None] | None = None
         self._sleeps_until = -math.inf  # when the loop's own timer fires next
+        self.stats = VersionStats()  # Triton-style statistics (the router records requests)
 
     # -- public -----------------------------------------------------------------
 
@@ -342,6 +344,7 @@ class ModelBatcher:
                 names = jobs[0].inputs.keys()
                 inputs = {n: np.concatenate([j.inputs[n] for j in jobs]) for n in names}
             result = await self._backend.run_batch(inputs, urgent=urgent)
+            answered = self._clock()
             record = self._record(batch, jobs, started, started_at_ns, result, urgent)
             costs: Sequence[float] = ()
             if self._ledger is not None:
@@ -353,6 +356,15 @@ class ModelBatcher:
                         "cost ledger unavailable: results withheld, nothing billed"
                     ) from exc
             self._release(batch, jobs, record, result, costs)
+            trip_ns = round((answered - started) * 1e9)
+            self.stats.record_batch(
+                [round(w * 1e9) for w in record.queue_wait_s],
+                record.rows,
+                max(trip_ns - result.device_ns, 0),
+                result.device_ns,
+                round((self._clock() - answered) * 1e9),
+                record.finished_at_ns,
+            )
         except asyncio.CancelledError:
             for req in batch:
                 _fail(req, SchedulerClosedError("batch cancelled during shutdown"))

@@ -145,7 +145,14 @@ class Gateway:
         self._replicas[(model.name, model.version)] = model.replicas
         self.metrics.replicas.labels(model.name, model.version).set(model.replicas)
         self.metrics.queued_rows.labels(model.name, model.version).set_function(_depth_of(batcher))
-        return ServedModel(model.name, model.version, model.signature(), batcher)
+        return ServedModel(
+            model.name,
+            model.version,
+            model.signature(),
+            batcher,
+            replicas=model.replicas,
+            gpus_per_replica=model.num_gpus,
+        )
 
     async def sync_models(self, models: list[dict[str, Any]]) -> list[str]:
         """Serve exactly ``models`` ({"config", "stage", "app"} each) from now on.

@@ -85,6 +85,40 @@ def test_demo_model_classifies_digits_over_every_encoding(gateway: Gateway) -> N
     assert result.get_response()["model_version"] == "1"
 
 
+def test_model_config_and_statistics_through_tritonclient(gateway: Gateway) -> None:
+    h = thttp.InferenceServerClient(gateway.http_url)
+    g = tgrpc.InferenceServerClient(gateway.grpc_url)
+    config = h.get_model_config("digits")
+    assert config["max_batch_size"] == 64 and config["backend"] == "pytorch"
+    assert config["input"] == [{"name": "pixels", "data_type": "TYPE_FP32", "dims": [64]}]
+    assert config["output"] == [{"name": "logits", "data_type": "TYPE_FP32", "dims": [10]}]
+    assert config["instance_group"] == [{"name": "digits", "kind": "KIND_CPU", "count": 1}]
+    gconfig = g.get_model_config("digits", "1").config
+    assert (gconfig.max_batch_size, list(gconfig.input[0].dims)) == (64, [64])
+    assert gconfig.dynamic_batching.priority_levels == 3
+
+    def stats() -> dict:
+        found = h.get_inference_statistics("digits")["model_stats"]
+        assert [(s["name"], s["version"]) for s in found] == [("digits", "1")]
+        return found[0]
+
+    before = stats()
+    for rows in (1, 5, 3):
+        _grpc_infer(gateway, X[:rows], gateway.demo_key)
+    after = stats()
+    assert after["inference_count"] - before["inference_count"] == 9
+    done = (
+        after["inference_stats"]["success"]["count"] - before["inference_stats"]["success"]["count"]
+    )
+    assert done == 3
+    # The forward's device time, measured in the replica, is what "compute_infer" sums.
+    infer_ns = after["inference_stats"]["compute_infer"]["ns"]
+    assert infer_ns - before["inference_stats"]["compute_infer"]["ns"] > 0
+    gstats = g.get_inference_statistics("digits", "1").model_stats[0]
+    assert gstats.inference_count >= after["inference_count"]
+    assert gstats.inference_stats.compute_infer.ns >= infer_ns
+
+
 def test_concurrent_requests_of_different_sizes_get_their_own_rows(gateway: Gateway) -> None:
     key = gateway.demo_key
     rng = np.random.default_rng(1)

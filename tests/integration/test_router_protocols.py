@@ -46,6 +46,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from google.protobuf import json_format
 from gpugate_proto import grpc_service_pb2 as pb
 from gpugate_proto import grpc_service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
@@ -72,6 +73,7 @@ GRPC_BOB = {"authorization": f"Bearer {BOB}"}
 MD_ALICE = (("authorization", f"Bearer {ALICE}"),)
 MD_BOB = (("authorization", f"Bearer {BOB}"),)
 
+EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "statistics"]
 AFFINE_MAX_BATCH = 64
 SLOW_DELAY_S = 0.6
 
@@ -464,7 +466,7 @@ def test_health_and_metadata_http(hc: httpclient.InferenceServerClient) -> None:
     assert hc.get_server_metadata() == {
         "name": "gpugate",
         "version": "0.1.0",
-        "extensions": ["binary_tensor_data", "model_repository"],
+        "extensions": EXTENSIONS,
     }
     for version in ("", "1", "2"):
         meta = hc.get_model_metadata("affine", version)
@@ -517,13 +519,148 @@ def test_health_and_metadata_raw_http(web: httpx.Client) -> None:
     assert r.status_code == 405 and "error" in r.json()
 
 
+AFFINE_CONFIG = {
+    "name": "affine",
+    "platform": "pytorch_libtorch",
+    "backend": "pytorch",
+    "max_batch_size": AFFINE_MAX_BATCH,
+    "input": [
+        {"name": "x", "data_type": "TYPE_FP32", "dims": [4]},
+        {"name": "k", "data_type": "TYPE_INT64", "dims": [1]},
+    ],
+    "output": [
+        {"name": "y", "data_type": "TYPE_FP32", "dims": [4]},
+        {"name": "s", "data_type": "TYPE_FP32", "dims": [1]},
+    ],
+    "dynamic_batching": {
+        "max_queue_delay_microseconds": 20_000,
+        "priority_levels": 3,
+        "default_priority_level": 2,
+        "default_queue_policy": {
+            "timeout_action": "REJECT",
+            "default_timeout_microseconds": 10_000_000,
+            "allow_timeout_override": True,
+            "max_queue_size": 4096,
+        },
+    },
+    "instance_group": [{"name": "affine", "kind": "KIND_CPU", "count": 1}],
+}
+
+
+def _as_dict(message: Any) -> dict[str, Any]:
+    """A tritonclient protobuf as JSON-shaped data, 64-bit integers as numbers."""
+    data = json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+    def numbers(v: Any, key: str = "") -> Any:
+        if isinstance(v, dict):
+            return {k: numbers(x, k) for k, x in v.items()}
+        if isinstance(v, list):
+            return [numbers(x, key) for x in v]
+        if key not in ("name", "version") and isinstance(v, str) and v.lstrip("-").isdigit():
+            return int(v)
+        return v
+
+    return dict(numbers(data))
+
+
+def test_model_config(
+    hc: httpclient.InferenceServerClient, gc: grpcclient.InferenceServerClient
+) -> None:
+    for version in ("", "1", "2"):
+        assert hc.get_model_config("affine", version) == AFFINE_CONFIG
+        grpc_config = _as_dict(gc.get_model_config("affine", version).config)
+        # proto3 JSON leaves out fields at their zero value (KIND_AUTO, REJECT, 0, false).
+        want = json.loads(json.dumps(AFFINE_CONFIG))
+        del want["dynamic_batching"]["default_queue_policy"]["timeout_action"]  # REJECT = 0
+        assert grpc_config == want
+    vec = hc.get_model_config("vec")
+    assert vec["input"] == [{"name": "v", "data_type": "TYPE_FP32", "dims": [-1]}]
+    assert vec["max_batch_size"] == 8
+    assert list(gc.get_model_config("vec").config.input[0].dims) == [-1]
+    for name, version, needle in [
+        ("nope", "", "unknown model 'nope'"),
+        ("affine", "9", "model 'affine' has no version '9'"),
+    ]:
+        with pytest.raises(InferenceServerException) as err:
+            hc.get_model_config(name, version)
+        assert (err.value.status(), needle in err.value.message()) == ("404", True)
+        with pytest.raises(InferenceServerException) as err:
+            gc.get_model_config(name, version)
+        assert err.value.status() == "StatusCode.NOT_FOUND"
+        assert needle in err.value.message()
+
+
+def _stats(hc: httpclient.InferenceServerClient, version: str) -> dict[str, Any]:
+    found = hc.get_inference_statistics("affine", version)["model_stats"]
+    assert [(s["name"], s["version"]) for s in found] == [("affine", version)]
+    return dict(found[0])
+
+
+def test_model_statistics(
+    stack: Stack,
+    hc: httpclient.InferenceServerClient,
+    gc: grpcclient.InferenceServerClient,
+) -> None:
+    before = _stats(hc, "1")
+    sent = [(1, 71), (3, 72), (2, 73)]  # (rows, seed)
+    for i, (rows, seed) in enumerate(sent):
+        x, k = sample(rows, seed)
+        send = http_infer if i % 2 else grpc_infer
+        assert_affine(send(hc if i % 2 else gc, x, k, model_version="1"), x, k, mult=1)
+    x, k = sample(1, 74)
+    with pytest.raises(InferenceServerException):
+        http_infer(hc, x[:, :3], k, model_version="1")  # wrong shape: a failed request
+    after = _stats(hc, "1")
+
+    def delta(*path: str) -> int:
+        a, b = after, before
+        for key in path:
+            a, b = a[key], b[key]
+        return int(a) - int(b)
+
+    rows = sum(r for r, _ in sent)
+    assert delta("inference_count") == rows
+    executions = delta("execution_count")
+    assert 1 <= executions <= len(sent)
+    assert delta("inference_stats", "success", "count") == len(sent)
+    assert delta("inference_stats", "fail", "count") == 1
+    assert delta("inference_stats", "success", "ns") > 0
+    for part in ("queue", "compute_input", "compute_infer", "compute_output"):
+        assert delta("inference_stats", part, "count") == len(sent), part
+    # AffineBackend reports 1,000 ns of device time per batch; each request gets its batch's.
+    assert delta("inference_stats", "compute_infer", "ns") == 1000 * len(sent)
+    # The backend sleeps 5 ms per batch: the rest of the round trip is "compute input".
+    assert delta("inference_stats", "compute_input", "ns") >= 0.004e9 * len(sent)
+    assert after["last_inference"] >= before["last_inference"]
+    assert abs(after["last_inference"] / 1000 - time.time()) < 60
+    # batch_stats: one entry per batch size, counts adding up to the executions and rows.
+    sizes = {b["batch_size"]: b for b in after["batch_stats"]}
+    assert sum(b["compute_infer"]["count"] for b in sizes.values()) == after["execution_count"]
+    assert (
+        sum(n * b["compute_infer"]["count"] for n, b in sizes.items()) == after["inference_count"]
+    )
+    # gRPC says the same, and without a name lists every version serving.
+    grpc_stats = _as_dict(gc.get_inference_statistics("affine", "1"))["model_stats"]
+    assert grpc_stats == [_stats(hc, "1")]
+    everything = hc.get_inference_statistics()["model_stats"]
+    assert [(s["name"], s["version"]) for s in everything] == INDEX
+    versions = _as_dict(gc.get_inference_statistics("affine"))["model_stats"]
+    assert [s["version"] for s in versions] == ["1", "2"]
+    with pytest.raises(InferenceServerException) as err:
+        gc.get_inference_statistics("nope")
+    assert err.value.status() == "StatusCode.NOT_FOUND"
+    with pytest.raises(InferenceServerException) as err:
+        hc.get_inference_statistics("affine", "9")
+    assert err.value.status() == "404"
+
+
 def test_health_and_metadata_grpc(gc: grpcclient.InferenceServerClient) -> None:
     assert gc.is_server_live() is True
     assert gc.is_server_ready() is True
     server = gc.get_server_metadata()
     assert server.name == "gpugate"
     assert server.version == "0.1.0"
-    assert list(server.extensions) == ["binary_tensor_data", "model_repository"]
+    assert list(server.extensions) == EXTENSIONS
     for version in ("", "1", "2"):
         meta = gc.get_model_metadata("affine", version)
         assert meta.name == "affine"

@@ -2,7 +2,8 @@
 
 Ground truth for wire compatibility is the descriptor of Triton's
 grpc_service.proto bundled in the installed tritonclient package
-(tritonclient.grpc.service_pb2).
+(tritonclient.grpc.service_pb2), and of its model_config.proto
+(tritonclient.grpc.model_config_pb2) for the model configuration messages.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from google.protobuf import descriptor_pb2, text_format
 from gpugate_proto import generate as gen
 from gpugate_proto import grpc_service_pb2 as pb2
 from gpugate_proto import grpc_service_pb2_grpc as pb2_grpc
+from tritonclient.grpc import model_config_pb2 as triton_config_pb2
 from tritonclient.grpc import service_pb2 as triton_pb2
 from tritonclient.grpc import service_pb2_grpc as triton_pb2_grpc
 
@@ -36,6 +38,8 @@ EXPECTED_METHODS = {
     "ModelMetadata",
     "ModelInfer",
     "RepositoryIndex",
+    "ModelConfig",
+    "ModelStatistics",
 }
 
 
@@ -95,8 +99,25 @@ def _messages_by_name(
 
 OURS_FILE = _file_proto(pb2.DESCRIPTOR)
 TRITON_FILE = _file_proto(triton_pb2.DESCRIPTOR)
+TRITON_CONFIG_FILE = _file_proto(triton_config_pb2.DESCRIPTOR)
 OUR_MESSAGES = _messages_by_name(OURS_FILE)
-TRITON_MESSAGES = _messages_by_name(TRITON_FILE)
+TRITON_MESSAGES = _messages_by_name(TRITON_FILE) | _messages_by_name(TRITON_CONFIG_FILE)
+
+
+def _triton_descriptor(full_name: str) -> Any:
+    for module in (triton_pb2, triton_config_pb2):
+        try:
+            return module.DESCRIPTOR.pool.FindMessageTypeByName(full_name)
+        except KeyError:
+            continue
+    raise KeyError(full_name)
+
+
+def _enums_by_name(file_proto: descriptor_pb2.FileDescriptorProto) -> dict[str, dict[str, int]]:
+    enums = {f"{file_proto.package}.{e.name}": e for e in file_proto.enum_type}
+    for name, message in _messages_by_name(file_proto).items():
+        enums.update({f"{name}.{e.name}": e for e in message.enum_type})
+    return {name: {v.name: v.number for v in e.value} for name, e in enums.items()}
 
 
 def test_file_level_settings_match_triton() -> None:
@@ -128,8 +149,34 @@ def test_expected_messages_are_defined() -> None:
         "inference.RepositoryIndexRequest",
         "inference.RepositoryIndexResponse",
         "inference.RepositoryIndexResponse.ModelIndex",
+        "inference.ModelConfigRequest",
+        "inference.ModelConfigResponse",
+        "inference.ModelConfig",
+        "inference.ModelInput",
+        "inference.ModelOutput",
+        "inference.ModelDynamicBatching",
+        "inference.ModelQueuePolicy",
+        "inference.ModelInstanceGroup",
+        "inference.ModelStatisticsRequest",
+        "inference.ModelStatisticsResponse",
+        "inference.ModelStatistics",
+        "inference.InferStatistics",
+        "inference.InferBatchStatistics",
+        "inference.StatisticDuration",
     }
     assert expected <= set(OUR_MESSAGES)
+
+
+def test_enums_match_triton() -> None:
+    ours = _enums_by_name(OURS_FILE)
+    theirs = _enums_by_name(TRITON_FILE) | _enums_by_name(TRITON_CONFIG_FILE)
+    assert set(ours) == {
+        "inference.DataType",
+        "inference.ModelInstanceGroup.Kind",
+        "inference.ModelQueuePolicy.TimeoutAction",
+    }
+    for name, values in ours.items():
+        assert values == theirs[name], name  # every value, same numbers
 
 
 def test_every_message_exists_in_triton() -> None:
@@ -163,7 +210,7 @@ def test_message_fields_match_triton(full_name: str) -> None:
 
     # Packed vs unpacked encoding of repeated scalars is part of the wire format.
     our_desc = pb2.DESCRIPTOR.pool.FindMessageTypeByName(full_name)
-    their_desc = triton_pb2.DESCRIPTOR.pool.FindMessageTypeByName(full_name)
+    their_desc = _triton_descriptor(full_name)
     for field in our_desc.fields:
         assert field.is_packed == their_desc.fields_by_name[field.name].is_packed, field.full_name
 
