@@ -422,3 +422,81 @@ def test_a_tenant_with_a_request_running_does_not_qualify_even_with_nothing_queu
         await b.close()
 
     run(main)
+
+
+class _TickClock:
+    """A clock the test moves by hand: the batcher's timings become exact."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _TimedBackend:
+    """Takes 3 ms of the test clock per batch, 1 ms of it 'device' time; a ledger-like
+    sink then takes 2 ms more before the callers are released."""
+
+    def __init__(self, clock: _TickClock) -> None:
+        self.clock = clock
+        self.gate = asyncio.Event()
+
+    async def run_batch(self, inputs: Tensors, *, urgent: bool = False) -> BatchResult:
+        await self.gate.wait()
+        self.clock.now += 0.003
+        return BatchResult({"y": inputs["x"]}, device_ns=1_000_000, device="cpu", device_share=1.0)
+
+
+class _SlowSink:
+    def __init__(self, clock: _TickClock) -> None:
+        self.clock = clock
+
+    async def commit(self, record: BatchRecord) -> list[float]:
+        self.clock.now += 0.002
+        return [0.0] * len(record.tenants)
+
+
+def test_statistics_split_each_batch_into_queue_transfer_device_and_release() -> None:
+    clock = _TickClock()
+    backend = _TimedBackend(clock)
+
+    async def main() -> ModelBatcher:
+        b = ModelBatcher(
+            "m",
+            "1",
+            backend,
+            BatchPolicy(max_batch_size=8, max_in_flight=1),
+            clock=clock,
+            ledger=_SlowSink(clock),
+        )
+        b.start()
+        first = asyncio.ensure_future(b.submit("a", _x(2, 1), 2))  # dispatched at once
+        await asyncio.sleep(0.01)
+        clock.now += 0.004  # these two come 4 ms later, and wait for the slot
+        rest = [asyncio.ensure_future(b.submit(t, _x(3, 2), 3)) for t in ("a", "b")]
+        await asyncio.sleep(0.01)
+        backend.gate.set()
+        await asyncio.gather(first, *rest)
+        await b.close()
+        return b
+
+    s = run(main).stats
+    assert (s.execution_count, s.inference_count) == (2, 8)
+    # The first went out at once; the others waited for its 3 ms trip and 2 ms commit.
+    assert (s.queue.count, s.queue.ns) == (3, 0 + 2 * 5_000_000)
+    # Per request: its batch's figures. Device 1 ms, release 2 ms; the round trip is
+    # 7 ms for the first batch (it waited 4 ms at the backend's gate) and 3 ms for the
+    # second, and all of the trip but the device time is "compute input".
+    assert (s.compute_infer.count, s.compute_infer.ns) == (3, 3 * 1_000_000)
+    assert (s.compute_input.count, s.compute_input.ns) == (3, 6_000_000 + 2 * 2_000_000)
+    assert (s.compute_output.count, s.compute_output.ns) == (3, 3 * 2_000_000)
+    # Per batch size: counted per batch.
+    assert sorted(s.by_batch_size) == [2, 6]
+    six = s.by_batch_size[6]
+    assert (six.compute_infer.count, six.compute_input.ns, six.compute_output.ns) == (
+        1,
+        2_000_000,
+        2_000_000,
+    )
+    assert s.success.count == s.fail.count == 0  # requests are the router's to record
