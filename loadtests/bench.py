@@ -132,6 +132,30 @@ def render_table(rows: list[LevelResult], limit: InProcessResult | None) -> str:
     return "\n".join(lines)
 
 
+def render_stages(rows: list[LevelResult]) -> str | None:
+    """Where a request's time goes, from the servers' own statistics (mean ms)."""
+    timed = [r for r in rows if r.stage_ms]
+    if not timed:
+        return None
+    head = (
+        f"{'system':<10} {'protocol':<8} {'conc':>4} {'client':>8} {'inside':>8} "
+        f"{'queue':>8} {'c.input':>8} {'c.infer':>8} {'c.output':>8} {'outside':>8}"
+    )
+    lines = [head, "-" * len(head)]
+    order = {name: i for i, name in enumerate(SYSTEMS)}
+    for r in sorted(timed, key=lambda r: (r.concurrency, order.get(r.system, 9), r.protocol)):
+        st = r.stage_ms or {}
+        inside = st.get("success")
+        outside = r.mean_ms - inside if r.mean_ms is not None and inside is not None else None
+        lines.append(
+            f"{r.system:<10} {r.protocol:<8} {r.concurrency:>4} {fmt(r.mean_ms, '.2f'):>8} "
+            f"{fmt(inside, '.2f'):>8} {fmt(st.get('queue'), '.2f'):>8} "
+            f"{fmt(st.get('compute_input'), '.2f'):>8} {fmt(st.get('compute_infer'), '.2f'):>8} "
+            f"{fmt(st.get('compute_output'), '.2f'):>8} {fmt(outside, '.2f'):>8}"
+        )
+    return "\n".join(lines)
+
+
 def _inside(r: NoisyResult) -> str:
     a, b = r.light_inside_alone_ms, r.light_inside_beside_ms
     return "-" if a is None or b is None else f"{a:.1f}/{b:.1f}"
@@ -515,6 +539,24 @@ def _run(
         )
     for line in headline(rows, limit):
         print(line)
+    stages = render_stages(rows)
+    if stages is not None:
+        print()
+        print(
+            "where a request's time goes (mean ms per request, from each server's own "
+            "statistics extension, /v2/models/bench/stats):"
+        )
+        print(stages)
+        print(
+            "client = the load generator's mean; inside = the server's mean for a "
+            "successful request; outside = client - inside (client, transport, front door)"
+        )
+        print(
+            "queue = waiting for a batch (gpugate: and the batch's wait at the replica); "
+            "c.infer = the forward; gpugate: c.input = the rest of the batch's round trip, "
+            "c.output = ledger commit and release; Triton: input and output tensor copies. "
+            "Each request counts its batch's times."
+        )
     if noisy:
         print()
         print(

@@ -48,6 +48,8 @@ class LevelResult:
     cpu_cores_other: float | None = None
     # Rows per model batch in the window, from the server's own counters.
     mean_batch_rows: float | None = None
+    # Mean ms per request in the window of each part in STAGES (server's statistics).
+    stage_ms: dict[str, float] | None = None
 
 
 def fmt(value: float | None, spec: str) -> str:
@@ -118,6 +120,10 @@ class CpuMeter:
 
 # Cumulative (batches, rows) the server has run so far, or None if unknown.
 BatchCounter = Callable[[], "tuple[float, float] | None"]
+# Cumulative (count, ns) per part of a request's time inside the server, from its own
+# statistics extension (Triton's /v2/models/{m}/stats), or None if unknown.
+StageCounter = Callable[[], "dict[str, tuple[int, int]] | None"]
+STAGES = ("success", "queue", "compute_input", "compute_infer", "compute_output")
 
 
 @dataclass
@@ -126,6 +132,7 @@ class Meters:
 
     cpu: CpuMeter | None = None
     batches: BatchCounter | None = None
+    stages: StageCounter | None = None
 
 
 def _cpu_window(
@@ -156,6 +163,8 @@ class Recorder:
         self.cpu_after: tuple[float, float] | None = None
         self.batches_before: tuple[float, float] | None = None
         self.batches_after: tuple[float, float] | None = None
+        self.stages_before: dict[str, tuple[int, int]] | None = None
+        self.stages_after: dict[str, tuple[int, int]] | None = None
 
     def record(self, started: float, finished: float, error: str | None) -> None:
         if finished < self.window_start:
@@ -204,19 +213,24 @@ async def closed_loop(
     rec.window_start = loop_start + warmup_s
     rec.window_end = rec.window_start + duration_s
 
-    async def sample() -> tuple[tuple[float, float] | None, tuple[float, float] | None]:
+    async def sample() -> tuple[
+        tuple[float, float] | None,
+        tuple[float, float] | None,
+        dict[str, tuple[int, int]] | None,
+    ]:
         assert meters is not None
         cpu = meters.cpu.snapshot() if meters.cpu is not None else None
         batches = await asyncio.to_thread(meters.batches) if meters.batches else None
-        return cpu, batches
+        stages = await asyncio.to_thread(meters.stages) if meters.stages else None
+        return cpu, batches, stages
 
     async def watch() -> None:
         if meters is None:
             return
         await asyncio.sleep(max(0.0, rec.window_start - time.perf_counter()))
-        rec.cpu_before, rec.batches_before = await sample()
+        rec.cpu_before, rec.batches_before, rec.stages_before = await sample()
         await asyncio.sleep(max(0.0, rec.window_end - time.perf_counter()))
-        rec.cpu_after, rec.batches_after = await sample()
+        rec.cpu_after, rec.batches_after, rec.stages_after = await sample()
 
     async def worker(index: int) -> None:
         while time.perf_counter() < rec.window_end:
@@ -238,6 +252,19 @@ async def closed_loop(
     return rec
 
 
+def _stage_means(
+    before: dict[str, tuple[int, int]] | None, after: dict[str, tuple[int, int]] | None
+) -> dict[str, float] | None:
+    if before is None or after is None:
+        return None
+    means = {}
+    for stage in STAGES:
+        count = after[stage][0] - before[stage][0]
+        if count > 0:
+            means[stage] = (after[stage][1] - before[stage][1]) / count / 1e6
+    return means or None
+
+
 def summarize(
     rec: Recorder, system: str, protocol: str, concurrency: int, duration_s: float
 ) -> LevelResult:
@@ -254,6 +281,7 @@ def summarize(
         if batches > 0:
             mean_batch = (rec.batches_after[1] - rec.batches_before[1]) / batches
     return LevelResult(
+        stage_ms=_stage_means(rec.stages_before, rec.stages_after),
         system=system,
         protocol=protocol,
         concurrency=concurrency,

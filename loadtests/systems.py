@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import yaml
-from loadgen import BatchCounter, CpuMeter, LevelResult, Meters
+from loadgen import STAGES, BatchCounter, CpuMeter, LevelResult, Meters, StageCounter
 
 REPO = Path(__file__).resolve().parent.parent
 PEER_SCRIPT = Path(__file__).resolve().parent / "peer_rayserve.py"
@@ -119,6 +119,27 @@ def triton_batches(metrics_url: str) -> BatchCounter:
     return prometheus_totals(metrics_url, "nv_inference_exec_count{", "nv_inference_count{")
 
 
+def model_stages(stats_url: str) -> StageCounter:
+    """The (count, ns) of each part in STAGES, summed over the versions listed at a
+    KServe server's statistics URL (Triton's extension: gpugate and Triton both serve it)."""
+
+    def read() -> dict[str, tuple[int, int]] | None:
+        try:
+            with urllib.request.urlopen(stats_url, timeout=5) as resp:
+                found = json.loads(resp.read())["model_stats"]
+        except (OSError, ValueError, KeyError):
+            return None
+        totals = dict.fromkeys(STAGES, (0, 0))
+        for version in found:
+            for stage in STAGES:
+                part = version["inference_stats"][stage]
+                count, ns = totals[stage]
+                totals[stage] = (count + int(part["count"]), ns + int(part["ns"]))
+        return totals
+
+    return read
+
+
 # ------------------------------------------------------------------ subprocesses
 
 
@@ -158,6 +179,7 @@ class Server:
         self._log_lock = threading.Lock()  # two pumps write the log
         self.exit_code: int | None = None
         self.batch_counter: BatchCounter | None = None
+        self.stages: StageCounter | None = None  # servers with the statistics extension
         # gpugate only: (count, sum) of the light tenant's time inside the gateway.
         self.light_inside: BatchCounter | None = None
 
@@ -208,7 +230,9 @@ class Server:
 
     def meters(self) -> Meters:
         """CPU of this server's process session (plus the load generator) and its batches."""
-        return Meters(CpuMeter(self.proc.pid if self.proc else None), self.batch_counter)
+        return Meters(
+            CpuMeter(self.proc.pid if self.proc else None), self.batch_counter, self.stages
+        )
 
     def _pump(self, stream: TextIO, lines: queue.Queue[str | None] | None) -> None:
         """Copy one of the server's streams to its log; stdout's lines also to ``lines``."""
@@ -334,6 +358,7 @@ def gpugate_system(
         log,
     )
     server.batch_counter = gateway_batches(f"http://127.0.0.1:{metrics_port}/metrics")
+    server.stages = model_stages(f"http://127.0.0.1:{http_port}/v2/models/{model.name}/stats")
     # The noisy-neighbour light tenant sends with the first key (kserve_client.grpc_noisy).
     server.light_inside = gateway_tenant_latency(
         f"http://127.0.0.1:{metrics_port}/metrics", "bench-0"
@@ -432,4 +457,5 @@ def triton_system(
         log,
     )
     server.batch_counter = triton_batches(f"http://127.0.0.1:{metrics_port}/metrics")
+    server.stages = model_stages(f"http://127.0.0.1:{http_port}/v2/models/bench/stats")
     return server, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from router._exceptions import NotFound
+from router._exceptions import InvalidArgument, NotFound
 from router.service import PLATFORM, InferenceService, ServedModel
 from router.tensors import DEFAULT_PRIORITY_LEVEL, MAX_PRIORITY_LEVEL
 from router.types import TensorSpec
@@ -45,8 +45,8 @@ def model_config(served: ServedModel, default_timeout_s: float) -> dict[str, Any
                 "timeout_action": "REJECT",  # 504, never run late
                 "default_timeout_microseconds": round(default_timeout_s * 1e6),
                 "allow_timeout_override": True,  # the request's ``timeout`` parameter
-                # Rows, not requests, bound gpugate's queue (429 past it).
-                "max_queue_size": policy.max_queued_rows,
+                # Rows, not requests, bound gpugate's queue (429 past it); a uint32.
+                "max_queue_size": min(policy.max_queued_rows, 2**32 - 1),
             },
         },
         "instance_group": [
@@ -103,6 +103,8 @@ def statistics_of(
 ) -> dict[str, Any]:
     """``{"model_stats": [...]}`` of one version, of every version serving ``name``, or
     (no name) of every version serving."""
+    if version and not name:
+        raise InvalidArgument("a version needs the model's name")
     if name and version:
         found = [service.models.resolve(name, version)]
     elif name:

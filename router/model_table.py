@@ -125,11 +125,12 @@ class LiveModelTable:
         return [served.version] if served is not None else []
 
     def serving(self, name: str | None = None) -> list[ServedModel]:
-        """Production versions and the rollouts' candidates (staging takes no requests)."""
+        """Production versions and the rollouts' candidates: what :meth:`resolve` answers
+        (staging takes no requests; a candidate only beside its model's production)."""
         snap = self._snap
         found = [m for m in snap.production.values() if name is None or m.name == name]
-        for model in [name] if name is not None else list(self._splits):
-            canary = self._candidate(snap, model)
-            if canary is not None and canary[1] not in found:
+        for prod in list(found):
+            canary = self._candidate(snap, prod.name)
+            if canary is not None and canary[1] is not prod:
                 found.append(canary[1])
         return sorted(found, key=lambda m: (m.name, version_order(m.version)))

@@ -250,9 +250,9 @@ class InferenceService:
         assert tenant is not None, "authenticate the call first"
         served, shadow = self.models.route(model_name, version, tenant.name, header)
         call.model, call.version = served.name, served.version
-        call.stats = served.batcher.stats
         if not tenant.may_use(served.name):
             raise PermissionDenied(f"tenant {tenant.name!r} may not use model {served.name!r}")
+        call.stats = served.batcher.stats  # a refused tenant's call is not the model's failure
         unknown = [o for o in requested_outputs if o not in served.signature.output_names]
         if unknown:
             raise InvalidArgument(f"unknown output(s) requested: {', '.join(unknown)}")
@@ -321,6 +321,7 @@ class InferenceService:
     ) -> None:
         outcome = "compared"
         got: Tensors | None = None
+        started = time.perf_counter()
         try:
             got = await target.batcher.submit(
                 SHADOW_TENANT,
@@ -337,6 +338,11 @@ class InferenceService:
         except Exception:
             log.exception("shadow request to %s:%s failed", target.name, target.version)
             outcome = "error"
+        # The candidate's statistics count the copy as a request it served (or failed),
+        # so its request and batch counts agree (tests/integration/test_rollouts.py).
+        target.batcher.stats.record_request(
+            got is not None, round((time.perf_counter() - started) * 1e9)
+        )
         # Looked up after the wait: the window may have turned over meanwhile.
         stats = self.windows.shadow(target.name, target.version)
         if outcome == "dropped":

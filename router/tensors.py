@@ -154,11 +154,15 @@ def _to_array(tensor: InputTensor, spec: TensorSpec, count: int) -> np.ndarray:
         kind = values.dtype.kind
         if values.size and kind not in _VALUE_KINDS[dtype.kind]:
             raise TypeError(f"got values of numpy kind {kind!r}")
-        if dtype.kind == "f" and values.size and dtype.itemsize < values.dtype.itemsize:
-            with np.errstate(over="ignore"):  # checked just below
-                arr = np.asarray(tensor.values, dtype=dtype)
-            _check_float_range(values, arr)
-        else:
+        if dtype.kind == "f":
+            # From the array already made (the list is converted once); a JSON number too
+            # large for the datatype would become infinity. gRPC's typed contents are of
+            # the datatype's own width already.
+            with np.errstate(over="ignore"):
+                arr = values.astype(dtype, copy=False)
+            if isinstance(tensor.values, list) and dtype.itemsize < values.dtype.itemsize:
+                _check_float_range(values, arr)
+        else:  # integers: numpy refuses an out-of-range value here (OverflowError)
             arr = np.asarray(tensor.values, dtype=dtype)
     except (ValueError, TypeError, OverflowError) as exc:
         raise InvalidArgument(

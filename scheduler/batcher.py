@@ -358,9 +358,11 @@ class ModelBatcher:
             self._release(batch, jobs, record, result, costs)
             trip_ns = round((answered - started) * 1e9)
             self.stats.record_batch(
-                [round(w * 1e9) for w in record.queue_wait_s],
+                round(sum(record.queue_wait_s) * 1e9),
+                len(batch),
                 record.rows,
-                max(trip_ns - result.device_ns, 0),
+                result.wait_ns,
+                max(trip_ns - result.wait_ns - result.device_ns, 0),
                 result.device_ns,
                 round((self._clock() - answered) * 1e9),
                 record.finished_at_ns,

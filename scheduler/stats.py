@@ -5,11 +5,17 @@ router at ``/v2/models/{m}/stats`` and gRPC ``ModelStatistics``), kept as plain
 integers on the event loop: a few additions per batch and one per request.
 
 Per batch that ran: its rows, its device time (the forward, measured at the
-replica), the rest of its round trip to the replica (concatenation, transfer
-both ways, tensor conversion: "compute input" here) and the time from the
-replica's answer to the callers' release (the ledger commit and the split of
-the outputs: "compute output"). As in Triton, each request in the batch is
-attributed the whole batch's compute times, and its own queue wait.
+replica), the time it waited at the replica for the forward before it (the
+direct data plane reports it), the rest of its round trip to the replica
+(concatenation, transfer both ways, tensor conversion: "compute input" here)
+and the time from the replica's answer to the callers' release (the ledger
+commit and the split of the outputs: "compute output"). As in Triton, each
+request in the batch is attributed the whole batch's compute times; its queue
+time is its own wait for a batch plus the batch's wait at the replica.
+
+Counters are per gateway process (one per node on a cluster) and start at zero
+with it. A request answered 504 or 499 while its batch ran counts as failed and
+its rows as run.
 """
 
 from __future__ import annotations
@@ -51,19 +57,20 @@ class VersionStats:
 
     def record_batch(
         self,
-        queue_waits_ns: list[int],
+        queued_ns: int,
+        requests: int,
         rows: int,
+        replica_wait_ns: int,
         input_ns: int,
         infer_ns: int,
         output_ns: int,
         finished_at_ns: int,
     ) -> None:
-        """One batch that ran; ``queue_waits_ns`` has one entry per request in it."""
-        requests = len(queue_waits_ns)
+        """One batch that ran: ``queued_ns`` is its requests' waits for it, summed."""
         self.inference_count += rows
         self.execution_count += 1
         self.last_inference_ms = finished_at_ns // 1_000_000
-        self.queue.add(sum(queue_waits_ns), requests)
+        self.queue.add(queued_ns + replica_wait_ns * requests, requests)
         self.compute_input.add(input_ns * requests, requests)
         self.compute_infer.add(infer_ns * requests, requests)
         self.compute_output.add(output_ns * requests, requests)

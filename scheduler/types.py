@@ -24,6 +24,9 @@ class BatchResult:
     # How much of its device the replica holds: its num_gpus on a GPU (0.5 = half a
     # GPU), its num_cpus on a CPU. A batch's charge is device_ns times this.
     device_share: float
+    # Time the batch waited at the replica for the forward before it (0 where the
+    # transport does not say): statistics count it as queueing, not transfer.
+    wait_ns: int = 0
 
 
 class Backend(Protocol):

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import heapq
 import itertools
 import logging
@@ -338,6 +339,7 @@ class _Replica:
     idle: list[_Connection] = field(default_factory=list)
     in_flight: int = 0
     gone: bool = False
+    last_answer_ns: int = 0  # when its latest answer arrived (perf_counter_ns)
 
     async def connect(self) -> _Connection:
         if self.idle:
@@ -396,9 +398,16 @@ class DirectBatchBackend:
             try:
                 conn = await replica.connect()
                 reader, writer = conn
+                sent_ns = time.perf_counter_ns()
                 writer.write(payload)
                 data = await read_frame(reader)
                 answered = True
+                # The replica runs one batch at a time, in its order: an answer that came
+                # back after this batch was sent was a batch ahead of it there, so until
+                # then this one waited (its return transfer aside). For the statistics.
+                answered_ns = time.perf_counter_ns()
+                wait_ns = max(0, replica.last_answer_ns - sent_ns)
+                replica.last_answer_ns = answered_ns
             except (TimeoutError, OSError, EOFError) as exc:
                 # Refused, reset or closed mid-batch (IncompleteReadError is an EOFError).
                 log.warning("replica %s unavailable: %s", replica.address, exc)
@@ -414,7 +423,7 @@ class DirectBatchBackend:
                     else:  # e.g. cancelled mid-batch: its answer would reach the next one
                         conn[1].close()
             try:
-                return decode_result(data)
+                return dataclasses.replace(decode_result(data), wait_ns=wait_ns)
             except ReplicaError as exc:
                 # The detail (paths, model internals) goes to the log, not the caller.
                 log.warning("batch failed on replica %s: %s", replica.address, exc)

@@ -48,6 +48,18 @@ def test_bench_quick_runs_end_to_end(tmp_path: Path) -> None:
             assert r["p50_ms"] is not None and r["p99_ms"] >= r["p50_ms"], r
         if system == "gpugate":
             assert all(r["ratio_vs_peer"] is not None for r in mine)
+            # Where the time goes, from the gateway's statistics extension.
+            for r in mine:
+                stages = r["stage_ms"]
+                assert set(stages) == {
+                    "success",
+                    "queue",
+                    "compute_input",
+                    "compute_infer",
+                    "compute_output",
+                }, r
+                assert all(v > 0 for v in stages.values()), r
+                assert stages["compute_infer"] < stages["success"] <= r["mean_ms"], r
 
     for name in ("gpugate", "rayserve"):
         system = report["systems"][name]
@@ -55,6 +67,7 @@ def test_bench_quick_runs_end_to_end(tmp_path: Path) -> None:
         assert system["exit_code"] == 0, system
     assert "gpugate/grpc" in report["p50_minus_forward_ms_at_c1"]
     assert "gateway p50 minus forward time" in proc.stdout
+    assert "where a request's time goes" in proc.stdout
 
     if "triton" in report["skipped"]:
         assert "not built" in report["skipped"]["triton"]

@@ -590,10 +590,26 @@ def test_model_config(
         assert needle in err.value.message()
 
 
-def _stats(hc: httpclient.InferenceServerClient, version: str) -> dict[str, Any]:
-    found = hc.get_inference_statistics("affine", version)["model_stats"]
-    assert [(s["name"], s["version"]) for s in found] == [("affine", version)]
+def _stats_of(
+    hc: httpclient.InferenceServerClient, model: str, version: str = "1"
+) -> dict[str, Any]:
+    found = hc.get_inference_statistics(model, version)["model_stats"]
+    assert [(s["name"], s["version"]) for s in found] == [(model, version)]
     return dict(found[0])
+
+
+def _stats(hc: httpclient.InferenceServerClient, version: str) -> dict[str, Any]:
+    return _stats_of(hc, "affine", version)
+
+
+def _without_zeros(value: Any) -> Any:
+    """What proto3 JSON keeps of a value: no zero numbers, empty objects or lists."""
+    if isinstance(value, dict):
+        kept = {k: _without_zeros(v) for k, v in value.items()}
+        return {k: v for k, v in kept.items() if v not in (0, {}, [])}
+    if isinstance(value, list):
+        return [_without_zeros(v) for v in value]
+    return value
 
 
 def test_model_statistics(
@@ -639,11 +655,30 @@ def test_model_statistics(
     assert (
         sum(n * b["compute_infer"]["count"] for n, b in sizes.items()) == after["inference_count"]
     )
-    # gRPC says the same, and without a name lists every version serving.
+    # gRPC says the same, and without a name lists every version serving (proto3 JSON
+    # leaves zeros out, so both sides are compared without them: idle versions too).
     grpc_stats = _as_dict(gc.get_inference_statistics("affine", "1"))["model_stats"]
     assert grpc_stats == [_stats(hc, "1")]
     everything = hc.get_inference_statistics()["model_stats"]
     assert [(s["name"], s["version"]) for s in everything] == INDEX
+    grpc_everything = _as_dict(gc.get_inference_statistics())["model_stats"]
+    assert [_without_zeros(s) for s in everything] == [_without_zeros(s) for s in grpc_everything]
+    # A batch that failed runs nothing and counts its request as failed.
+    broken = _stats_of(hc, "broken")
+    with pytest.raises(InferenceServerException) as err:
+        http_infer(hc, *sample(2, 75), model="broken")
+    assert err.value.status() == "500"
+    broken_after = _stats_of(hc, "broken")
+    assert broken_after["inference_stats"]["fail"]["count"] == (
+        broken["inference_stats"]["fail"]["count"] + 1
+    )
+    assert (broken_after["execution_count"], broken_after["inference_count"]) == (
+        broken["execution_count"],
+        broken["inference_count"],
+    )
+    with pytest.raises(InferenceServerException) as err:  # a version needs its model
+        gc.get_inference_statistics("", "1")
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
     versions = _as_dict(gc.get_inference_statistics("affine"))["model_stats"]
     assert [s["version"] for s in versions] == ["1", "2"]
     with pytest.raises(InferenceServerException) as err:

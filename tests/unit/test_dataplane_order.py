@@ -208,3 +208,32 @@ def test_stop_lets_a_running_batch_send_its_whole_answer() -> None:
         result = asyncio.run(main(server, address))
     assert result.outputs["big"].shape == (4, 1_000_000)
     assert float(result.outputs["big"].sum()) == 4_000_000.0
+
+
+def test_the_backend_reports_how_long_a_batch_waited_behind_the_one_ahead(
+    served: tuple[TaggedGates, str],
+) -> None:
+    """Statistics count a batch's wait at the replica as queueing: the second batch sent
+    while the first holds the forward waits until the first's answer; the first, sent
+    to an idle replica, waits for nothing."""
+    model, address = served
+
+    async def discover() -> str:
+        return address
+
+    async def main() -> tuple[BatchResult, BatchResult, BatchResult]:
+        backend = DirectBatchBackend(discover)
+        first = asyncio.ensure_future(backend.run_batch(_batch(1.0)))
+        assert await asyncio.to_thread(model.started[1.0].wait, 5)  # holds the forward
+        second = asyncio.ensure_future(backend.run_batch(_batch(2.0)))
+        await asyncio.sleep(0.3)
+        model.gates[1.0].set()
+        results = await first, await second
+        alone = await backend.run_batch(_batch(3.0))  # the replica is idle again
+        await backend.close()
+        return results[0], results[1], alone
+
+    first, second, alone = asyncio.run(main())
+    assert first.wait_ns == 0 and alone.wait_ns == 0
+    assert 0.25 <= second.wait_ns / 1e9 < 5
+    np.testing.assert_array_equal(second.outputs["y"], _batch(2.0)["x"] + 1)

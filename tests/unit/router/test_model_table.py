@@ -7,6 +7,7 @@ from typing import Any, cast
 import pytest
 
 from router._exceptions import NotFound
+from router.canary import Split
 from router.model_table import STAGING_REASON, LiveModelTable
 from router.service import IndexEntry, ServedModel
 from router.types import ModelSignature, TensorSpec
@@ -45,3 +46,19 @@ def test_only_production_takes_traffic_and_swaps_are_whole() -> None:
     with pytest.raises(ValueError, match="two production versions"):
         table.swap([v1, v2])
     assert table.resolve("m", None) is v2  # a refused swap changes nothing
+
+
+def test_serving_lists_what_resolves_production_and_candidates() -> None:
+    table = LiveModelTable()
+    assert table.serving() == [] and table.serving("m") == []
+    m1, m2, m3, n1 = served("m", "1"), served("m", "2"), served("m", "3"), served("n", "1")
+    table.swap([m1, n1], [m2, m3])
+    assert table.serving() == [m1, n1]  # staging versions take no requests
+    table.set_splits({"m": Split("3", 0.1), "x": Split("1", 0.5)})  # "x" has no production
+    assert table.serving() == [m1, m3, n1]
+    assert table.serving("m") == [m1, m3] and table.serving("n") == [n1]
+    assert table.serving("x") == [] and table.serving("nope") == []
+    for m in table.serving():
+        assert table.resolve(m.name, m.version) is m  # each one resolves, as listed
+    table.set_splits({"m": Split("1", 0.5)})  # a split onto production itself: no duplicate
+    assert table.serving("m") == [m1]

@@ -91,6 +91,11 @@ def test_mirrored_requests_are_compared_billed_to_shadow_and_never_awaited() -> 
                 break
             await asyncio.sleep(0.01)
         assert (stats.requests, stats.compared, stats.errors) == (16, 16, 0)
+        # The candidate's statistics count each copy it ran as a request it served, so
+        # its request and batch counts agree.
+        cs = cand.batcher.stats
+        assert (cs.success.count, cs.queue.count, cs.inference_count) == (16, 16, 16)
+        assert cs.fail.count == 0
         marked_sent = sum(1 for i in range(16) if i % 4 == 0)
         assert stats.rows_agreed == 16 - marked_sent and stats.agreement == 0.75
         # The candidate's batches are billed to the shadow owner only.

@@ -445,7 +445,8 @@ class _TimedBackend:
     async def run_batch(self, inputs: Tensors, *, urgent: bool = False) -> BatchResult:
         await self.gate.wait()
         self.clock.now += 0.003
-        return BatchResult({"y": inputs["x"]}, device_ns=1_000_000, device="cpu", device_share=1.0)
+        # Of the 3 ms, 0.5 ms waiting at the replica behind another batch, 1 ms forward.
+        return BatchResult({"y": inputs["x"]}, 1_000_000, "cpu", 1.0, wait_ns=500_000)
 
 
 class _SlowSink:
@@ -468,6 +469,7 @@ def test_statistics_split_each_batch_into_queue_transfer_device_and_release() ->
             backend,
             BatchPolicy(max_batch_size=8, max_in_flight=1),
             clock=clock,
+            wall_clock_ns=lambda: 1_800_000_000_123_456_789,
             ledger=_SlowSink(clock),
         )
         b.start()
@@ -483,20 +485,21 @@ def test_statistics_split_each_batch_into_queue_transfer_device_and_release() ->
 
     s = run(main).stats
     assert (s.execution_count, s.inference_count) == (2, 8)
-    # The first went out at once; the others waited for its 3 ms trip and 2 ms commit.
-    assert (s.queue.count, s.queue.ns) == (3, 0 + 2 * 5_000_000)
+    # Queue: the first went out at once; the others waited for its 3 ms trip and 2 ms
+    # commit; each batch then waited 0.5 ms at the replica.
+    assert (s.queue.count, s.queue.ns) == (3, 0 + 2 * 5_000_000 + 3 * 500_000)
     # Per request: its batch's figures. Device 1 ms, release 2 ms; the round trip is
     # 7 ms for the first batch (it waited 4 ms at the backend's gate) and 3 ms for the
-    # second, and all of the trip but the device time is "compute input".
+    # second; the trip less the replica wait and the device time is "compute input".
     assert (s.compute_infer.count, s.compute_infer.ns) == (3, 3 * 1_000_000)
-    assert (s.compute_input.count, s.compute_input.ns) == (3, 6_000_000 + 2 * 2_000_000)
+    assert (s.compute_input.count, s.compute_input.ns) == (3, 5_500_000 + 2 * 1_500_000)
     assert (s.compute_output.count, s.compute_output.ns) == (3, 3 * 2_000_000)
     # Per batch size: counted per batch.
     assert sorted(s.by_batch_size) == [2, 6]
     six = s.by_batch_size[6]
     assert (six.compute_infer.count, six.compute_input.ns, six.compute_output.ns) == (
         1,
-        2_000_000,
+        1_500_000,
         2_000_000,
     )
-    assert s.success.count == s.fail.count == 0  # requests are the router's to record
+    assert s.last_inference_ms == 1_800_000_000_123  # the wall clock at the answer, in ms
