@@ -43,7 +43,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from pytriton.decorators import batch
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
-    from pytriton.triton import Triton, TritonConfig
+    from pytriton.triton import (
+        DEFAULT_PROTECTED_ENDPOINTS,
+        Triton,
+        TritonConfig,
+        TritonSecurityConfig,
+    )
 
     from serving.demo import bench_model_config
     from serving.models import ModelRunner
@@ -69,7 +74,12 @@ def main(argv: list[str] | None = None) -> int:
         metrics_port=args.metrics_port,
         log_verbose=0,
     )
-    with Triton(config=config) as triton:
+    # PyTriton guards the statistics extension with a generated token by default; the
+    # benchmark reads it (bench.py's "where a request's time goes"), on 127.0.0.1 only.
+    security = TritonSecurityConfig(
+        restricted_endpoints=[e for e in DEFAULT_PROTECTED_ENDPOINTS if e != "statistics"]
+    )
+    with Triton(config=config, security_config=security) as triton:
         triton.bind(
             model_name=MODEL_NAME,
             infer_func=infer,
