@@ -15,10 +15,13 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
+from gpugate_proto import grpc_service_pb2 as pb
+from gpugate_proto import grpc_service_pb2_grpc as pb_grpc
 from sklearn.datasets import load_digits
 from tritonclient.utils import InferenceServerException
 
@@ -218,6 +221,117 @@ def test_huge_declared_shape_and_oversized_body_are_refused_fast(gateway: Gatewa
     assert reply.startswith("HTTP/1.1 413"), reply
     assert '"error"' in reply
     assert _grpc_infer(gateway, X[:1], gateway.demo_key).as_numpy("logits").shape == (1, 10)
+
+
+def _http_post(gw: Gateway, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", gw.http_port, timeout=10)
+    try:
+        conn.request("POST", path, body, {**_auth(gw.demo_key), **headers})
+        reply = conn.getresponse()
+        status, text = reply.status, reply.read().decode()
+    finally:
+        conn.close()
+    assert list(json.loads(text)) == ["error"], text
+    return status, json.loads(text)["error"]
+
+
+def _pixels(shape: list[int], **extra: object) -> dict[str, object]:
+    return {"name": "pixels", "datatype": "FP32", "shape": shape, **extra}
+
+
+def test_malformed_http_requests_get_400_naming_the_problem(gateway: Gateway) -> None:
+    """Each case the protocol section of the README lists, against the real gateway."""
+    infer = "/v2/models/digits/infer"
+    row = [0.0] * 64
+    as_json = {"Content-Type": "application/json"}
+    cases: list[tuple[bytes, dict[str, str], str]] = [
+        (b'{"inputs": [', as_json, "malformed JSON"),
+        (json.dumps({"inputs": [_pixels([1, 64], data=row[:63])]}).encode(), as_json, "63 values"),
+        (
+            json.dumps({"inputs": [_pixels([-1, 64], data=row)]}).encode(),
+            as_json,
+            "invalid dimension -1",
+        ),
+        (
+            json.dumps({"inputs": [_pixels([10**6, 64], data=row)]}).encode(),
+            as_json,
+            "batch size 1000000;",
+        ),
+        (
+            json.dumps({"inputs": [{**_pixels([1, 64], data=row), "name": "pixelz"}]}).encode(),
+            as_json,
+            "unknown input 'pixelz'",
+        ),
+        (json.dumps({"inputs": [_pixels([1, 64], data=["a"] * 64)]}).encode(), as_json, "not FP32"),
+    ]
+    # Triton's binary extension: the header promises 256 bytes, 100 follow.
+    header = json.dumps(
+        {"inputs": [_pixels([1, 64], parameters={"binary_data_size": 256})]}
+    ).encode()
+    cases.append(
+        (
+            header + b"\0" * 100,
+            {
+                "Content-Type": "application/octet-stream",
+                "Inference-Header-Content-Length": str(len(header)),
+            },
+            "binary_data_size 256 runs past the 100 bytes",
+        )
+    )
+    for body, headers, needle in cases:
+        status, error = _http_post(gateway, infer, body, headers)
+        assert status == 400, (body[:80], status, error)
+        assert needle in error, (body[:80], error)
+    good = json.dumps({"inputs": [_pixels([1, 64], data=row)]}).encode()
+    assert _http_post(gateway, "/v2/models/digits/versions/9/infer", good, as_json)[0] == 404
+    assert _grpc_infer(gateway, X[:1], gateway.demo_key).as_numpy("logits").shape == (1, 10)
+
+
+def test_malformed_grpc_requests_get_their_status_codes(gateway: Gateway) -> None:
+    """Requests tritonclient would never build, sent with the generated stub."""
+
+    def request(
+        shape: list[int], raw: bytes | None = None, name: str = "pixels", **kw: str
+    ) -> pb.ModelInferRequest:
+        msg = pb.ModelInferRequest(model_name="digits", **kw)
+        msg.inputs.add(name=name, datatype="FP32", shape=shape)
+        msg.raw_input_contents.append(X[:1].tobytes() if raw is None else raw)
+        return msg
+
+    typed = pb.ModelInferRequest(model_name="digits")
+    typed.inputs.add(name="pixels", datatype="FP32", shape=[1, 64])
+    typed.inputs[0].contents.fp32_contents.extend([0.0] * 63)
+    cases: list[tuple[pb.ModelInferRequest, grpc.StatusCode, str]] = [
+        (request([1, 64], raw=b"\0" * 100), grpc.StatusCode.INVALID_ARGUMENT, "100 bytes"),
+        (request([-1, 64]), grpc.StatusCode.INVALID_ARGUMENT, "invalid dimension -1"),
+        (
+            request([1, 64], name="pixelz"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "unknown input 'pixelz'",
+        ),
+        (request([2, 32]), grpc.StatusCode.INVALID_ARGUMENT, "expected [-1, 64]"),
+        (request([10**12, 64]), grpc.StatusCode.INVALID_ARGUMENT, "batch size 1000000000000"),
+        (typed, grpc.StatusCode.INVALID_ARGUMENT, "63 values"),
+        (request([1, 64], model_version="9"), grpc.StatusCode.NOT_FOUND, "no version '9'"),
+        # Over server.max_request_bytes (64 MiB): gRPC's own limit answers.
+        (
+            request([1, 64], raw=b"\0" * (65 << 20)),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "larger than max",
+        ),
+    ]
+    options = [("grpc.max_send_message_length", 128 << 20)]
+    with grpc.insecure_channel(gateway.grpc_url, options=options) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        auth = (("authorization", f"Bearer {gateway.demo_key}"),)
+        for msg, code, needle in cases:
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ModelInfer(msg, metadata=auth, timeout=20)
+            err = info.value
+            assert err.code() == code, (msg.inputs[0].shape, err.code(), err.details())
+            assert needle in (err.details() or ""), (msg.inputs[0].shape, err.details())
+        answer = stub.ModelInfer(request([1, 64]), metadata=auth, timeout=20)
+        assert len(answer.raw_output_contents[0]) == 10 * 4
 
 
 def test_tenant_created_while_running_works_at_once_and_is_scoped(gateway: Gateway) -> None:
