@@ -24,6 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 Protocol = Literal["grpc", "http_json", "http_binary"]
 PROTOCOLS: tuple[Protocol, ...] = ("grpc", "http_json", "http_binary")
 SHAPES = ("steady", "ramp", "spike", "noisy-neighbour")
+# Requests/s per user of a light tenant in the noisy-neighbour shape when it sets no rate.
+LIGHT_TENANT_RATE = 5.0
 _TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 ENV_FILE = "GPUGATE_LOCUST_CONFIG"
@@ -63,7 +65,12 @@ class TenantLoad(_Strict):
     users: int | None = Field(
         default=None, ge=1, description="A fixed number of users instead of a share."
     )
-    rate: float = Field(default=0.0, ge=0, description="Requests/s per user; 0 = back to back.")
+    rate: float | None = Field(
+        default=None,
+        ge=0,
+        description="Requests/s per user; 0 = back to back; absent = back to back, except "
+        "for a light tenant of the noisy-neighbour shape (LIGHT_TENANT_RATE).",
+    )
     rows: int = Field(default=1, ge=1, le=65536, description="Rows per request.")
     mix: dict[Protocol, float] = Field(default_factory=lambda: dict.fromkeys(PROTOCOLS, 1.0))
     slo: Slo | None = None
@@ -120,6 +127,17 @@ class LoadConfig(_Strict):
             return self.grpc
         match = re.match(r"^(?:\w+://)?(\[[^\]]+\]|[^:/]+)", http_host or self.http)
         return f"{match.group(1) if match else '127.0.0.1'}:8001"
+
+    def rate_of(self, tenant: TenantLoad) -> float:
+        """Requests/s per user of ``tenant``'s users; 0 = back to back.
+
+        In the noisy-neighbour shape the light tenants keep a modest rate unless told
+        otherwise (a neighbour that floods is the noisy tenant's part, not theirs).
+        """
+        if tenant.rate is not None:
+            return tenant.rate
+        light = self.shape == "noisy-neighbour" and tenant.name != self.heavy_tenant().name
+        return LIGHT_TENANT_RATE if light else 0.0
 
     def heavy_tenant(self) -> TenantLoad:
         """The tenant that floods in the noisy-neighbour shape (default: the first)."""

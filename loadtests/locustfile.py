@@ -76,7 +76,8 @@ def entry_name(kind: str, info: ModelInfo, tenant: str) -> str:
 
 
 def _wait_time(tenant: TenantLoad) -> Any:
-    return constant_throughput(tenant.rate) if tenant.rate > 0 else constant(0)
+    rate = CONFIG.rate_of(tenant)
+    return constant_throughput(rate) if rate > 0 else constant(0)
 
 
 # ------------------------------------------------------------------------ users

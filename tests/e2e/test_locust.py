@@ -168,6 +168,9 @@ def test_noisy_neighbour_shape_reports_the_light_tenant_alone_and_beside(
     assert '"lt_beta_grpc": 1, "lt_beta_http": 1' in log
     counts = {r["Name"]: int(r["Request Count"]) for r in rows}
     assert counts["grpc infer digits [lt-alpha]"] > counts["grpc infer digits [lt-beta]"] > 0
+    # Set no rate, the light tenant keeps the shape's modest one: 2 users x 5/s x 6 s.
+    light = sum(n for name, n in counts.items() if name.endswith("[lt-beta]"))
+    assert 0 < light <= 2 * 5 * 6 + 2, counts
 
 
 def test_config_errors_name_the_problem(tmp_path: Path) -> None:

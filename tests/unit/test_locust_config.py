@@ -51,6 +51,21 @@ def test_file_with_env_overrides(lc: ModuleType, tmp_path: Path) -> None:
     assert config.grpc_target("http://10.0.0.5:18000") == "10.0.0.5:8001"
 
 
+def test_light_tenants_of_the_noisy_shape_keep_a_modest_rate(lc: ModuleType) -> None:
+    env = {"GPUGATE_LOCUST_TENANTS": "heavy:k1,light:k2,paced:k3"}
+    plain = lc.load_config(env)
+    assert [plain.rate_of(t) for t in plain.tenants] == [0.0, 0.0, 0.0]
+    noisy = lc.load_config({**env, "GPUGATE_LOCUST_SHAPE": "noisy-neighbour"})
+    heavy, light, _ = noisy.tenants
+    assert noisy.rate_of(heavy) == 0.0  # the flood
+    assert noisy.rate_of(light) == lc.LIGHT_TENANT_RATE == 5.0
+    # A rate given (also 0, back to back) wins, for the noisy tenant too.
+    given = lc.load_config(
+        {**env, "GPUGATE_LOCUST_SHAPE": "noisy-neighbour", "GPUGATE_LOCUST_RATE": "0"}
+    )
+    assert [given.rate_of(t) for t in given.tenants] == [0.0, 0.0, 0.0]
+
+
 def test_tenants_from_env_alone(lc: ModuleType) -> None:
     env = {
         "GPUGATE_LOCUST_TENANTS": "x:gg_abc-1:2,y:gg_def_2",
