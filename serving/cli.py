@@ -53,7 +53,16 @@ def _check_port_free(host: str, port: int, what: str) -> None:
 # ------------------------------------------------------------------------- serve
 
 
+def _stop_on_signals(stop: threading.Event) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    # From the first moment: a signal during start-up (Ray's start takes seconds) stops
+    # the start cleanly, with exit code 0, as one while serving does.
+    stop = threading.Event()
+    _stop_on_signals(stop)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -107,12 +116,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (ConfigError, TenantError, RegistryError) as exc:
         return _fail(str(exc))
 
-    started_ray = cluster.connect()
-    # After ray.init, which installs handlers of its own that would end the driver.
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    if stop.is_set():
+        print("gpugate stopped before start", flush=True)
+        return 0
     try:
+        started_ray = cluster.connect()
+    except cluster.StartInterrupted:
+        print("gpugate stopped during start-up", flush=True)
+        return 0
+    _stop_on_signals(stop)  # again: ray.init installs handlers that would end the driver
+    try:
+        if stop.is_set():
+            print("gpugate stopped during start-up", flush=True)
+            return 0
         replica_store = {
             "state_dir": str(state_dir),
             "database_url": database_url,
@@ -126,6 +142,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             )
         except (RuntimeError, TimeoutError) as exc:
             return _fail(str(exc), code=1)
+        if stop.is_set():  # during the deploy: nothing was served yet, so nothing to drain
+            print("gpugate stopped during start-up", flush=True)
+            return 0
         if demo_key is not None:
             accuracy = demo_accuracy(state_dir)
             print(

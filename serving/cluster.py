@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from typing import Any
 
@@ -79,26 +80,36 @@ def _short(exc: BaseException) -> str:
     return text[-1][:500] if text else type(exc).__name__
 
 
+class StartInterrupted(Exception):
+    """SIGTERM arrived while Ray was starting; what had started is stopped again."""
+
+
 def connect(num_cpus: int | None = None) -> bool:
-    """Join the cluster at RAY_ADDRESS, or start a local one. True if we started it."""
+    """Join the cluster at RAY_ADDRESS, or start a local one. True if we started it.
+
+    ``ray.init`` installs a SIGTERM handler that ends the driver with
+    ``sys.exit(SIGTERM)`` wherever it is; that exit is turned into
+    :class:`StartInterrupted` after Ray is shut down, so the caller can stop cleanly.
+    """
     if ray.is_initialized():
         return False
     address = os.environ.get("RAY_ADDRESS")
     # Ray's own dashboard and usage stats are not part of the gateway's contract.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-        return False
-    # Ray starts workers at nice 15, below the clients on the same host; for a
-    # serving system the workers (gateway, replicas) are the work.
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        log_to_driver=False,
-    )
-    return True
+    options: dict[str, Any] = {"address": address}
+    if not address:
+        options = {"num_cpus": num_cpus, "include_dashboard": False}
+        # Ray starts workers at nice 15, below the clients on the same host; for a
+        # serving system the workers (gateway, replicas) are the work.
+        os.environ.setdefault("RAY_worker_niceness", "0")
+    try:
+        ray.init(**options, logging_level=logging.WARNING, log_to_driver=False)
+    except SystemExit as exc:
+        if exc.code != signal.SIGTERM:
+            raise
+        ray.shutdown()
+        raise StartInterrupted("SIGTERM while Ray was starting") from None
+    return not address
 
 
 def deploy(app: Any, blocking_timeout_s: float = 300.0, name: str = APP_NAME) -> DeploymentHandle:
