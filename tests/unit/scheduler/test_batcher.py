@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,6 +20,10 @@ from scheduler import (
     SchedulerClosedError,
     Tensors,
 )
+from scheduler.batcher import _RUNNING_GRACE_S
+
+# A batcher that busy-waits hangs on virtual time (its clock never moves): fail instead.
+pytestmark = pytest.mark.timeout(60)
 
 
 class RecordingBackend:
@@ -43,6 +46,36 @@ class RecordingBackend:
 
 def run(coro_fn: Callable[[], Awaitable[Any]]) -> Any:
     return asyncio.run(coro_fn())  # type: ignore[arg-type]
+
+
+class VirtualTime:
+    """An event loop on virtual time: when it would sleep, its clock jumps instead.
+
+    For code whose only waits are timers (the batcher with an in-process backend, no
+    sockets): delays, deadlines and queue waits become exact and independent of how
+    busy the machine is. ``now`` is the batcher's clock and the loop's ``time()``.
+    """
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def run(self, coro_fn: Callable[[], Awaitable[Any]]) -> Any:
+        loop = asyncio.new_event_loop()
+        loop.time = lambda: self.now  # type: ignore[method-assign]
+        selector = loop._selector  # type: ignore[attr-defined]
+        poll = selector.select
+
+        def select(timeout: float | None = None) -> Any:
+            events = poll(0)
+            if not events and timeout is not None and timeout > 0:
+                self.now += timeout  # nothing to do until the next timer: go there
+            return events
+
+        selector.select = select
+        try:
+            return loop.run_until_complete(coro_fn())
+        finally:
+            loop.close()
 
 
 def _x(rows: int, seed: int) -> Tensors:
@@ -74,69 +107,92 @@ def test_concurrent_requests_share_batches_and_get_their_own_rows() -> None:
 
 def test_max_queue_delay_holds_a_partial_batch_then_sends_it() -> None:
     backend = RecordingBackend()
+    vt = VirtualTime()
+    sent_at: list[float] = []
 
-    async def main() -> float:
-        b = ModelBatcher("m", "1", backend, BatchPolicy(max_batch_size=8, max_queue_delay_s=0.05))
+    async def main() -> None:
+        b = ModelBatcher(
+            "m",
+            "1",
+            backend,
+            BatchPolicy(max_batch_size=8, max_queue_delay_s=0.05),
+            clock=lambda: vt.now,
+            observer=lambda record: sent_at.append(vt.now - record.duration_s),
+        )
         b.start()
-        t0 = time.monotonic()
         first = asyncio.ensure_future(b.submit("a", _x(1, 0), 1))
         await asyncio.sleep(0.01)
         second = asyncio.ensure_future(b.submit("b", _x(2, 1), 2))
         await asyncio.gather(first, second)
-        elapsed = time.monotonic() - t0
         await b.close()
-        return elapsed
 
-    elapsed = run(main)
+    vt.run(main)
     assert backend.batches == [3]  # both waited for one batch
-    assert 0.045 <= elapsed < 0.5
+    # Sent when the oldest had waited max_queue_delay, not earlier and not later.
+    assert sent_at == [pytest.approx(0.05)]
 
 
 def test_full_batch_goes_without_waiting_for_the_delay() -> None:
     backend = RecordingBackend()
+    vt = VirtualTime()
 
-    async def main() -> float:
-        b = ModelBatcher("m", "1", backend, BatchPolicy(max_batch_size=4, max_queue_delay_s=5))
+    async def main() -> None:
+        b = ModelBatcher(
+            "m",
+            "1",
+            backend,
+            BatchPolicy(max_batch_size=4, max_queue_delay_s=5),
+            clock=lambda: vt.now,
+        )
         b.start()
-        t0 = time.monotonic()
         await asyncio.gather(*(b.submit("a", _x(2, i), 2) for i in range(2)))
         await b.close()
-        return time.monotonic() - t0
 
-    assert run(main) < 1.0
+    vt.run(main)
     assert backend.batches == [4]
+    assert vt.now == 0.0  # not a moment of the 5 s delay was waited
 
 
 def test_expired_request_is_answered_504_and_not_run() -> None:
     backend = RecordingBackend(delay_s=0.2)
+    vt = VirtualTime()
 
     async def main() -> None:
-        b = ModelBatcher("m", "1", backend, BatchPolicy(max_batch_size=1, max_in_flight=1))
+        b = ModelBatcher(
+            "m",
+            "1",
+            backend,
+            BatchPolicy(max_batch_size=1, max_in_flight=1),
+            clock=lambda: vt.now,
+        )
         b.start()
         busy = asyncio.ensure_future(b.submit("a", _x(1, 0), 1))
         await asyncio.sleep(0.01)  # the single slot is now taken for 200 ms
-        t0 = time.monotonic()
         with pytest.raises(DeadlineExceededError, match="not run"):
             await b.submit("b", _x(1, 1), 1, timeout_s=0.05)
-        assert time.monotonic() - t0 < 0.15  # answered at the deadline, not after the batch
+        # Answered at its deadline, not when the slot came free at 0.2 s.
+        assert vt.now == pytest.approx(0.06)
         await busy
         await b.close()
 
-    run(main)
+    vt.run(main)
     assert backend.batches == [1]  # the expired request never reached the backend
 
 
 def test_deadline_while_running_is_still_answered() -> None:
     backend = RecordingBackend(delay_s=0.5)
+    vt = VirtualTime()
 
     async def main() -> None:
-        b = ModelBatcher("m", "1", backend, BatchPolicy(max_batch_size=1))
+        b = ModelBatcher("m", "1", backend, BatchPolicy(max_batch_size=1), clock=lambda: vt.now)
         b.start()
         with pytest.raises(DeadlineExceededError, match="while running"):
             await b.submit("a", _x(1, 0), 1, timeout_s=0.05)
+        # The deadline, plus the short grace a running batch gets: not the 0.5 s forward.
+        assert vt.now == pytest.approx(0.05 + _RUNNING_GRACE_S)
         await b.close()
 
-    run(main)
+    vt.run(main)
 
 
 def test_queue_caps_answer_queue_full() -> None:
