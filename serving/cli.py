@@ -58,6 +58,11 @@ def _stop_on_signals(stop: threading.Event) -> None:
         signal.signal(sig, lambda *_: stop.set())
 
 
+def _stopped_during_start() -> int:
+    print("gpugate stopped during start-up", flush=True)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     # From the first moment: a signal during start-up (Ray's start takes seconds) stops
     # the start cleanly, with exit code 0, as one while serving does.
@@ -117,18 +122,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _fail(str(exc))
 
     if stop.is_set():
-        print("gpugate stopped before start", flush=True)
-        return 0
+        return _stopped_during_start()
     try:
         started_ray = cluster.connect()
     except cluster.StartInterrupted:
-        print("gpugate stopped during start-up", flush=True)
-        return 0
+        return _stopped_during_start()
     _stop_on_signals(stop)  # again: ray.init installs handlers that would end the driver
     try:
         if stop.is_set():
-            print("gpugate stopped during start-up", flush=True)
-            return 0
+            return _stopped_during_start()
         replica_store = {
             "state_dir": str(state_dir),
             "database_url": database_url,
@@ -143,8 +145,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except (RuntimeError, TimeoutError) as exc:
             return _fail(str(exc), code=1)
         if stop.is_set():  # during the deploy: nothing was served yet, so nothing to drain
-            print("gpugate stopped during start-up", flush=True)
-            return 0
+            return _stopped_during_start()
         if demo_key is not None:
             accuracy = demo_accuracy(state_dir)
             print(

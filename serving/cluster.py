@@ -96,8 +96,9 @@ def connect(num_cpus: int | None = None) -> bool:
     address = os.environ.get("RAY_ADDRESS")
     # Ray's own dashboard and usage stats are not part of the gateway's contract.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    options: dict[str, Any] = {"address": address}
-    if not address:
+    if address:
+        options: dict[str, Any] = {"address": address}
+    else:
         options = {"num_cpus": num_cpus, "include_dashboard": False}
         # Ray starts workers at nice 15, below the clients on the same host; for a
         # serving system the workers (gateway, replicas) are the work.

@@ -14,18 +14,24 @@ from tests.e2e.conftest import GPUGATE, free_port, wait_for
 pytestmark = pytest.mark.timeout(300)
 
 
+def _stat(pid: int) -> tuple[str, str, int] | None:
+    """(command name, state, parent pid) from /proc, or None once the process is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    name, _, rest = stat.partition("(")[2].rpartition(")")
+    state, ppid = rest.split()[:2]
+    return name, state, int(ppid)
+
+
 def _descendants(pid: int) -> set[tuple[int, str]]:
     """(pid, command name) of every process below ``pid``, from /proc."""
     children: dict[int, list[tuple[int, str]]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:  # gone meanwhile
-            continue
-        name, _, rest = stat.partition("(")[2].rpartition(")")
-        children.setdefault(int(rest.split()[1]), []).append((int(entry), name))
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        stat = _stat(int(entry))
+        if stat is not None:
+            children.setdefault(stat[2], []).append((int(entry), stat[0]))
     found: set[tuple[int, str]] = set()
     todo = [pid]
     while todo:
@@ -89,8 +95,5 @@ def test_sigterm_during_startup_stops_cleanly(tmp_path: Path, moment: str) -> No
 
 def _running(pid: int) -> bool:
     """Alive and not a zombie (an ended child its parent has not reaped yet)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
+    stat = _stat(pid)
+    return stat is not None and stat[1] != "Z"

@@ -59,6 +59,15 @@ class VirtualTime:
     def __init__(self) -> None:
         self.now = 0.0
 
+    def clock(self) -> float:
+        return self.now
+
+    def batcher(self, backend: Any, policy: BatchPolicy, **kw: Any) -> ModelBatcher:
+        """A started batcher of model m:1 on this clock."""
+        b = ModelBatcher("m", "1", backend, policy, clock=self.clock, **kw)
+        b.start()
+        return b
+
     def run(self, coro_fn: Callable[[], Awaitable[Any]]) -> Any:
         loop = asyncio.new_event_loop()
         loop.time = lambda: self.now  # type: ignore[method-assign]
@@ -111,15 +120,11 @@ def test_max_queue_delay_holds_a_partial_batch_then_sends_it() -> None:
     sent_at: list[float] = []
 
     async def main() -> None:
-        b = ModelBatcher(
-            "m",
-            "1",
+        b = vt.batcher(
             backend,
             BatchPolicy(max_batch_size=8, max_queue_delay_s=0.05),
-            clock=lambda: vt.now,
             observer=lambda record: sent_at.append(vt.now - record.duration_s),
         )
-        b.start()
         first = asyncio.ensure_future(b.submit("a", _x(1, 0), 1))
         await asyncio.sleep(0.01)
         second = asyncio.ensure_future(b.submit("b", _x(2, 1), 2))
@@ -137,14 +142,7 @@ def test_full_batch_goes_without_waiting_for_the_delay() -> None:
     vt = VirtualTime()
 
     async def main() -> None:
-        b = ModelBatcher(
-            "m",
-            "1",
-            backend,
-            BatchPolicy(max_batch_size=4, max_queue_delay_s=5),
-            clock=lambda: vt.now,
-        )
-        b.start()
+        b = vt.batcher(backend, BatchPolicy(max_batch_size=4, max_queue_delay_s=5))
         await asyncio.gather(*(b.submit("a", _x(2, i), 2) for i in range(2)))
         await b.close()
 
@@ -158,14 +156,7 @@ def test_expired_request_is_answered_504_and_not_run() -> None:
     vt = VirtualTime()
 
     async def main() -> None:
-        b = ModelBatcher(
-            "m",
-            "1",
-            backend,
-            BatchPolicy(max_batch_size=1, max_in_flight=1),
-            clock=lambda: vt.now,
-        )
-        b.start()
+        b = vt.batcher(backend, BatchPolicy(max_batch_size=1, max_in_flight=1))
         busy = asyncio.ensure_future(b.submit("a", _x(1, 0), 1))
         await asyncio.sleep(0.01)  # the single slot is now taken for 200 ms
         with pytest.raises(DeadlineExceededError, match="not run"):
@@ -184,8 +175,7 @@ def test_deadline_while_running_is_still_answered() -> None:
     vt = VirtualTime()
 
     async def main() -> None:
-        b = ModelBatcher("m", "1", backend, BatchPolicy(max_batch_size=1), clock=lambda: vt.now)
-        b.start()
+        b = vt.batcher(backend, BatchPolicy(max_batch_size=1))
         with pytest.raises(DeadlineExceededError, match="while running"):
             await b.submit("a", _x(1, 0), 1, timeout_s=0.05)
         # The deadline, plus the short grace a running batch gets: not the 0.5 s forward.
