@@ -19,6 +19,8 @@ import grpc
 from grpclib.const import Cardinality, Handler, Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
+from grpclib.protocol import H2Protocol
+from grpclib.server import Handler as StreamHandler
 from grpclib.server import Server, Stream
 
 from router.grpc_server import METHODS, SERVICE_PREFIX, InferenceServicer
@@ -82,11 +84,41 @@ class _Servable:
         }
 
 
+class _CountingHandler(StreamHandler):
+    """grpclib's per-connection handler, with a client's reset acted on one step later.
+
+    grpclib cancels a stream's task as soon as the client resets the stream. On a
+    busy loop the headers, the message and the reset (the client's deadline) can
+    arrive in one read: the task is then cancelled before its first step, never
+    enters :meth:`InferenceService.admitted`, and the call is neither answered nor
+    counted. Cancelling one loop step later lets a call whose message is here enter
+    the service and be counted as cancelled (499), as on grpc.aio and the native door.
+    """
+
+    def cancel(self, stream: Any) -> None:
+        self.loop.call_soon(self._cancel_if_running, stream)
+
+    def _cancel_if_running(self, stream: Any) -> None:
+        if stream in self._tasks:  # not yet collected as done
+            super().cancel(stream)
+
+
+class _Server(Server):
+    def _protocol_factory(self) -> H2Protocol:
+        # grpclib's own factory (0.4), with the handler above.
+        self.__gc_step__()
+        handler = _CountingHandler(
+            self._mapping, self._codec, self._status_details_codec, self.__dispatch__
+        )
+        self._handlers.add(handler)
+        return H2Protocol(handler, self._config, self._h2_config)
+
+
 class GrpclibServer:
     """Start/stop like FrontDoors needs it; ``port`` is known after :meth:`start`."""
 
     def __init__(self, service: InferenceService, max_message_bytes: int) -> None:
-        self._server = Server(
+        self._server = _Server(
             [_Servable(InferenceServicer(service))], codec=_CappedCodec(max_message_bytes)
         )
         self.port = 0

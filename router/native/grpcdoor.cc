@@ -9,10 +9,12 @@
 // so this module knows nothing of the KServe protobufs.
 //
 // Lifetime of a call: Accept -> Read -> (Python) -> Finish. AsyncNotifyWhenDone
-// delivers Done once the call is over, finished or cancelled; a call cancelled while
-// Python holds it is reported to Python (take() returns it as a cancellation), and
-// Python still finishes it. A call is deleted once Done has arrived and no Finish
-// of its is pending, and Python no longer holds it.
+// delivers Done once the call is over, finished or cancelled, and it can come before
+// the Read's tag (a client that resets its stream as its message arrives); a call
+// cancelled while Python holds it, or before Python got it, is reported to Python
+// (take() returns it as a cancellation), and Python still finishes it. A call is
+// deleted once Done has arrived, no Read or Finish of its is pending, and Python no
+// longer holds it.
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -57,6 +59,7 @@ struct Call {
   Tag finish_tag{this, Ev::Finish};
   Tag done_tag{this, Ev::Done};
   bool done = false;            // Done delivered
+  bool read_pending = false;    // the Read started, its tag not back yet
   bool finish_pending = false;  // a Finish started, its tag not back yet
   bool handed = false;          // queued for or held by Python
 };
@@ -238,7 +241,7 @@ class Door {
   }
 
   void MaybeDeleteLocked(Call* call) {
-    if (call->done && !call->finish_pending && !call->handed) {
+    if (call->done && !call->read_pending && !call->finish_pending && !call->handed) {
       delete call;
       --allocated_;
     }
@@ -256,13 +259,19 @@ class Door {
           if (!ok) break;  // shutting down; a call never started gets no Done (grpc#10136)
           RequestLocked();
           call->id = ++next_id_;
+          call->read_pending = true;
           call->stream.Read(&call->request, &call->read_tag);
           break;
         case Ev::Read:
+          call->read_pending = false;
           if (ok) {
             call->handed = true;
             calls_.emplace(call->id, call);
             PushLocked(Event{false, call, call->id});
+            // Done came first: the message arrived with the client's reset.
+            if (call->done && call->ctx.IsCancelled()) {
+              PushLocked(Event{true, nullptr, call->id});
+            }
           } else {  // the client went away (or half-closed) before sending a message
             call->finish_pending = true;
             call->stream.Finish(grpc::Status(grpc::StatusCode::CANCELLED, "no request"),
