@@ -265,7 +265,9 @@ class ServerConfig(_Strict):
         "`grpclib`: pure-asyncio HTTP/2 on the event loop (buffers a whole message before "
         "refusing it, moves multi-MiB tensors ~3x slower). `auto`: native when built, else "
         "grpcio. All three refuse an over-size message with RESOURCE_EXHAUSTED; grpcio and "
-        "native while reading it.",
+        "native while reading it. A call its client resets as its message arrives (a "
+        "deadline passing on a stalled server) never reaches the service on grpcio and "
+        "native (gRPC core drops it); grpclib hands it over and counts it as cancelled (499).",
     )
     gc_tuning: bool = Field(
         default=True,
