@@ -74,27 +74,6 @@ def unsupported() -> str | None:
     return None
 
 
-class HandlerRecorder:
-    """Stands in for the server while generated code registers a servicer.
-
-    Forwards every registration to the real server and keeps the registered
-    method handlers, so the extra accepts run exactly the generated handlers.
-    """
-
-    def __init__(self, server: grpc.aio.Server) -> None:
-        self._server = server
-        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
-
-    def add_generic_rpc_handlers(self, handlers: Any) -> None:
-        self._server.add_generic_rpc_handlers(handlers)
-
-    def add_registered_method_handlers(
-        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
-    ) -> None:
-        self.handlers.update({f"/{service}/{m}": h for m, h in handlers.items()})
-        self._server.add_registered_method_handlers(service, handlers)
-
-
 def start_acceptors(
     server: grpc.aio.Server,
     handlers: dict[str, grpc.RpcMethodHandler],
@@ -111,7 +90,7 @@ def start_acceptors(
         return None
     reason = unsupported()
     handler = handlers.get(method)
-    if reason is None and handler is None:  # generated code that registers no handlers
+    if reason is None and handler is None:
         reason = f"{method} is not a registered method"
     if reason is not None:
         log.warning("server.grpc_accepts ignored (one accept at a time): %s", reason)

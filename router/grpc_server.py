@@ -7,6 +7,7 @@ tritonclient sends) or as typed ``contents``. Outputs always go back as
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -18,7 +19,6 @@ from gpugate_proto import grpc_service_pb2_grpc as pb_grpc
 
 from router._exceptions import GatewayError, InvalidArgument
 from router.extensions import config_of, statistics_of
-from router.grpc_accept import HandlerRecorder
 from router.service import (
     EXTENSIONS,
     PLATFORM,
@@ -55,8 +55,8 @@ def send_limit(max_message_bytes: int) -> int:
     return max(max_message_bytes, 256 * 2**20)
 
 
-# Unary method name -> (request type, response type), as in grpc_service.proto: what the
-# doors that do not use grpcio's generated registration (grpclib, native) serve.
+# Unary method name -> (request type, response type), as in grpc_service.proto: what
+# every door serves (tests/unit/test_proto.py holds it to the service's descriptor).
 METHODS: dict[str, tuple[Any, Any]] = {
     "ServerLive": (pb.ServerLiveRequest, pb.ServerLiveResponse),
     "ServerReady": (pb.ServerReadyRequest, pb.ServerReadyResponse),
@@ -68,6 +68,42 @@ METHODS: dict[str, tuple[Any, Any]] = {
     "ModelConfig": (pb.ModelConfigRequest, pb.ModelConfigResponse),
     "ModelStatistics": (pb.ModelStatisticsRequest, pb.ModelStatisticsResponse),
 }
+
+
+class Malformed:
+    """A request that did not decode as its method's message: the servicer answers
+    INVALID_ARGUMENT (counted, for ModelInfer, like any other bad request) instead of
+    the door's own INTERNAL or UNKNOWN."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def decode_request(request_type: Any, data: bytes) -> Any:
+    """``data`` as a ``request_type`` message, or :class:`Malformed`; never raises.
+
+    Every door decodes through this (grpc.aio as the handlers' deserializer).
+    """
+    try:
+        return request_type.FromString(data)
+    except Exception as exc:  # DecodeError; its type differs between protobuf backends
+        return Malformed(
+            f"the request is not a valid {request_type.DESCRIPTOR.full_name} message: {exc}"
+        )
+
+
+def _decoded(method: Callable[[Any, Any, Any], Awaitable[R]]) -> Callable[..., Awaitable[R]]:
+    """Refuse a :class:`Malformed` request before ``method`` reads it."""
+
+    @functools.wraps(method)
+    async def checked(self: Any, request: Any, context: Any) -> R:
+        if isinstance(request, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        return await method(self, request, context)
+
+    return checked
 
 
 def _param_value(p: pb.InferParameter) -> Any:
@@ -124,21 +160,26 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     def __init__(self, service: InferenceService) -> None:
         self._service = service
 
+    @_decoded
     async def ServerLive(self, request: Any, context: Any) -> Any:
         return pb.ServerLiveResponse(live=self._service.live)
 
+    @_decoded
     async def ServerReady(self, request: Any, context: Any) -> Any:
         return pb.ServerReadyResponse(ready=self._service.ready)
 
+    @_decoded
     async def ModelReady(self, request: Any, context: Any) -> Any:
         ready = self._service.model_ready(request.name, request.version or None)
         return pb.ModelReadyResponse(ready=ready)
 
+    @_decoded
     async def ServerMetadata(self, request: Any, context: Any) -> Any:
         return pb.ServerMetadataResponse(
             name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS
         )
 
+    @_decoded
     async def ModelMetadata(self, request: Any, context: Any) -> Any:
         async def run() -> Any:
             served = self._service.models.resolve(request.name, request.version or None)
@@ -162,6 +203,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
 
         return await _guard(context, run)
 
+    @_decoded
     async def ModelConfig(self, request: Any, context: Any) -> Any:
         async def run() -> Any:
             config = config_of(self._service, request.name, request.version or None)
@@ -169,6 +211,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
 
         return await _guard(context, run)
 
+    @_decoded
     async def ModelStatistics(self, request: Any, context: Any) -> Any:
         async def run() -> Any:
             stats = statistics_of(self._service, request.name or None, request.version or None)
@@ -176,6 +219,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
 
         return await _guard(context, run)
 
+    @_decoded
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:
         entries = self._service.models.index()
         if request.ready:
@@ -198,6 +242,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
 
         async def admitted_infer(call: Call) -> Any:
             await self._service.authenticate(call, metadata.authorization)
+            if isinstance(request, Malformed):
+                raise InvalidArgument(request.message)
             inputs = _decode_inputs(request)
             params = parse_params({k: _param_value(v) for k, v in request.parameters.items()})
             served, outputs = await self._service.infer(
@@ -256,7 +302,8 @@ def build_grpc_server(
     """A grpc.aio server on the running loop, and its handlers by full method name.
 
     The caller adds ports and starts it (and may give the hot method extra
-    accepts, router.grpc_accept).
+    accepts, router.grpc_accept). The handlers are the generated code's, but for
+    the deserializer (:func:`decode_request`).
     """
     server = grpc.aio.server(
         options=[
@@ -265,6 +312,16 @@ def build_grpc_server(
             ("grpc.so_reuseport", 0),
         ]
     )
-    recorder = HandlerRecorder(server)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), recorder)
-    return server, recorder.handlers
+    servicer = InferenceServicer(service)
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, name),
+            request_deserializer=functools.partial(decode_request, request_type),
+            response_serializer=response_type.SerializeToString,
+        )
+        for name, (request_type, response_type) in METHODS.items()
+    }
+    service_name = SERVICE_PREFIX.strip("/")
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_name, handlers),))
+    server.add_registered_method_handlers(service_name, handlers)
+    return server, {SERVICE_PREFIX + name: h for name, h in handlers.items()}

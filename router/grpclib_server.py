@@ -23,12 +23,13 @@ from grpclib.protocol import H2Protocol
 from grpclib.server import Handler as StreamHandler
 from grpclib.server import Server, Stream
 
-from router.grpc_server import METHODS, SERVICE_PREFIX, InferenceServicer
+from router.grpc_server import METHODS, SERVICE_PREFIX, InferenceServicer, decode_request
 from router.service import InferenceService
 
 
 class _CappedCodec(ProtoCodec):
-    """grpclib has no message-size option; refuse as grpc core does (RESOURCE_EXHAUSTED)."""
+    """grpclib has no message-size option: refuse as grpc core does (RESOURCE_EXHAUSTED).
+    An undecodable message goes on as :class:`~router.grpc_server.Malformed`."""
 
     def __init__(self, max_bytes: int) -> None:
         self._max_bytes = max_bytes
@@ -39,7 +40,7 @@ class _CappedCodec(ProtoCodec):
                 Status.RESOURCE_EXHAUSTED,
                 f"Received message larger than max ({len(data)} vs. {self._max_bytes})",
             )
-        return super().decode(data, message_type)
+        return decode_request(message_type, data)
 
 
 class _Context:

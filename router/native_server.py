@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -26,7 +27,13 @@ from typing import Any
 
 import grpc
 
-from router.grpc_server import METHODS, SERVICE_PREFIX, InferenceServicer, send_limit
+from router.grpc_server import (
+    METHODS,
+    SERVICE_PREFIX,
+    InferenceServicer,
+    decode_request,
+    send_limit,
+)
 from router.service import InferenceService
 
 log = logging.getLogger(__name__)
@@ -91,7 +98,6 @@ class _Context:
 _OK = grpc.StatusCode.OK.value[0]
 _CANCELLED = grpc.StatusCode.CANCELLED.value[0]
 _UNKNOWN = grpc.StatusCode.UNKNOWN.value[0]
-_INTERNAL = grpc.StatusCode.INTERNAL.value[0]
 _UNIMPLEMENTED = grpc.StatusCode.UNIMPLEMENTED.value[0]
 
 
@@ -102,7 +108,10 @@ class NativeServer:
         self._native = load()
         servicer = InferenceServicer(service)
         self._handlers: dict[str, _Handler] = {
-            SERVICE_PREFIX + name: (request_type.FromString, getattr(servicer, name))
+            SERVICE_PREFIX + name: (
+                functools.partial(decode_request, request_type),
+                getattr(servicer, name),
+            )
             for name, (request_type, _) in METHODS.items()
         }
         self._max_receive = max_message_bytes
@@ -169,13 +178,8 @@ class NativeServer:
             if handler is None:
                 code, details = _UNIMPLEMENTED, "Method not found!"
                 return
-            parse, run = handler
-            try:
-                request = parse(payload)
-            except Exception:
-                code, details = _INTERNAL, "Exception deserializing request!"
-                return
-            response = await run(request, _Context(metadata, left, self._loop))
+            decode, run = handler
+            response = await run(decode(payload), _Context(metadata, left, self._loop))
             body = response.SerializeToString()
         except _Abort as exc:
             code, details = exc.code.value[0], exc.details

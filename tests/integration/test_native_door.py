@@ -214,8 +214,8 @@ def test_methods_the_door_does_not_serve_and_undecodable_requests(seen: _ErrorsS
             garbage = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
             with pytest.raises(grpc.RpcError) as err:
                 garbage(b"\xff\xff\xff\xff", metadata=MD_ALICE, timeout=5)
-            assert err.value.code() == grpc.StatusCode.INTERNAL
-            assert "deserializing" in (err.value.details() or "")
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "not a valid inference.ModelInferRequest" in (err.value.details() or "")
             # Binary metadata arrives as bytes and does not disturb the call.
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             x, k = sample(2, seed=3)

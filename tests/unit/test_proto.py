@@ -24,6 +24,8 @@ from tritonclient.grpc import model_config_pb2 as triton_config_pb2
 from tritonclient.grpc import service_pb2 as triton_pb2
 from tritonclient.grpc import service_pb2_grpc as triton_pb2_grpc
 
+from router.grpc_server import METHODS, SERVICE_PREFIX
+
 SERVICE = "inference.GRPCInferenceService"
 
 # Messages defined by gpugate that Triton does not have. Empty: everything we
@@ -239,6 +241,18 @@ def test_service_methods_match_triton() -> None:
         assert method.output_type.full_name == other.output_type.full_name, method.name
         assert method.client_streaming == other.client_streaming, method.name
         assert method.server_streaming == other.server_streaming, method.name
+
+
+def test_every_door_serves_each_method_with_its_messages() -> None:
+    ours = pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    served = {
+        name: (request.DESCRIPTOR.full_name, response.DESCRIPTOR.full_name)
+        for name, (request, response) in METHODS.items()
+    }
+    assert served == {
+        m.name: (m.input_type.full_name, m.output_type.full_name) for m in ours.methods
+    }
+    assert f"/{SERVICE}/" == SERVICE_PREFIX
 
 
 class _RecordingChannel:
