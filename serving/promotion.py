@@ -219,6 +219,10 @@ class Stages:
         self._refuse_during_rollout(actor, name, target, "rollback")
         with audit.audited(self.engine) as tx:
             current = self._production_in(tx.conn, name)
+            any_version = sa.select(t_versions.c.version).where(t_versions.c.name == name)
+            if current is None and tx.conn.execute(any_version.limit(1)).first() is None:
+                # Nothing of that name to refuse (nor a name the audit log could hold).
+                raise VersionNotFoundError(f"no model {name!r} is registered")
             previous = tx.conn.execute(
                 sa.select(t_versions.c.version)
                 .where(

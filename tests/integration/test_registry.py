@@ -22,6 +22,7 @@ from serving.registry import (
     RegistryError,
     Signature,
     VersionExistsError,
+    VersionNotFoundError,
     artifact_path,
 )
 from tests.integration.conftest import OpenEngine
@@ -228,6 +229,18 @@ def test_stages_promotion_and_rollback(reg: Registry, tmp_path: Path) -> None:
     # An archived version can be staged again (and its guardrails re-run).
     stages.promote("dora", "digits", v3, "staging")
     assert audit.verify(reg.engine).ok
+
+
+def test_rollback_of_a_model_never_registered_is_not_found(reg: Registry) -> None:
+    """Not found, and not audited: there is nothing to refuse. A name no model can
+    have (over 128 characters) used to fail the refusal's audit record on PostgreSQL
+    (target is VARCHAR(300)), a 500 from the admin API."""
+    stages = Stages(reg)
+    records = len(audit.read(reg.engine))
+    for name in ("nope", "x" * 3000):
+        with pytest.raises(VersionNotFoundError, match="is registered"):
+            stages.rollback("dora", name, "drill")
+    assert len(audit.read(reg.engine)) == records
 
 
 def test_promotion_rechecks_the_stored_bytes(reg: Registry, tmp_path: Path) -> None:
