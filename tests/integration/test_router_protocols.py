@@ -2256,8 +2256,7 @@ def test_calls_reset_as_they_arrive(stack: Stack, stub: pb_grpc.GRPCInferenceSer
         _wait_for(lambda: stack.service.in_flight == 0)
         if isinstance(door, NativeServer):
             _wait_for(lambda: door._tasks == {} and door._door.allocated == DEFAULT_ACCEPTS)
-    codes = request_codes(stack)
-    delta = {key: n - codes_before[key] for key, n in codes.items() if n != codes_before[key]}
+    delta = _codes_delta(stack, codes_before)
     expected = {("affine", "200"): 1}  # assert_grpc_good's call
     if isinstance(door, GrpclibServer):
         expected[("affine", "499")] = resets
