@@ -302,8 +302,9 @@ def build_grpc_server(
     """A grpc.aio server on the running loop, and its handlers by full method name.
 
     The caller adds ports and starts it (and may give the hot method extra
-    accepts, router.grpc_accept). The handlers are the generated code's, but for
-    the deserializer (:func:`decode_request`).
+    accepts, router.grpc_accept). The handlers are built as the generated
+    ``add_GRPCInferenceServiceServicer_to_server`` builds them, from :data:`METHODS`,
+    with :func:`decode_request` as every method's deserializer.
     """
     server = grpc.aio.server(
         options=[

@@ -57,7 +57,7 @@ from h2.errors import ErrorCodes
 from tritonclient.utils import InferenceServerException
 
 from router.grpc_accept import DEFAULT_ACCEPTS, unsupported
-from router.grpc_server import INFER_METHOD
+from router.grpc_server import INFER_METHOD, SERVICE_PREFIX
 from router.grpclib_server import GrpclibServer
 from router.native_server import NativeServer
 from router.servers import FrontDoors
@@ -1899,7 +1899,7 @@ def test_grpc_undecodable_messages(stack: Stack, stub: pb_grpc.GRPCInferenceServ
         with pytest.raises(grpc.RpcError) as err:
             infer(undecodable[0], timeout=10)  # no key: refused for that first
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        metadata = channel.unary_unary("/inference.GRPCInferenceService/ModelMetadata")
+        metadata = channel.unary_unary(SERVICE_PREFIX + "ModelMetadata")
         with pytest.raises(grpc.RpcError) as err:
             metadata(b"\x0a\x09affi", timeout=10)  # name declared 9 bytes long, 4 sent
         assert err.value.code() == INVALID
