@@ -3,7 +3,7 @@
 1. Prepare the bench model once (``serving.demo.bench_model_config``: BenchMLP,
    input "x" FP32 [256], output "y" FP32 [128]) with ``max_batch_size`` 32 for
    every system.
-2. In-process limit: :class:`serving.models.ModelRunner`, 1 torch thread, full
+2. In-process limit: :class:`serving.replica.ModelRunner`, 1 torch thread, full
    batches of 32 rows (rows/s) and the forward time of one row.
 3. gpugate: ``gpugate serve`` as a subprocess on free ports, two config tenants
    whose keys are passed in environment variables; load over gRPC and HTTP.
@@ -112,7 +112,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--grpc-server",
-        choices=("auto", "native", "grpcio", "grpclib"),
+        choices=("auto", "native", "grpcio"),
         default="auto",
         help="gpugate's server.grpc_server (which implementation serves its gRPC port)",
     )
@@ -120,12 +120,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--gc-tuning",
         choices=("on", "off"),
         help="gpugate's server.gc_tuning (default: the gateway's own default, on)",
-    )
-    p.add_argument(
-        "--grpc-accepts",
-        type=int,
-        help="gpugate's server.grpc_accepts (ModelInfer calls the grpcio door asks gRPC's "
-        "core for at once; default: the gateway's own default, 1 = grpcio's behaviour)",
     )
     p.add_argument(
         "--batch-wait-ms",
@@ -214,7 +208,6 @@ def gateway_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "replica_transport": args.replica_transport,
         "grpc_server": args.grpc_server,
-        "grpc_accepts": args.grpc_accepts,
         "gc_tuning": None if args.gc_tuning is None else args.gc_tuning == "on",
     }
 

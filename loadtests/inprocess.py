@@ -1,5 +1,5 @@
 """The bench model in this process: the row every request sends, its reference
-output, and the in-process limit (:class:`serving.models.ModelRunner`, 1 torch
+output, and the in-process limit (:class:`serving.replica.ModelRunner`, 1 torch
 thread) that no server can beat.
 """
 
@@ -35,7 +35,7 @@ def bench_row() -> np.ndarray:
 
 def in_process_limit(config: Any, seconds: float, log: Callable[[str], None]) -> InProcessResult:
     """ModelRunner with 1 thread: full batches of max_batch_size rows, and single rows."""
-    from serving.models import ModelRunner
+    from serving.replica import ModelRunner
 
     runner = ModelRunner(config, num_threads=1)
     runner.warmup()
@@ -81,7 +81,7 @@ def in_process_limit(config: Any, seconds: float, log: Callable[[str], None]) ->
 
 
 def reference_output(config: Any, row: np.ndarray) -> np.ndarray:
-    from serving.models import ModelRunner
+    from serving.replica import ModelRunner
 
     runner = ModelRunner(config, num_threads=1)
     outputs, _ = runner.run({"x": row})

@@ -22,7 +22,7 @@ import sqlalchemy as sa
 
 from scheduler import BatchRecord, BatchResult, charge_ns, split_by_rows
 from serving.config import CostsConfig
-from serving.ledger import Ledger, LedgerWriter, Pricing
+from serving.costs import Ledger, LedgerWriter, Pricing
 from serving.state import open_engine
 
 

@@ -3,7 +3,7 @@
 What a Ray Serve user would write without gpugate: Serve's own gRPC proxy with
 the KServe v2 servicer registered, and one deployment whose ``ModelInfer``
 decodes the request and feeds ``@serve.batch``, which runs the same BenchMLP
-(same safetensors weights, :class:`serving.models.ModelRunner`, 1 torch thread,
+(same safetensors weights, :class:`serving.replica.ModelRunner`, 1 torch thread,
 ``num_cpus=1``) on up to ``--max-batch-size`` rows.
 
 Run by bench.py as a subprocess; prints one line starting ``rayserve-peer ready``
@@ -45,7 +45,7 @@ class BenchPeer:
         forward_in_thread: bool,
     ) -> None:
         from serving.config import ModelConfig
-        from serving.models import ModelRunner
+        from serving.replica import ModelRunner
 
         self.config = ModelConfig.model_validate(model)
         self.runner = ModelRunner(self.config, num_threads=1)

@@ -3,7 +3,7 @@
 What a user who picks Triton would run for a torch model from Python: PyTriton
 (``nvidia-pytriton``, which bundles a real ``tritonserver``) with Triton's own
 dynamic batcher in front of the same BenchMLP (same safetensors weights,
-:class:`serving.models.ModelRunner`, 1 torch thread), ``max_batch_size`` and
+:class:`serving.replica.ModelRunner`, 1 torch thread), ``max_batch_size`` and
 batch wait as the other systems. Triton serves KServe v2 over HTTP and gRPC
 itself; its Prometheus metrics (``nv_inference_exec_count`` = batches,
 ``nv_inference_count`` = rows) give the benchmark the mean batch size.
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     from serving.demo import bench_model_config
-    from serving.models import ModelRunner
+    from serving.replica import ModelRunner
 
     model = bench_model_config(args.state_dir, max_batch_size=args.max_batch_size)
     runner = ModelRunner(model, num_threads=1)

@@ -55,7 +55,7 @@ def libpython_dir() -> str:
 
 
 def build(venv: Path, log: Callable[[str], None]) -> None:
-    """(Re)create ``venv`` with PyTriton and what ``serving.models`` needs; a few minutes."""
+    """(Re)create ``venv`` with PyTriton and what ``serving.replica`` needs; a few minutes."""
     log(f"building the Triton venv {venv} (PyTriton needs numpy<2; a few minutes)")
 
     def run(*argv: str) -> None:

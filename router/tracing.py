@@ -3,7 +3,7 @@
 One SERVER span per inference request (continuing an incoming W3C
 ``traceparent``) and one span per batch, linked to the spans of the requests in
 it. Which SDK and exporter run, if any, is the process owner's choice
-(``serving.telemetry``); with none installed every call here is a no-op.
+(``serving.gateway``); with none installed every call here is a no-op.
 Attribute names follow ARCHITECTURE.md: ``gpugate.tenant``, ``gpugate.model``,
 ``gpugate.model_version``, ``gpugate.batch.size``, ``gpugate.device_seconds``,
 ``gpugate.cost_usd`` (the ledger's currency, whatever it is named).

@@ -127,7 +127,7 @@ def train(path: Path, seed: int, nan: bool = False) -> float:
     import safetensors.torch
     import torch
 
-    from serving.demo import _train_digits
+    from serving.demo.models import _train_digits
 
     model, info = _train_digits(seed)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -262,7 +262,7 @@ def test_rollback_under_load(gateway: Gateway) -> None:
 def test_each_guardrail_refuses_with_its_reason(gateway: Gateway, tmp_path: Path) -> None:
     import torch
 
-    from serving.demo import DigitsMLP
+    from serving.demo.models import DigitsMLP
 
     root = admin_token(gateway)
     approver = make_user(gateway, "appr-g", "approver")

@@ -27,7 +27,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from serving.demo import DEMO_HIDDEN, DigitsMLP
+from serving.demo.models import DEMO_HIDDEN, DigitsMLP
 from tests.e2e.conftest import (
     Gateway,
     Traffic,

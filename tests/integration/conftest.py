@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from serving.state import open_engine
+from serving.state.db import open_engine
 
 POSTGRES_URL = os.environ.get(
     "GPUGATE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -30,7 +30,7 @@ def ray_serve() -> Iterator[None]:
     os.environ.pop("RAY_ADDRESS", None)
     from ray import serve
 
-    from serving import cluster
+    from serving.cluster import runtime as cluster
 
     started = cluster.connect()
     serve.start(proxy_location="Disabled")

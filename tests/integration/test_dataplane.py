@@ -13,11 +13,11 @@ import ray
 from ray import serve
 
 from scheduler import BackendUnavailableError
-from serving.cluster import batch_backend
-from serving.dataplane import DirectBatchBackend
-from serving.demo import ensure_demo_model
-from serving.models import ModelRunner
-from serving.replica import model_deployment
+from serving.cluster.runtime import batch_backend
+from serving.dataplane.client import DirectBatchBackend
+from serving.demo.models import ensure_demo_model
+from serving.replica.artifacts import ModelRunner
+from serving.replica.deployment import model_deployment
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from serving import audit, cluster
-from serving.config import GatewayConfig
-from serving.demo import ensure_demo_model
-from serving.deployer import Deployer, app_name
-from serving.registry import Candidate, Registry, Signature, artifact_path
-from serving.state import model_versions, open_engine
+from serving.cluster import runtime as cluster
+from serving.cluster.deployer import Deployer, app_name
+from serving.config.schema import GatewayConfig
+from serving.demo.models import ensure_demo_model
+from serving.registry import Candidate, Registry, Signature, Stages, artifact_path
+from serving.state import audit
+from serving.state.db import model_versions, open_engine
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -25,7 +26,7 @@ def test_a_version_whose_bytes_changed_is_refused_and_production_stays(
     demo = ensure_demo_model(state)
     engine = open_engine(None, state)
     registry = Registry(engine, state, GatewayConfig(models=[demo]))
-    registry.register_config_models([demo], {})
+    Stages(registry).adopt_config_models([demo], {})
     store = {"state_dir": str(state), "database_url": None, "heartbeat_s": 1.0}
     deployer = Deployer(registry, store, deploy_timeout_s=120)
     try:

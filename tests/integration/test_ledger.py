@@ -23,8 +23,9 @@ import pytest
 import sqlalchemy as sa
 
 from scheduler import BatchPolicy, BatchRecord, BatchResult, ModelBatcher, Tensors
-from serving.config import CostsConfig, PriceConfig
-from serving.cost_report import (
+from serving.config.schema import CostsConfig, PriceConfig
+from serving.costs.ledger import Ledger, LedgerWriter, Pricing, as_utc
+from serving.costs.report import (
     IDLE,
     ReportError,
     build_report,
@@ -32,8 +33,7 @@ from serving.cost_report import (
     render,
     report_for_query,
 )
-from serving.ledger import Ledger, LedgerWriter, Pricing, as_utc
-from serving.state import (
+from serving.state.db import (
     SQLITE_FILENAME,
     ledger_allocations,
     ledger_batches,

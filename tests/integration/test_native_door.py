@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from gpugate_proto import grpc_service_pb2 as pb
 from gpugate_proto import grpc_service_pb2_grpc as pb_grpc
+from router.grpc_accept import DEFAULT_ACCEPTS
 from tritonclient.utils import InferenceServerException
 
-from router.grpc_accept import DEFAULT_ACCEPTS
 from router.native_server import NativeServer
 from scheduler import BatchPolicy
 from tests.integration.test_router_protocols import (

@@ -18,13 +18,13 @@ from scheduler import (
     BatchRecord,
     ModelBatcher,
 )
-from serving.cluster import RayBatchBackend, batch_backend
-from serving.config import CostsConfig
-from serving.demo import ensure_demo_model, load_digits_split
-from serving.ledger import Ledger, LedgerWriter, Pricing
-from serving.models import ModelRunner
-from serving.replica import model_deployment
-from serving.state import ledger_allocations, ledger_batches, ledger_reservations, open_engine
+from serving.cluster.runtime import RayBatchBackend, batch_backend
+from serving.config.schema import CostsConfig
+from serving.costs.ledger import Ledger, LedgerWriter, Pricing
+from serving.demo.models import ensure_demo_model, load_digits_split
+from serving.replica.artifacts import ModelRunner
+from serving.replica.deployment import model_deployment
+from serving.state.db import ledger_allocations, ledger_batches, ledger_reservations, open_engine
 
 pytestmark = pytest.mark.timeout(300)
 

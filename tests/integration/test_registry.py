@@ -11,20 +11,22 @@ import safetensors.torch
 import sqlalchemy as sa
 import torch
 
-from serving import audit
-from serving.config import GatewayConfig, MetricPolicy, ModelPolicy, TensorConfig
-from serving.demo import DigitsMLP
-from serving.promotion import ApprovalError, StageError, Stages
+from serving.config.schema import GatewayConfig, MetricPolicy, ModelPolicy, TensorConfig
+from serving.demo.models import DigitsMLP
 from serving.registry import (
+    ApprovalError,
     Candidate,
     GuardrailRefused,
     Registry,
     RegistryError,
     Signature,
+    StageError,
+    Stages,
     VersionExistsError,
     VersionNotFoundError,
     artifact_path,
 )
+from serving.state import audit
 from tests.integration.conftest import OpenEngine
 
 SIG = Signature(
@@ -258,7 +260,7 @@ def test_promotion_rechecks_the_stored_bytes(reg: Registry, tmp_path: Path) -> N
 
 
 def test_config_versions_register_once_and_are_immutable(reg: Registry, tmp_path: Path) -> None:
-    from serving.config import ModelConfig
+    from serving.config.schema import ModelConfig
 
     src = weights(tmp_path / "a.safetensors", 1)
     model = ModelConfig(
@@ -271,14 +273,14 @@ def test_config_versions_register_once_and_are_immutable(reg: Registry, tmp_path
         inputs=list(SIG.inputs),
         outputs=list(SIG.outputs),
     )
-    reg.register_config_models([model], {"digits:7": {"accuracy": 0.9}})
-    reg.register_config_models([model], {})  # a restart changes nothing
+    Stages(reg).adopt_config_models([model], {"digits:7": {"accuracy": 0.9}})
+    Stages(reg).adopt_config_models([model], {})  # a restart changes nothing
     row = reg.get("digits", "7")
     assert (row.author, row.stage, row.metrics) == ("config", "production", {"accuracy": 0.9})
     assert reg.model_config(row).sha256 == row.digest
     weights(src, 2)
     with pytest.raises(RegistryError, match="changed since it was registered"):
-        reg.register_config_models([model], {})
+        Stages(reg).adopt_config_models([model], {})
 
 
 def test_concurrent_registrations_get_distinct_versions(

@@ -19,12 +19,12 @@ from router.metrics import RouterMetrics
 from router.model_table import LiveModelTable
 from router.service import ServedModel
 from router.types import ModelSignature, TensorSpec
-from serving import audit, rollout_controller
-from serving.config import GatewayConfig, ModelPolicy
-from serving.promotion import StageError, Stages
-from serving.registry import Registry, artifact_path
-from serving.rollout import RolloutError, Rollouts, RolloutSpec
-from serving.rollout_controller import RolloutController
+from serving.config.schema import GatewayConfig, ModelPolicy
+from serving.registry import Registry, StageError, Stages, artifact_path
+from serving.rollout import controller as rollout_controller
+from serving.rollout.controller import RolloutController
+from serving.rollout.rollouts import RolloutError, Rollouts, RolloutSpec
+from serving.state import audit
 from tests.integration.conftest import OpenEngine
 from tests.integration.test_registry import cand, weights
 

@@ -17,9 +17,9 @@ import pytest
 import sqlalchemy as sa
 
 from router.types import Tenant
-from serving.config import TenantConfig
-from serving.state import metadata, open_engine
-from serving.tenants import (
+from serving.config.schema import TenantConfig
+from serving.state.db import metadata, open_engine
+from serving.tenancy.tenants import (
     DEMO_KEY_FILE,
     TenantDirectory,
     TenantError,

@@ -10,10 +10,9 @@ import pytest
 import sqlalchemy as sa
 
 from router.admin import Principal
-from serving import audit
-from serving.state import audit_log
-from serving.tenants import TenantStore
-from serving.users import (
+from serving.state import audit, audit_log
+from serving.tenancy.tenants import TenantStore
+from serving.tenancy.users import (
     ADMIN_TOKEN_FILE,
     PERMISSIONS,
     Forbidden,
@@ -197,7 +196,7 @@ def test_tenant_and_user_changes_are_audited(engine: sa.Engine) -> None:
 
 
 def test_config_tenant_changes_are_audited_as_config(engine: sa.Engine) -> None:
-    from serving.config import TenantConfig
+    from serving.config.schema import TenantConfig
 
     store = TenantStore(engine)
     a = TenantConfig(name="a", weight=1, api_key_env="KA")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from serving.config import (
+from serving.config.schema import (
     ConfigError,
     CostsConfig,
     GatewayConfig,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from scheduler import BatchResult
-from serving.dataplane import (
+from serving.dataplane.codec import (
     ReplicaError,
     decode_batch,
     decode_result,

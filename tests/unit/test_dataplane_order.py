@@ -12,16 +12,10 @@ import numpy as np
 import pytest
 
 from scheduler import BatchResult, Tensors
-from serving import dataplane
-from serving.dataplane import (
-    DirectBatchBackend,
-    ReplicaDataServer,
-    ReplicaError,
-    decode_result,
-    encode_batch,
-    frame,
-    read_frame,
-)
+from serving.dataplane import server as dataplane_server
+from serving.dataplane.client import DirectBatchBackend
+from serving.dataplane.codec import ReplicaError, decode_result, encode_batch, frame, read_frame
+from serving.dataplane.server import ReplicaDataServer
 
 
 class TaggedGates:
@@ -164,7 +158,7 @@ def test_a_lane_batch_that_arrives_during_a_forward_beats_one_already_waiting(
     # is uvloop when installed; on asyncio's own loop the reads of a poll run after a
     # handle queued before it, which is what the pick's second hop is for.
     if loop == "asyncio":
-        monkeypatch.setattr(dataplane, "_new_loop", asyncio.new_event_loop)
+        monkeypatch.setattr(dataplane_server, "_new_loop", asyncio.new_event_loop)
     model = TaggedGates(gated=(0.0, 1.0))
 
     async def main(address: str) -> None:

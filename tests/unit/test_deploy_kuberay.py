@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from router.http_server import build_http_app
-from serving.cli import build_parser
-from serving.config import GatewayConfig, load_config
+from serving.cli.main import build_parser
+from serving.config.schema import GatewayConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBERAY = ROOT / "deploy" / "kuberay"
@@ -178,7 +178,7 @@ def test_the_driver_command_parses_and_reads_the_mounted_config() -> None:
 
 
 def test_driver_environment_holds_only_variables_that_something_reads() -> None:
-    source = "\n".join(p.read_text() for p in (ROOT / "serving").glob("*.py"))
+    source = "\n".join(p.read_text() for p in (ROOT / "serving").rglob("*.py"))
     read_by_gpugate = set(re.findall(r"environ(?:\.get)?[\[(]\"([A-Z][A-Z0-9_]+)\"", source))
     assert {"GPUGATE_STATE_DIR", "GPUGATE_DATABASE_URL", "RAY_ADDRESS"} <= read_by_gpugate
     tenant_vars = {t.api_key_env for t in config().tenants}
@@ -188,7 +188,7 @@ def test_driver_environment_holds_only_variables_that_something_reads() -> None:
             name in read_by_gpugate
             or name in tenant_vars
             or name in RAY_ENV
-            or name.startswith("OTEL_")  # serving.telemetry.otel_env hands them on
+            or name.startswith("OTEL_")  # serving.gateway.telemetry.otel_env hands them on
         ), f"{name}: nothing reads it"
     # Without these the driver refuses to start (a config tenant's key is missing) or
     # falls back to SQLite in the state folder.

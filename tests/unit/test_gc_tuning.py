@@ -1,4 +1,4 @@
-"""serving.gc_tuning.settle, in a fresh interpreter (it changes the process's collector)."""
+"""serving.gateway.gc_tuning.settle, in a fresh interpreter (it changes the process's collector)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 SCRIPT = """
 import gc, json
-from serving import gc_tuning
+from serving.gateway import gc_tuning
 junk = [[i] for i in range(50_000)]  # start-up state that lives on
 before = gc.get_freeze_count()
 gc_tuning.settle()

@@ -18,8 +18,8 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from serving.config import ModelConfig, TensorConfig
-from serving.demo import (
+from serving.config.schema import ModelConfig, TensorConfig
+from serving.demo.models import (
     BENCH_IN,
     BENCH_OUT,
     BenchMLP,
@@ -29,7 +29,7 @@ from serving.demo import (
     ensure_demo_model,
     load_digits_split,
 )
-from serving.models import (
+from serving.replica.artifacts import (
     ModelInputError,
     ModelLoadError,
     ModelOutputError,

@@ -12,8 +12,8 @@ from router.canary import ShadowStats, Split, Splitter, VersionStats, Windows, b
 from router.model_table import CANARY_REASON, LiveModelTable
 from router.service import ServedModel
 from router.types import ModelSignature, TensorSpec
-from serving.rollout import RolloutSpec, parse_duration
-from serving.rollout_controller import analyse
+from serving.rollout.controller import analyse
+from serving.rollout.rollouts import RolloutSpec, parse_duration
 
 SIG = ModelSignature((TensorSpec("x", "FP32", (4,)),), (TensorSpec("y", "FP32", (3,)),), 8)
 
@@ -239,7 +239,7 @@ def test_latency_sample_covers_the_whole_window() -> None:
 
 
 def test_status_text_renders_every_kind_of_analysis() -> None:
-    from serving.cli_rollout import describe
+    from serving.cli.rollout import describe
 
     vs = ("1", "2")
     spec = RolloutSpec(steps=(0, 50), mirror_pct=100, min_requests=5, min_agreement=0.9)

@@ -1,0 +1,5 @@
+"""The ``gpugate`` command."""
+
+from serving.cli.main import main
+
+__all__ = ["main"]

@@ -1,0 +1,139 @@
+"""Live deploys: keep Ray Serve and the gateway in step with the registry's stages.
+
+Runs in the ``gpugate serve`` driver. Every version in staging or production is
+a Serve application of its own (``gpugate-<model>-<version>``), so versions are
+added and removed without touching the gateway's application. One
+:meth:`Deployer.reconcile` pass:
+
+1. deploys the applications of versions that entered staging or production and
+   waits until they run (a version that fails to deploy is audited and skipped;
+   if it was meant to be production, the version serving now stays);
+2. hands the gateway the new set (``Gateway.sync_models``), which swaps its
+   model table at once and drains the batchers of versions that left;
+3. deletes the applications of those versions, whose queues are now empty.
+
+So a promotion moves traffic with no failed request: the new version is up
+before any request is routed to it, and the old one is removed only after the
+last request routed to it has finished.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import serving.cluster.runtime as cluster
+from serving.config import ModelConfig
+from serving.registry import Registry
+from serving.replica import model_deployment
+from serving.state import audit
+
+log = logging.getLogger(__name__)
+
+SERVED_STAGES = ("staging", "production")
+# Even when nothing changed, re-send the set now and then: a gateway replica that
+# Ray restarted starts from the set it was first built with.
+RESYNC_S = 5.0
+
+Key = tuple[str, str]
+
+
+def app_name(name: str, version: str) -> str:
+    return f"{cluster.APP_NAME}-{name}-{version}"
+
+
+@dataclass(frozen=True)
+class Wanted:
+    config: ModelConfig
+    stage: str
+
+    @property
+    def app(self) -> str:
+        return app_name(self.config.name, self.config.version)
+
+    def as_spec(self) -> dict[str, Any]:
+        return {"config": self.config.model_dump(mode="json"), "stage": self.stage, "app": self.app}
+
+
+class Deployer:
+    def __init__(
+        self,
+        registry: Registry,
+        store: dict[str, Any],
+        *,
+        deploy_timeout_s: float = 180.0,
+    ) -> None:
+        self.registry = registry
+        self._store = store
+        self._timeout = deploy_timeout_s
+        self._deployed: dict[Key, Wanted] = {}
+        self._failed: set[tuple[str, str, str]] = set()  # (name, version, sha256)
+        self._sent: list[dict[str, Any]] | None = None
+        self._sent_at = 0.0
+
+    def desired(self) -> dict[Key, Wanted]:
+        return {
+            (row.name, row.version): Wanted(self.registry.model_config(row), row.stage)
+            for row in self.registry.list()
+            if row.stage in SERVED_STAGES
+        }
+
+    def prepare(self) -> list[dict[str, Any]]:
+        """Deploy what the registry wants served; returns the gateway's first model set."""
+        live = self._deploy_missing(self.desired())
+        self._sent, self._sent_at = [w.as_spec() for w in live.values()], time.monotonic()
+        return self._sent
+
+    def reconcile(self, gateway: Any) -> bool:
+        """One pass; True if the gateway's set changed."""
+        live = self._deploy_missing(self.desired())
+        spec = [w.as_spec() for w in live.values()]
+        changed = spec != self._sent
+        if changed or time.monotonic() - self._sent_at > RESYNC_S:
+            served = cluster.call(gateway, "sync_models", spec, timeout_s=self._timeout)
+            if changed:
+                log.warning("gateway now serves %s", ", ".join(served) or "nothing")
+            self._sent, self._sent_at = spec, time.monotonic()
+        for key in [k for k in self._deployed if k not in live]:
+            gone = self._deployed.pop(key)
+            cluster.delete(gone.app)
+        return changed
+
+    def _deploy_missing(self, wanted: dict[Key, Wanted]) -> dict[Key, Wanted]:
+        """Deploy new versions; returns the versions that are up and should be served."""
+        live: dict[Key, Wanted] = {}
+        for key, w in sorted(wanted.items()):
+            running = self._deployed.get(key)
+            if running is not None and running.config == w.config:
+                live[key] = w
+                continue
+            marker = (key[0], key[1], w.config.sha256 or "")
+            if marker in self._failed:
+                continue
+            try:
+                cluster.deploy(model_deployment(w.config, self._store), self._timeout, w.app)
+            except (RuntimeError, TimeoutError) as exc:
+                self._failed.add(marker)
+                log.error("deploy of %s:%s failed: %s", key[0], key[1], exc)
+                audit.append(
+                    self.registry.engine,
+                    "system",
+                    "model.deploy_failed",
+                    f"model:{key[0]}:{key[1]}",
+                    after={"stage": w.stage},
+                    reason=str(exc)[:2000],
+                )
+                cluster.delete(w.app)
+                continue
+            self._deployed[key] = w
+            live[key] = w
+        # A model whose new production version could not be deployed keeps the one
+        # serving now rather than going dark.
+        producing = {k[0] for k, w in live.items() if w.stage == "production"}
+        for key, w in self._deployed.items():
+            if key not in live and w.stage == "production" and key[0] not in producing:
+                live[key] = w
+                producing.add(key[0])
+        return live

@@ -1,0 +1,35 @@
+"""The gateway's configuration: YAML validated by pydantic models; unknown keys are errors."""
+
+from serving.config.schema import (
+    NAME_PATTERN,
+    ArtifactFormat,
+    ConfigError,
+    CostsConfig,
+    GatewayConfig,
+    MetricPolicy,
+    ModelConfig,
+    ModelPolicy,
+    PriceConfig,
+    ServerConfig,
+    TenantConfig,
+    TensorConfig,
+    load_config,
+    tenant_name,
+)
+
+__all__ = [
+    "NAME_PATTERN",
+    "ArtifactFormat",
+    "ConfigError",
+    "CostsConfig",
+    "GatewayConfig",
+    "MetricPolicy",
+    "ModelConfig",
+    "ModelPolicy",
+    "PriceConfig",
+    "ServerConfig",
+    "TenantConfig",
+    "TensorConfig",
+    "load_config",
+    "tenant_name",
+]

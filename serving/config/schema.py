@@ -1,0 +1,356 @@
+"""The gateway's configuration: YAML validated by pydantic.
+
+Every field is documented here and in docs/config.md; an unknown key anywhere is
+an error that names it (``extra="forbid"``).
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import date
+from decimal import Decimal
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from router.canary import SHADOW_TENANT
+from router.types import DATATYPES, ModelSignature, TensorSpec
+
+ArtifactFormat = Literal["torchscript", "export", "safetensors"]
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# Ray refuses these in ``resources`` (they have keywords of their own).
+_RAY_BUILTIN_RESOURCES = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
+
+
+class ConfigError(ValueError):
+    """The config file is missing, not YAML, or fails validation."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorConfig(_Strict):
+    name: str = Field(description="Tensor name as clients send it.")
+    datatype: str = Field(description="KServe v2 datatype, e.g. FP32, INT64, BOOL.")
+    shape: list[int] = Field(
+        description="Shape of ONE row, without the batch dimension; -1 marks a variable dim."
+    )
+
+    @field_validator("datatype")
+    @classmethod
+    def _known_datatype(cls, v: str) -> str:
+        if v not in DATATYPES:
+            raise ValueError(f"unknown datatype {v!r}; one of {sorted(DATATYPES)}")
+        return v
+
+    @field_validator("shape")
+    @classmethod
+    def _dims(cls, v: list[int]) -> list[int]:
+        if any(d == 0 or d < -1 for d in v):
+            raise ValueError("dims must be positive or -1")
+        return v
+
+    def spec(self) -> TensorSpec:
+        return TensorSpec(self.name, self.datatype, tuple(self.shape))
+
+
+class ModelConfig(_Strict):
+    name: str = Field(description="Model name used in /v2/models/{name}.")
+    version: str = Field(default="1", description="Version label of this artifact.")
+    artifact: Path = Field(description="Path of the model artifact file.")
+    format: ArtifactFormat = Field(
+        description="torchscript (torch.jit.save), export (torch.export.save .pt2), "
+        "or safetensors (weights; needs model_class)."
+    )
+    model_class: str | None = Field(
+        default=None,
+        description="For safetensors: 'package.module:Class', constructed with no "
+        "arguments (or model_kwargs) before the weights are loaded.",
+    )
+    model_kwargs: dict[str, int | float | str | bool] = Field(
+        default_factory=dict, description="Keyword arguments for model_class."
+    )
+    inputs: list[TensorConfig] = Field(min_length=1, description="Input signature.")
+    outputs: list[TensorConfig] = Field(min_length=1, description="Output signature.")
+    max_batch_size: int = Field(default=32, ge=1, le=65536, description="Rows per batch.")
+    max_queue_delay_ms: float = Field(
+        default=0.0,
+        ge=0,
+        le=10_000,
+        description="How long the oldest request may wait for a fuller batch while a "
+        "replica slot is free. 0 dispatches as soon as a slot is free.",
+    )
+    replicas: int = Field(default=1, ge=1, description="Ray Serve replicas of this version.")
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs reserved per replica.")
+    num_cpus: float = Field(default=1.0, gt=0, description="CPUs reserved per replica.")
+    batches_in_flight_per_replica: int = Field(
+        default=2,
+        ge=1,
+        le=16,
+        description="Batches sent to one replica before the previous returns; 2 hides the "
+        "Ray hop behind the forward.",
+    )
+    latency_lane_rows: int = Field(
+        default=4,
+        ge=0,
+        le=1024,
+        description="Latency lane: a request of at most this many rows, from a tenant with "
+        "nothing queued and nothing running here when it arrived, does not wait for a free "
+        "batch slot behind full batches; it goes out in a small batch of its own beside them "
+        "(one lane batch at a time, at most this many rows and max_batch_size), which the "
+        "replica runs before the ordinary batches waiting there (replica_transport direct). "
+        "Never past a more urgent priority level. 0 turns the lane off.",
+    )
+    max_queued_rows: int = Field(
+        default=4096, ge=1, description="Rows waiting for this version before 429."
+    )
+    max_queued_rows_per_tenant: int = Field(
+        default=1024, ge=1, description="Rows one tenant may have waiting before 429."
+    )
+    sha256: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="Expected SHA-256 (hex) of the artifact; every replica checks it before "
+        "loading and refuses a file that differs. Set by the registry for its versions.",
+    )
+
+    @field_validator("name", "version")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not NAME_PATTERN.match(v):
+            raise ValueError(f"{v!r} must match {NAME_PATTERN.pattern}")
+        return v
+
+    @model_validator(mode="after")
+    def _class_for_safetensors(self) -> ModelConfig:
+        if self.format == "safetensors" and not self.model_class:
+            raise ValueError("format safetensors needs model_class ('module:Class')")
+        if min(self.max_queued_rows, self.max_queued_rows_per_tenant) < self.max_batch_size:
+            raise ValueError(
+                "max_queued_rows and max_queued_rows_per_tenant must be >= max_batch_size, "
+                "or a full-size request could never be queued"
+            )
+        names = [t.name for t in self.inputs] + [t.name for t in self.outputs]
+        if len(set(names)) != len(names):
+            raise ValueError("input and output names must be unique")
+        return self
+
+    def signature(self) -> ModelSignature:
+        return ModelSignature(
+            inputs=tuple(t.spec() for t in self.inputs),
+            outputs=tuple(t.spec() for t in self.outputs),
+            max_batch_size=self.max_batch_size,
+        )
+
+
+class TenantConfig(_Strict):
+    name: str = Field(description="Tenant name (cost and metrics label).")
+    weight: float = Field(default=1.0, gt=0, le=1000, description="Fair-share weight.")
+    models: list[str] = Field(
+        default_factory=lambda: ["*"], description="Models the tenant may call; '*' = all."
+    )
+    api_key_env: str = Field(
+        description="Environment variable holding the tenant's API key (never the key itself)."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        return tenant_name(v)
+
+
+def tenant_name(name: str) -> str:
+    """A valid tenant name, or ValueError; ``shadow`` is the canary mirror's cost owner."""
+    if not NAME_PATTERN.match(name):
+        raise ValueError(f"tenant name {name!r} must match {NAME_PATTERN.pattern}")
+    if name == SHADOW_TENANT:
+        raise ValueError(f"tenant name {name!r} is reserved for mirrored canary traffic")
+    return name
+
+
+class PriceConfig(_Strict):
+    device: str = Field(
+        description="Device type the price applies to: 'cpu', an accelerator name as torch "
+        "reports it (e.g. 'NVIDIA A100-SXM4-80GB'), or 'cuda' for any GPU not named."
+    )
+    per_hour: Decimal = Field(
+        ge=0,
+        decimal_places=9,
+        description="Price of one device-hour (a whole GPU, or one CPU) in the currency.",
+    )
+    since: date = Field(
+        default=date(1970, 1, 1),
+        description="First UTC day the price applies; batches keep the price of their day, "
+        "so adding a new price later never rewrites history.",
+    )
+
+
+class CostsConfig(_Strict):
+    currency: str = Field(default="USD", min_length=3, max_length=8, description="ISO code.")
+    prices: list[PriceConfig] = Field(
+        default_factory=list,
+        description="Device-hour prices; a device type with no price is recorded at 0.",
+    )
+    reservation_heartbeat_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="How often each replica records that it is still up; a replica killed "
+        "without warning is counted as reserved until its last heartbeat.",
+    )
+
+
+class MetricPolicy(_Strict):
+    higher_is_better: bool = Field(
+        default=True, description="True for accuracy-like metrics, false for loss or latency."
+    )
+    max_regression: float = Field(
+        default=0.0,
+        ge=0,
+        description="How much worse than production a candidate may be (absolute).",
+    )
+
+
+class ModelPolicy(_Strict):
+    required_approvals: int = Field(
+        default=1, ge=1, le=10, description="Distinct approvers a version needs (never its author)."
+    )
+    max_artifact_bytes: int = Field(
+        default=2 * 2**30, ge=1, description="Largest artifact the registry accepts."
+    )
+    metrics: dict[str, MetricPolicy] = Field(
+        default_factory=dict,
+        description="Metrics compared with production's at registration and promotion; a "
+        "candidate missing one of them is refused.",
+    )
+    smoke_rows: int = Field(
+        default=4, ge=1, le=4096, description="Rows of generated input the smoke test runs."
+    )
+    smoke_timeout_s: float = Field(
+        default=120.0, gt=0, description="How long the smoke test may take to load and run."
+    )
+
+
+class ServerConfig(_Strict):
+    host: str = Field(default="127.0.0.1", description="Address the servers bind.")
+    http_port: int = Field(default=8000, ge=0, le=65535, description="KServe v2 HTTP port.")
+    grpc_port: int = Field(default=8001, ge=0, le=65535, description="KServe v2 gRPC port.")
+    metrics_port: int = Field(default=8002, ge=0, le=65535, description="Prometheus port.")
+    max_request_bytes: int = Field(
+        default=64 * 2**20, ge=1024, description="Largest HTTP body or gRPC message accepted."
+    )
+    default_timeout_ms: float = Field(
+        default=30_000, gt=0, description="Deadline of a request that names none."
+    )
+    drain_timeout_s: float = Field(
+        default=30.0, gt=0, description="How long SIGTERM waits for in-flight requests."
+    )
+    replica_transport: Literal["direct", "grpc", "actor"] = Field(
+        default="direct",
+        description="How batches reach model replicas: `direct`, a gRPC connection to each "
+        "replica's own data-plane port (Serve still places, checks and restarts the "
+        "replicas; fastest here); or through Ray Serve handle calls, over Serve's "
+        "inter-deployment gRPC transport (`grpc`) or as Ray actor calls (`actor`).",
+    )
+    grpc_server: Literal["auto", "native", "grpcio"] = Field(
+        default="auto",
+        description="Implementation of the KServe v2 gRPC port. `native`: the optional "
+        "compiled door on gRPC C++ (built with the package when gRPC C++ is installed; "
+        "docs/grpc.md) reads HTTP/2 on its own threads without the GIL and hands the event "
+        "loop every waiting call per wake-up. `grpcio`: grpc.aio on grpcio's public API, the "
+        "portable door. `auto`: native when built, else grpcio. Both refuse an over-size "
+        "message with RESOURCE_EXHAUSTED while reading it.",
+    )
+    gc_tuning: bool = Field(
+        default=True,
+        description="Once the gateway has started, freeze the objects alive then (gc.freeze) "
+        "so the collector stops rescanning them, and collect the youngest generation every "
+        "20,000 net allocations instead of 700. Full collections of the start-up heap otherwise "
+        "pause the gateway under load (docs/benchmarks.md). false = CPython's defaults.",
+    )
+    gateway_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Ray custom resources the gateway replica requests, which pins it to the "
+        "Ray nodes that advertise them: on a cluster the Service that exposes the ports must "
+        "select the pod the gateway runs in (deploy/kuberay gives one worker group "
+        "`{gpugate_gateway: 1}`). Empty: any node Ray chooses.",
+    )
+
+    @field_validator("gateway_resources")
+    @classmethod
+    def _custom_resources(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, amount in v.items():
+            if not name or name in _RAY_BUILTIN_RESOURCES:
+                raise ValueError(f"{name!r} is not a custom resource name")
+            if not amount > 0:
+                raise ValueError(f"{name}: the amount must be > 0")
+        return v
+
+
+class GatewayConfig(_Strict):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    state_dir: Path | None = Field(
+        default=None, description="Folder for state (SQLite, demo model); CLI --state-dir wins."
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL of the state database; default SQLite in state_dir. "
+        "Use postgresql+psycopg://... on a cluster.",
+    )
+    models: list[ModelConfig] = Field(
+        default_factory=list, description="Served model versions; empty serves the demo model."
+    )
+    tenants: list[TenantConfig] = Field(default_factory=list, description="Config tenants.")
+    costs: CostsConfig = Field(
+        default_factory=CostsConfig, description="Pricing of device time for the cost ledger."
+    )
+    policies: dict[str, ModelPolicy] = Field(
+        default_factory=dict,
+        description="Registry policy per model name; '*' applies to models without their own.",
+    )
+
+    def policy(self, model: str) -> ModelPolicy:
+        return self.policies.get(model) or self.policies.get("*") or ModelPolicy()
+
+    @model_validator(mode="after")
+    def _unique(self) -> GatewayConfig:
+        keys = [(m.name, m.version) for m in self.models]
+        if len(set(keys)) != len(keys):
+            raise ValueError("a model version is declared twice")
+        tenants = [t.name for t in self.tenants]
+        if len(set(tenants)) != len(tenants):
+            raise ValueError("a tenant is declared twice")
+        return self
+
+
+def load_config(path: Path | None) -> GatewayConfig:
+    """Read and validate a YAML config; ``None`` gives the embedded default."""
+    if path is None:
+        return GatewayConfig()
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from exc
+    try:
+        config = GatewayConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(path, exc)) from None
+    # Relative artifact paths are relative to the config file, not the working dir.
+    base = path.resolve().parent
+    models = [
+        m if m.artifact.is_absolute() else m.model_copy(update={"artifact": base / m.artifact})
+        for m in config.models
+    ]
+    return config.model_copy(update={"models": models})
+
+
+def _describe(path: Path, exc: ValidationError) -> str:
+    lines = [f"invalid config {path}:"]
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"  {where}: {msg}")
+    return "\n".join(lines)

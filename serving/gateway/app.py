@@ -1,0 +1,281 @@
+"""The gateway: router + scheduler, hosted in a Ray Serve deployment of its own.
+
+Like Ray Serve's "direct ingress", the replica opens the HTTP, gRPC and metrics
+ports itself, and the router restarts under Ray's fault tolerance. Model
+versions are Serve applications of their own, which the ``gpugate serve``
+driver adds and removes as the registry's stages change (serving.cluster.deployer);
+the gateway reaches them by name and swaps its model table in one step.
+Batches are formed here, before the Ray hop, so one handle call carries a
+whole batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from ray import serve
+
+import serving.gateway.gc_tuning as gc_tuning
+from router.admin import build_admin_app
+from router.metrics import RouterMetrics
+from router.model_table import LiveModelTable
+from router.servers import FrontDoors
+from router.service import InferenceService, RouterSettings, ServedModel
+from router.tracing import batch_span_observer
+from scheduler import BatchPolicy, BatchRecord, ModelBatcher
+from serving.admin import UserBackend, core_routes, model_routes
+from serving.cluster import GATEWAY_DEPLOYMENT, batch_backend
+from serving.config import CostsConfig, GatewayConfig, ModelConfig, ModelPolicy, ServerConfig
+from serving.costs import Ledger, LedgerReports, LedgerWriter, Price, Pricing, from_unix_ns
+from serving.gateway.telemetry import configure_tracing, otel_env
+from serving.registry import Registry, Stages
+from serving.replica import deployment_name
+from serving.rollout import RolloutController, Rollouts
+from serving.state import open_engine
+from serving.tenancy import TenantDirectory, TenantStore
+
+log = logging.getLogger(__name__)
+
+
+REFUSAL_LINGER_S = 0.5
+
+
+def _depth_of(batcher: ModelBatcher) -> Callable[[], float]:
+    return lambda: float(batcher.queued_rows)
+
+
+class Gateway:
+    """Owns the servers, batchers and tenant cache of one gateway replica."""
+
+    async def __init__(  # type: ignore[misc]  # Ray Serve supports async constructors
+        self,
+        server: dict[str, Any],
+        state_dir: str,
+        database_url: str | None,
+        models: list[dict[str, Any]],
+        costs: dict[str, Any],
+        otel: dict[str, str],
+        policies: dict[str, Any] | None = None,
+    ) -> None:
+        self.server_config = ServerConfig.model_validate(server)
+        cfg = self.server_config
+        self._drained: dict[str, Any] | None = None
+        self._tracer_provider = configure_tracing(otel)
+        engine = open_engine(database_url, Path(state_dir))
+        self._tenants = TenantDirectory(TenantStore(engine))
+        self._registry = CollectorRegistry()
+        self.metrics = RouterMetrics(self._registry)
+        self._pricing = Pricing(CostsConfig.model_validate(costs))
+        self._ledger = LedgerWriter(Ledger(engine, self._pricing))
+        self._trace_batch = batch_span_observer(self._batch_cost)
+        self._served: dict[tuple[str, str], ServedModel] = {}
+        self._stages: dict[tuple[str, str], str] = {}
+        self._replicas: dict[tuple[str, str], int] = {}
+        self._table = LiveModelTable()
+        self._sync_lock = asyncio.Lock()
+        await self.sync_models(models)
+        self.service = InferenceService(
+            self._table,
+            self._tenants,
+            RouterSettings(cfg.max_request_bytes, cfg.default_timeout_ms / 1000),
+            self.metrics,
+        )
+        gateway_config = GatewayConfig.model_validate({"policies": policies or {}})
+        stages = Stages(Registry(engine, Path(state_dir), gateway_config))
+        self._rollouts = RolloutController(
+            Rollouts(stages), self._table, self.service.windows, self.metrics
+        )
+        self._rollouts.start()
+        routes = core_routes(engine, on_tenants_changed=self._tenants.invalidate)
+        routes += model_routes(engine, Path(state_dir), gateway_config)
+        reports = LedgerReports(engine, self._pricing)
+        routes += reports.admin_routes()
+        admin = build_admin_app(UserBackend(engine), routes)
+        self._doors = FrontDoors(
+            self.service,
+            cfg.host,
+            cfg.max_request_bytes,
+            admin,
+            reports,
+            grpc_server=cfg.grpc_server,
+        )
+        await self._doors.start(cfg.http_port, cfg.grpc_port)
+        self._metrics_server, self._metrics_thread = start_http_server(
+            cfg.metrics_port, cfg.host, registry=self._registry
+        )
+        if cfg.gc_tuning:
+            gc_tuning.settle()
+        log.info(
+            "gateway serving http=%s grpc=%s (%s)",
+            cfg.http_port,
+            cfg.grpc_port,
+            self._doors.grpc_server,
+        )
+
+    def _start_batcher(self, model: ModelConfig, app: str) -> ServedModel:
+        policy = BatchPolicy(
+            max_batch_size=model.max_batch_size,
+            max_queue_delay_s=model.max_queue_delay_ms / 1000,
+            max_in_flight=model.replicas * model.batches_in_flight_per_replica,
+            max_queued_rows=model.max_queued_rows,
+            max_queued_rows_per_tenant=model.max_queued_rows_per_tenant,
+            latency_lane_rows=model.latency_lane_rows,
+        )
+        handle = serve.get_deployment_handle(deployment_name(model), app_name=app)
+        batcher = ModelBatcher(
+            model.name,
+            model.version,
+            batch_backend(handle, self.server_config.replica_transport, model.replicas),
+            policy,
+            observer=self._observe_batch,
+            ledger=self._ledger,
+        )
+        batcher.start()
+        self._replicas[(model.name, model.version)] = model.replicas
+        self.metrics.replicas.labels(model.name, model.version).set(model.replicas)
+        self.metrics.queued_rows.labels(model.name, model.version).set_function(_depth_of(batcher))
+        return ServedModel(
+            model.name,
+            model.version,
+            model.signature(),
+            batcher,
+            replicas=model.replicas,
+            gpus_per_replica=model.num_gpus,
+        )
+
+    async def sync_models(self, models: list[dict[str, Any]]) -> list[str]:
+        """Serve exactly ``models`` ({"config", "stage", "app"} each) from now on.
+
+        New versions get a batcher first; then the table is swapped in one step, so
+        every request after it routes to the new production version; then the
+        versions no longer wanted are drained (their queued and running batches
+        finish) before this returns and the driver removes their deployments.
+        """
+        async with self._sync_lock:
+            wanted: dict[tuple[str, str], tuple[ModelConfig, str, str]] = {}
+            for item in models:
+                cfg = ModelConfig.model_validate(item["config"])
+                wanted[(cfg.name, cfg.version)] = (cfg, item["stage"], item["app"])
+            for key, (cfg, stage, app) in list(wanted.items()):
+                if key not in self._served:
+                    try:
+                        self._served[key] = self._start_batcher(cfg, app)
+                    except Exception as exc:
+                        # E.g. a restarted gateway replica given its first, stale set:
+                        # serve the rest; the driver's next sync brings the current set.
+                        log.warning("cannot serve %s:%s: %s", cfg.name, cfg.version, exc)
+                        del wanted[key]
+                        continue
+                self._stages[key] = stage
+            gone = [self._served.pop(key) for key in list(self._served) if key not in wanted]
+            for served in gone:
+                self._stages.pop((served.name, served.version), None)
+            self._table.swap(
+                [m for k, m in self._served.items() if self._stages[k] == "production"],
+                [m for k, m in self._served.items() if self._stages[k] == "staging"],
+            )
+            for served in gone:
+                await served.batcher.close(drain=True)
+                for gauge in (self.metrics.replicas, self.metrics.queued_rows):
+                    with contextlib.suppress(KeyError):
+                        gauge.remove(served.name, served.version)
+                self._replicas.pop((served.name, served.version), None)
+                log.info("model %s:%s removed from the gateway", served.name, served.version)
+            return sorted(f"{n}:{v}:{self._stages[(n, v)]}" for n, v in self._served)
+
+    def _price(self, record: BatchRecord) -> Price:
+        assert record.result is not None
+        return self._pricing.price(record.result.device, from_unix_ns(record.finished_at_ns).date())
+
+    def _batch_cost(self, record: BatchRecord) -> float:
+        return self._price(record).cost(record.charge_ns)
+
+    def _observe_batch(self, record: BatchRecord) -> None:
+        self.metrics.observe_batch(record)
+        if record.result is not None:
+            price = self._price(record)
+            self.metrics.observe_charges(record, price.currency, price.cost)
+            self.metrics.reserved_devices.labels(
+                record.model, record.version, record.result.device
+            ).set(self._replicas[(record.model, record.version)] * record.result.device_share)
+        self._trace_batch(record)
+
+    def check_health(self) -> None:
+        """Serve's health probe: a dead front door makes the replica restart."""
+        if not self._doors.healthy:
+            raise RuntimeError("HTTP server stopped")
+
+    async def __del__(self) -> None:
+        """Serve calls this on graceful shutdown (rollouts, scale-down, restarts)."""
+        await self.drain(self.server_config.drain_timeout_s)
+
+    async def drain(self, timeout_s: float) -> dict[str, Any]:
+        """Refuse new requests, finish the in-flight ones, then close the servers."""
+        if self._drained is not None:
+            return self._drained
+        await self._rollouts.stop()
+        await self.service.cancel_shadows()  # mirrored work is optional; clients' is not
+        in_flight_before = self.service.in_flight
+        completed = await self.service.drain(timeout_s)
+        # Keep answering 503 / UNAVAILABLE a moment before closing the sockets, so
+        # clients racing the shutdown get an explicit, retryable refusal, not a reset.
+        await asyncio.sleep(REFUSAL_LINGER_S)
+        for batcher in [m.batcher for m in self._served.values()]:
+            # Past the drain budget, queued work is failed (503), not waited for.
+            await batcher.close(drain=completed)
+        await self._doors.stop()
+        # Every batch above has committed (or failed) by now; this ends the thread.
+        await asyncio.to_thread(self._ledger.close)
+        if self._tracer_provider is not None:
+            await asyncio.to_thread(self._tracer_provider.shutdown)
+        await asyncio.to_thread(self._metrics_server.shutdown)  # waits up to its poll interval
+        self._drained = {"completed": completed, "in_flight_at_drain": in_flight_before}
+        return self._drained
+
+
+def gateway_actor_options(server: ServerConfig) -> dict[str, Any]:
+    """The gateway is I/O and Python: it holds no CPU a model needs. Its custom
+    resources (``server.gateway_resources``) pin it to the node whose pod serves
+    the ports."""
+    options: dict[str, Any] = {"num_cpus": 0}
+    if server.gateway_resources:
+        options["resources"] = dict(server.gateway_resources)
+    return options
+
+
+def build_app(
+    server: ServerConfig,
+    state_dir: Path,
+    database_url: str | None,
+    models: list[dict[str, Any]],
+    costs: CostsConfig,
+    policies: dict[str, ModelPolicy] | None = None,
+) -> Any:
+    """The gateway's Serve application. Each model version is an application of its
+    own (serving.cluster.deployer), so versions come and go without redeploying the gateway;
+    ``models`` is what it serves from the start ({"config", "stage", "app"} each)."""
+    return (
+        serve.deployment(Gateway)
+        .options(
+            name=GATEWAY_DEPLOYMENT,
+            num_replicas=1,
+            ray_actor_options=gateway_actor_options(server),
+            max_ongoing_requests=16,
+            graceful_shutdown_timeout_s=server.drain_timeout_s,
+        )
+        .bind(
+            server.model_dump(mode="json"),
+            str(state_dir),
+            database_url,
+            models,
+            costs.model_dump(mode="json"),
+            otel_env(),
+            {k: p.model_dump(mode="json") for k, p in (policies or {}).items()},
+        )
+    )

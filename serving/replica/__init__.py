@@ -1,0 +1,35 @@
+"""A model version's replica: artifact vetting and loading, the forward pass, the
+Ray Serve deployment that runs batches, and the smoke test of a candidate.
+"""
+
+from serving.replica.artifacts import (
+    FORMATS,
+    ModelInputError,
+    ModelLoadError,
+    ModelOutputError,
+    ModelRunner,
+    load_module,
+    pick_device,
+    vet_pt2,
+)
+from serving.replica.deployment import (
+    ModelReplica,
+    check_artifact_digest,
+    deployment_name,
+    model_deployment,
+)
+
+__all__ = [
+    "FORMATS",
+    "ModelInputError",
+    "ModelLoadError",
+    "ModelOutputError",
+    "ModelReplica",
+    "ModelRunner",
+    "check_artifact_digest",
+    "deployment_name",
+    "load_module",
+    "model_deployment",
+    "pick_device",
+    "vet_pt2",
+]

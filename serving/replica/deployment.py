@@ -1,0 +1,131 @@
+"""Ray Serve deployment of one model version: load the artifact, run batches."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import serve
+
+from scheduler import BatchResult, Tensors
+from serving.config import ModelConfig
+from serving.costs import Heartbeat, Reservation
+from serving.dataplane import ReplicaDataServer
+from serving.replica.artifacts import ModelLoadError, ModelRunner
+from serving.state import open_engine
+
+log = logging.getLogger(__name__)
+
+
+def check_artifact_digest(config: ModelConfig) -> None:
+    """Refuse to load an artifact whose bytes differ from the registered sha256."""
+    if config.sha256 is None:
+        return
+    h = hashlib.sha256()
+    with config.artifact.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    if h.hexdigest() != config.sha256:
+        raise ModelLoadError(
+            config.artifact,
+            f"sha256 is {h.hexdigest()}, expected {config.sha256}: the bytes changed after "
+            "registration",
+        )
+
+
+class ModelReplica:
+    """One replica: the model on its device (CUDA when given GPUs and present).
+
+    While it is up it holds a reservation in the cost ledger (uptime x device share,
+    heartbeated), from which reports derive idle capacity.
+    """
+
+    def __init__(self, model: dict[str, Any], store: dict[str, Any]) -> None:
+        self.config = ModelConfig.model_validate(model)
+        check_artifact_digest(self.config)
+        self.runner = ModelRunner(self.config)
+        self.runner.warmup()
+        on_gpu = self.runner.device.type == "cuda"
+        self.device_share = self.config.num_gpus if on_gpu else self.config.num_cpus
+        engine = open_engine(store["database_url"], Path(store["state_dir"]))
+        reservation = Reservation(
+            engine,
+            replica=f"{deployment_name(self.config)}:{uuid.uuid4().hex[:12]}",
+            model=self.config.name,
+            version=self.config.version,
+            device=self.runner.device_type,
+            device_share=self.device_share,
+        )
+        self._heartbeat = Heartbeat(reservation, store["heartbeat_s"])
+        self._data_lock = threading.Lock()
+        self._data: dict[str, ReplicaDataServer] = {}  # bind host -> server
+        log.info(
+            "model %s:%s ready on %s", self.config.name, self.config.version, self.runner.device
+        )
+
+    def run_batch(self, inputs: Tensors) -> BatchResult:
+        outputs, device_ns = self.runner.run(inputs)
+        return BatchResult(
+            outputs=outputs,
+            device_ns=device_ns,
+            device=self.runner.device_type,
+            device_share=self.device_share,
+        )
+
+    def data_endpoint(self, caller_node_id: str) -> str:
+        """The address of this replica's direct data plane (serving.dataplane), opened
+        on first use: on loopback for a caller on the same Ray node, else on the node's
+        address (what Ray's own workers listen on)."""
+        same_node = caller_node_id == ray.get_runtime_context().get_node_id()
+        host = "127.0.0.1" if same_node else ray.util.get_node_ip_address()
+        with self._data_lock:
+            server = self._data.get(host)
+            if server is None:
+                server = ReplicaDataServer(self.run_batch)
+                server.start(host)
+                self._data[host] = server
+                log.info("data plane of %s on %s", deployment_name(self.config), server.address)
+            return server.address
+
+    def check_health(self) -> None:
+        """Serve's health probe: a dead data plane makes Serve restart the replica."""
+        if not all(server.healthy for server in list(self._data.values())):
+            raise RuntimeError("the data plane's thread stopped")
+
+    def __del__(self) -> None:
+        """Serve calls this on graceful shutdown: finish data-plane batches, close the
+        reservation."""
+        for server in list(getattr(self, "_data", {}).values()):
+            server.stop(grace_s=5.0)
+        heartbeat = getattr(self, "_heartbeat", None)
+        if heartbeat is not None:
+            heartbeat.stop()
+
+
+def deployment_name(model: ModelConfig) -> str:
+    return f"model-{model.name}-{model.version}"
+
+
+def model_deployment(model: ModelConfig, store: dict[str, Any]) -> Any:
+    """The bound Serve deployment for one model version."""
+    return (
+        serve.deployment(ModelReplica)
+        .options(
+            name=deployment_name(model),
+            num_replicas=model.replicas,
+            # The gateway's batcher already bounds batches in flight. Serve's own cap
+            # must sit above it: a replica's count drops only after its reply is sent,
+            # and at the cap Serve rejects and backs off for tens of milliseconds.
+            max_ongoing_requests=2 * model.batches_in_flight_per_replica + 2,
+            ray_actor_options={"num_cpus": model.num_cpus, "num_gpus": model.num_gpus},
+            # A log line per batch costs the replica CPU the forward needs; the
+            # gateway's own metrics count every batch.
+            logging_config={"enable_access_log": False, "log_level": "WARNING"},
+        )
+        .bind(model.model_dump(mode="json"), store)
+    )

@@ -1,0 +1,65 @@
+"""The smoke test's child process: ``python -m serving.replica.smoke`` < {"config", "rows"}.
+
+Loads the candidate exactly as a replica would (digest check, vetted loader),
+runs one row and then ``rows`` rows of inputs generated from the signature,
+and prints one JSON line: {"ok": true, "outputs": {...}} or {"ok": false,
+"reason": ...}.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from serving.config import ModelConfig
+
+
+def sample_inputs(config: ModelConfig, rows: int, seed: int = 0) -> dict[str, npt.NDArray[Any]]:
+    """Deterministic inputs that fit the signature: variable dims get 4."""
+    rng = np.random.default_rng(seed)
+    batch: dict[str, npt.NDArray[Any]] = {}
+    for spec in config.signature().inputs:
+        shape = (rows, *(4 if d == -1 else d for d in spec.shape))
+        dtype = spec.dtype
+        if dtype.kind == "f":
+            batch[spec.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype.kind == "b":
+            batch[spec.name] = rng.integers(0, 2, shape).astype(dtype)
+        else:
+            batch[spec.name] = rng.integers(0, 8, shape).astype(dtype)
+    return batch
+
+
+def run(config: ModelConfig, rows: int) -> dict[str, Any]:
+    from serving.replica.artifacts import ModelRunner
+    from serving.replica.deployment import check_artifact_digest
+
+    check_artifact_digest(config)
+    runner = ModelRunner(config, num_threads=1)
+    shapes: dict[str, list[int]] = {}
+    for n in sorted({1, min(rows, config.max_batch_size)}):
+        outputs, _ = runner.run(sample_inputs(config, n, seed=n))
+        for name, array in outputs.items():
+            if array.dtype.kind in "fc" and not np.isfinite(array).all():
+                bad = int((~np.isfinite(array)).sum())
+                return {"ok": False, "reason": f"output {name!r} has {bad} NaN/Inf values"}
+            shapes[name] = list(array.shape)
+    return {"ok": True, "outputs": shapes}
+
+
+def main() -> int:
+    request = json.loads(sys.stdin.read())
+    try:
+        result = run(ModelConfig.model_validate(request["config"]), int(request["rows"]))
+    except Exception as exc:
+        result = {"ok": False, "reason": f"{type(exc).__name__}: {exc}"[:2000]}
+    print(json.dumps(result), flush=True)
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""Canary rollouts: their durable state and every change to it (``Rollouts``), and the
+gateway's controller that applies weights and judges each analysis window.
+"""
+
+from serving.rollout.controller import (
+    NOT_SERVING_LIMIT_S,
+    Analysis,
+    RolloutController,
+    analyse,
+)
+from serving.rollout.rollouts import (
+    CONTROLLER,
+    LIVE_STATES,
+    STATES,
+    NoRollout,
+    Rollout,
+    RolloutError,
+    Rollouts,
+    RolloutSpec,
+    parse_duration,
+)
+
+__all__ = [
+    "CONTROLLER",
+    "LIVE_STATES",
+    "NOT_SERVING_LIMIT_S",
+    "STATES",
+    "Analysis",
+    "NoRollout",
+    "Rollout",
+    "RolloutController",
+    "RolloutError",
+    "RolloutSpec",
+    "Rollouts",
+    "analyse",
+    "parse_duration",
+]

@@ -1,0 +1,319 @@
+"""The gateway's state database: engine setup and the schema.
+
+Every table lives on the one ``metadata`` below, in SQLAlchemy Core, so this module
+is the single place to read the schema. The default store is a SQLite file in the
+state dir; a cluster points ``database_url`` at PostgreSQL instead. The code that
+reads and writes the tables lives beside the feature that owns them
+(``serving.tenancy.tenants`` for tenants, ``serving.costs.ledger`` for the cost ledger).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+
+log = logging.getLogger(__name__)
+
+SQLITE_FILENAME = "gpugate.db"
+# Long enough to ride out another process's write burst (schema creation, a batch of
+# ledger rows); short enough that a wedged writer surfaces as an error, not a hang.
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+
+# Explicit constraint names make later migrations (ALTER ... DROP CONSTRAINT) name
+# the same object on SQLite and PostgreSQL instead of a dialect-generated name.
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+def utcnow() -> datetime:
+    """Timestamps are always UTC and timezone-aware when written."""
+    return datetime.now(UTC)
+
+
+tenants = sa.Table(
+    "tenants",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(128), nullable=False, unique=True),
+    sa.Column("weight", sa.Float, nullable=False),
+    # JSON list of model names; "*" allows every model. Text rather than a JSON
+    # column type so the value reads back identically on SQLite and PostgreSQL.
+    sa.Column("models", sa.Text, nullable=False),
+    # sha256 hex of the API key. The key itself is never stored; the unique index
+    # is what authentication looks rows up by.
+    sa.Column("key_hash", sa.CHAR(64), nullable=False, index=True, unique=True),
+    # "config" rows are reconciled from the config file at every start; "cli" rows
+    # are only changed by an explicit command.
+    sa.Column("source", sa.String(16), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, default=utcnow),
+    sa.Column(
+        "updated_at", sa.DateTime(timezone=True), nullable=False, default=utcnow, onupdate=utcnow
+    ),
+    sa.CheckConstraint("source IN ('config', 'cli')", name="source"),
+    sa.CheckConstraint("weight > 0", name="weight_positive"),
+)
+
+
+# BIGINT on PostgreSQL; SQLite's INTEGER PRIMARY KEY must stay INTEGER to autoincrement.
+_BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+# The cost ledger (serving.costs.ledger). One row per batch, one per (batch, tenant): money
+# is never a float here; device time is integer ns and prices integer nano-units
+# per hour, so any report can be recomputed exactly.
+ledger_batches = sa.Table(
+    "ledger_batches",
+    metadata,
+    sa.Column("id", _BigId, primary_key=True, autoincrement=True),
+    sa.Column("gateway", sa.String(128), nullable=False),  # host:pid that recorded it
+    sa.Column("model", sa.String(128), nullable=False),
+    sa.Column("version", sa.String(128), nullable=False),
+    sa.Column("device", sa.String(128), nullable=False),
+    sa.Column("device_share", sa.Float, nullable=False),
+    sa.Column("device_ns", sa.BigInteger, nullable=False),  # measured forward time
+    sa.Column("charge_ns", sa.BigInteger, nullable=False),  # device_ns x device_share
+    sa.Column("rows", sa.Integer, nullable=False),
+    sa.Column("requests", sa.Integer, nullable=False),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("finished_at", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("currency", sa.String(8), nullable=False),
+    sa.Column("price_nanos_per_hour", sa.BigInteger, nullable=False),
+)
+
+ledger_allocations = sa.Table(
+    "ledger_allocations",
+    metadata,
+    sa.Column(
+        "batch_id",
+        _BigId,
+        sa.ForeignKey("ledger_batches.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    # A tenant name, or "shadow" for mirrored canary traffic nobody is billed for.
+    sa.Column("tenant", sa.String(128), primary_key=True),
+    sa.Column("requests", sa.Integer, nullable=False),
+    sa.Column("rows", sa.Integer, nullable=False),
+    sa.Column("charge_ns", sa.BigInteger, nullable=False),
+)
+
+# What each model replica holds while it is up (for idle capacity): reserved time is
+# (last_seen_at or ended_at) - started_at, times device_share.
+ledger_reservations = sa.Table(
+    "ledger_reservations",
+    metadata,
+    sa.Column("replica", sa.String(128), primary_key=True),
+    sa.Column("model", sa.String(128), nullable=False),
+    sa.Column("version", sa.String(128), nullable=False),
+    sa.Column("device", sa.String(128), nullable=False),
+    sa.Column("device_share", sa.Float, nullable=False),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("last_seen_at", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("ended_at", sa.DateTime(timezone=True), nullable=True),
+)
+
+# Identities of the people and tools that run the admin CLI and API (serving.tenancy.users).
+users = sa.Table(
+    "users",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(128), nullable=False, unique=True),
+    sa.Column("role", sa.String(16), nullable=False),
+    # sha256 hex of the token, like tenant keys: the token itself is never stored.
+    sa.Column("token_hash", sa.CHAR(64), nullable=False, index=True, unique=True),
+    sa.Column("created_by", sa.String(128), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, default=utcnow),
+    sa.CheckConstraint(
+        "role IN ('admin', 'deployer', 'approver', 'finance', 'auditor')", name="role"
+    ),
+)
+
+# The audit hash chain (serving.state.audit). `seq` is assigned under the lock on the
+# single audit_head row, never by the database, so gaps mean removed records.
+audit_log = sa.Table(
+    "audit_log",
+    metadata,
+    sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("actor", sa.String(128), nullable=False),
+    sa.Column("action", sa.String(64), nullable=False),
+    sa.Column("target", sa.String(300), nullable=False, index=True),
+    # Canonical JSON text (serving.state.audit.canonical), hashed exactly as stored.
+    sa.Column("before", sa.Text, nullable=False),
+    sa.Column("after", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("prev_hash", sa.CHAR(64), nullable=False),
+    sa.Column("hash", sa.CHAR(64), nullable=False),
+)
+
+audit_head = sa.Table(
+    "audit_head",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("hash", sa.CHAR(64), nullable=False),
+    sa.CheckConstraint("id = 1", name="single_row"),
+)
+
+# Registered model versions (serving.registry.store). Everything but the stage columns
+# is immutable: a changed artifact is a new version.
+model_versions = sa.Table(
+    "model_versions",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(128), nullable=False),
+    sa.Column("version", sa.String(128), nullable=False),
+    sa.Column("format", sa.String(16), nullable=False),
+    # sha256 hex of the artifact; also its file name in the content-addressed store.
+    sa.Column("digest", sa.CHAR(64), nullable=False),
+    sa.Column("size_bytes", sa.BigInteger, nullable=False),
+    sa.Column("model_class", sa.String(300), nullable=True),
+    # JSON texts, as for tenants: identical on SQLite and PostgreSQL.
+    sa.Column("model_kwargs", sa.Text, nullable=False),
+    sa.Column("signature", sa.Text, nullable=False),
+    sa.Column("metrics", sa.Text, nullable=False),
+    sa.Column("parent_version", sa.String(128), nullable=True),
+    sa.Column("source_uri", sa.Text, nullable=True),
+    sa.Column("dataset_digest", sa.String(200), nullable=True),
+    sa.Column("code_revision", sa.String(200), nullable=True),
+    sa.Column("author", sa.String(128), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, default=utcnow),
+    sa.Column("stage", sa.String(16), nullable=False),
+    sa.Column("stage_changed_at", sa.DateTime(timezone=True), nullable=False, default=utcnow),
+    # When it last became production; rollback returns to the latest earlier one.
+    sa.Column("promoted_at", sa.DateTime(timezone=True), nullable=True),
+    sa.UniqueConstraint("name", "version", name="uq_model_versions_name_version"),
+    sa.CheckConstraint(
+        "stage IN ('registered', 'approved', 'rejected', 'staging', 'production', 'archived')",
+        name="stage",
+    ),
+)
+
+approvals = sa.Table(
+    "approvals",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(128), nullable=False),
+    sa.Column("version", sa.String(128), nullable=False),
+    sa.Column("approver", sa.String(128), nullable=False),
+    sa.Column("decision", sa.String(8), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False, default=utcnow),
+    sa.UniqueConstraint("name", "version", "approver", name="uq_approvals_name_version_approver"),
+    sa.CheckConstraint("decision IN ('approve', 'reject')", name="decision"),
+)
+
+
+# Canary rollouts (serving.rollout.rollouts). One row per rollout; `active_model` is the model
+# name while the rollout runs or is paused and NULL once it ends, so the unique index
+# allows one live rollout per model on SQLite and PostgreSQL alike. `revision` counts
+# changes: a writer updates only the revision it read (optimistic concurrency between
+# the gateway's controller and operators' commands).
+rollouts = sa.Table(
+    "rollouts",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("model", sa.String(128), nullable=False, index=True),
+    sa.Column("candidate", sa.String(128), nullable=False),
+    sa.Column("baseline", sa.String(128), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("step", sa.Integer, nullable=False),
+    # JSON texts: the step weights and the analysis settings, the last analysis.
+    sa.Column("spec", sa.Text, nullable=False),
+    sa.Column("failures", sa.Integer, nullable=False),
+    sa.Column("last_analysis", sa.Text, nullable=True),
+    sa.Column("revision", sa.Integer, nullable=False),
+    sa.Column("created_by", sa.String(128), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, default=utcnow),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, default=utcnow),
+    sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("active_model", sa.String(128), nullable=True, unique=True),
+    sa.CheckConstraint(
+        "state IN ('running', 'paused', 'succeeded', 'failed', 'aborted')", name="state"
+    ),
+)
+
+# Every decision on a rollout, operator's or controller's, with the figures behind it
+# (the same record also goes to the audit chain).
+rollout_events = sa.Table(
+    "rollout_events",
+    metadata,
+    sa.Column("id", _BigId, primary_key=True, autoincrement=True),
+    sa.Column(
+        "rollout_id", sa.Integer, sa.ForeignKey("rollouts.id", ondelete="CASCADE"), index=True
+    ),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False, default=utcnow),
+    sa.Column("actor", sa.String(128), nullable=False),
+    sa.Column("action", sa.String(32), nullable=False),
+    sa.Column("step", sa.Integer, nullable=False),
+    sa.Column("weight", sa.Float, nullable=False),  # candidate's share after the event
+    sa.Column("figures", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+)
+
+
+def open_engine(database_url: str | None, state_dir: Path) -> sa.Engine:
+    """Connect to the state database and make sure the schema exists.
+
+    ``database_url`` ``None`` means the SQLite file ``state_dir/gpugate.db`` (the
+    folder is created). Safe to call from several processes starting at once.
+    """
+    if database_url is None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        url = sa.URL.create("sqlite+pysqlite", database=str(state_dir / SQLITE_FILENAME))
+        engine = sa.create_engine(url)
+    else:
+        # pre_ping: a gateway outlives database restarts and failovers; a stale
+        # pooled connection must not fail the first request after one.
+        engine = sa.create_engine(database_url, pool_pre_ping=True)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    create_schema(engine)
+    return engine
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        # busy_timeout first: switching to WAL needs a brief exclusive lock that
+        # another process opening the same file may hold.
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        # WAL lets the gateway's readers run while the CLI or another worker writes;
+        # NORMAL is durable across process crashes in WAL mode, which is what the
+        # state needs, without an fsync per commit.
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+    finally:
+        cursor.close()
+
+
+def create_schema(engine: sa.Engine, attempts: int = 5) -> None:
+    """Create missing tables; tolerate another process doing the same concurrently.
+
+    Two processes can both see a table missing and both CREATE it; the loser gets a
+    dialect-specific "already exists" (or, on PostgreSQL, a unique violation in the
+    catalog). Retrying is correct because ``create_all`` skips what now exists, and
+    anything that is not that race fails again on the last attempt and is raised.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            with engine.begin() as conn:
+                metadata.create_all(conn, checkfirst=True)
+            return
+        except sa.exc.DBAPIError as exc:
+            if attempt == attempts:
+                raise
+            log.debug("schema creation raced another process (%s); retrying", exc.orig)
+            time.sleep(0.05 * attempt)

@@ -1,0 +1,564 @@
+"""Tenants: API keys, the tenant table, and request authentication.
+
+A tenant comes from the config file (its key read from an environment variable at
+start) or from the CLI (a generated key shown once). Either way only the sha256 of
+the key is stored. ``TenantDirectory`` is the router's view: an in-memory cache in
+front of ``TenantStore`` so that authenticating a request normally costs one hash
+and one dict lookup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import fcntl
+import hashlib
+import hmac
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import sqlalchemy as sa
+
+from router.types import Tenant
+from serving.config import NAME_PATTERN, TenantConfig, tenant_name
+from serving.state import audit
+from serving.state import tenants as t_tenants
+
+log = logging.getLogger(__name__)
+
+Source = Literal["config", "cli"]
+MAX_KEY_LENGTH = 256
+MAX_WEIGHT = 1000.0  # same bound as TenantConfig.weight
+DEMO_TENANT = "demo"
+DEMO_MODEL = "digits"
+DEMO_KEY_FILE = "demo_tenant.key"
+# A key must survive an HTTP header or gRPC metadata value unchanged: printable
+# ASCII without spaces (header parsing strips surrounding whitespace).
+_KEY_CHARS = re.compile(r"^[\x21-\x7e]+$")
+_HASH = re.compile(r"^[0-9a-f]{64}$")
+
+
+class TenantError(Exception):
+    """Base of the tenant errors; the message is meant for the operator."""
+
+
+class TenantExistsError(TenantError):
+    pass
+
+
+class TenantNotFoundError(TenantError):
+    pass
+
+
+class TenantKeyMissingError(TenantError):
+    def __init__(self, tenant: str, env_var: str) -> None:
+        super().__init__(
+            f"tenant {tenant!r}: environment variable {env_var} (its api_key_env) is not "
+            "set or is empty"
+        )
+        self.tenant = tenant
+        self.env_var = env_var
+
+
+class TenantKeyConflictError(TenantError):
+    """A configured key is unusable or already belongs to another tenant."""
+
+
+class TenantLookupError(TenantError):
+    """The state database failed during authentication (map to 503, not 401)."""
+
+
+def generate_api_key() -> str:
+    return "gg_" + secrets.token_urlsafe(32)
+
+
+def hash_key(key: str) -> str:
+    # A plain (unsalted, fast) hash is enough: keys are 256 random bits, so there is
+    # nothing to brute-force, and authentication must be able to look a row up by it.
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def _usable_key(key: str) -> bool:
+    return 0 < len(key) <= MAX_KEY_LENGTH and _KEY_CHARS.match(key) is not None
+
+
+@dataclass(frozen=True)
+class TenantRow:
+    """A tenant as listed by the CLI. Deliberately carries no key or key hash."""
+
+    name: str
+    weight: float
+    models: tuple[str, ...]
+    source: Source
+    created_at: datetime
+    updated_at: datetime
+
+    def tenant(self) -> Tenant:
+        return Tenant(self.name, self.weight, frozenset(self.models))
+
+
+def _validate(name: str, weight: float, models: Iterable[str]) -> tuple[str, ...]:
+    tenant_name(name)
+    if not (math.isfinite(weight) and 0 < weight <= MAX_WEIGHT):
+        raise ValueError(f"tenant weight must be > 0 and <= {MAX_WEIGHT:g}, got {weight!r}")
+    checked = tuple(dict.fromkeys(models))  # dedupe, keep order
+    if not checked:
+        raise ValueError("a tenant needs at least one model ('*' for all)")
+    for m in checked:
+        if m != "*" and not NAME_PATTERN.match(m):
+            raise ValueError(f"model name {m!r} must be '*' or match {NAME_PATTERN.pattern}")
+    return checked
+
+
+def _aware(ts: datetime) -> datetime:
+    # SQLite hands timestamps back without a zone; they were written as UTC.
+    return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
+
+
+class TenantStore:
+    """Reads and writes the ``tenants`` table. Blocking; call from a thread in async code."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+
+    def create(
+        self,
+        name: str,
+        weight: float = 1.0,
+        models: Iterable[str] = ("*",),
+        source: Source = "cli",
+        *,
+        actor: str = "system",
+    ) -> str:
+        """Add a tenant and return its new API key (the only time it is visible); audited."""
+        checked = _validate(name, weight, models)
+        if source not in ("config", "cli"):
+            raise ValueError(f"tenant source must be 'config' or 'cli', got {source!r}")
+        key = generate_api_key()
+        try:
+            with audit.audited(self.engine) as tx:
+                tx.conn.execute(
+                    t_tenants.insert().values(
+                        name=name,
+                        weight=float(weight),
+                        models=json.dumps(list(checked)),
+                        key_hash=hash_key(key),
+                        source=source,
+                    )
+                )
+                after = {"name": name, "weight": float(weight), "models": list(checked)}
+                tx.append(actor, "tenant.create", f"tenant:{name}", after=after)
+        except sa.exc.IntegrityError:
+            # The key hash is 256 fresh random bits, so the unique name is what clashed.
+            raise TenantExistsError(f"tenant {name!r} already exists") from None
+        return key
+
+    def upsert_from_config(
+        self, tenants: Sequence[TenantConfig], environ: Mapping[str, str]
+    ) -> None:
+        """Make the config tenants in the database match the config, in one transaction.
+
+        Keys are read from each tenant's ``api_key_env``; every variable is checked
+        before anything is written. Existing config tenants get the configured weight,
+        models and key; config tenants no longer in the config are deleted, so
+        removing a tenant from the file revokes its key. A CLI tenant with a
+        configured name is an error rather than being taken over, since that would
+        silently replace the key its clients use.
+        """
+        wanted: list[tuple[TenantConfig, tuple[str, ...], str]] = []
+        for tc in tenants:
+            key = environ.get(tc.api_key_env, "")
+            if not key:
+                raise TenantKeyMissingError(tc.name, tc.api_key_env)
+            if not _usable_key(key):
+                raise TenantKeyConflictError(
+                    f"tenant {tc.name!r}: the key in {tc.api_key_env} must be 1-{MAX_KEY_LENGTH} "
+                    "printable ASCII characters without spaces"
+                )
+            wanted.append((tc, _validate(tc.name, tc.weight, tc.models), hash_key(key)))
+        by_hash: dict[str, str] = {}
+        for tc, _, h in wanted:
+            if h in by_hash:
+                raise TenantKeyConflictError(
+                    f"tenants {by_hash[h]!r} and {tc.name!r} are configured with the same key"
+                )
+            by_hash[h] = tc.name
+
+        # A concurrent start of another gateway process can insert the same config
+        # tenant between our UPDATE and INSERT; the retry then finds it and updates.
+        for attempt in range(3):
+            try:
+                self._apply_config(wanted)
+                return
+            except sa.exc.IntegrityError:
+                problem = self._explain_conflict(wanted)
+                if problem is not None:
+                    raise problem from None
+                if attempt == 2:
+                    raise
+
+    def _apply_config(self, wanted: Sequence[tuple[TenantConfig, tuple[str, ...], str]]) -> None:
+        names = [tc.name for tc, _, _ in wanted]
+        with audit.audited(self.engine) as tx:
+            conn = tx.conn
+            before = {
+                r.name: r
+                for r in conn.execute(
+                    sa.select(
+                        t_tenants.c.name,
+                        t_tenants.c.weight,
+                        t_tenants.c.models,
+                        t_tenants.c.key_hash,
+                    ).where(t_tenants.c.source == "config")
+                )
+            }
+            # Prune first so a key moved from a removed tenant to a new one does not
+            # collide with the row that is about to go.
+            conn.execute(
+                t_tenants.delete().where(
+                    t_tenants.c.source == "config", t_tenants.c.name.not_in(names)
+                )
+            )
+            for name, gone in sorted(before.items()):
+                if name not in names:
+                    tx.append(
+                        "config",
+                        "tenant.delete",
+                        f"tenant:{name}",
+                        before=_described(gone),
+                        reason="removed from the config file",
+                    )
+            for tc, models, h in wanted:
+                values = {"weight": float(tc.weight), "models": json.dumps(list(models))}
+                updated = conn.execute(
+                    t_tenants.update()
+                    .where(t_tenants.c.name == tc.name, t_tenants.c.source == "config")
+                    .values(key_hash=h, **values)
+                )
+                if updated.rowcount == 0:
+                    conn.execute(
+                        t_tenants.insert().values(
+                            name=tc.name, key_hash=h, source="config", **values
+                        )
+                    )
+                after = {"name": tc.name, "weight": float(tc.weight), "models": list(models)}
+                old = before.get(tc.name)
+                if old is None:
+                    tx.append(
+                        "config",
+                        "tenant.create",
+                        f"tenant:{tc.name}",
+                        after=after,
+                        reason="declared in the config file",
+                    )
+                elif _described(old) != after:
+                    tx.append(
+                        "config",
+                        "tenant.update",
+                        f"tenant:{tc.name}",
+                        before=_described(old),
+                        after=after,
+                        reason="config file changed",
+                    )
+                if old is not None and old.key_hash.strip() != h:
+                    tx.append(
+                        "config",
+                        "tenant.rotate_key",
+                        f"tenant:{tc.name}",
+                        reason=f"new key in {tc.api_key_env}",
+                    )
+
+    def _explain_conflict(
+        self, wanted: Sequence[tuple[TenantConfig, tuple[str, ...], str]]
+    ) -> TenantError | None:
+        names = [tc.name for tc, _, _ in wanted]
+        hashes = [h for _, _, h in wanted]
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(t_tenants.c.name, t_tenants.c.source, t_tenants.c.key_hash).where(
+                    sa.or_(t_tenants.c.name.in_(names), t_tenants.c.key_hash.in_(hashes))
+                )
+            ).all()
+        for tc, _, h in wanted:
+            for row in rows:
+                if row.name == tc.name and row.source != "config":
+                    return TenantExistsError(
+                        f"config tenant {tc.name!r} clashes with a tenant of that name created "
+                        f"with the CLI; delete it (gpugate tenants delete {tc.name}) or rename "
+                        "the config tenant"
+                    )
+                if row.key_hash == h and row.name != tc.name:
+                    return TenantKeyConflictError(
+                        f"tenant {tc.name!r}: the key in {tc.api_key_env} already belongs to "
+                        f"tenant {row.name!r}"
+                    )
+        return None
+
+    def get_by_key_hash(self, key_hash: str) -> Tenant | None:
+        if not _HASH.match(key_hash):
+            return None
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(
+                    t_tenants.c.name, t_tenants.c.weight, t_tenants.c.models, t_tenants.c.key_hash
+                ).where(t_tenants.c.key_hash == key_hash)
+            ).first()
+        # Re-check in constant time rather than trusting the database's comparison
+        # (collations, CHAR padding) with an authentication decision.
+        if row is None or not hmac.compare_digest(row.key_hash.strip(), key_hash):
+            return None
+        return Tenant(row.name, float(row.weight), frozenset(json.loads(row.models)))
+
+    def rotate_key(self, name: str, *, actor: str = "system") -> str:
+        """Give a CLI tenant a new key (returned) and invalidate the old one; audited."""
+        key = generate_api_key()
+        with audit.audited(self.engine) as tx:
+            conn = tx.conn
+            source = conn.execute(
+                sa.select(t_tenants.c.source).where(t_tenants.c.name == name)
+            ).scalar()
+            if source is None:
+                raise TenantNotFoundError(f"no tenant {name!r}")
+            if source == "config":
+                # Its key comes from the environment; a rotated key would be put back
+                # by the next start.
+                raise TenantError(
+                    f"tenant {name!r} is managed by the config file; change the key in its "
+                    "api_key_env variable instead"
+                )
+            conn.execute(
+                t_tenants.update().where(t_tenants.c.name == name).values(key_hash=hash_key(key))
+            )
+            tx.append(actor, "tenant.rotate_key", f"tenant:{name}")
+        return key
+
+    def delete(self, name: str, *, actor: str = "system") -> None:
+        """Remove a tenant (audited). A config tenant comes back at the next start."""
+        with audit.audited(self.engine) as tx:
+            row = tx.conn.execute(
+                sa.select(t_tenants.c.weight, t_tenants.c.models, t_tenants.c.source).where(
+                    t_tenants.c.name == name
+                )
+            ).first()
+            if row is None:
+                raise TenantNotFoundError(f"no tenant {name!r}")
+            tx.conn.execute(t_tenants.delete().where(t_tenants.c.name == name))
+            before = {
+                "name": name,
+                "weight": float(row.weight),
+                "models": json.loads(row.models),
+                "source": row.source,
+            }
+            tx.append(actor, "tenant.delete", f"tenant:{name}", before=before)
+
+    def list(self) -> builtins.list[TenantRow]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(t_tenants).order_by(t_tenants.c.name)).all()
+        return [
+            TenantRow(
+                name=r.name,
+                weight=float(r.weight),
+                models=tuple(json.loads(r.models)),
+                source=r.source,
+                created_at=_aware(r.created_at),
+                updated_at=_aware(r.updated_at),
+            )
+            for r in rows
+        ]
+
+
+def _described(row: Any) -> dict[str, Any]:
+    return {"name": row.name, "weight": float(row.weight), "models": json.loads(row.models)}
+
+
+def ensure_demo_tenant(store: TenantStore, state_dir: Path) -> str:
+    """Return a working key of the "demo" tenant, creating the tenant on first run.
+
+    The key is kept in ``state_dir/demo_tenant.key`` (mode 0600) so it stays the
+    same across restarts. If the file and the database disagree (tenant deleted,
+    key rotated, file lost) the tenant is re-created or rotated and the file
+    rewritten. A lock file serialises concurrent starts sharing the state dir, which
+    would otherwise rotate each other's key.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / DEMO_KEY_FILE
+    with _locked(state_dir / (DEMO_KEY_FILE + ".lock")):
+        key = _read_key_file(path)
+        if key is not None:
+            tenant = store.get_by_key_hash(hash_key(key))
+            if tenant is not None and tenant.name == DEMO_TENANT:
+                return key
+        try:
+            # Scoped to the demo model: the key is printed and kept on disk, and must not
+            # open production models if this state dir later serves a real config.
+            key = store.create(DEMO_TENANT, 1.0, (DEMO_MODEL,), source="cli")
+        except TenantExistsError:
+            key = store.rotate_key(DEMO_TENANT)
+            log.warning("demo tenant key did not match %s; rotated it", path)
+        _write_key_file(path, key)
+        return key
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _read_key_file(path: Path) -> str | None:
+    try:
+        key = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    if path.stat().st_mode & 0o077:
+        # Someone widened it; a key readable by other users is a leaked key.
+        log.warning("%s was readable by other users; restricting it to the owner", path)
+        path.chmod(0o600)
+    return key if _usable_key(key) else None
+
+
+def _write_key_file(path: Path, key: str) -> None:
+    # Created 0600 by open(2) itself, never chmod'ed afterwards, so the key is not
+    # world-readable even for an instant; replace() makes the swap atomic so a
+    # crash never leaves a truncated key file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)  # left by a crashed process that had our pid
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, (key + "\n").encode("ascii"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+# The last part of a valid key's TTL in which a request starts its lookup in the
+# background (TenantDirectory, "refresh ahead").
+_REFRESH_AHEAD = 0.25
+
+
+@dataclass
+class _Entry:
+    tenant: Tenant
+    expires: float
+
+
+class TenantDirectory:
+    """Authenticates API keys for the router without blocking the event loop.
+
+    Valid keys are cached by key hash for ``ttl_s`` and then looked up again, so a
+    weight or model change, a rotation or a deletion takes effect within about that
+    long. Unknown keys are cached for ``negative_ttl_s`` only, so a key created by
+    the CLI a moment ago is found on its first use, while a flood of bad keys
+    reaches the database at most once per key per interval. Concurrent requests
+    with the same uncached key share one lookup.
+
+    Refresh ahead: a request in the last quarter of a valid key's TTL is answered
+    from the cache and starts the lookup in the background, so a key in steady use
+    never makes a request wait for the database. Beside a heavy tenant that wait was
+    2-13 ms on a thread contending for the GIL, once per key per TTL: 1 in 40 of a
+    20 req/s tenant's requests, inside its p99. A change still takes effect within
+    the TTL.
+    """
+
+    def __init__(
+        self,
+        store: TenantStore,
+        *,
+        ttl_s: float = 2.0,
+        negative_ttl_s: float = 0.25,
+        max_negative_entries: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._store = store
+        self._ttl = ttl_s
+        self._negative_ttl = negative_ttl_s
+        self._max_negative = max_negative_entries
+        self._clock = clock
+        self._positive: dict[str, _Entry] = {}
+        self._negative: dict[str, float] = {}
+        self._inflight: dict[str, asyncio.Task[Tenant | None]] = {}
+
+    async def authenticate(self, api_key: str) -> Tenant | None:
+        if not _usable_key(api_key):
+            return None
+        h = hash_key(api_key)
+        now = self._clock()
+        entry = self._positive.get(h)
+        if entry is not None and entry.expires > now:
+            if entry.expires - now <= self._ttl * _REFRESH_AHEAD:
+                self._lookup_task(h)  # not awaited: this request uses the cached entry
+            return entry.tenant
+        if self._negative.get(h, 0.0) > now:
+            return None
+        # shield: one caller giving up (client disconnect) must not cancel the lookup
+        # the other callers are waiting on.
+        return await asyncio.shield(self._lookup_task(h))
+
+    def _lookup_task(self, h: str) -> asyncio.Task[Tenant | None]:
+        """The lookup of ``h`` in progress, started if there is none."""
+        task = self._inflight.get(h)
+        if task is None:
+            task = asyncio.create_task(self._lookup(h))
+            self._inflight[h] = task
+            task.add_done_callback(lambda t: self._forget_inflight(h, t))
+        return task
+
+    def _forget_inflight(self, h: str, task: asyncio.Task[Tenant | None]) -> None:
+        if self._inflight.get(h) is task:
+            del self._inflight[h]
+        if not task.cancelled() and task.exception() is not None:
+            # A background refresh has no caller to raise to; waiting callers got it.
+            log.debug("tenant lookup failed: %s", task.exception())
+
+    async def _lookup(self, h: str) -> Tenant | None:
+        try:
+            tenant = await asyncio.to_thread(self._store.get_by_key_hash, h)
+        except sa.exc.SQLAlchemyError as exc:
+            stale = self._positive.get(h)
+            if stale is not None:
+                # Keep serving a known tenant through a database outage rather than
+                # failing all its traffic; try again after another TTL.
+                log.warning(
+                    "tenant lookup failed (%s); using cached tenant %s", exc, stale.tenant.name
+                )
+                stale.expires = self._clock() + self._ttl
+                return stale.tenant
+            raise TenantLookupError(f"tenant lookup failed: {exc}") from exc
+        now = self._clock()
+        if tenant is None:
+            self._positive.pop(h, None)
+            if len(self._negative) >= self._max_negative:
+                self._prune_negative(now)
+            self._negative[h] = now + self._negative_ttl
+        else:
+            self._negative.pop(h, None)
+            self._positive[h] = _Entry(tenant, now + self._ttl)
+        return tenant
+
+    def _prune_negative(self, now: float) -> None:
+        self._negative = {h: t for h, t in self._negative.items() if t > now}
+        if len(self._negative) >= self._max_negative:
+            # Still full of live entries: a flood of distinct keys. Dropping them only
+            # costs extra lookups; growing without bound would cost the process.
+            self._negative.clear()
+
+    def invalidate(self) -> None:
+        """Forget every cached result (e.g. after this process changed tenants)."""
+        self._positive.clear()
+        self._negative.clear()
