@@ -1,7 +1,8 @@
 """The gateway's configuration: YAML validated by pydantic.
 
-Every field is documented here and in docs/config.md; an unknown key anywhere is
-an error that names it (``extra="forbid"``).
+Every field is documented here; docs/config.md is generated from these models
+(serving.config.reference). An unknown key anywhere is an error that names it
+(``extra="forbid"``).
 """
 
 from __future__ import annotations
@@ -58,6 +59,13 @@ class TensorConfig(_Strict):
 
 
 class ModelConfig(_Strict):
+    """Config models are registered in the model registry at start-up as versions
+    authored by `config` (an artifact that changed under the same version label is
+    an error: versions are immutable). A model without a production version gets
+    its newest config version as production; versions serve only while they are in
+    production (staging versions are deployed but take no tenant traffic), and the
+    registry, not the file, decides which version that is ([registry](registry.md))."""
+
     name: str = Field(description="Model name used in /v2/models/{name}.")
     version: str = Field(default="1", description="Version label of this artifact.")
     artifact: Path = Field(description="Path of the model artifact file.")
@@ -189,6 +197,20 @@ class PriceConfig(_Strict):
 
 
 class CostsConfig(_Strict):
+    """Every batch's device time (integer ns) times the replica's device share (its
+    `num_gpus` on a GPU, its `num_cpus` on a CPU) is split among the batch's tenants
+    and committed to the ledger with the price in force on the batch's UTC day, so a
+    later price never rewrites history. `gpugate costs report` reads it.
+
+    ```yaml
+    costs:
+      currency: USD
+      prices:
+        - {device: cpu, per_hour: 0.04}
+        - {device: cuda, per_hour: 2.10}
+        - {device: NVIDIA A100-SXM4-80GB, per_hour: 3.00, since: 2026-12-01}
+    ```"""
+
     currency: str = Field(default="USD", min_length=3, max_length=8, description="ISO code.")
     prices: list[PriceConfig] = Field(
         default_factory=list,
@@ -215,6 +237,18 @@ class MetricPolicy(_Strict):
 
 
 class ModelPolicy(_Strict):
+    """Keyed by model name; the entry `'*'` applies to every model without its own.
+    The gateway applies the policies of the config it runs with to every register,
+    approve and promote; a client never supplies a policy.
+
+    ```yaml
+    policies:
+      digits:
+        required_approvals: 2
+        metrics:
+          accuracy: {higher_is_better: true, max_regression: 0.01}
+    ```"""
+
     required_approvals: int = Field(
         default=1, ge=1, le=10, description="Distinct approvers a version needs (never its author)."
     )
@@ -250,10 +284,13 @@ class ServerConfig(_Strict):
     )
     replica_transport: Literal["direct", "grpc", "actor"] = Field(
         default="direct",
-        description="How batches reach model replicas: `direct`, a gRPC connection to each "
-        "replica's own data-plane port (Serve still places, checks and restarts the "
-        "replicas; fastest here); or through Ray Serve handle calls, over Serve's "
-        "inter-deployment gRPC transport (`grpc`) or as Ray actor calls (`actor`).",
+        description="How batches reach model replicas. `direct` (default): each replica opens "
+        "a data port of its own and batches travel there as length-prefixed KServe v2 "
+        "protobuf frames with raw tensor bytes, while Serve still places, health-checks, "
+        "restarts and scales the replicas; a replica that dies fails its in-flight batches "
+        "as retryable 503s (or retries them on another live replica). `grpc`: one Ray Serve "
+        "handle call per batch over Serve's inter-deployment gRPC transport; `actor`: the "
+        "same as Ray actor calls.",
     )
     grpc_server: Literal["auto", "native", "grpcio"] = Field(
         default="auto",
@@ -291,7 +328,9 @@ class ServerConfig(_Strict):
 
 
 class GatewayConfig(_Strict):
-    server: ServerConfig = Field(default_factory=ServerConfig)
+    server: ServerConfig = Field(
+        default_factory=ServerConfig, description="Ports, limits and serving implementation."
+    )
     state_dir: Path | None = Field(
         default=None, description="Folder for state (SQLite, demo model); CLI --state-dir wins."
     )
