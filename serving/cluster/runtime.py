@@ -31,9 +31,9 @@ class RayBatchBackend:
     """scheduler.Backend over a Ray Serve handle: one handle call per batch.
 
     ``transport="grpc"`` sends each batch over Ray Serve's inter-deployment gRPC
-    transport (``_by_reference=False``) instead of a Ray actor call: measured here,
-    p50 of one call 6.0 vs 10.1 ms and 1.4x the calls/s at 8 in flight (see
-    loadtests/README.md). A dead replica still surfaces as ActorUnavailableError.
+    transport (``_by_reference=False``) instead of a Ray actor call, which is faster
+    per call (docs/benchmarks.md). A dead replica still surfaces as
+    ActorUnavailableError.
     """
 
     def __init__(self, handle: DeploymentHandle, transport: str = "grpc") -> None:

@@ -86,9 +86,8 @@ class _Inserts:
     """The ledger's two INSERTs as DBAPI statements for one dialect.
 
     The writer thread commits a transaction for every group of batches, so its cost
-    is paid per batch on the gateway's GIL: through SQLAlchemy Core (compiled
-    insertmanyvalues with RETURNING) a one-batch commit took 0.20-0.25 ms of CPU
-    here, on the driver's cursor 0.08 ms (loadtests/README.md, "Loop turns").
+    is paid per batch on the gateway's GIL: the driver's cursor costs a fraction of
+    a commit through SQLAlchemy Core's compiled insertmanyvalues with RETURNING.
     The statements are built from the table definitions, and every value passes
     through its column type's bind processor (SQLite's DATETIME text form), so the
     rows are the ones SQLAlchemy would have written.
@@ -207,11 +206,9 @@ class LedgerWriter:
 
     Two paths. On SQLite (the embedded default) a batch is committed inline, on the
     event loop, when the file's write lock is free: a WAL append without fsync
-    (``synchronous = NORMAL``), about 0.1 ms, with no thread hop. Through the writer
-    thread, the same commit cost a light request 3.4 ms at p50 and 20 ms at p99
-    beside a heavy tenant, all of it the thread waiting for the GIL at each
-    ``sqlite3`` call and the hops back to the loop (loadtests/README.md, "Inline
-    ledger commit"). The inline connection never waits for the lock
+    (``synchronous = NORMAL``), with no thread hop: through the writer thread, the
+    same commit would wait for the GIL at each ``sqlite3`` call beside a heavy
+    tenant, and hop back to the loop. The inline connection never waits for the lock
     (``busy_timeout = 0``) and never checkpoints (that fsyncs). When another writer
     holds the lock (the CLI, another gateway worker), the batch goes to the
     thread instead, and the thread runs the WAL checkpoints.

@@ -35,9 +35,9 @@ class ReplicaDataServer:
     Which batch next: every frame that arrived during a forward is parsed in the
     loop's next poll (``_Link.data_received`` queues it at once), and the pick waits
     two hops of the loop, so it chooses from all of them: urgent first, then in
-    arrival order. Not a forward thread: its two thread wake-ups cost ~0.45 ms per
-    batch here at concurrency 1. The limit of reading between forwards: a frame
-    larger than the socket buffers (a few hundred KB here) is only partly read
+    arrival order. Not a forward thread: its two thread wake-ups per batch would
+    cost more than the pick. The limit of reading between forwards: a frame
+    larger than the socket buffers (a few hundred KB) is only partly read
     during a forward, so a large urgent batch can miss the next pick and run one
     batch later.
     """
@@ -194,7 +194,7 @@ class _Link(asyncio.Protocol):
 
 def _new_loop() -> asyncio.AbstractEventLoop:
     try:
-        import uvloop  # installed with uvicorn[standard]; ~30% less latency per hop here
+        import uvloop  # installed with uvicorn[standard]; less latency per hop
     except ImportError:
         return asyncio.new_event_loop()
     loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()

@@ -3,9 +3,9 @@
 A gateway or model replica holds a few hundred thousand objects from start-up
 (Ray, torch, pydantic, SQLAlchemy) that live as long as the process. CPython's
 collector rescans them on every full collection, and under load a request path
-allocating a few hundred objects per request triggers one every second or two:
-the gateway paused up to 149 ms in one (loadtests/README.md, "Collector pauses"),
-which is what a light tenant's p99 meets beside a busy neighbour. After start-up,
+allocating a few hundred objects per request triggers one every second or two,
+and its pause is what a light tenant's p99 meets beside a busy neighbour
+(docs/benchmarks.md). After start-up,
 :func:`settle` moves everything alive into the permanent generation
 (:func:`gc.freeze`), so collections scan only what was made since, and lets the
 youngest generation grow larger before it is collected. Cycles are still found

@@ -470,10 +470,9 @@ class TenantDirectory:
 
     Refresh ahead: a request in the last quarter of a valid key's TTL is answered
     from the cache and starts the lookup in the background, so a key in steady use
-    never makes a request wait for the database. Beside a heavy tenant that wait was
-    2-13 ms on a thread contending for the GIL, once per key per TTL: 1 in 40 of a
-    20 req/s tenant's requests, inside its p99. A change still takes effect within
-    the TTL.
+    never makes a request wait for the database (beside a heavy tenant, a lookup on a
+    thread contending for the GIL would land inside a light tenant's p99). A change
+    still takes effect within the TTL.
     """
 
     def __init__(
