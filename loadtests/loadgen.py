@@ -74,7 +74,7 @@ class CpuMeter:
     "This benchmark" is this process plus every process in the server's session
     (servers start with ``start_new_session``, and Ray's raylet, GCS and workers
     inherit the session) and the descendants of all of those. The rest is other
-    work on the machine -- e.g. other engineers' test runs -- which the table
+    work on the machine -- another test run, say -- which the table
     shows so a noisy run is visible.
     """
 
