@@ -16,8 +16,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from router import DATATYPES, ModelSignature, TensorSpec
 from router.canary import SHADOW_TENANT
-from router.types import DATATYPES, ModelSignature, TensorSpec
 
 ArtifactFormat = Literal["torchscript", "export", "safetensors"]
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")

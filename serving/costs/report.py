@@ -26,7 +26,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from router._exceptions import InvalidArgument
+from router import InvalidArgument
 from router.admin import AdminRequest, AdminRoute
 from scheduler import split_by_rows
 from serving.costs.ledger import NANOS, NS_PER_HOUR, Pricing, as_utc

@@ -39,7 +39,7 @@ import safetensors.torch
 import torch
 from torch.export.passes import move_to_device_pass
 
-from router.types import ModelSignature, TensorSpec
+from router import ModelSignature, TensorSpec
 from serving.config import ModelConfig
 
 FORMATS = ("torchscript", "export", "safetensors")

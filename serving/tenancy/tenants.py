@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import sqlalchemy as sa
 
-from router.types import Tenant
+from router import Tenant
 from serving.config import NAME_PATTERN, TenantConfig, tenant_name
 from serving.state import audit
 from serving.state import tenants as t_tenants
