@@ -298,7 +298,7 @@ def child_env(extra: dict[str, str]) -> dict[str, str]:
 
 def gpugate_command() -> list[str]:
     script = Path(sys.executable).parent / "gpugate"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "serving.cli.main"]
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "serving.cli"]
 
 
 def write_gateway_config(
