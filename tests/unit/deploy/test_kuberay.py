@@ -22,7 +22,7 @@ from router.http_server import build_http_app
 from serving.cli.main import build_parser
 from serving.config.schema import GatewayConfig, load_config
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 KUBERAY = ROOT / "deploy" / "kuberay"
 KINDS = {
     "ConfigMap",

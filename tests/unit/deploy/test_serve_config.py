@@ -11,7 +11,7 @@ import yaml
 
 from router.metrics import RouterMetrics
 
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+DEPLOY = Path(__file__).resolve().parents[3] / "deploy"
 METRIC = re.compile(r"\bgpugate_[a-z_]+\b")
 _SUFFIXES = {
     "counter": ("_total", "_created"),

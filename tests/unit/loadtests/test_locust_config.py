@@ -12,7 +12,7 @@ from types import ModuleType
 
 import pytest
 
-PATH = Path(__file__).resolve().parents[2] / "loadtests" / "locust_config.py"
+PATH = Path(__file__).resolve().parents[3] / "loadtests" / "locust_config.py"
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from serving.rollout.controller import RolloutController
 from serving.rollout.rollouts import RolloutError, Rollouts, RolloutSpec
 from serving.state import audit
 from tests.integration.conftest import OpenEngine
-from tests.integration.test_registry import cand, weights
+from tests.integration.serving.registry.test_registry import cand, weights
 
 CONFIG = GatewayConfig(policies={"digits": ModelPolicy(required_approvals=1)})
 SIG = ModelSignature((TensorSpec("pixels", "FP32", (64,)),), (TensorSpec("y", "FP32", (10,)),), 8)

@@ -21,7 +21,7 @@ from serving.config.schema import (
     load_config,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[4]
 
 MODEL = """
 models:
