@@ -2,11 +2,11 @@
 (the admin API), and the one role -> action table.
 """
 
+from serving.tenancy.directory import TenantDirectory
 from serving.tenancy.tenants import (
     DEMO_KEY_FILE,
     DEMO_MODEL,
     DEMO_TENANT,
-    TenantDirectory,
     TenantError,
     TenantExistsError,
     TenantKeyConflictError,

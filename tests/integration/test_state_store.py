@@ -19,9 +19,9 @@ import sqlalchemy as sa
 from router.types import Tenant
 from serving.config.schema import TenantConfig
 from serving.state.db import metadata, open_engine
+from serving.tenancy.directory import TenantDirectory
 from serving.tenancy.tenants import (
     DEMO_KEY_FILE,
-    TenantDirectory,
     TenantError,
     TenantExistsError,
     TenantKeyConflictError,
