@@ -1,5 +1,5 @@
 """The state database (SQLAlchemy Core: SQLite by default, PostgreSQL on a cluster),
-its schema, and the tamper-evident audit log (``audit``).
+its schema and migrations, and the tamper-evident audit log (``audit``).
 """
 
 from serving.state import audit
@@ -8,10 +8,10 @@ from serving.state.db import (
     approvals,
     audit_head,
     audit_log,
-    create_schema,
     ledger_allocations,
     ledger_batches,
     ledger_reservations,
+    make_engine,
     metadata,
     model_versions,
     open_engine,
@@ -21,23 +21,41 @@ from serving.state.db import (
     users,
     utcnow,
 )
+from serving.state.migrate import (
+    SchemaAheadError,
+    SchemaBehindError,
+    SchemaChange,
+    SchemaError,
+    SchemaStatus,
+    head_revision,
+    schema_status,
+    upgrade_schema,
+)
 
 __all__ = [
     "SQLITE_FILENAME",
+    "SchemaAheadError",
+    "SchemaBehindError",
+    "SchemaChange",
+    "SchemaError",
+    "SchemaStatus",
     "approvals",
     "audit",
     "audit_head",
     "audit_log",
-    "create_schema",
+    "head_revision",
     "ledger_allocations",
     "ledger_batches",
     "ledger_reservations",
+    "make_engine",
     "metadata",
     "model_versions",
     "open_engine",
     "rollout_events",
     "rollouts",
+    "schema_status",
     "tenants",
+    "upgrade_schema",
     "users",
     "utcnow",
 ]

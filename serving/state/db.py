@@ -2,15 +2,15 @@
 
 Every table lives on the one ``metadata`` below, in SQLAlchemy Core, so this module
 is the single place to read the schema. The default store is a SQLite file in the
-state dir; a cluster points ``database_url`` at PostgreSQL instead. The code that
-reads and writes the tables lives beside the feature that owns them
-(``serving.tenancy.tenants`` for tenants, ``serving.costs.ledger`` for the cost ledger).
+state dir; a cluster points ``database_url`` at PostgreSQL instead. A change to the
+schema here comes with an Alembic revision (``serving/state/migrations``), which
+:mod:`serving.state.migrate` applies. The code that reads and writes the tables
+lives beside the feature that owns them (``serving.tenancy.tenants`` for tenants,
+``serving.costs.ledger`` for the cost ledger).
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event
 
-log = logging.getLogger(__name__)
+from serving.state.migrate import ensure_schema
 
 SQLITE_FILENAME = "gpugate.db"
 # Long enough to ride out another process's write burst (schema creation, a batch of
@@ -263,11 +263,11 @@ rollout_events = sa.Table(
 )
 
 
-def open_engine(database_url: str | None, state_dir: Path) -> sa.Engine:
-    """Connect to the state database and make sure the schema exists.
+def make_engine(database_url: str | None, state_dir: Path) -> sa.Engine:
+    """An engine on the state database, with no schema check (for :func:`upgrade_schema`).
 
     ``database_url`` ``None`` means the SQLite file ``state_dir/gpugate.db`` (the
-    folder is created). Safe to call from several processes starting at once.
+    folder is created).
     """
     if database_url is None:
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -279,7 +279,25 @@ def open_engine(database_url: str | None, state_dir: Path) -> sa.Engine:
         engine = sa.create_engine(database_url, pool_pre_ping=True)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
-    create_schema(engine)
+    return engine
+
+
+def open_engine(database_url: str | None, state_dir: Path) -> sa.Engine:
+    """Connect to the state database and make sure it holds this gpugate's schema.
+
+    The embedded default (``database_url`` ``None``: SQLite in ``state_dir``) is
+    created or upgraded here. A database named by URL may be shared by several
+    gateways, so an older schema there is refused (:class:`SchemaBehindError`, which
+    says to run ``gpugate db upgrade``) rather than changed under the others; an
+    empty one gets the schema. A schema newer than this gpugate's is always refused
+    (:class:`SchemaAheadError`). Safe to call from several processes starting at once.
+    """
+    engine = make_engine(database_url, state_dir)
+    try:
+        ensure_schema(engine, upgrade=database_url is None)
+    except BaseException:
+        engine.dispose()
+        raise
     return engine
 
 
@@ -297,23 +315,3 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor.execute("PRAGMA foreign_keys = ON")
     finally:
         cursor.close()
-
-
-def create_schema(engine: sa.Engine, attempts: int = 5) -> None:
-    """Create missing tables; tolerate another process doing the same concurrently.
-
-    Two processes can both see a table missing and both CREATE it; the loser gets a
-    dialect-specific "already exists" (or, on PostgreSQL, a unique violation in the
-    catalog). Retrying is correct because ``create_all`` skips what now exists, and
-    anything that is not that race fails again on the last attempt and is raised.
-    """
-    for attempt in range(1, attempts + 1):
-        try:
-            with engine.begin() as conn:
-                metadata.create_all(conn, checkfirst=True)
-            return
-        except sa.exc.DBAPIError as exc:
-            if attempt == attempts:
-                raise
-            log.debug("schema creation raced another process (%s); retrying", exc.orig)
-            time.sleep(0.05 * attempt)
