@@ -7,7 +7,6 @@ from serving.replica.artifacts import (
     ModelInputError,
     ModelLoadError,
     ModelOutputError,
-    ModelRunner,
     load_module,
     pick_device,
     vet_pt2,
@@ -18,6 +17,7 @@ from serving.replica.deployment import (
     deployment_name,
     model_deployment,
 )
+from serving.replica.runner import ModelRunner
 
 __all__ = [
     "FORMATS",

@@ -16,7 +16,8 @@ from scheduler import BatchResult, Tensors
 from serving.config import ModelConfig
 from serving.costs import Heartbeat, Reservation
 from serving.dataplane import ReplicaDataServer
-from serving.replica.artifacts import ModelLoadError, ModelRunner
+from serving.replica.artifacts import ModelLoadError
+from serving.replica.runner import ModelRunner
 from serving.state import open_engine
 
 log = logging.getLogger(__name__)

@@ -35,8 +35,8 @@ def sample_inputs(config: ModelConfig, rows: int, seed: int = 0) -> dict[str, np
 
 
 def run(config: ModelConfig, rows: int) -> dict[str, Any]:
-    from serving.replica.artifacts import ModelRunner
     from serving.replica.deployment import check_artifact_digest
+    from serving.replica.runner import ModelRunner
 
     check_artifact_digest(config)
     runner = ModelRunner(config, num_threads=1)

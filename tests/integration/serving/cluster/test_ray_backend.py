@@ -22,8 +22,8 @@ from serving.cluster.runtime import RayBatchBackend, batch_backend
 from serving.config.schema import CostsConfig
 from serving.costs.ledger import Ledger, LedgerWriter, Pricing
 from serving.demo.models import ensure_demo_model, load_digits_split
-from serving.replica.artifacts import ModelRunner
 from serving.replica.deployment import model_deployment
+from serving.replica.runner import ModelRunner
 from serving.state.db import ledger_allocations, ledger_batches, ledger_reservations, open_engine
 
 pytestmark = pytest.mark.timeout(300)

@@ -16,8 +16,8 @@ from scheduler import BackendUnavailableError
 from serving.cluster.runtime import batch_backend
 from serving.dataplane.client import DirectBatchBackend
 from serving.demo.models import ensure_demo_model
-from serving.replica.artifacts import ModelRunner
 from serving.replica.deployment import model_deployment
+from serving.replica.runner import ModelRunner
 
 pytestmark = pytest.mark.timeout(300)
 
