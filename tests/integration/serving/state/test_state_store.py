@@ -1,5 +1,5 @@
 """The state store and tenants against real databases: a SQLite file and PostgreSQL
-(the `open_db` and `engine` fixtures of conftest.py).
+(the `open_db` and `engine` fixtures of tests/integration/conftest.py).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def count_tenant_queries(engine: sa.Engine) -> list[str]:
 def test_schema_is_created_idempotently(open_db: OpenEngine) -> None:
     first = open_db()
     TenantStore(first).create("acme")
-    second = open_db()  # a restart: create_all again must keep the data
+    second = open_db()  # a restart: the schema check again must keep the data
     assert [r.name for r in TenantStore(second).list()] == ["acme"]
     assert set(metadata.tables) <= set(sa.inspect(second).get_table_names())
 
