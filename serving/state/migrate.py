@@ -214,7 +214,11 @@ def ensure_schema(engine: sa.Engine, *, upgrade: bool, config: Config | None = N
             return
         if upgrade or status.empty:
             change = _upgrade(conn, status, "head", config)
-            log.info("database schema upgraded from %s to %s", change.before, change.after)
+            log.info(
+                "database schema upgraded from %s to %s",
+                change.before or "nothing",
+                change.after,
+            )
             return
         if status.unversioned:
             _stamp(conn, BASELINE_REVISION, config)
