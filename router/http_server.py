@@ -59,7 +59,7 @@ def build_http_app(
 ) -> Starlette:
     """The ASGI app; every error leaves as ``{"error": ...}`` with its status.
 
-    ``admin`` (router.admin.build_admin_app) is mounted at ``/admin``; ``usage``
+    ``admin`` (an ASGI app: the gateway's admin API) is mounted at ``/admin``; ``usage``
     answers ``GET /usage`` for the tenant whose API key calls it.
     """
 

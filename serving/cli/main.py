@@ -1,300 +1,42 @@
-"""The ``gpugate`` command: the composition root.
-
-``gpugate serve`` is a thin driver: start or join Ray, deploy the Serve
-application (gateway + one deployment per model version), print one line when
-ready, and on SIGTERM/SIGINT drain in-flight requests, shut down, exit 0.
-"""
+"""The ``gpugate`` command: ``serve`` runs the gateway; every other command is a client of
+a gateway's admin API, except the few marked admin only, which open the state database
+directly."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import signal
-import socket
 import sys
-import threading
 from collections.abc import Sequence
-from pathlib import Path
+from importlib import metadata
 
-from serving.cli.admin import add_commands, add_common, open_context, run
-from serving.cli.models import add_commands as add_model_commands
-from serving.cli.rollout import add_commands as add_rollout_commands
-from serving.config import ConfigError, GatewayConfig, ModelConfig, load_config
+import serving.cli.audit as audit
+import serving.cli.costs as costs
+import serving.cli.db as db
+import serving.cli.models as models
+import serving.cli.rollout as rollout
+import serving.cli.serve as serve
+import serving.cli.tenants as tenants
+import serving.cli.users as users
+from serving.cli.client import EXIT_FAILED, CommandError
 
-DEFAULT_STATE_DIR = ".gpugate"
-RECONCILE_INTERVAL_S = 0.25
+EPILOG = """\
+Every command but 'serve' asks a gateway's admin API (--url, default $GPUGATE_URL or
+http://127.0.0.1:8000) as the user whose token it is given (--token, $GPUGATE_TOKEN, else
+the state folder's admin.token when readable). The gateway checks the user's role, the
+approvals and its own policies. Only 'users bootstrap', 'db upgrade' and
+'audit verify --offline' open the state database directly: they are for an admin who
+holds its credentials.
 
-
-def _state_dir(arg: str | None, config: GatewayConfig) -> Path:
-    chosen = arg or os.environ.get("GPUGATE_STATE_DIR") or config.state_dir or DEFAULT_STATE_DIR
-    return Path(chosen).expanduser().resolve()
-
-
-def _database_url(arg: str | None, config: GatewayConfig) -> str | None:
-    return arg or os.environ.get("GPUGATE_DATABASE_URL") or config.database_url
-
-
-def _fail(message: str, code: int = 2) -> int:
-    print(f"gpugate: error: {message}", file=sys.stderr)
-    return code
-
-
-def _check_port_free(host: str, port: int, what: str) -> None:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            raise ConfigError(f"{what} port {host}:{port} is not available: {exc}") from None
+exit codes: 0 done; 1 refused or failed (the gateway's answer, or no answer, is
+printed as 'gpugate: error: ...'); 2 usage error (the command line itself).
+"""
 
 
-# ------------------------------------------------------------------------- serve
-
-
-def _stop_on_signals(stop: threading.Event) -> None:
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-
-
-def _stopped_during_start() -> int:
-    print("gpugate stopped during start-up", flush=True)
-    return 0
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    # From the first moment: a signal during start-up (Ray's start takes seconds) stops
-    # the start cleanly, with exit code 0, as one while serving does.
-    stop = threading.Event()
-    _stop_on_signals(stop)
+def _version() -> str:
     try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        return _fail(str(exc))
-    overrides = {
-        k: v
-        for k, v in {
-            "host": args.host,
-            "http_port": args.http_port,
-            "grpc_port": args.grpc_port,
-            "metrics_port": args.metrics_port,
-        }.items()
-        if v is not None
-    }
-    server = config.server.model_copy(update=overrides)
-    state_dir = _state_dir(args.state_dir, config)
-    database_url = _database_url(args.database_url, config)
-
-    # Imported here so `gpugate --help` and `tenants` stay fast (no torch, no Ray).
-    from serving.cluster import Deployer
-    from serving.cluster import runtime as cluster
-    from serving.demo import demo_accuracy, ensure_demo_model
-    from serving.gateway import build_app
-    from serving.registry import Registry, RegistryError, Stages
-    from serving.state import open_engine
-    from serving.tenancy import (
-        ADMIN_TOKEN_FILE,
-        TenantError,
-        TenantStore,
-        UserStore,
-        ensure_admin,
-        ensure_demo_tenant,
-    )
-
-    try:
-        for what, port in (
-            ("HTTP", server.http_port),
-            ("gRPC", server.grpc_port),
-            ("metrics", server.metrics_port),
-        ):
-            _check_port_free(server.host, port, what)
-        engine = open_engine(database_url, state_dir)
-        store = TenantStore(engine)
-        store.upsert_from_config(config.tenants, os.environ)
-        admin_token = ensure_admin(UserStore(engine), state_dir)
-        models: list[ModelConfig] = list(config.models)
-        demo_key = None
-        if not models:
-            models = [ensure_demo_model(state_dir)]
-            demo_key = ensure_demo_tenant(store, state_dir)
-        missing = [str(m.artifact) for m in models if not m.artifact.is_file()]
-        if missing:
-            raise ConfigError(f"artifact not found: {', '.join(missing)}")
-        registry = Registry(engine, state_dir, config.model_copy(update={"models": models}))
-        metrics = {"digits:1": {"accuracy": demo_accuracy(state_dir)}} if demo_key else {}
-        Stages(registry).adopt_config_models(models, metrics)
-    except (ConfigError, TenantError, RegistryError) as exc:
-        return _fail(str(exc))
-
-    if stop.is_set():
-        return _stopped_during_start()
-    try:
-        started_ray = cluster.connect()
-    except cluster.StartInterrupted:
-        return _stopped_during_start()
-    _stop_on_signals(stop)  # again: ray.init installs handlers that would end the driver
-    try:
-        if stop.is_set():
-            return _stopped_during_start()
-        replica_store = {
-            "state_dir": str(state_dir),
-            "database_url": database_url,
-            "heartbeat_s": config.costs.reservation_heartbeat_s,
-        }
-        deployer = Deployer(registry, replica_store)
-        try:
-            served = deployer.prepare()
-            handle = cluster.deploy(
-                build_app(server, state_dir, database_url, served, config.costs, config.policies)
-            )
-        except (RuntimeError, TimeoutError) as exc:
-            return _fail(str(exc), code=1)
-        if stop.is_set():  # during the deploy: nothing was served yet, so nothing to drain
-            return _stopped_during_start()
-        if demo_key is not None:
-            accuracy = demo_accuracy(state_dir)
-            print(
-                f"demo model digits:1 (sklearn digits, test accuracy {accuracy:.3f}); "
-                f"demo tenant key: {demo_key}",
-                flush=True,
-            )
-        if admin_token is not None:
-            print(f"admin token in {state_dir / ADMIN_TOKEN_FILE} (mode 0600)", flush=True)
-        names = ",".join(
-            f"{m['config']['name']}:{m['config']['version']}"
-            for m in served
-            if m["stage"] == "production"
-        )
-        print(
-            f"gpugate ready http={server.host}:{server.http_port} "
-            f"grpc={server.host}:{server.grpc_port} metrics={server.host}:{server.metrics_port} "
-            f"models={names} state={state_dir}",
-            flush=True,
-        )
-        # The registry decides what serves: stage changes made with the CLI or the
-        # admin API are deployed and routed by this loop while the gateway runs.
-        while not stop.wait(RECONCILE_INTERVAL_S):
-            try:
-                deployer.reconcile(handle)
-            except Exception as exc:  # keep serving what runs; try again next pass
-                print(f"gpugate: reconcile failed: {exc}", file=sys.stderr, flush=True)
-        print("gpugate draining", flush=True)
-        try:
-            report = cluster.call(
-                handle, "drain", server.drain_timeout_s, timeout_s=server.drain_timeout_s + 30
-            )
-        except Exception as exc:  # the gateway died or hung: still shut down cleanly
-            print(f"gpugate: drain failed: {exc}", file=sys.stderr, flush=True)
-            report = {"completed": False, "in_flight_at_drain": "unknown"}
-        print(
-            f"gpugate drained completed={report['completed']} "
-            f"in_flight={report['in_flight_at_drain']}",
-            flush=True,
-        )
-    finally:
-        cluster.shutdown(started_ray)
-    print("gpugate stopped", flush=True)
-    return 0
-
-
-# ----------------------------------------------------------------------- tenants
-
-
-def cmd_tenants_create(args: argparse.Namespace) -> int:
-    from serving.tenancy import TenantStore
-
-    ctx = open_context(args, "tenants.create")
-    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else ["*"]
-    key = TenantStore(ctx.engine).create(args.name, args.weight, models, actor=ctx.principal.name)
-    if args.json:
-        print(json.dumps({"tenant": args.name, "api_key": key}))
-    else:
-        print(f"tenant {args.name} created; API key (shown once): {key}")
-    return 0
-
-
-def cmd_tenants_delete(args: argparse.Namespace) -> int:
-    from serving.tenancy import TenantStore
-
-    ctx = open_context(args, "tenants.delete")
-    TenantStore(ctx.engine).delete(args.name, actor=ctx.principal.name)
-    print(f"tenant {args.name} deleted; its key stops working within seconds")
-    return 0
-
-
-def cmd_tenants_rotate(args: argparse.Namespace) -> int:
-    from serving.tenancy import TenantStore
-
-    ctx = open_context(args, "tenants.rotate")
-    key = TenantStore(ctx.engine).rotate_key(args.name, actor=ctx.principal.name)
-    if args.json:
-        print(json.dumps({"tenant": args.name, "api_key": key}))
-    else:
-        print(f"tenant {args.name} has a new API key (shown once): {key}")
-    return 0
-
-
-def cmd_tenants_list(args: argparse.Namespace) -> int:
-    from serving.tenancy import TenantStore
-
-    ctx = open_context(args, "tenants.list")
-    rows = TenantStore(ctx.engine).list()
-    if args.json:
-        items = [
-            {"tenant": r.name, "weight": r.weight, "models": list(r.models), "source": r.source}
-            for r in rows
-        ]
-        print(json.dumps(items))
-    else:
-        for r in rows:
-            print(f"{r.name:<24} weight={r.weight:<6g} models={','.join(r.models)}")
-    return 0
-
-
-# ------------------------------------------------------------------------- costs
-
-
-def cmd_costs_report(args: argparse.Namespace) -> int:
-    """Acts with a user token like the admin commands: finance or admin (costs.read)."""
-    return run(_costs_report)(args)
-
-
-def _costs_report(args: argparse.Namespace) -> int:
-    from serving.costs import Pricing, build_report, parse_when, render
-
-    start = parse_when(args.from_)
-    end = parse_when(args.to, end_of_day=True)
-    group_by = [g.strip() for g in args.group_by.split(",") if g.strip()]
-    ctx = open_context(args, "costs.read")
-    report = build_report(
-        ctx.engine,
-        Pricing(ctx.config.costs),
-        start,
-        end,
-        group_by,
-        share_idle=args.share_idle,
-        tenant=args.tenant,
-    )
-    print(render(report, args.format))
-    return 0
-
-
-# ------------------------------------------------------------------------ parser
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, help="YAML config file (see docs/config.md)")
-    p.add_argument(
-        "--state-dir",
-        help=f"state folder (SQLite, demo model, demo key, admin token); default "
-        f"$GPUGATE_STATE_DIR or ./{DEFAULT_STATE_DIR}",
-    )
-    p.add_argument(
-        "--database-url",
-        help="SQLAlchemy URL of the state database (default: SQLite in the state folder; "
-        "$GPUGATE_DATABASE_URL)",
-    )
+        return metadata.version("gpugate")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -302,99 +44,24 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gpugate",
         description="GPU model-serving gateway: KServe v2 over HTTP and gRPC, tenant-fair "
         "dynamic batching, Ray Serve model replicas.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"gpugate {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    serve = sub.add_parser(
-        "serve",
-        help="start Ray (or join RAY_ADDRESS), deploy the models and serve",
-        description="Start a local Ray (or join the cluster at RAY_ADDRESS), deploy one Ray "
-        "Serve deployment per model version plus the gateway, and serve KServe v2 over HTTP "
-        "and gRPC. Without --config (or with no models in it) serves the demo digits "
-        "classifier and prints the demo tenant's API key. Prints one 'gpugate ready' line "
-        "when serving; SIGTERM/SIGINT drains in-flight requests and exits 0.",
-    )
-    _common(serve)
-    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
-    serve.add_argument("--http-port", type=int, help="KServe v2 HTTP port (default 8000)")
-    serve.add_argument("--grpc-port", type=int, help="KServe v2 gRPC port (default 8001)")
-    serve.add_argument("--metrics-port", type=int, help="Prometheus port (default 8002)")
-    serve.set_defaults(func=cmd_serve)
-
-    tenants = sub.add_parser("tenants", help="manage tenants and their API keys (admin)")
-    tsub = tenants.add_subparsers(dest="tenants_command", required=True)
-    create = tsub.add_parser(
-        "create",
-        help="create a tenant and print its API key once (works while the gateway runs)",
-    )
-    add_common(create)
-    create.add_argument("name")
-    create.add_argument("--weight", type=float, default=1.0, help="fair-share weight (default 1)")
-    create.add_argument(
-        "--models", help="comma-separated models the tenant may call (default: all)"
-    )
-    create.add_argument("--json", action="store_true", help='print {"tenant", "api_key"}')
-    create.set_defaults(func=run(cmd_tenants_create))
-    delete = tsub.add_parser(
-        "delete",
-        help="delete a tenant, revoking its key (a config tenant returns at the next start)",
-    )
-    add_common(delete)
-    delete.add_argument("name")
-    delete.set_defaults(func=run(cmd_tenants_delete))
-    rotate = tsub.add_parser(
-        "rotate", help="give a CLI tenant a new key, printed once; the old one stops working"
-    )
-    add_common(rotate)
-    rotate.add_argument("name")
-    rotate.add_argument("--json", action="store_true", help='print {"tenant", "api_key"}')
-    rotate.set_defaults(func=run(cmd_tenants_rotate))
-    listing = tsub.add_parser("list", help="list tenants (never keys)")
-    add_common(listing)
-    listing.add_argument("--json", action="store_true")
-    listing.set_defaults(func=run(cmd_tenants_list))
-
-    costs = sub.add_parser("costs", help="cost reports from the ledger (finance)")
-    csub = costs.add_subparsers(dest="costs_command", required=True)
-    report = csub.add_parser(
-        "report",
-        help="device time and cost per group, with idle capacity",
-        description="Device-seconds, device-hours (GPU-hours on GPUs, CPU-hours on CPU "
-        "replicas) and cost per group over [--from, --to), from the ledger. Idle reserved "
-        "capacity (replica uptime x share minus use) is the pseudo-tenant '(idle)', or is "
-        "spread over tenants by use with --share-idle. The last line/row is the TOTAL; "
-        "tenants + idle = reserved. Needs a finance or admin token (--token, "
-        "$GPUGATE_TOKEN, else the state folder's admin token).",
-    )
-    add_common(report)
-    report.add_argument(
-        "--from",
-        dest="from_",
-        metavar="FROM",
-        required=True,
-        help="start: a UTC day (2026-11-01) or ISO time",
-    )
-    report.add_argument(
-        "--to", required=True, help="end: a UTC day (included whole) or ISO time (excluded)"
-    )
-    report.add_argument(
-        "--group-by",
-        default="tenant",
-        help="comma list of tenant,model,version,device,day (default tenant)",
-    )
-    report.add_argument("--format", choices=("table", "csv", "json"), default="table")
-    report.add_argument("--share-idle", action="store_true", help="spread idle over tenants")
-    report.add_argument("--tenant", help="only this tenant's usage (no idle)")
-    report.set_defaults(func=cmd_costs_report)
-    add_commands(sub)
-    add_model_commands(sub)
-    add_rollout_commands(sub)
+    serve.add_command(sub)
+    for group in (tenants, users, models, rollout, audit, costs, db):
+        group.add_commands(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except CommandError as exc:
+        print(f"gpugate: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -1,28 +1,33 @@
-"""`gpugate rollout ...`: start, watch and steer canary rollouts (serving.rollout.rollouts)."""
+"""``gpugate rollout``: start, watch and steer canary rollouts, through the admin API."""
 
 from __future__ import annotations
 
 import argparse
-import json
+import re
 from typing import Any
 
-from serving.cli.admin import Context, add_common, open_context, run
+from serving.cli.client import AdminClient, add_client_options, add_json_option, emit, path_of
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 
 
-def _rollouts(ctx: Context) -> Any:
-    from serving.registry import Registry, Stages
-    from serving.rollout import Rollouts
-
-    return Rollouts(Stages(Registry(ctx.engine, ctx.state_dir, ctx.config)))
-
-
-def _steps(text: str) -> tuple[int, ...]:
+def steps(text: str) -> list[int]:
+    """``--steps``: comma-separated percentages."""
     try:
-        return tuple(int(s) for s in text.split(",") if s.strip())
+        return [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise ValueError(
-            f"--steps {text!r}: comma-separated percentages, e.g. 5,25,50,100"
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: comma-separated percentages, e.g. 5,25,50,100"
         ) from None
+
+
+def duration(text: str) -> float:
+    """Seconds from ``500ms``, ``30s``, ``2m``, ``1h`` or a plain number of seconds."""
+    found = _DURATION.match(text)
+    if found is None:
+        raise argparse.ArgumentTypeError(f"duration {text!r}: use e.g. 500ms, 30s, 2m, 1h")
+    factor = {"ms": 0.001, "s": 1.0, None: 1.0, "m": 60.0, "h": 3600.0}[found.group(2)]
+    return float(found.group(1)) * factor
 
 
 def _pct(value: float | None) -> str:
@@ -81,54 +86,50 @@ def describe(data: dict[str, Any], history: list[dict[str, Any]]) -> list[str]:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    from serving.rollout import RolloutSpec, parse_duration
+    body = {
+        "version": args.version,
+        "steps": args.steps,
+        "interval_s": args.interval,
+        "max_error_rate": args.max_error_rate,
+        "max_p99_ratio": args.max_p99_ratio,
+        "min_requests": args.min_requests,
+        "failure_threshold": args.failure_threshold,
+        "sticky": args.sticky,
+        "mirror_pct": args.mirror,
+        "min_agreement": args.min_agreement,
+    }
+    ro = AdminClient.of(args).post(path_of("models", args.name, "rollout"), body)
 
-    ctx = open_context(args, "models.promote")
-    spec = RolloutSpec(
-        steps=_steps(args.steps),
-        interval_s=parse_duration(args.interval),
-        max_error_rate=args.max_error_rate,
-        max_p99_ratio=args.max_p99_ratio,
-        min_requests=args.min_requests,
-        failure_threshold=args.failure_threshold,
-        sticky=args.sticky,
-        mirror_pct=args.mirror,
-        min_agreement=args.min_agreement,
-    )
-    ro = _rollouts(ctx).start(ctx.principal.name, args.name, args.version, spec)
-    if args.json:
-        print(json.dumps(ro.as_json()))
-    else:
-        print(
-            f"rollout {ro.id} started: {ro.model} {ro.baseline} -> {ro.candidate}, "
-            f"candidate at {ro.spec.steps[0]}% (steps {','.join(map(str, ro.spec.steps))})"
+    def text(d: dict[str, Any]) -> str:
+        s = d["settings"]
+        return (
+            f"rollout {d['id']} started: {d['model']} {d['production']} -> {d['candidate']}, "
+            f"candidate at {s['steps'][0]}% (steps {','.join(map(str, s['steps']))})"
         )
+
+    emit(args, ro, text)
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    ctx = open_context(args, "models.read")
-    store = _rollouts(ctx)
-    ro = store.get(args.name)
-    history = store.history(ro.id)
-    if args.json:
-        print(json.dumps({**ro.as_json(), "history": history}))
-    else:
-        print("\n".join(describe(ro.as_json(), history)))
+    status = AdminClient.of(args).get(path_of("models", args.name, "rollout"))
+    emit(args, status, lambda d: "\n".join(describe(d, d["history"])))
     return 0
 
 
 def _command(action: str) -> Any:
     def cmd(args: argparse.Namespace) -> int:
-        ctx = open_context(args, "models.promote")
-        ro = _rollouts(ctx).command(ctx.principal.name, args.name, action, args.reason or "")
-        if args.json:
-            print(json.dumps(ro.as_json()))
-        else:
-            print(
-                f"rollout {ro.id} of {ro.model}: {ro.state}, step {ro.step + 1}/"
-                f"{len(ro.spec.steps)}, candidate {ro.candidate} at {ro.weight * 100:g}%"
+        path = path_of("models", args.name, "rollout", action)
+        ro = AdminClient.of(args).post(path, {"reason": args.reason or ""})
+
+        def text(d: dict[str, Any]) -> str:
+            share = d["weights"][d["candidate"]] * 100
+            return (
+                f"rollout {d['id']} of {d['model']}: {d['state']}, step {d['step']}/"
+                f"{d['steps']}, candidate {d['candidate']} at {share:g}%"
             )
+
+        emit(args, ro, text)
         return 0
 
     return cmd
@@ -152,14 +153,19 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "--failure-threshold failures in a row send all traffic back to production and retire "
         "the candidate. Requests naming a version are never split.",
     )
-    add_common(start)
     start.add_argument("name")
     start.add_argument("version")
     start.add_argument(
-        "--steps", default="5,25,50,100", help="candidate %% per step (default 5,25,50,100)"
+        "--steps",
+        type=steps,
+        default="5,25,50,100",
+        help="candidate %% per step (default 5,25,50,100)",
     )
     start.add_argument(
-        "--interval", default="60s", help="analysis interval: 500ms, 30s, 2m (default 60s)"
+        "--interval",
+        type=duration,
+        default="60s",
+        help="analysis interval: 500ms, 30s, 2m (default 60s)",
     )
     start.add_argument(
         "--max-error-rate",
@@ -204,14 +210,12 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         default=0.99,
         help="with --mirror: share of mirrored rows that must agree with production (default 0.99)",
     )
-    start.add_argument("--json", action="store_true")
-    start.set_defaults(func=run(cmd_start))
+    start.set_defaults(func=cmd_start)
 
     status = rsub.add_parser("status", help="step, weights, last analysis and history")
-    add_common(status)
     status.add_argument("name")
-    status.add_argument("--json", action="store_true")
-    status.set_defaults(func=run(cmd_status))
+    status.set_defaults(func=cmd_status)
+    commands = [start, status]
 
     for action, text in (
         ("pause", "hold the weights and stop analysing"),
@@ -220,8 +224,11 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         ("abort", "send all traffic back to production and retire the candidate"),
     ):
         p = rsub.add_parser(action, help=f"{text} (deployer, admin)")
-        add_common(p)
         p.add_argument("name")
         p.add_argument("--reason")
-        p.add_argument("--json", action="store_true")
-        p.set_defaults(func=run(_command(action)))
+        p.set_defaults(func=_command(action))
+        commands.append(p)
+
+    for p in commands:
+        add_client_options(p)
+        add_json_option(p)

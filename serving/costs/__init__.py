@@ -25,7 +25,6 @@ from serving.costs.report import (
     Row,
     build_report,
     parse_when,
-    render,
     report_for_query,
 )
 
@@ -50,6 +49,5 @@ __all__ = [
     "gateway_id",
     "money",
     "parse_when",
-    "render",
     "report_for_query",
 ]

@@ -13,9 +13,6 @@ or spread over the tenants in proportion to their use with ``share_idle``.
 from __future__ import annotations
 
 import asyncio
-import csv
-import io
-import json
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +24,6 @@ from typing import Any
 import sqlalchemy as sa
 
 from router import InvalidArgument
-from router.admin import AdminRequest, AdminRoute
 from scheduler import split_by_rows
 from serving.costs.ledger import NANOS, NS_PER_HOUR, Pricing, as_utc
 from serving.state import ledger_allocations, ledger_batches, ledger_reservations
@@ -122,9 +118,9 @@ def parse_when(text: str, *, end_of_day: bool = False) -> datetime:
             when = datetime.combine(day, time(), UTC)
             return when + timedelta(days=1) if end_of_day else when
         parsed = datetime.fromisoformat(text)
-    except ValueError:
-        raise ReportError(f"not a date or ISO time: {text!r}") from None
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    except (ValueError, OverflowError):  # OverflowError: a day past 9999-12-31, in UTC
+        raise ReportError(f"not a date or ISO time in range: {text!r}") from None
 
 
 def build_report(
@@ -299,24 +295,46 @@ def report_for_query(
 ) -> dict[str, Any]:
     """The HTTP form of a report: ``from``/``to`` (default: this UTC month so far),
     ``group_by`` (comma list), ``share_idle`` (true/false). Raises ReportError."""
-    now = now or datetime.now(UTC)
     unknown = sorted(set(query) - {"from", "to", "group_by", "share_idle"})
     if unknown:
         raise ReportError(f"unknown parameter(s): {', '.join(unknown)}")
-    month_start = datetime(now.year, now.month, 1, tzinfo=UTC)
-    start = parse_when(query["from"]) if "from" in query else month_start
-    end = parse_when(query["to"], end_of_day=True) if "to" in query else now
-    group_by = [g for g in query.get("group_by", default_group_by).split(",") if g]
     share = query.get("share_idle", "false").lower()
     if share not in {"true", "false", "1", "0"}:
         raise ReportError("share_idle must be true or false")
+    return report_between(
+        engine,
+        pricing,
+        query.get("from"),
+        query.get("to"),
+        query.get("group_by", default_group_by),
+        share_idle=share in {"true", "1"},
+        tenant=tenant,
+        now=now,
+    )
+
+
+def report_between(
+    engine: sa.Engine,
+    pricing: Pricing,
+    start: str | None,
+    end: str | None,
+    group_by: str,
+    *,
+    share_idle: bool = False,
+    tenant: str | None = None,
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    """A report as JSON data from its textual bounds (``None``: from the first of this UTC
+    month, until now) and comma-separated ``group_by``. Raises ReportError."""
+    now = now or datetime.now(UTC)
+    month_start = datetime(now.year, now.month, 1, tzinfo=UTC)
     report = build_report(
         engine,
         pricing,
-        start,
-        end,
-        group_by,
-        share_idle=share in {"true", "1"},
+        parse_when(start) if start is not None else month_start,
+        parse_when(end, end_of_day=True) if end is not None else now,
+        [g for g in group_by.split(",") if g],
+        share_idle=share_idle,
         tenant=tenant,
         now=now,
     )
@@ -324,8 +342,8 @@ def report_for_query(
 
 
 class LedgerReports:
-    """The reports behind HTTP: ``GET /admin/costs`` (finance, admin) and ``GET /usage``
-    (a tenant's own usage, with its own API key)."""
+    """The ledger's reports for HTTP callers: finance's (the admin API's ``/costs``) and
+    a tenant's own usage (``GET /usage``, with its API key). Each runs in a thread."""
 
     def __init__(self, engine: sa.Engine, pricing: Pricing) -> None:
         self._engine = engine
@@ -344,67 +362,22 @@ class LedgerReports:
         except ReportError as exc:
             raise InvalidArgument(str(exc)) from None
 
-    def admin_routes(self) -> list[AdminRoute]:
-        async def costs(req: AdminRequest) -> Any:
-            try:
-                return await asyncio.to_thread(
-                    report_for_query, self._engine, self._pricing, req.query
-                )
-            except ReportError as exc:
-                raise InvalidArgument(str(exc)) from None
-
-        return [
-            AdminRoute(
-                "GET",
-                "/costs",
-                "costs.read",
-                "Device-seconds, device-hours and cost per group, with idle capacity",
-                costs,
-                query={
-                    "from": "start: a UTC day or ISO time (default: first of this month)",
-                    "to": "end: a UTC day (included) or ISO time (default: now)",
-                    "group_by": "comma list of tenant,model,version,device,day (default tenant)",
-                    "share_idle": "true spreads idle capacity over tenants by use",
-                },
-            )
-        ]
-
-
-# -- output ----------------------------------------------------------------------
-
-COLUMNS = ("requests", "rows", "gpu_seconds", "gpu_hours", "cost", "currency")
-
-
-def render(report: Report, fmt: str) -> str:
-    data = report.as_dict()
-    if fmt == "json":
-        return json.dumps(data, indent=2)
-    header = [*report.group_by, "requests", "rows", "used_ns", "idle_ns", *COLUMNS[2:]]
-    body = [[r.get(h, "") for h in header] for r in data["rows"]]
-    totals = data["totals"]
-    total_line = ["TOTAL", *[""] * (len(report.group_by) - 1)] if report.group_by else []
-    total_line += [totals[h] for h in header[len(report.group_by) :]]
-    if fmt == "csv":
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows(body)
-        writer.writerow(total_line)
-        return buf.getvalue()
-    # table
-    text_rows = [header, *[[_fmt(c) for c in row] for row in body], [_fmt(c) for c in total_line]]
-    widths = [max(len(row[i]) for row in text_rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in text_rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.insert(len(lines) - 1, "  ".join("-" * w for w in widths))
-    lines.append(
-        f"window {data['from']} .. {data['to']}; reserved "
-        f"{totals['reserved_gpu_seconds']:.3f} device-s (used + idle)"
-    )
-    return "\n".join(lines)
-
-
-def _fmt(value: object) -> str:
-    if isinstance(value, float):
-        return f"{value:.6f}"
-    return str(value)
+    def report(
+        self,
+        start: str | None,
+        end: str | None,
+        group_by: str,
+        *,
+        share_idle: bool = False,
+        tenant: str | None = None,
+    ) -> dict[str, Any]:
+        """:func:`report_between` on this ledger; blocking."""
+        return report_between(
+            self._engine,
+            self._pricing,
+            start,
+            end,
+            group_by,
+            share_idle=share_idle,
+            tenant=tenant,
+        )

@@ -22,16 +22,15 @@ from prometheus_client import CollectorRegistry, start_http_server
 from ray import serve
 
 import serving.gateway.gc_tuning as gc_tuning
-from router.admin import build_admin_app
 from router.metrics import RouterMetrics
 from router.model_table import LiveModelTable
 from router.servers import FrontDoors
 from router.service import InferenceService, RouterSettings, ServedModel
 from router.tracing import batch_span_observer
 from scheduler import BatchPolicy, BatchRecord, ModelBatcher
-from serving.admin import UserBackend, core_routes, model_routes
+from serving.admin import build_admin_app
 from serving.cluster import GATEWAY_DEPLOYMENT, batch_backend
-from serving.config import CostsConfig, GatewayConfig, ModelConfig, ModelPolicy, ServerConfig
+from serving.config import CostsConfig, GatewayConfig, ModelConfig, ServerConfig
 from serving.costs import Ledger, LedgerReports, LedgerWriter, Price, Pricing, from_unix_ns
 from serving.gateway.telemetry import configure_tracing, otel_env
 from serving.registry import Registry, Stages
@@ -61,7 +60,7 @@ class Gateway:
         models: list[dict[str, Any]],
         costs: dict[str, Any],
         otel: dict[str, str],
-        policies: dict[str, Any] | None = None,
+        registry: dict[str, Any] | None = None,
     ) -> None:
         self.server_config = ServerConfig.model_validate(server)
         cfg = self.server_config
@@ -86,17 +85,22 @@ class Gateway:
             RouterSettings(cfg.max_request_bytes, cfg.default_timeout_ms / 1000),
             self.metrics,
         )
-        gateway_config = GatewayConfig.model_validate({"policies": policies or {}})
-        stages = Stages(Registry(engine, Path(state_dir), gateway_config))
+        # The registry's rules are the gateway's own config: every register, approval and
+        # promotion, from the admin API or the rollout controller, follows its policies.
+        registry_config = GatewayConfig.model_validate(registry or {})
+        stages = Stages(Registry(engine, Path(state_dir), registry_config))
         self._rollouts = RolloutController(
             Rollouts(stages), self._table, self.service.windows, self.metrics
         )
         self._rollouts.start()
-        routes = core_routes(engine, on_tenants_changed=self._tenants.invalidate)
-        routes += model_routes(engine, Path(state_dir), gateway_config)
+        admin = build_admin_app(
+            engine,
+            Path(state_dir),
+            registry_config,
+            self._pricing,
+            on_tenants_changed=self._tenants.invalidate,
+        )
         reports = LedgerReports(engine, self._pricing)
-        routes += reports.admin_routes()
-        admin = build_admin_app(UserBackend(engine), routes)
         self._doors = FrontDoors(
             self.service,
             cfg.host,
@@ -255,11 +259,16 @@ def build_app(
     database_url: str | None,
     models: list[dict[str, Any]],
     costs: CostsConfig,
-    policies: dict[str, ModelPolicy] | None = None,
+    registry: GatewayConfig | None = None,
 ) -> Any:
     """The gateway's Serve application. Each model version is an application of its
     own (serving.cluster.deployer), so versions come and go without redeploying the gateway;
-    ``models`` is what it serves from the start ({"config", "stage", "app"} each)."""
+    ``models`` is what it serves from the start ({"config", "stage", "app"} each).
+    ``registry`` is the config whose models (serving knobs) and policies the registry
+    applies to what the admin API registers, approves and promotes."""
+    registry_config = (
+        registry.model_dump(mode="json", include={"models", "policies"}) if registry else {}
+    )
     return (
         serve.deployment(Gateway)
         .options(
@@ -276,6 +285,6 @@ def build_app(
             models,
             costs.model_dump(mode="json"),
             otel_env(),
-            {k: p.model_dump(mode="json") for k, p in (policies or {}).items()},
+            registry_config,
         )
     )

@@ -1,17 +1,19 @@
 """The model registry: immutable versions with lineage in content-addressed storage,
 the guardrails that refuse a version, approvals and stage changes."""
 
-from serving.registry.artifacts import artifact_path, file_digest, git_revision, store_artifact
+from serving.registry.artifacts import ArtifactUpload, artifact_path, file_digest, store_artifact
 from serving.registry.stages import Stages
 from serving.registry.store import Registry
 from serving.registry.versions import (
     CONFIG_AUTHOR,
     ApprovalError,
+    ArtifactTooLarge,
     Candidate,
     GuardrailRefused,
     RegistryError,
     Signature,
     StageError,
+    UploadMismatch,
     VersionExistsError,
     VersionNotFoundError,
     VersionRow,
@@ -22,6 +24,8 @@ from serving.registry.versions import (
 __all__ = [
     "CONFIG_AUTHOR",
     "ApprovalError",
+    "ArtifactTooLarge",
+    "ArtifactUpload",
     "Candidate",
     "GuardrailRefused",
     "Registry",
@@ -29,12 +33,12 @@ __all__ = [
     "Signature",
     "StageError",
     "Stages",
+    "UploadMismatch",
     "VersionExistsError",
     "VersionNotFoundError",
     "VersionRow",
     "artifact_path",
     "file_digest",
-    "git_revision",
     "parse_tensor",
     "store_artifact",
     "version_from_row",

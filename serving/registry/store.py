@@ -13,7 +13,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,12 @@ import sqlalchemy as sa
 
 import serving.registry.guardrails as guardrails
 from serving.config import NAME_PATTERN, GatewayConfig, ModelConfig, ModelPolicy
-from serving.registry.artifacts import artifact_path, file_digest, store_artifact
+from serving.registry.artifacts import (
+    ArtifactUpload,
+    artifact_path,
+    file_digest,
+    store_artifact,
+)
 from serving.registry.versions import (
     CONFIG_AUTHOR,
     Candidate,
@@ -110,7 +115,27 @@ class Registry:
 
     def register(self, actor: str, cand: Candidate, *, smoke: bool = True) -> VersionRow:
         """Check, store and record a new version; a refusal is audited and raised."""
-        target = f"model:{cand.name}:{cand.version or 'new'}"
+
+        def store(policy: ModelPolicy) -> tuple[str, int]:
+            return store_artifact(cand.artifact, self.state_dir, policy.max_artifact_bytes)
+
+        return self._register(actor, cand, store, smoke)
+
+    def register_upload(
+        self, actor: str, cand: Candidate, upload: ArtifactUpload, *, smoke: bool = True
+    ) -> VersionRow:
+        """:meth:`register` for an artifact received by upload: ``cand.artifact`` is the
+        upload's file, already size-capped and checked against its sender's digest."""
+        return self._register(actor, cand, lambda _policy: upload.store(), smoke)
+
+    def _register(
+        self,
+        actor: str,
+        cand: Candidate,
+        store: Callable[[ModelPolicy], tuple[str, int]],
+        smoke: bool,
+    ) -> VersionRow:
+        target = self.target(cand.name, cand.version)
         try:
             if not NAME_PATTERN.match(cand.name):
                 raise ValueError(f"model name {cand.name!r} must match {NAME_PATTERN.pattern}")
@@ -121,7 +146,7 @@ class Registry:
             parent = self.get(cand.name, cand.parent_version) if cand.parent_version else None
             production = self.production(cand.name)
             signature = cand.signature or _inherited_signature(parent, production)
-            digest, size = store_artifact(cand.artifact, self.state_dir, policy.max_artifact_bytes)
+            digest, size = store(policy)
             stored = artifact_path(self.state_dir, digest)
             guardrails.check_payload(stored, cand.format)
             if production is not None:
@@ -134,6 +159,11 @@ class Registry:
             self.refuse(actor, target, exc, "register")
             raise
         return self._insert(actor, cand, signature, digest, size)
+
+    @staticmethod
+    def target(name: str, version: str | None) -> str:
+        """The audit target of a registration (``new`` while the version is not chosen)."""
+        return f"model:{name}:{version or 'new'}"
 
     def refuse(self, actor: str, target: str, exc: GuardrailRefused, during: str) -> None:
         audit.append(

@@ -44,6 +44,18 @@ class GuardrailRefused(RegistryError):
         self.reason = reason
 
 
+class ArtifactTooLarge(GuardrailRefused):
+    """The size guardrail: the artifact is over the policy's ``max_artifact_bytes``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("size", reason)
+
+
+class UploadMismatch(RegistryError):
+    """The bytes received do not hash to the sha256 the sender declared: the artifact
+    changed in transit, or the sender hashed another file."""
+
+
 def _aware(ts: datetime | None) -> datetime | None:
     if ts is None:
         return None

@@ -1,8 +1,9 @@
-"""Users of the admin CLI and API: roles, tokens, and the one role -> action table.
+"""Users of the admin API (and so of the CLI, its client): roles, tokens, and the one
+role -> action table.
 
 A user's token is shown once at creation; only its sha256 is stored, and checks
 re-compare in constant time. :data:`PERMISSIONS` is the single place that says
-which role may do what, for the CLI and the HTTP API alike.
+which role may do what; the gateway checks it on every admin request.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from typing import Literal, get_args
 
 import sqlalchemy as sa
 
-from router.admin import Principal
 from serving.config import NAME_PATTERN
 from serving.state import audit
 from serving.state import users as t_users
@@ -53,6 +53,14 @@ PERMISSIONS: dict[str, frozenset[str]] = {
 }
 
 
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated user of the admin API: who acts, and with which role."""
+
+    name: str
+    role: str
+
+
 class UserError(Exception):
     """Base of the user errors; the message is meant for the operator."""
 
@@ -81,6 +89,16 @@ def check(principal: Principal, action: str) -> None:
         )
 
 
+def _validate(name: str, role: str) -> None:
+    if not NAME_PATTERN.match(name):
+        raise ValueError(f"user name {name!r} must match {NAME_PATTERN.pattern}")
+    if role not in ROLES:
+        raise ValueError(f"role {role!r} must be one of {', '.join(ROLES)}")
+
+
+_ANY_ADMIN = sa.select(t_users.c.id).where(t_users.c.role == "admin").limit(1)
+
+
 def generate_token() -> str:
     return "ggu_" + secrets.token_urlsafe(32)
 
@@ -101,22 +119,41 @@ class UserStore:
 
     def create(self, name: str, role: str, *, actor: str) -> str:
         """Add a user and return its token (the only time it is visible); audited."""
-        if not NAME_PATTERN.match(name):
-            raise ValueError(f"user name {name!r} must match {NAME_PATTERN.pattern}")
-        if role not in ROLES:
-            raise ValueError(f"role {role!r} must be one of {', '.join(ROLES)}")
+        _validate(name, role)
         token = generate_token()
         try:
             with audit.audited(self.engine) as tx:
-                tx.conn.execute(
-                    t_users.insert().values(
-                        name=name, role=role, token_hash=hash_key(token), created_by=actor
-                    )
-                )
-                tx.append(actor, "user.create", f"user:{name}", after={"name": name, "role": role})
+                self._insert(tx, name, role, token, actor)
         except sa.exc.IntegrityError:
             raise UserExistsError(f"user {name!r} already exists") from None
         return token
+
+    def bootstrap(self, name: str = BOOTSTRAP_ADMIN) -> str:
+        """The first admin of a database that has none; returns its token (audited,
+        actor ``system``). Refused once any admin exists: admins create the others."""
+        _validate(name, "admin")
+        token = generate_token()
+        try:
+            with audit.audited(self.engine) as tx:
+                # The audit lock is held: no other writer can add an admin meanwhile.
+                if tx.conn.execute(_ANY_ADMIN).first() is not None:
+                    raise UserExistsError(
+                        "the database has an admin already; an admin adds users with "
+                        "'gpugate users create'"
+                    )
+                self._insert(tx, name, "admin", token, "system")
+        except sa.exc.IntegrityError:
+            raise UserExistsError(f"user {name!r} already exists") from None
+        return token
+
+    @staticmethod
+    def _insert(tx: audit.Audit, name: str, role: str, token: str, actor: str) -> None:
+        tx.conn.execute(
+            t_users.insert().values(
+                name=name, role=role, token_hash=hash_key(token), created_by=actor
+            )
+        )
+        tx.append(actor, "user.create", f"user:{name}", after={"name": name, "role": role})
 
     def authenticate(self, token: str) -> Principal | None:
         if not token or len(token) > 256:
@@ -147,10 +184,7 @@ class UserStore:
 
     def has_admin(self) -> bool:
         with self.engine.connect() as conn:
-            found = conn.execute(
-                sa.select(t_users.c.id).where(t_users.c.role == "admin").limit(1)
-            ).first()
-        return found is not None
+            return conn.execute(_ANY_ADMIN).first() is not None
 
 
 def ensure_admin(store: UserStore, state_dir: Path) -> str | None:

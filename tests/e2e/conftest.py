@@ -53,19 +53,25 @@ class Gateway:
     def grpc_url(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
+    @property
+    def url(self) -> str:
+        """The gateway's HTTP address, as the CLI's ``--url`` takes it."""
+        return f"http://{self.http_url}"
+
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """A ``gpugate`` client command against this gateway; without ``--token`` it acts
+        as the admin whose token is in the state folder."""
         return subprocess.run(
-            [GPUGATE, *args, "--state-dir", str(self.state_dir)],
+            [GPUGATE, *args, "--url", self.url, "--state-dir", str(self.state_dir)],
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=120,
             check=False,
         )
 
     def admin_cli(self, *args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
-        """An admin command with the gateway's config (e.g. registry policies) and a token."""
-        extra = ["--config", str(self.config)] if self.config is not None else []
-        return self.cli(*args, *extra, *(["--token", token] if token else []))
+        """A client command as the user of ``token`` (default: the state folder's admin)."""
+        return self.cli(*args, *(["--token", token] if token else []))
 
     def restart(self) -> None:
         """SIGTERM, then start again on the same state and config (new ports)."""

@@ -163,10 +163,8 @@ def test_spans_reach_a_real_otlp_receiver_with_the_callers_trace_and_batch_links
 
 
 def _report(gw: Gateway, day: str, group_by: str, fmt: str) -> subprocess.CompletedProcess[str]:
-    config = str(gw.state_dir / "gpugate.yaml")
     return gw.cli(
-        "costs", "report", "--from", day, "--to", day, "--group-by", group_by,
-        "--format", fmt, "--config", config,
+        "costs", "report", "--from", day, "--to", day, "--group-by", group_by, "--format", fmt
     )  # fmt: skip
 
 
@@ -302,7 +300,6 @@ def test_finance_reads_costs_and_changes_nothing_a_tenant_reads_its_own(traced: 
     finance = _user(traced, "fin-e2e", "finance")
     deployer = _user(traced, "dep-e2e", "deployer")
     today = time.strftime("%Y-%m-%d", time.gmtime())
-    config = str(traced.state_dir / "gpugate.yaml")
 
     code, body = _get(traced, f"/admin/costs?from={today}&to={today}&group_by=tenant", finance)
     assert code == 200, body
@@ -311,8 +308,7 @@ def test_finance_reads_costs_and_changes_nothing_a_tenant_reads_its_own(traced: 
     totals = body["totals"]
     assert totals["used_ns"] + totals["idle_ns"] == totals["reserved_ns"]  # type: ignore[index]
     cli = traced.cli(
-        "costs", "report", "--from", today, "--to", today, "--format", "json",
-        "--config", config, "--token", finance,
+        "costs", "report", "--from", today, "--to", today, "--format", "json", "--token", finance,
     )  # fmt: skip
     assert cli.returncode == 0, cli.stderr
     assert json.loads(cli.stdout)["rows"][0]["tenant"] in rows
@@ -321,12 +317,9 @@ def test_finance_reads_costs_and_changes_nothing_a_tenant_reads_its_own(traced: 
     assert _get(traced, "/admin/costs", deployer)[0] == 403
     assert _get(traced, "/admin/costs", "not-a-token")[0] == 401
     denied = traced.cli("users", "create", "x-e2e", "--role", "admin", "--token", finance)
-    assert denied.returncode == 2 and "may not" in denied.stderr
-    refused = traced.cli(
-        "costs", "report", "--from", today, "--to", today, "--config", config,
-        "--token", deployer,
-    )  # fmt: skip
-    assert refused.returncode == 2 and "may not" in refused.stderr
+    assert denied.returncode == 1 and "may not" in denied.stderr
+    refused = traced.cli("costs", "report", "--from", today, "--to", today, "--token", deployer)
+    assert refused.returncode == 1 and "may not" in refused.stderr
     req = urllib.request.Request(
         f"http://{traced.http_url}/admin/tenants",
         data=b'{"name": "from-finance"}',

@@ -40,7 +40,8 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 
 
 def cli(gw: Gateway, *args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
-    """The CLI with the gateway's config (the registry's policies) and a user token."""
+    """The CLI as a user of the gateway (default: its admin); the gateway applies its own
+    config's policies."""
     return gw.admin_cli(*args, token=token)
 
 
@@ -79,16 +80,17 @@ def test_admin_api_checks_tokens_and_roles(gateway: Gateway) -> None:
 
     with urllib.request.urlopen(f"http://{gateway.http_url}/admin/openapi.json") as resp:
         spec = json.loads(resp.read())
-    assert "/admin/users" in spec["paths"] and "/admin/audit/verify" in spec["paths"]
+    assert spec["servers"] == [{"url": "/admin"}]
+    assert "/users" in spec["paths"] and "/audit/verify" in spec["paths"]
 
 
 def test_cli_acts_with_a_token_and_is_checked(gateway: Gateway) -> None:
     finance = make_user(gateway, "fin-cli", "finance")
     denied = gateway.cli("tenants", "create", "nope", "--token", finance)
-    assert denied.returncode == 2
+    assert denied.returncode == 1
     assert "gpugate: error: user 'fin-cli' (role finance) may not tenants.create" in denied.stderr
     bad = gateway.cli("users", "list", "--token", "ggu_wrong")
-    assert bad.returncode == 2 and "unknown user token" in bad.stderr
+    assert bad.returncode == 1 and "unknown user token" in bad.stderr
     listed = json.loads(gateway.cli("users", "list", "--json").stdout)
     assert {"user": "fin-cli", "role": "finance"}.items() <= next(
         u for u in listed if u["user"] == "fin-cli"
@@ -193,9 +195,9 @@ def test_second_version_approval_and_live_promotion_under_load(
     assert "└─ digits:2" in lineage.stdout and "run://seed-1" in lineage.stdout
 
     own = cli(gateway, "models", "approve", "digits", "2", "--reason", "mine", token=root)
-    assert own.returncode == 2 and "is the author of digits:2" in own.stderr
+    assert own.returncode == 1 and "is the author of digits:2" in own.stderr
     by_deployer = cli(gateway, "models", "approve", "digits", "2", "--reason", "x", token=deployer)
-    assert by_deployer.returncode == 2 and "may not models.approve" in by_deployer.stderr
+    assert by_deployer.returncode == 1 and "may not models.approve" in by_deployer.stderr
     ok = cli(gateway, "models", "approve", "digits", "2", "--reason", "eval ok", token=approver)
     assert ok.returncode == 0, ok.stderr
     shown = json.loads(cli(gateway, "models", "show", "digits", "2", "--json").stdout)
@@ -203,7 +205,7 @@ def test_second_version_approval_and_live_promotion_under_load(
     assert [(a["approver"], a["reason"]) for a in shown["approvals"]] == [("appr", "eval ok")]
 
     denied = cli(gateway, "models", "promote", "digits", "2", "--to", "staging", token=finance)
-    assert denied.returncode == 2 and "may not models.promote" in denied.stderr
+    assert denied.returncode == 1 and "may not models.promote" in denied.stderr
 
     with Traffic(gateway) as load:
         time.sleep(1.0)
@@ -269,7 +271,7 @@ def test_each_guardrail_refuses_with_its_reason(gateway: Gateway, tmp_path: Path
     pickled = tmp_path / "model.pt"
     torch.save(DigitsMLP(128).state_dict(), pickled)
     refused = register(gateway, root, pickled)
-    assert refused.returncode == 2 and "payload guardrail" in refused.stderr
+    assert refused.returncode == 1 and "payload guardrail" in refused.stderr
     assert "torch.save files hold pickles" in refused.stderr
 
     good = tmp_path / "good.safetensors"
@@ -285,17 +287,17 @@ def test_each_guardrail_refuses_with_its_reason(gateway: Gateway, tmp_path: Path
         "--metric",
         f"accuracy={accuracy}",
     )
-    assert narrow.returncode == 2 and "signature guardrail" in narrow.stderr
+    assert narrow.returncode == 1 and "signature guardrail" in narrow.stderr
     assert "input 'pixels' has shape [32], production's is [64]" in narrow.stderr
 
     worse = register(gateway, root, good, "--metric", "accuracy=0.5")
-    assert worse.returncode == 2 and "metrics guardrail" in worse.stderr
+    assert worse.returncode == 1 and "metrics guardrail" in worse.stderr
     assert "accuracy 0.5 is worse than production's" in worse.stderr
 
     nan = tmp_path / "nan.safetensors"
     train(nan, seed=3, nan=True)
     smoke = register(gateway, root, nan, "--metric", f"accuracy={accuracy}")
-    assert smoke.returncode == 2 and "smoke-test guardrail" in smoke.stderr
+    assert smoke.returncode == 1 and "smoke-test guardrail" in smoke.stderr
     assert "NaN/Inf" in smoke.stderr
 
     made = register(gateway, root, good, "--metric", f"accuracy={accuracy}")
@@ -315,7 +317,7 @@ def test_each_guardrail_refuses_with_its_reason(gateway: Gateway, tmp_path: Path
     corrupt = cli(
         gateway, "models", "promote", "digits", v["version"], "--to", "staging", token=root
     )
-    assert corrupt.returncode == 2 and "digest guardrail" in corrupt.stderr
+    assert corrupt.returncode == 1 and "digest guardrail" in corrupt.stderr
     assert "changed after registration" in corrupt.stderr
 
     log = json.loads(cli(gateway, "audit", "log", "--model", "digits", "--json").stdout)
@@ -363,4 +365,4 @@ def test_admin_api_reads_and_moves_versions(gateway: Gateway, tmp_path: Path) ->
     spec = json.loads(
         urllib.request.urlopen(f"http://{gateway.http_url}/admin/openapi.json").read()
     )
-    assert "/admin/models/{name}/versions/{version}/promote" in spec["paths"]
+    assert "/models/{name}/versions/{version}/promote" in spec["paths"]

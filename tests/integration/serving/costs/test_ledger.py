@@ -23,6 +23,7 @@ import pytest
 import sqlalchemy as sa
 
 from scheduler import BatchPolicy, BatchRecord, BatchResult, ModelBatcher, Tensors
+from serving.cli.costs import render
 from serving.config.schema import CostsConfig, PriceConfig
 from serving.costs.ledger import Ledger, LedgerWriter, Pricing, as_utc
 from serving.costs.report import (
@@ -30,7 +31,6 @@ from serving.costs.report import (
     ReportError,
     build_report,
     parse_when,
-    render,
     report_for_query,
 )
 from serving.state.db import (
@@ -375,15 +375,15 @@ def test_report_reconciles_with_the_ledger_and_idle_capacity(engine: sa.Engine) 
     assert own.total.used_ns == 3 * 10**9 and own.total.idle_ns == 0
 
     # CSV parses, and its rows add up to its TOTAL line.
-    text = render(report, "csv")
+    text = render(report.as_dict(), "csv")
     parsed = list(csv.DictReader(io.StringIO(text)))
     assert parsed[-1]["tenant"] == "TOTAL"
     body = parsed[:-1]
     assert sum(int(r["used_ns"]) for r in body) == int(parsed[-1]["used_ns"]) == used
     assert sum(Decimal(r["cost"]) for r in body) == pytest.approx(Decimal(parsed[-1]["cost"]))
-    data = json.loads(render(report, "json"))
+    data = json.loads(render(report.as_dict(), "json"))
     assert data["totals"]["reserved_ns"] == report.reserved_ns
-    assert "TOTAL" in render(report, "table")
+    assert "TOTAL" in render(report.as_dict(), "table")
 
 
 def test_report_refuses_bad_requests(engine: sa.Engine) -> None:

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from router.admin import Principal
 from serving.state import audit, audit_log
 from serving.tenancy.tenants import TenantStore
 from serving.tenancy.users import (
     ADMIN_TOKEN_FILE,
     PERMISSIONS,
     Forbidden,
+    Principal,
     UserExistsError,
     UserStore,
     check,
@@ -77,6 +77,31 @@ def test_embedded_admin_token_file(open_db: OpenEngine, tmp_path: Path) -> None:
     # An admin exists: losing the file must not mint a new admin token.
     assert ensure_admin(users, state) is None
     assert [u.name for u in users.list()] == ["admin"]
+
+
+def test_bootstrap_makes_one_first_admin(open_db: OpenEngine) -> None:
+    stores = [UserStore(open_db()) for _ in range(4)]
+    made: list[str] = []
+    refused: list[str] = []
+
+    def bootstrap(store: UserStore, name: str) -> None:
+        try:
+            made.append(store.bootstrap(name))
+        except UserExistsError as exc:
+            refused.append(str(exc))
+
+    threads = [
+        threading.Thread(target=bootstrap, args=(s, f"root{i}")) for i, s in enumerate(stores)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(made) == 1 and len(refused) == 3  # whoever came first; the others refused
+    assert all("has an admin already" in r for r in refused)
+    (admin,) = stores[0].list()
+    assert stores[0].authenticate(made[0]) == Principal(admin.name, "admin")
+    assert admin.created_by == "system"
 
 
 def test_chain_verifies_and_names_a_changed_record(engine: sa.Engine) -> None:

@@ -1,0 +1,150 @@
+"""Admin routes of users, tenants, the audit log and cost reports.
+
+Endpoints are plain functions: FastAPI runs them in its thread pool, since every
+store call blocks on the database.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query
+
+import serving.admin.schemas as schemas
+from serving.admin.auth import Caller
+from serving.admin.routing import JsonBodyRoute, Services, route
+from serving.admin.schemas import Name
+from serving.state import audit
+
+router = APIRouter(route_class=JsonBodyRoute)
+TenantName = Annotated[Name, Path(description="A tenant's name.")]
+
+
+@route(router, "GET", "/whoami", "models.read", "The caller's user and role")
+def whoami(caller: Caller) -> schemas.Caller:
+    return schemas.Caller(name=caller.name, role=caller.role)
+
+
+# -- users -------------------------------------------------------------------------
+
+
+@route(router, "GET", "/users", "users.list", "List users (never tokens)")
+def list_users(services: Services) -> list[schemas.User]:
+    return [
+        schemas.User(user=u.name, role=u.role, created_by=u.created_by, created_at=u.created_at)
+        for u in services.users.list()
+    ]
+
+
+@route(
+    router,
+    "POST",
+    "/users",
+    "users.create",
+    "Create a user; its token is returned once",
+    status_code=201,
+)
+def create_user(new: schemas.NewUser, caller: Caller, services: Services) -> schemas.CreatedUser:
+    token = services.users.create(new.name, new.role, actor=caller.name)
+    return schemas.CreatedUser(user=new.name, role=new.role, token=token)
+
+
+# -- tenants -----------------------------------------------------------------------
+
+
+@route(router, "GET", "/tenants", "tenants.list", "List tenants (never keys)")
+def list_tenants(services: Services) -> list[schemas.Tenant]:
+    return [
+        schemas.Tenant(tenant=r.name, weight=r.weight, models=list(r.models), source=r.source)
+        for r in services.tenants.list()
+    ]
+
+
+@route(
+    router,
+    "POST",
+    "/tenants",
+    "tenants.create",
+    "Create a tenant; its API key is returned once",
+    status_code=201,
+)
+def create_tenant(new: schemas.NewTenant, caller: Caller, services: Services) -> schemas.TenantKey:
+    key = services.tenants.create(new.name, new.weight, new.models, actor=caller.name)
+    services.on_tenants_changed()
+    return schemas.TenantKey(tenant=new.name, api_key=key)
+
+
+@route(router, "DELETE", "/tenants/{name}", "tenants.delete", "Delete a tenant (revokes its key)")
+def delete_tenant(name: TenantName, caller: Caller, services: Services) -> schemas.DeletedTenant:
+    services.tenants.delete(name, actor=caller.name)
+    services.on_tenants_changed()
+    return schemas.DeletedTenant(tenant=name, deleted=True)
+
+
+@route(
+    router,
+    "POST",
+    "/tenants/{name}/rotate",
+    "tenants.rotate",
+    "Give a tenant a new API key (returned once); the old key stops working",
+)
+def rotate_tenant_key(name: TenantName, caller: Caller, services: Services) -> schemas.TenantKey:
+    key = services.tenants.rotate_key(name, actor=caller.name)
+    services.on_tenants_changed()
+    return schemas.TenantKey(tenant=name, api_key=key)
+
+
+# -- audit -------------------------------------------------------------------------
+
+
+@route(router, "GET", "/audit", "audit.read", "Audit records, oldest first")
+def read_audit_log(
+    services: Services,
+    model: Annotated[Name | None, Query(description="Only records about this model.")] = None,
+    since: Annotated[
+        datetime | None,
+        Query(description="Only records at or after this ISO 8601 time (UTC if no zone)."),
+    ] = None,
+) -> list[schemas.AuditRecord]:
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+    records = audit.read(
+        services.engine, target_prefix=f"model:{model}" if model else None, since=since
+    )
+    return [schemas.AuditRecord.model_validate(r.as_json()) for r in records]
+
+
+@route(router, "GET", "/audit/verify", "audit.read", "Recompute the audit hash chain")
+def verify_audit_log(services: Services) -> schemas.AuditCheck:
+    result = audit.verify(services.engine)
+    return schemas.AuditCheck(
+        ok=result.ok,
+        records=result.records,
+        problem=result.problem,
+        first_bad_seq=result.first_bad_seq,
+    )
+
+
+# -- costs -------------------------------------------------------------------------
+
+
+@route(
+    router,
+    "GET",
+    "/costs",
+    "costs.read",
+    "Device-seconds, device-hours and cost per group, with idle capacity",
+    response_model_exclude_none=True,
+)
+def cost_report(
+    query: Annotated[schemas.CostQuery, Query()], services: Services
+) -> schemas.CostReport:
+    report = services.reports.report(
+        query.from_,
+        query.to,
+        query.group_by,
+        share_idle=query.share_idle,
+        tenant=query.tenant,
+    )
+    return schemas.CostReport.model_validate(report)

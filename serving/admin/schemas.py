@@ -1,0 +1,326 @@
+"""The admin API's request and response bodies; the OpenAPI description is generated
+from these.
+
+Every string a caller sends is checked before it reaches the database: names match
+the config's name pattern, free text holds no NUL (PostgreSQL refuses it) and no lone
+surrogate (no database can encode it), numbers are finite.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+from serving.config import NAME_PATTERN
+from serving.rollout import RolloutSpec
+from serving.tenancy import Role
+
+
+def _encodable(text: str) -> str:
+    if "\x00" in text:
+        raise ValueError("text may not contain NUL characters")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (no lone surrogates)") from None
+    return text
+
+
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN.pattern)]
+Text = Annotated[str, Field(max_length=4096), AfterValidator(_encodable)]
+Reason = Annotated[
+    str, StringConstraints(pattern=r"\S", max_length=4096), AfterValidator(_encodable)
+]
+
+
+class Strict(BaseModel):
+    """A request body or query: unknown keys and non-finite numbers are refused."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+# -- users, tenants ----------------------------------------------------------------
+
+
+class Caller(BaseModel):
+    name: str
+    role: str
+
+
+class NewUser(Strict):
+    name: Name
+    role: Role
+
+
+class CreatedUser(BaseModel):
+    user: str
+    role: str
+    token: str = Field(description="Shown once; only its sha256 is stored.")
+
+
+class User(BaseModel):
+    user: str
+    role: str
+    created_by: str
+    created_at: datetime
+
+
+class NewTenant(Strict):
+    name: Name
+    weight: float = Field(default=1.0, gt=0, le=1000, description="Fair-share weight.")
+    models: list[Annotated[str, StringConstraints(pattern=f"^[*]$|{NAME_PATTERN.pattern}")]] = (
+        Field(default=["*"], min_length=1, max_length=256, description="'*' for every model.")
+    )
+
+
+class TenantKey(BaseModel):
+    tenant: str
+    api_key: str = Field(description="Shown once; only its sha256 is stored.")
+
+
+class DeletedTenant(BaseModel):
+    tenant: str
+    deleted: bool
+
+
+class Tenant(BaseModel):
+    tenant: str
+    weight: float
+    models: list[str]
+    source: str = Field(description="'config' (from the config file) or 'cli'.")
+
+
+# -- audit -------------------------------------------------------------------------
+
+
+class AuditRecord(BaseModel):
+    seq: int
+    at: datetime
+    actor: str
+    action: str
+    target: str
+    before: Any = Field(description="The target before the change (JSON), or null.")
+    after: Any = Field(description="The target after the change (JSON), or null.")
+    reason: str
+    prev_hash: str
+    hash: str
+
+
+class AuditCheck(BaseModel):
+    ok: bool
+    records: int
+    problem: str = Field(description="The first record changed, inserted or removed.")
+    first_bad_seq: int | None
+
+
+# -- models ------------------------------------------------------------------------
+
+
+class Tensor(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class Signature(BaseModel):
+    inputs: list[Tensor]
+    outputs: list[Tensor]
+
+
+class Lineage(BaseModel):
+    parent_version: str | None
+    source_uri: str | None
+    dataset_digest: str | None
+    code_revision: str | None
+
+
+class Version(BaseModel):
+    name: str
+    version: str
+    format: str
+    sha256: str
+    size_bytes: int
+    model_class: str | None
+    model_kwargs: dict[str, Any]
+    signature: Signature
+    metrics: dict[str, float]
+    lineage: Lineage
+    author: str
+    created_at: datetime
+    stage: str
+    stage_changed_at: datetime
+
+
+class Approval(BaseModel):
+    approver: str
+    decision: Literal["approve", "reject"]
+    reason: str
+    at: datetime
+
+
+class VersionDetail(Version):
+    approvals: list[Approval]
+
+
+class Decision(Strict):
+    reason: Reason
+
+
+class Promotion(Strict):
+    to: Literal["staging", "production"]
+
+
+class Note(Strict):
+    reason: Text = ""
+
+
+Tensors = list[Annotated[str, StringConstraints(max_length=512), AfterValidator(_encodable)]]
+
+
+class NewVersion(Strict):
+    """Query parameters of an upload; the body is the artifact's bytes."""
+
+    sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")] = Field(
+        description="The artifact's sha256, as the sender computed it; the upload is "
+        "refused if the bytes received hash otherwise."
+    )
+    format: Literal["torchscript", "export", "safetensors"]
+    model_class: Annotated[str, StringConstraints(max_length=300)] | None = Field(
+        default=None, description="For safetensors: 'package.module:Class'."
+    )
+    model_kwargs: Annotated[str, StringConstraints(max_length=4096)] | None = Field(
+        default=None, description="JSON object of keyword arguments for model_class."
+    )
+    input: Tensors = Field(
+        default=[], max_length=64, description="NAME:DATATYPE:DIMS, e.g. pixels:FP32:64."
+    )
+    output: Tensors = Field(default=[], max_length=64, description="NAME:DATATYPE:DIMS.")
+    metric: Tensors = Field(
+        default=[], max_length=64, description="NAME=VALUE, e.g. accuracy=0.97."
+    )
+    parent: Name | None = Field(default=None, description="The version it derives from.")
+    source: Text | None = Field(default=None, description="URI of the run that produced it.")
+    dataset_digest: Annotated[Text, StringConstraints(max_length=200)] | None = None
+    code_revision: Annotated[Text, StringConstraints(max_length=200)] | None = None
+    version: Name | None = Field(default=None, description="Default: the next integer.")
+
+
+# -- rollouts ----------------------------------------------------------------------
+
+
+class NewRollout(RolloutSpec):
+    """A rollout's candidate version and its settings (see ``gpugate rollout start``)."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    version: Name
+    sticky: Annotated[str, StringConstraints(max_length=200)] | None = None
+
+
+class RolloutSettings(BaseModel):
+    steps: list[int]
+    interval_s: float
+    max_error_rate: float
+    max_p99_ratio: float
+    min_requests: int
+    failure_threshold: int
+    sticky: str | None
+    mirror_pct: float
+    min_agreement: float
+
+
+class Rollout(BaseModel):
+    id: int
+    model: str
+    candidate: str
+    production: str
+    state: str
+    step: int = Field(description="1-based.")
+    steps: int
+    weights: dict[str, float] = Field(description="Version -> share of default traffic.")
+    failures: int
+    settings: RolloutSettings
+    last_analysis: dict[str, Any] | None = Field(
+        description="The figures of the last analysis: each version's requests, errors, "
+        "p99, the shadow comparison, each check with its value and limit."
+    )
+    created_by: str
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+
+
+class RolloutEvent(BaseModel):
+    at: datetime
+    actor: str
+    action: str
+    step: int
+    weight: float = Field(description="The candidate's share after the event.")
+    figures: dict[str, Any] | None
+    reason: str
+
+
+class RolloutStatus(Rollout):
+    history: list[RolloutEvent]
+
+
+# -- costs -------------------------------------------------------------------------
+
+
+class CostQuery(Strict):
+    from_: Annotated[str, StringConstraints(max_length=64)] | None = Field(
+        default=None,
+        alias="from",
+        description="Start: a UTC day (2026-11-01) or ISO time; default: this month's first.",
+    )
+    to: Annotated[str, StringConstraints(max_length=64)] | None = Field(
+        default=None, description="End: a UTC day (included whole) or ISO time; default: now."
+    )
+    group_by: Annotated[str, StringConstraints(max_length=64)] = Field(
+        default="tenant", description="Comma list of tenant, model, version, device, day."
+    )
+    share_idle: bool = Field(default=False, description="Spread idle capacity over tenants.")
+    tenant: Name | None = Field(default=None, description="Only this tenant's usage, no idle.")
+
+
+class CostFigures(BaseModel):
+    requests: int
+    rows: int
+    used_ns: int
+    idle_ns: int
+    gpu_seconds: float
+    gpu_hours: float
+    cost: str = Field(description="Decimal, in the currency.")
+    currency: str
+
+
+class CostGroup(BaseModel):
+    """The group_by keys of a row; only those asked for are present."""
+
+    tenant: str | None = None
+    model: str | None = None
+    version: str | None = None
+    device: str | None = None
+    day: str | None = None
+
+
+class CostRow(CostFigures, CostGroup):
+    pass
+
+
+class CostTotals(CostFigures):
+    reserved_ns: int
+    reserved_gpu_seconds: float
+
+
+class CostReport(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    from_: datetime = Field(alias="from")
+    to: datetime
+    group_by: list[str]
+    currency: str
+    rows: list[CostRow] = Field(description="Only the group_by keys are present in a row.")
+    totals: CostTotals

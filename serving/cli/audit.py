@@ -1,0 +1,113 @@
+"""``gpugate audit``: read the audit log and check its hash chain, through the admin API;
+``audit verify --offline`` checks a database directly."""
+
+from __future__ import annotations
+
+import argparse
+from datetime import datetime
+from typing import Any
+
+from serving.cli.client import (
+    EXIT_FAILED,
+    AdminClient,
+    CommandError,
+    add_client_options,
+    add_json_option,
+    emit,
+)
+from serving.cli.local import LOCAL_NOTE, existing_engine, local
+
+
+def since(text: str) -> str:
+    """An ISO 8601 time; one without a zone is this machine's local time."""
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time") from None
+    return (when if when.tzinfo is not None else when.astimezone()).isoformat()
+
+
+def _records(rows: list[dict[str, Any]]) -> str:
+    lines = []
+    for r in rows:
+        at = datetime.fromisoformat(r["at"]).isoformat(timespec="seconds")
+        line = f"{r['seq']:>6} {at} {r['actor']:<12} {r['action']:<20} {r['target']}"
+        if r["reason"]:
+            line += f"  reason: {r['reason']}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    params = {k: v for k, v in (("model", args.model), ("since", args.since)) if v}
+    emit(args, AdminClient.of(args).get("/audit", params), _records)
+    return 0
+
+
+def _verdict(result: dict[str, Any]) -> str:
+    if result["ok"]:
+        return f"audit chain intact: {result['records']} records"
+    return f"audit chain BROKEN: {result['problem']}"
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    if args.offline:
+        return local(_verify_offline)(args)
+    if args.database_url:
+        raise CommandError("--database-url is for --offline: the gateway knows its database")
+    result = AdminClient.of(args).get("/audit/verify")
+    emit(args, result, _verdict)
+    return 0 if result["ok"] else EXIT_FAILED
+
+
+def _verify_offline(args: argparse.Namespace) -> int:
+    from serving.state import audit
+
+    engine = existing_engine(args)
+    try:
+        found = audit.verify(engine)
+    finally:
+        engine.dispose()
+    result = {
+        "ok": found.ok,
+        "records": found.records,
+        "problem": found.problem,
+        "first_bad_seq": found.first_bad_seq,
+    }
+    emit(args, result, _verdict)
+    return 0 if found.ok else EXIT_FAILED
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    aud = sub.add_parser("audit", help="read and verify the tamper-evident audit log")
+    asub = aud.add_subparsers(dest="audit_command", required=True)
+
+    log = asub.add_parser("log", help="list audit records, oldest first (admin, auditor)")
+    log.add_argument("--model", help="only records about this model")
+    log.add_argument(
+        "--since", type=since, help="only records at or after this ISO 8601 time (local if no zone)"
+    )
+    add_client_options(log)
+    add_json_option(log)
+    log.set_defaults(func=cmd_log)
+
+    verify = asub.add_parser(
+        "verify",
+        help="recompute the hash chain; exit 1 naming the first changed, inserted or removed "
+        "record (admin, auditor)",
+        description="Recompute the audit log's hash chain and name the first record that was "
+        "changed, inserted or removed (exit 1); exit 0 when intact. Asks the gateway, or "
+        "with --offline reads a database itself: the state folder's gpugate.db or "
+        "--database-url (the gateway need not run). --offline: " + LOCAL_NOTE,
+    )
+    verify.add_argument(
+        "--offline",
+        action="store_true",
+        help="read the database directly instead of asking the gateway (admin only)",
+    )
+    verify.add_argument(
+        "--database-url", help="with --offline: SQLAlchemy URL of the database to check"
+    )
+    add_client_options(verify)
+    add_json_option(verify)
+    verify.set_defaults(func=cmd_verify)

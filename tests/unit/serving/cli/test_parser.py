@@ -1,0 +1,62 @@
+"""The ``gpugate`` command line: conventions every command follows."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from serving.cli.main import build_parser
+from serving.cli.rollout import duration, steps
+
+# Commands that print a result, and those that open the database directly.
+LOCAL = {("users", "bootstrap"), ("db", "upgrade")}
+
+
+def _commands() -> list[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    found = []
+    top = build_parser()
+    (groups,) = [a for a in top._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, group in groups.choices.items():
+        subs = [a for a in group._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            found.append(((name,), group))
+            continue
+        for sub_name, parser in subs[0].choices.items():
+            found.append(((name, sub_name), parser))
+    return found
+
+
+def test_every_command_but_serve_prints_json_on_request() -> None:
+    for path, parser in _commands():
+        options = {o for a in parser._actions for o in a.option_strings}
+        if path == ("serve",):
+            assert "--url" not in options
+            continue
+        assert "--json" in options, path
+        if path in LOCAL:
+            assert "--url" not in options and "--database-url" in options, path
+            assert "Admin only" in (parser.description or ""), path
+        else:
+            assert {"--url", "--token"} <= options, path
+            assert "--config" not in options, path  # no client reads a policy
+
+
+def test_help_documents_the_exit_codes() -> None:
+    text = build_parser().format_help()
+    assert "exit codes: 0 done; 1 refused or failed" in text
+    assert "2 usage error" in text
+
+
+def test_rollout_values_are_checked_as_usage() -> None:
+    assert steps("5,25, 50") == [5, 25, 50]
+    assert [duration(t) for t in ("500ms", "30s", "2m", "1h", "1.5")] == [
+        0.5,
+        30.0,
+        120.0,
+        3600.0,
+        1.5,
+    ]
+    for bad, call in (("10,x", steps), ("soon", duration)):
+        with pytest.raises(argparse.ArgumentTypeError):
+            call(bad)
