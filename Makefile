@@ -2,13 +2,19 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# The native gRPC door (router/native/build.sh; server.grpc_server: auto uses it when built).
-NATIVE := router/_grpcdoor$(shell python3 -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+# The native gRPC door, router._grpcdoor (docs/grpc.md): the install below compiles it when
+# gRPC C++ is installed (server.grpc_server: auto then serves gRPC on it), else leaves it out.
+NATIVE := router/_grpcdoor$(shell $(if $(wildcard $(PY)),$(PY),python3) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+# The sanitizer build of `make fuzz-native`, kept apart from the regular one.
+SANITIZE := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -O1 -g
+FUZZ_CASES ?= 20000
+FUZZ_SEED ?= 20261206
 
-.PHONY: install native serve test lint bench triton-venv clean
+.PHONY: install native fuzz-native serve test lint bench triton-venv clean
 
 # torch is installed first and pinned: any other spec pulls a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+# The editable install builds the native door in place (setup.py).
+$(STAMP): pyproject.toml setup.py
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet torch==2.13.0
 	$(VENV)/bin/pip install --quiet -e '.[dev]'
@@ -16,13 +22,20 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) native
 
-# Installs Debian's libgrpc++-dev first when missing and run as root; else says what to
-# install and leaves the gRPC port to grpcio.
-# (Without the libraries no file is made, so the next make tries again.)
+# Rebuilds the door in place after grpcdoor.cc changes. Without gRPC C++ it warns and
+# makes no file, so the next make tries again.
 native: $(NATIVE)
 
-$(NATIVE): router/native/grpcdoor.cc router/native/build.sh | $(STAMP)
-	PYTHON=$(PY) bash router/native/build.sh
+$(NATIVE): router/native/grpcdoor.cc setup.py | $(STAMP)
+	$(PY) setup.py -q build_ext --inplace
+
+# ASan+UBSan build of the door, then its tests and a raw HTTP/2 frame fuzz run against it.
+fuzz-native: $(STAMP)
+	rm -rf build/asan
+	GPUGATE_NATIVE=1 GPUGATE_NATIVE_FLAGS="$(SANITIZE)" $(PY) setup.py -q build_ext \
+		--force --build-lib build/asan --build-temp build/asan/tmp
+	$(PY) -m tests.fuzz.native_sanitized --door-dir build/asan/router \
+		--cases $(FUZZ_CASES) --seed $(FUZZ_SEED)
 
 serve: $(STAMP) native
 	$(VENV)/bin/gpugate serve $(ARGS)
@@ -44,4 +57,4 @@ triton-venv: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .venv-triton .gpugate .pytest_cache .mypy_cache .ruff_cache
-	rm -f router/_grpcdoor*.so
+	rm -rf router/_grpcdoor*.so build

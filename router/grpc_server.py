@@ -296,15 +296,12 @@ def _decode_inputs(request: Any) -> list[InputTensor]:
 INFER_METHOD = SERVICE_PREFIX + "ModelInfer"
 
 
-def build_grpc_server(
-    service: InferenceService, max_message_bytes: int
-) -> tuple[grpc.aio.Server, dict[str, grpc.RpcMethodHandler]]:
-    """A grpc.aio server on the running loop, and its handlers by full method name.
+def build_grpc_server(service: InferenceService, max_message_bytes: int) -> grpc.aio.Server:
+    """A grpc.aio server on the running loop; the caller adds ports and starts it.
 
-    The caller adds ports and starts it (and may give the hot method extra
-    accepts, router.grpc_accept). The handlers are built as the generated
-    ``add_GRPCInferenceServiceServicer_to_server`` builds them, from :data:`METHODS`,
-    with :func:`decode_request` as every method's deserializer.
+    The handlers are built as the generated ``add_GRPCInferenceServiceServicer_to_server``
+    builds them, from :data:`METHODS`, with :func:`decode_request` as every method's
+    deserializer.
     """
     server = grpc.aio.server(
         options=[
@@ -325,4 +322,4 @@ def build_grpc_server(
     service_name = SERVICE_PREFIX.strip("/")
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_name, handlers),))
     server.add_registered_method_handlers(service_name, handlers)
-    return server, {SERVICE_PREFIX + name: h for name, h in handlers.items()}
+    return server

@@ -1,12 +1,12 @@
 """KServe v2 over gRPC on gRPC C++ (``server.grpc_server: native``).
 
 The same :class:`~router.grpc_server.InferenceServicer` answers; only the
-transport differs. gRPC C++'s core (``router/native/grpcdoor.cc``, built into
-``router._grpcdoor`` by ``make native``) reads HTTP/2 on a thread of its own,
-without the GIL, and queues each call once its request message is in; an eventfd
-wakes the event loop, which takes every queued call in one go. So the loop pays
-one wake-up for many calls, where grpc.aio pays several completions through its
-poller thread for each (loadtests/README.md, "Native gRPC door").
+transport differs. gRPC C++'s core (``router/native/grpcdoor.cc``, compiled into
+``router._grpcdoor`` by the package build when gRPC C++ is installed; docs/grpc.md)
+reads HTTP/2 on a thread of its own, without the GIL, and queues each call once its
+request message is in; an eventfd wakes the event loop, which takes every queued call
+in one go. So the loop pays one wake-up for many calls, where grpc.aio pays several
+completions through its poller thread for each.
 
 Deadlines, cancellation, message limits and status codes behave as on grpc.aio:
 core enforces ``grpc-timeout`` and the size limits itself; a call it cancels
@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 
 _Handler = tuple[Callable[[bytes], Any], Callable[[Any, Any], Awaitable[Any]]]
 
+# Outstanding accepts (for calls of any method) that gRPC's core holds. Core's thread
+# asks again as each call arrives, so this only has to cover the calls that arrive
+# together between two turns of that thread.
+DEFAULT_ACCEPTS = 64
+
 
 def load() -> ModuleType:
     """The compiled door, or ImportError saying how to build it."""
@@ -47,8 +52,9 @@ def load() -> ModuleType:
         return importlib.import_module("router._grpcdoor")
     except ImportError as exc:
         raise ImportError(
-            "server.grpc_server: native needs router._grpcdoor, which is not built "
-            f"({exc}); build it with `make native` (needs g++ and Debian's libgrpc++-dev)"
+            f"the native gRPC door (router._grpcdoor) is not built ({exc}): install a C++ "
+            "compiler, pkg-config and gRPC C++'s development files, then reinstall gpugate "
+            "(docs/grpc.md)"
         ) from exc
 
 
@@ -104,7 +110,9 @@ _UNIMPLEMENTED = grpc.StatusCode.UNIMPLEMENTED.value[0]
 class NativeServer:
     """Start/stop like FrontDoors needs it; ``port`` is known after :meth:`start`."""
 
-    def __init__(self, service: InferenceService, max_message_bytes: int, accepts: int) -> None:
+    def __init__(
+        self, service: InferenceService, max_message_bytes: int, accepts: int = DEFAULT_ACCEPTS
+    ) -> None:
         self._native = load()
         servicer = InferenceServicer(service)
         self._handlers: dict[str, _Handler] = {

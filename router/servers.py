@@ -11,9 +11,7 @@ import grpc
 import uvicorn
 from starlette.types import ASGIApp
 
-from router.grpc_accept import DEFAULT_ACCEPTS, Acceptors, start_acceptors
-from router.grpc_server import INFER_METHOD, build_grpc_server
-from router.grpclib_server import GrpclibServer
+from router.grpc_server import build_grpc_server
 from router.http_server import UsageSource, build_http_app
 from router.native_server import NativeServer
 from router.native_server import available as native_available
@@ -44,11 +42,14 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 class FrontDoors:
-    """The HTTP (uvicorn) and gRPC (grpc.aio, grpclib or native) servers of one
-    InferenceService.
+    """The HTTP (uvicorn) and gRPC servers of one InferenceService.
 
+    ``grpc_server`` picks the gRPC door: ``native`` (gRPC C++, :mod:`router.native_server`),
+    ``grpcio`` (grpc.aio) or ``auto`` (native when its extension loads, else grpcio).
     Port 0 picks a free port; ``http_port``/``grpc_port`` tell which after start.
     """
+
+    GRPCIO_CHECK_S = 1.0  # how often the grpcio door's port is checked for being open
 
     def __init__(
         self,
@@ -58,7 +59,6 @@ class FrontDoors:
         admin: ASGIApp | None = None,
         usage: UsageSource | None = None,
         grpc_server: str = "auto",
-        grpc_accepts: int = DEFAULT_ACCEPTS,
     ) -> None:
         self.service = service
         self._admin = admin
@@ -68,21 +68,17 @@ class FrontDoors:
         self.grpc_port = 0
         self._max_bytes = max_message_bytes
         self._grpc: grpc.aio.Server | None = None
-        self._grpc_handlers: dict[str, grpc.RpcMethodHandler] = {}
-        self._grpc_accepts = grpc_accepts
-        self.acceptors: Acceptors | None = None
-        # The gRPC doors other than grpcio's: both start(host, port) -> port, stop(grace).
-        self._door: GrpclibServer | NativeServer | None = None
+        self._grpc_keeper: asyncio.Task[None] | None = None
+        self.grpc_restarts = 0  # times the grpcio door's server ended on its own
+        self._door: NativeServer | None = None
         if grpc_server == "auto":
             why_not = native_available()
             grpc_server = "native" if why_not is None else "grpcio"
             if why_not is not None:
                 log.info("gRPC port on grpcio: %s", why_not)
         self.grpc_server = grpc_server  # the implementation serving the gRPC port
-        if grpc_server == "grpclib":
-            self._door = GrpclibServer(service, max_message_bytes)
-        elif grpc_server == "native":
-            self._door = NativeServer(service, max_message_bytes, grpc_accepts)
+        if grpc_server == "native":
+            self._door = NativeServer(service, max_message_bytes)
         elif grpc_server != "grpcio":
             raise ValueError(f"unknown gRPC server {grpc_server!r}")
         self._http: uvicorn.Server | None = None
@@ -92,17 +88,13 @@ class FrontDoors:
         if self._door is not None:
             self.grpc_port = await self._door.start(self.host, grpc_port)
         else:
-            self._grpc, self._grpc_handlers = build_grpc_server(self.service, self._max_bytes)
-            try:
-                self.grpc_port = self._grpc.add_insecure_port(f"{self.host}:{grpc_port}")
-            except RuntimeError as exc:
-                raise RuntimeError(f"cannot bind gRPC port {self.host}:{grpc_port}: {exc}") from exc
+            self._grpc = self._bind_grpcio(grpc_port)
         sock = _bind(self.host, http_port)
         self.http_port = sock.getsockname()[1]
         if self._grpc is not None:
             await self._grpc.start()
-            self.acceptors = start_acceptors(
-                self._grpc, self._grpc_handlers, INFER_METHOD, self._grpc_accepts
+            self._grpc_keeper = asyncio.get_running_loop().create_task(
+                self._keep_grpcio_serving(), name="router-grpc-keeper"
             )
         self._http = uvicorn.Server(
             uvicorn.Config(
@@ -122,18 +114,67 @@ class FrontDoors:
                 raise RuntimeError(f"HTTP server failed to start: {self._http_task.exception()}")
             await asyncio.sleep(0.01)
 
+    def _bind_grpcio(self, port: int) -> grpc.aio.Server:
+        server = build_grpc_server(self.service, self._max_bytes)
+        try:
+            self.grpc_port = server.add_insecure_port(f"{self.host}:{port}")
+        except RuntimeError as exc:
+            raise RuntimeError(f"cannot bind gRPC port {self.host}:{port}: {exc}") from exc
+        return server
+
+    async def _keep_grpcio_serving(self) -> None:
+        """Start the grpcio door again, on the same port, when its server stops listening
+        on its own. grpc.aio's server loop ends, closing the port, on a call whose method
+        name (HTTP/2 ``:path``) is not UTF-8, and the server never reports that it ended
+        (``wait_for_termination`` does not return); one such request from anyone would
+        otherwise leave the gRPC port closed until the gateway restarts. So the port is
+        probed with a TCP connect every ``GRPCIO_CHECK_S``. The calls in progress on a
+        server that ended are lost with it."""
+        while True:
+            await asyncio.sleep(self.GRPCIO_CHECK_S)
+            if await self._grpcio_listening():
+                continue
+            self.grpc_restarts += 1
+            log.error(
+                "the grpcio door stopped listening on its own; starting it again on port %d",
+                self.grpc_port,
+            )
+            assert self._grpc is not None
+            with contextlib.suppress(Exception):  # it already failed on its own
+                await self._grpc.stop(0)
+            self._grpc = self._bind_grpcio(self.grpc_port)
+            await self._grpc.start()
+
+    async def _grpcio_listening(self) -> bool:
+        # Only a refused connection means the port is closed; a slow one is a busy server.
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}.get(self.host, self.host)
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(host.strip("[]"), self.grpc_port), timeout=5
+            )
+        except ConnectionRefusedError:
+            return False
+        except (OSError, TimeoutError):
+            return True
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True
+
     @property
     def healthy(self) -> bool:
-        return self._http_task is not None and not self._http_task.done()
+        """Both doors serve: the HTTP server runs, and so does whichever gRPC door."""
+        http = self._http_task is not None and not self._http_task.done()
+        grpcio = self._grpc_keeper is None or not self._grpc_keeper.done()
+        return http and grpcio
 
     async def stop(self, grace_s: float = 1.0) -> None:
         """Close both servers; call after the service has drained."""
+        if self._grpc_keeper is not None:
+            self._grpc_keeper.cancel()
+            await asyncio.wait([self._grpc_keeper])
         if self._grpc is not None:
-            try:
-                await self._grpc.stop(grace=grace_s)
-            finally:
-                if self.acceptors is not None:
-                    await self.acceptors.stop()
+            await self._grpc.stop(grace=grace_s)
         if self._door is not None:
             await self._door.stop(grace_s)
         if self._http is not None and self._http_task is not None:

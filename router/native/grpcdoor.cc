@@ -369,9 +369,20 @@ PyObject* TakeCall(Call* call) {
     std::chrono::duration<double> d = deadline - std::chrono::system_clock::now();
     left = PyFloat_FromDouble(d.count() > 0 ? d.count() : 0.0);
   }
+  // The method is the client's :path, any bytes: decoded as Latin-1 (like the metadata)
+  // it always converts, and an odd one finds no handler (UNIMPLEMENTED).
   const std::string& method = call->ctx.method();
-  return Py_BuildValue("(Ks#NNN)", static_cast<unsigned long long>(call->id), method.data(),
-                       static_cast<Py_ssize_t>(method.size()), payload, items, left);
+  PyObject* name = PyUnicode_DecodeLatin1(method.data(), static_cast<Py_ssize_t>(method.size()),
+                                          nullptr);
+  if (name == nullptr || left == nullptr) {
+    Py_XDECREF(name);
+    Py_XDECREF(left);
+    Py_DECREF(items);
+    Py_DECREF(payload);
+    return nullptr;
+  }
+  return Py_BuildValue("(KNNNN)", static_cast<unsigned long long>(call->id), name, payload, items,
+                       left);
 }
 
 PyObject* Door_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
@@ -438,8 +449,17 @@ PyObject* Door_take(DoorObject* self, PyObject*) {
   }
   for (const Event& e : events) {
     PyObject* item = e.cancelled ? PyLong_FromUnsignedLongLong(e.id) : TakeCall(e.call);
+    if (item == nullptr && !e.cancelled) {
+      // This call's request could not be converted (out of memory for it): it alone is
+      // answered here, and the calls taken with it go on.
+      PyErr_Clear();
+      self->door->Finish(e.id, 8, "the request could not be handed to the server", nullptr, 0,
+                         false);
+      continue;
+    }
     if (item == nullptr || PyList_Append(e.cancelled ? cancelled : calls, item) < 0) {
-      // Out of memory mid-way: the calls not handed over are answered here.
+      // Out of memory for the lists themselves: no call of this take reaches Python, so
+      // each is answered here.
       Py_XDECREF(item);
       for (const Event& rest : events) {
         if (!rest.cancelled) self->door->Finish(rest.id, 13, "out of memory", nullptr, 0, false);

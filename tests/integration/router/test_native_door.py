@@ -1,6 +1,6 @@
 """The native gRPC door (router/native/grpcdoor.cc, router/native_server.py) on real sockets.
 
-The whole protocol suite (test_router_protocols.py) also runs on this door; these
+The whole protocol suite of this package also runs on this door; these
 tests cover what is the door's own: many calls per wake-up, cancellation and
 deadlines crossing from gRPC's core to the handler tasks, stopping with calls in
 flight, the methods the generated code does not name, and a port in use.
@@ -18,33 +18,34 @@ import numpy as np
 import pytest
 from gpugate_proto import grpc_service_pb2 as pb
 from gpugate_proto import grpc_service_pb2_grpc as pb_grpc
-from router.grpc_accept import DEFAULT_ACCEPTS
 from tritonclient.utils import InferenceServerException
 
-from router.native_server import NativeServer
+from router.grpc_server import INFER_METHOD, SERVICE_PREFIX
+from router.native_server import DEFAULT_ACCEPTS, NativeServer
 from scheduler import BatchPolicy
-from tests.integration.test_router_protocols import (
+from tests.integration.router.helpers import (
     AFFINE_SIGNATURE,
     HOST,
     MD_ALICE,
     AffineBackend,
+    ErrorsSeen,
     LoopThread,
     ModelSpec,
     Stack,
-    _ErrorsSeen,
-    _infer_grpc_at,
-    _wait_for,
     affine,
     assert_affine,
     decode_outputs,
+    grpc_statuses,
+    infer_grpc_at,
     raw_request,
     request_codes,
     sample,
     start_stack,
     stop_stack,
     stop_with_four_calls_in_flight,
+    wait_for,
 )
-from tests.native_door import require_native_door
+from tests.integration.router.native_door import require_native_door
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -67,9 +68,9 @@ def _door(stack: Stack) -> NativeServer:
 
 
 @pytest.fixture
-def seen() -> Iterator[_ErrorsSeen]:
+def seen() -> Iterator[ErrorsSeen]:
     """A server loop that records every error it reports; none may be reported."""
-    s = _ErrorsSeen()
+    s = ErrorsSeen()
     yield s
     s.collect_garbage()
     s.lt.stop()
@@ -94,7 +95,7 @@ def test_auto_picks_the_native_door_when_built(loop_thread_native: LoopThread) -
         loop_thread_native.run(stop_stack(stack))
 
 
-def test_many_calls_on_one_channel_with_cancels_and_deadlines(seen: _ErrorsSeen) -> None:
+def test_many_calls_on_one_channel_with_cancels_and_deadlines(seen: ErrorsSeen) -> None:
     """300 calls at once on one connection, a tenth cancelled by the client and a tenth
     past a 1 ms deadline: every other call gets exactly its own rows, and no handler
     task is left behind."""
@@ -147,22 +148,22 @@ def test_many_calls_on_one_channel_with_cancels_and_deadlines(seen: _ErrorsSeen)
         answered = sum(isinstance(v, dict) for v in results.values())
         assert answered >= 240, answered  # the 240 plain calls at least
         # Every call that reached the door was handed to a handler, and all have ended.
-        _wait_for(lambda: stack.service.in_flight == 0)
+        wait_for(lambda: stack.service.in_flight == 0)
         assert door.taken >= answered
-        _wait_for(lambda: door._tasks == {})
+        wait_for(lambda: door._tasks == {})
         # Every call taken is counted once, also those cancelled in the wake-up that
         # took them (the 1 ms deadlines make some).
         assert sum(request_codes(stack).values()) - counted_before == door.taken
         # In C++, every call over is freed: what is left is the outstanding accepts.
-        _wait_for(lambda: door._door.allocated == DEFAULT_ACCEPTS)
+        wait_for(lambda: door._door.allocated == DEFAULT_ACCEPTS)
         # The server still answers.
         x, k = sample(2, seed=1)
-        assert_affine(_infer_grpc_at(stack, "affine", x, k), x, k)
+        assert_affine(infer_grpc_at(stack, "affine", x, k), x, k)
     finally:
         seen.lt.run(stop_stack(stack))
 
 
-def test_a_client_cancel_cancels_the_handler(seen: _ErrorsSeen) -> None:
+def test_a_client_cancel_cancels_the_handler(seen: ErrorsSeen) -> None:
     backend, models = _models(1.0)
     stack: Stack = seen.lt.run(start_stack(models, "native"))
     door = _door(stack)
@@ -171,17 +172,17 @@ def test_a_client_cancel_cancels_the_handler(seen: _ErrorsSeen) -> None:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         x, k = sample(1, seed=2)
         blocker = stub.ModelInfer.future(raw_request(x, k), metadata=MD_ALICE, timeout=20)
-        _wait_for(lambda: backend.calls == 1)
+        wait_for(lambda: backend.calls == 1)
         queued = stub.ModelInfer.future(raw_request(x, k), metadata=MD_ALICE, timeout=20)
-        _wait_for(lambda: stack.service.in_flight == 2)
+        wait_for(lambda: stack.service.in_flight == 2)
         assert queued.cancel()
         # The handler task ends (499 in the metrics) while the backend is still busy.
-        _wait_for(lambda: stack.service.in_flight == 1)
-        _wait_for(lambda: len(door._tasks) == 1)  # set from the server's loop thread
+        wait_for(lambda: stack.service.in_flight == 1)
+        wait_for(lambda: len(door._tasks) == 1)  # set from the server's loop thread
         assert not blocker.done()
         assert_affine(_Decoded(blocker.result(10)), x, k)
         assert backend.calls == 1  # the cancelled call never ran
-        _wait_for(lambda: door._door.allocated == DEFAULT_ACCEPTS)
+        wait_for(lambda: door._door.allocated == DEFAULT_ACCEPTS)
         channel.close()
     finally:
         seen.lt.run(stop_stack(stack))
@@ -197,7 +198,7 @@ class _Decoded:
         return self._out[name]
 
 
-def test_methods_the_door_does_not_serve_and_undecodable_requests(seen: _ErrorsSeen) -> None:
+def test_methods_the_door_does_not_serve_and_undecodable_requests(seen: ErrorsSeen) -> None:
     _, models = _models(0.0)
     stack: Stack = seen.lt.run(start_stack(models, "native"))
     try:
@@ -230,7 +231,7 @@ def test_methods_the_door_does_not_serve_and_undecodable_requests(seen: _ErrorsS
         seen.lt.run(stop_stack(stack))
 
 
-def test_a_port_in_use_is_refused(seen: _ErrorsSeen) -> None:
+def test_a_port_in_use_is_refused(seen: ErrorsSeen) -> None:
     _, models = _models(0.0)
     stack: Stack = seen.lt.run(start_stack(models, "native"))
     try:
@@ -242,7 +243,7 @@ def test_a_port_in_use_is_refused(seen: _ErrorsSeen) -> None:
 
 
 def _four_calls_then(
-    seen: _ErrorsSeen, stop: Any, delay_s: float
+    seen: ErrorsSeen, stop: Any, delay_s: float
 ) -> tuple[list[concurrent.futures.Future[Any]], np.ndarray, np.ndarray, Stack]:
     _, models = _models(delay_s)
     stack: Stack = seen.lt.run(start_stack(models, "native"))
@@ -250,14 +251,14 @@ def _four_calls_then(
     return stop_with_four_calls_in_flight(seen.lt, stack, stop, x, k), x, k, stack
 
 
-def test_drain_then_stop_answers_calls_in_flight(seen: _ErrorsSeen) -> None:
+def test_drain_then_stop_answers_calls_in_flight(seen: ErrorsSeen) -> None:
     in_flight, x, k, stack = _four_calls_then(seen, stop_stack, delay_s=0.5)
     for call in in_flight:
         assert_affine(call.result(0), x, k)
     assert _door(stack)._tasks == {}
 
 
-def test_stop_past_grace_cancels_calls_in_flight(seen: _ErrorsSeen) -> None:
+def test_stop_past_grace_cancels_calls_in_flight(seen: ErrorsSeen) -> None:
     # No drain: the door stops with handlers waiting on a slow batch; its grace (0.2 s)
     # ends first, so core cancels the calls and their handler tasks are cancelled.
     in_flight, _, _, stack = _four_calls_then(seen, lambda s: s.doors.stop(0.2), delay_s=3.0)
@@ -269,3 +270,22 @@ def test_stop_past_grace_cancels_calls_in_flight(seen: _ErrorsSeen) -> None:
     assert set(codes) <= {"StatusCode.CANCELLED", "StatusCode.UNAVAILABLE"}, codes
     assert _door(stack)._tasks == {}
     assert stack.service.in_flight == 0
+
+
+def test_a_method_name_not_utf8_is_refused_alone(seen: ErrorsSeen) -> None:
+    """A :path that is not UTF-8 finds no method (UNIMPLEMENTED), and the good calls
+    taken with it in one wake-up are answered as usual: a name that failed to convert
+    once failed every call of its wake-up with INTERNAL, and the loop reported the
+    error (``seen`` fails the test on any error the loop reports)."""
+    _, models = _models(0.0)
+    stack: Stack = seen.lt.run(start_stack(models, "native"))
+    try:
+        message = raw_request(*sample(1, seed=4), model="affine").SerializeToString()
+        infer = INFER_METHOD.encode()
+        bad = SERVICE_PREFIX.encode() + b"Model\xffInfer"
+        paths = [infer, bad, infer, "/é/ModelInfer".encode("latin-1")]
+        ok, unimplemented = "0", str(grpc.StatusCode.UNIMPLEMENTED.value[0])
+        assert grpc_statuses(stack, paths, message) == [ok, unimplemented, ok, unimplemented]
+        wait_for(lambda: _door(stack)._door.allocated == DEFAULT_ACCEPTS)
+    finally:
+        seen.lt.run(stop_stack(stack))

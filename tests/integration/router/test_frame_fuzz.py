@@ -1,0 +1,68 @@
+"""A short run of the raw HTTP/2 frame fuzz (tests/fuzz/h2_frames.py) against each door.
+
+``make fuzz-native`` runs the long one against a sanitizer build of the native door;
+this one keeps the driver working and catches what a few hundred cases find on the
+regular builds: the server keeps answering, every call ends, and on the native door
+every call object is freed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from router.native_server import DEFAULT_ACCEPTS, NativeServer
+from tests.fuzz import h2_frames
+from tests.integration.router.helpers import (
+    DOORS,
+    HOST,
+    LoopThread,
+    Stack,
+    main_models,
+    start_stack,
+    stop_stack,
+    wait_for,
+)
+from tests.integration.router.native_door import require_native_door
+
+pytestmark = pytest.mark.timeout(180)
+
+CASES = 200
+SEED = 20261206
+
+
+@pytest.fixture(scope="module", params=DOORS)
+def fuzzed(loop_thread: LoopThread, request: pytest.FixtureRequest) -> Iterator[Stack]:
+    """A main stack of its own: the fuzz leaves nothing for the other modules' stacks."""
+    if request.param == "native":
+        require_native_door()
+    stack: Stack = loop_thread.run(start_stack(main_models(), request.param))
+    yield stack
+    loop_thread.run(stop_stack(stack))
+
+
+def test_frame_fuzz_leaves_the_door_serving(fuzzed: Stack) -> None:
+    probe = h2_frames.probe_good_call(fuzzed.grpc_url)
+    stats = h2_frames.run(
+        HOST, fuzzed.doors.grpc_port, seed=SEED, cases=CASES, probe=probe, probe_every=100
+    )
+    assert (stats.cases, stats.probes) == (CASES, 2)
+    # The scripts reach the kinds of frames they are meant to.
+    for kind in ("HEADERS", "DATA", "RST_STREAM", "WINDOW_UPDATE", "GOAWAY", "damaged"):
+        assert stats.frames[kind] > 0, stats.frames
+    wait_for(lambda: fuzzed.service.in_flight == 0, timeout=30)
+    door = fuzzed.doors._door
+    if isinstance(door, NativeServer):
+        assert door.taken > 0  # calls reached the service, not only refusals
+        wait_for(lambda: door._tasks == {} and door._door.allocated == DEFAULT_ACCEPTS, 30)
+    probe()
+
+
+def test_cases_are_reproducible() -> None:
+    authority = "127.0.0.1:8001"
+    for index in (0, 7, 123):
+        first = h2_frames.build_case(SEED, index, authority)
+        again = h2_frames.build_case(SEED, index, authority)
+        assert first.steps == again.steps and first.ending == again.ending
+    assert h2_frames.build_case(SEED, 1, authority).steps != first.steps
