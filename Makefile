@@ -48,6 +48,13 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy router scheduler serving
 
+# The admin API's property-based run (tests/e2e/test_admin_openapi.py) with many more
+# examples per operation than `make test` takes, on SQLite and PostgreSQL; prints figures.
+.PHONY: schemathesis
+schemathesis: $(STAMP)
+	GPUGATE_SCHEMATHESIS_EXAMPLES=$(or $(EXAMPLES),100) $(VENV)/bin/pytest -s -q \
+		tests/e2e/test_admin_openapi.py $(PYTEST_ARGS)
+
 bench: $(STAMP)
 	$(PY) loadtests/bench.py $(ARGS)
 

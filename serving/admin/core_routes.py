@@ -6,7 +6,6 @@ store call blocks on the database.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
@@ -14,7 +13,7 @@ from fastapi import APIRouter, Path, Query
 import serving.admin.schemas as schemas
 from serving.admin.auth import Caller
 from serving.admin.routing import JsonBodyRoute, Services, route
-from serving.admin.schemas import Name
+from serving.admin.schemas import Instant, Name
 from serving.state import audit
 
 router = APIRouter(route_class=JsonBodyRoute)
@@ -103,12 +102,9 @@ def read_audit_log(
     services: Services,
     model: Annotated[Name | None, Query(description="Only records about this model.")] = None,
     since: Annotated[
-        datetime | None,
-        Query(description="Only records at or after this ISO 8601 time (UTC if no zone)."),
+        Instant | None, Query(description="Only records at or after this time.")
     ] = None,
 ) -> list[schemas.AuditRecord]:
-    if since is not None and since.tzinfo is None:
-        since = since.replace(tzinfo=UTC)
     records = audit.read(
         services.engine, target_prefix=f"model:{model}" if model else None, since=since
     )

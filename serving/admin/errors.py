@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from serving.costs import ReportError
 from serving.registry import (
@@ -173,8 +174,20 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     if exc.status_code == 404:
         return _response(404, f"no admin route {request.url.path}")
     if exc.status_code == 405:
-        return _response(405, f"method {request.method} not allowed")
+        answer = _response(405, f"method {request.method} not allowed")
+        answer.headers["Allow"] = ", ".join(_allowed(request))
+        return answer
     return _response(exc.status_code, str(exc.detail))
+
+
+def _allowed(request: Request) -> list[str]:
+    """Every method of the path, over all its routes (Starlette names only the first's)."""
+    methods: set[str] = set()
+    for candidate in request.app.router.routes:
+        found, _ = candidate.matches(request.scope)
+        if found is not Match.NONE:
+            methods |= getattr(candidate, "methods", None) or set()
+    return sorted(methods)
 
 
 async def _internal(request: Request, exc: Exception) -> JSONResponse:

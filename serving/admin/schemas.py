@@ -3,15 +3,24 @@ from these.
 
 Every string a caller sends is checked before it reaches the database: names match
 the config's name pattern, free text holds no NUL (PostgreSQL refuses it) and no lone
-surrogate (no database can encode it), numbers are finite.
+surrogate (no database can encode it), times are RFC 3339 with their zone, numbers are
+finite. The patterns are part of the generated description.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+import re
+from datetime import date, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+)
 
 from serving.config import NAME_PATTERN
 from serving.rollout import RolloutSpec
@@ -19,8 +28,6 @@ from serving.tenancy import Role
 
 
 def _encodable(text: str) -> str:
-    if "\x00" in text:
-        raise ValueError("text may not contain NUL characters")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -28,10 +35,36 @@ def _encodable(text: str) -> str:
     return text
 
 
+def _shaped(shape: re.Pattern[str], what: str) -> BeforeValidator:
+    """Take only strings of ``shape`` (pydantic would also take e.g. Unix times)."""
+
+    def check(value: object) -> object:
+        if not isinstance(value, str) or not shape.match(value):
+            raise ValueError(f"must be {what}")
+        return value
+
+    return BeforeValidator(check)
+
+
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN.pattern)]
-Text = Annotated[str, Field(max_length=4096), AfterValidator(_encodable)]
-Reason = Annotated[
-    str, StringConstraints(pattern=r"\S", max_length=4096), AfterValidator(_encodable)
+Text = Annotated[
+    str, StringConstraints(max_length=4096, pattern=r"^[^\x00]*$"), AfterValidator(_encodable)
+]
+Reason = Annotated[  # not blank
+    str,
+    StringConstraints(max_length=4096, pattern=r"^[^\x00]*\S[^\x00]*$"),
+    AfterValidator(_encodable),
+]
+Day = Annotated[date, _shaped(re.compile(r"^\d{4}-\d{2}-\d{2}$"), "a day, YYYY-MM-DD")]
+Instant = Annotated[
+    datetime,
+    _shaped(
+        re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$"),
+        "an RFC 3339 time with its zone, e.g. 2026-11-01T12:00:00Z",
+    ),
+]
+GroupBy = Annotated[
+    str, StringConstraints(pattern=r"^((tenant|model|version|device|day)(,|$))*$", max_length=64)
 ]
 
 
@@ -270,15 +303,15 @@ class RolloutStatus(Rollout):
 
 
 class CostQuery(Strict):
-    from_: Annotated[str, StringConstraints(max_length=64)] | None = Field(
+    from_: Day | Instant | None = Field(
         default=None,
         alias="from",
-        description="Start: a UTC day (2026-11-01) or ISO time; default: this month's first.",
+        description="Start: a UTC day (2026-11-01) or a time; default: this month's first.",
     )
-    to: Annotated[str, StringConstraints(max_length=64)] | None = Field(
-        default=None, description="End: a UTC day (included whole) or ISO time; default: now."
+    to: Day | Instant | None = Field(
+        default=None, description="End: a UTC day (included whole) or a time; default: now."
     )
-    group_by: Annotated[str, StringConstraints(max_length=64)] = Field(
+    group_by: GroupBy = Field(
         default="tenant", description="Comma list of tenant, model, version, device, day."
     )
     share_idle: bool = Field(default=False, description="Spread idle capacity over tenants.")

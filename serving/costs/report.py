@@ -110,17 +110,34 @@ def _hours(ns: int) -> float:
     return ns / NS_PER_HOUR
 
 
+_FIRST = datetime.min.replace(tzinfo=UTC)
+_LAST = datetime.max.replace(tzinfo=UTC)
+
+
+def bound(when: date | datetime, *, end_of_day: bool = False) -> datetime:
+    """A report's bound in UTC: a day starts at its UTC midnight and, as an end
+    (``end_of_day``), includes that whole day; a time without a zone is UTC. Bounds past
+    what a datetime holds are clamped to its range."""
+    if isinstance(when, datetime):
+        if when.tzinfo is None:
+            return when.replace(tzinfo=UTC)
+        try:
+            return when.astimezone(UTC)
+        except OverflowError:
+            return _LAST if when.year > 1 else _FIRST
+    start = datetime.combine(when, time(), UTC)
+    if not end_of_day:
+        return start
+    return start + timedelta(days=1) if when < date.max else _LAST
+
+
 def parse_when(text: str, *, end_of_day: bool = False) -> datetime:
     """A day (``2026-11-22``; as ``--to`` it includes that whole day) or an ISO time."""
     try:
-        if len(text) == 10:
-            day = date.fromisoformat(text)
-            when = datetime.combine(day, time(), UTC)
-            return when + timedelta(days=1) if end_of_day else when
-        parsed = datetime.fromisoformat(text)
-        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
-    except (ValueError, OverflowError):  # OverflowError: a day past 9999-12-31, in UTC
-        raise ReportError(f"not a date or ISO time in range: {text!r}") from None
+        when = date.fromisoformat(text) if len(text) == 10 else datetime.fromisoformat(text)
+    except ValueError:
+        raise ReportError(f"not a date or ISO time: {text!r}") from None
+    return bound(when, end_of_day=end_of_day)
 
 
 def build_report(
@@ -140,7 +157,7 @@ def build_report(
     if unknown:
         raise ReportError(f"cannot group by {', '.join(unknown)}; choose from {GROUP_KEYS}")
     if end <= start:
-        raise ReportError("--to must be after --from")
+        raise ReportError("the end (to) must be after the start (from)")
     cells, currencies = _usage_cells(engine, start, end, tenant)
     reserved: dict[tuple[str, str, str, str], int] = {}
     if tenant is None:
@@ -301,11 +318,12 @@ def report_for_query(
     share = query.get("share_idle", "false").lower()
     if share not in {"true", "false", "1", "0"}:
         raise ReportError("share_idle must be true or false")
+    start, end = query.get("from"), query.get("to")
     return report_between(
         engine,
         pricing,
-        query.get("from"),
-        query.get("to"),
+        parse_when(start) if start is not None else None,
+        parse_when(end, end_of_day=True) if end is not None else None,
         query.get("group_by", default_group_by),
         share_idle=share in {"true", "1"},
         tenant=tenant,
@@ -316,23 +334,23 @@ def report_for_query(
 def report_between(
     engine: sa.Engine,
     pricing: Pricing,
-    start: str | None,
-    end: str | None,
+    start: date | datetime | None,
+    end: date | datetime | None,
     group_by: str,
     *,
     share_idle: bool = False,
     tenant: str | None = None,
     now: datetime | None = None,
 ) -> dict[str, Any]:
-    """A report as JSON data from its textual bounds (``None``: from the first of this UTC
-    month, until now) and comma-separated ``group_by``. Raises ReportError."""
+    """A report as JSON data, from :func:`bound`'s bounds (``None``: from the first of
+    this UTC month, until now) and comma-separated ``group_by``. Raises ReportError."""
     now = now or datetime.now(UTC)
     month_start = datetime(now.year, now.month, 1, tzinfo=UTC)
     report = build_report(
         engine,
         pricing,
-        parse_when(start) if start is not None else month_start,
-        parse_when(end, end_of_day=True) if end is not None else now,
+        bound(start) if start is not None else month_start,
+        bound(end, end_of_day=True) if end is not None else now,
         [g for g in group_by.split(",") if g],
         share_idle=share_idle,
         tenant=tenant,
@@ -364,8 +382,8 @@ class LedgerReports:
 
     def report(
         self,
-        start: str | None,
-        end: str | None,
+        start: date | datetime | None,
+        end: date | datetime | None,
         group_by: str,
         *,
         share_idle: bool = False,

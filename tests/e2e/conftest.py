@@ -199,6 +199,22 @@ def admin(
         return exc.code, json.loads(exc.read())
 
 
+def train_digits(path: Path, seed: int, nan: bool = False) -> float:
+    """A digits model trained like the demo but with another seed, saved as safetensors
+    (``serving.demo:DigitsMLP``, hidden 128); returns its accuracy."""
+    import safetensors.torch
+    import torch
+
+    from serving.demo.models import _train_digits
+
+    model, info = _train_digits(seed)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if nan:
+        state["scale"] = torch.full_like(state["scale"], float("nan"))
+    safetensors.torch.save_file(state, path)
+    return float(info["accuracy"])
+
+
 @contextlib.contextmanager
 def configured_gateway(
     tmp_path_factory: pytest.TempPathFactory, name: str, config_text: str

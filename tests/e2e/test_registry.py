@@ -20,7 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Gateway, Traffic, admin, admin_token, configured_gateway
+from tests.e2e.conftest import (
+    Gateway,
+    Traffic,
+    admin,
+    admin_token,
+    configured_gateway,
+)
+from tests.e2e.conftest import train_digits as train
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -122,21 +129,6 @@ def test_audit_log_and_verify_catch_a_direct_edit(gateway: Gateway) -> None:
 
 
 # --------------------------------------------------------------------- registry
-
-
-def train(path: Path, seed: int, nan: bool = False) -> float:
-    """A digits model trained like the demo but with another seed; returns its accuracy."""
-    import safetensors.torch
-    import torch
-
-    from serving.demo.models import _train_digits
-
-    model, info = _train_digits(seed)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if nan:
-        state["scale"] = torch.full_like(state["scale"], float("nan"))
-    safetensors.torch.save_file(state, path)
-    return float(info["accuracy"])
 
 
 def register(

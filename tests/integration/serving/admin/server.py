@@ -17,6 +17,8 @@ import sqlalchemy as sa
 import torch
 import uvicorn
 from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount
 
 from serving.admin import build_admin_app
@@ -30,9 +32,14 @@ DIGITS_CLASS = {"model_class": "serving.demo:DigitsMLP", "model_kwargs": '{"hidd
 
 
 def gateway_app(engine: sa.Engine, state_dir: Path, config: GatewayConfig) -> Starlette:
-    """The admin API as the gateway serves it: mounted at /admin."""
+    """The admin API as the gateway serves it: mounted at /admin, and a path that no
+    route takes answered in the same ``{"error": ...}`` form."""
     admin = build_admin_app(engine, state_dir, config, Pricing(CostsConfig()))
-    return Starlette(routes=[Mount("/admin", app=admin)])
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return JSONResponse({"error": f"no route {request.url.path}"}, status_code=404)
+
+    return Starlette(routes=[Mount("/admin", app=admin)], exception_handlers={404: not_found})
 
 
 def admin_token(engine: sa.Engine, state_dir: Path) -> str:

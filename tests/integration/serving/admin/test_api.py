@@ -98,8 +98,12 @@ def test_errors_keep_the_error_form(engine: sa.Engine, state: Path) -> None:
             "POST", "/models/digits/rollout", 400, json={"version": "2", "steps": [50, 10]}
         )
         assert "query.colour" in error("GET", "/costs?colour=red", 400)
-        assert "not a date" in error("GET", "/costs?from=9999-12-31&to=9999-12-31", 400)
-        assert "NUL" in error("POST", "/models/digits/rollback", 400, json={"reason": "a\x00b"})
+        assert "query.from" in error("GET", "/costs?from=yesterday", 400)
+        assert "query.since" in error("GET", "/audit?since=1700000000", 400)  # not a Unix time
+        assert "after the start" in error("GET", "/costs?from=2026-11-02&to=2026-11-01", 400)
+        assert "body.reason" in error(
+            "POST", "/models/digits/rollback", 400, json={"reason": "a\x00b"}
+        )
         assert "body.reason" in error(
             "POST", "/models/digits/versions/1/approve", 400, json={"reason": "   "}
         )
