@@ -51,9 +51,10 @@ from h2.connection import H2Connection
 from h2.events import ResponseReceived, TrailersReceived
 
 from router.servers import FrontDoors
-from router.service import InferenceService, RouterSettings, ServedModel, StaticModelTable
+from router.service import InferenceService, RouterSettings, ServedModel
 from router.types import ModelSignature, Tenant, TensorSpec
 from scheduler import BatchPolicy, BatchResult, ModelBatcher, Tensors
+from tests.fakes import StaticModelTable
 
 DOORS = ["grpcio", "native"]  # server.grpc_server: each stack runs once per door
 HOST = "127.0.0.1"

@@ -8,8 +8,9 @@ import pytest
 
 from router import servers
 from router.servers import FrontDoors
-from router.service import InferenceService, RouterSettings, StaticModelTable
+from router.service import InferenceService, RouterSettings
 from router.types import Tenant
+from tests.fakes import StaticModelTable
 
 
 class _NoTenants:
