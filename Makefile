@@ -10,7 +10,7 @@ SANITIZE := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-fra
 FUZZ_CASES ?= 20000
 FUZZ_SEED ?= 20261206
 
-.PHONY: install native fuzz-native serve test lint bench triton-venv clean
+.PHONY: install native fuzz-native serve test lint docs bench triton-venv clean
 
 # torch is installed first and pinned: any other spec pulls a multi-GB CUDA build.
 # The editable install builds the native door in place (setup.py).
@@ -54,6 +54,10 @@ lint: $(STAMP)
 schemathesis: $(STAMP)
 	GPUGATE_SCHEMATHESIS_EXAMPLES=$(or $(EXAMPLES),100) $(VENV)/bin/pytest -s -q \
 		tests/e2e/test_admin_openapi.py $(PYTEST_ARGS)
+
+# docs/config.md is generated from the config models; a unit test fails when it is stale.
+docs: $(STAMP)
+	$(PY) -m serving.config.reference docs/config.md
 
 bench: $(STAMP)
 	$(PY) loadtests/bench.py $(ARGS)
