@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import pydantic
 import sqlalchemy as sa
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -103,6 +104,9 @@ ANSWERS: dict[type[Exception], Answer] = {
     DirectoryUnavailable: Answer(503),
     SchemaError: Answer(503),  # an older or newer schema: `gpugate db upgrade`, or a newer gpugate
     sa.exc.OperationalError: Answer(503, message="the state database is unavailable; try again"),
+    # A model of the gateway's own data that does not validate is its fault: what a caller
+    # sends is validated by FastAPI (RequestValidationError, above).
+    pydantic.ValidationError: Answer(500, message="internal error of the gateway; see its log"),
 }
 
 
@@ -164,7 +168,9 @@ async def _answer(request: Request, exc: Exception) -> JSONResponse:
         raise exc
     if isinstance(exc, RequestValidationError):
         return _response(found.status, validation_message(exc.errors()))
-    if found.message is not None:
+    if found.status >= 500:
+        log.error("admin %s %s failed", request.method, request.url.path, exc_info=exc)
+    elif found.message is not None:
         log.warning("admin %s %s: %s", request.method, request.url.path, exc)
     return _response(found.status, found.message or str(exc))
 

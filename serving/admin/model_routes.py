@@ -36,6 +36,7 @@ router = APIRouter(route_class=JsonBodyRoute)
 ModelName = Annotated[Name, Path(description="The model's name.")]
 VersionName = Annotated[Name, Path(description="The version's label.")]
 VERSION = "/models/{name}/versions/{version}"
+_WRITE_BYTES = 1 << 20
 
 _ARTIFACT_BODY = {
     "requestBody": {
@@ -114,13 +115,19 @@ def _declared_length(request: Request) -> int | None:
 
 
 async def _receive(request: Request, upload: ArtifactUpload) -> None:
-    """Write the body into ``upload``; raises ArtifactTooLarge at its limit. The HTTP
+    """Write the body into ``upload``, a few chunks at a time from a worker thread (the
+    event loop also serves inference); raises ArtifactTooLarge at its limit. The HTTP
     server reads and drops the rest, so the sender still gets the answer."""
     declared = _declared_length(request)
     if declared is not None and declared > upload.max_bytes:
         raise ArtifactTooLarge(f"artifact is {declared} bytes; the limit is {upload.max_bytes}")
+    pending = bytearray()
     async for chunk in request.stream():
-        upload.write(chunk)
+        pending += chunk
+        if len(pending) >= _WRITE_BYTES:
+            await run_in_threadpool(upload.write, bytes(pending))
+            pending.clear()
+    await run_in_threadpool(upload.write, bytes(pending))
 
 
 def _register(

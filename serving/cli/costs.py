@@ -7,6 +7,7 @@ import argparse
 import csv
 import io
 import json
+from datetime import UTC, date, datetime
 from typing import Any
 
 from serving.cli.client import AdminClient, add_client_options
@@ -50,6 +51,20 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
+def when(text: str) -> str:
+    """``--from``/``--to``: a day as it is, or an ISO time (UTC if it has no zone) in the
+    RFC 3339 form the gateway takes."""
+    try:
+        if len(text) == 10:
+            return date.fromisoformat(text).isoformat()
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a day (2026-11-01) or ISO time"
+        ) from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).isoformat()
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     params: dict[str, Any] = {
         "from": args.from_,
@@ -81,11 +96,15 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "--from",
         dest="from_",
         metavar="FROM",
+        type=when,
         required=True,
         help="start: a UTC day (2026-11-01) or ISO time",
     )
     report.add_argument(
-        "--to", required=True, help="end: a UTC day (included whole) or ISO time (excluded)"
+        "--to",
+        type=when,
+        required=True,
+        help="end: a UTC day (included whole) or ISO time (excluded)",
     )
     report.add_argument(
         "--group-by",

@@ -3,6 +3,7 @@ with it."""
 
 from __future__ import annotations
 
+import pydantic
 import pytest
 import sqlalchemy as sa
 from fastapi.exceptions import RequestValidationError
@@ -51,6 +52,13 @@ def test_the_most_specific_class_answers(error: Exception, status: int) -> None:
     found = answer_for(error)
     assert found is not None and found.status == status
     assert exit_code_for(error) == EXIT_FAILED
+
+
+def test_the_gateways_own_data_failing_validation_is_its_fault() -> None:
+    with pytest.raises(pydantic.ValidationError) as raised:
+        pydantic.TypeAdapter(int).validate_python("not a number")
+    found = answer_for(raised.value)  # a ValueError, but not the caller's
+    assert found is not None and found.status == 500 and found.message is not None
 
 
 def test_an_error_outside_the_table_is_not_answered() -> None:

@@ -6,10 +6,11 @@ import argparse
 
 import pytest
 
+from serving.cli.costs import when
 from serving.cli.main import build_parser
 from serving.cli.rollout import duration, steps
 
-# Commands that print a result, and those that open the database directly.
+# The commands that open the database directly; every other one but serve asks a gateway.
 LOCAL = {("users", "bootstrap"), ("db", "upgrade")}
 
 
@@ -57,6 +58,9 @@ def test_rollout_values_are_checked_as_usage() -> None:
         3600.0,
         1.5,
     ]
-    for bad, call in (("10,x", steps), ("soon", duration)):
+    assert when("2026-11-01") == "2026-11-01"
+    assert when("2026-11-01T10:00") == "2026-11-01T10:00:00+00:00"  # no zone: UTC
+    assert when("2026-11-01T10:00:00+01:00") == "2026-11-01T10:00:00+01:00"
+    for bad, call in (("10,x", steps), ("soon", duration), ("yesterday", when)):
         with pytest.raises(argparse.ArgumentTypeError):
             call(bad)
