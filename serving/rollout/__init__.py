@@ -17,7 +17,6 @@ from serving.rollout.rollouts import (
     RolloutError,
     Rollouts,
     RolloutSpec,
-    parse_duration,
 )
 
 __all__ = [
@@ -33,5 +32,4 @@ __all__ = [
     "RolloutSpec",
     "Rollouts",
     "analyse",
-    "parse_duration",
 ]

@@ -100,18 +100,6 @@ class RolloutSpec(BaseModel):
         raise ValueError("sticky must be 'tenant' or 'header:NAME'")
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-
-
-def parse_duration(text: str) -> float:
-    """Seconds from ``500ms``, ``30s``, ``2m``, ``1h`` or a plain number of seconds."""
-    found = _DURATION.match(text)
-    if found is None:
-        raise ValueError(f"duration {text!r}: use e.g. 500ms, 30s, 2m, 1h")
-    factor = {"ms": 0.001, "s": 1.0, None: 1.0, "m": 60.0, "h": 3600.0}[found.group(2)]
-    return float(found.group(1)) * factor
-
-
 @dataclass(frozen=True)
 class Rollout:
     id: int
