@@ -26,7 +26,7 @@ def _bind(host: str, port: int) -> socket.socket:
     The protocol is named: asyncio's own loop turns Nagle off (TCP_NODELAY) only on
     sockets whose ``proto`` is IPPROTO_TCP, and accepted sockets copy the listener's.
     With proto 0, every answer uvicorn writes in two parts (head, then body) waited
-    for the client's delayed ACK: 44 ms per POST on this host. uvloop sets it anyway.
+    for the client's delayed ACK (tens of ms per POST). uvloop sets it anyway.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
