@@ -78,8 +78,10 @@ class SchemaStatus:
     """Where a database's schema stands against the migration scripts.
 
     ``current`` is the stamped revision, ``None`` when there is no version table;
-    ``unversioned`` is true when gpugate's tables exist without one (a database
-    from before migrations), ``empty`` when none of them exists.
+    ``unversioned`` is true when all of the baseline's tables exist without one (a
+    database from before migrations), ``empty`` when none of them exists, and
+    ``missing`` names the baseline tables absent from an unversioned database that
+    has some of them (neither a fresh nor an old database: refused).
     """
 
     current: str | None
@@ -87,6 +89,7 @@ class SchemaStatus:
     unversioned: bool
     empty: bool
     known: bool  # the scripts know ``current`` (false: a newer gpugate migrated it)
+    missing: frozenset[str] = frozenset()
 
     @property
     def at_head(self) -> bool:
@@ -172,9 +175,10 @@ def _status(conn: sa.Connection, config: Config | None) -> SchemaStatus:
     return SchemaStatus(
         current=current,
         head=head,
-        unversioned=not versioned and bool(present),
+        unversioned=not versioned and present == BASELINE_TABLES,
         empty=not versioned and not present,
         known=known,
+        missing=frozenset(BASELINE_TABLES - present) if not versioned and present else frozenset(),
     )
 
 
@@ -220,10 +224,9 @@ def ensure_schema(engine: sa.Engine, *, upgrade: bool, config: Config | None = N
                 change.after,
             )
             return
-        if status.unversioned:
-            _stamp(conn, BASELINE_REVISION, config)
-            if status.head == BASELINE_REVISION:
-                return
+        if status.unversioned and status.head == BASELINE_REVISION:
+            _stamp(conn, BASELINE_REVISION, config)  # the schema it has is the newest
+            return
         current = BASELINE_REVISION if status.unversioned else status.current
         raise SchemaBehindError(
             f"database schema is at revision {current}, this gpugate needs {status.head}: "
@@ -234,6 +237,14 @@ def ensure_schema(engine: sa.Engine, *, upgrade: bool, config: Config | None = N
 
 
 def _refuse_unknown(status: SchemaStatus, engine: sa.Engine) -> None:
+    if status.missing:
+        raise SchemaError(
+            f"{engine.url.render_as_string(hide_password=True)} has some of gpugate's tables "
+            f"but not {', '.join(sorted(status.missing))}, and no schema revision: it is "
+            "neither empty nor a gpugate database; restore it or point at another database",
+            None,
+            status.head,
+        )
     if status.known:
         return
     raise SchemaAheadError(

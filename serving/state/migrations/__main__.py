@@ -2,8 +2,9 @@
 
 ``python -m serving.state.migrations ARGS`` takes Alembic's own commands and options
 (``revision --autogenerate -m MESSAGE``, ``check``, ``history``, ``upgrade head
---sql``...). The database they compare with or write to is ``$GPUGATE_DATABASE_URL``,
-else a scratch SQLite database brought to the newest revision first, which is what
+--sql``...). The database they compare with or write to is ``$GPUGATE_MIGRATIONS_URL``
+(a name of its own, so the gateway's ``$GPUGATE_DATABASE_URL`` is never picked up by
+accident), else a scratch SQLite database brought to the newest revision first, which is what
 ``revision --autogenerate`` and ``check`` need to see what the metadata adds.
 Real databases are upgraded with ``gpugate db upgrade``, which holds the schema lock.
 """
@@ -28,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         cli.parser.error("too few arguments")
     config = alembic_config()
     config.cmd_opts = options
-    url = os.environ.get("GPUGATE_DATABASE_URL")
+    url = os.environ.get("GPUGATE_MIGRATIONS_URL")
     if url is not None:
         config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     if getattr(options, "sql", False):

@@ -223,17 +223,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    for table in (
-        "rollout_events",
-        "ledger_allocations",
-        "users",
-        "tenants",
-        "rollouts",
-        "model_versions",
-        "ledger_reservations",
-        "ledger_batches",
-        "audit_log",
-        "audit_head",
-        "approvals",
-    ):
-        op.drop_table(table)  # its indexes go with it
+    # Below the baseline there is no gpugate schema: going there would drop every table,
+    # the ledger and the audit log included.
+    raise RuntimeError("the baseline cannot be downgraded: it would drop every gpugate table")

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from alembic.config import Config
 
 from serving.state import (
     SchemaAheadError,
     SchemaBehindError,
+    SchemaError,
     head_revision,
     ledger_allocations,
     ledger_batches,
@@ -216,7 +218,7 @@ def test_an_older_schema_is_upgraded_only_when_embedded(
     assert revision(blank.open()) == NEXT
 
 
-def test_an_unversioned_database_behind_head_is_stamped_then_refused(
+def test_an_unversioned_database_behind_head_is_refused_untouched(
     blank: Blank, newer_code: None
 ) -> None:
     metadata.create_all(blank.engine())
@@ -226,6 +228,34 @@ def test_an_unversioned_database_behind_head_is_stamped_then_refused(
     with pytest.raises(SchemaBehindError, match=f"at revision {BASELINE_REVISION}, "):
         blank.open()
     assert schema_status(blank.engine()).unversioned  # refused means untouched
+
+
+def test_a_database_with_some_of_the_tables_is_refused_untouched(blank: Blank) -> None:
+    """Neither fresh nor from before migrations: stamping it would hide the tables it lacks."""
+    partial = blank.engine()
+    metadata.create_all(partial, tables=[metadata.tables["tenants"], metadata.tables["users"]])
+    before = catalog(partial)
+    for attempt in (blank.open, lambda: upgrade_schema(blank.engine())):
+        with pytest.raises(SchemaError, match="has some of gpugate's tables but not ") as refused:
+            attempt()
+        assert "ledger_batches" in str(refused.value)
+    assert catalog(blank.engine()) == before
+    assert not schema_status(blank.engine()).unversioned
+
+
+def test_the_baseline_cannot_be_downgraded(blank: Blank) -> None:
+    engine = blank.open()
+    with pytest.raises(RuntimeError, match="baseline cannot be downgraded"):
+        downgrade_to_base(engine)
+    assert revision(engine) == BASELINE_REVISION
+    assert set(sa.inspect(engine).get_table_names()) >= BASELINE_TABLES
+
+
+def downgrade_to_base(engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        cfg = alembic_config()
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "base")
 
 
 def test_a_newer_schema_is_refused_everywhere(blank: Blank, later: Config) -> None:
