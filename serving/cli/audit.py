@@ -10,7 +10,7 @@ from typing import Any
 from serving.cli.client import (
     EXIT_FAILED,
     AdminClient,
-    CommandError,
+    UsageError,
     add_client_options,
     add_json_option,
     emit,
@@ -54,7 +54,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.offline:
         return local(_verify_offline)(args)
     if args.database_url:
-        raise CommandError("--database-url is for --offline: the gateway knows its database")
+        raise UsageError("--database-url is for --offline: the gateway knows its database")
     result = AdminClient.of(args).get("/audit/verify")
     emit(args, result, _verdict)
     return 0 if result["ok"] else EXIT_FAILED

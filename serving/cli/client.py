@@ -26,6 +26,7 @@ DEFAULT_STATE_DIR = ".gpugate"
 # serving.tenancy.ADMIN_TOKEN_FILE and serving.admin.EXIT_FAILED; tests hold them equal.
 ADMIN_TOKEN_FILE = "admin.token"
 EXIT_FAILED = 1
+EXIT_USAGE = 2  # argparse's own code for a usage error
 TIMEOUT_S = 60.0
 _CHUNK = 1 << 20
 
@@ -34,6 +35,10 @@ Command = Callable[[argparse.Namespace], int]
 
 class CommandError(Exception):
     """A command that could not do its action: printed as ``gpugate: error: ...``, exit 1."""
+
+
+class UsageError(CommandError):
+    """Options that do not go together: exit 2, like argparse's own usage errors."""
 
 
 class Refused(CommandError):

@@ -17,7 +17,7 @@ import serving.cli.rollout as rollout
 import serving.cli.serve as serve
 import serving.cli.tenants as tenants
 import serving.cli.users as users
-from serving.cli.client import EXIT_FAILED, CommandError
+from serving.cli.client import EXIT_FAILED, EXIT_USAGE, CommandError, UsageError
 
 EPILOG = """\
 Every command but 'serve' asks a gateway's admin API (--url, default $GPUGATE_URL or
@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except CommandError as exc:
         print(f"gpugate: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_FAILED
 
 
 if __name__ == "__main__":

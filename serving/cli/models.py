@@ -16,6 +16,7 @@ from typing import Any
 from serving.cli.client import (
     AdminClient,
     CommandError,
+    UsageError,
     add_client_options,
     add_json_option,
     emit,
@@ -80,7 +81,7 @@ def cmd_register(args: argparse.Namespace) -> int:
     if not artifact.is_file():
         raise CommandError(f"artifact {artifact} is not a file")
     if bool(args.input) != bool(args.output):
-        raise CommandError("give both --input and --output, or neither (to inherit the signature)")
+        raise UsageError("give both --input and --output, or neither (to inherit the signature)")
     with artifact.open("rb") as f:
         sha256 = hashlib.file_digest(f, "sha256").hexdigest()
     params: dict[str, Any] = {

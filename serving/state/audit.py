@@ -187,7 +187,9 @@ def read(
             sa.or_(t_log.c.target == target_prefix, t_log.c.target.startswith(target_prefix + ":"))
         )
     if since is not None:
-        query = query.where(t_log.c.at >= since)
+        # In UTC, as the records are written: SQLite compares the stored text, which
+        # carries no zone, so a bound in another zone would shift by its offset.
+        query = query.where(t_log.c.at >= _aware(since))
     if limit is not None:
         query = query.limit(limit)
     with engine.connect() as conn:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import stat
 import threading
+from datetime import timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -218,6 +219,10 @@ def test_tenant_and_user_changes_are_audited(engine: sa.Engine) -> None:
     assert audit.verify(engine).ok
     since = audit.read(engine, since=records[1].at)
     assert [r.seq for r in since] == [2, 3]
+    # The same instant in other zones selects the same records.
+    for hours in (2, -5):
+        zone = timezone(timedelta(hours=hours))
+        assert [r.seq for r in audit.read(engine, since=records[1].at.astimezone(zone))] == [2, 3]
 
 
 def test_config_tenant_changes_are_audited_as_config(engine: sa.Engine) -> None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
 from serving.cli.costs import when
-from serving.cli.main import build_parser
+from serving.cli.main import build_parser, main
 from serving.cli.rollout import duration, steps
 
 # The commands that open the database directly; every other one but serve asks a gateway.
@@ -64,3 +65,35 @@ def test_rollout_values_are_checked_as_usage() -> None:
     for bad, call in (("10,x", steps), ("soon", duration), ("yesterday", when)):
         with pytest.raises(argparse.ArgumentTypeError):
             call(bad)
+
+
+def test_options_that_do_not_go_together_are_usage_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    artifact = tmp_path / "m.pt2"
+    artifact.write_bytes(b"not read: the options are checked first")
+    unreachable = ["--url", "http://127.0.0.1:9", "--token", "t"]
+    cases = (
+        (["audit", "verify", "--database-url", "sqlite://", *unreachable], "--offline"),
+        (
+            [
+                "models",
+                "register",
+                "m",
+                "--artifact",
+                str(artifact),
+                "--format",
+                "export",
+                "--input",
+                "x:FP32:4",
+                *unreachable,
+            ],
+            "both --input and --output",
+        ),
+    )
+    for argv, says in cases:
+        assert main(argv) == 2, argv
+        assert says in capsys.readouterr().err
+    # A gateway that cannot be reached is a failed action, not a usage error.
+    assert main(["audit", "verify", *unreachable]) == 1
+    assert "127.0.0.1:9" in capsys.readouterr().err
