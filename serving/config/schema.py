@@ -264,7 +264,11 @@ class ModelPolicy(_Strict):
         default=4, ge=1, le=4096, description="Rows of generated input the smoke test runs."
     )
     smoke_timeout_s: float = Field(
-        default=120.0, gt=0, description="How long the smoke test may take to load and run."
+        default=120.0,
+        gt=0,
+        # A registration answers after its smoke test; `gpugate models register` waits 900 s.
+        le=600,
+        description="How long the smoke test may take to load and run (at most 600 s).",
     )
 
 
