@@ -3,13 +3,19 @@ while hashing so the recorded digest is of the stored bytes."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import time
 from pathlib import Path
 
 from serving.registry.versions import ArtifactTooLarge, RegistryError, UploadMismatch
 
 _CHUNK = 1 << 20
+_INCOMING = ".incoming."
+# Longer than an upload's file goes unwritten while its upload is alive: the checks
+# after the last byte take at most the smoke test's timeout (600 s or less).
+STALE_INCOMING_S = 3600.0
 
 
 def artifact_path(state_dir: Path, digest: str) -> Path:
@@ -31,7 +37,23 @@ def _store_folder(state_dir: Path) -> Path:
 
 
 def _incoming(folder: Path) -> Path:
-    return folder / f".incoming.{os.getpid()}.{os.urandom(4).hex()}"
+    return folder / f"{_INCOMING}{os.getpid()}.{os.urandom(4).hex()}"
+
+
+def sweep_incoming(state_dir: Path, older_than_s: float = STALE_INCOMING_S) -> int:
+    """Remove temporary files of uploads that a stopped process left in the store, those
+    last written over ``older_than_s`` ago; returns how many."""
+    folder = state_dir / "artifacts" / "sha256"
+    if not folder.is_dir():
+        return 0
+    cutoff = time.time() - older_than_s
+    removed = 0
+    for path in folder.glob(_INCOMING + "*"):
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+    return removed
 
 
 def _keep(tmp: Path, folder: Path, digest: str) -> None:
@@ -76,9 +98,10 @@ class ArtifactUpload:
     """An artifact arriving in chunks: written to a temporary file beside the store while
     it is hashed and counted, refused as soon as it passes ``max_bytes``.
 
-    ``finish`` checks the digest the sender declared; ``store`` then files the bytes under
-    their digest, as :func:`store_artifact` does. Leaving the ``with`` block removes
-    whatever was not stored.
+    ``finish`` checks the digest the sender declared and makes the file read-only, for
+    the guardrails to check; ``store`` then files the bytes under their digest, as
+    :func:`store_artifact` does. Leaving the ``with`` block removes whatever was not
+    stored.
     """
 
     def __init__(self, state_dir: Path, max_bytes: int) -> None:
@@ -115,12 +138,18 @@ class ArtifactUpload:
                 f"the {self.size} bytes received hash to sha256 {digest}, not the declared "
                 f"{declared_sha256}: the artifact changed in transit or another file was hashed"
             )
+        self.path.chmod(0o444)
         self._digest = digest
         return digest
 
+    @property
+    def digest(self) -> str:
+        """The sha256 of the finished upload."""
+        if self._digest is None:
+            raise RegistryError("an upload has a digest only after finish() checked it")
+        return self._digest
+
     def store(self) -> tuple[str, int]:
         """File the finished upload under its digest; returns (sha256, size)."""
-        if self._digest is None:
-            raise RegistryError("an upload is stored only after finish() checked its digest")
-        _keep(self.path, self._folder, self._digest)
-        return self._digest, self.size
+        _keep(self.path, self._folder, self.digest)
+        return self.digest, self.size

@@ -6,29 +6,46 @@
   at every stage change here, and by every replica before it loads);
 * signature compatibility with production;
 * metrics no worse than production beyond the model's policy;
-* a smoke test that loads the candidate in a separate process and runs inputs
-  generated from its signature, refusing errors and NaN/Inf;
-* size (enforced while copying into the store, serving.registry.store).
+* a smoke test that loads the candidate in a separate, restricted process and runs
+  inputs generated from its signature, refusing errors and NaN/Inf;
+* size (enforced while the upload arrives, serving.registry.artifacts).
+
+Every check reads only a bounded part of an artifact into memory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import pickletools
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 import zipfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, BinaryIO, cast
 
 from serving.config import ModelConfig, ModelPolicy, TensorConfig
 from serving.registry.artifacts import file_digest
 from serving.registry.versions import GuardrailRefused, Signature
-from serving.replica import FORMATS, ModelLoadError, vet_pt2
+from serving.replica import (
+    FORMATS,
+    MAX_PICKLE_BYTES,
+    ModelLoadError,
+    open_archive,
+    read_record,
+    vet_pt2,
+)
 
 _PICKLE_OPCODE_PROTO = 0x80
+# How much of a file starting like a pickle is read to tell whether it is one.
+_PICKLE_SCAN_BYTES = 2**20
 # TorchScript's own pickles name only TorchScript classes and torch's rebuild helpers.
 _TORCHSCRIPT_MODULES = ("__torch__", "torch", "collections")
 
@@ -57,12 +74,49 @@ def check_payload(artifact: Path, fmt: str) -> None:
             raise GuardrailRefused("payload", exc.reason) from None
 
 
+class _PastBound(Exception):
+    """Raised by :class:`_Bounded` instead of reading past its bound."""
+
+
+class _Bounded:
+    """The start of a file, for ``pickletools.genops``: reads that would go past ``bound``
+    bytes raise :class:`_PastBound` instead of reading (a pickle's opcode can announce
+    an argument of any length)."""
+
+    def __init__(self, f: BinaryIO, bound: int) -> None:
+        self._f = f
+        self._left = bound
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0 or n > self._left:
+            raise _PastBound
+        data = self._f.read(n)
+        self._left -= len(data)
+        return data
+
+    def readline(self) -> bytes:
+        line = self._f.readline(self._left + 1)
+        if len(line) > self._left:
+            raise _PastBound
+        self._left -= len(line)
+        return line
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+
 def _is_pickle(path: Path) -> bool:
-    try:
-        for _ in pickletools.genops(path.read_bytes()):
-            pass
-    except Exception:
-        return False
+    """Whether the file's first :data:`_PICKLE_SCAN_BYTES` are pickle opcodes, up to a
+    STOP or to that bound: a file that reads as a pickle that far is one."""
+    with path.open("rb") as f:
+        try:
+            # genops needs only read, readline and tell.
+            for _ in pickletools.genops(cast(IO[bytes], _Bounded(f, _PICKLE_SCAN_BYTES))):
+                pass
+        except _PastBound:
+            return True
+        except Exception:
+            return False
     return True
 
 
@@ -79,44 +133,50 @@ def _check_safetensors(artifact: Path, head: bytes) -> None:
         f.seek(8)
         try:
             json.loads(f.read(header_len))
-        except ValueError:
+        except (ValueError, RecursionError):  # nesting too deep for the parser: not a header
             raise GuardrailRefused("payload", "not a safetensors file (bad header)") from None
 
 
 def _check_torchscript(artifact: Path) -> None:
     if not zipfile.is_zipfile(artifact):
         raise GuardrailRefused("payload", "not a TorchScript archive (torch.jit.save writes a zip)")
-    with zipfile.ZipFile(artifact) as zf:
-        names = zf.namelist()
-        if not any("/code/" in n for n in names):
-            # torch.save writes the same zip layout without code: a pickled object.
-            raise GuardrailRefused(
-                "payload", "a torch.save pickle archive, not TorchScript (no code/ folder)"
-            )
-        for name in names:
-            if name.endswith(".pkl"):
-                _check_pickle_globals(zf.read(name), name)
+    try:
+        with open_archive(artifact) as zf:
+            names = zf.namelist()
+            if not any("/code/" in n for n in names):
+                # torch.save writes the same zip layout without code: a pickled object.
+                raise GuardrailRefused(
+                    "payload", "a torch.save pickle archive, not TorchScript (no code/ folder)"
+                )
+            for name in names:
+                if name.endswith(".pkl"):
+                    _check_pickle_globals(read_record(artifact, zf, name, MAX_PICKLE_BYTES), name)
+    except ModelLoadError as exc:
+        raise GuardrailRefused("payload", exc.reason) from None
 
 
 def _check_pickle_globals(data: bytes, what: str) -> None:
+    # The last two strings pushed: STACK_GLOBAL's module and name. Opcode by opcode,
+    # never as a list: a small pickle can hold millions of opcodes.
+    strings: tuple[str, str] | None = None
     try:
-        ops = list(pickletools.genops(data))
+        for opcode, arg, _ in pickletools.genops(data):
+            if opcode.name in ("GLOBAL", "INST"):
+                module = str(arg).split(" ")[0]
+                if not module.startswith(_TORCHSCRIPT_MODULES):
+                    raise GuardrailRefused("payload", f"{what} references {arg!r}")
+            elif (
+                opcode.name == "STACK_GLOBAL"
+                and strings is not None
+                and not strings[0].startswith(_TORCHSCRIPT_MODULES)
+            ):
+                raise GuardrailRefused("payload", f"{what} references {strings[0]}.{strings[1]}")
+            if isinstance(arg, str):
+                strings = (strings[1] if strings is not None else "", arg)
+    except GuardrailRefused:
+        raise
     except Exception as exc:
         raise GuardrailRefused("payload", f"{what}: malformed pickle: {exc}") from None
-    strings: list[str] = []
-    for opcode, arg, _ in ops:
-        if opcode.name in ("GLOBAL", "INST"):
-            module = str(arg).split(" ")[0]
-            if not module.startswith(_TORCHSCRIPT_MODULES):
-                raise GuardrailRefused("payload", f"{what} references {arg!r}")
-        elif (
-            opcode.name == "STACK_GLOBAL"
-            and len(strings) >= 2
-            and not strings[-2].startswith(_TORCHSCRIPT_MODULES)
-        ):
-            raise GuardrailRefused("payload", f"{what} references {strings[-2]}.{strings[-1]}")
-        if isinstance(arg, str):
-            strings.append(arg)
 
 
 def check_digest(artifact: Path, digest: str) -> None:
@@ -191,30 +251,145 @@ def check_metrics(
             )
 
 
-def smoke_test(config: ModelConfig, policy: ModelPolicy) -> None:
+@dataclass(frozen=True)
+class SmokeLimits:
+    """What the smoke test's process may use. Its address space is ``memory_bytes`` plus
+    three times the artifact's size (the weights are read, the module is built, and the
+    weights are copied in); its CPU time is the policy's ``smoke_timeout_s``."""
+
+    memory_bytes: int = 4 * 2**30
+    open_files: int = 64
+    file_bytes: int = 64 * 2**20
+
+    def for_artifact(self, artifact: Path, timeout_s: float) -> dict[str, int]:
+        """The limits the child applies to itself (serving.replica.smoke)."""
+        return {
+            "memory_bytes": self.memory_bytes + 3 * artifact.stat().st_size,
+            "cpu_s": math.ceil(timeout_s),
+            "open_files": self.open_files,
+            "file_bytes": self.file_bytes,
+        }
+
+
+def smoke_test(config: ModelConfig, policy: ModelPolicy, limits: SmokeLimits) -> None:
     """Load and run the candidate in a child process, so a crash, a hang or a model that
-    imports badly cannot take the caller down."""
-    payload = json.dumps({"config": config.model_dump(mode="json"), "rows": policy.smoke_rows})
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", "serving.replica.smoke"],
-            input=payload,
-            capture_output=True,
-            text=True,
-            timeout=policy.smoke_timeout_s,
-            env=env,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        raise GuardrailRefused(
-            "smoke-test", f"did not load and run within {policy.smoke_timeout_s:g}s"
-        ) from None
-    lines = done.stdout.strip().splitlines()
+    imports badly cannot take the caller down.
+
+    The candidate's code (its ``model_class``, TorchScript or export program) runs there
+    before anyone approved it, so the child gets as little as this process can withhold
+    without another user: an environment of PATH, locale, one thread and no GPU (none of
+    the gateway's variables: no database URL, keys, tokens or telemetry settings), a fresh
+    temporary folder as its home and working directory, removed afterwards, no stdin and
+    no inherited descriptors, resource limits (``limits``; the child sets them on itself
+    before it loads the candidate) and a session and process group of its own; the group
+    is killed when the child ends or the policy's ``smoke_timeout_s`` passes.
+    """
+    artifact = config.artifact.resolve()
+    request = {
+        "config": config.model_copy(update={"artifact": artifact}).model_dump(mode="json"),
+        "rows": policy.smoke_rows,
+        "limits": limits.for_artifact(artifact, policy.smoke_timeout_s),
+    }
+    with tempfile.TemporaryDirectory(prefix="gpugate-smoke-", ignore_cleanup_errors=True) as tmp:
+        work = Path(tmp)
+        (work / "request.json").write_text(json.dumps(request))
+        out, err = work / "stdout", work / "stderr"
+        with out.open("wb") as stdout, err.open("wb") as stderr:
+            child = subprocess.Popen(
+                [sys.executable, "-m", "serving.replica.smoke", str(work / "request.json")],
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=stderr,
+                cwd=work,
+                env=_child_env(work),
+                close_fds=True,
+                start_new_session=True,
+            )
+        in_time = _wait_then_kill_group(child, policy.smoke_timeout_s)
+        if not in_time:
+            raise GuardrailRefused(
+                "smoke-test", f"did not load and run within {policy.smoke_timeout_s:g}s"
+            )
+        lines = _tail(out).strip().splitlines()
+        problem = _tail(err).strip().splitlines()
     try:
         result = json.loads(lines[-1]) if lines else {}
     except ValueError:
         result = {}
-    if done.returncode != 0 or not result.get("ok"):
-        reason = result.get("reason") or (done.stderr.strip().splitlines() or ["crashed"])[-1]
-        raise GuardrailRefused("smoke-test", str(reason)[:2000])
+    if not isinstance(result, dict):
+        result = {}
+    if child.returncode != 0 or result.get("ok") is not True:
+        reason = result.get("reason") or (problem[-1] if problem else "")
+        if child.returncode < 0:
+            name = signal.Signals(-child.returncode).name
+            reason = f"killed by {name}{_SIGNAL_CAUSES.get(name, '')}" + (
+                f": {reason}" if reason else ""
+            )
+        raise GuardrailRefused("smoke-test", str(reason or "crashed")[:2000])
+
+
+# What a resource limit's signal means in a refusal.
+_SIGNAL_CAUSES = {"SIGXCPU": " (CPU time limit)", "SIGKILL": " (CPU time or memory limit)"}
+_TAIL_BYTES = 64 * 1024
+_POLL_S = 0.05
+_EXITED_UNREAPED = os.WEXITED | os.WNOHANG | os.WNOWAIT
+
+
+def _child_env(work: Path) -> dict[str, str]:
+    env = {
+        "PATH": os.environ.get("PATH", os.defpath),
+        "HOME": str(work),
+        "TMPDIR": str(work),
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "OMP_NUM_THREADS": "1",
+        # CPU only: the candidate gets no GPU before approval, and CUDA's address-space
+        # reservations would not fit the memory limit.
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    path = _import_path()
+    if path:
+        env["PYTHONPATH"] = path
+    return env
+
+
+def _import_path() -> str:
+    """The PYTHONPATH that lets the child import what this process imports: this
+    process's own (made absolute, as the child runs elsewhere), and the folder holding
+    gpugate's packages when it is on this process's path rather than installed."""
+    entries = [
+        str(Path(p).resolve()) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p
+    ]
+    root = Path(__file__).resolve().parents[2]  # the folder holding serving/
+    on_path = {Path(p or ".").resolve() for p in sys.path}
+    if root in on_path and str(root) not in entries:
+        entries.append(str(root))
+    return os.pathsep.join(entries)
+
+
+def _wait_then_kill_group(child: subprocess.Popen[bytes], timeout_s: float) -> bool:
+    """Wait up to ``timeout_s`` for ``child`` to exit, then kill its process group (it and
+    whatever it started there) and reap it; whether it exited in time.
+
+    The child is reaped only after the kill: until then its process ID, which is its
+    process group's ID, cannot be reused by an unrelated process.
+    """
+    deadline = time.monotonic() + timeout_s
+    exited = False
+    while not exited and time.monotonic() < deadline:
+        try:
+            exited = os.waitid(os.P_PID, child.pid, _EXITED_UNREAPED) is not None
+        except ChildProcessError:  # reaped elsewhere
+            exited = True
+        if not exited:
+            time.sleep(_POLL_S)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+    return exited
+
+
+def _tail(path: Path) -> str:
+    with path.open("rb") as f:
+        f.seek(max(0, path.stat().st_size - _TAIL_BYTES))
+        return f.read().decode("utf-8", "replace")

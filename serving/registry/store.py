@@ -1,11 +1,11 @@
 """The model registry: immutable versions with lineage, in content-addressed storage.
 
-``register`` copies the artifact into ``state_dir/artifacts/sha256/<digest>``
-(hashing while copying, so the recorded digest is of the stored bytes), runs the
-guardrails (serving.registry.guardrails) and records the version with its signature,
-metrics, lineage, author and time, audited in the same transaction. Nothing
-but the stage columns of a version ever changes; stages and approvals live in
-serving.registry.stages.
+``register_upload`` runs the guardrails (serving.registry.guardrails) on an uploaded
+artifact, files it under ``state_dir/artifacts/sha256/<digest>`` once they all passed,
+and records the version with its signature, metrics, lineage, author and time, audited
+in the same transaction. Nothing but the stage columns of a version ever changes;
+stages and approvals live in serving.registry.stages. Opening a registry removes the
+temporary files of uploads abandoned over an hour ago.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,9 @@ from serving.registry.artifacts import (
     artifact_path,
     file_digest,
     store_artifact,
+    sweep_incoming,
 )
+from serving.registry.guardrails import SmokeLimits
 from serving.registry.versions import (
     CONFIG_AUTHOR,
     Candidate,
@@ -45,10 +47,18 @@ from serving.state import model_versions as t_versions
 class Registry:
     """Reads and writes model versions. Blocking; call from a thread in async code."""
 
-    def __init__(self, engine: sa.Engine, state_dir: Path, config: GatewayConfig) -> None:
+    def __init__(
+        self,
+        engine: sa.Engine,
+        state_dir: Path,
+        config: GatewayConfig,
+        smoke_limits: SmokeLimits | None = None,
+    ) -> None:
         self.engine = engine
         self.state_dir = state_dir
         self.config = config
+        self.smoke_limits = smoke_limits or SmokeLimits()
+        sweep_incoming(state_dir)
 
     def policy(self, name: str) -> ModelPolicy:
         return self.config.policy(name)
@@ -113,28 +123,14 @@ class Registry:
 
     # -- registering ------------------------------------------------------------
 
-    def register(self, actor: str, cand: Candidate, *, smoke: bool = True) -> VersionRow:
-        """Check, store and record a new version; a refusal is audited and raised."""
+    def register_upload(self, actor: str, cand: Candidate, upload: ArtifactUpload) -> VersionRow:
+        """Check and record a new version whose artifact arrived as ``upload``, finished
+        (size-capped, its sender's digest checked); a refusal is audited and raised.
 
-        def store(policy: ModelPolicy) -> tuple[str, int]:
-            return store_artifact(cand.artifact, self.state_dir, policy.max_artifact_bytes)
-
-        return self._register(actor, cand, store, smoke)
-
-    def register_upload(
-        self, actor: str, cand: Candidate, upload: ArtifactUpload, *, smoke: bool = True
-    ) -> VersionRow:
-        """:meth:`register` for an artifact received by upload: ``cand.artifact`` is the
-        upload's file, already size-capped and checked against its sender's digest."""
-        return self._register(actor, cand, lambda _policy: upload.store(), smoke)
-
-    def _register(
-        self,
-        actor: str,
-        cand: Candidate,
-        store: Callable[[ModelPolicy], tuple[str, int]],
-        smoke: bool,
-    ) -> VersionRow:
+        Every guardrail runs on the upload's own file (``cand.artifact`` is not read), and
+        the bytes are filed under their digest only once all of them passed, so a refused
+        artifact leaves nothing in the store.
+        """
         target = self.target(cand.name, cand.version)
         try:
             if not NAME_PATTERN.match(cand.name):
@@ -142,22 +138,23 @@ class Registry:
             if cand.version is not None and not NAME_PATTERN.match(cand.version):
                 raise ValueError(f"version {cand.version!r} must match {NAME_PATTERN.pattern}")
             policy = self.policy(cand.name)
-            guardrails.check_format(cand.artifact, cand.format)
+            digest = upload.digest
+            guardrails.check_format(upload.path, cand.format)
             parent = self.get(cand.name, cand.parent_version) if cand.parent_version else None
             production = self.production(cand.name)
             signature = cand.signature or _inherited_signature(parent, production)
-            digest, size = store(policy)
-            stored = artifact_path(self.state_dir, digest)
-            guardrails.check_payload(stored, cand.format)
+            guardrails.check_payload(upload.path, cand.format)
             if production is not None:
                 guardrails.check_signature(signature, production.signature)
                 guardrails.check_metrics(dict(cand.metrics), production.metrics, policy)
-            config = self._candidate_config(cand, signature, stored, digest)
-            if smoke:
-                guardrails.smoke_test(config, policy)
+            config = self._candidate_config(cand, signature, upload.path, digest)
+            guardrails.smoke_test(config, policy, self.smoke_limits)
+            # The smoke test ran the candidate's code, which could write to the file.
+            guardrails.check_digest(upload.path, digest)
         except GuardrailRefused as exc:
             self.refuse(actor, target, exc, "register")
             raise
+        digest, size = upload.store()
         return self._insert(actor, cand, signature, digest, size)
 
     @staticmethod

@@ -152,7 +152,7 @@ class VersionRow:
 
 @dataclass(frozen=True)
 class Candidate:
-    """What ``register`` is asked to record, before it is checked and stored."""
+    """What ``Registry.register_upload`` is asked to record, before it is checked."""
 
     name: str
     artifact: Path

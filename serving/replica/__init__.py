@@ -4,11 +4,14 @@ Ray Serve deployment that runs batches, and the smoke test of a candidate.
 
 from serving.replica.artifacts import (
     FORMATS,
+    MAX_PICKLE_BYTES,
     ModelInputError,
     ModelLoadError,
     ModelOutputError,
     load_module,
+    open_archive,
     pick_device,
+    read_record,
     vet_pt2,
 )
 from serving.replica.deployment import (
@@ -21,6 +24,7 @@ from serving.replica.runner import ModelRunner
 
 __all__ = [
     "FORMATS",
+    "MAX_PICKLE_BYTES",
     "ModelInputError",
     "ModelLoadError",
     "ModelOutputError",
@@ -30,6 +34,8 @@ __all__ = [
     "deployment_name",
     "load_module",
     "model_deployment",
+    "open_archive",
     "pick_device",
+    "read_record",
     "vet_pt2",
 ]

@@ -26,10 +26,12 @@ import importlib
 import io
 import json
 import pickletools
+import struct
 import zipfile
-from collections.abc import Callable, Mapping
+import zlib
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import safetensors.torch
 import torch
@@ -37,6 +39,13 @@ from torch.export.passes import move_to_device_pass
 
 FORMATS = ("torchscript", "export", "safetensors")
 _MAX_REASON = 2000
+
+# Vetting reads parts of an archive into memory (in the gateway, too): these bound it.
+MAX_ZIP_DIRECTORY_BYTES = 8 * 2**20  # zipfile holds one object per record listed
+MAX_RECORD_BYTES = 64 * 2**20  # a record read whole: metadata, sample inputs
+MAX_PICKLE_BYTES = 8 * 2**20  # a pickle scanned opcode by opcode; tensor data lives apart
+MAX_COMPRESSION_RATIO = 100  # for records over 1 MiB; deflated zeros reach ~1000
+_RATIO_FLOOR = 2**20
 
 
 class ModelLoadError(ValueError):
@@ -219,9 +228,13 @@ def vet_pt2(artifact: Path) -> None:
 
     if not zipfile.is_zipfile(artifact):
         raise ModelLoadError(artifact, "not a .pt2 archive (torch.export.save writes a zip)")
-    with zipfile.ZipFile(artifact) as zf:
+    with open_archive(artifact) as zf:
+
+        def read(name: str) -> bytes:
+            return read_record(artifact, zf, name)
+
         records = _archive_records(zf, refuse)
-        if records.get("archive_format") is None or zf.read(records["archive_format"]) != b"pt2":
+        if records.get("archive_format") is None or read(records["archive_format"]) != b"pt2":
             # torch falls back to the pre-2.8 zip layout, whose weights it unpickles.
             raise refuse("no archive_format 'pt2' record (older layouts are unpickled by torch)")
         if any(rel.startswith("data/aotinductor/") for rel in records):
@@ -241,10 +254,11 @@ def vet_pt2(artifact: Path) -> None:
             for kind in ("weights", "constants"):
                 config = records.get(f"data/{kind}/{name}_{kind}_config.json")
                 if config is not None:
-                    _vet_payload_config(zf.read(config), kind, refuse)
+                    _vet_payload_config(read(config), kind, refuse)
             sample = records.get(f"data/sample_inputs/{name}.pt")
             if sample is not None:
-                _vet_torch_save(zf.read(sample), f"sample inputs of {name!r}", refuse)
+                what = f"sample inputs of {name!r}"
+                _vet_torch_save(artifact, read(sample), what, refuse)
 
 
 def _archive_records(
@@ -280,17 +294,18 @@ def _vet_payload_config(raw: bytes, kind: str, refuse: Callable[[str], ModelLoad
             raise refuse(f"constant {fqn!r} is a pickled Python or TorchBind object")
 
 
-def _vet_torch_save(blob: bytes, what: str, refuse: Callable[[str], ModelLoadError]) -> None:
-    try:
-        inner = zipfile.ZipFile(io.BytesIO(blob))
-    except zipfile.BadZipFile:
+def _vet_torch_save(
+    artifact: Path, blob: bytes, what: str, refuse: Callable[[str], ModelLoadError]
+) -> None:
+    if not zipfile.is_zipfile(io.BytesIO(blob)):
         # The legacy torch.save format is a bare sequence of pickles: never vetted.
-        raise refuse(f"{what} is not in torch's zip serialization format") from None
-    with inner:
+        raise refuse(f"{what} is not in torch's zip serialization format")
+    with open_archive(artifact, io.BytesIO(blob)) as inner:
         _archive_records(inner, refuse)
         for name in inner.namelist():
             if name.lower().endswith(".pkl"):
-                _scan_pickle(inner.read(name), f"{what} ({name})", refuse)
+                data = read_record(artifact, inner, name, MAX_PICKLE_BYTES)
+                _scan_pickle(data, f"{what} ({name})", refuse)
 
 
 def _scan_pickle(data: bytes, what: str, refuse: Callable[[str], ModelLoadError]) -> None:
@@ -301,11 +316,22 @@ def _scan_pickle(data: bytes, what: str, refuse: Callable[[str], ModelLoadError]
     (it lacks the FRAME opcode) and torch then unpickles without restriction: with
     this check passed, that fallback can reach nothing but tensor constructors.
     """
+    # Opcode by opcode, never as a list: a small pickle can hold millions of opcodes.
+    ops = ((opcode.name, arg) for opcode, arg, _ in pickletools.genops(data))
     try:
-        ops = [(opcode.name, arg) for opcode, arg, _ in pickletools.genops(data)]
+        _scan_ops(ops, what, refuse)
     except ValueError as exc:
+        if isinstance(exc, ModelLoadError):
+            raise
         raise refuse(f"{what}: malformed pickle: {exc}") from exc
-    memo: dict[int, str | None] = {}
+
+
+def _scan_ops(
+    ops: Iterator[tuple[str, Any]], what: str, refuse: Callable[[str], ModelLoadError]
+) -> None:
+    # Memoized strings only: the memo's other values can never name a global.
+    memo: dict[int, str] = {}
+    memoized = 0
     # The last two values pushed, as far as they are known strings: STACK_GLOBAL
     # (protocol 4+) takes module and name from the stack instead of its argument.
     before: str | None = None
@@ -320,11 +346,13 @@ def _scan_pickle(data: bytes, what: str, refuse: Callable[[str], ModelLoadError]
             _check_global(before, last, what, refuse)
         elif op.startswith("EXT"):
             raise refuse(f"{what}: copyreg extension codes are not allowed")
-        if op == "MEMOIZE":
-            memo[len(memo)] = last
-            continue
-        if op in ("PUT", "BINPUT", "LONG_BINPUT"):
-            memo[int(str(arg))] = last
+        if op in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
+            index = memoized if op == "MEMOIZE" else int(str(arg))
+            memoized += op == "MEMOIZE"
+            if last is None:
+                memo.pop(index, None)
+            else:
+                memo[index] = last
             continue
         if op in _STRING_OPS:
             value: str | None = arg if isinstance(arg, str) else None
@@ -340,3 +368,98 @@ def _check_global(
 ) -> None:
     if (module, name) not in _SAFE_GLOBALS:
         raise refuse(f"{what} references {module}.{name}, which is not a tensor type")
+
+
+# ------------------------------------------------------------------ zip limits
+
+_EOCD = struct.Struct("<4s4H2LH")  # end of central directory
+_EOCD_SIGNATURE = b"PK\x05\x06"
+_ZIP64_LOCATOR = struct.Struct("<4sLQL")
+_ZIP64_LOCATOR_SIGNATURE = b"PK\x06\x07"
+_ZIP64_EOCD = struct.Struct("<4sQ2H2L4Q")
+_ZIP64_EOCD_SIGNATURE = b"PK\x06\x06"
+
+
+def _directory_size(f: IO[bytes]) -> int | None:
+    """The central directory's size in bytes, found as zipfile finds it (the end record
+    with no comment, else the last one within a comment's reach, then its ZIP64 record);
+    None when there is no end record, which zipfile refuses too."""
+    f.seek(0, io.SEEK_END)
+    size = f.tell()
+    tail_len = min(size, _EOCD.size + 0xFFFF + _ZIP64_LOCATOR.size + _ZIP64_EOCD.size)
+    f.seek(size - tail_len)
+    tail = f.read(tail_len)
+    at = len(tail) - _EOCD.size
+    if not (at >= 0 and tail[at:].startswith(_EOCD_SIGNATURE) and tail.endswith(b"\0\0")):
+        at = tail.rfind(_EOCD_SIGNATURE, max(0, len(tail) - _EOCD.size - 0xFFFF))
+        if at < 0 or at + _EOCD.size > len(tail):
+            return None
+    directory: int = _EOCD.unpack_from(tail, at)[6]
+    locator_at = at - _ZIP64_LOCATOR.size
+    record_at = locator_at - _ZIP64_EOCD.size
+    if (
+        record_at >= 0
+        and _ZIP64_LOCATOR.unpack_from(tail, locator_at)[0] == _ZIP64_LOCATOR_SIGNATURE
+        and _ZIP64_EOCD.unpack_from(tail, record_at)[0] == _ZIP64_EOCD_SIGNATURE
+    ):
+        directory = _ZIP64_EOCD.unpack_from(tail, record_at)[8]
+    return directory
+
+
+def open_archive(artifact: Path, data: IO[bytes] | None = None) -> zipfile.ZipFile:
+    """Open ``artifact`` (or ``data``, a zip found inside it) as a zip archive, refusing
+    one whose list of records is over :data:`MAX_ZIP_DIRECTORY_BYTES`.
+
+    Raises :class:`ModelLoadError`.
+    """
+    try:
+        if data is None:
+            with artifact.open("rb") as f:
+                directory = _directory_size(f)
+        else:
+            directory = _directory_size(data)
+            data.seek(0)
+    except OSError as exc:
+        raise ModelLoadError(artifact, f"unreadable: {_describe(exc)}") from exc
+    if directory is not None and directory > MAX_ZIP_DIRECTORY_BYTES:
+        raise ModelLoadError(
+            artifact,
+            f"its zip directory is {directory} bytes; the limit is {MAX_ZIP_DIRECTORY_BYTES}",
+        )
+    try:
+        return zipfile.ZipFile(artifact if data is None else data)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        raise ModelLoadError(artifact, f"not a readable zip archive: {_describe(exc)}") from exc
+
+
+def read_record(artifact: Path, zf: zipfile.ZipFile, name: str, limit: int | None = None) -> bytes:
+    """Record ``name`` of ``zf`` (an archive of ``artifact``), read whole into memory only
+    when neither its stored nor its unpacked size is over ``limit`` (default
+    :data:`MAX_RECORD_BYTES`) and it unpacks to at most :data:`MAX_COMPRESSION_RATIO`
+    times its stored size; else :class:`ModelLoadError`."""
+    limit = MAX_RECORD_BYTES if limit is None else limit
+    info = zf.getinfo(name)
+    if max(info.file_size, info.compress_size) > limit:
+        raise ModelLoadError(
+            artifact,
+            f"record {name!r} is {max(info.file_size, info.compress_size)} bytes; records "
+            f"read to vet the archive may have at most {limit}",
+        )
+    ratio = info.file_size / max(info.compress_size, 1)
+    if info.file_size > _RATIO_FLOOR and ratio > MAX_COMPRESSION_RATIO:
+        raise ModelLoadError(
+            artifact,
+            f"record {name!r} unpacks to {ratio:.0f} times its stored size (a zip bomb?); "
+            f"the limit is {MAX_COMPRESSION_RATIO}",
+        )
+    try:
+        return zf.read(info)
+    except (
+        zipfile.BadZipFile,
+        zlib.error,
+        OSError,
+        EOFError,
+        NotImplementedError,
+        RuntimeError,
+    ) as exc:
+        raise ModelLoadError(artifact, f"record {name!r} is unreadable: {_describe(exc)}") from exc

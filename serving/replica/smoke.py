@@ -1,7 +1,10 @@
-"""The smoke test's child process: ``python -m serving.replica.smoke`` < {"config", "rows"}.
+"""The smoke test's child process: ``python -m serving.replica.smoke REQUEST``, where the
+file REQUEST holds {"config", "rows", "limits"}.
 
-Loads the candidate exactly as a replica would (digest check, vetted loader),
-runs one row and then ``rows`` rows of inputs generated from the signature,
+Sets the resource limits on itself first (address space, CPU seconds, open files, file
+size, no core dumps; soft and hard alike, so the candidate cannot raise them again),
+then loads the candidate exactly as a replica would (digest check, vetted loader) on
+the CPU, runs one row and then ``rows`` rows of inputs generated from the signature,
 and prints one JSON line: {"ok": true, "outputs": {...}} or {"ok": false,
 "reason": ...}.
 """
@@ -9,13 +12,37 @@ and prints one JSON line: {"ok": true, "outputs": {...}} or {"ok": false,
 from __future__ import annotations
 
 import json
+import resource
 import sys
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import torch
 
 from serving.config import ModelConfig
+
+
+def apply_limits(limits: Mapping[str, int]) -> None:
+    """Limit this process: ``memory_bytes`` of address space, ``cpu_s`` more seconds of
+    CPU, ``open_files`` descriptors, files of at most ``file_bytes``, and no core file.
+    A limit is never raised above the hard limit this process already has."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    spent = int(usage.ru_utime + usage.ru_stime) + 1
+    wanted = {
+        resource.RLIMIT_AS: limits["memory_bytes"],
+        resource.RLIMIT_CPU: spent + limits["cpu_s"],
+        resource.RLIMIT_NOFILE: limits["open_files"],
+        resource.RLIMIT_FSIZE: limits["file_bytes"],
+        resource.RLIMIT_CORE: 0,
+    }
+    for kind, value in wanted.items():
+        _, hard = resource.getrlimit(kind)
+        if hard != resource.RLIM_INFINITY:
+            value = min(value, hard)
+        resource.setrlimit(kind, (value, value))
 
 
 def sample_inputs(config: ModelConfig, rows: int, seed: int = 0) -> dict[str, npt.NDArray[Any]]:
@@ -39,7 +66,7 @@ def run(config: ModelConfig, rows: int) -> dict[str, Any]:
     from serving.replica.runner import ModelRunner
 
     check_artifact_digest(config)
-    runner = ModelRunner(config, num_threads=1)
+    runner = ModelRunner(config, num_threads=1, device=torch.device("cpu"))
     shapes: dict[str, list[int]] = {}
     for n in sorted({1, min(rows, config.max_batch_size)}):
         outputs, _ = runner.run(sample_inputs(config, n, seed=n))
@@ -51,8 +78,12 @@ def run(config: ModelConfig, rows: int) -> dict[str, Any]:
     return {"ok": True, "outputs": shapes}
 
 
-def main() -> int:
-    request = json.loads(sys.stdin.read())
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m serving.replica.smoke REQUEST_FILE", file=sys.stderr)
+        return 2
+    request = json.loads(Path(argv[0]).read_text())
+    apply_limits(request["limits"])
     try:
         result = run(ModelConfig.model_validate(request["config"]), int(request["rows"]))
     except Exception as exc:
@@ -62,4 +93,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -15,13 +15,15 @@ from serving.demo.models import ensure_demo_model
 from serving.registry import Candidate, Registry, Signature, Stages, artifact_path
 from serving.state import audit
 from serving.state.db import model_versions, open_engine
+from tests.integration.serving.registry.uploads import register_file, skip_smoke_tests
 
 pytestmark = pytest.mark.timeout(600)
 
 
 def test_a_version_whose_bytes_changed_is_refused_and_production_stays(
-    ray_serve: None, tmp_path: Path
+    ray_serve: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    skip_smoke_tests(monkeypatch)
     state = tmp_path / "state"
     demo = ensure_demo_model(state)
     engine = open_engine(None, state)
@@ -33,7 +35,8 @@ def test_a_version_whose_bytes_changed_is_refused_and_production_stays(
         first = deployer.prepare()
         assert [(m["config"]["version"], m["stage"]) for m in first] == [("1", "production")]
 
-        v2 = registry.register(
+        v2 = register_file(
+            registry,
             "alice",
             Candidate(
                 name="digits",
@@ -44,7 +47,6 @@ def test_a_version_whose_bytes_changed_is_refused_and_production_stays(
                 model_kwargs=demo.model_kwargs,
                 version="2",
             ),
-            smoke=False,
         )
         # Not the same bytes as v1 any more: a copy under v2's digest, then corrupted.
         stored = artifact_path(state, v2.digest)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ from serving.registry import (
 )
 from serving.state import audit
 from tests.integration.conftest import OpenEngine
+from tests.integration.serving.registry.uploads import register_file, skip_smoke_tests
 
 SIG = Signature(
     (TensorConfig(name="pixels", datatype="FP32", shape=[64]),),
@@ -68,8 +70,16 @@ def cand(artifact: Path, **kw: object) -> Candidate:
 
 
 @pytest.fixture
-def reg(open_db: OpenEngine, tmp_path: Path) -> Registry:
+def reg(open_db: OpenEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Registry:
+    """A registry whose smoke test only records what it was asked to check."""
+    skip_smoke_tests(monkeypatch)
     return Registry(open_db(), tmp_path / "state", CONFIG)
+
+
+def stored_files(reg: Registry) -> list[str]:
+    """Every file of the artifact store, temporary ones included."""
+    folder = reg.state_dir / "artifacts" / "sha256"
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
 
 def actions(reg: Registry) -> list[tuple[str, str, str]]:
@@ -80,27 +90,27 @@ def test_register_stores_content_addressed_and_records_lineage(
     reg: Registry, tmp_path: Path
 ) -> None:
     src = weights(tmp_path / "a.safetensors", 1)
-    v1 = reg.register(
-        "dora", cand(src, source_uri="mlflow://run/1", dataset_digest="sha256:d"), smoke=False
+    v1 = register_file(
+        reg, "dora", cand(src, source_uri="mlflow://run/1", dataset_digest="sha256:d")
     )
     assert (v1.version, v1.stage, v1.author) == ("1", "registered", "dora")
     stored = artifact_path(reg.state_dir, v1.digest)
     assert stored.read_bytes() == src.read_bytes()
     assert stat.S_IMODE(stored.stat().st_mode) == 0o444
-    v2 = reg.register(
+    v2 = register_file(
+        reg,
         "dora",
         cand(weights(tmp_path / "b.safetensors", 2), parent_version="1", signature=None),
-        smoke=False,
     )
     assert v2.version == "2" and v2.signature == SIG  # inherited from the parent
-    v3 = reg.register("dora", cand(src, parent_version="2", version="exp-3"), smoke=False)
+    v3 = register_file(reg, "dora", cand(src, parent_version="2", version="exp-3"))
     assert v3.digest == v1.digest  # same bytes, one stored copy
     assert [r.version for r in reg.lineage("digits", "exp-3")] == ["exp-3", "2", "1"]
     assert reg.children("digits") == {"1": ["2"], "2": ["exp-3"]}
     with pytest.raises(VersionExistsError, match="immutable"):
-        reg.register("dora", cand(src, version="exp-3"), smoke=False)
+        register_file(reg, "dora", cand(src, version="exp-3"))
     with pytest.raises(RegistryError, match="no registered version '9'"):
-        reg.register("dora", cand(src, parent_version="9"), smoke=False)
+        register_file(reg, "dora", cand(src, parent_version="9"))
     assert reg.get("digits", "1").as_json()["lineage"]["source_uri"] == "mlflow://run/1"
     assert actions(reg) == [
         ("dora", "model.register", f"model:digits:{v}") for v in ("1", "2", "exp-3")
@@ -112,24 +122,25 @@ def test_payload_and_size_guardrails_refuse_and_audit(reg: Registry, tmp_path: P
     pickled = tmp_path / "model.pt"
     torch.save(DigitsMLP(16).state_dict(), pickled)
     with pytest.raises(GuardrailRefused, match=r"payload.*zip archive, not safetensors"):
-        reg.register("dora", cand(pickled), smoke=False)
+        register_file(reg, "dora", cand(pickled))
     with pytest.raises(GuardrailRefused, match=r"payload.*not TorchScript"):
-        reg.register("dora", cand(pickled, format="torchscript"), smoke=False)
+        register_file(reg, "dora", cand(pickled, format="torchscript"))
     raw = tmp_path / "raw.pkl"
     raw.write_bytes(b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00K\x01.")
     with pytest.raises(GuardrailRefused, match="is a Python pickle"):
-        reg.register("dora", cand(raw), smoke=False)
+        register_file(reg, "dora", cand(raw))
     with pytest.raises(GuardrailRefused, match="format"):
-        reg.register("dora", cand(pickled, format="onnx"), smoke=False)
+        register_file(reg, "dora", cand(pickled, format="onnx"))
     big = tmp_path / "big.safetensors"
     with big.open("wb") as f:
         f.truncate(11 * 2**20)
     with pytest.raises(GuardrailRefused, match="size"):
-        reg.register("dora", cand(big), smoke=False)
+        register_file(reg, "dora", cand(big))
     refused = audit.read(reg.engine)
     assert [r.action for r in refused] == ["model.refused"] * 5
     assert "zip archive" in refused[0].reason and refused[0].after["check"] == "payload"
     assert reg.list() == []
+    assert stored_files(reg) == []  # neither the refused bytes nor a temporary file
 
 
 def test_signature_and_metric_guardrails_compare_with_production(
@@ -137,35 +148,37 @@ def test_signature_and_metric_guardrails_compare_with_production(
 ) -> None:
     src = weights(tmp_path / "a.safetensors", 1)
     stages = Stages(reg)
-    reg.register("dora", cand(src, metrics={"accuracy": 0.95}), smoke=False)
+    register_file(reg, "dora", cand(src, metrics={"accuracy": 0.95}))
     stages.set_config_production("digits", "1")
     narrow = Signature((TensorConfig(name="pixels", datatype="FP32", shape=[32]),), SIG.outputs)
     with pytest.raises(GuardrailRefused, match=r"input 'pixels' has shape \[32\]"):
-        reg.register("dora", cand(src, signature=narrow), smoke=False)
+        register_file(reg, "dora", cand(src, signature=narrow))
     other_dtype = Signature(
         (TensorConfig(name="pixels", datatype="FP64", shape=[64]),), SIG.outputs
     )
     with pytest.raises(GuardrailRefused, match="FP64"):
-        reg.register("dora", cand(src, signature=other_dtype), smoke=False)
+        register_file(reg, "dora", cand(src, signature=other_dtype))
     no_out = Signature(SIG.inputs, (TensorConfig(name="probs", datatype="FP32", shape=[10]),))
     with pytest.raises(GuardrailRefused, match=r"outputs \['logits'\] of production"):
-        reg.register("dora", cand(src, signature=no_out), smoke=False)
+        register_file(reg, "dora", cand(src, signature=no_out))
     variable = Signature((TensorConfig(name="pixels", datatype="FP32", shape=[-1]),), SIG.outputs)
-    assert reg.register("dora", cand(src, signature=variable), smoke=False).version == "2"
+    assert register_file(reg, "dora", cand(src, signature=variable)).version == "2"
     with pytest.raises(GuardrailRefused, match=r"accuracy 0.93 is worse .* by 0.02"):
-        reg.register("dora", cand(src, metrics={"accuracy": 0.93}), smoke=False)
+        register_file(reg, "dora", cand(src, metrics={"accuracy": 0.93}))
     with pytest.raises(GuardrailRefused, match="no 'accuracy' metric"):
-        reg.register("dora", cand(src, metrics={}), smoke=False)
-    assert reg.register("dora", cand(src, metrics={"accuracy": 0.945}), smoke=False).version == "3"
+        register_file(reg, "dora", cand(src, metrics={}))
+    assert register_file(reg, "dora", cand(src, metrics={"accuracy": 0.945})).version == "3"
 
 
-def test_smoke_test_loads_in_a_child_process(reg: Registry, tmp_path: Path) -> None:
-    good = reg.register("dora", cand(weights(tmp_path / "a.safetensors", 1)))
+def test_smoke_test_loads_in_a_child_process(open_db: OpenEngine, tmp_path: Path) -> None:
+    reg = Registry(open_db(), tmp_path / "state", CONFIG)
+    good = register_file(reg, "dora", cand(weights(tmp_path / "a.safetensors", 1)))
     assert good.version == "1"
     with pytest.raises(GuardrailRefused, match=r"smoke-test.*NaN/Inf"):
-        reg.register("dora", cand(weights(tmp_path / "n.safetensors", 1, nan=True)))
+        register_file(reg, "dora", cand(weights(tmp_path / "n.safetensors", 1, nan=True)))
     with pytest.raises(GuardrailRefused, match=r"smoke-test.*cannot construct"):
-        reg.register(
+        register_file(
+            reg,
             "dora",
             cand(weights(tmp_path / "b.safetensors", 1), model_kwargs={"hidden": 16, "bogus": 1}),
         )
@@ -173,7 +186,7 @@ def test_smoke_test_loads_in_a_child_process(reg: Registry, tmp_path: Path) -> N
 
 def test_approvals_need_distinct_approvers_never_the_author(reg: Registry, tmp_path: Path) -> None:
     stages = Stages(reg)
-    reg.register("dora", cand(weights(tmp_path / "a.safetensors", 1)), smoke=False)
+    register_file(reg, "dora", cand(weights(tmp_path / "a.safetensors", 1)))
     with pytest.raises(ApprovalError, match="author"):
         stages.decide("dora", "digits", "1", "approve", "looks good to me")
     with pytest.raises(ApprovalError, match="reason"):
@@ -185,7 +198,7 @@ def test_approvals_need_distinct_approvers_never_the_author(reg: Registry, tmp_p
         stages.promote("dora", "digits", "1", "staging")
     assert stages.decide("bert", "digits", "1", "approve", "canary ok").stage == "approved"
     assert [a["approver"] for a in stages.approvals("digits", "1")] == ["ann", "bert"]
-    reg.register("dora", cand(weights(tmp_path / "b.safetensors", 2)), smoke=False)
+    register_file(reg, "dora", cand(weights(tmp_path / "b.safetensors", 2)))
     assert stages.decide("ann", "digits", "2", "reject", "drift").stage == "rejected"
     with pytest.raises(ApprovalError, match="is rejected"):
         stages.decide("bert", "digits", "2", "approve", "late")
@@ -199,7 +212,7 @@ def test_approvals_need_distinct_approvers_never_the_author(reg: Registry, tmp_p
 
 
 def approved(reg: Registry, src: Path, **kw: object) -> str:
-    v = reg.register("dora", cand(src, **kw), smoke=False).version
+    v = register_file(reg, "dora", cand(src, **kw)).version
     for who in ("ann", "bert"):
         Stages(reg).decide(who, "digits", v, "approve", "ok")
     return v
@@ -284,10 +297,11 @@ def test_config_versions_register_once_and_are_immutable(reg: Registry, tmp_path
 
 
 def test_concurrent_registrations_get_distinct_versions(
-    open_db: OpenEngine, tmp_path: Path
+    open_db: OpenEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import threading
 
+    skip_smoke_tests(monkeypatch)
     src = weights(tmp_path / "a.safetensors", 1)
     regs = [Registry(open_db(), tmp_path / "state", CONFIG) for _ in range(3)]
     versions: list[str] = []
@@ -296,7 +310,7 @@ def test_concurrent_registrations_get_distinct_versions(
     def go(r: Registry) -> None:
         try:
             for _ in range(3):
-                versions.append(r.register("dora", cand(src), smoke=False).version)
+                versions.append(register_file(r, "dora", cand(src)).version)
         except BaseException as exc:
             errors.append(exc)
 
@@ -310,3 +324,17 @@ def test_concurrent_registrations_get_distinct_versions(
     assert audit.verify(regs[0].engine).ok
     with regs[0].engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM model_versions")).scalar() == 9
+
+
+def test_opening_the_store_sweeps_uploads_abandoned_an_hour_ago(
+    reg: Registry, tmp_path: Path
+) -> None:
+    v1 = register_file(reg, "dora", cand(weights(tmp_path / "a.safetensors", 1)))
+    folder = reg.state_dir / "artifacts" / "sha256"
+    stale, fresh = folder / ".incoming.1.dead", folder / ".incoming.2.live"
+    for path in (stale, fresh):
+        path.write_bytes(b"partial")
+    two_hours_ago = time.time() - 7200
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+    Registry(reg.engine, reg.state_dir, CONFIG)
+    assert stored_files(reg) == sorted([fresh.name, v1.digest])

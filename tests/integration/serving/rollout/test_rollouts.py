@@ -27,6 +27,7 @@ from serving.rollout.rollouts import RolloutError, Rollouts, RolloutSpec
 from serving.state import audit
 from tests.integration.conftest import OpenEngine
 from tests.integration.serving.registry.test_registry import cand, weights
+from tests.integration.serving.registry.uploads import register_file, skip_smoke_tests
 
 CONFIG = GatewayConfig(policies={"digits": ModelPolicy(required_approvals=1)})
 SIG = ModelSignature((TensorSpec("pixels", "FP32", (64,)),), (TensorSpec("y", "FP32", (10,)),), 8)
@@ -37,16 +38,15 @@ def served(version: str) -> ServedModel:
 
 
 def approved(reg: Registry, tmp_path: Path, version: str) -> None:
-    reg.register(
-        "alice",
-        cand(weights(tmp_path / f"{version}.st", int(version)), version=version),
-        smoke=False,
+    register_file(
+        reg, "alice", cand(weights(tmp_path / f"{version}.st", int(version)), version=version)
     )
     Stages(reg).decide("bob", "digits", version, "approve", "looks fine")
 
 
 @pytest.fixture
-def store(open_db: OpenEngine, tmp_path: Path) -> Rollouts:
+def store(open_db: OpenEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Rollouts:
+    skip_smoke_tests(monkeypatch)
     reg = Registry(open_db(), tmp_path / "state", CONFIG)
     for v in ("1", "2", "3"):
         approved(reg, tmp_path, v)

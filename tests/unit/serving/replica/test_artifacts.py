@@ -17,6 +17,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+import serving.replica.artifacts as replica_artifacts
 from serving.demo.models import (
     DigitsMLP,
 )
@@ -291,3 +292,25 @@ def test_export_saved_with_pickle_protocol_4_loads(
     loaded = load_module(path, "export", None, {}, CPU)
     a, b = _inputs(3)
     torch.testing.assert_close(loaded(a, b)[0], _two_in()(a, b)[0])
+
+
+def test_export_archive_with_a_zip_bomb_is_refused(pt2: Path, tmp_path: Path) -> None:
+    # JSON may end in any amount of white space: 6 MiB of it deflates to a few KiB.
+    path = tmp_path / "bomb.pt2"
+    with zipfile.ZipFile(pt2) as zin, zipfile.ZipFile(path, "w") as zout:
+        for name in zin.namelist():
+            data = zin.read(name)
+            if name.endswith("_weights_config.json"):
+                zout.writestr(name, data + b" " * (6 * 2**20), zipfile.ZIP_DEFLATED)
+            else:
+                zout.writestr(name, data)
+    with pytest.raises(ModelLoadError, match=r"weights_config.json' unpacks to \d+ times"):
+        load_module(path, "export", None, {}, CPU)
+
+
+def test_export_archive_with_a_record_over_the_limit_is_refused(
+    pt2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(replica_artifacts, "MAX_RECORD_BYTES", 100)
+    with pytest.raises(ModelLoadError, match="may have at most 100"):
+        load_module(pt2, "export", None, {}, CPU)
