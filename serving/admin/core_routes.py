@@ -12,11 +12,11 @@ from fastapi import APIRouter, Path, Query
 
 import serving.admin.schemas as schemas
 from serving.admin.auth import Caller
-from serving.admin.routing import JsonBodyRoute, Services, route
+from serving.admin.routing import AdminRoute, Services, route
 from serving.admin.schemas import Instant, Name
 from serving.state import audit
 
-router = APIRouter(route_class=JsonBodyRoute)
+router = APIRouter(route_class=AdminRoute)
 TenantName = Annotated[Name, Path(description="A tenant's name.")]
 
 

@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from serving.costs import ReportError
@@ -66,12 +67,15 @@ class DirectoryUnavailable(AdminError):
 
 @dataclass(frozen=True)
 class Answer:
-    """How an error is answered: HTTP status, exit code, and a fixed message where the
-    error's own text is not for the caller (it may name hosts or SQL)."""
+    """How an error is answered: HTTP status, exit code, a fixed message where the
+    error's own text is not for the caller (it may name hosts or SQL), and the level at
+    which it is logged (by default: errors for 5xx, warnings for fixed messages, else
+    not at all)."""
 
     status: int
     exit_code: int = EXIT_FAILED
     message: str | None = None
+    log_level: int | None = None
 
 
 ANSWERS: dict[type[Exception], Answer] = {
@@ -83,6 +87,10 @@ ANSWERS: dict[type[Exception], Answer] = {
     TenantError: Answer(400),
     UserError: Answer(400),
     ReportError: Answer(400),
+    # The client went away while sending: nobody reads the answer, and nothing is wrong here.
+    ClientDisconnect: Answer(
+        400, message="the client disconnected before its request was read", log_level=logging.INFO
+    ),
     # 401, 403: who calls, and whether their role may.
     Unauthenticated: Answer(401),
     Forbidden: Answer(403),
@@ -168,7 +176,9 @@ async def _answer(request: Request, exc: Exception) -> JSONResponse:
         raise exc
     if isinstance(exc, RequestValidationError):
         return _response(found.status, validation_message(exc.errors()))
-    if found.status >= 500:
+    if found.log_level is not None:
+        log.log(found.log_level, "admin %s %s: %s", request.method, request.url.path, exc)
+    elif found.status >= 500:
         log.error("admin %s %s failed", request.method, request.url.path, exc_info=exc)
     elif found.message is not None:
         log.warning("admin %s %s: %s", request.method, request.url.path, exc)

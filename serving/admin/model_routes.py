@@ -1,10 +1,10 @@
 """Admin routes of the model registry: register (an artifact upload), read, approve,
 reject, promote, roll back.
 
-Registering streams the request body into the artifact store: counted against the
-model's ``max_artifact_bytes`` while it arrives, then checked against the sha256 the
-sender declared; the guardrails and the smoke test then run here, under the gateway's
-own policy.
+Registering streams the request body into a temporary file beside the artifact store:
+counted against the model's ``max_artifact_bytes`` while it arrives, then checked
+against the sha256 the sender declared; the guardrails and the smoke test then run
+here, under the gateway's own policy, and the artifact is kept only if they pass.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 import serving.admin.schemas as schemas
 from serving.admin.auth import Caller
-from serving.admin.routing import JsonBodyRoute, Services, route
+from serving.admin.routing import AdminRoute, Services, route
 from serving.admin.schemas import Name
 from serving.admin.services import AdminServices
 from serving.registry import (
@@ -32,7 +32,7 @@ from serving.registry import (
 )
 from serving.tenancy import Principal
 
-router = APIRouter(route_class=JsonBodyRoute)
+router = APIRouter(route_class=AdminRoute)
 ModelName = Annotated[Name, Path(description="The model's name.")]
 VersionName = Annotated[Name, Path(description="The version's label.")]
 VERSION = "/models/{name}/versions/{version}"

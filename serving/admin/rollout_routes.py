@@ -9,11 +9,11 @@ from fastapi import APIRouter, Path
 
 import serving.admin.schemas as schemas
 from serving.admin.auth import Caller
-from serving.admin.routing import JsonBodyRoute, Services, route
+from serving.admin.routing import AdminRoute, Services, route
 from serving.admin.schemas import Name
 from serving.rollout import Rollout, RolloutSpec
 
-router = APIRouter(route_class=JsonBodyRoute)
+router = APIRouter(route_class=AdminRoute)
 ModelName = Annotated[Name, Path(description="The model's name.")]
 ROLLOUT = "/models/{name}/rollout"
 

@@ -1,7 +1,10 @@
-"""How an admin endpoint is declared: the action it needs, checked before the endpoint
-runs and before any request body is read; the OpenAPI description names the action in
-the operation's security requirement and lists the roles that may do it. A JSON body
-is read up to :data:`MAX_JSON_BODY` bytes (an artifact upload has its model's own limit).
+"""How an admin endpoint is declared: the action it needs, and :class:`AdminRoute`, which
+checks the caller may do it before anything of the request but its headers is read.
+
+The OpenAPI description names the action in the operation's security requirement and
+lists the roles that may do it. A JSON body is read up to :data:`MAX_JSON_BODY` bytes
+(an artifact upload has its model's own limit). Query parameters a route does not
+declare are refused.
 """
 
 from __future__ import annotations
@@ -9,11 +12,15 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Depends, HTTPException, Request, Response, Security
+from fastapi import APIRouter, Depends, HTTPException, Request, Response, Security, params
+from fastapi.dependencies.models import Dependant
+from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 from starlette.types import Message, Receive
 
-from serving.admin.auth import authorize
+from serving.admin.auth import admit, authorize
 from serving.admin.errors import ERROR_RESPONSES
 from serving.admin.services import AdminServices, services_of
 from serving.tenancy import roles_for
@@ -72,15 +79,63 @@ def _capped(request: Request) -> Receive:
     return receive
 
 
-class JsonBodyRoute(APIRoute):
-    """A route whose declared JSON body is read up to :data:`MAX_JSON_BODY` bytes."""
+def _query_names(dependant: Dependant) -> frozenset[str]:
+    """The query parameters an endpoint and its dependencies declare, a model's fields
+    (``Annotated[Model, Query()]``) by their aliases."""
+    names: set[str] = set()
+    pending = [dependant]
+    while pending:
+        current = pending.pop()
+        pending.extend(current.dependencies)
+        for field in current.query_params:
+            model = field.field_info.annotation
+            if isinstance(model, type) and issubclass(model, BaseModel):
+                names.update(f.alias or n for n, f in model.model_fields.items())
+            else:
+                names.add(field.alias)
+    return frozenset(names)
+
+
+class AdminRoute(APIRoute):
+    """An admin endpoint, declared with :func:`route`. Before FastAPI reads the body or
+    validates anything, it admits the caller for the route's action from the
+    ``Authorization`` header (401 or 403 otherwise) and refuses query parameters the
+    route does not declare (400); it then reads a declared JSON body up to
+    :data:`MAX_JSON_BODY` bytes."""
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        super().__init__(path, endpoint, **kwargs)
+        self.actions = [
+            action
+            for dep in self.dependencies
+            if isinstance(dep, params.Security) and dep.dependency is authorize
+            for action in dep.scopes or ()
+        ]
+        if not self.actions:
+            raise TypeError(f"admin route {path} names no action: declare it with route()")
+        self.query_names = _query_names(self.dependant)
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
-        if self.body_field is None:
-            return handler
+        has_body = self.body_field is not None
 
-        async def capped(request: Request) -> Response:
-            return await handler(Request(request.scope, _capped(request)))
+        async def admitted(request: Request) -> Response:
+            request.state.principal = await run_in_threadpool(admit, request, self.actions)
+            unknown = sorted(set(request.query_params) - self.query_names)
+            if unknown:
+                raise RequestValidationError(
+                    [
+                        {
+                            "type": "extra_forbidden",
+                            "loc": ("query", name),
+                            "msg": "Extra inputs are not permitted",
+                            "input": request.query_params[name],
+                        }
+                        for name in unknown
+                    ]
+                )
+            if has_body:
+                request = Request(request.scope, _capped(request))
+            return await handler(request)
 
-        return capped
+        return admitted

@@ -184,6 +184,10 @@ def test_register_uploads_checks_digest_and_size_under_the_gateways_policy(
         )
         assert bad_tensor.status_code == 400 and "FP99" in bad_tensor.json()["error"]
 
+        pickled = _upload(dee, "digits", b"\x80\x04K\x01.", format="safetensors", **SIGNATURE)
+        assert pickled.status_code == 409 and "is a Python pickle" in pickled.json()["error"]
+        assert list(store.iterdir()) == []  # refused: neither filed nor left as a temporary
+
         made = _upload(
             dee,
             "digits",
@@ -203,7 +207,8 @@ def test_register_uploads_checks_digest_and_size_under_the_gateways_policy(
         assert [p.name for p in store.iterdir()] == [v1["sha256"]]  # no temporary file left
     refusals = [r for r in audit.read(engine) if r.action == "model.refused"]
     assert [(r.actor, r.target, r.after["check"]) for r in refusals] == [
-        ("dee", "model:tiny:new", "size")
+        ("dee", "model:tiny:new", "size"),
+        ("dee", "model:digits:new", "payload"),
     ]
 
 
