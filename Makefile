@@ -67,5 +67,5 @@ triton-venv: $(STAMP)
 	$(PY) loadtests/triton_venv.py
 
 clean:
-	rm -rf $(VENV) .venv-triton .gpugate .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-triton .gpugate .pytest_cache .mypy_cache .ruff_cache .schemathesis
 	rm -rf router/_grpcdoor*.so build
