@@ -32,7 +32,23 @@ CASES = 200
 SEED = 20261206
 
 
-@pytest.fixture(scope="module", params=DOORS)
+# grpcio 1.85's own core crashes the process (SIGSEGV in a grpcio thread) on some of
+# these frame sequences: about one 200-case run in two, and most 2,000-case runs. Run
+# here, it would take the whole test session down with it; `make fuzz-grpcio` runs it in
+# a process of its own and reports the crash (docs/grpc.md, "Hardening").
+GRPCIO_CRASHES = (
+    "grpcio 1.85 segfaults on some raw HTTP/2 frame sequences: `make fuzz-grpcio` "
+    "reproduces it out of process; the native door survives the same cases"
+)
+FUZZED_DOORS = [
+    pytest.param(door, marks=pytest.mark.xfail(run=False, reason=GRPCIO_CRASHES))
+    if door == "grpcio"
+    else door
+    for door in DOORS
+]
+
+
+@pytest.fixture(scope="module", params=FUZZED_DOORS)
 def fuzzed(request: pytest.FixtureRequest) -> Iterator[tuple[Stack, ErrorsSeen]]:
     """A main stack of its own, on a loop that records the errors it reports: the fuzz
     leaves nothing for the other modules' stacks."""
