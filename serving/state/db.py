@@ -134,13 +134,18 @@ users = sa.Table(
     sa.Column("token_hash", sa.CHAR(64), nullable=False, index=True, unique=True),
     sa.Column("created_by", sa.String(128), nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, default=utcnow),
+    # Set: the user's token is refused (``users disable``); cleared by ``users enable``.
+    sa.Column("disabled_at", sa.DateTime(timezone=True), nullable=True),
+    # Set: the token is refused from then on (``users create --expires-in``).
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True),
     sa.CheckConstraint(
         "role IN ('admin', 'deployer', 'approver', 'finance', 'auditor')", name="role"
     ),
 )
 
-# The audit hash chain (serving.state.audit). `seq` is assigned under the lock on the
-# single audit_head row, never by the database, so gaps mean removed records.
+# The audit chain (serving.state.audit). `seq` is assigned under the lock on the
+# single audit_head row, never by the database, so gaps mean removed records. `hash`
+# is the record's HMAC-SHA256 (its plain sha256 up to audit_head.legacy_seq).
 audit_log = sa.Table(
     "audit_log",
     metadata,
@@ -163,6 +168,10 @@ audit_head = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("seq", sa.BigInteger, nullable=False),
     sa.Column("hash", sa.CHAR(64), nullable=False),
+    # Records up to here were chained by the plain sha256 rule (written before the MAC).
+    sa.Column("legacy_seq", sa.BigInteger, nullable=False, server_default="0"),
+    # Which key the MAC records are made with (serving.state.audit.AuditKey.key_id).
+    sa.Column("key_id", sa.String(32), nullable=True),
     sa.CheckConstraint("id = 1", name="single_row"),
 )
 

@@ -34,7 +34,9 @@ from tests.integration.serving.state.schema import Blank, catalog, metadata_diff
 from tests.postgres import fresh_schema
 
 NEXT = "0000test0next"
-# A revision after the baseline, as a later gpugate would ship it. On SQLite it
+# The packaged scripts' newest revision: the schema this gpugate writes.
+CURRENT = head_revision()
+# A revision after the packaged ones, as a later gpugate would ship it. On SQLite it
 # rebuilds ledger_batches, the parent of ledger_allocations (ON DELETE CASCADE): with
 # foreign keys on, dropping the old table would delete every allocation.
 NEXT_SCRIPT = f'''
@@ -42,7 +44,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "{NEXT}"
-down_revision = "{BASELINE_REVISION}"
+down_revision = "{CURRENT}"
 branch_labels = None
 depends_on = None
 
@@ -62,7 +64,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "{NEXT}"
-down_revision = "{BASELINE_REVISION}"
+down_revision = "{CURRENT}"
 branch_labels = None
 depends_on = None
 
@@ -186,19 +188,38 @@ def test_an_empty_database_gets_the_schema_at_start(blank: Blank) -> None:
 def test_an_unversioned_database_is_stamped_as_the_baseline(blank: Blank) -> None:
     """A database from before migrations: its tables, no version table."""
     legacy = blank.engine()
-    metadata.create_all(legacy)
-    before = catalog(legacy)
+    make_unversioned(legacy)
     assert schema_status(legacy).unversioned
-    engine = blank.open()  # every kind: stamping changes no table a gateway uses
-    assert revision(engine) == BASELINE_REVISION == head_revision()
-    assert catalog(engine) == before
+    if blank.url is not None:
+        # A shared database is refused: the revisions after the baseline wait for
+        # `gpugate db upgrade`.
+        with pytest.raises(SchemaBehindError, match=f"at revision {BASELINE_REVISION}, "):
+            blank.open()
+        assert schema_status(legacy).unversioned  # refused means untouched
+        upgrade_schema(blank.engine())
+    engine = blank.open()  # embedded: stamped and upgraded at once
+    assert revision(engine) == CURRENT
+    fresh = blank.engine()
+    if blank.admin_url is None:
+        reference = sa.create_engine(f"sqlite+pysqlite:///{blank.state_dir / 'reference.db'}")
+        metadata.create_all(reference)
+        assert catalog(engine) == catalog(reference)
+        reference.dispose()
+    assert metadata_differences(fresh) == []
+
+
+def make_unversioned(engine: sa.Engine) -> None:
+    """A database from before migrations: the baseline's tables, no version table."""
+    upgrade_schema(engine, BASELINE_REVISION)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE alembic_version")
 
 
 def test_an_older_schema_is_upgraded_only_when_embedded(
     blank: Blank, later: Config, newer_code: None
 ) -> None:
     old = blank.engine()
-    upgrade_schema(old, BASELINE_REVISION)
+    upgrade_schema(old, CURRENT)
     fill_ledger(old)
     if blank.url is None:
         engine = blank.open()
@@ -208,20 +229,20 @@ def test_an_older_schema_is_upgraded_only_when_embedded(
     with pytest.raises(SchemaBehindError) as refused:
         blank.open()
     assert str(refused.value) == (
-        f"database schema is at revision {BASELINE_REVISION}, this gpugate needs {NEXT}: "
+        f"database schema is at revision {CURRENT}, this gpugate needs {NEXT}: "
         "run `gpugate db upgrade --database-url ...`"
     )
-    assert (refused.value.current, refused.value.head) == (BASELINE_REVISION, NEXT)
-    assert revision(old) == BASELINE_REVISION  # refused means untouched
+    assert (refused.value.current, refused.value.head) == (CURRENT, NEXT)
+    assert revision(old) == CURRENT  # refused means untouched
     change = upgrade_schema(blank.engine())  # what `gpugate db upgrade` does
-    assert (change.before, change.after) == (BASELINE_REVISION, NEXT)
+    assert (change.before, change.after) == (CURRENT, NEXT)
     assert revision(blank.open()) == NEXT
 
 
 def test_an_unversioned_database_behind_head_is_refused_untouched(
     blank: Blank, newer_code: None
 ) -> None:
-    metadata.create_all(blank.engine())
+    make_unversioned(blank.engine())
     if blank.url is None:
         assert revision(blank.open()) == NEXT
         return
@@ -244,7 +265,8 @@ def test_a_database_with_some_of_the_tables_is_refused_untouched(blank: Blank) -
 
 
 def test_the_baseline_cannot_be_downgraded(blank: Blank) -> None:
-    engine = blank.open()
+    engine = blank.engine()
+    upgrade_schema(engine, BASELINE_REVISION)
     with pytest.raises(RuntimeError, match="baseline cannot be downgraded"):
         downgrade_to_base(engine)
     assert revision(engine) == BASELINE_REVISION
@@ -273,7 +295,7 @@ def test_a_newer_schema_is_refused_everywhere(blank: Blank, later: Config) -> No
 def test_a_rebuilt_table_keeps_the_rows_that_refer_to_it(blank: Blank, later: Config) -> None:
     """The SQLite rebuild of a parent table must not cascade into its children."""
     engine = blank.engine()
-    upgrade_schema(engine, BASELINE_REVISION)
+    upgrade_schema(engine, CURRENT)
     fill_ledger(engine)
     upgrade_schema(engine, config=later)
     with engine.connect() as conn:

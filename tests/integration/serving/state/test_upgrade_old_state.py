@@ -13,8 +13,15 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from serving.state import SQLITE_FILENAME, audit, make_engine, open_engine, upgrade_schema
-from serving.state.migrate import BASELINE_REVISION
+from serving.state import (
+    SQLITE_FILENAME,
+    SchemaBehindError,
+    audit,
+    head_revision,
+    make_engine,
+    open_engine,
+    upgrade_schema,
+)
 from serving.tenancy import TenantStore, UserStore, hash_key
 from tests.integration.serving.state.schema import all_rows, catalog, metadata_differences
 from tests.postgres import Schema
@@ -25,8 +32,30 @@ PG_FIXTURE = FIXTURES / "state_045d7eb.pg.sql"
 MANIFEST: dict[str, Any] = json.loads((FIXTURES / "state_045d7eb.json").read_text())
 
 
+# Columns that later revisions added, at the end of their tables, and what every row
+# from before holds in them.
+ADDED = {
+    "users": lambda row: (None, None),  # disabled_at, expires_at: every token still works
+    "audit_head": lambda row: (row[1], None),  # legacy_seq = seq: the old rule up to here
+}
+
+
+def old_columns(after: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """``after``'s rows with the added columns checked and cut off."""
+    cut: dict[str, list[Any]] = {}
+    for name, rows in after.items():
+        if name not in ADDED:
+            cut[name] = rows
+            continue
+        width = len(rows[0]) - len(ADDED[name](rows[0]))
+        for row in rows:
+            assert row[width:] == ADDED[name](row), (name, row)
+        cut[name] = [row[:width] for row in rows]
+    return cut
+
+
 def check_upgraded(engine: sa.Engine, before: dict[str, list[Any]], made: dict[str, Any]) -> None:
-    assert all_rows(engine) == before
+    assert old_columns(all_rows(engine)) == before
     checked = audit.verify(engine)
     assert checked.ok, checked.problem
     assert checked.records == MANIFEST["rows"]["audit_log"]
@@ -75,7 +104,7 @@ def test_sqlite_state_of_045d7eb_upgrades_at_start(tmp_path: Path) -> None:
         check_upgraded(engine, before, MANIFEST["sqlite"])
         with engine.connect() as conn:
             stamped = conn.exec_driver_sql("SELECT version_num FROM alembic_version").all()
-        assert stamped == [(BASELINE_REVISION,)]
+        assert stamped == [(head_revision(),)]
         fresh = make_engine(None, tmp_path / "fresh")
         upgrade_schema(fresh)
         assert catalog(engine) == catalog(fresh)
@@ -91,7 +120,7 @@ def test_postgres_state_of_045d7eb_upgrades(postgres_schema: Schema, tmp_path: P
     before = all_rows(plain)
     assert {name: len(rows) for name, rows in before.items()} == MANIFEST["rows"]
     change = upgrade_schema(plain)  # `gpugate db upgrade`
-    assert (change.before, change.after, change.stamped) == (None, BASELINE_REVISION, True)
+    assert (change.before, change.after, change.stamped) == (None, head_revision(), True)
     plain.dispose()
 
     engine = open_engine(postgres_schema.url, tmp_path)  # a gateway's start
@@ -103,14 +132,18 @@ def test_postgres_state_of_045d7eb_upgrades(postgres_schema: Schema, tmp_path: P
 
 
 @pytest.mark.postgres
-def test_postgres_state_of_045d7eb_is_accepted_at_start(
+def test_postgres_state_of_045d7eb_waits_for_db_upgrade(
     postgres_schema: Schema, tmp_path: Path
 ) -> None:
-    """A shared database from before migrations whose tables already are the newest
-    schema: a gateway stamps it and starts, with no `gpugate db upgrade` needed."""
+    """A shared database from before migrations, behind the newest schema: a gateway
+    refuses it untouched and names `gpugate db upgrade`, after which it starts."""
     load_dump(postgres_schema)
     plain = make_engine(postgres_schema.url, tmp_path)
     before = all_rows(plain)
+    with pytest.raises(SchemaBehindError, match="gpugate db upgrade"):
+        open_engine(postgres_schema.url, tmp_path)
+    assert all_rows(plain) == before
+    upgrade_schema(plain)
     plain.dispose()
     engine = open_engine(postgres_schema.url, tmp_path)
     try:
