@@ -4,7 +4,8 @@ checks the caller may do it before anything of the request but its headers is re
 The OpenAPI description names the action in the operation's security requirement and
 lists the roles that may do it. A JSON body is read up to :data:`MAX_JSON_BODY` bytes
 (an artifact upload has its model's own limit). Query parameters a route does not
-declare are refused.
+declare are refused, and so is any path or query value over :data:`MAX_PARAM_CHARS`
+characters or holding a control character (NUL included), before it reaches a query.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from serving.admin.services import AdminServices, services_of
 from serving.tenancy import roles_for
 
 MAX_JSON_BODY = 64 * 1024
+MAX_PARAM_CHARS = 4096
+# C0 controls and DEL: no name, filter or date holds one, and PostgreSQL refuses NUL in text.
+_CONTROL = frozenset(map(chr, [*range(0x20), 0x7F]))
 
 Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
 Services = Annotated[AdminServices, Depends(services_of)]
@@ -96,6 +100,28 @@ def _query_names(dependant: Dependant) -> frozenset[str]:
     return frozenset(names)
 
 
+def _refuse_malformed(request: Request) -> None:
+    """400 for path and query values no endpoint could use: over-long, or holding controls."""
+    values = [("path", k, v) for k, v in request.path_params.items()] + [
+        ("query", k, v) for k, v in request.query_params.multi_items()
+    ]
+    errors = [
+        {
+            "type": "value_error",
+            "loc": (where, name),
+            "msg": f"must be at most {MAX_PARAM_CHARS} characters"
+            if len(value) > MAX_PARAM_CHARS
+            else "must not hold control characters",
+            "input": value[:64],
+        }
+        for where, name, value in values
+        if isinstance(value, str)
+        and (len(value) > MAX_PARAM_CHARS or not _CONTROL.isdisjoint(value))
+    ]
+    if errors:
+        raise RequestValidationError(errors)
+
+
 class AdminRoute(APIRoute):
     """An admin endpoint, declared with :func:`route`. Before FastAPI reads the body or
     validates anything, it admits the caller for the route's action from the
@@ -134,6 +160,7 @@ class AdminRoute(APIRoute):
                         for name in unknown
                     ]
                 )
+            _refuse_malformed(request)
             if has_body:
                 request = Request(request.scope, _capped(request))
             return await handler(request)

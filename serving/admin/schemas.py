@@ -39,7 +39,7 @@ def _shaped(shape: re.Pattern[str], what: str) -> BeforeValidator:
     """Take only strings of ``shape`` (pydantic would also take e.g. Unix times)."""
 
     def check(value: object) -> object:
-        if not isinstance(value, str) or not shape.match(value):
+        if not isinstance(value, str) or not shape.fullmatch(value):
             raise ValueError(f"must be {what}")
         return value
 

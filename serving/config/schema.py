@@ -128,7 +128,7 @@ class ModelConfig(_Strict):
     @field_validator("name", "version")
     @classmethod
     def _safe_name(cls, v: str) -> str:
-        if not NAME_PATTERN.match(v):
+        if not NAME_PATTERN.fullmatch(v):
             raise ValueError(f"{v!r} must match {NAME_PATTERN.pattern}")
         return v
 
@@ -172,7 +172,7 @@ class TenantConfig(_Strict):
 
 def tenant_name(name: str) -> str:
     """A valid tenant name, or ValueError; ``shadow`` is the canary mirror's cost owner."""
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise ValueError(f"tenant name {name!r} must match {NAME_PATTERN.pattern}")
     if name == SHADOW_TENANT:
         raise ValueError(f"tenant name {name!r} is reserved for mirrored canary traffic")

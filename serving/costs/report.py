@@ -110,6 +110,10 @@ def _hours(ns: int) -> float:
     return ns / NS_PER_HOUR
 
 
+# A tenant's ``GET /usage`` spans at most a year (and a leap day) per call, so no key can
+# make the gateway scan the whole ledger; finance's report has no such bound.
+USAGE_MAX_DAYS = 366
+
 _FIRST = datetime.min.replace(tzinfo=UTC)
 _LAST = datetime.max.replace(tzinfo=UTC)
 
@@ -309,26 +313,36 @@ def report_for_query(
     tenant: str | None = None,
     default_group_by: str = "tenant",
     now: datetime | None = None,
+    max_days: int | None = None,
 ) -> dict[str, Any]:
     """The HTTP form of a report: ``from``/``to`` (default: this UTC month so far),
-    ``group_by`` (comma list), ``share_idle`` (true/false). Raises ReportError."""
+    ``group_by`` (comma list), ``share_idle`` (true/false). A window longer than
+    ``max_days`` days is refused. Raises ReportError."""
     unknown = sorted(set(query) - {"from", "to", "group_by", "share_idle"})
     if unknown:
         raise ReportError(f"unknown parameter(s): {', '.join(unknown)}")
     share = query.get("share_idle", "false").lower()
     if share not in {"true", "false", "1", "0"}:
         raise ReportError("share_idle must be true or false")
-    start, end = query.get("from"), query.get("to")
+    now = now or datetime.now(UTC)
+    start = parse_when(query["from"]) if "from" in query else _month_start(now)
+    end = parse_when(query["to"], end_of_day=True) if "to" in query else now
+    if max_days is not None and end - start > timedelta(days=max_days):
+        raise ReportError(f"the window (from .. to) spans more than {max_days} days")
     return report_between(
         engine,
         pricing,
-        parse_when(start) if start is not None else None,
-        parse_when(end, end_of_day=True) if end is not None else None,
+        start,
+        end,
         query.get("group_by", default_group_by),
         share_idle=share in {"true", "1"},
         tenant=tenant,
         now=now,
     )
+
+
+def _month_start(now: datetime) -> datetime:
+    return datetime(now.year, now.month, 1, tzinfo=UTC)
 
 
 def report_between(
@@ -345,11 +359,10 @@ def report_between(
     """A report as JSON data, from :func:`bound`'s bounds (``None``: from the first of
     this UTC month, until now) and comma-separated ``group_by``. Raises ReportError."""
     now = now or datetime.now(UTC)
-    month_start = datetime(now.year, now.month, 1, tzinfo=UTC)
     report = build_report(
         engine,
         pricing,
-        bound(start) if start is not None else month_start,
+        bound(start) if start is not None else _month_start(now),
         bound(end, end_of_day=True) if end is not None else now,
         [g for g in group_by.split(",") if g],
         share_idle=share_idle,
@@ -361,7 +374,8 @@ def report_between(
 
 class LedgerReports:
     """The ledger's reports for HTTP callers: finance's (the admin API's ``/costs``) and
-    a tenant's own usage (``GET /usage``, with its API key). Each runs in a thread."""
+    a tenant's own usage (``GET /usage``, with its API key, over at most
+    :data:`USAGE_MAX_DAYS` days per call). Each runs in a thread."""
 
     def __init__(self, engine: sa.Engine, pricing: Pricing) -> None:
         self._engine = engine
@@ -376,6 +390,7 @@ class LedgerReports:
                 query,
                 tenant=tenant,
                 default_group_by="model,day",
+                max_days=USAGE_MAX_DAYS,
             )
         except ReportError as exc:
             raise InvalidArgument(str(exc)) from None

@@ -133,9 +133,9 @@ class Registry:
         """
         target = self.target(cand.name, cand.version)
         try:
-            if not NAME_PATTERN.match(cand.name):
+            if not NAME_PATTERN.fullmatch(cand.name):
                 raise ValueError(f"model name {cand.name!r} must match {NAME_PATTERN.pattern}")
-            if cand.version is not None and not NAME_PATTERN.match(cand.version):
+            if cand.version is not None and not NAME_PATTERN.fullmatch(cand.version):
                 raise ValueError(f"version {cand.version!r} must match {NAME_PATTERN.pattern}")
             policy = self.policy(cand.name)
             digest = upload.digest

@@ -88,7 +88,7 @@ def hash_key(key: str) -> str:
 
 
 def usable_key(key: str) -> bool:
-    return 0 < len(key) <= MAX_KEY_LENGTH and _KEY_CHARS.match(key) is not None
+    return 0 < len(key) <= MAX_KEY_LENGTH and _KEY_CHARS.fullmatch(key) is not None
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ def _validate(name: str, weight: float, models: Iterable[str]) -> tuple[str, ...
     if not checked:
         raise ValueError("a tenant needs at least one model ('*' for all)")
     for m in checked:
-        if m != "*" and not NAME_PATTERN.match(m):
+        if m != "*" and not NAME_PATTERN.fullmatch(m):
             raise ValueError(f"model name {m!r} must be '*' or match {NAME_PATTERN.pattern}")
     return checked
 
@@ -304,7 +304,7 @@ class TenantStore:
         return None
 
     def get_by_key_hash(self, key_hash: str) -> Tenant | None:
-        if not _HASH.match(key_hash):
+        if not _HASH.fullmatch(key_hash):
             return None
         with self.engine.connect() as conn:
             row = conn.execute(

@@ -90,7 +90,7 @@ def check(principal: Principal, action: str) -> None:
 
 
 def _validate(name: str, role: str) -> None:
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise ValueError(f"user name {name!r} must match {NAME_PATTERN.pattern}")
     if role not in ROLES:
         raise ValueError(f"role {role!r} must be one of {', '.join(ROLES)}")
