@@ -11,7 +11,6 @@ temporary files of uploads abandoned over an hour ago.
 from __future__ import annotations
 
 import builtins
-import contextlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -251,39 +250,64 @@ class Registry:
         """Record the config's versions (author ``config``); see
         :meth:`Stages.adopt_config_models`, which also gives them production.
 
-        A config version whose artifact no longer matches the registered digest is an
-        error: versions are immutable, so a changed artifact needs a new version label.
+        A registered row of a config version must be the config's own: written by
+        ``config``, with the same artifact bytes and every declared field equal. Anything
+        else is an error naming the field, so nobody can pre-empt a config version (and
+        with it production) by registering its name and version first; versions are
+        immutable, so a changed declaration needs a new version label.
         """
         for m in models:
             digest = file_digest(m.artifact)
             try:
                 existing = self.get(m.name, m.version)
             except VersionNotFoundError:
-                existing = None
-            if existing is not None:
-                if existing.digest != digest:
-                    raise RegistryError(
-                        f"config model {m.name}:{m.version}: the artifact {m.artifact} changed "
-                        f"since it was registered (sha256 {existing.digest[:12]}... now "
-                        f"{digest[:12]}...); give it a new version"
-                    )
-                continue
-            cand = Candidate(
-                name=m.name,
-                artifact=m.artifact,
-                format=m.format,
-                signature=Signature.of(m),
-                model_class=m.model_class,
-                model_kwargs=m.model_kwargs,
-                metrics=dict(metrics.get(f"{m.name}:{m.version}", {})),
-                source_uri=str(m.artifact),
-                version=m.version,
-            )
-            with contextlib.suppress(VersionExistsError):  # another process was first
-                self._insert(CONFIG_AUTHOR, cand, Signature.of(m), *self._store(m))
+                cand = Candidate(
+                    name=m.name,
+                    artifact=m.artifact,
+                    format=m.format,
+                    signature=Signature.of(m),
+                    model_class=m.model_class,
+                    model_kwargs=m.model_kwargs,
+                    metrics=dict(metrics.get(f"{m.name}:{m.version}", {})),
+                    source_uri=str(m.artifact),
+                    version=m.version,
+                )
+                try:
+                    self._insert(CONFIG_AUTHOR, cand, Signature.of(m), *self._store(m))
+                    continue
+                except VersionExistsError:  # another writer was first: check theirs
+                    existing = self.get(m.name, m.version)
+            _check_config_row(m, digest, existing)
 
     def _store(self, m: ModelConfig) -> tuple[str, int]:
         return store_artifact(m.artifact, self.state_dir, self.policy(m.name).max_artifact_bytes)
+
+
+def _check_config_row(m: ModelConfig, digest: str, row: VersionRow) -> None:
+    """RegistryError naming the first field in which ``row`` is not config version ``m``."""
+    where = f"config model {m.name}:{m.version}"
+    if row.digest != digest:
+        raise RegistryError(
+            f"{where}: the artifact {m.artifact} changed since it was registered (sha256 "
+            f"{row.digest[:12]}... now {digest[:12]}...); give it a new version"
+        )
+    declared: dict[str, tuple[object, object]] = {
+        "author": (row.author, CONFIG_AUTHOR),
+        "format": (row.format, m.format),
+        "model_class": (row.model_class, m.model_class),
+        "model_kwargs": (row.model_kwargs, dict(m.model_kwargs)),
+        "signature": (row.signature.as_json(), Signature.of(m).as_json()),
+        "parent_version": (row.parent_version, None),
+        "dataset_digest": (row.dataset_digest, None),
+        "code_revision": (row.code_revision, None),
+    }
+    for name, (registered, wanted) in declared.items():
+        if registered != wanted:
+            raise RegistryError(
+                f"{where}: the registry's row has {name}={registered!r} where the config "
+                f"declares {wanted!r}; it was not written from this config. Give the config "
+                "version a new label, or remove the row's version from the registry"
+            )
 
 
 def _inherited_signature(parent: VersionRow | None, production: VersionRow | None) -> Signature:

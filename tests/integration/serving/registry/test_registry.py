@@ -296,6 +296,64 @@ def test_config_versions_register_once_and_are_immutable(reg: Registry, tmp_path
         Stages(reg).adopt_config_models([model], {})
 
 
+@pytest.mark.parametrize(
+    ("registered", "field"),
+    [
+        ({}, "author"),  # the same bytes and fields, but not written by the config
+        ({"model_class": "serving.demo.models:DigitsMLP"}, "author"),
+        ({"model_kwargs": {"hidden": 16, "scale": 2}}, "author"),
+    ],
+)
+def test_a_config_version_registered_first_by_someone_else_stops_the_start(
+    reg: Registry, tmp_path: Path, registered: dict[str, object], field: str
+) -> None:
+    """A deployer who registers the config's name:version first (same artifact bytes, other
+    fields) must not have their row promoted to production by the next start."""
+    from serving.config.schema import ModelConfig
+
+    src = weights(tmp_path / "a.safetensors", 1)
+    register_file(reg, "mallory", cand(src, version="7", **registered))
+    model = ModelConfig(
+        name="digits",
+        version="7",
+        artifact=src,
+        format="safetensors",
+        model_class="serving.demo:DigitsMLP",
+        model_kwargs={"hidden": 16},
+        inputs=list(SIG.inputs),
+        outputs=list(SIG.outputs),
+    )
+    with pytest.raises(RegistryError, match=f"digits:7: the registry's row has {field}="):
+        Stages(reg).adopt_config_models([model], {})
+    assert reg.get("digits", "7").stage == "registered"
+    assert reg.production("digits") is None
+
+
+def test_a_config_row_that_differs_in_a_declared_field_names_it(
+    reg: Registry, tmp_path: Path
+) -> None:
+    from serving.config.schema import ModelConfig
+
+    src = weights(tmp_path / "a.safetensors", 1)
+    model = ModelConfig(
+        name="digits",
+        version="7",
+        artifact=src,
+        format="safetensors",
+        model_class="serving.demo:DigitsMLP",
+        model_kwargs={"hidden": 16},
+        inputs=list(SIG.inputs),
+        outputs=list(SIG.outputs),
+    )
+    Stages(reg).adopt_config_models([model], {})
+    changed = model.model_copy(update={"model_class": "serving.demo.models:DigitsMLP"})
+    with pytest.raises(RegistryError, match="has model_class='serving.demo:DigitsMLP' where"):
+        Stages(reg).adopt_config_models([changed], {})
+    named = [TensorConfig(name="scores", datatype="FP32", shape=[10])]
+    with pytest.raises(RegistryError, match="has signature="):
+        Stages(reg).adopt_config_models([model.model_copy(update={"outputs": named})], {})
+
+
 def test_concurrent_registrations_get_distinct_versions(
     open_db: OpenEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
