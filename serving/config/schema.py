@@ -161,7 +161,8 @@ class TenantConfig(_Strict):
         default_factory=lambda: ["*"], description="Models the tenant may call; '*' = all."
     )
     api_key_env: str = Field(
-        description="Environment variable holding the tenant's API key (never the key itself)."
+        description="Environment variable holding the tenant's API key (never the key itself): "
+        "16-256 printable ASCII characters without spaces."
     )
 
     @field_validator("name")

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 Source = Literal["config", "cli"]
 MAX_KEY_LENGTH = 256
+# A config key is chosen by a person, not generated: a short one could be guessed.
+MIN_CONFIG_KEY_LENGTH = 16
 MAX_WEIGHT = 1000.0  # same bound as TenantConfig.weight
 DEMO_TENANT = "demo"
 DEMO_MODEL = "digits"
@@ -179,10 +181,11 @@ class TenantStore:
             key = environ.get(tc.api_key_env, "")
             if not key:
                 raise TenantKeyMissingError(tc.name, tc.api_key_env)
-            if not usable_key(key):
+            if not usable_key(key) or len(key) < MIN_CONFIG_KEY_LENGTH:
                 raise TenantKeyConflictError(
-                    f"tenant {tc.name!r}: the key in {tc.api_key_env} must be 1-{MAX_KEY_LENGTH} "
-                    "printable ASCII characters without spaces"
+                    f"tenant {tc.name!r}: the key in {tc.api_key_env} must be "
+                    f"{MIN_CONFIG_KEY_LENGTH}-{MAX_KEY_LENGTH} printable ASCII characters "
+                    "without spaces"
                 )
             wanted.append((tc, _validate(tc.name, tc.weight, tc.models), hash_key(key)))
         by_hash: dict[str, str] = {}

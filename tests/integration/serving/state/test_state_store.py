@@ -402,14 +402,18 @@ def test_upsert_missing_env_var_changes_nothing(store: TenantStore) -> None:
 def test_upsert_conflicts_are_explained(store: TenantStore) -> None:
     store.create("taken")
     with pytest.raises(TenantExistsError, match="CLI"):
-        store.upsert_from_config([cfg("taken", "K")], {"K": "some-key-0001"})
+        store.upsert_from_config([cfg("taken", "K")], {"K": "some-key-0001-abcdef"})
     with pytest.raises(TenantKeyConflictError, match="same key"):
-        store.upsert_from_config([cfg("a", "K1"), cfg("b", "K2")], {"K1": "dup", "K2": "dup"})
+        dup = "dup-key-0123456789"
+        store.upsert_from_config([cfg("a", "K1"), cfg("b", "K2")], {"K1": dup, "K2": dup})
     cli_key = store.create("holder")
     with pytest.raises(TenantKeyConflictError, match="holder"):
         store.upsert_from_config([cfg("a", "K")], {"K": cli_key})
     with pytest.raises(TenantKeyConflictError, match="printable"):
-        store.upsert_from_config([cfg("a", "K")], {"K": "has space"})
+        store.upsert_from_config([cfg("a", "K")], {"K": "has space in a long key"})
+    for short in ("k", "fifteen-chars-k"):  # a person's choice: too short to be safe
+        with pytest.raises(TenantKeyConflictError, match="16-256 printable"):
+            store.upsert_from_config([cfg("a", "K")], {"K": short})
     assert [r.name for r in store.list()] == ["holder", "taken"]
 
 

@@ -231,10 +231,11 @@ def test_config_tenant_changes_are_audited_as_config(engine: sa.Engine) -> None:
     store = TenantStore(engine)
     a = TenantConfig(name="a", weight=1, api_key_env="KA")
     b = TenantConfig(name="b", weight=1, api_key_env="KB")
-    store.upsert_from_config([a, b], {"KA": "key-a", "KB": "key-b"})
-    store.upsert_from_config([a, b], {"KA": "key-a", "KB": "key-b"})  # a restart: no records
+    keys = {"KA": "key-a-0123456789", "KB": "key-b-0123456789"}
+    store.upsert_from_config([a, b], keys)
+    store.upsert_from_config([a, b], keys)  # a restart: no records
     a2 = TenantConfig(name="a", weight=3, api_key_env="KA")
-    store.upsert_from_config([a2], {"KA": "key-a2"})
+    store.upsert_from_config([a2], {"KA": "key-a2-0123456789"})
     records = [(r.actor, r.action, r.target) for r in audit.read(engine)]
     assert records == [
         ("config", "tenant.create", "tenant:a"),
