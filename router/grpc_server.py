@@ -3,10 +3,17 @@
 Inputs come as ``raw_input_contents`` (one entry per input, in order; what
 tritonclient sends) or as typed ``contents``. Outputs always go back as
 ``raw_output_contents``, as Triton does.
+
+Key before body: ModelInfer authenticates the caller before it reads the request
+message (a :class:`DeferredRequest`). On grpc.aio the method is registered as
+client-streaming, which is the same on the wire as unary, so that the message is read
+only when the servicer asks for it; gRPC's core has by then taken in no more of it than
+HTTP/2 flow control allowed (the stream's window), not the whole message.
 """
 
 from __future__ import annotations
 
+import abc
 import functools
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -81,6 +88,29 @@ class Malformed:
         self.message = message
 
 
+class DeferredRequest(abc.ABC):
+    """A request message not read yet; ModelInfer reads it once the caller is known."""
+
+    __slots__ = ()
+
+    @abc.abstractmethod
+    async def read(self) -> Any:
+        """The message (or :class:`Malformed`), read from the call now."""
+
+
+class _GrpcioBody(DeferredRequest):
+    __slots__ = ("_context",)
+
+    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+        self._context = context
+
+    async def read(self) -> Any:
+        message = await self._context.read()
+        if message is grpc.aio.EOF:
+            return Malformed("the call ended without a request message")
+        return message
+
+
 def decode_request(request_type: Any, data: bytes) -> Any:
     """``data`` as a ``request_type`` message, or :class:`Malformed`; never raises.
 
@@ -152,7 +182,7 @@ async def _guard(context: grpc.aio.ServicerContext, call: Callable[[], Awaitable
     try:
         return await call()
     except GatewayError as exc:
-        await context.abort(exc.grpc_code, exc.message)
+        await context.abort(exc.grpc_code, exc.message, exc.grpc_trailers())
         raise  # unreachable: abort raises
 
 
@@ -235,12 +265,25 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         metadata = _CallMetadata(context)
+        refused: GatewayError | None = None
+        if isinstance(request, DeferredRequest):
+            # Key before body, outside ``admitted``: a call that ends while its message
+            # is still coming (a reset, an over-size message) never reached the service
+            # before, and still does not. A refusal is raised again inside, to be counted.
+            try:
+                await self._service.authenticate(Call(), metadata.authorization)
+            except GatewayError as exc:
+                refused = exc
+            else:
+                request = await request.read()
 
         async def run() -> Any:
             with self._service.admitted(_INFER_SPAN, metadata.trace_carrier) as call:
                 return await admitted_infer(call)
 
         async def admitted_infer(call: Call) -> Any:
+            if refused is not None:
+                raise refused
             await self._service.authenticate(call, metadata.authorization)
             if isinstance(request, Malformed):
                 raise InvalidArgument(request.message)
@@ -296,21 +339,34 @@ def _decode_inputs(request: Any) -> list[InputTensor]:
 INFER_METHOD = SERVICE_PREFIX + "ModelInfer"
 
 
-def build_grpc_server(service: InferenceService, max_message_bytes: int) -> grpc.aio.Server:
+def build_grpc_server(
+    service: InferenceService,
+    max_message_bytes: int,
+    max_concurrent_streams: int | None = None,
+    max_concurrent_calls: int | None = None,
+) -> grpc.aio.Server:
     """A grpc.aio server on the running loop; the caller adds ports and starts it.
 
     The handlers are built as the generated ``add_GRPCInferenceServiceServicer_to_server``
     builds them, from :data:`METHODS`, with :func:`decode_request` as every method's
-    deserializer.
+    deserializer, except that ModelInfer reads its message itself (key before body).
+    ``max_concurrent_streams`` caps the calls open at once on one connection (HTTP/2
+    SETTINGS_MAX_CONCURRENT_STREAMS); ``max_concurrent_calls`` those in progress on the
+    server, beyond which grpc.aio answers RESOURCE_EXHAUSTED before reading the message.
     """
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", send_limit(max_message_bytes)),
-            ("grpc.so_reuseport", 0),
-        ]
-    )
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", send_limit(max_message_bytes)),
+        ("grpc.so_reuseport", 0),
+    ]
+    if max_concurrent_streams is not None:
+        options.append(("grpc.max_concurrent_streams", max_concurrent_streams))
+    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=max_concurrent_calls)
     servicer = InferenceServicer(service)
+
+    async def infer_streamed(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await servicer.ModelInfer(_GrpcioBody(context), context)
+
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(
             getattr(servicer, name),
@@ -319,6 +375,12 @@ def build_grpc_server(service: InferenceService, max_message_bytes: int) -> grpc
         )
         for name, (request_type, response_type) in METHODS.items()
     }
+    request_type, response_type = METHODS["ModelInfer"]
+    handlers["ModelInfer"] = grpc.stream_unary_rpc_method_handler(
+        infer_streamed,
+        request_deserializer=functools.partial(decode_request, request_type),
+        response_serializer=response_type.SerializeToString,
+    )
     service_name = SERVICE_PREFIX.strip("/")
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_name, handlers),))
     server.add_registered_method_handlers(service_name, handlers)

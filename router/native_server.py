@@ -8,6 +8,12 @@ request message is in; an eventfd wakes the event loop, which takes every queued
 in one go. So the loop pays one wake-up for many calls, where grpc.aio pays several
 completions through its poller thread for each.
 
+ModelInfer calls come to Python as soon as their metadata is in, without their message
+(key before body): the servicer authenticates the caller first and only then asks the
+door to read the message (:class:`_NativeBody`), so a call with a missing or unknown
+key is answered UNAUTHENTICATED with its message unread. Other methods need no key and
+come with their message, as before.
+
 Deadlines, cancellation, message limits and status codes behave as on grpc.aio:
 core enforces ``grpc-timeout`` and the size limits itself; a call it cancels
 (deadline or client) cancels the handler's task; an abort becomes the call's
@@ -28,13 +34,16 @@ from typing import Any
 import grpc
 
 from router.grpc_server import (
+    INFER_METHOD,
     METHODS,
     SERVICE_PREFIX,
+    DeferredRequest,
     InferenceServicer,
     decode_request,
     send_limit,
 )
 from router.service import InferenceService
+from router.tls import TlsMaterial
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +76,34 @@ def available() -> str | None:
     return None
 
 
+class _NativeBody(DeferredRequest):
+    """A ModelInfer message the door has not read yet: :meth:`read` starts the Read and
+    waits for the message."""
+
+    __slots__ = ("_call_id", "_decode", "_server")
+
+    def __init__(self, server: NativeServer, call_id: int, decode: Callable[[bytes], Any]) -> None:
+        self._server = server
+        self._call_id = call_id
+        self._decode = decode
+
+    async def read(self) -> Any:
+        payload = await self._server._read_body(self._call_id)
+        if payload is None:
+            # The call ended (a reset, a deadline, an over-size message) before its
+            # message was in; core reports it as cancelled, perhaps in a later wake-up.
+            raise asyncio.CancelledError("the call ended before its message came")
+        return self._decode(payload)
+
+
 class _Abort(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(
+        self, code: grpc.StatusCode, details: str, trailers: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         super().__init__(details)
         self.code = code
         self.details = details
+        self.trailers = trailers
 
 
 class _Context:
@@ -97,8 +129,13 @@ class _Context:
             return None
         return max(self._deadline - self._loop.time(), 0.0)
 
-    async def abort(self, code: grpc.StatusCode, details: str) -> None:
-        raise _Abort(code, details)
+    async def abort(
+        self,
+        code: grpc.StatusCode,
+        details: str,
+        trailing_metadata: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        raise _Abort(code, details, tuple(trailing_metadata))
 
 
 _OK = grpc.StatusCode.OK.value[0]
@@ -111,7 +148,14 @@ class NativeServer:
     """Start/stop like FrontDoors needs it; ``port`` is known after :meth:`start`."""
 
     def __init__(
-        self, service: InferenceService, max_message_bytes: int, accepts: int = DEFAULT_ACCEPTS
+        self,
+        service: InferenceService,
+        max_message_bytes: int,
+        accepts: int = DEFAULT_ACCEPTS,
+        *,
+        max_concurrent_streams: int = 2**31 - 1,
+        max_concurrent_calls: int = 2**63 - 1,
+        tls: TlsMaterial | None = None,
     ) -> None:
         self._native = load()
         servicer = InferenceServicer(service)
@@ -125,18 +169,38 @@ class NativeServer:
         self._max_receive = max_message_bytes
         self._max_send = send_limit(max_message_bytes)
         self._accepts = max(accepts, 1)
+        self._max_streams = max_concurrent_streams
+        self._max_calls = max_concurrent_calls
+        self._tls = tls
         self._door: Any = None
         self._stopped = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._bodies: dict[int, asyncio.Future[bytes | None]] = {}  # deferred reads waiting
         self.port = 0
         self.taken = 0  # calls handed to handlers (read by tests)
 
     async def start(self, host: str, port: int) -> int:
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        tls = None
+        if self._tls is not None:
+            identity, ca = self._tls.native_files()
+            tls = (
+                str(identity),
+                str(identity),
+                str(ca) if ca is not None else "",
+                max(round(self._tls.files.reload_interval_s), 1),
+            )
         try:
             self._door = self._native.Door(
-                address, self._max_receive, self._max_send, self._accepts
+                address,
+                self._max_receive,
+                self._max_send,
+                self._accepts,
+                max_streams=self._max_streams,
+                max_calls=self._max_calls,
+                deferred_method=INFER_METHOD,
+                tls=tls,
             )
         except OSError as exc:
             raise RuntimeError(f"cannot bind gRPC port {host}:{port}: {exc}") from exc
@@ -148,7 +212,11 @@ class NativeServer:
     def _take(self) -> None:
         loop = self._loop
         assert loop is not None
-        calls, cancelled = self._door.take()
+        calls, cancelled, bodies = self._door.take()
+        for call_id, payload in bodies:
+            waiter = self._bodies.pop(call_id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(payload)
         for call_id, method, payload, metadata, left in calls:
             task = loop.create_task(self._handle(call_id, method, payload, metadata, left))
             self._tasks[call_id] = task
@@ -171,26 +239,39 @@ class NativeServer:
         if self._tasks.pop(call_id, None) is not None:  # _handle's finally did not run
             self._door.finish(call_id, _CANCELLED, "Cancelled", None)
 
+    async def _read_body(self, call_id: int) -> bytes | None:
+        assert self._loop is not None
+        waiter: asyncio.Future[bytes | None] = self._loop.create_future()
+        if not self._door.read(call_id):
+            return None  # the call is over (or was not deferred)
+        self._bodies[call_id] = waiter
+        try:
+            return await waiter
+        finally:
+            self._bodies.pop(call_id, None)
+
     async def _handle(
         self,
         call_id: int,
         method: str,
-        payload: bytes,
+        payload: bytes | None,
         metadata: tuple[tuple[str, str | bytes], ...],
         left: float | None,
     ) -> None:
         assert self._loop is not None
         code, details, body = _OK, "", None
+        trailers: tuple[tuple[str, str], ...] = ()
         try:
             handler = self._handlers.get(method)
             if handler is None:
                 code, details = _UNIMPLEMENTED, "Method not found!"
                 return
             decode, run = handler
-            response = await run(decode(payload), _Context(metadata, left, self._loop))
+            request = decode(payload) if payload is not None else _NativeBody(self, call_id, decode)
+            response = await run(request, _Context(metadata, left, self._loop))
             body = response.SerializeToString()
         except _Abort as exc:
-            code, details = exc.code.value[0], exc.details
+            code, details, trailers = exc.code.value[0], exc.details, exc.trailers
         except asyncio.CancelledError:
             code, details = _CANCELLED, "Cancelled"  # by core: the caller or its deadline
         except Exception as exc:
@@ -198,7 +279,7 @@ class NativeServer:
             code, details = _UNKNOWN, f"Unexpected {type(exc).__name__}"
         finally:
             self._tasks.pop(call_id, None)
-            self._door.finish(call_id, code, details, body)
+            self._door.finish(call_id, code, details, body, trailers)
 
     async def stop(self, grace_s: float) -> None:
         """Stop accepting; calls in progress get ``grace_s`` to finish, the rest are

@@ -15,6 +15,13 @@
 // (take() returns it as a cancellation), and Python still finishes it. A call is
 // deleted once Done has arrived, no Read or Finish of its is pending, and Python no
 // longer holds it.
+//
+// Key before body: a call of the deferred method (ModelInfer) goes to Python as soon as
+// its metadata is in, without its message: Accept -> (Python authenticates) -> Read ->
+// (Python) -> Finish. Python asks for the message (Door.read) only once the caller's key
+// is known, so a stranger's call is answered without its message being read beyond what
+// HTTP/2 flow control had already let in. A call over the server's cap on calls in
+// progress is answered RESOURCE_EXHAUSTED at Accept, also before any Read.
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -24,7 +31,10 @@
 #include <grpc/grpc.h>
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/grpcpp.h>
+#include <grpcpp/security/tls_certificate_provider.h>
+#include <grpcpp/security/tls_credentials_options.h>
 
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -33,6 +43,7 @@
 #include <string>
 #include <thread>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -62,30 +73,68 @@ struct Call {
   bool read_pending = false;    // the Read started, its tag not back yet
   bool finish_pending = false;  // a Finish started, its tag not back yet
   bool handed = false;          // queued for or held by Python
+  bool counted = false;         // accepted: counts against the cap on calls in progress
+  bool deferred = false;        // key before body: Python starts the Read (Door.read)
+  bool read_started = false;    // Door.read was called
+  bool finish_after_read = false;  // Python answered while the Read was pending
 };
 
 // Fewer calls than this held by Python, and none queued for the writer: Finish
 // writes on the caller's thread.
 constexpr size_t kInlineBelow = 4;
 
+enum class Kind : uint8_t {
+  New,        // a new call (call is set); a deferred one comes without its message
+  Cancelled,  // call `id` was cancelled
+  Body,       // the message of deferred call `id` (ok: false when none came)
+};
+
 struct Event {
-  bool cancelled;  // false: a new call (call is set); true: call `id` was cancelled
+  Kind kind;
   Call* call;
   uint64_t id;
+  bool ok = true;
 };
+
+// TLS files; an empty cert means plain text. gRPC's core reads the files and reads them
+// again every `interval_s` when they changed (FileWatcherCertificateProvider).
+struct TlsFiles {
+  std::string cert;
+  std::string key;
+  std::string client_ca;  // empty: no client certificate asked for
+  unsigned int interval_s = 10;
+};
+
+std::shared_ptr<grpc::ServerCredentials> Credentials(const TlsFiles& tls) {
+  if (tls.cert.empty()) return grpc::InsecureServerCredentials();
+  auto provider = std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
+      tls.key, tls.cert, tls.client_ca, tls.interval_s);
+  grpc::experimental::TlsServerCredentialsOptions options(provider);
+  options.watch_identity_key_cert_pairs();
+  if (tls.client_ca.empty()) {
+    options.set_cert_request_type(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+  } else {
+    options.watch_root_certs();
+    options.set_cert_request_type(GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+  }
+  return grpc::experimental::TlsServerCredentials(options);
+}
 
 class Door {
  public:
-  Door(const std::string& address, int max_recv, int max_send, int accepts)
-      : accepts_(accepts) {
+  Door(const std::string& address, int max_recv, int max_send, int accepts, int max_streams,
+       int64_t max_calls, const std::string& deferred_method, const TlsFiles& tls)
+      : accepts_(accepts), max_calls_(max_calls), deferred_method_(deferred_method) {
     efd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     grpc::ServerBuilder builder;
-    builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &port_);
+    builder.AddListeningPort(address, Credentials(tls), &port_);
     builder.RegisterAsyncGenericService(&service_);
     builder.SetMaxReceiveMessageSize(max_recv);
     builder.SetMaxSendMessageSize(max_send);
     // A second server on the same port must fail to bind, not share it.
     builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+    // Per connection: a client that opens more streams has them refused (REFUSED_STREAM).
+    builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, max_streams);
     cq_ = builder.AddCompletionQueue();
     server_ = builder.BuildAndStart();
   }
@@ -96,6 +145,10 @@ class Door {
   int64_t allocated() {
     std::lock_guard<std::mutex> lock(mu_);
     return allocated_;
+  }
+  int64_t active() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return active_;
   }
 
   void Start() {
@@ -115,6 +168,28 @@ class Door {
     std::lock_guard<std::mutex> lock(mu_);
     out->swap(queue_);
     signalled_ = false;
+    // A message that arrived for a call Python has answered since (a cancel, say) has
+    // nobody to go to, and its call may be gone.
+    out->erase(std::remove_if(out->begin(), out->end(),
+                              [this](const Event& e) {
+                                return e.kind == Kind::Body && calls_.count(e.id) == 0;
+                              }),
+               out->end());
+  }
+
+  // Start reading deferred call `id`'s message (called with the GIL held); false when
+  // the call is gone, is not deferred, or its Read already started.
+  bool ReadBody(uint64_t id) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopped_) return false;
+    auto it = calls_.find(id);
+    if (it == calls_.end()) return false;
+    Call* call = it->second;
+    if (!call->deferred || call->read_started) return false;
+    call->read_started = true;
+    call->read_pending = true;
+    call->stream.Read(&call->request, &call->read_tag);
+    return true;
   }
 
   // Answer call `id` (called with the GIL held); false when it is gone (already
@@ -123,7 +198,8 @@ class Door {
   // event loop's thread and without the GIL (+10-15% calls/s at 64 in flight); near
   // idle it is written here, which is quicker for one call.
   bool Finish(uint64_t id, int code, const std::string& details, const char* data,
-              Py_ssize_t size, bool has_payload) {
+              Py_ssize_t size, bool has_payload,
+              const std::vector<std::pair<std::string, std::string>>& trailers = {}) {
     bool with_payload = has_payload && code == 0;
     grpc::ByteBuffer response;
     if (with_payload) {
@@ -141,6 +217,13 @@ class Door {
     call->status = grpc::Status(static_cast<grpc::StatusCode>(code), details);
     call->with_payload = with_payload;
     if (with_payload) call->response.Swap(&response);
+    for (const auto& [key, value] : trailers) call->ctx.AddTrailingMetadata(key, value);
+    if (call->read_pending) {
+      // A Finish may not start while the Read is pending: the Read's tag starts it (the
+      // call was cancelled, so the Read ends soon).
+      call->finish_after_read = true;
+      return true;
+    }
     if (replies_.empty() && calls_.size() < kInlineBelow) {
       // Next to idle: write here, as a hand-off to the writer thread would cost
       // more latency than the write itself.
@@ -242,6 +325,7 @@ class Door {
 
   void MaybeDeleteLocked(Call* call) {
     if (call->done && !call->read_pending && !call->finish_pending && !call->handed) {
+      if (call->counted) --active_;
       delete call;
       --allocated_;
     }
@@ -259,18 +343,42 @@ class Door {
           if (!ok) break;  // shutting down; a call never started gets no Done (grpc#10136)
           RequestLocked();
           call->id = ++next_id_;
+          call->counted = true;
+          if (++active_ > max_calls_) {
+            call->finish_pending = true;
+            call->stream.Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                                             "too many calls in progress on this server"),
+                                &call->finish_tag);
+            break;
+          }
+          if (!deferred_method_.empty() && call->ctx.method() == deferred_method_) {
+            call->deferred = true;
+            call->handed = true;
+            calls_.emplace(call->id, call);
+            PushLocked(Event{Kind::New, call, call->id});
+            break;
+          }
           call->read_pending = true;
           call->stream.Read(&call->request, &call->read_tag);
           break;
         case Ev::Read:
           call->read_pending = false;
+          if (call->deferred) {
+            if (call->finish_after_read) {
+              call->finish_after_read = false;
+              StartReply(call);
+            } else if (call->handed) {
+              PushLocked(Event{Kind::Body, call, call->id, ok});
+            }
+            break;
+          }
           if (ok) {
             call->handed = true;
             calls_.emplace(call->id, call);
-            PushLocked(Event{false, call, call->id});
+            PushLocked(Event{Kind::New, call, call->id});
             // Done came first: the message arrived with the client's reset.
             if (call->done && call->ctx.IsCancelled()) {
-              PushLocked(Event{true, nullptr, call->id});
+              PushLocked(Event{Kind::Cancelled, nullptr, call->id});
             }
           } else {  // the client went away (or half-closed) before sending a message
             call->finish_pending = true;
@@ -286,7 +394,7 @@ class Door {
         case Ev::Done:
           call->done = true;
           if (call->handed && call->ctx.IsCancelled()) {
-            PushLocked(Event{true, nullptr, call->id});
+            PushLocked(Event{Kind::Cancelled, nullptr, call->id});
           }
           MaybeDeleteLocked(call);
           break;
@@ -301,6 +409,9 @@ class Door {
   int port_ = 0;
   int efd_ = -1;
   int accepts_;
+  int64_t max_calls_;
+  std::string deferred_method_;
+  int64_t active_ = 0;  // calls accepted and not yet deleted
   std::mutex mu_;
   std::vector<Event> queue_;
   std::unordered_map<uint64_t, Call*> calls_;  // held by Python, by id
@@ -322,22 +433,28 @@ struct DoorObject {
   PyObject_HEAD Door* door;
 };
 
-PyObject* TakeCall(Call* call) {
-  // (id, method, request bytes, metadata, seconds left or None)
+// The call's request message as bytes (empty when none was read).
+PyObject* Payload(Call* call) {
   std::vector<grpc::Slice> slices;
-  PyObject* payload;
-  if (call->request.Valid() && call->request.Dump(&slices).ok()) {
-    payload = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(call->request.Length()));
-    if (payload == nullptr) return nullptr;
-    char* dst = PyBytes_AS_STRING(payload);
-    for (const auto& s : slices) {
-      memcpy(dst, s.begin(), s.size());
-      dst += s.size();
-    }
-  } else {
-    payload = PyBytes_FromStringAndSize("", 0);
-    if (payload == nullptr) return nullptr;
+  if (!call->request.Valid() || !call->request.Dump(&slices).ok()) {
+    return PyBytes_FromStringAndSize("", 0);
   }
+  PyObject* payload =
+      PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(call->request.Length()));
+  if (payload == nullptr) return nullptr;
+  char* dst = PyBytes_AS_STRING(payload);
+  for (const auto& s : slices) {
+    memcpy(dst, s.begin(), s.size());
+    dst += s.size();
+  }
+  call->request.Clear();  // Python has its copy
+  return payload;
+}
+
+PyObject* TakeCall(Call* call) {
+  // (id, method, request bytes or None for a deferred call, metadata, seconds left or None)
+  PyObject* payload = call->deferred ? Py_NewRef(Py_None) : Payload(call);
+  if (payload == nullptr) return nullptr;
   const auto& md = call->ctx.client_metadata();
   PyObject* items = PyTuple_New(static_cast<Py_ssize_t>(md.size()));
   if (items == nullptr) {
@@ -386,21 +503,44 @@ PyObject* TakeCall(Call* call) {
 }
 
 PyObject* Door_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
-  static const char* kw[] = {"address", "max_receive", "max_send", "accepts", nullptr};
+  static const char* kw[] = {"address",     "max_receive",     "max_send",
+                             "accepts",     "max_streams",     "max_calls",
+                             "deferred_method", "tls",          nullptr};
   const char* address;
   int max_recv, max_send, accepts;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "siii", const_cast<char**>(kw), &address,
-                                   &max_recv, &max_send, &accepts)) {
+  int max_streams = 2147483647;
+  long long max_calls = INT64_MAX;
+  const char* deferred = "";
+  PyObject* tls_arg = Py_None;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "siii|iLsO", const_cast<char**>(kw), &address,
+                                   &max_recv, &max_send, &accepts, &max_streams, &max_calls,
+                                   &deferred, &tls_arg)) {
     return nullptr;
   }
-  if (accepts < 1) {
-    PyErr_SetString(PyExc_ValueError, "accepts must be at least 1");
+  if (accepts < 1 || max_streams < 1 || max_calls < 1) {
+    PyErr_SetString(PyExc_ValueError, "accepts, max_streams and max_calls must be at least 1");
     return nullptr;
   }
+  TlsFiles tls;
+  if (tls_arg != Py_None) {
+    const char *cert, *key, *ca;
+    unsigned int interval;
+    if (!PyArg_ParseTuple(tls_arg, "sssI;tls is (cert, key, client_ca or '', interval_s)",
+                          &cert, &key, &ca, &interval)) {
+      return nullptr;
+    }
+    if (!*cert || !*key) {
+      PyErr_SetString(PyExc_ValueError, "tls needs a certificate and a key file");
+      return nullptr;
+    }
+    tls = TlsFiles{cert, key, ca, interval < 1 ? 1 : interval};
+  }
+  std::string deferred_method(deferred);
   auto* self = reinterpret_cast<DoorObject*>(type->tp_alloc(type, 0));
   if (self == nullptr) return nullptr;
   PyThreadState* state = PyEval_SaveThread();
-  Door* door = new Door(address, max_recv, max_send, accepts);
+  Door* door = new Door(address, max_recv, max_send, accepts, max_streams, max_calls,
+                        deferred_method, tls);
   bool ok = door->ok();
   if (ok) {
     door->Start();
@@ -447,9 +587,33 @@ PyObject* Door_take(DoorObject* self, PyObject*) {
     Py_XDECREF(cancelled);
     return nullptr;
   }
+  PyObject* bodies = PyList_New(0);
+  if (bodies == nullptr) {
+    Py_DECREF(calls);
+    Py_DECREF(cancelled);
+    return nullptr;
+  }
   for (const Event& e : events) {
-    PyObject* item = e.cancelled ? PyLong_FromUnsignedLongLong(e.id) : TakeCall(e.call);
-    if (item == nullptr && !e.cancelled) {
+    if (e.kind == Kind::Body) {
+      PyObject* body = e.ok ? Payload(e.call) : Py_NewRef(Py_None);
+      if (body == nullptr) {  // out of memory for this message: the call alone fails
+        PyErr_Clear();
+        body = Py_NewRef(Py_None);
+      }
+      PyObject* item = Py_BuildValue("(KN)", static_cast<unsigned long long>(e.id), body);
+      if (item == nullptr || PyList_Append(bodies, item) < 0) {
+        Py_XDECREF(item);
+        Py_DECREF(calls);
+        Py_DECREF(cancelled);
+        Py_DECREF(bodies);
+        return nullptr;
+      }
+      Py_DECREF(item);
+      continue;
+    }
+    bool is_cancel = e.kind == Kind::Cancelled;
+    PyObject* item = is_cancel ? PyLong_FromUnsignedLongLong(e.id) : TakeCall(e.call);
+    if (item == nullptr && !is_cancel) {
       // This call's request could not be converted (out of memory for it): it alone is
       // answered here, and the calls taken with it go on.
       PyErr_Clear();
@@ -457,20 +621,23 @@ PyObject* Door_take(DoorObject* self, PyObject*) {
                          false);
       continue;
     }
-    if (item == nullptr || PyList_Append(e.cancelled ? cancelled : calls, item) < 0) {
+    if (item == nullptr || PyList_Append(is_cancel ? cancelled : calls, item) < 0) {
       // Out of memory for the lists themselves: no call of this take reaches Python, so
       // each is answered here.
       Py_XDECREF(item);
       for (const Event& rest : events) {
-        if (!rest.cancelled) self->door->Finish(rest.id, 13, "out of memory", nullptr, 0, false);
+        if (rest.kind == Kind::New) {
+          self->door->Finish(rest.id, 13, "out of memory", nullptr, 0, false);
+        }
       }
       Py_DECREF(calls);
       Py_DECREF(cancelled);
+      Py_DECREF(bodies);
       return nullptr;
     }
     Py_DECREF(item);
   }
-  return Py_BuildValue("(NN)", calls, cancelled);
+  return Py_BuildValue("(NNN)", calls, cancelled, bodies);
 }
 
 PyObject* Door_finish(DoorObject* self, PyObject* args) {
@@ -479,8 +646,27 @@ PyObject* Door_finish(DoorObject* self, PyObject* args) {
   const char* details;
   Py_ssize_t details_size;
   PyObject* payload;
-  if (!PyArg_ParseTuple(args, "Kis#O", &id, &code, &details, &details_size, &payload)) {
+  PyObject* trailer_items = nullptr;
+  if (!PyArg_ParseTuple(args, "Kis#O|O", &id, &code, &details, &details_size, &payload,
+                        &trailer_items)) {
     return nullptr;
+  }
+  // Trailing metadata: a sequence of (key, value) str pairs (e.g. retry-after).
+  std::vector<std::pair<std::string, std::string>> trailers;
+  if (trailer_items != nullptr && trailer_items != Py_None) {
+    PyObject* seq = PySequence_Fast(trailer_items, "trailers must be a sequence of pairs");
+    if (seq == nullptr) return nullptr;
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); ++i) {
+      const char *key, *value;
+      Py_ssize_t key_size, value_size;
+      if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "s#s#;a trailer is (key, value)",
+                            &key, &key_size, &value, &value_size)) {
+        Py_DECREF(seq);
+        return nullptr;
+      }
+      trailers.emplace_back(std::string(key, key_size), std::string(value, value_size));
+    }
+    Py_DECREF(seq);
   }
   if (!Alive(self)) return nullptr;
   if (code < 0 || code > 16) {
@@ -494,8 +680,15 @@ PyObject* Door_finish(DoorObject* self, PyObject* args) {
     return nullptr;
   }
   bool started = self->door->Finish(id, code, std::string(details, details_size), data, size,
-                                    has_payload);
+                                    has_payload, trailers);
   return PyBool_FromLong(started);
+}
+
+PyObject* Door_read(DoorObject* self, PyObject* args) {
+  unsigned long long id;
+  if (!PyArg_ParseTuple(args, "K", &id)) return nullptr;
+  if (!Alive(self)) return nullptr;
+  return PyBool_FromLong(self->door->ReadBody(id));
 }
 
 PyObject* Door_shutdown(DoorObject* self, PyObject* args) {
@@ -524,12 +717,21 @@ PyObject* Door_allocated(DoorObject* self, void*) {
   return PyLong_FromLongLong(self->door->allocated());
 }
 
+PyObject* Door_active(DoorObject* self, void*) {
+  if (!Alive(self)) return nullptr;
+  return PyLong_FromLongLong(self->door->active());
+}
+
 PyMethodDef door_methods[] = {
     {"take", reinterpret_cast<PyCFunction>(Door_take), METH_NOARGS,
-     "take() -> (calls, cancelled): calls as (id, method, request, metadata, seconds "
-     "left or None); cancelled as ids of calls taken earlier"},
+     "take() -> (calls, cancelled, bodies): calls as (id, method, request or None when "
+     "deferred, metadata, seconds left or None); cancelled as ids of calls taken earlier; "
+     "bodies as (id, request or None when none came) for deferred calls read since"},
+    {"read", reinterpret_cast<PyCFunction>(Door_read), METH_VARARGS,
+     "read(id) -> bool: start reading a deferred call's request (it comes in a later take)"},
     {"finish", reinterpret_cast<PyCFunction>(Door_finish), METH_VARARGS,
-     "finish(id, code, details, response or None) -> bool: answer a taken call"},
+     "finish(id, code, details, response or None, trailers=()) -> bool: answer a taken "
+     "call; trailers are (key, value) pairs of trailing metadata"},
     {"shutdown", reinterpret_cast<PyCFunction>(Door_shutdown), METH_VARARGS,
      "shutdown(grace_s): stop accepting, wait for calls up to grace_s, cancel the rest"},
     {"fileno", reinterpret_cast<PyCFunction>(Door_fileno), METH_NOARGS,
@@ -540,6 +742,8 @@ PyGetSetDef door_getset[] = {
     {"port", reinterpret_cast<getter>(Door_port), nullptr, "the bound port", nullptr},
     {"allocated", reinterpret_cast<getter>(Door_allocated), nullptr,
      "call objects alive: outstanding accepts plus calls not yet over", nullptr},
+    {"active", reinterpret_cast<getter>(Door_active), nullptr,
+     "calls accepted and not yet over (what max_calls caps)", nullptr},
     {nullptr, nullptr, nullptr, nullptr, nullptr}};
 
 PyTypeObject DoorType = {
@@ -556,7 +760,9 @@ PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_grpcdoor",
 PyMODINIT_FUNC PyInit__grpcdoor(void) {
   DoorType.tp_dealloc = reinterpret_cast<destructor>(Door_dealloc);
   DoorType.tp_flags = Py_TPFLAGS_DEFAULT;
-  DoorType.tp_doc = "Door(address, max_receive, max_send, accepts): a started gRPC server";
+  DoorType.tp_doc =
+      "Door(address, max_receive, max_send, accepts, max_streams=, max_calls=, "
+      "deferred_method='', tls=None): a started gRPC server";
   DoorType.tp_methods = door_methods;
   DoorType.tp_getset = door_getset;
   DoorType.tp_new = Door_new;
