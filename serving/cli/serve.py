@@ -86,6 +86,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from serving.cluster import Deployer
     from serving.cluster import runtime as cluster
+    from serving.dataplane import cluster_secret
     from serving.demo import demo_accuracy, ensure_demo_model
     from serving.gateway import build_app
     from serving.registry import Registry, RegistryError, Stages
@@ -121,6 +122,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         registry = Registry(engine, state_dir, config.model_copy(update={"models": models}))
         metrics = {"digits:1": {"accuracy": demo_accuracy(state_dir)}} if demo_key else {}
         Stages(registry).adopt_config_models(models, metrics)
+        try:
+            secret = cluster_secret(config.security.cluster_secret_file, state_dir, os.environ)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cluster secret: {exc}") from None
     except (ConfigError, TenantError, RegistryError) as exc:
         return _fail(str(exc))
     except SchemaError as exc:  # refused: the database's schema does not fit this gpugate
@@ -133,19 +138,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except cluster.StartInterrupted:
         return _stopped_during_start()
     _stop_on_signals(stop)  # again: ray.init installs handlers that would end the driver
+    deployer: Deployer | None = None
     try:
         if stop.is_set():
             return _stopped_during_start()
-        replica_store = {
-            "state_dir": str(state_dir),
-            "database_url": database_url,
-            "heartbeat_s": config.costs.reservation_heartbeat_s,
-        }
-        deployer = Deployer(registry, replica_store)
+        # The replicas get the model's config and the cluster secret only: no database
+        # URL (their reservation rows are the deployer's to write).
+        deployer = Deployer(registry, secret, heartbeat_s=config.costs.reservation_heartbeat_s)
         try:
             served = deployer.prepare()
             handle = cluster.deploy(
-                build_app(server, state_dir, database_url, served, config.costs, registry.config)
+                build_app(
+                    server,
+                    state_dir,
+                    database_url,
+                    served,
+                    config.costs,
+                    registry.config,
+                    cluster_secret=secret,
+                )
             )
         except (RuntimeError, TimeoutError) as exc:
             return _fail(str(exc), code=1)
@@ -192,7 +203,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             flush=True,
         )
     finally:
-        cluster.shutdown(started_ray)
+        try:
+            cluster.shutdown(started_ray)
+        finally:
+            if deployer is not None:  # the replicas are gone: end their reservations
+                deployer.close()
     print("gpugate stopped", flush=True)
     return 0
 

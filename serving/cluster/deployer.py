@@ -15,6 +15,10 @@ added and removed without touching the gateway's application. One
 So a promotion moves traffic with no failed request: the new version is up
 before any request is routed to it, and the old one is removed only after the
 last request routed to it has finished.
+
+The deployer also keeps the replicas' reservation rows of the cost ledger
+(serving.cluster.reservations): the replicas get the model's config and the
+cluster secret, no database URL.
 """
 
 from __future__ import annotations
@@ -25,9 +29,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import serving.cluster.runtime as cluster
+from serving.cluster.reservations import ReplicaReservations
 from serving.config import ModelConfig
+from serving.costs import Reservations
+from serving.dataplane import ClusterSecret
 from serving.registry import Registry
-from serving.replica import model_deployment
+from serving.replica import deployment_name, model_deployment
 from serving.state import audit
 
 log = logging.getLogger(__name__)
@@ -36,6 +43,8 @@ SERVED_STAGES = ("staging", "production")
 # Even when nothing changed, re-send the set now and then: a gateway replica that
 # Ray restarted starts from the set it was first built with.
 RESYNC_S = 5.0
+# How long a round of reservation calls may wait for the replicas' answers.
+_ASK_TIMEOUT_S = 10.0
 
 Key = tuple[str, str]
 
@@ -61,13 +70,22 @@ class Deployer:
     def __init__(
         self,
         registry: Registry,
-        store: dict[str, Any],
+        secret: ClusterSecret,
         *,
+        heartbeat_s: float = 5.0,
         deploy_timeout_s: float = 180.0,
     ) -> None:
         self.registry = registry
-        self._store = store
+        self._secret = secret
         self._timeout = deploy_timeout_s
+        self.reservations = ReplicaReservations(
+            Reservations(registry.engine),
+            heartbeat_s,
+            live=cluster.replica_ids,
+            ask=lambda handle, calls: cluster.call_spread(
+                handle, "reservation", calls, _ASK_TIMEOUT_S
+            ),
+        )
         self._deployed: dict[Key, Wanted] = {}
         self._failed: set[tuple[str, str, str]] = set()  # (name, version, sha256)
         self._sent: list[dict[str, Any]] | None = None
@@ -84,10 +102,12 @@ class Deployer:
         """Deploy what the registry wants served; returns the gateway's first model set."""
         live = self._deploy_missing(self.desired())
         self._sent, self._sent_at = [w.as_spec() for w in live.values()], time.monotonic()
+        self.reservations.poll(force=True)
         return self._sent
 
     def reconcile(self, gateway: Any) -> bool:
         """One pass; True if the gateway's set changed."""
+        self.reservations.poll()  # first: a pass that fails below must not starve it
         live = self._deploy_missing(self.desired())
         spec = [w.as_spec() for w in live.values()]
         changed = spec != self._sent
@@ -99,7 +119,12 @@ class Deployer:
         for key in [k for k in self._deployed if k not in live]:
             gone = self._deployed.pop(key)
             cluster.delete(gone.app)
+            self.reservations.unwatch(gone.app)
         return changed
+
+    def close(self) -> None:
+        """The driver is stopping and its applications with it: end the reservations."""
+        self.reservations.close()
 
     def _deploy_missing(self, wanted: dict[Key, Wanted]) -> dict[Key, Wanted]:
         """Deploy new versions; returns the versions that are up and should be served."""
@@ -113,7 +138,9 @@ class Deployer:
             if marker in self._failed:
                 continue
             try:
-                cluster.deploy(model_deployment(w.config, self._store), self._timeout, w.app)
+                handle = cluster.deploy(
+                    model_deployment(w.config, self._secret), self._timeout, w.app
+                )
             except (RuntimeError, TimeoutError) as exc:
                 self._failed.add(marker)
                 log.error("deploy of %s:%s failed: %s", key[0], key[1], exc)
@@ -129,6 +156,9 @@ class Deployer:
                 continue
             self._deployed[key] = w
             live[key] = w
+            self.reservations.watch(
+                w.app, handle, deployment_name(w.config), w.config.name, w.config.version
+            )
         # A model whose new production version could not be deployed keeps the one
         # serving now rather than going dark.
         producing = {k[0] for k, w in live.items() if w.stage == "production"}

@@ -19,12 +19,16 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from scheduler import Backend, BackendError, BackendUnavailableError, BatchResult, Tensors
-from serving.dataplane import DirectBatchBackend
+from serving.dataplane import ClusterSecret, DirectBatchBackend
 
 log = logging.getLogger(__name__)
 
 APP_NAME = "gpugate"
 GATEWAY_DEPLOYMENT = "gateway"
+# Credentials the driver has read by the time it starts Ray, and that a local Ray's
+# workers (model replicas: model code) would otherwise inherit from its environment.
+# The gateway gets what it needs as deployment arguments.
+PRIVATE_ENV = ("GPUGATE_DATABASE_URL", "GPUGATE_CLUSTER_SECRET")
 
 
 class RayBatchBackend:
@@ -54,14 +58,22 @@ class RayBatchBackend:
         return result
 
 
-def batch_backend(handle: DeploymentHandle, transport: str, replicas: int = 1) -> Backend:
+def batch_backend(
+    handle: DeploymentHandle,
+    transport: str,
+    replicas: int = 1,
+    secret: ClusterSecret | None = None,
+) -> Backend:
     """The backend of one model version's batcher for ``server.replica_transport``.
 
     ``direct``: Serve runs the replicas and tells each one's data-plane address
-    (a handle call), the batches go there over gRPC (serving.dataplane).
+    (a handle call), the batches go there over TCP after the handshake that proves
+    ``secret`` (serving.dataplane).
     """
     if transport != "direct":
         return RayBatchBackend(handle, transport)
+    if secret is None:
+        raise ValueError("the direct data plane needs the cluster secret")
     node_id = ray.get_runtime_context().get_node_id()
 
     async def discover() -> str:
@@ -71,7 +83,7 @@ def batch_backend(handle: DeploymentHandle, transport: str, replicas: int = 1) -
             raise BackendUnavailableError("no model replica is available") from exc
         return address
 
-    return DirectBatchBackend(discover, expected_replicas=replicas)
+    return DirectBatchBackend(discover, secret, expected_replicas=replicas)
 
 
 def _short(exc: BaseException) -> str:
@@ -100,6 +112,8 @@ def connect(num_cpus: int | None = None) -> bool:
         options: dict[str, Any] = {"address": address}
     else:
         options = {"num_cpus": num_cpus, "include_dashboard": False}
+        for name in PRIVATE_ENV:
+            os.environ.pop(name, None)
         # Ray starts workers at nice 15, below the clients on the same host; for a
         # serving system the workers (gateway, replicas) are the work.
         os.environ.setdefault("RAY_worker_niceness", "0")
@@ -161,6 +175,33 @@ def applications(prefix: str) -> list[str]:
 def call(handle: DeploymentHandle, method: str, *args: Any, timeout_s: float = 60.0) -> Any:
     """Call a gateway method from the driver and wait for the answer."""
     return getattr(handle, method).remote(*args).result(timeout_s=timeout_s)
+
+
+def call_spread(handle: DeploymentHandle, method: str, calls: int, timeout_s: float) -> list[Any]:
+    """``calls`` concurrent calls of ``method``, which Serve spreads over the
+    deployment's replicas; the answers that came, failures left out (logged)."""
+    responses = [getattr(handle, method).remote() for _ in range(calls)]
+    answers = []
+    for response in responses:
+        try:
+            answers.append(response.result(timeout_s=timeout_s))
+        except Exception as exc:  # a replica stopping or not ready: asked again later
+            log.info("%s on a replica failed: %s", method, _short(exc))
+    return answers
+
+
+_REPLICA_ACTOR = "SERVE_REPLICA::"
+
+
+def replica_ids(app: str, deployment: str) -> set[str]:
+    """Serve's ids of the live replicas of one deployment: its replicas are named
+    actors ``SERVE_REPLICA::<app>#<deployment>#<id>``, listed while alive."""
+    prefix = f"{_REPLICA_ACTOR}{app}#{deployment}#"
+    return {
+        a["name"][len(prefix) :]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith(prefix)
+    }
 
 
 def shutdown(started_ray: bool) -> None:

@@ -24,6 +24,7 @@ from serving.config.schema import (
     ModelConfig,
     ModelPolicy,
     PriceConfig,
+    SecurityConfig,
     ServerConfig,
     TenantConfig,
     TensorConfig,
@@ -70,6 +71,7 @@ SECTIONS: tuple[tuple[str, str, type[BaseModel]], ...] = (
     ("`costs.prices[]`", "costs.prices[].", PriceConfig),
     ("`policies`: the model registry's guardrails and approvals", "policies.NAME.", ModelPolicy),
     ("`policies.NAME.metrics.METRIC`", "policies.NAME.metrics.METRIC.", MetricPolicy),
+    ("`security`: secrets kept outside the config", "security.", SecurityConfig),
 )
 
 

@@ -221,8 +221,9 @@ class CostsConfig(_Strict):
         default=5.0,
         gt=0,
         le=300,
-        description="How often each replica records that it is still up; a replica killed "
-        "without warning is counted as reserved until its last heartbeat.",
+        description="How often `gpugate serve` records which replicas are still up (the "
+        "cost ledger's reservations); a replica that dies is counted as reserved until it "
+        "was last seen alive.",
     )
 
 
@@ -332,6 +333,69 @@ class ServerConfig(_Strict):
         return v
 
 
+class SecurityConfig(_Strict):
+    """Secrets kept outside the config and the database.
+
+    The cluster secret authenticates the data plane: a model replica runs batches only
+    for a gateway that proves it (an HMAC-SHA256 challenge on connect), and the
+    gateway sends batches only to a replica that proves it back. `gpugate serve`
+    reads it from `$GPUGATE_CLUSTER_SECRET`, else from `cluster_secret_file`, else
+    from `cluster_secret` in the state folder (made with mode 0600 at the first start),
+    and hands it to the gateway and the replicas through their Serve deployments; it
+    is never logged. A file its group or others may read is refused.
+
+    ```yaml
+    security:
+      cluster_secret_file: /etc/gpugate/cluster-secret/secret
+    ```"""
+
+    cluster_secret_file: Path | None = Field(
+        default=None,
+        description="File holding the data plane's cluster secret (at least 32 bytes, "
+        "mode 0600); default `cluster_secret` in the state folder, made at the first "
+        "start. `$GPUGATE_CLUSTER_SECRET` wins over both.",
+    )
+
+
+class AuditConfig(_Strict):
+    """The audit log's MAC key and its anchor outside the database (docs/state.md).
+
+    Records are chained with HMAC-SHA256 under a key the database never holds:
+    `$GPUGATE_AUDIT_KEY` (at least 32 characters), else `key_file`, made with mode 0600
+    at the first start. Every gateway and `gpugate users bootstrap` on one database
+    needs the same key: set `$GPUGATE_AUDIT_KEY` (or copy the file) when several
+    gateways share a PostgreSQL database. After each append the newest record's
+    sequence number and MAC are appended to `anchor_file` (per host) and logged.
+
+    ```yaml
+    audit:
+      key_file: /etc/gpugate/audit/key
+      anchor_file: /var/lib/gpugate-anchor/audit.anchor
+    ```"""
+
+    key_file: Path | None = Field(
+        default=None,
+        description="File holding the audit MAC key (mode 0600; refused if its group or "
+        "others may read it); relative paths are in the state folder. Default "
+        "`audit.key` in the state folder, made at the first start. `$GPUGATE_AUDIT_KEY` "
+        "wins over it.",
+    )
+    anchor_file: Path | None = Field(
+        default=None,
+        description="Append-only file that receives the newest record's sequence number "
+        "and MAC after appends (fsynced); relative paths are in the state folder. Default "
+        "`audit.anchor` in the state folder. Best kept where database writers cannot "
+        "write.",
+    )
+    anchor_interval_s: float = Field(
+        default=0.0,
+        ge=0,
+        le=3600,
+        description="At most one anchor per this many seconds; 0 anchors every append. "
+        "Records appended after the last anchor can be removed unnoticed, so keep it small.",
+    )
+
+
 class GatewayConfig(_Strict):
     server: ServerConfig = Field(
         default_factory=ServerConfig, description="Ports, limits and serving implementation."
@@ -354,6 +418,10 @@ class GatewayConfig(_Strict):
     policies: dict[str, ModelPolicy] = Field(
         default_factory=dict,
         description="Registry policy per model name; '*' applies to models without their own.",
+    )
+    security: SecurityConfig = Field(
+        default_factory=SecurityConfig,
+        description="Where the data plane's cluster secret comes from.",
     )
 
     def policy(self, model: str) -> ModelPolicy:

@@ -362,76 +362,71 @@ def _settle(
         future.set_result(costs)
 
 
-class Reservation:
-    """One replica's reserved device time: a row started at load, heartbeats, an end."""
+class Reservations:
+    """What each model replica reserves while it is up: one row per replica, started
+    when it had loaded, its ``last_seen_at`` moved while it lives, ended when it is gone.
 
-    def __init__(
+    Written by whoever watches the replicas (the ``gpugate serve`` driver,
+    serving.cluster.reservations), never by the replicas: a process that runs model
+    code holds no database credentials.
+    """
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self._engine = engine
+
+    def open(
         self,
-        engine: sa.Engine,
         replica: str,
         model: str,
         version: str,
         device: str,
         device_share: float,
+        started_at: datetime,
     ) -> None:
-        self._engine = engine
-        self.replica = replica
+        """A row for a replica first seen now; one already there (a watcher that
+        restarted) is seen again instead."""
         now = utcnow()
-        with engine.begin() as conn:
-            conn.execute(
-                ledger_reservations.insert().values(
-                    replica=replica,
-                    model=model,
-                    version=version,
-                    device=device,
-                    device_share=device_share,
-                    started_at=now,
-                    last_seen_at=now,
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(
+                    ledger_reservations.insert().values(
+                        replica=replica,
+                        model=model,
+                        version=version,
+                        device=device,
+                        device_share=device_share,
+                        started_at=min(started_at, now),
+                        last_seen_at=now,
+                    )
                 )
-            )
+        except sa.exc.IntegrityError:
+            with self._engine.begin() as conn:
+                conn.execute(
+                    ledger_reservations.update()
+                    .where(ledger_reservations.c.replica == replica)
+                    .values(last_seen_at=now, ended_at=None)
+                )
 
-    def beat(self) -> None:
-        self._update(last_seen_at=utcnow())
+    def seen(self, replicas: Sequence[str], at: datetime) -> None:
+        """The replicas were alive at ``at``."""
+        if replicas:
+            with self._engine.begin() as conn:
+                conn.execute(
+                    ledger_reservations.update()
+                    .where(ledger_reservations.c.replica.in_(list(replicas)))
+                    .values(last_seen_at=at)
+                )
 
-    def end(self) -> None:
-        now = utcnow()
-        self._update(last_seen_at=now, ended_at=now)
-
-    def _update(self, **values: datetime) -> None:
+    def end(self, replica: str, at: datetime) -> None:
         with self._engine.begin() as conn:
             conn.execute(
                 ledger_reservations.update()
-                .where(ledger_reservations.c.replica == self.replica)
-                .values(**values)
+                .where(
+                    ledger_reservations.c.replica == replica,
+                    ledger_reservations.c.ended_at.is_(None),
+                )
+                .values(last_seen_at=at, ended_at=at)
             )
-
-
-class Heartbeat:
-    """Keeps a reservation's last_seen_at fresh from a daemon thread until stopped."""
-
-    def __init__(self, reservation: Reservation, interval_s: float) -> None:
-        self._reservation = reservation
-        self._interval_s = interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="reservation", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval_s):
-            try:
-                self._reservation.beat()
-            except Exception as exc:  # a missed beat costs accuracy, not service
-                log.warning("reservation heartbeat failed: %s", exc)
-
-    def stop(self) -> None:
-        if self._stop.is_set():
-            return
-        self._stop.set()
-        self._thread.join(5)
-        try:
-            self._reservation.end()
-        except Exception as exc:
-            log.warning("could not close reservation %s: %s", self._reservation.replica, exc)
 
 
 def money(nanos_exact: Decimal) -> Decimal:

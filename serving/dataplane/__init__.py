@@ -7,6 +7,11 @@ a data port on an ephemeral port the first time it is asked for its address
 a few connections per replica. A Serve handle call per batch
 costs several times this hop (docs/benchmarks.md).
 
+Authentication: a replica takes batches only from a gateway that proves the cluster
+secret in a handshake on connect, and proves it back before the gateway sends any
+(:mod:`serving.dataplane.auth`). The port binds loopback when the asking gateway is on
+the replica's Ray node, else the node's address.
+
 Wire format: TCP (asyncio streams on the gateway's side, an asyncio Protocol on the
 replica's), each message a 4-byte little-endian length and a
 KServe v2 protobuf (the proto this project already speaks): a batch is a
@@ -32,8 +37,27 @@ replica. Addresses are also refreshed every ``refresh_s``, so scaled-up replicas
 get traffic.
 """
 
-from serving.dataplane.client import DirectBatchBackend
+from serving.dataplane.auth import (
+    SECRET_FILE,
+    ClusterSecret,
+    HandshakeError,
+    cluster_secret,
+    ensure_secret_file,
+    read_secret_file,
+)
+from serving.dataplane.client import DirectBatchBackend, open_connection
 from serving.dataplane.codec import ReplicaError
 from serving.dataplane.server import ReplicaDataServer
 
-__all__ = ["DirectBatchBackend", "ReplicaDataServer", "ReplicaError"]
+__all__ = [
+    "SECRET_FILE",
+    "ClusterSecret",
+    "DirectBatchBackend",
+    "HandshakeError",
+    "ReplicaDataServer",
+    "ReplicaError",
+    "cluster_secret",
+    "ensure_secret_file",
+    "open_connection",
+    "read_secret_file",
+]

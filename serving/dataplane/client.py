@@ -10,12 +10,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from scheduler import BackendError, BackendUnavailableError, BatchResult, Tensors
+from serving.dataplane.auth import ClusterSecret, HandshakeError, prove
 from serving.dataplane.codec import ReplicaError, decode_result, encode_batch, frame, read_frame
 
 log = logging.getLogger(__name__)
 
 _DISCOVERY_TIMEOUT_S = 30.0
 _CONNECT_TIMEOUT_S = 5.0
+# The replica answers the handshake from the loop that runs its forwards inline, so a
+# new connection's handshake may wait for the forward running there, as its batch
+# would have: a bound for a replica that hangs, not for one that is busy.
+_HANDSHAKE_TIMEOUT_S = 120.0
 # While fewer replicas are known than the version has, discovery runs again this often
 # (Serve may route every discovery call of a round to the same replica).
 _SHORT_REFRESH_S = 0.2
@@ -24,9 +29,24 @@ _SHORT_REFRESH_S = 0.2
 _Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
+async def open_connection(address: str, secret: ClusterSecret) -> _Connection:
+    """A connection to the replica at ``address`` on which both ends proved the secret."""
+    host, _, port = address.rpartition(":")
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(host, int(port)), _CONNECT_TIMEOUT_S
+    )
+    try:
+        await asyncio.wait_for(prove(reader, writer, secret, address), _HANDSHAKE_TIMEOUT_S)
+    except BaseException:
+        writer.close()
+        raise
+    return reader, writer
+
+
 @dataclass(eq=False)
 class _Replica:
     address: str
+    secret: ClusterSecret
     idle: list[_Connection] = field(default_factory=list)
     in_flight: int = 0
     gone: bool = False
@@ -35,8 +55,7 @@ class _Replica:
     async def connect(self) -> _Connection:
         if self.idle:
             return self.idle.pop()
-        host, _, port = self.address.rpartition(":")
-        return await asyncio.wait_for(asyncio.open_connection(host, int(port)), _CONNECT_TIMEOUT_S)
+        return await open_connection(self.address, self.secret)
 
     def close(self) -> None:
         self.gone = True
@@ -51,18 +70,22 @@ class DirectBatchBackend:
     ``discover`` asks Serve for one live replica's address (a handle call that Serve
     routes like any other). Batches go to the known replica with the fewest batches
     in flight. A batch whose replica turns out gone is tried once more on another
-    known replica; with none left it fails as unavailable.
+    known replica; with none left it fails as unavailable. Every connection starts
+    with the handshake (serving.dataplane.auth): no batch goes to a port that did not
+    prove ``secret``.
     """
 
     def __init__(
         self,
         discover: Callable[[], Awaitable[str]],
+        secret: ClusterSecret,
         *,
         expected_replicas: int = 1,
         refresh_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._discover = discover
+        self._secret = secret
         self._expected = max(1, expected_replicas)
         self._refresh_s = refresh_s
         self._clock = clock
@@ -86,10 +109,12 @@ class DirectBatchBackend:
             replica.in_flight += 1
             conn: _Connection | None = None
             answered = False
+            # Before connecting: a new connection's handshake waits for the forward
+            # running at the replica, as a batch sent on a pooled one would.
+            sent_ns = time.perf_counter_ns()
             try:
                 conn = await replica.connect()
                 reader, writer = conn
-                sent_ns = time.perf_counter_ns()
                 writer.write(payload)
                 data = await read_frame(reader)
                 answered = True
@@ -100,8 +125,11 @@ class DirectBatchBackend:
                 wait_ns = max(0, replica.last_answer_ns - sent_ns)
                 replica.last_answer_ns = answered_ns
             except (TimeoutError, OSError, EOFError) as exc:
-                # Refused, reset or closed mid-batch (IncompleteReadError is an EOFError).
-                log.warning("replica %s unavailable: %s", replica.address, exc)
+                # Refused, reset or closed mid-batch (IncompleteReadError is an EOFError),
+                # or the port did not prove the cluster secret: a misconfiguration (or
+                # worse) an operator must see, not a replica restarting.
+                level = logging.ERROR if isinstance(exc, HandshakeError) else logging.WARNING
+                log.log(level, "replica %s unavailable: %s", replica.address, exc)
                 self._forget(replica)
                 if not any(a not in tried for a in self._replicas):
                     raise BackendUnavailableError("no model replica is available") from exc
@@ -168,7 +196,7 @@ class DirectBatchBackend:
         for address in found - set(self._replicas):
             if self._closed:
                 return
-            self._replicas[address] = _Replica(address)
+            self._replicas[address] = _Replica(address, self._secret)
             log.info("data plane: replica at %s", address)
 
     def _forget(self, replica: _Replica) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import cast
 
 from scheduler import BatchResult, Tensors
+from serving.dataplane.auth import ANSWER_SIZE, ClusterSecret, check_answer, hello
 from serving.dataplane.codec import (
     LENGTH,
     MAX_MESSAGE,
@@ -23,6 +24,15 @@ from serving.dataplane.codec import (
 )
 
 log = logging.getLogger(__name__)
+
+# A connection must prove the cluster secret within this time, or it is closed: a
+# stranger cannot hold the port's file descriptors (the gateway needs a few ms).
+HANDSHAKE_TIMEOUT_S = 3.0
+# Connections still in their handshake; beyond this, new ones are closed at once. The
+# gateway's connections are long-lived, so a stranger filling the slots delays only its
+# new ones, and never the replica's own health.
+MAX_HANDSHAKES = 256
+_REFUSAL_LOG_EVERY_S = 10.0
 
 
 class ReplicaDataServer:
@@ -40,10 +50,25 @@ class ReplicaDataServer:
     larger than the socket buffers (a few hundred KB) is only partly read
     during a forward, so a large urgent batch can miss the next pick and run one
     batch later.
+
+    A connection carries batches only after the gateway has proven the cluster secret
+    (:mod:`serving.dataplane.auth`); until then, any byte beyond the handshake's, a wrong
+    proof or a slow one closes it, before anything is decoded.
     """
 
-    def __init__(self, run_batch: Callable[[Tensors], BatchResult]) -> None:
+    def __init__(
+        self,
+        run_batch: Callable[[Tensors], BatchResult],
+        secret: ClusterSecret,
+        *,
+        handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
+        max_handshakes: int = MAX_HANDSHAKES,
+    ) -> None:
         self._run_batch = run_batch
+        self._secret = secret
+        self._handshake_timeout_s = handshake_timeout_s
+        self._max_handshakes = max_handshakes
+        self._handshaking = 0
         self._forward_lock = threading.Lock()
         self._loop = _new_loop()
         self._thread = threading.Thread(
@@ -56,6 +81,12 @@ class ReplicaDataServer:
         self._pick_scheduled = False
         self._connections: set[_Link] = set()
         self.address = ""
+        # Counters (tests, data_stats): batches run, connections admitted and refused.
+        self.batches = 0
+        self.admitted = 0
+        self.refused = 0
+        self._refusals_logged_at = -float("inf")
+        self._refusals_unlogged = 0
 
     def start(self, host: str) -> str:
         self._thread.start()
@@ -97,6 +128,16 @@ class ReplicaDataServer:
 
     # -- on the loop ------------------------------------------------------------
 
+    def _note_refusal(self, peer: object, why: str) -> None:
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._refusals_logged_at < _REFUSAL_LOG_EVERY_S:
+            self._refusals_unlogged += 1  # a flood of strangers must not flood the log
+            return
+        more = f" (and {self._refusals_unlogged} more since)" if self._refusals_unlogged else ""
+        log.warning("data plane: refused a connection from %s: %s%s", peer, why, more)
+        self._refusals_logged_at, self._refusals_unlogged = now, 0
+
     def _received(self, conn: _Link, message: bytes) -> None:
         try:
             inputs, urgent = decode_batch(message)
@@ -131,6 +172,7 @@ class ReplicaDataServer:
     def _answer(self, inputs: Tensors) -> bytes:
         try:
             with self._forward_lock:
+                self.batches += 1
                 result = self._run_batch(inputs)
             return encode_result(result)
         except Exception as exc:  # the model's own error: the gateway logs it, callers get 500
@@ -139,18 +181,74 @@ class ReplicaDataServer:
 
 
 class _Link(asyncio.Protocol):
-    """One gateway connection: length-prefixed frames in, one answer per frame out."""
+    """One gateway connection: the handshake, then length-prefixed frames in, one answer
+    per frame out."""
 
     def __init__(self, server: ReplicaDataServer) -> None:
         self._server = server
         self._buffer = bytearray()
         self._transport: asyncio.Transport | None = None
+        self._admitted = False
+        self._nonce = b""  # the replica's handshake nonce
+        self._timer: asyncio.TimerHandle | None = None  # set while in the handshake
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's does not subclass it
-        self._server._connections.add(self)
+        server = self._server
+        server._connections.add(self)
+        if server._handshaking >= server._max_handshakes:
+            self._refuse("too many connections in their handshake")
+            return
+        server._handshaking += 1
+        opening, self._nonce = hello()
+        self._transport.write(opening)
+        # A forward holding the loop past the deadline does not refuse an answer that
+        # arrived in time: both loops read the socket before they run due timers
+        # (tests/unit/serving/dataplane/test_auth.py).
+        self._timer = server._loop.call_later(
+            server._handshake_timeout_s, self._refuse, "no handshake in time"
+        )
+
+    def _refuse(self, why: str) -> None:
+        self._end_handshake()
+        if self._transport is None or self._transport.is_closing():
+            return
+        self._server._note_refusal(self._transport.get_extra_info("peername"), why)
+        self._transport.abort()  # no lingering: the stranger gets a reset
+
+    def _end_handshake(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self._server._handshaking -= 1
+
+    def _handshake(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        if len(buffer) < ANSWER_SIZE:
+            return
+        # The gateway waits for the replica's proof before it sends a frame, so bytes
+        # past the answer are someone who does not speak the protocol.
+        proof = None
+        if len(buffer) == ANSWER_SIZE:
+            proof = check_answer(
+                self._server._secret, self._server.address, self._nonce, bytes(buffer)
+            )
+        buffer.clear()
+        if proof is None:
+            self._refuse("the cluster secret was not proven")
+            return
+        assert self._transport is not None
+        self._end_handshake()
+        self._admitted = True
+        self._server.admitted += 1
+        self._transport.write(proof)
 
     def data_received(self, data: bytes) -> None:
+        if not self._admitted:
+            if self._timer is not None:  # in the handshake; else refused: dropped unread
+                self._handshake(data)
+            return
         buffer = self._buffer
         buffer += data
         while len(buffer) >= LENGTH.size:
@@ -188,6 +286,7 @@ class _Link(asyncio.Protocol):
             self._transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._end_handshake()
         self._buffer.clear()
         self._server._connections.discard(self)
 

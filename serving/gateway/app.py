@@ -32,6 +32,7 @@ from serving.admin import build_admin_app
 from serving.cluster import GATEWAY_DEPLOYMENT, batch_backend
 from serving.config import CostsConfig, GatewayConfig, ModelConfig, ServerConfig
 from serving.costs import Ledger, LedgerReports, LedgerWriter, Price, Pricing, from_unix_ns
+from serving.dataplane import ClusterSecret
 from serving.gateway.telemetry import configure_tracing, otel_env
 from serving.registry import Registry, Stages
 from serving.replica import deployment_name
@@ -61,7 +62,9 @@ class Gateway:
         costs: dict[str, Any],
         otel: dict[str, str],
         registry: dict[str, Any] | None = None,
+        cluster_secret: ClusterSecret | None = None,
     ) -> None:
+        self._cluster_secret = cluster_secret  # proves the gateway to the replicas
         self.server_config = ServerConfig.model_validate(server)
         cfg = self.server_config
         self._drained: dict[str, Any] | None = None
@@ -135,7 +138,12 @@ class Gateway:
         batcher = ModelBatcher(
             model.name,
             model.version,
-            batch_backend(handle, self.server_config.replica_transport, model.replicas),
+            batch_backend(
+                handle,
+                self.server_config.replica_transport,
+                model.replicas,
+                self._cluster_secret,
+            ),
             policy,
             observer=self._observe_batch,
             ledger=self._ledger,
@@ -260,6 +268,7 @@ def build_app(
     models: list[dict[str, Any]],
     costs: CostsConfig,
     registry: GatewayConfig | None = None,
+    cluster_secret: ClusterSecret | None = None,
 ) -> Any:
     """The gateway's Serve application. Each model version is an application of its
     own (serving.cluster.deployer), so versions come and go without redeploying the gateway;
@@ -286,5 +295,6 @@ def build_app(
             costs.model_dump(mode="json"),
             otel_env(),
             registry_config,
+            cluster_secret,
         )
     )

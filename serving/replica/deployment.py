@@ -5,8 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-import uuid
-from pathlib import Path
+import time
 from typing import Any
 
 import ray
@@ -14,11 +13,9 @@ from ray import serve
 
 from scheduler import BatchResult, Tensors
 from serving.config import ModelConfig
-from serving.costs import Heartbeat, Reservation
-from serving.dataplane import ReplicaDataServer
+from serving.dataplane import ClusterSecret, ReplicaDataServer
 from serving.replica.artifacts import ModelLoadError
 from serving.replica.runner import ModelRunner
-from serving.state import open_engine
 
 log = logging.getLogger(__name__)
 
@@ -42,27 +39,23 @@ def check_artifact_digest(config: ModelConfig) -> None:
 class ModelReplica:
     """One replica: the model on its device (CUDA when given GPUs and present).
 
-    While it is up it holds a reservation in the cost ledger (uptime x device share,
-    heartbeated), from which reports derive idle capacity.
+    It holds no database credentials: model code runs in this process. What it
+    reserves (for the cost ledger's idle capacity) it tells whoever asks
+    (:meth:`reservation`); the ``gpugate serve`` driver writes the rows. Its data
+    plane takes batches only from gateways that prove ``secret``.
     """
 
-    def __init__(self, model: dict[str, Any], store: dict[str, Any]) -> None:
+    def __init__(self, model: dict[str, Any], secret: ClusterSecret) -> None:
+        if not isinstance(secret, ClusterSecret):
+            raise TypeError("a model replica needs the cluster secret")
         self.config = ModelConfig.model_validate(model)
         check_artifact_digest(self.config)
         self.runner = ModelRunner(self.config)
         self.runner.warmup()
         on_gpu = self.runner.device.type == "cuda"
         self.device_share = self.config.num_gpus if on_gpu else self.config.num_cpus
-        engine = open_engine(store["database_url"], Path(store["state_dir"]))
-        reservation = Reservation(
-            engine,
-            replica=f"{deployment_name(self.config)}:{uuid.uuid4().hex[:12]}",
-            model=self.config.name,
-            version=self.config.version,
-            device=self.runner.device_type,
-            device_share=self.device_share,
-        )
-        self._heartbeat = Heartbeat(reservation, store["heartbeat_s"])
+        self._secret = secret
+        self._loaded_at = time.time()
         self._data_lock = threading.Lock()
         self._data: dict[str, ReplicaDataServer] = {}  # bind host -> server
         log.info(
@@ -87,11 +80,30 @@ class ModelReplica:
         with self._data_lock:
             server = self._data.get(host)
             if server is None:
-                server = ReplicaDataServer(self.run_batch)
+                server = ReplicaDataServer(self.run_batch, self._secret)
                 server.start(host)
                 self._data[host] = server
                 log.info("data plane of %s on %s", deployment_name(self.config), server.address)
             return server.address
+
+    def reservation(self) -> dict[str, Any]:
+        """What this replica reserves, from when: Serve's id of it (its actor's name
+        ends with it), its device label and share, and when it had loaded (unix s)."""
+        return {
+            "replica": serve.get_replica_context().replica_id.unique_id,
+            "device": self.runner.device_type,
+            "device_share": self.device_share,
+            "loaded_at": self._loaded_at,
+        }
+
+    def data_stats(self) -> dict[str, int]:
+        """The data plane's counters: batches run, connections admitted and refused."""
+        servers = list(self._data.values())
+        return {
+            "batches": sum(s.batches for s in servers),
+            "admitted": sum(s.admitted for s in servers),
+            "refused": sum(s.refused for s in servers),
+        }
 
     def check_health(self) -> None:
         """Serve's health probe: a dead data plane makes Serve restart the replica."""
@@ -99,21 +111,18 @@ class ModelReplica:
             raise RuntimeError("the data plane's thread stopped")
 
     def __del__(self) -> None:
-        """Serve calls this on graceful shutdown: finish data-plane batches, close the
-        reservation."""
+        """Serve calls this on graceful shutdown: finish data-plane batches."""
         for server in list(getattr(self, "_data", {}).values()):
             server.stop(grace_s=5.0)
-        heartbeat = getattr(self, "_heartbeat", None)
-        if heartbeat is not None:
-            heartbeat.stop()
 
 
 def deployment_name(model: ModelConfig) -> str:
     return f"model-{model.name}-{model.version}"
 
 
-def model_deployment(model: ModelConfig, store: dict[str, Any]) -> Any:
-    """The bound Serve deployment for one model version."""
+def model_deployment(model: ModelConfig, secret: ClusterSecret) -> Any:
+    """The bound Serve deployment for one model version. Its arguments are the model's
+    config and the cluster secret, nothing else: no database URL, no state folder."""
     return (
         serve.deployment(ModelReplica)
         .options(
@@ -128,5 +137,5 @@ def model_deployment(model: ModelConfig, store: dict[str, Any]) -> Any:
             # gateway's own metrics count every batch.
             logging_config={"enable_access_log": False, "log_level": "WARNING"},
         )
-        .bind(model.model_dump(mode="json"), store)
+        .bind(model.model_dump(mode="json"), secret)
     )

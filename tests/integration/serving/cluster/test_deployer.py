@@ -11,6 +11,7 @@ import pytest
 from serving.cluster import runtime as cluster
 from serving.cluster.deployer import Deployer, app_name
 from serving.config.schema import GatewayConfig
+from serving.dataplane import ClusterSecret
 from serving.demo.models import ensure_demo_model
 from serving.registry import Candidate, Registry, Signature, Stages, artifact_path
 from serving.state import audit
@@ -29,8 +30,8 @@ def test_a_version_whose_bytes_changed_is_refused_and_production_stays(
     engine = open_engine(None, state)
     registry = Registry(engine, state, GatewayConfig(models=[demo]))
     Stages(registry).adopt_config_models([demo], {})
-    store = {"state_dir": str(state), "database_url": None, "heartbeat_s": 1.0}
-    deployer = Deployer(registry, store, deploy_timeout_s=120)
+    secret = ClusterSecret(b"integration-cluster-secret-0123456789")
+    deployer = Deployer(registry, secret, heartbeat_s=1.0, deploy_timeout_s=120)
     try:
         first = deployer.prepare()
         assert [(m["config"]["version"], m["stage"]) for m in first] == [("1", "production")]

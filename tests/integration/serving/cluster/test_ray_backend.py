@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,15 +19,20 @@ from scheduler import (
     BatchRecord,
     ModelBatcher,
 )
+from serving.cluster import runtime as cluster
+from serving.cluster.reservations import ReplicaReservations
 from serving.cluster.runtime import RayBatchBackend, batch_backend
 from serving.config.schema import CostsConfig
-from serving.costs.ledger import Ledger, LedgerWriter, Pricing
+from serving.costs.ledger import Ledger, LedgerWriter, Pricing, Reservations
+from serving.dataplane import ClusterSecret
 from serving.demo.models import ensure_demo_model, load_digits_split
-from serving.replica.deployment import model_deployment
+from serving.replica.deployment import deployment_name, model_deployment
 from serving.replica.runner import ModelRunner
 from serving.state.db import ledger_allocations, ledger_batches, ledger_reservations, open_engine
 
 pytestmark = pytest.mark.timeout(300)
+
+SECRET = ClusterSecret(b"integration-cluster-secret-0123456789")
 
 
 @pytest.mark.parametrize("transport", ["direct", "grpc", "actor"])
@@ -34,9 +40,17 @@ def test_batches_run_on_a_serve_replica_and_rows_come_back_in_place(
     ray_serve: None, tmp_path: Path, transport: str
 ) -> None:
     config = ensure_demo_model(tmp_path)
-    store = {"state_dir": str(tmp_path), "database_url": None, "heartbeat_s": 0.2}
-    handle = serve.run(model_deployment(config, store), name="it-digits", route_prefix=None)
+    handle = serve.run(model_deployment(config, SECRET), name="it-digits", route_prefix=None)
     engine = open_engine(None, tmp_path)
+    # What the gpugate serve driver does: the replica writes no row itself.
+    reservations = ReplicaReservations(
+        Reservations(engine),
+        0.2,
+        live=cluster.replica_ids,
+        ask=lambda h, n: cluster.call_spread(h, "reservation", n, 10.0),
+    )
+    reservations.watch("it-digits", handle, deployment_name(config), "digits", "1")
+    reservations.poll(force=True)
     ledger = LedgerWriter(Ledger(engine, Pricing(CostsConfig())))
     local = ModelRunner(config, num_threads=1)
     _, x_test, _, y_test = load_digits_split()
@@ -47,7 +61,7 @@ def test_batches_run_on_a_serve_replica_and_rows_come_back_in_place(
         batcher = ModelBatcher(
             "digits",
             "1",
-            batch_backend(handle, transport),
+            batch_backend(handle, transport, secret=SECRET),
             BatchPolicy(max_batch_size=64, max_in_flight=2),
             observer=records.append,
             ledger=ledger,
@@ -77,6 +91,8 @@ def test_batches_run_on_a_serve_replica_and_rows_come_back_in_place(
         assert {r.result.device for r in records if r.result} == {"cpu"}
         # Every batch was committed to the ledger, its split exact to the nanosecond.
         ledger.close()
+        time.sleep(0.3)
+        reservations.poll()  # the replica is still alive: its row is seen again
         with engine.connect() as conn:
             batch_ns = conn.execute(sa.select(sa.func.sum(ledger_batches.c.charge_ns))).scalar()
             tenant_ns = conn.execute(
@@ -92,7 +108,7 @@ def test_batches_run_on_a_serve_replica_and_rows_come_back_in_place(
 
         async def bad() -> None:
             # Bypasses the router's validation: the replica's own check must surface.
-            await batch_backend(handle, transport).run_batch(
+            await batch_backend(handle, transport, secret=SECRET).run_batch(
                 {"pixels": np.zeros((2, 3), np.float32)}
             )
 
@@ -104,17 +120,17 @@ def test_batches_run_on_a_serve_replica_and_rows_come_back_in_place(
         assert "pixels" in str(info.value.__cause__)
     finally:
         serve.delete("it-digits")
+    reservations.poll(force=True)  # the replica is gone
     with engine.connect() as conn:
         ended = conn.execute(sa.select(ledger_reservations.c.ended_at)).scalar()
-    assert ended is not None  # a graceful shutdown closes the reservation
+    assert ended is not None  # a removed replica's reservation is closed
 
 
 def test_a_dead_replica_is_unavailable_not_an_internal_error(
     ray_serve: None, tmp_path: Path
 ) -> None:
     config = ensure_demo_model(tmp_path)
-    store = {"state_dir": str(tmp_path), "database_url": None, "heartbeat_s": 5.0}
-    handle = serve.run(model_deployment(config, store), name="it-kill", route_prefix=None)
+    handle = serve.run(model_deployment(config, SECRET), name="it-kill", route_prefix=None)
     backend = RayBatchBackend(handle, "grpc")
     x = {"pixels": np.zeros((4, 64), np.float32)}
 

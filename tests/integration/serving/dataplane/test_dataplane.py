@@ -14,12 +14,15 @@ from ray import serve
 
 from scheduler import BackendUnavailableError
 from serving.cluster.runtime import batch_backend
+from serving.dataplane import ClusterSecret
 from serving.dataplane.client import DirectBatchBackend
 from serving.demo.models import ensure_demo_model
 from serving.replica.deployment import model_deployment
 from serving.replica.runner import ModelRunner
 
 pytestmark = pytest.mark.timeout(300)
+
+SECRET = ClusterSecret(b"integration-cluster-secret-0123456789")
 
 
 def _replica_actor(app: str) -> ray.actor.ActorHandle:
@@ -36,13 +39,12 @@ def test_a_killed_replica_fails_its_batches_as_unavailable_then_the_restarted_on
     ray_serve: None, tmp_path: Path
 ) -> None:
     config = ensure_demo_model(tmp_path)
-    store = {"state_dir": str(tmp_path), "database_url": None, "heartbeat_s": 5.0}
-    handle = serve.run(model_deployment(config, store), name="it-direct", route_prefix=None)
+    handle = serve.run(model_deployment(config, SECRET), name="it-direct", route_prefix=None)
     x = np.random.default_rng(0).random((4, 64), dtype=np.float32)
     want, _ = ModelRunner(config, num_threads=1).run({"pixels": x})
 
     async def main() -> tuple[list[BaseException], int, list[str], list[str]]:
-        backend = batch_backend(handle, "direct")
+        backend = batch_backend(handle, "direct", secret=SECRET)
         assert isinstance(backend, DirectBatchBackend)
         first = await backend.run_batch({"pixels": x})
         np.testing.assert_allclose(first.outputs["logits"], want["logits"], rtol=1e-5)
@@ -104,12 +106,11 @@ def test_batches_spread_over_replicas_and_one_killed_is_retried_on_the_other(
     ray_serve: None, tmp_path: Path
 ) -> None:
     config = ensure_demo_model(tmp_path).model_copy(update={"replicas": 2, "num_cpus": 0.5})
-    store = {"state_dir": str(tmp_path), "database_url": None, "heartbeat_s": 5.0}
-    handle = serve.run(model_deployment(config, store), name="it-direct2", route_prefix=None)
+    handle = serve.run(model_deployment(config, SECRET), name="it-direct2", route_prefix=None)
     x = np.ones((2, 64), np.float32)
 
     async def main() -> tuple[list[str], list[BaseException], int]:
-        backend = batch_backend(handle, "direct", replicas=2)
+        backend = batch_backend(handle, "direct", replicas=2, secret=SECRET)
         assert isinstance(backend, DirectBatchBackend)
         # The first discovery round may find one replica; the backend asks again while
         # it knows fewer than the version has.

@@ -13,9 +13,12 @@ import pytest
 
 from scheduler import BatchResult, Tensors
 from serving.dataplane import server as dataplane_server
-from serving.dataplane.client import DirectBatchBackend
+from serving.dataplane.auth import ClusterSecret
+from serving.dataplane.client import DirectBatchBackend, open_connection
 from serving.dataplane.codec import ReplicaError, decode_result, encode_batch, frame, read_frame
 from serving.dataplane.server import ReplicaDataServer
+
+SECRET = ClusterSecret(b"s" * 32)
 
 
 class TaggedGates:
@@ -53,7 +56,7 @@ class TaggedGates:
 
 @contextlib.contextmanager
 def _serving(model: TaggedGates) -> Iterator[tuple[ReplicaDataServer, str]]:
-    server = ReplicaDataServer(model)
+    server = ReplicaDataServer(model, SECRET)
     address = server.start("127.0.0.1")
     try:
         yield server, address
@@ -76,8 +79,7 @@ def _batch(tag: float, rows: int = 2) -> Tensors:
 
 
 async def _connect(address: str, n: int) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
-    host, _, port = address.rpartition(":")
-    return [await asyncio.open_connection(host, int(port)) for _ in range(n)]
+    return [await open_connection(address, SECRET) for _ in range(n)]
 
 
 async def _send_all(
@@ -122,10 +124,9 @@ def test_frames_split_across_writes_and_an_undecodable_one_leave_the_server_serv
     served: tuple[TaggedGates, str],
 ) -> None:
     _, address = served  # nothing here is tagged 1.0: no forward is held
-    host, _, port = address.rpartition(":")
 
     async def main() -> None:
-        reader, writer = await asyncio.open_connection(host, int(port))
+        reader, writer = await open_connection(address, SECRET)
         data = frame(encode_batch(_batch(9.0, rows=300)))
         for i in range(0, len(data), 777):  # dribbled in small pieces
             writer.write(data[i : i + 777])
@@ -141,7 +142,7 @@ def test_frames_split_across_writes_and_an_undecodable_one_leave_the_server_serv
         async def discover() -> str:
             return address
 
-        backend = DirectBatchBackend(discover)
+        backend = DirectBatchBackend(discover, SECRET)
         again = await backend.run_batch(_batch(3.0), urgent=True)
         np.testing.assert_array_equal(again.outputs["y"], _batch(3.0)["x"] + 1)
         await backend.close()
@@ -216,7 +217,7 @@ def test_the_backend_reports_how_long_a_batch_waited_behind_the_one_ahead(
         return address
 
     async def main() -> tuple[BatchResult, BatchResult, BatchResult]:
-        backend = DirectBatchBackend(discover)
+        backend = DirectBatchBackend(discover, SECRET)
         first = asyncio.ensure_future(backend.run_batch(_batch(1.0)))
         assert await asyncio.to_thread(model.started[1.0].wait, 5)  # holds the forward
         second = asyncio.ensure_future(backend.run_batch(_batch(2.0)))
