@@ -18,10 +18,19 @@ from router._exceptions import (
     Unauthenticated,
     Unavailable,
 )
-from router.types import DATATYPES, ModelSignature, Tenant, TensorSpec
+from router.types import (
+    DATATYPES,
+    DEFAULT_PRIORITY_LEVEL,
+    MAX_PRIORITY_LEVEL,
+    ModelSignature,
+    Tenant,
+    TensorSpec,
+)
 
 __all__ = [
     "DATATYPES",
+    "DEFAULT_PRIORITY_LEVEL",
+    "MAX_PRIORITY_LEVEL",
     "DeadlineExceeded",
     "GatewayError",
     "Internal",

@@ -6,6 +6,8 @@ them in one place each, so the two protocols always agree.
 
 from __future__ import annotations
 
+import math
+
 import grpc
 
 
@@ -16,6 +18,14 @@ class GatewayError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+    def http_headers(self) -> dict[str, str] | None:
+        """Response headers that go with the status (None: none)."""
+        return None
+
+    def grpc_trailers(self) -> tuple[tuple[str, str], ...]:
+        """Trailing metadata that goes with the status code."""
+        return ()
 
 
 class InvalidArgument(GatewayError):
@@ -43,8 +53,36 @@ class NotFound(GatewayError):
 
 
 class ResourceExhausted(GatewayError):
+    """Shed by admission; ``retry_after_s`` says when trying again makes sense.
+
+    HTTP answers it as ``Retry-After`` (whole seconds, at least 1); gRPC as the
+    trailing metadata ``retry-after`` (the same seconds) and ``grpc-retry-pushback-ms``,
+    which gRPC clients with a retry policy honour.
+    """
+
     http_status = 429
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def _seconds(self) -> int:
+        assert self.retry_after_s is not None
+        return max(1, math.ceil(self.retry_after_s))
+
+    def http_headers(self) -> dict[str, str] | None:
+        if self.retry_after_s is None:
+            return None
+        return {"Retry-After": str(self._seconds())}
+
+    def grpc_trailers(self) -> tuple[tuple[str, str], ...]:
+        if self.retry_after_s is None:
+            return ()
+        return (
+            ("retry-after", str(self._seconds())),
+            ("grpc-retry-pushback-ms", str(max(1, round(self.retry_after_s * 1000)))),
+        )
 
 
 class Unavailable(GatewayError):

@@ -112,9 +112,14 @@ class Splitter:
 # -- windows -------------------------------------------------------------------
 
 # Outcomes that say something about a version: success, or the server's own failure.
-# Client errors (4xx) and cancellations say nothing about the version that would
-# have served them, and a 429 is the gateway's admission, not the model.
+# Client errors (4xx) and cancellations (499, whether the client hung up or its own
+# deadline cancelled the call) say nothing about the version that would have served
+# them, and a 429 is the gateway's admission, not the model.
 _ERROR_CODES = frozenset({"500", "503", "504"})
+# A deadline expiry (504) is the version's error only when the request allowed at least
+# this long; a shorter deadline is the client's choice (a tenant routed to the candidate
+# by a sticky key could otherwise fail it at will). Rollouts set their own floor.
+DEFAULT_MIN_DEADLINE_S = 1.0
 _MAX_SAMPLES = 200_000
 _rng = random.Random(0)
 
@@ -126,6 +131,8 @@ class VersionStats:
     requests: int = 0
     errors: int = 0
     latencies: array[float] = field(default_factory=lambda: array("d"))  # seconds, successes
+    # Deadline expiries of requests whose deadline was under the floor: not counted.
+    short_deadlines: int = 0
     _successes: int = 0
 
     def add(self, ok: bool, seconds: float) -> None:
@@ -159,6 +166,7 @@ class VersionStats:
             "errors": self.errors,
             "error_rate": round(self.error_rate, 6),
             "p99_ms": self.p99_ms,
+            "short_deadline_expiries": self.short_deadlines,
         }
 
 
@@ -201,11 +209,17 @@ class Windows:
 
     def __init__(self) -> None:
         self.watched: frozenset[str] = frozenset()
+        # Per watched model, the shortest deadline whose expiry counts as an error
+        # (DEFAULT_MIN_DEADLINE_S for a model without one).
+        self.min_deadline_s: dict[str, float] = {}
         self._versions: dict[tuple[str, str], VersionStats] = {}
         self._shadow: dict[tuple[str, str], ShadowStats] = {}
 
-    def record(self, model: str, version: str, code: str, seconds: float) -> None:
-        """One live request's outcome (the router calls this for every request)."""
+    def record(
+        self, model: str, version: str, code: str, seconds: float, deadline_s: float | None = None
+    ) -> None:
+        """One live request's outcome (the router calls this for every request);
+        ``deadline_s`` is the deadline it ran under (None: not known, judged by its code)."""
         if model not in self.watched:
             return
         ok = code == "200"
@@ -214,6 +228,11 @@ class Windows:
         stats = self._versions.get((model, version))
         if stats is None:
             stats = self._versions[(model, version)] = VersionStats()
+        if code == "504":
+            floor = self.min_deadline_s.get(model, DEFAULT_MIN_DEADLINE_S)
+            if deadline_s is not None and deadline_s < floor:
+                stats.short_deadlines += 1
+                return
         stats.add(ok, seconds)
 
     def shadow(self, model: str, version: str) -> ShadowStats:

@@ -6,10 +6,12 @@ each histogram family large enough to slow scrapes (document before growing).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from scheduler import BatchRecord
 
@@ -31,6 +33,37 @@ _LATENCY_BUCKETS = (
     10.0,
 )
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Load(Protocol):
+    requests: int
+    bytes: int
+
+
+class _TenantLoads(Collector):
+    """Per-tenant requests and input bytes in flight, read at scrape time (nothing is
+    done per request). A tenant with nothing in flight has no sample."""
+
+    def __init__(self) -> None:
+        self.loads: Callable[[], Mapping[str, Load]] = dict
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        requests = GaugeMetricFamily(
+            "gpugate_tenant_requests_in_flight",
+            "A tenant's admitted inference requests not yet answered (its in-flight cap "
+            "counts these); tenants with none are absent.",
+            labels=["tenant"],
+        )
+        size = GaugeMetricFamily(
+            "gpugate_tenant_bytes_in_flight",
+            "Input tensor bytes of a tenant's requests in flight (its byte cap counts these).",
+            labels=["tenant"],
+        )
+        for tenant, load in sorted(self.loads().items()):
+            requests.add_metric([tenant], load.requests)
+            size.add_metric([tenant], load.bytes)
+        yield requests
+        yield size
 
 
 class RouterMetrics:
@@ -162,6 +195,17 @@ class RouterMetrics:
             ["model", "version"],
             registry=r,
         )
+        self.admission_refusals = Counter(
+            "gpugate_admission_refusals",
+            "Requests a tenant sent that admission refused, by reason: requests_in_flight "
+            "and bytes_in_flight (the tenant's caps, 429), queue_full (the version's or the "
+            "tenant's queue, 429), request_bytes (one request larger than the tenant's byte "
+            "cap, 413), priority (a level not granted to the tenant, 403).",
+            ["tenant", "reason"],
+            registry=r,
+        )
+        self._tenant_loads = _TenantLoads()
+        r.register(self._tenant_loads)
         # Read at scrape time from the service's counter (set_function): nothing per request.
         self.requests_in_flight = Gauge(
             "gpugate_requests_in_flight",
@@ -179,6 +223,13 @@ class RouterMetrics:
         if child is None:
             child = self._children[key] = metric.labels(*labels)
         return child
+
+    def watch_tenant_loads(self, loads: Callable[[], Mapping[str, Load]]) -> None:
+        """Where the per-tenant in-flight gauges read from (the service's loads)."""
+        self._tenant_loads.loads = loads
+
+    def refused(self, tenant: str, reason: str) -> None:
+        self._child(self.admission_refusals, tenant, reason).inc()
 
     def observe_request(
         self, model: str, version: str, tenant: str, code: str, seconds: float

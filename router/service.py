@@ -21,6 +21,7 @@ from router._exceptions import (
     Internal,
     InvalidArgument,
     NotFound,
+    PayloadTooLarge,
     PermissionDenied,
     ResourceExhausted,
     Unauthenticated,
@@ -74,6 +75,18 @@ class Call:
     receipt: Receipt = field(default_factory=Receipt)
     trace: object | None = None  # the request span's context, for the batch span's link
     stats: VersionStats | None = None  # the resolved version's, for its outcome
+    timeout_s: float | None = None  # the deadline the request ran under, once known
+    # What the call holds of its tenant's in-flight caps (released when it ends).
+    load: TenantLoad | None = None
+    held_bytes: int = 0
+
+
+@dataclass
+class TenantLoad:
+    """One tenant's admitted requests and their input bytes, over every model."""
+
+    requests: int = 0
+    bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -124,6 +137,13 @@ class RouterSettings:
     default_timeout_s: float = 30.0
     # Mirrored (shadow) requests in flight at once; more are dropped and counted.
     max_shadow_in_flight: int = 64
+    # Per tenant over every model, unless the tenant's record says otherwise: requests
+    # admitted and not yet answered, and the bytes of their input tensors. Past either,
+    # 429 / RESOURCE_EXHAUSTED, so one tenant cannot take the gateway's memory or queues.
+    tenant_max_requests_in_flight: int = 512
+    tenant_max_bytes_in_flight: int = 256 * 2**20
+    # What a refusal for load tells the client to wait (Retry-After).
+    retry_after_s: float = 1.0
 
 
 class InferenceService:
@@ -143,6 +163,9 @@ class InferenceService:
         self.metrics.requests_in_flight.set_function(lambda: self._in_flight)
         self._idle = asyncio.Event()
         self._idle.set()
+        # Only tenants with something in flight have an entry (no growth with tenants seen).
+        self._loads: dict[str, TenantLoad] = {}
+        self.metrics.watch_tenant_loads(lambda: self._loads)
         # Outcomes per version for the models under a rollout (serving.rollout reads them).
         self.windows = Windows()
         self._shadows: set[asyncio.Task[None]] = set()
@@ -212,19 +235,94 @@ class InferenceService:
         call.model, call.version = served.name, served.version
         if not tenant.may_use(served.name):
             raise PermissionDenied(f"tenant {tenant.name!r} may not use model {served.name!r}")
+        if not tenant.may_ask(params.priority):
+            self.metrics.refused(tenant.name, "priority")
+            granted = ", ".join(str(p) for p in sorted(tenant.priorities))
+            raise PermissionDenied(
+                f"tenant {tenant.name!r} may not use priority level {params.priority} "
+                f"(granted levels: {granted})"
+            )
         call.stats = served.batcher.stats  # a refused tenant's call is not the model's failure
         unknown = [o for o in requested_outputs if o not in served.signature.output_names]
         if unknown:
             raise InvalidArgument(f"unknown output(s) requested: {', '.join(unknown)}")
-        arrays, rows = validate_inputs(served.signature, inputs, self.settings.max_request_bytes)
+        self._admit(call, tenant)
+        arrays, rows = validate_inputs(
+            served.signature,
+            inputs,
+            self.settings.max_request_bytes,
+            reserve=lambda size: self._admit_bytes(call, tenant, size),
+        )
         timeouts = [t for t in (params.timeout_s, transport_timeout_s) if t is not None]
         timeout_s = min(timeouts) if timeouts else self.settings.default_timeout_s
+        call.timeout_s = timeout_s
         outputs = await self._submit(served, call, arrays, rows, params.priority, timeout_s)
         if shadow is not None:
             self._mirror(shadow, arrays, rows, outputs, timeout_s)
         if requested_outputs:
             outputs = {k: outputs[k] for k in requested_outputs}
         return served, outputs
+
+    # -- tenant admission ---------------------------------------------------------
+
+    def _admit(self, call: Call, tenant: Tenant) -> None:
+        """Take one of the tenant's in-flight requests, or refuse (429); the call holds
+        it until :meth:`admitted` ends, whatever the outcome."""
+        cap = tenant.max_requests_in_flight
+        if cap is None:
+            cap = self.settings.tenant_max_requests_in_flight
+        load = self._loads.get(tenant.name)
+        held = load.requests if load is not None else 0
+        if held >= cap:
+            self.metrics.refused(tenant.name, "requests_in_flight")
+            raise ResourceExhausted(
+                f"tenant {tenant.name!r} has {held} requests in flight, its limit",
+                retry_after_s=self.settings.retry_after_s,
+            )
+        if load is None:
+            load = self._loads[tenant.name] = TenantLoad()
+        load.requests += 1
+        call.load = load
+
+    def _admit_bytes(self, call: Call, tenant: Tenant, size: int) -> None:
+        """Take ``size`` bytes of the tenant's in-flight budget before any array is built."""
+        load = call.load
+        assert load is not None, "admit the request first"
+        cap = tenant.max_bytes_in_flight
+        if cap is None:
+            cap = self.settings.tenant_max_bytes_in_flight
+        if size > cap:
+            # Never admissible, however long the client waits: not a 429.
+            self.metrics.refused(tenant.name, "request_bytes")
+            raise PayloadTooLarge(
+                f"the request's {size} input bytes exceed tenant {tenant.name!r}'s "
+                f"{cap}-byte limit of bytes in flight"
+            )
+        if load.bytes + size > cap:
+            self.metrics.refused(tenant.name, "bytes_in_flight")
+            raise ResourceExhausted(
+                f"tenant {tenant.name!r} has {load.bytes} input bytes in flight; "
+                f"{size} more would pass its limit of {cap}",
+                retry_after_s=self.settings.retry_after_s,
+            )
+        load.bytes += size
+        call.held_bytes = size
+
+    def _release(self, call: Call) -> None:
+        load, tenant = call.load, call.tenant
+        if load is None or tenant is None:
+            return
+        call.load = None
+        load.requests -= 1
+        load.bytes -= call.held_bytes
+        call.held_bytes = 0
+        if load.requests == 0 and self._loads.get(tenant.name) is load:
+            del self._loads[tenant.name]
+
+    def tenant_load(self, tenant: str) -> TenantLoad:
+        """A copy of the tenant's in-flight requests and bytes now (zero when idle)."""
+        load = self._loads.get(tenant)
+        return TenantLoad(load.requests, load.bytes) if load is not None else TenantLoad()
 
     async def _submit(
         self,
@@ -249,7 +347,8 @@ class InferenceService:
                 trace=call.trace,
             )
         except QueueFullError as exc:
-            raise ResourceExhausted(str(exc)) from None
+            self.metrics.refused(tenant.name, "queue_full")
+            raise ResourceExhausted(str(exc), retry_after_s=self.settings.retry_after_s) from None
         except DeadlineExceededError as exc:
             raise DeadlineExceeded(str(exc)) from None
         except SchedulerClosedError as exc:
@@ -365,6 +464,7 @@ class InferenceService:
             log.exception("request for model %r failed unexpectedly", call.model)
             raise Internal(f"internal error: {type(exc).__name__}") from None
         finally:
+            self._release(call)
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
@@ -373,7 +473,7 @@ class InferenceService:
             if call.stats is not None:
                 call.stats.record_request(code == "200", round(elapsed * 1e9))
             self.metrics.observe_request(call.model, call.version, tenant, code, elapsed)
-            self.windows.record(call.model, call.version, code, elapsed)
+            self.windows.record(call.model, call.version, code, elapsed, call.timeout_s)
             finish_request_span(
                 span,
                 tenant=tenant,

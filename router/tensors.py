@@ -11,24 +11,23 @@ refused without allocating.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from router._exceptions import InvalidArgument
-from router.types import ModelSignature, TensorSpec
+
+# The levels are defined beside Tenant, whose grants name them; re-exported here, where
+# the request parameter is read.
+from router.types import DEFAULT_PRIORITY, ModelSignature, TensorSpec
+from router.types import DEFAULT_PRIORITY_LEVEL as DEFAULT_PRIORITY_LEVEL
+from router.types import MAX_PRIORITY_LEVEL as MAX_PRIORITY_LEVEL
 from scheduler import Tensors
 
 # numpy kind of a datatype -> kinds of JSON / typed-contents values it accepts.
 _VALUE_KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
-
-# Triton's convention: 1 is the most urgent level, larger is less urgent, and 0 (or no
-# parameter) means the default level. Three levels: 1 urgent, 2 default, 3 background.
-DEFAULT_PRIORITY = 0
-DEFAULT_PRIORITY_LEVEL = 2
-MAX_PRIORITY_LEVEL = 3
 
 
 @dataclass
@@ -68,9 +67,16 @@ def parse_params(params: dict[str, Any]) -> InferParams:
 
 
 def validate_inputs(
-    signature: ModelSignature, inputs: Sequence[InputTensor], max_bytes: int
+    signature: ModelSignature,
+    inputs: Sequence[InputTensor],
+    max_bytes: int,
+    reserve: Callable[[int], None] | None = None,
 ) -> tuple[Tensors, int]:
-    """Check inputs against the signature; return arrays (rows first) and the row count."""
+    """Check inputs against the signature; return arrays (rows first) and the row count.
+
+    ``reserve`` is called with the inputs' declared bytes once the shapes are valid and
+    before any array is built (the tenant's in-flight byte budget); it may raise.
+    """
     if not inputs:
         raise InvalidArgument("request has no inputs")
     seen: set[str] = set()
@@ -105,6 +111,8 @@ def validate_inputs(
     if missing:
         raise InvalidArgument(f"missing input(s): {', '.join(missing)}")
     assert rows is not None
+    if reserve is not None:
+        reserve(max_bytes - budget)
     return {t.name: _to_array(t, spec, count) for t, spec, count in planned}, rows
 
 

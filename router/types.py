@@ -51,11 +51,29 @@ class ModelSignature:
         object.__setattr__(self, "output_names", frozenset(t.name for t in self.outputs))
 
 
+# Triton's convention: 1 is the most urgent level, larger is less urgent, and 0 (or no
+# parameter) means the default level. Three levels: 1 urgent, 2 default, 3 background.
+DEFAULT_PRIORITY = 0
+DEFAULT_PRIORITY_LEVEL = 2
+MAX_PRIORITY_LEVEL = 3
+PRIORITY_LEVELS = range(1, MAX_PRIORITY_LEVEL + 1)
+
+
 @dataclass(frozen=True)
 class Tenant:
     name: str
     weight: float
     models: frozenset[str]  # "*" allows every model
+    # The priority levels the tenant may ask for: a level is a grant, since a more
+    # urgent level is served before fair share. The default level is always granted.
+    priorities: frozenset[int] = frozenset({DEFAULT_PRIORITY_LEVEL})
+    # Caps on the tenant's requests in flight and their input bytes, over every model;
+    # None: the server's default.
+    max_requests_in_flight: int | None = None
+    max_bytes_in_flight: int | None = None
 
     def may_use(self, model: str) -> bool:
         return "*" in self.models or model in self.models
+
+    def may_ask(self, priority: int) -> bool:
+        return priority == DEFAULT_PRIORITY_LEVEL or priority in self.priorities

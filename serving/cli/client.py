@@ -123,6 +123,9 @@ class AdminClient:
     def post(self, path: str, body: Any = None) -> Any:
         return self._call("POST", path, json=body)
 
+    def patch(self, path: str, body: Any = None) -> Any:
+        return self._call("PATCH", path, json=body)
+
     def delete(self, path: str) -> Any:
         return self._call("DELETE", path)
 

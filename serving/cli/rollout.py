@@ -97,6 +97,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         "sticky": args.sticky,
         "mirror_pct": args.mirror,
         "min_agreement": args.min_agreement,
+        "min_deadline_ms": args.min_deadline * 1000,
     }
     ro = AdminClient.of(args).post(path_of("models", args.name, "rollout"), body)
 
@@ -209,6 +210,13 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         type=float,
         default=0.99,
         help="with --mirror: share of mirrored rows that must agree with production (default 0.99)",
+    )
+    start.add_argument(
+        "--min-deadline",
+        type=duration,
+        default="1s",
+        help="a request's deadline expiry (504) counts as the candidate's error only when its "
+        "deadline was at least this long; client cancels never count (default 1s)",
     )
     start.set_defaults(func=cmd_start)
 

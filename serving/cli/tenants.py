@@ -5,17 +5,78 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from serving.cli.client import AdminClient, add_client_options, add_json_option, emit, path_of
+from serving.cli.client import (
+    AdminClient,
+    UsageError,
+    add_client_options,
+    add_json_option,
+    emit,
+    path_of,
+)
+
+
+def _models(text: str) -> list[str]:
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def _levels(text: str) -> list[int]:
+    """``--priorities``: comma-separated levels, e.g. 1,2."""
+    try:
+        return [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: comma-separated priority levels, e.g. 1,2"
+        ) from None
+
+
+def _cap(text: str) -> int | None:
+    """A cap: a non-negative integer, or ``default`` for the server's default."""
+    if text == "default":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a non-negative integer or 'default'")
+    return value
+
+
+def _admission(args: argparse.Namespace) -> dict[str, Any]:
+    """The admission fields given on the command line (none: left as they are)."""
+    body: dict[str, Any] = {}
+    if args.priorities is not None:
+        body["priorities"] = args.priorities
+    if args.max_requests_in_flight is not None:
+        body["max_requests_in_flight"] = args.max_requests_in_flight
+    if args.max_bytes_in_flight is not None:
+        body["max_bytes_in_flight"] = args.max_bytes_in_flight
+    return body
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else ["*"]
-    made = AdminClient.of(args).post(
-        "/tenants", {"name": args.name, "weight": args.weight, "models": models}
-    )
+    models = _models(args.models) if args.models else ["*"]
+    body = {"name": args.name, "weight": args.weight, "models": models, **_admission(args)}
+    made = AdminClient.of(args).post("/tenants", body)
     emit(
         args, made, lambda d: f"tenant {d['tenant']} created; API key (shown once): {d['api_key']}"
     )
+    return 0
+
+
+def cmd_update(args: argparse.Namespace) -> int:
+    body = _admission(args)
+    if args.weight is not None:
+        body["weight"] = args.weight
+    if args.models is not None:
+        body["models"] = _models(args.models)
+    if not body:
+        raise UsageError(
+            "tenants update: give at least one of --weight, --models, --priorities, "
+            "--max-requests-in-flight, --max-bytes-in-flight"
+        )
+    row = AdminClient.of(args).patch(path_of("tenants", args.name), body)
+    emit(args, row, lambda d: f"tenant updated (takes effect within seconds)\n{_listing([d])}")
     return 0
 
 
@@ -37,15 +98,45 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _or_default(value: int | None) -> str:
+    return "default" if value is None else str(value)
+
+
 def _listing(rows: list[dict[str, Any]]) -> str:
     return "\n".join(
-        f"{r['tenant']:<24} weight={r['weight']:<6g} models={','.join(r['models'])}" for r in rows
+        f"{r['tenant']:<24} weight={r['weight']:<6g} models={','.join(r['models'])} "
+        f"priorities={','.join(map(str, r['priorities']))} "
+        f"max_requests={_or_default(r['max_requests_in_flight'])} "
+        f"max_bytes={_or_default(r['max_bytes_in_flight'])}"
+        for r in rows
     )
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     emit(args, AdminClient.of(args).get("/tenants"), _listing)
     return 0
+
+
+def _add_admission_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--priorities",
+        type=_levels,
+        metavar="LEVELS",
+        help="priority levels the tenant may ask for, e.g. 1,2 (1 is the most urgent; the "
+        "default level 2 is always granted; default: 2 only)",
+    )
+    parser.add_argument(
+        "--max-requests-in-flight",
+        type=_cap,
+        metavar="N|default",
+        help="cap on the tenant's requests in flight (default: the server's)",
+    )
+    parser.add_argument(
+        "--max-bytes-in-flight",
+        type=_cap,
+        metavar="BYTES|default",
+        help="cap on the input bytes of the tenant's requests in flight (default: the server's)",
+    )
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -60,7 +151,19 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     create.add_argument(
         "--models", help="comma-separated models the tenant may call (default: all)"
     )
+    _add_admission_options(create)
     create.set_defaults(func=cmd_create)
+
+    update = tsub.add_parser(
+        "update",
+        help="change a CLI tenant's weight, models, priority grants or caps; the key stays "
+        "(takes effect within seconds)",
+    )
+    update.add_argument("name")
+    update.add_argument("--weight", type=float, help="fair-share weight")
+    update.add_argument("--models", help="comma-separated models the tenant may call")
+    _add_admission_options(update)
+    update.set_defaults(func=cmd_update)
 
     delete = tsub.add_parser(
         "delete",
@@ -78,6 +181,6 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     listing = tsub.add_parser("list", help="list tenants (never keys)")
     listing.set_defaults(func=cmd_list)
 
-    for p in (create, delete, rotate, listing):
+    for p in (create, update, delete, rotate, listing):
         add_client_options(p)
         add_json_option(p)

@@ -14,6 +14,7 @@ from serving.config.schema import (
     TenantConfig,
     TensorConfig,
     load_config,
+    priority_levels,
     tenant_name,
 )
 
@@ -31,5 +32,6 @@ __all__ = [
     "TenantConfig",
     "TensorConfig",
     "load_config",
+    "priority_levels",
     "tenant_name",
 ]

@@ -304,6 +304,9 @@ class RolloutController:
         }
         self.table.set_splits(splits)
         self.windows.watched = frozenset(m for m, ro in latest.items() if ro.live)
+        self.windows.min_deadline_s = {
+            m: ro.spec.min_deadline_ms / 1000 for m, ro in latest.items() if ro.live
+        }
         m = self.metrics
         for ro in latest.values():
             m.rollout_step.labels(ro.model, ro.candidate).set(ro.step + 1 if ro.live else 0)

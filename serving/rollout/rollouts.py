@@ -70,6 +70,9 @@ class RolloutSpec(BaseModel):
     sticky: str | None = None
     mirror_pct: float = Field(default=0.0, ge=0, le=100)
     min_agreement: float = Field(default=0.99, ge=0, le=1)
+    # A request's deadline expiry is the candidate's error only if the deadline was at
+    # least this long: shorter deadlines are the client's choice, not the version's fault.
+    min_deadline_ms: float = Field(default=1000.0, ge=0, le=3_600_000)
     salt: str = Field(default_factory=lambda: secrets.token_hex(8))
 
     @field_validator("steps")

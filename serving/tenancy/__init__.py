@@ -2,6 +2,7 @@
 (the admin API), and the one role -> action table.
 """
 
+from serving.tenancy.admission import KEEP, MAX_BYTES_CAP, MAX_REQUESTS_CAP, Admission
 from serving.tenancy.directory import TenantDirectory
 from serving.tenancy.tenants import (
     DEMO_KEY_FILE,
@@ -25,11 +26,13 @@ from serving.tenancy.users import (
     PERMISSIONS,
     ROLES,
     Forbidden,
+    LastAdminError,
     Principal,
     Role,
     UserDirectory,
     UserError,
     UserExistsError,
+    UserNotFoundError,
     UserRow,
     UserStore,
     check,
@@ -45,9 +48,14 @@ __all__ = [
     "DEMO_KEY_FILE",
     "DEMO_MODEL",
     "DEMO_TENANT",
+    "KEEP",
+    "MAX_BYTES_CAP",
+    "MAX_REQUESTS_CAP",
     "PERMISSIONS",
     "ROLES",
+    "Admission",
     "Forbidden",
+    "LastAdminError",
     "Principal",
     "Role",
     "TenantDirectory",
@@ -62,6 +70,7 @@ __all__ = [
     "UserDirectory",
     "UserError",
     "UserExistsError",
+    "UserNotFoundError",
     "UserRow",
     "UserStore",
     "check",

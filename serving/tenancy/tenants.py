@@ -32,6 +32,7 @@ from router import Tenant
 from serving.config import NAME_PATTERN, TenantConfig, tenant_name
 from serving.state import audit
 from serving.state import tenants as t_tenants
+from serving.tenancy.admission import KEEP, NO_GRANTS, Admission
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +104,21 @@ class TenantRow:
     source: Source
     created_at: datetime
     updated_at: datetime
+    admission: Admission = NO_GRANTS
 
     def tenant(self) -> Tenant:
-        return Tenant(self.name, self.weight, frozenset(self.models))
+        return _tenant(self.name, self.weight, self.models, self.admission)
+
+
+def _tenant(name: str, weight: float, models: Iterable[str], admission: Admission) -> Tenant:
+    return Tenant(
+        name,
+        weight,
+        frozenset(models),
+        frozenset(admission.priorities),
+        admission.max_requests_in_flight,
+        admission.max_bytes_in_flight,
+    )
 
 
 def _validate(name: str, weight: float, models: Iterable[str]) -> tuple[str, ...]:
@@ -139,10 +152,14 @@ class TenantStore:
         models: Iterable[str] = ("*",),
         source: Source = "cli",
         *,
+        admission: Admission = NO_GRANTS,
         actor: str = "system",
     ) -> str:
         """Add a tenant and return its new API key (the only time it is visible); audited."""
         checked = _validate(name, weight, models)
+        admission = Admission.checked(
+            admission.priorities, admission.max_requests_in_flight, admission.max_bytes_in_flight
+        )
         if source not in ("config", "cli"):
             raise ValueError(f"tenant source must be 'config' or 'cli', got {source!r}")
         key = generate_api_key()
@@ -155,9 +172,15 @@ class TenantStore:
                         models=json.dumps(list(checked)),
                         key_hash=hash_key(key),
                         source=source,
+                        **admission.columns(),
                     )
                 )
-                after = {"name": name, "weight": float(weight), "models": list(checked)}
+                after = {
+                    "name": name,
+                    "weight": float(weight),
+                    "models": list(checked),
+                    **admission.described(),
+                }
                 tx.append(actor, "tenant.create", f"tenant:{name}", after=after)
         except sa.exc.IntegrityError:
             # The key hash is 256 fresh random bits, so the unique name is what clashed.
@@ -177,6 +200,8 @@ class TenantStore:
         silently replace the key its clients use.
         """
         wanted: list[tuple[TenantConfig, tuple[str, ...], str]] = []
+        for tc in tenants:
+            Admission.of_config(tc)  # a bad value stops the start before anything is written
         for tc in tenants:
             key = environ.get(tc.api_key_env, "")
             if not key:
@@ -221,6 +246,9 @@ class TenantStore:
                         t_tenants.c.weight,
                         t_tenants.c.models,
                         t_tenants.c.key_hash,
+                        t_tenants.c.priorities,
+                        t_tenants.c.max_requests_in_flight,
+                        t_tenants.c.max_bytes_in_flight,
                     ).where(t_tenants.c.source == "config")
                 )
             }
@@ -241,7 +269,12 @@ class TenantStore:
                         reason="removed from the config file",
                     )
             for tc, models, h in wanted:
-                values = {"weight": float(tc.weight), "models": json.dumps(list(models))}
+                admission = Admission.of_config(tc)
+                values = {
+                    "weight": float(tc.weight),
+                    "models": json.dumps(list(models)),
+                    **admission.columns(),
+                }
                 updated = conn.execute(
                     t_tenants.update()
                     .where(t_tenants.c.name == tc.name, t_tenants.c.source == "config")
@@ -253,7 +286,12 @@ class TenantStore:
                             name=tc.name, key_hash=h, source="config", **values
                         )
                     )
-                after = {"name": tc.name, "weight": float(tc.weight), "models": list(models)}
+                after = {
+                    "name": tc.name,
+                    "weight": float(tc.weight),
+                    "models": list(models),
+                    **admission.described(),
+                }
                 old = before.get(tc.name)
                 if old is None:
                     tx.append(
@@ -312,14 +350,77 @@ class TenantStore:
         with self.engine.connect() as conn:
             row = conn.execute(
                 sa.select(
-                    t_tenants.c.name, t_tenants.c.weight, t_tenants.c.models, t_tenants.c.key_hash
+                    t_tenants.c.name,
+                    t_tenants.c.weight,
+                    t_tenants.c.models,
+                    t_tenants.c.key_hash,
+                    t_tenants.c.priorities,
+                    t_tenants.c.max_requests_in_flight,
+                    t_tenants.c.max_bytes_in_flight,
                 ).where(t_tenants.c.key_hash == key_hash)
             ).first()
         # Re-check in constant time rather than trusting the database's comparison
         # (collations, CHAR padding) with an authentication decision.
         if row is None or not hmac.compare_digest(row.key_hash.strip(), key_hash):
             return None
-        return Tenant(row.name, float(row.weight), frozenset(json.loads(row.models)))
+        return _tenant(row.name, float(row.weight), json.loads(row.models), Admission.of_row(row))
+
+    def update(
+        self,
+        name: str,
+        *,
+        weight: float = KEEP,
+        models: Iterable[str] = KEEP,
+        priorities: Iterable[int] = KEEP,
+        max_requests_in_flight: int | None = KEEP,
+        max_bytes_in_flight: int | None = KEEP,
+        actor: str = "system",
+    ) -> TenantRow:
+        """Change a CLI tenant's weight, models, priority grants or caps (each left as it
+        is unless given; a cap of None means the server's default); audited. The key stays."""
+        with audit.audited(self.engine) as tx:
+            conn = tx.conn
+            row = conn.execute(sa.select(t_tenants).where(t_tenants.c.name == name)).first()
+            if row is None:
+                raise TenantNotFoundError(f"no tenant {name!r}")
+            if row.source == "config":
+                # The next start would put the file's values back.
+                raise TenantError(
+                    f"tenant {name!r} is managed by the config file; change it there instead"
+                )
+            old = _described(row)
+            new_models = _validate(
+                name,
+                old["weight"] if weight is KEEP else weight,
+                old["models"] if models is KEEP else models,
+            )
+            admission = Admission.checked(
+                old["priorities"] if priorities is KEEP else priorities,
+                old["max_requests_in_flight"]
+                if max_requests_in_flight is KEEP
+                else max_requests_in_flight,
+                old["max_bytes_in_flight"] if max_bytes_in_flight is KEEP else max_bytes_in_flight,
+            )
+            new_weight = float(old["weight"] if weight is KEEP else weight)
+            after = {
+                "name": name,
+                "weight": new_weight,
+                "models": list(new_models),
+                **admission.described(),
+            }
+            if after != old:
+                conn.execute(
+                    t_tenants.update()
+                    .where(t_tenants.c.name == name)
+                    .values(
+                        weight=new_weight,
+                        models=json.dumps(list(new_models)),
+                        **admission.columns(),
+                    )
+                )
+                tx.append(actor, "tenant.update", f"tenant:{name}", before=old, after=after)
+                row = conn.execute(sa.select(t_tenants).where(t_tenants.c.name == name)).one()
+            return _row(row)
 
     def rotate_key(self, name: str, *, actor: str = "system") -> str:
         """Give a CLI tenant a new key (returned) and invalidate the old one; audited."""
@@ -347,40 +448,38 @@ class TenantStore:
     def delete(self, name: str, *, actor: str = "system") -> None:
         """Remove a tenant (audited). A config tenant comes back at the next start."""
         with audit.audited(self.engine) as tx:
-            row = tx.conn.execute(
-                sa.select(t_tenants.c.weight, t_tenants.c.models, t_tenants.c.source).where(
-                    t_tenants.c.name == name
-                )
-            ).first()
+            row = tx.conn.execute(sa.select(t_tenants).where(t_tenants.c.name == name)).first()
             if row is None:
                 raise TenantNotFoundError(f"no tenant {name!r}")
             tx.conn.execute(t_tenants.delete().where(t_tenants.c.name == name))
-            before = {
-                "name": name,
-                "weight": float(row.weight),
-                "models": json.loads(row.models),
-                "source": row.source,
-            }
+            before = {**_described(row), "source": row.source}
             tx.append(actor, "tenant.delete", f"tenant:{name}", before=before)
 
     def list(self) -> builtins.list[TenantRow]:
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(t_tenants).order_by(t_tenants.c.name)).all()
-        return [
-            TenantRow(
-                name=r.name,
-                weight=float(r.weight),
-                models=tuple(json.loads(r.models)),
-                source=r.source,
-                created_at=_aware(r.created_at),
-                updated_at=_aware(r.updated_at),
-            )
-            for r in rows
-        ]
+        return [_row(r) for r in rows]
+
+
+def _row(r: Any) -> TenantRow:
+    return TenantRow(
+        name=r.name,
+        weight=float(r.weight),
+        models=tuple(json.loads(r.models)),
+        source=r.source,
+        created_at=_aware(r.created_at),
+        updated_at=_aware(r.updated_at),
+        admission=Admission.of_row(r),
+    )
 
 
 def _described(row: Any) -> dict[str, Any]:
-    return {"name": row.name, "weight": float(row.weight), "models": json.loads(row.models)}
+    return {
+        "name": row.name,
+        "weight": float(row.weight),
+        "models": json.loads(row.models),
+        **Admission.of_row(row).described(),
+    }
 
 
 def ensure_demo_tenant(store: TenantStore, state_dir: Path) -> str:

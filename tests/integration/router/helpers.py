@@ -137,7 +137,8 @@ class Directory:
 
     def __init__(self) -> None:
         self._by_key = {
-            ALICE: Tenant("alice", 1.0, frozenset({"*"})),
+            # Granted every priority level (tests of the levels themselves send them).
+            ALICE: Tenant("alice", 1.0, frozenset({"*"}), frozenset({1, 2, 3})),
             BOB: Tenant("bob", 1.0, frozenset({"vec"})),
         }
 
@@ -221,7 +222,10 @@ class Stack:
 ModelSpec = tuple[str, str, ModelSignature, Any, BatchPolicy]
 
 
-async def start_stack(models: list[ModelSpec], grpc_server: str = "grpcio") -> Stack:
+async def start_stack(
+    models: list[ModelSpec], grpc_server: str = "grpcio", **door_options: Any
+) -> Stack:
+    """``door_options``: FrontDoors' keyword options (tls, gRPC limits)."""
     served = []
     batchers = []
     for name, version, signature, backend, policy in models:
@@ -234,7 +238,7 @@ async def start_stack(models: list[ModelSpec], grpc_server: str = "grpcio") -> S
         Directory(),
         RouterSettings(max_request_bytes=MAX_BYTES, default_timeout_s=10.0),
     )
-    doors = FrontDoors(service, HOST, MAX_BYTES, grpc_server=grpc_server)
+    doors = FrontDoors(service, HOST, MAX_BYTES, grpc_server=grpc_server, **door_options)
     await doors.start(0, 0)
     return Stack(service, doors, batchers, {(m[0], m[1]): m[3] for m in models})
 

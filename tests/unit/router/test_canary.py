@@ -122,6 +122,26 @@ def test_windows_count_only_version_outcomes_of_watched_models() -> None:
     assert w.current("m", ("1", "2"))[0].requests == 0  # a new window
 
 
+def test_a_deadline_expiry_counts_only_past_the_floor_and_a_cancel_never() -> None:
+    w = Windows()
+    w.watched = frozenset({"m", "n"})
+    w.min_deadline_s = {"n": 0.25}  # "m" has the default floor, 1 s
+    for deadline in (0.05, 0.5, 0.999):
+        w.record("m", "2", "504", deadline, deadline)  # the client's short deadline
+    w.record("m", "2", "504", 1.0, 1.0)  # at the floor: the version's error
+    w.record("m", "2", "504", 30.0, 30.0)
+    w.record("m", "2", "499", 0.01, 30.0)  # cancelled by the client, however long it had
+    w.record("m", "2", "499", 0.01, 0.01)
+    w.record("m", "2", "200", 0.02, 0.05)  # a success counts whatever its deadline
+    w.record("n", "2", "504", 0.5, 0.5)  # past this model's own floor
+    w.record("n", "2", "504", 0.1, 0.1)
+    cand = w.current("m", ("1", "2"))[1]
+    assert (cand.requests, cand.errors, cand.short_deadlines) == (3, 2, 3)
+    assert cand.summary()["short_deadline_expiries"] == 3
+    other = w.current("n", ("1", "2"))[1]
+    assert (other.requests, other.errors, other.short_deadlines) == (1, 1, 1)
+
+
 def test_shadow_comparison_for_classifiers_regressors_and_mismatches() -> None:
     rng = np.random.default_rng(0)
     scores = rng.normal(size=(200, 3)).astype(np.float32)
