@@ -1,6 +1,6 @@
 """The admin API's ASGI app, mounted at ``/admin`` on the gateway's HTTP port.
 
-Routes: users, tenants, audit and costs (core_routes), the model registry
+Routes: users (user_routes), tenants, audit and costs (core_routes), the model registry
 (model_routes) and canary rollouts (rollout_routes). ``/admin/openapi.json`` is the
 description FastAPI generates from them (no token needed). Errors are answered from
 the one table in serving.admin.errors.
@@ -18,6 +18,7 @@ from fastapi.routing import APIRoute
 import serving.admin.core_routes as core_routes
 import serving.admin.model_routes as model_routes
 import serving.admin.rollout_routes as rollout_routes
+import serving.admin.user_routes as user_routes
 from serving.admin.errors import install_error_answers
 from serving.admin.services import AdminServices
 from serving.config import GatewayConfig
@@ -46,6 +47,7 @@ def admin_app(services: AdminServices) -> FastAPI:
     app.state.services = services
     install_error_answers(app)
     app.include_router(core_routes.router)
+    app.include_router(user_routes.router)
     app.include_router(model_routes.router)
     app.include_router(rollout_routes.router)
     return app

@@ -1,4 +1,4 @@
-"""Admin routes of users, tenants, the audit log and cost reports.
+"""Admin routes of tenants, the audit log and cost reports (users: user_routes).
 
 Endpoints are plain functions: FastAPI runs them in its thread pool, since every
 store call blocks on the database.
@@ -23,30 +23,6 @@ TenantName = Annotated[Name, Path(description="A tenant's name.")]
 @route(router, "GET", "/whoami", "models.read", "The caller's user and role")
 def whoami(caller: Caller) -> schemas.Caller:
     return schemas.Caller(name=caller.name, role=caller.role)
-
-
-# -- users -------------------------------------------------------------------------
-
-
-@route(router, "GET", "/users", "users.list", "List users (never tokens)")
-def list_users(services: Services) -> list[schemas.User]:
-    return [
-        schemas.User(user=u.name, role=u.role, created_by=u.created_by, created_at=u.created_at)
-        for u in services.users.list()
-    ]
-
-
-@route(
-    router,
-    "POST",
-    "/users",
-    "users.create",
-    "Create a user; its token is returned once",
-    status_code=201,
-)
-def create_user(new: schemas.NewUser, caller: Caller, services: Services) -> schemas.CreatedUser:
-    token = services.users.create(new.name, new.role, actor=caller.name)
-    return schemas.CreatedUser(user=new.name, role=new.role, token=token)
 
 
 # -- tenants -----------------------------------------------------------------------
@@ -100,18 +76,29 @@ def rotate_tenant_key(name: TenantName, caller: Caller, services: Services) -> s
 @route(router, "GET", "/audit", "audit.read", "Audit records, oldest first")
 def read_audit_log(
     services: Services,
-    model: Annotated[Name | None, Query(description="Only records about this model.")] = None,
+    model: Annotated[
+        Name | None,
+        Query(description="Only records about this model: its versions and its rollouts."),
+    ] = None,
     since: Annotated[
         Instant | None, Query(description="Only records at or after this time.")
     ] = None,
 ) -> list[schemas.AuditRecord]:
     records = audit.read(
-        services.engine, target_prefix=f"model:{model}" if model else None, since=since
+        services.engine,
+        target_prefix=audit.model_targets(model) if model else None,
+        since=since,
     )
     return [schemas.AuditRecord.model_validate(r.as_json()) for r in records]
 
 
-@route(router, "GET", "/audit/verify", "audit.read", "Recompute the audit hash chain")
+@route(
+    router,
+    "GET",
+    "/audit/verify",
+    "audit.read",
+    "Recompute the audit MAC chain and check it against this gateway's anchors",
+)
 def verify_audit_log(services: Services) -> schemas.AuditCheck:
     result = audit.verify(services.engine)
     return schemas.AuditCheck(
@@ -119,6 +106,7 @@ def verify_audit_log(services: Services) -> schemas.AuditCheck:
         records=result.records,
         problem=result.problem,
         first_bad_seq=result.first_bad_seq,
+        anchored_seq=result.anchored_seq,
     )
 
 

@@ -36,14 +36,16 @@ from serving.registry import (
     VersionNotFoundError,
 )
 from serving.rollout import NoRollout, RolloutError
-from serving.state import SchemaError
+from serving.state import AuditKeyError, SchemaError
 from serving.tenancy import (
     Forbidden,
+    LastAdminError,
     TenantError,
     TenantExistsError,
     TenantNotFoundError,
     UserError,
     UserExistsError,
+    UserNotFoundError,
 )
 
 log = logging.getLogger(__name__)
@@ -97,11 +99,13 @@ ANSWERS: dict[type[Exception], Answer] = {
     # 404: the named thing does not exist.
     VersionNotFoundError: Answer(404),
     TenantNotFoundError: Answer(404),
+    UserNotFoundError: Answer(404),
     NoRollout: Answer(404),
     # 409: it exists already, or its state or a policy forbids the action.
     VersionExistsError: Answer(409),
     TenantExistsError: Answer(409),
     UserExistsError: Answer(409),
+    LastAdminError: Answer(409),
     ApprovalError: Answer(409),
     StageError: Answer(409),
     GuardrailRefused: Answer(409),
@@ -110,6 +114,8 @@ ANSWERS: dict[type[Exception], Answer] = {
     ArtifactTooLarge: Answer(413),
     # 503: try again later.
     DirectoryUnavailable: Answer(503),
+    # The gateway's audit key is missing, exposed or not the chain's: nothing is audited.
+    AuditKeyError: Answer(503, log_level=logging.ERROR),
     SchemaError: Answer(503),  # an older or newer schema: `gpugate db upgrade`, or a newer gpugate
     sa.exc.OperationalError: Answer(503, message="the state database is unavailable; try again"),
     # A model of the gateway's own data that does not validate is its fault: what a caller

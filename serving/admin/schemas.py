@@ -10,7 +10,7 @@ finite. The patterns are part of the generated description.
 from __future__ import annotations
 
 import re
-from datetime import date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -20,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    model_validator,
 )
 
 from serving.config import NAME_PATTERN
@@ -82,15 +83,66 @@ class Caller(BaseModel):
     role: str
 
 
-class NewUser(Strict):
+_MAX_LIFE_S = 3660 * 86_400  # serving.tenancy.users.MAX_TOKEN_LIFE
+
+
+class Expiry(Strict):
+    """When a token stops working: at most one of the two; neither: it does not expire."""
+
+    expires_at: Instant | None = Field(
+        default=None, description="The token is refused from this time on."
+    )
+    expires_in_s: int | None = Field(
+        default=None,
+        ge=1,
+        le=_MAX_LIFE_S,
+        strict=True,
+        description="The token is refused this many seconds after the gateway receives this.",
+    )
+
+    @model_validator(mode="after")
+    def _one(self) -> Expiry:
+        if self.expires_at is not None and self.expires_in_s is not None:
+            raise ValueError("give expires_at or expires_in_s, not both")
+        return self
+
+    def deadline(self) -> datetime | None:
+        if self.expires_in_s is not None:
+            return datetime.now(UTC) + timedelta(seconds=self.expires_in_s)
+        return self.expires_at
+
+    @property
+    def given(self) -> bool:
+        return self.expires_at is not None or self.expires_in_s is not None
+
+
+class NewUser(Expiry):
     name: Name
     role: Role
+
+
+class Rotation(Expiry):
+    """A new token; the expiry is kept unless one is given or ``never_expires``."""
+
+    never_expires: bool = Field(default=False, description="Drop the token's expiry.")
+    reason: Text = Field(default="", description="Why; kept in the audit record.")
+
+    @model_validator(mode="after")
+    def _never_or_when(self) -> Rotation:
+        if self.never_expires and self.given:
+            raise ValueError("never_expires and an expiry do not go together")
+        return self
+
+
+class UserChange(Strict):
+    reason: Text = Field(default="", description="Why; kept in the audit record.")
 
 
 class CreatedUser(BaseModel):
     user: str
     role: str
     token: str = Field(description="Shown once; only its sha256 is stored.")
+    expires_at: datetime | None = None
 
 
 class User(BaseModel):
@@ -98,6 +150,16 @@ class User(BaseModel):
     role: str
     created_by: str
     created_at: datetime
+    status: Literal["active", "disabled", "expired"] = Field(
+        description="Whether the user's token is accepted now."
+    )
+    disabled_at: datetime | None = None
+    expires_at: datetime | None = None
+
+
+class DeletedUser(BaseModel):
+    user: str
+    deleted: bool
 
 
 class NewTenant(Strict):
@@ -146,6 +208,11 @@ class AuditCheck(BaseModel):
     records: int
     problem: str = Field(description="The first record changed, inserted or removed.")
     first_bad_seq: int | None
+    anchored_seq: int | None = Field(
+        default=None,
+        description="The newest record this gateway's anchor file holds, found intact; "
+        "null when it anchored none.",
+    )
 
 
 # -- models ------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""``gpugate audit``: read the audit log and check its hash chain, through the admin API;
+"""``gpugate audit``: read the audit log and check its MAC chain, through the admin API;
 ``audit verify --offline`` checks a database directly."""
 
 from __future__ import annotations
@@ -45,9 +45,15 @@ def cmd_log(args: argparse.Namespace) -> int:
 
 
 def _verdict(result: dict[str, Any]) -> str:
-    if result["ok"]:
-        return f"audit chain intact: {result['records']} records"
-    return f"audit chain BROKEN: {result['problem']}"
+    if not result["ok"]:
+        return f"audit chain BROKEN: {result['problem']}"
+    anchored = result.get("anchored_seq")
+    where = (
+        f"; matches its anchor at record {anchored}"
+        if anchored is not None
+        else "; no anchor on this host to check the end against"
+    )
+    return f"audit chain intact: {result['records']} records{where}"
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -73,6 +79,7 @@ def _verify_offline(args: argparse.Namespace) -> int:
         "records": found.records,
         "problem": found.problem,
         "first_bad_seq": found.first_bad_seq,
+        "anchored_seq": found.anchored_seq,
     }
     emit(args, result, _verdict)
     return 0 if found.ok else EXIT_FAILED
@@ -83,7 +90,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     asub = aud.add_subparsers(dest="audit_command", required=True)
 
     log = asub.add_parser("log", help="list audit records, oldest first (admin, auditor)")
-    log.add_argument("--model", help="only records about this model")
+    log.add_argument("--model", help="only records about this model: its versions and its rollouts")
     log.add_argument(
         "--since", type=since, help="only records at or after this ISO 8601 time (local if no zone)"
     )
@@ -93,12 +100,14 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
     verify = asub.add_parser(
         "verify",
-        help="recompute the hash chain; exit 1 naming the first changed, inserted or removed "
-        "record (admin, auditor)",
-        description="Recompute the audit log's hash chain and name the first record that was "
-        "changed, inserted or removed (exit 1); exit 0 when intact. Asks the gateway, or "
-        "with --offline reads a database itself: the state folder's gpugate.db or "
-        "--database-url (the gateway need not run). --offline: " + LOCAL_NOTE,
+        help="recompute the MAC chain and check its anchor; exit 1 naming the first "
+        "changed, inserted or removed record (admin, auditor)",
+        description="Recompute the audit log's MAC chain, check that it matches or extends "
+        "the records anchored outside the database, and name the first record that was "
+        "changed, inserted or removed (exit 1); exit 0 when intact. Asks the gateway (its "
+        "key, its host's anchor file), or with --offline reads a database itself: the "
+        "state folder's gpugate.db or --database-url, with $GPUGATE_AUDIT_KEY or the state "
+        "folder's audit.key and audit.anchor (the gateway need not run). --offline: " + LOCAL_NOTE,
     )
     verify.add_argument(
         "--offline",

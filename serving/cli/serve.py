@@ -90,7 +90,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from serving.demo import demo_accuracy, ensure_demo_model
     from serving.gateway import build_app
     from serving.registry import Registry, RegistryError, Stages
-    from serving.state import SchemaError, open_engine
+    from serving.state import AuditKeyError, SchemaError, audit, open_engine
     from serving.tenancy import (
         ADMIN_TOKEN_FILE,
         TenantError,
@@ -108,6 +108,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ):
             _check_port_free(server.host, port, what)
         engine = open_engine(database_url, state_dir)
+        audit.configure(engine, state_dir, **config.audit.model_dump())
         store = TenantStore(engine)
         store.upsert_from_config(config.tenants, os.environ)
         admin_token = ensure_admin(UserStore(engine), state_dir)
@@ -126,7 +127,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             secret = cluster_secret(config.security.cluster_secret_file, state_dir, os.environ)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cluster secret: {exc}") from None
-    except (ConfigError, TenantError, RegistryError) as exc:
+    except (ConfigError, TenantError, RegistryError, AuditKeyError) as exc:
         return _fail(str(exc))
     except SchemaError as exc:  # refused: the database's schema does not fit this gpugate
         return _fail(str(exc), code=1)

@@ -18,6 +18,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from serving.config.schema import (
+    AuditConfig,
     CostsConfig,
     GatewayConfig,
     MetricPolicy,
@@ -72,6 +73,7 @@ SECTIONS: tuple[tuple[str, str, type[BaseModel]], ...] = (
     ("`policies`: the model registry's guardrails and approvals", "policies.NAME.", ModelPolicy),
     ("`policies.NAME.metrics.METRIC`", "policies.NAME.metrics.METRIC.", MetricPolicy),
     ("`security`: secrets kept outside the config", "security.", SecurityConfig),
+    ("`audit`: the audit log's key and anchor", "audit.", AuditConfig),
 )
 
 

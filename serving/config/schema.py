@@ -423,6 +423,10 @@ class GatewayConfig(_Strict):
         default_factory=SecurityConfig,
         description="Where the data plane's cluster secret comes from.",
     )
+    audit: AuditConfig = Field(
+        default_factory=AuditConfig,
+        description="Where the audit log's MAC key and anchor file are.",
+    )
 
     def policy(self, model: str) -> ModelPolicy:
         return self.policies.get(model) or self.policies.get("*") or ModelPolicy()

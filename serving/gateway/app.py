@@ -37,7 +37,7 @@ from serving.gateway.telemetry import configure_tracing, otel_env
 from serving.registry import Registry, Stages
 from serving.replica import deployment_name
 from serving.rollout import RolloutController, Rollouts
-from serving.state import open_engine
+from serving.state import audit, open_engine
 from serving.tenancy import TenantDirectory, TenantStore
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,7 @@ class Gateway:
         # The registry's rules are the gateway's own config: every register, approval and
         # promotion, from the admin API or the rollout controller, follows its policies.
         registry_config = GatewayConfig.model_validate(registry or {})
+        audit.configure(engine, Path(state_dir), **registry_config.audit.model_dump())
         stages = Stages(Registry(engine, Path(state_dir), registry_config))
         self._rollouts = RolloutController(
             Rollouts(stages), self._table, self.service.windows, self.metrics
@@ -275,9 +276,8 @@ def build_app(
     ``models`` is what it serves from the start ({"config", "stage", "app"} each).
     ``registry`` is the config whose models (serving knobs) and policies the registry
     applies to what the admin API registers, approves and promotes."""
-    registry_config = (
-        registry.model_dump(mode="json", include={"models", "policies"}) if registry else {}
-    )
+    wanted = {"models", "policies", "audit"}
+    registry_config = registry.model_dump(mode="json", include=wanted) if registry else {}
     return (
         serve.deployment(Gateway)
         .options(

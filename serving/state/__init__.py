@@ -1,8 +1,10 @@
 """The state database (SQLAlchemy Core: SQLite by default, PostgreSQL on a cluster),
-its schema and migrations, and the tamper-evident audit log (``audit``).
+its schema and migrations, and the tamper-evident audit log (``audit``, its key and
+anchors in ``audit_key``).
 """
 
 from serving.state import audit
+from serving.state.audit_key import AuditKeyError
 from serving.state.db import (
     SQLITE_FILENAME,
     approvals,
@@ -34,6 +36,7 @@ from serving.state.migrate import (
 
 __all__ = [
     "SQLITE_FILENAME",
+    "AuditKeyError",
     "SchemaAheadError",
     "SchemaBehindError",
     "SchemaChange",

@@ -1,12 +1,16 @@
-"""The tamper-evident audit log: an append-only hash chain in the state database.
+"""The tamper-evident audit log: an append-only MAC chain in the state database.
 
-Every record carries the sha256 of the previous record and its own hash over a
-canonical encoding of all its fields, so editing, inserting or removing a row
-breaks the chain at that row. ``audit_head`` holds the last sequence number and
-hash: every append starts by locking that row (a row lock on PostgreSQL, the
-database write lock on SQLite), so concurrent CLI calls and the gateway append
-one after another and never fork the chain, and removing the newest records is
-noticed as well.
+Every record carries the MAC of the previous record and its own MAC (HMAC-SHA256)
+over a canonical encoding of all its fields, so editing, inserting or removing a row
+breaks the chain at that row; the key is kept outside the database
+(:mod:`serving.state.audit_key`), so a writer of the database cannot re-chain what it
+changed. Records written before the MAC (up to ``audit_head.legacy_seq``) keep the
+plain sha256 rule they were written with. ``audit_head`` holds the last sequence
+number and MAC: every append starts by locking that row (a row lock on PostgreSQL,
+the database write lock on SQLite), so concurrent CLI calls and the gateway append
+one after another and never fork the chain. After the commit, the newest record is
+anchored outside the database, so removing the newest records and rewinding the head
+is noticed too.
 
 Actions write their own rows and the audit record in the same transaction
 (:func:`audited`), so a change is never committed without its record.
@@ -17,18 +21,45 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
+from serving.state.audit_key import AnchorLine, AuditKeyError, Chain, bind, chain_of
 from serving.state.db import audit_head as t_head
 from serving.state.db import audit_log as t_log
 from serving.state.db import utcnow
 
 GENESIS = "0" * 64
+
+
+class AuditKeyMismatch(AuditKeyError):
+    """The chain was written with another key than this process holds."""
+
+
+def configure(
+    engine: sa.Engine,
+    state_dir: Path,
+    *,
+    key_file: Path | None = None,
+    anchor_file: Path | None = None,
+    anchor_interval_s: float = 0.0,
+) -> None:
+    """Where ``engine``'s audit key and anchor file are (relative paths: in
+    ``state_dir``); reads the key now, making the key file if there is none, so a
+    missing or exposed key stops a start rather than the first audited action."""
+    chain = Chain(
+        state_dir,
+        key_file=key_file,
+        anchor_file=anchor_file,
+        anchor_interval_s=anchor_interval_s,
+    )
+    chain.key()
+    bind(engine, chain)
 
 
 @dataclass(frozen=True)
@@ -69,7 +100,7 @@ def _aware(ts: datetime) -> datetime:
     return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
 
 
-def record_hash(
+def _body(
     seq: int,
     at: datetime,
     actor: str,
@@ -79,19 +110,25 @@ def record_hash(
     after: str,
     reason: str,
     prev_hash: str,
-) -> str:
-    body = canonical(
-        [seq, _aware(at).isoformat(), actor, action, target, before, after, reason, prev_hash]
-    )
-    return hashlib.sha256(body.encode("utf-8")).hexdigest()
+) -> bytes:
+    fields = [seq, _aware(at).isoformat(), actor, action, target, before, after, reason, prev_hash]
+    return canonical(fields).encode("utf-8")
+
+
+def record_hash(*fields: Any) -> str:
+    """The plain sha256 rule of the records written before the MAC."""
+    return hashlib.sha256(_body(*fields)).hexdigest()
 
 
 class Audit:
     """Appends to and reads the chain through one connection's transaction."""
 
-    def __init__(self, conn: sa.Connection) -> None:
+    def __init__(self, conn: sa.Connection, chain: Chain) -> None:
         self.conn = conn
+        self.chain = chain
         self._locked = False
+        # The newest record appended here: (seq, mac, legacy_seq), anchored after commit.
+        self.last: tuple[int, str, int] | None = None
 
     def lock(self) -> None:
         """Take the chain's write lock; the first statement of an audited transaction.
@@ -125,12 +162,24 @@ class Audit:
         reason: str = "",
     ) -> AuditRecord:
         self.lock()
-        head = self.conn.execute(sa.select(t_head.c.seq, t_head.c.hash).where(t_head.c.id == 1))
-        seq, prev = head.one()
-        seq += 1
+        key = self.chain.key()
+        head = self.conn.execute(
+            sa.select(t_head.c.seq, t_head.c.hash, t_head.c.legacy_seq, t_head.c.key_id).where(
+                t_head.c.id == 1
+            )
+        ).one()
+        if head.key_id is None:
+            self.conn.execute(t_head.update().where(t_head.c.id == 1).values(key_id=key.key_id))
+        elif head.key_id != key.key_id:
+            raise AuditKeyMismatch(
+                f"the audit chain is written with another key than {key.source}: give every "
+                "gateway and command of this database the same key (GPUGATE_AUDIT_KEY or "
+                "audit.key_file)"
+            )
+        seq, prev = int(head.seq) + 1, head.hash.strip()
         at = utcnow()
         before_s, after_s = canonical(before), canonical(after)
-        digest = record_hash(seq, at, actor, action, target, before_s, after_s, reason, prev)
+        digest = key.mac(_body(seq, at, actor, action, target, before_s, after_s, reason, prev))
         self.conn.execute(
             t_log.insert().values(
                 seq=seq,
@@ -146,6 +195,7 @@ class Audit:
             )
         )
         self.conn.execute(t_head.update().where(t_head.c.id == 1).values(seq=seq, hash=digest))
+        self.last = (seq, digest, int(head.legacy_seq))
         return AuditRecord(seq, at, actor, action, target, before, after, reason, prev, digest)
 
 
@@ -161,11 +211,15 @@ def _insert_ignore(conn: sa.Connection, table: sa.Table, **values: Any) -> Any:
 
 @contextlib.contextmanager
 def audited(engine: sa.Engine) -> Iterator[Audit]:
-    """One transaction that holds the chain lock from its first statement."""
+    """One transaction that holds the chain lock from its first statement; the newest
+    record it appended is anchored once it is committed."""
+    chain = chain_of(engine)
     with engine.begin() as conn:
-        audit = Audit(conn)
+        audit = Audit(conn, chain)
         audit.lock()
         yield audit
+    if audit.last is not None:
+        chain.anchors.record(*audit.last)
 
 
 def append(engine: sa.Engine, actor: str, action: str, target: str, **fields: Any) -> AuditRecord:
@@ -174,17 +228,30 @@ def append(engine: sa.Engine, actor: str, action: str, target: str, **fields: An
         return audit.append(actor, action, target, **fields)
 
 
+def model_targets(model: str) -> tuple[str, ...]:
+    """The target prefixes of everything about ``model``: its versions and its rollouts."""
+    return (f"model:{model}", f"rollout:{model}")
+
+
 def read(
     engine: sa.Engine,
     *,
-    target_prefix: str | None = None,
+    target_prefix: str | Sequence[str] | None = None,
     since: datetime | None = None,
     limit: int | None = None,
 ) -> list[AuditRecord]:
+    """Records oldest first; ``target_prefix``: only those whose target is one of the
+    prefixes or starts with it and ``:`` (taken literally: ``_`` and ``%`` too)."""
     query = sa.select(t_log).order_by(t_log.c.seq)
     if target_prefix is not None:
+        prefixes = [target_prefix] if isinstance(target_prefix, str) else list(target_prefix)
         query = query.where(
-            sa.or_(t_log.c.target == target_prefix, t_log.c.target.startswith(target_prefix + ":"))
+            sa.or_(
+                *(
+                    sa.or_(t_log.c.target == p, t_log.c.target.startswith(p + ":", autoescape=True))
+                    for p in prefixes
+                )
+            )
         )
     if since is not None:
         # In UTC, as the records are written: SQLite compares the stored text, which
@@ -218,53 +285,120 @@ class VerifyResult:
     records: int
     problem: str = ""
     first_bad_seq: int | None = None
+    # The newest record this host anchored and found intact (None: none anchored here).
+    anchored_seq: int | None = None
+
+
+def _snapshot(engine: sa.Engine) -> tuple[Sequence[Any], Any]:
+    """The log and its head as of one instant, whatever is appended meanwhile."""
+    with engine.connect() as conn:
+        if conn.dialect.name == "postgresql":
+            conn = conn.execution_options(isolation_level="REPEATABLE READ")
+        elif conn.dialect.name == "sqlite":
+            # pysqlite opens no transaction for reads: without BEGIN each SELECT would
+            # see the database as of its own start.
+            conn.exec_driver_sql("BEGIN")
+        try:
+            rows = conn.execute(sa.select(t_log).order_by(t_log.c.seq)).all()
+            head = conn.execute(sa.select(t_head).where(t_head.c.id == 1)).first()
+        finally:
+            conn.rollback()
+    return rows, head
 
 
 def verify(engine: sa.Engine) -> VerifyResult:
-    """Recompute the chain; name the first record that was changed, inserted or removed."""
-    with engine.connect() as conn:
-        rows = conn.execute(sa.select(t_log).order_by(t_log.c.seq)).all()
-        head = conn.execute(sa.select(t_head.c.seq, t_head.c.hash).where(t_head.c.id == 1)).first()
-    prev_hash, expected_seq = GENESIS, 1
-    for r in rows:
-        seq = int(r.seq)
-        stored = r.hash.strip()
-        recomputed = record_hash(
-            seq,
-            r.at,
-            r.actor,
-            r.action,
-            r.target,
-            r.before,
-            r.after,
-            r.reason,
-            r.prev_hash.strip(),
-        )
-        if seq != expected_seq:
-            if seq > expected_seq:
-                what = f"record {expected_seq} was removed (the chain jumps to {seq})"
-                return VerifyResult(False, len(rows), what, expected_seq)
-            return VerifyResult(False, len(rows), f"record {seq} is out of order", seq)
-        if r.prev_hash.strip() != prev_hash:
-            what = (
-                f"record {seq} does not chain to record {seq - 1}: record {seq} was inserted "
-                f"or record {seq - 1} was changed"
-            )
-            return VerifyResult(False, len(rows), what, seq)
-        if recomputed != stored:
-            what = f"record {seq} was changed (its hash no longer matches its contents)"
-            return VerifyResult(False, len(rows), what, seq)
-        prev_hash = stored
-        expected_seq = seq + 1
-    last_seq = expected_seq - 1
+    """Recompute the chain and check it against this host's anchors; name the first
+    record that was changed, inserted or removed."""
+    chain = chain_of(engine)
+    # The anchors first: every record they name was committed before the snapshot.
+    anchors = chain.anchors.read()
+    rows, head = _snapshot(engine)
+    legacy_seq = int(head.legacy_seq) if head is not None else 0
+    try:
+        key = chain.key(create=False)
+    except AuditKeyError as exc:
+        key, key_problem = None, str(exc)
+    bad = _check_chain(rows, legacy_seq, key)
+    if bad is not None:
+        return VerifyResult(False, len(rows), *bad)
+    if rows and int(rows[-1].seq) > legacy_seq:
+        if key is None:
+            what = f"records {legacy_seq + 1}.. are MACed and no audit key is here: {key_problem}"
+            return VerifyResult(False, len(rows), what, legacy_seq + 1)
+        if head is not None and head.key_id is not None and head.key_id != key.key_id:
+            what = f"the chain was written with another key than {key.source}"
+            return VerifyResult(False, len(rows), what, legacy_seq + 1)
+    last_seq = int(rows[-1].seq) if rows else 0
+    prev_hash = rows[-1].hash.strip() if rows else GENESIS
     if head is None:
         if rows:
             return VerifyResult(False, len(rows), "the chain head row is missing", None)
-        return VerifyResult(True, 0)
-    if int(head.seq) != last_seq or head.hash.strip() != prev_hash:
+    elif int(head.seq) != last_seq or head.hash.strip() != prev_hash:
         if int(head.seq) > last_seq:
             what = f"records {last_seq + 1}..{int(head.seq)} were removed from the end"
             return VerifyResult(False, len(rows), what, last_seq + 1)
         what = f"the chain head (record {int(head.seq)}) does not match the last record {last_seq}"
         return VerifyResult(False, len(rows), what, last_seq)
-    return VerifyResult(True, len(rows))
+    macs = {int(r.seq): r.hash.strip() for r in rows}
+    found = _check_anchors(anchors, macs, last_seq, legacy_seq)
+    if isinstance(found, tuple):
+        return VerifyResult(False, len(rows), *found)
+    return VerifyResult(True, len(rows), anchored_seq=found)
+
+
+def _check_chain(rows: Sequence[Any], legacy_seq: int, key: Any) -> tuple[str, int | None] | None:
+    prev_hash, expected_seq = GENESIS, 1
+    for r in rows:
+        seq = int(r.seq)
+        stored = r.hash.strip()
+        if seq != expected_seq:
+            if seq > expected_seq:
+                return f"record {expected_seq} was removed (the chain jumps to {seq})", expected_seq
+            return f"record {seq} is out of order", seq
+        if r.prev_hash.strip() != prev_hash:
+            what = (
+                f"record {seq} does not chain to record {seq - 1}: record {seq} was inserted "
+                f"or record {seq - 1} was changed"
+            )
+            return what, seq
+        body = _body(seq, r.at, r.actor, r.action, r.target, r.before, r.after, r.reason, prev_hash)
+        if seq <= legacy_seq:
+            recomputed = hashlib.sha256(body).hexdigest()
+        elif key is None:
+            return None  # the caller reports the missing key
+        else:
+            recomputed = key.mac(body)
+        if recomputed != stored:
+            return f"record {seq} was changed (its MAC no longer matches its contents)", seq
+        prev_hash = stored
+        expected_seq = seq + 1
+    return None
+
+
+def _check_anchors(
+    anchors: Sequence[AnchorLine], macs: dict[int, str], last_seq: int, legacy_seq: int
+) -> tuple[str, int] | int | None:
+    """The newest intact anchored seq (None: no anchors), or the problem found."""
+    if not anchors:
+        return None
+    latest = max(anchors, key=lambda a: a.seq)
+    if latest.seq > last_seq:
+        what = (
+            f"record {latest.seq} was anchored at {latest.at} but the log ends at record "
+            f"{last_seq}: records were removed from the end and the head rewound"
+        )
+        return what, last_seq + 1
+    for a in anchors:
+        if macs.get(a.seq) != a.mac:
+            what = (
+                f"record {a.seq} differs from the one anchored at {a.at}: the chain was "
+                f"rewritten at or before record {a.seq}"
+            )
+            return what, a.seq
+        if a.legacy_seq != legacy_seq:
+            what = (
+                f"the chain's old-rule boundary moved from record {a.legacy_seq} (anchored at "
+                f"{a.at}) to {legacy_seq}: records were re-chained by the plain rule"
+            )
+            return what, min(a.legacy_seq, legacy_seq) + 1
+    return latest.seq

@@ -11,6 +11,8 @@ lives beside the feature that owns them (``serving.tenancy.tenants`` for tenants
 
 from __future__ import annotations
 
+import contextlib
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event
 
+from serving.state.audit_key import Chain, bind
 from serving.state.migrate import ensure_schema
 
 SQLITE_FILENAME = "gpugate.db"
@@ -276,10 +279,12 @@ def make_engine(database_url: str | None, state_dir: Path) -> sa.Engine:
     """An engine on the state database, with no schema check (for :func:`upgrade_schema`).
 
     ``database_url`` ``None`` means the SQLite file ``state_dir/gpugate.db`` (the
-    folder is created).
+    folder is created, mode 0700). A SQLite file is made mode 0600 before SQLite opens
+    it (its ``-wal`` and ``-shm`` files take the same mode). The audit chain's key and
+    anchor file default to ``state_dir`` (:func:`serving.state.audit.configure`).
     """
     if database_url is None:
-        state_dir.mkdir(parents=True, exist_ok=True)
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         url = sa.URL.create("sqlite+pysqlite", database=str(state_dir / SQLITE_FILENAME))
         engine = sa.create_engine(url)
     else:
@@ -287,8 +292,27 @@ def make_engine(database_url: str | None, state_dir: Path) -> sa.Engine:
         # pooled connection must not fail the first request after one.
         engine = sa.create_engine(database_url, pool_pre_ping=True)
     if engine.dialect.name == "sqlite":
+        _private_sqlite_file(engine.url.database)
         event.listen(engine, "connect", _sqlite_pragmas)
+    bind(engine, Chain(state_dir))
     return engine
+
+
+def _private_sqlite_file(database: str | None) -> None:
+    """Create the database file 0600, or take group and other access off an existing
+    one (SQLite would create it with the umask's mode, typically 0644)."""
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = Path(database)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        for existing in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            with contextlib.suppress(OSError):  # not ours, or gone: leave it
+                if existing.stat().st_mode & 0o077:
+                    existing.chmod(0o600)
+        return
+    os.close(fd)
 
 
 def open_engine(database_url: str | None, state_dir: Path) -> sa.Engine:

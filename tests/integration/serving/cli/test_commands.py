@@ -95,7 +95,10 @@ def test_commands_act_through_the_gateway_and_exit_1_when_refused(
     }
     records = len(json.loads(out))
     code, out, _ = run(capsys, "audit", "verify", *at)
-    assert (code, out) == (0, f"audit chain intact: {records} records\n")
+    assert (code, out) == (
+        0,
+        f"audit chain intact: {records} records; matches its anchor at record {records}\n",
+    )
 
 
 def test_no_gateway_and_no_token_are_failures_that_say_why(
@@ -161,7 +164,7 @@ def test_database_commands_are_local_and_admin_only(
     assert code == 1 and "has an admin already" in err
 
     code, out, _ = run(capsys, "audit", "verify", "--offline", *state)
-    assert (code, out) == (0, "audit chain intact: 1 records\n")
+    assert (code, out) == (0, "audit chain intact: 1 records; matches its anchor at record 1\n")
     with sqlite3.connect(tmp_path / "db" / "gpugate.db") as db:
         db.execute("UPDATE audit_log SET actor = 'mallory' WHERE seq = 1")
     code, out, _ = run(capsys, "audit", "verify", "--offline", "--json", *state)

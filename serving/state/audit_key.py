@@ -1,0 +1,207 @@
+"""What keeps the audit chain honest outside the database: its MAC key and its anchors.
+
+A writer of the database can change any row, so the chain's records are MACed
+(HMAC-SHA256) with a key the database never holds: ``$GPUGATE_AUDIT_KEY``, else a
+key file (``audit.key`` in the state folder, made with mode 0600 at the first
+start). A key file that its group or others may read is refused.
+
+The MAC stops forged and re-chained records, but not a writer who deletes the newest
+records and rewinds ``audit_head``: that is what the anchor is for. After every
+append (or at most every ``anchor_interval_s``), the newest record's sequence number
+and MAC go to an append-only file (``audit.anchor``, one JSON line each, fsynced),
+to the log (logger ``gpugate.audit.anchor``) and to an OpenTelemetry span. The file
+is per host: each gateway anchors what it appended itself.
+
+:func:`bind` remembers, per engine, where these live; :func:`chain_of` finds them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import stat
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import sqlalchemy as sa
+from opentelemetry import trace
+
+log = logging.getLogger(__name__)
+anchor_log = logging.getLogger("gpugate.audit.anchor")
+_tracer = trace.get_tracer("gpugate.audit")
+
+KEY_ENV = "GPUGATE_AUDIT_KEY"
+KEY_FILE = "audit.key"
+ANCHOR_FILE = "audit.anchor"
+MIN_KEY_BYTES = 32
+_KEY_ID_LABEL = b"gpugate audit key id"
+
+
+class AuditKeyError(RuntimeError):
+    """No usable audit key: missing, too short, readable by others, or not the chain's."""
+
+
+@dataclass(frozen=True)
+class AuditKey:
+    secret: bytes = field(repr=False)
+    source: str  # where it came from, for messages (never the key)
+
+    @property
+    def key_id(self) -> str:
+        """Names the key without revealing it (stored in ``audit_head.key_id``)."""
+        return hmac.new(self.secret, _KEY_ID_LABEL, hashlib.sha256).hexdigest()[:32]
+
+    def mac(self, body: bytes) -> str:
+        return hmac.new(self.secret, body, hashlib.sha256).hexdigest()
+
+
+def _from_text(text: str, source: str) -> AuditKey:
+    text = text.strip()
+    if len(text) < MIN_KEY_BYTES:
+        raise AuditKeyError(f"the audit key in {source} is under {MIN_KEY_BYTES} characters")
+    return AuditKey(text.encode("utf-8"), source)
+
+
+def read_key_file(path: Path) -> AuditKey:
+    """The key in ``path``; refused when its group or others may read or write it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise AuditKeyError(f"no audit key file {path}") from None
+    except OSError as exc:
+        raise AuditKeyError(f"cannot read the audit key file {path}: {exc}") from None
+    with os.fdopen(fd) as f:
+        mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
+        if mode & 0o077:
+            raise AuditKeyError(
+                f"the audit key file {path} has mode {mode:04o}: others may read it; "
+                f"run `chmod 600 {path}`"
+            )
+        return _from_text(f.read(), str(path))
+
+
+def create_key_file(path: Path) -> AuditKey:
+    """A new random key in ``path`` (mode 0600), unless another process made it first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        return read_key_file(path)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    log.info("created the audit key %s; keep a copy: the audit log verifies only with it", path)
+    return read_key_file(path)
+
+
+@dataclass(frozen=True)
+class AnchorLine:
+    seq: int
+    mac: str
+    at: str
+    legacy_seq: int
+
+
+class Anchors:
+    """The append-only anchor file of one chain on this host."""
+
+    def __init__(self, path: Path, interval_s: float) -> None:
+        self.path = path
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
+        self._last_at = -float("inf")
+
+    def record(self, seq: int, mac: str, legacy_seq: int, *, force: bool = False) -> bool:
+        """Anchor record ``seq`` (committed) when due; True when it was written."""
+        with self._lock:
+            now = time.monotonic()
+            if not force and now - self._last_at < self.interval_s:
+                return False
+            at = datetime.now(UTC).isoformat()
+            line = {"seq": seq, "mac": mac, "at": at, "legacy_seq": legacy_seq}
+            data = (json.dumps(line, separators=(",", ":")) + "\n").encode()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            try:
+                os.write(fd, data)  # one write: lines of concurrent writers never interleave
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._last_at = now
+        anchor_log.info("audit anchor seq=%d mac=%s legacy_seq=%d", seq, mac, legacy_seq)
+        with _tracer.start_as_current_span("gpugate.audit.anchor") as span:
+            span.set_attributes({"gpugate.audit.seq": seq, "gpugate.audit.mac": mac})
+        return True
+
+    def read(self) -> list[AnchorLine]:
+        """Every complete line (a line torn by a crash mid-write is skipped)."""
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return []
+        lines = []
+        for raw in text.splitlines():
+            try:
+                d = json.loads(raw)
+                lines.append(
+                    AnchorLine(int(d["seq"]), str(d["mac"]), str(d["at"]), int(d["legacy_seq"]))
+                )
+            except (ValueError, KeyError, TypeError):
+                continue
+        return lines
+
+
+class Chain:
+    """Where one engine's audit key and anchors live; the key is read at first use."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        key_file: Path | None = None,
+        anchor_file: Path | None = None,
+        anchor_interval_s: float = 0.0,
+    ) -> None:
+        self.state_dir = state_dir
+        self.key_file = state_dir / (key_file or KEY_FILE)
+        self.anchors = Anchors(state_dir / (anchor_file or ANCHOR_FILE), anchor_interval_s)
+        self._key: AuditKey | None = None
+        self._lock = threading.Lock()
+
+    def key(self, *, create: bool = True) -> AuditKey:
+        """The MAC key: ``$GPUGATE_AUDIT_KEY``, else the key file (made if ``create``)."""
+        with self._lock:
+            if self._key is None:
+                env = os.environ.get(KEY_ENV)
+                if env:
+                    self._key = _from_text(env, f"${KEY_ENV}")
+                elif create:
+                    self._key = create_key_file(self.key_file)
+                else:
+                    self._key = read_key_file(self.key_file)
+            return self._key
+
+
+_CHAINS: weakref.WeakKeyDictionary[sa.Engine, Chain] = weakref.WeakKeyDictionary()
+
+
+def bind(engine: sa.Engine, chain: Chain) -> None:
+    _CHAINS[engine] = chain
+
+
+def chain_of(engine: sa.Engine) -> Chain:
+    chain = _CHAINS.get(engine)
+    if chain is None:
+        raise AuditKeyError(
+            "this engine has no audit key settings: open it with serving.state.make_engine"
+        )
+    return chain
