@@ -340,7 +340,7 @@ class SecurityConfig(_Strict):
     for a gateway that proves it (an HMAC-SHA256 challenge on connect), and the
     gateway sends batches only to a replica that proves it back. `gpugate serve`
     reads it from `$GPUGATE_CLUSTER_SECRET`, else from `cluster_secret_file`, else
-    from `cluster_secret` in the state folder (made with mode 0600 at the first start),
+    from `cluster.secret` in the state folder (made with mode 0600 at the first start),
     and hands it to the gateway and the replicas through their Serve deployments; it
     is never logged. A file its group or others may read is refused.
 
@@ -352,7 +352,7 @@ class SecurityConfig(_Strict):
     cluster_secret_file: Path | None = Field(
         default=None,
         description="File holding the data plane's cluster secret (at least 32 bytes, "
-        "mode 0600); default `cluster_secret` in the state folder, made at the first "
+        "mode 0600); default `cluster.secret` in the state folder, made at the first "
         "start. `$GPUGATE_CLUSTER_SECRET` wins over both.",
     )
 
@@ -422,10 +422,6 @@ class GatewayConfig(_Strict):
     security: SecurityConfig = Field(
         default_factory=SecurityConfig,
         description="Where the data plane's cluster secret comes from.",
-    )
-    audit: AuditConfig = Field(
-        default_factory=AuditConfig,
-        description="Where the audit log's MAC key and anchor file are.",
     )
 
     def policy(self, model: str) -> ModelPolicy:

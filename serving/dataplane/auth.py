@@ -32,7 +32,7 @@ HELLO_SIZE = len(MAGIC) + NONCE  # replica -> gateway
 ANSWER_SIZE = NONCE + DIGEST  # gateway -> replica: its nonce and its proof
 PROOF_SIZE = DIGEST  # replica -> gateway
 MIN_SECRET_BYTES = 32
-SECRET_FILE = "cluster_secret"  # in the state folder, when nothing else is configured
+SECRET_FILE = "cluster.secret"  # in the state folder, when nothing else is configured
 
 _GATEWAY = b"gpugate data plane: gateway\x00"
 _REPLICA = b"gpugate data plane: replica\x00"

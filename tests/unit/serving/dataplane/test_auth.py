@@ -281,7 +281,7 @@ def test_the_gateway_sends_nothing_to_a_port_that_cannot_prove_the_secret() -> N
 
 
 def test_the_secret_file_is_made_private_and_a_readable_one_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "state" / "cluster_secret"
+    path = tmp_path / "state" / "cluster.secret"
     made = ensure_secret_file(path)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert len(path.read_text().strip()) == 64
