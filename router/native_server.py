@@ -4,15 +4,17 @@ The same :class:`~router.grpc_server.InferenceServicer` answers; only the
 transport differs. gRPC C++'s core (``router/native/grpcdoor.cc``, compiled into
 ``router._grpcdoor`` by the package build when gRPC C++ is installed; docs/grpc.md)
 reads HTTP/2 on a thread of its own, without the GIL, and queues each call once its
-request message is in; an eventfd wakes the event loop, which takes every queued call
-in one go. So the loop pays one wake-up for many calls, where grpc.aio pays several
+request message is in (ModelInfer: once its headers are, below); an eventfd wakes the
+event loop, which takes every queued call and message in one go. So the loop pays one wake-up for many calls, where grpc.aio pays several
 completions through its poller thread for each.
 
 ModelInfer calls come to Python as soon as their metadata is in, without their message
 (key before body): the servicer authenticates the caller first and only then asks the
 door to read the message (:class:`_NativeBody`), so a call with a missing or unknown
 key is answered UNAUTHENTICATED with its message unread. Other methods need no key and
-come with their message, as before.
+come with their message, as before. The door also caps the streams of one connection
+and the calls in progress (answered RESOURCE_EXHAUSTED at Accept), and serves TLS from
+files that :class:`~router.tls.TlsMaterial` validates and keeps current.
 
 Deadlines, cancellation, message limits and status codes behave as on grpc.aio:
 core enforces ``grpc-timeout`` and the size limits itself; a call it cancels
@@ -178,7 +180,9 @@ class NativeServer:
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._bodies: dict[int, asyncio.Future[bytes | None]] = {}  # deferred reads waiting
         self.port = 0
-        self.taken = 0  # calls handed to handlers (read by tests)
+        # Requests handed to handlers (read by tests): a ModelInfer call counts once its
+        # message is delivered, as the service sees it only from then on.
+        self.taken = 0
 
     async def start(self, host: str, port: int) -> int:
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -217,10 +221,11 @@ class NativeServer:
             waiter = self._bodies.pop(call_id, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(payload)
+                self.taken += payload is not None
         for call_id, method, payload, metadata, left in calls:
             task = loop.create_task(self._handle(call_id, method, payload, metadata, left))
             self._tasks[call_id] = task
-        self.taken += len(calls)
+            self.taken += payload is not None
         for call_id in cancelled:
             # After the handlers' first steps (create_task queued those just above):
             # a call taken and cancelled in the same wake-up still enters the service
