@@ -74,9 +74,7 @@ class TlsMaterial:
     def __init__(self, files: TlsFiles) -> None:
         self.files = files
         stamp = self._stamp()
-        loaded = self._load()
-        if loaded is None:
-            raise TlsError(f"cannot load the TLS files {', '.join(map(str, files.paths()))}")
+        loaded = self._try_load()
         self._stamp_loaded = stamp
         self._stamp_failed: _Stamp | None = None
         self._current = loaded
@@ -110,8 +108,17 @@ class TlsMaterial:
         )
 
     def _load(self) -> _Loaded | None:
-        """The files as a new context plus their bytes, or None (logged) when they do not
-        load or changed while being loaded."""
+        """:meth:`_try_load`, or None (logged) when the files do not load."""
+        try:
+            return self._try_load()
+        except TlsError as exc:
+            log.error("%s; the previous ones stay in use", exc)
+            return None
+
+    def _try_load(self) -> _Loaded:
+        """The files as a new context plus their bytes; TlsError when they do not load
+        or changed while being loaded (a rotation in progress: the next check retries)."""
+        names = ", ".join(map(str, self.files.paths()))
         try:
             before = self._read()
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -122,11 +129,9 @@ class TlsMaterial:
                 context.verify_mode = ssl.CERT_REQUIRED
             after = self._read()
         except (OSError, ssl.SSLError, ValueError) as exc:
-            log.error("TLS files do not load (%s); the previous ones stay in use", exc)
-            return None
-        if before != after:  # a rotation in progress: try again at the next check
-            log.warning("TLS files changed while being loaded; trying again")
-            return None
+            raise TlsError(f"the TLS files {names} do not load: {exc}") from None
+        if before != after:
+            raise TlsError(f"the TLS files {names} changed while being loaded")
         return _Loaded(context, *after)
 
     def reload_if_changed(self) -> bool:
