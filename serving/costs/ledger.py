@@ -201,22 +201,32 @@ class Ledger:
         return [[p.cost(ns) for ns in r.charges_ns] for p, r in zip(prices, records, strict=True)]
 
 
+def _inline_by_default(engine: sa.Engine) -> bool:
+    """Inline commits only where a commit is no fsync: SQLite with synchronous NORMAL."""
+    if engine.dialect.name != "sqlite":
+        return False
+    with engine.connect() as conn:
+        return conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # 1: NORMAL
+
+
 class LedgerWriter:
     """The scheduler's CostSink: a batch's answers wait for its commit.
 
-    Two paths. On SQLite (the embedded default) a batch is committed inline, on the
-    event loop, when the file's write lock is free: a WAL append without fsync
-    (``synchronous = NORMAL``), with no thread hop: through the writer thread, the
+    Two paths. On SQLite with ``synchronous = NORMAL`` a batch is committed inline, on
+    the event loop, when the file's write lock is free: a WAL append without fsync,
+    with no thread hop: through the writer thread, the
     same commit would wait for the GIL at each ``sqlite3`` call beside a heavy
     tenant, and hop back to the loop. The inline connection never waits for the lock
     (``busy_timeout = 0``) and never checkpoints (that fsyncs). When another writer
     holds the lock (the CLI, another gateway worker), the batch goes to the
     thread instead, and the thread runs the WAL checkpoints.
 
-    On PostgreSQL every batch goes to the writer thread (a commit there is a network
-    round trip and an fsync on the server, which must not block the loop). Batches
-    that finish while a commit is running share the next one (group commit), so the
-    commit rate stays bounded under load.
+    On PostgreSQL, and on SQLite with ``synchronous = FULL`` (the default: a commit
+    fsyncs, so it survives a power cut), every batch goes to the writer thread (a
+    commit there is an fsync, locally or on the server, which must not block the
+    loop). Batches that finish while a commit is running share the next one (group
+    commit), so the commit rate stays bounded under load; loadtests/ledger_durability.py
+    measures what FULL costs.
     """
 
     _STOP = object()
@@ -231,7 +241,7 @@ class LedgerWriter:
     ) -> None:
         self.ledger = ledger
         self._max_group = max_group
-        self._inline = ledger.engine.dialect.name == "sqlite" if inline is None else inline
+        self._inline = _inline_by_default(ledger.engine) if inline is None else inline
         if self._inline and ledger.engine.dialect.name != "sqlite":
             raise ValueError("inline ledger commits are for SQLite only")
         self._inline_connection: Any = None

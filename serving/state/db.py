@@ -27,6 +27,8 @@ SQLITE_FILENAME = "gpugate.db"
 # Long enough to ride out another process's write burst (schema creation, a batch of
 # ledger rows); short enough that a wedged writer surfaces as an error, not a hang.
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+# Trades durability on power loss for commit latency on SQLite (docs/state.md).
+SQLITE_SYNCHRONOUS_ENV = "GPUGATE_SQLITE_SYNCHRONOUS"
 
 # Explicit constraint names make later migrations (ALTER ... DROP CONSTRAINT) name
 # the same object on SQLite and PostgreSQL instead of a dialect-generated name.
@@ -340,11 +342,19 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         # busy_timeout first: switching to WAL needs a brief exclusive lock that
         # another process opening the same file may hold.
         cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
-        # WAL lets the gateway's readers run while the CLI or another worker writes;
-        # NORMAL is durable across process crashes in WAL mode, which is what the
-        # state needs, without an fsync per commit.
+def sqlite_synchronous() -> str:
+    """``FULL`` (the default) or ``NORMAL``, from ``$GPUGATE_SQLITE_SYNCHRONOUS``."""
+    value = os.environ.get(SQLITE_SYNCHRONOUS_ENV, "full").strip().upper()
+    if value not in ("FULL", "NORMAL"):
+        raise ValueError(f"{SQLITE_SYNCHRONOUS_ENV} must be full or normal, not {value!r}")
+    return value
+
+
+        # WAL lets the gateway's readers run while the CLI or another worker writes.
+        # FULL fsyncs the WAL at every commit, so a committed ledger or audit row also
+        # survives a power cut; NORMAL survives process crashes only (docs/state.md).
         cursor.execute("PRAGMA journal_mode = WAL")
-        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.execute(f"PRAGMA synchronous = {sqlite_synchronous()}")
         cursor.execute("PRAGMA foreign_keys = ON")
     finally:
         cursor.close()

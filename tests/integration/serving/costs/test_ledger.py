@@ -39,6 +39,7 @@ from serving.state.db import (
     ledger_batches,
     ledger_reservations,
     open_engine,
+    sqlite_synchronous,
 )
 
 DAY = datetime(2026, 11, 20, tzinfo=UTC)
@@ -115,8 +116,9 @@ class RandomBackend:
 def test_randomized_run_conserves_every_nanosecond_in_the_database(
     engine: sa.Engine, path: str
 ) -> None:
-    """On SQLite the default path commits inline on the loop; "thread" forces the writer
-    thread (PostgreSQL's path) on both databases."""
+    """The default path: the writer thread with group commit (PostgreSQL, and SQLite
+    with synchronous FULL), inline on the loop for SQLite with NORMAL; "thread" forces
+    the writer thread on both databases."""
     writer = LedgerWriter(
         Ledger(engine, Pricing(PRICES)), inline=None if path == "default" else False
     )
@@ -170,7 +172,7 @@ def test_randomized_run_conserves_every_nanosecond_in_the_database(
     assert batch_total == alloc_total == sum(r.charge_ns for r in records) > 0
     assert mismatched == []
     assert per_tenant == dict(Counter(t for t, _ in plan))
-    if path == "default" and engine.dialect.name == "sqlite":
+    if path == "default" and sqlite_synchronous() == "NORMAL" and engine.dialect.name == "sqlite":
         # Nothing else wrote the file: every batch committed inline, none on the thread.
         assert (writer.inline_commits, writer.inline_busy, writer.commits) == (len(records), 0, 0)
     else:
@@ -179,6 +181,8 @@ def test_randomized_run_conserves_every_nanosecond_in_the_database(
 
 
 def _sqlite_writer(tmp_path: Path, **kwargs: Any) -> tuple[sa.Engine, LedgerWriter]:
+    """A writer on the inline path (what SQLite with synchronous NORMAL uses)."""
+    kwargs.setdefault("inline", True)
     engine = open_engine(None, tmp_path / "state")
     return engine, LedgerWriter(Ledger(engine, Pricing(PRICES)), **kwargs)
 
