@@ -336,12 +336,6 @@ def open_engine(database_url: str | None, state_dir: Path) -> sa.Engine:
     return engine
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    try:
-        # busy_timeout first: switching to WAL needs a brief exclusive lock that
-        # another process opening the same file may hold.
-        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
 def sqlite_synchronous() -> str:
     """``FULL`` (the default) or ``NORMAL``, from ``$GPUGATE_SQLITE_SYNCHRONOUS``."""
     value = os.environ.get(SQLITE_SYNCHRONOUS_ENV, "full").strip().upper()
@@ -350,6 +344,12 @@ def sqlite_synchronous() -> str:
     return value
 
 
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        # busy_timeout first: switching to WAL needs a brief exclusive lock that
+        # another process opening the same file may hold.
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
         # WAL lets the gateway's readers run while the CLI or another worker writes.
         # FULL fsyncs the WAL at every commit, so a committed ledger or audit row also
         # survives a power cut; NORMAL survives process crashes only (docs/state.md).
