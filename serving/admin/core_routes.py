@@ -15,6 +15,7 @@ from serving.admin.auth import Caller
 from serving.admin.routing import AdminRoute, Services, route
 from serving.admin.schemas import Instant, Name
 from serving.state import audit
+from serving.tenancy import Admission, TenantRow
 
 router = APIRouter(route_class=AdminRoute)
 TenantName = Annotated[Name, Path(description="A tenant's name.")]
@@ -28,12 +29,21 @@ def whoami(caller: Caller) -> schemas.Caller:
 # -- tenants -----------------------------------------------------------------------
 
 
+def _tenant(r: TenantRow) -> schemas.Tenant:
+    return schemas.Tenant(
+        tenant=r.name,
+        weight=r.weight,
+        models=list(r.models),
+        source=r.source,
+        priorities=list(r.admission.priorities),
+        max_requests_in_flight=r.admission.max_requests_in_flight,
+        max_bytes_in_flight=r.admission.max_bytes_in_flight,
+    )
+
+
 @route(router, "GET", "/tenants", "tenants.list", "List tenants (never keys)")
 def list_tenants(services: Services) -> list[schemas.Tenant]:
-    return [
-        schemas.Tenant(tenant=r.name, weight=r.weight, models=list(r.models), source=r.source)
-        for r in services.tenants.list()
-    ]
+    return [_tenant(r) for r in services.tenants.list()]
 
 
 @route(
@@ -45,9 +55,34 @@ def list_tenants(services: Services) -> list[schemas.Tenant]:
     status_code=201,
 )
 def create_tenant(new: schemas.NewTenant, caller: Caller, services: Services) -> schemas.TenantKey:
-    key = services.tenants.create(new.name, new.weight, new.models, actor=caller.name)
+    admission = Admission.checked(
+        new.priorities, new.max_requests_in_flight, new.max_bytes_in_flight
+    )
+    key = services.tenants.create(
+        new.name, new.weight, new.models, admission=admission, actor=caller.name
+    )
     services.on_tenants_changed()
     return schemas.TenantKey(tenant=new.name, api_key=key)
+
+
+@route(
+    router,
+    "PATCH",
+    "/tenants/{name}",
+    "tenants.update",
+    "Change a tenant's weight, models, priority grants or in-flight caps (the key stays)",
+)
+def update_tenant(
+    name: TenantName, change: schemas.TenantChange, caller: Caller, services: Services
+) -> schemas.Tenant:
+    # Only the fields sent change; a cap sent as null goes back to the server's default.
+    given = change.model_dump(include=change.model_fields_set)
+    for field in ("weight", "models", "priorities"):
+        if field in given and given[field] is None:
+            del given[field]
+    row = services.tenants.update(name, **given, actor=caller.name)
+    services.on_tenants_changed()
+    return _tenant(row)
 
 
 @route(router, "DELETE", "/tenants/{name}", "tenants.delete", "Delete a tenant (revokes its key)")

@@ -23,9 +23,10 @@ from pydantic import (
     model_validator,
 )
 
+from router import DEFAULT_PRIORITY_LEVEL, MAX_PRIORITY_LEVEL
 from serving.config import NAME_PATTERN
 from serving.rollout import RolloutSpec
-from serving.tenancy import Role
+from serving.tenancy import MAX_BYTES_CAP, MAX_REQUESTS_CAP, Role
 
 
 def _encodable(text: str) -> str:
@@ -162,12 +163,45 @@ class DeletedUser(BaseModel):
     deleted: bool
 
 
+TenantModel = Annotated[str, StringConstraints(pattern=f"^[*]$|{NAME_PATTERN.pattern}")]
+PriorityLevel = Annotated[int, Field(ge=1, le=MAX_PRIORITY_LEVEL, strict=True)]
+_PRIORITIES = (
+    f"Priority levels the tenant may ask for (1 most urgent .. {MAX_PRIORITY_LEVEL}); the "
+    f"default level {DEFAULT_PRIORITY_LEVEL} is always granted, other levels are refused 403."
+)
+_MAX_REQUESTS = "Cap on the tenant's requests in flight; null: the server's default."
+_MAX_BYTES = (
+    "Cap on the input bytes of the tenant's requests in flight; null: the server's default."
+)
+RequestsCap = Annotated[int, Field(ge=0, le=MAX_REQUESTS_CAP, strict=True)]
+BytesCap = Annotated[int, Field(ge=0, le=MAX_BYTES_CAP, strict=True)]
+
+
 class NewTenant(Strict):
     name: Name
     weight: float = Field(default=1.0, gt=0, le=1000, description="Fair-share weight.")
-    models: list[Annotated[str, StringConstraints(pattern=f"^[*]$|{NAME_PATTERN.pattern}")]] = (
-        Field(default=["*"], min_length=1, max_length=256, description="'*' for every model.")
+    models: list[TenantModel] = Field(
+        default=["*"], min_length=1, max_length=256, description="'*' for every model."
     )
+    priorities: list[PriorityLevel] = Field(
+        default=[DEFAULT_PRIORITY_LEVEL], max_length=MAX_PRIORITY_LEVEL, description=_PRIORITIES
+    )
+    max_requests_in_flight: RequestsCap | None = Field(default=None, description=_MAX_REQUESTS)
+    max_bytes_in_flight: BytesCap | None = Field(default=None, description=_MAX_BYTES)
+
+
+class TenantChange(Strict):
+    """The fields to change; a field left out stays as it is."""
+
+    weight: float | None = Field(default=None, gt=0, le=1000, description="Fair-share weight.")
+    models: list[TenantModel] | None = Field(
+        default=None, min_length=1, max_length=256, description="'*' for every model."
+    )
+    priorities: list[PriorityLevel] | None = Field(
+        default=None, max_length=MAX_PRIORITY_LEVEL, description=_PRIORITIES
+    )
+    max_requests_in_flight: RequestsCap | None = Field(default=None, description=_MAX_REQUESTS)
+    max_bytes_in_flight: BytesCap | None = Field(default=None, description=_MAX_BYTES)
 
 
 class TenantKey(BaseModel):
@@ -185,6 +219,9 @@ class Tenant(BaseModel):
     weight: float
     models: list[str]
     source: str = Field(description="'config' (from the config file) or 'cli'.")
+    priorities: list[int] = Field(description="Granted priority levels.")
+    max_requests_in_flight: int | None = Field(description=_MAX_REQUESTS)
+    max_bytes_in_flight: int | None = Field(description=_MAX_BYTES)
 
 
 # -- audit -------------------------------------------------------------------------
@@ -329,6 +366,9 @@ class RolloutSettings(BaseModel):
     sticky: str | None
     mirror_pct: float
     min_agreement: float
+    min_deadline_ms: float = Field(
+        description="A deadline expiry counts as an error only for deadlines at least this long."
+    )
 
 
 class Rollout(BaseModel):

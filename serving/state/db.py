@@ -67,6 +67,12 @@ tenants = sa.Table(
     sa.Column(
         "updated_at", sa.DateTime(timezone=True), nullable=False, default=utcnow, onupdate=utcnow
     ),
+    # JSON list of the priority levels granted to the tenant (the default level, 2,
+    # is always usable); text for the same reason as models.
+    sa.Column("priorities", sa.Text, nullable=False, server_default="[2]"),
+    # The tenant's caps on requests and input bytes in flight; NULL: the server's default.
+    sa.Column("max_requests_in_flight", sa.Integer, nullable=True),
+    sa.Column("max_bytes_in_flight", sa.BigInteger, nullable=True),
     sa.CheckConstraint("source IN ('config', 'cli')", name="source"),
     sa.CheckConstraint("weight > 0", name="weight_positive"),
 )
