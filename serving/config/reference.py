@@ -29,6 +29,7 @@ from serving.config.schema import (
     ServerConfig,
     TenantConfig,
     TensorConfig,
+    TlsConfig,
 )
 
 INTRO = """\
@@ -65,6 +66,7 @@ you trust.
 SECTIONS: tuple[tuple[str, str, type[BaseModel]], ...] = (
     ("Top level", "", GatewayConfig),
     ("`server`", "server.", ServerConfig),
+    ("`server.tls`: TLS on the HTTP and gRPC ports", "server.tls.", TlsConfig),
     ("`models[]`: one served model version", "models[].", ModelConfig),
     ("`models[].inputs[]`, `models[].outputs[]`", "models[].inputs[].", TensorConfig),
     ("`tenants[]`", "tenants[].", TenantConfig),

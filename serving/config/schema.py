@@ -16,8 +16,15 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from router import DATATYPES, ModelSignature, TensorSpec
+from router import (
+    DATATYPES,
+    DEFAULT_PRIORITY_LEVEL,
+    MAX_PRIORITY_LEVEL,
+    ModelSignature,
+    TensorSpec,
+)
 from router.canary import SHADOW_TENANT
+from router.tls import TlsFiles
 
 ArtifactFormat = Literal["torchscript", "export", "safetensors"]
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -164,11 +171,45 @@ class TenantConfig(_Strict):
         description="Environment variable holding the tenant's API key (never the key itself): "
         "16-256 printable ASCII characters without spaces."
     )
+    priorities: list[int] = Field(
+        default_factory=lambda: [DEFAULT_PRIORITY_LEVEL],
+        description=f"Priority levels the tenant may ask for (request parameter `priority`, "
+        f"1 most urgent .. {MAX_PRIORITY_LEVEL}); the default level "
+        f"{DEFAULT_PRIORITY_LEVEL} is always granted. A more urgent level is served before "
+        "fair share, so it is a grant: another level is refused 403 / PERMISSION_DENIED.",
+    )
+    max_requests_in_flight: int | None = Field(
+        default=None,
+        ge=0,
+        description="The tenant's cap on requests admitted and not yet answered, over every "
+        "model; past it 429 / RESOURCE_EXHAUSTED with Retry-After. Unset: "
+        "server.tenant_max_requests_in_flight.",
+    )
+    max_bytes_in_flight: int | None = Field(
+        default=None,
+        ge=0,
+        description="The tenant's cap on the input tensor bytes of its requests in flight; past "
+        "it 429 / RESOURCE_EXHAUSTED with Retry-After (one request larger than the cap: 413). "
+        "Unset: server.tenant_max_bytes_in_flight.",
+    )
 
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str) -> str:
         return tenant_name(v)
+
+    @field_validator("priorities")
+    @classmethod
+    def _levels(cls, v: list[int]) -> list[int]:
+        return priority_levels(v)
+
+
+def priority_levels(levels: list[int]) -> list[int]:
+    """Granted levels, sorted and with the default level; ValueError for a level out of range."""
+    for level in levels:
+        if isinstance(level, bool) or not 1 <= level <= MAX_PRIORITY_LEVEL:
+            raise ValueError(f"priority levels are 1..{MAX_PRIORITY_LEVEL}, got {level!r}")
+    return sorted({*levels, DEFAULT_PRIORITY_LEVEL})
 
 
 def tenant_name(name: str) -> str:
@@ -274,6 +315,48 @@ class ModelPolicy(_Strict):
     )
 
 
+class TlsConfig(_Strict):
+    """TLS on the HTTP and gRPC ports (both use the same files)."""
+
+    cert_file: Path = Field(
+        description="PEM file with the server certificate, then any intermediate certificates."
+    )
+    key_file: Path = Field(description="PEM file with the certificate's private key.")
+    client_ca_file: Path | None = Field(
+        default=None,
+        description="PEM file of the CA(s) that sign client certificates. Set: mutual TLS, "
+        "every client must present a certificate that this CA signed (on both ports). "
+        "Unset: clients are not asked for a certificate.",
+    )
+    reload_interval_s: int = Field(
+        default=10,
+        ge=1,
+        le=3600,
+        description="How often the three files are checked for a change; a changed, valid "
+        "certificate and key are used for new connections from then on (connections already "
+        "open keep theirs). A change that does not load (a key that does not match, a "
+        "half-written file) is logged and the old files stay in use.",
+    )
+
+    def files(self) -> TlsFiles:
+        """The router's form of these settings."""
+        return TlsFiles(self.cert_file, self.key_file, self.client_ca_file, self.reload_interval_s)
+
+    def anchored(self, base: Path) -> TlsConfig:
+        """Relative paths taken as relative to ``base`` (the config file's folder)."""
+
+        def under(p: Path | None) -> Path | None:
+            return p if p is None or p.is_absolute() else base / p
+
+        return self.model_copy(
+            update={
+                "cert_file": under(self.cert_file),
+                "key_file": under(self.key_file),
+                "client_ca_file": under(self.client_ca_file),
+            }
+        )
+
+
 class ServerConfig(_Strict):
     host: str = Field(default="127.0.0.1", description="Address the servers bind.")
     http_port: int = Field(default=8000, ge=0, le=65535, description="KServe v2 HTTP port.")
@@ -287,6 +370,21 @@ class ServerConfig(_Strict):
     )
     drain_timeout_s: float = Field(
         default=30.0, gt=0, description="How long SIGTERM waits for in-flight requests."
+    )
+    tenant_max_requests_in_flight: int = Field(
+        default=512,
+        ge=0,
+        description="Default cap on one tenant's inference requests admitted and not yet "
+        "answered, over every model and both ports (a tenant's `max_requests_in_flight` "
+        "overrides it). Past it: 429 with `Retry-After` / RESOURCE_EXHAUSTED with trailing "
+        "metadata `retry-after` and `grpc-retry-pushback-ms`.",
+    )
+    tenant_max_bytes_in_flight: int = Field(
+        default=256 * 2**20,
+        ge=0,
+        description="Default cap on the input tensor bytes of one tenant's requests in flight "
+        "(a tenant's `max_bytes_in_flight` overrides it); answered as the request cap is. "
+        "Checked from the declared shapes before any tensor is built.",
     )
     replica_transport: Literal["direct", "grpc", "actor"] = Field(
         default="direct",
@@ -306,6 +404,25 @@ class ServerConfig(_Strict):
         "loop every waiting call per wake-up. `grpcio`: grpc.aio on grpcio's public API, the "
         "portable door. `auto`: native when built, else grpcio. Both refuse an over-size "
         "message with RESOURCE_EXHAUSTED while reading it.",
+    )
+    tls: TlsConfig | None = Field(
+        default=None,
+        description="TLS for the HTTP and gRPC ports (docs/operations.md). Unset: both are "
+        "plain text, which suits a loopback bind or a TLS-terminating proxy in front.",
+    )
+    grpc_max_concurrent_streams: int = Field(
+        default=1024,
+        ge=1,
+        le=65535,
+        description="Calls one gRPC connection may have open at once (HTTP/2 "
+        "SETTINGS_MAX_CONCURRENT_STREAMS). Clients queue further calls on their side; a "
+        "client that opens more anyway has them refused (REFUSED_STREAM).",
+    )
+    grpc_max_concurrent_calls: int = Field(
+        default=4096,
+        ge=1,
+        description="Calls the gRPC port has in progress at once, over all connections; more "
+        "are answered RESOURCE_EXHAUSTED at once, before their message is read.",
     )
     gc_tuning: bool = Field(
         default=True,
@@ -423,6 +540,10 @@ class GatewayConfig(_Strict):
         default_factory=SecurityConfig,
         description="Where the data plane's cluster secret comes from.",
     )
+    audit: AuditConfig = Field(
+        default_factory=AuditConfig,
+        description="Where the audit log's MAC key and anchor file are.",
+    )
 
     def policy(self, model: str) -> ModelPolicy:
         return self.policies.get(model) or self.policies.get("*") or ModelPolicy()
@@ -456,7 +577,11 @@ def load_config(path: Path | None) -> GatewayConfig:
         m if m.artifact.is_absolute() else m.model_copy(update={"artifact": base / m.artifact})
         for m in config.models
     ]
-    return config.model_copy(update={"models": models})
+    update: dict[str, object] = {"models": models}
+    if config.server.tls is not None:  # relative to the config file, like artifacts
+        tls = config.server.tls.anchored(base)
+        update["server"] = config.server.model_copy(update={"tls": tls})
+    return config.model_copy(update=update)
 
 
 def _describe(path: Path, exc: ValidationError) -> str:
