@@ -269,7 +269,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         if isinstance(request, DeferredRequest):
             # Key before body, outside ``admitted``: a call that ends while its message
             # is still coming (a reset, an over-size message) never reached the service
-            # before, and still does not. A refusal is raised again inside, to be counted.
+            # before, and still does not. A refusal is raised again inside, to be counted;
+            # a key that passed is checked again there too (a cache hit), so the call's
+            # tenant is set by the service's own path.
             try:
                 await self._service.authenticate(Call(), metadata.authorization)
             except GatewayError as exc:
