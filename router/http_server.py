@@ -10,7 +10,6 @@ by default).
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -24,6 +23,8 @@ from starlette.types import ASGIApp
 
 from router._exceptions import GatewayError, InvalidArgument, NotFound, PayloadTooLarge
 from router.extensions import config_of, statistics_of
+from router.http_body import parse_json, parse_length, read_body
+from router.http_protocol import HttpDoorLimits
 from router.service import (
     EXTENSIONS,
     PLATFORM,
@@ -41,7 +42,9 @@ _INDEX_BODY_LIMIT = 64 * 1024
 
 
 def _error(exc: GatewayError) -> JSONResponse:
-    return JSONResponse({"error": exc.message}, status_code=exc.http_status)
+    return JSONResponse(
+        {"error": exc.message}, status_code=exc.http_status, headers=exc.http_headers()
+    )
 
 
 def _json(payload: Any, status: int = 200) -> Response:
@@ -55,13 +58,18 @@ class UsageSource(Protocol):
 
 
 def build_http_app(
-    service: InferenceService, admin: ASGIApp | None = None, usage: UsageSource | None = None
+    service: InferenceService,
+    admin: ASGIApp | None = None,
+    usage: UsageSource | None = None,
+    limits: HttpDoorLimits | None = None,
 ) -> Starlette:
     """The ASGI app; every error leaves as ``{"error": ...}`` with its status.
 
     ``admin`` (an ASGI app: the gateway's admin API) is mounted at ``/admin``; ``usage``
-    answers ``GET /usage`` for the tenant whose API key calls it.
+    answers ``GET /usage`` for the tenant whose API key calls it. ``limits``: the JSON
+    and decompression limits of request bodies.
     """
+    limits = limits or HttpDoorLimits()
 
     async def live(request: Request) -> Response:
         return Response(status_code=200 if service.live else 503)
@@ -116,21 +124,39 @@ def build_http_app(
     async def repository_index(request: Request) -> Response:
         # Open to anyone: read at most a small body, never an unbounded one.
         try:
-            body = await _read_body(request, _INDEX_BODY_LIMIT)
+            body = await read_body(request, _INDEX_BODY_LIMIT, limits.max_inflate_ratio)
+            parsed = parse_json(body, limits.max_json_containers) if body.strip() else {}
+        except orjson.JSONDecodeError:
+            return _error(InvalidArgument("request body is not JSON"))
         except GatewayError as exc:
             return _error(exc)
-        if body.strip():
-            try:
-                parsed = orjson.loads(body)
-            except orjson.JSONDecodeError:
-                return _error(InvalidArgument("request body is not JSON"))
-            if not isinstance(parsed, dict):
-                return _error(InvalidArgument("request body must be a JSON object"))
+        if not isinstance(parsed, dict):
+            return _error(InvalidArgument("request body must be a JSON object"))
         entries = [
             {"name": e.name, "version": e.version, "state": e.state, "reason": e.reason}
             for e in service.models.index()
         ]
         return _json(entries)
+
+    def _body_limit(request: Request) -> int:
+        """The body's limit: the JSON limit for a body that is all JSON; with binary tensor
+        data, the request limit, and the JSON header alone within the JSON limit."""
+        limit = service.settings.max_request_bytes
+        json_limit = limits.max_json_bytes
+        header_length = request.headers.get(_HEADER_LENGTH)
+        if header_length is not None:
+            if parse_length(header_length, 0) > json_limit:
+                raise PayloadTooLarge(
+                    f"JSON header of {header_length} bytes is over the {json_limit}-byte JSON limit"
+                )
+            return limit
+        declared = request.headers.get("content-length")
+        if declared is not None and parse_length(declared, 0) > json_limit and json_limit < limit:
+            raise PayloadTooLarge(
+                f"JSON body of {declared} bytes is over the {json_limit}-byte JSON limit; "
+                "send tensors as binary data (Inference-Header-Content-Length)"
+            )
+        return min(limit, json_limit)
 
     async def infer(request: Request) -> Response:
         try:
@@ -140,9 +166,10 @@ def build_http_app(
             return _error(exc)
 
     async def admitted_infer(call: Call, request: Request) -> Response:
+        # The key first: an unknown caller is refused before a byte of its body is read.
         await service.authenticate(call, request.headers.get("authorization"))
-        body = await _read_body(request, service.settings.max_request_bytes)
-        header, inputs, binary_outputs = _decode_infer(request, body)
+        body = await read_body(request, _body_limit(request), limits.max_inflate_ratio)
+        header, inputs, binary_outputs = _decode_infer(request, body, limits.max_json_containers)
         params = header.get("parameters") or {}
         served, outputs = await service.infer(
             call,
@@ -203,61 +230,15 @@ def _tensor_meta(spec: TensorSpec) -> dict[str, Any]:
     return {"name": spec.name, "datatype": spec.datatype, "shape": [-1, *spec.shape]}
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and _parse_length(declared, limit + 1) > limit:
-        raise PayloadTooLarge(f"body of {declared} bytes is over the {limit}-byte limit")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"body is over the {limit}-byte limit")
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    encoding = request.headers.get("content-encoding", "identity").lower()
-    if encoding in ("gzip", "deflate"):
-        body = _inflate(body, encoding, limit)
-    elif encoding != "identity":
-        raise InvalidArgument(f"unsupported Content-Encoding {encoding!r}")
-    return body
-
-
-def _parse_length(value: str, invalid: int) -> int:
-    """A non-negative decimal header value; ``invalid`` for anything else (e.g. '²')."""
-    if not value.isascii() or not value.isdigit() or len(value) > 18:
-        return invalid
-    return int(value)
-
-
-def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
-    # Bounded: a small compressed body must not expand past the request limit.
-    wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
-    inflater = zlib.decompressobj(wbits)
-    try:
-        out = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise InvalidArgument(f"body is not valid {encoding}: {exc}") from None
-    if len(out) > limit or inflater.unconsumed_tail:
-        raise PayloadTooLarge(f"decompressed body is over the {limit}-byte limit")
-    # Without the end of the stream its checksum was never verified; data after it
-    # (say a second gzip member) would be dropped silently.
-    if not inflater.eof:
-        raise InvalidArgument(f"body is not valid {encoding}: truncated stream")
-    if inflater.unused_data:
-        raise InvalidArgument(f"body is not valid {encoding}: data after the end of the stream")
-    return out
-
-
 def _decode_infer(
-    request: Request, body: bytes
+    request: Request, body: bytes, max_json_containers: int
 ) -> tuple[dict[str, Any], list[InputTensor], dict[str, bool | None]]:
     """Parse header JSON and binary part; returns header, inputs and requested outputs."""
     header_length = request.headers.get(_HEADER_LENGTH)
     if header_length is None:
         json_part, binary = body, memoryview(b"")
     else:
-        n = _parse_length(header_length, -1)
+        n = parse_length(header_length, -1)
         if not 0 <= n <= len(body):
             raise InvalidArgument(
                 f"Inference-Header-Content-Length {header_length[:32]!r} does not fit the "
@@ -265,7 +246,7 @@ def _decode_infer(
             )
         json_part, binary = body[:n], memoryview(body)[n:]
     try:
-        header = orjson.loads(json_part)
+        header = parse_json(json_part, max_json_containers)
     except orjson.JSONDecodeError as exc:
         raise InvalidArgument(f"malformed JSON: {exc}") from None
     if not isinstance(header, dict):

@@ -24,6 +24,7 @@ from router import (
     TensorSpec,
 )
 from router.canary import SHADOW_TENANT
+from router.http_protocol import HttpDoorLimits
 from router.tls import TlsFiles
 
 ArtifactFormat = Literal["torchscript", "export", "safetensors"]
@@ -268,6 +269,70 @@ class CostsConfig(_Strict):
     )
 
 
+class HttpLimits(_Strict):
+    """Limits of the HTTP port's connections and request bodies (docs/operations.md#limits).
+
+    ```yaml
+    server:
+      http: {header_timeout_s: 10, max_connections: 4096, max_json_bytes: 8388608}
+    ```"""
+
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=600,
+        description="A connection must deliver a request's complete head (request line and "
+        "headers) within this many seconds of connecting, or of the head's first byte on a "
+        "kept-alive connection; otherwise it is closed (answered 408 if a head had begun).",
+    )
+    keep_alive_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="How long a connection may stay idle between requests before it is closed.",
+    )
+    max_header_bytes: int = Field(
+        default=64 * 1024,
+        ge=1024,
+        le=16 * 2**20,
+        description="Largest request head (request line plus headers), counted as it arrives; "
+        "a longer one is answered 431 and the connection closed.",
+    )
+    max_connections: int = Field(
+        default=4096,
+        ge=1,
+        description="Open HTTP connections. At the cap a new connection closes the one that "
+        "has waited longest without a request in progress (idle, or its head still arriving); "
+        "only when every connection carries a request is the newcomer answered 503. Lowered "
+        "at start, with a warning, to three quarters of the process's file limit "
+        "(RLIMIT_NOFILE).",
+    )
+    max_json_bytes: int = Field(
+        default=8 * 2**20,
+        ge=1024,
+        description="Largest JSON part of an inference request, after decompression: the whole "
+        "body when it is all JSON, the header part with binary tensor data. Over it: 413. "
+        "Binary tensor data is bounded by server.max_request_bytes instead.",
+    )
+    max_json_containers: int = Field(
+        default=2**20,
+        ge=16,
+        description="Most arrays and objects one JSON request may hold (counted before parsing; "
+        "413 past it): each costs far more memory than its bytes, so this bounds what a "
+        "document expands to. Tensor data sent flat, as tritonclient does, uses a handful.",
+    )
+    max_inflate_ratio: float = Field(
+        default=200.0,
+        ge=1,
+        description="A gzip or deflate body is inflated as it arrives and refused (413) once it "
+        "has expanded to more than this many times the compressed bytes read (checked past "
+        "its first MiB), or past the body's size limit.",
+    )
+
+    def door_limits(self) -> HttpDoorLimits:
+        return HttpDoorLimits(**self.model_dump())
+
+
 class MetricPolicy(_Strict):
     higher_is_better: bool = Field(
         default=True, description="True for accuracy-like metrics, false for loss or latency."
@@ -365,6 +430,11 @@ class ServerConfig(_Strict):
     max_request_bytes: int = Field(
         default=64 * 2**20, ge=1024, description="Largest HTTP body or gRPC message accepted."
     )
+    http: HttpLimits = Field(
+        default_factory=HttpLimits,
+        description="HTTP connection limits (timeouts, head size, connection cap) and JSON and "
+        "decompression limits of request bodies.",
+    )
     default_timeout_ms: float = Field(
         default=30_000, gt=0, description="Deadline of a request that names none."
     )
@@ -422,7 +492,7 @@ class ServerConfig(_Strict):
         default=4096,
         ge=1,
         description="Calls the gRPC port has in progress at once, over all connections; more "
-        "are answered RESOURCE_EXHAUSTED at once, before their message is read.",
+        "are answered RESOURCE_EXHAUSTED at once, without being handled.",
     )
     gc_tuning: bool = Field(
         default=True,

@@ -1,0 +1,237 @@
+"""The HTTP door's connection limits, which uvicorn does not enforce on its own.
+
+uvicorn's httptools protocol arms no timer before a request's head is complete (its
+keep-alive timer runs only between requests), caps neither the head's size (llhttp
+accumulates a header value of any length) nor the number of open connections
+(``limit_concurrency`` answers 503 to *requests* once the connections, idle and
+half-sent ones included, reach it: slow clients would starve everyone else).
+:class:`GuardedHttpToolsProtocol` adds, per connection:
+
+* a head timer: a connection must deliver a complete request head within
+  ``header_timeout_s`` of connecting, or of its first byte after the previous
+  response; otherwise it is closed (408 if it had started one);
+* a head-size cap: request line plus headers over ``max_header_bytes`` are answered 431
+  and the connection closed, counted as the bytes arrive, before llhttp buffers them;
+* a connection cap: at ``max_connections`` open connections, a new one makes room by
+  closing the connection that has waited longest without a request in progress (idle
+  keep-alive or head still arriving), as nginx reclaims idle connections. A connection
+  is displaced only after ``EVICTION_GRACE_S`` of waiting: the connections accepted in
+  one burst must not displace each other before any of them could send its head. With
+  no such connection the newcomer is answered 503 and closed. Slow or idle connections
+  thus bound the file descriptors used, and a client whose head arrives promptly is
+  not displaced by them.
+
+Body limits (JSON size, decompression) live with the app, in :mod:`router.http_server`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import ClassVar
+
+import orjson
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+log = logging.getLogger(__name__)
+
+EVICTION_GRACE_S = 0.25
+
+_REASONS = {
+    408: b"Request Timeout",
+    431: b"Request Header Fields Too Large",
+    503: b"Service Unavailable",
+}
+
+
+@dataclass(frozen=True)
+class HttpDoorLimits:
+    """Limits of the HTTP door (``server.http`` in the config documents each)."""
+
+    header_timeout_s: float = 10.0
+    keep_alive_timeout_s: float = 30.0
+    max_header_bytes: int = 64 * 1024
+    max_connections: int = 4096
+    max_json_bytes: int = 8 * 2**20
+    max_json_containers: int = 2**20
+    max_inflate_ratio: float = 200.0
+
+
+@dataclass
+class DoorCounters:
+    """What the guard refused, per server (read by tests and logs)."""
+
+    header_timeouts: int = 0
+    oversized_heads: int = 0
+    evicted: int = 0
+    refused: int = 0
+
+
+def connection_budget(configured: int) -> int:
+    """``configured``, lowered to leave a quarter of the process's file limit to
+    everything else (gRPC, the database, the model table's sockets); a cap the
+    process cannot honour would turn into accept() failures instead of answers."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    budget = max(1, soft * 3 // 4)
+    if configured > budget:
+        log.warning(
+            "server.http.max_connections %d does not fit the file limit %d (RLIMIT_NOFILE); "
+            "using %d",
+            configured,
+            soft,
+            budget,
+        )
+    return min(configured, budget)
+
+
+def guarded_protocol(limits: HttpDoorLimits) -> type[GuardedHttpToolsProtocol]:
+    """A protocol class for one server: the limits, and the connections it may reclaim."""
+    return type(
+        "GuardedHttpToolsProtocol",
+        (GuardedHttpToolsProtocol,),
+        {
+            "limits": limits,
+            "max_connections": connection_budget(limits.max_connections),
+            "waiting": OrderedDict(),
+            "counters": DoorCounters(),
+        },
+    )
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a head timer, a head-size cap and a connection
+    cap; use :func:`guarded_protocol` for a class with its limits set."""
+
+    limits: ClassVar[HttpDoorLimits]
+    max_connections: ClassVar[int]
+    # Connections without a request in progress, longest-waiting first: those a newcomer
+    # may displace. Per server class, as uvicorn's own connection set is per server.
+    waiting: ClassVar[OrderedDict[GuardedHttpToolsProtocol, None]]
+    counters: ClassVar[DoorCounters]
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.timeout_keep_alive = self.limits.keep_alive_timeout_s  # type: ignore[assignment]
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._in_head = True  # the next bytes belong to a request head
+        self._head_bytes = 0
+        self._head_started = False
+        self._waiting_since = 0.0
+
+    # -- connection -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        at_cap = len(self.connections) >= self.max_connections
+        super().connection_made(transport)
+        if at_cap and not self._make_room():
+            self.counters.refused += 1
+            self._refuse(503, "too many connections; retry shortly")
+            return
+        self._wait()
+        self._arm_head_timer()
+
+    def _make_room(self) -> bool:
+        """Close the longest-waiting connection without a request in progress."""
+        victim = next(iter(self.waiting), None)
+        if victim is None or self.loop.time() - victim._waiting_since < EVICTION_GRACE_S:
+            return False
+        self.counters.evicted += 1
+        victim._forget()
+        victim.transport.close()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._forget()
+        super().connection_lost(exc)
+
+    def _forget(self) -> None:
+        self.waiting.pop(self, None)
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _wait(self) -> None:
+        self._waiting_since = self.loop.time()
+        self.waiting[self] = None
+
+    # -- the request head -------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        # Fed in pieces that never take the head past its cap, so llhttp never holds
+        # more than max_header_bytes of it (a piece may end one request and begin the
+        # next: that head may then run over by at most one piece).
+        limit = self.limits.max_header_bytes
+        while data and not self.transport.is_closing():
+            if not self._in_head:
+                super().data_received(data)
+                return
+            room = limit - self._head_bytes
+            if room <= 0:
+                self.counters.oversized_heads += 1
+                self._refuse(431, f"request line and headers over the {limit}-byte limit")
+                return
+            piece, data = data[:room], data[room:]
+            self._head_bytes += len(piece)
+            self._head_started = True
+            super().data_received(piece)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        # A keep-alive connection's head timer starts with the first byte of the head;
+        # the idle time before it is the keep-alive timer's.
+        self._arm_head_timer()
+
+    def on_headers_complete(self) -> None:
+        self._forget()
+        self._in_head = False
+        self._head_bytes = 0
+        self._head_started = False
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_head = True
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.timeout_keep_alive_task is not None:  # idle now, keep-alive timer armed
+            self._wait()
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is None and not self.transport.is_closing():
+            self._head_timer = self.loop.call_later(
+                self.limits.header_timeout_s, self._head_timed_out
+            )
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        self.counters.header_timeouts += 1
+        if self._head_started:
+            self._refuse(408, f"request head not received within {self.limits.header_timeout_s} s")
+        else:  # never spoke: nothing to answer (a preconnect, or a slow-loris)
+            self._forget()
+            self.transport.close()
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer outside any request cycle and close; the client may still be sending."""
+        self._forget()
+        if self.cycle is not None and not self.cycle.response_complete:
+            # A pipelined head behind a request still answering: let that answer finish,
+            # then close (uvicorn closes after a response that is not keep-alive).
+            self.cycle.keep_alive = False
+            self.flow.pause_reading()
+            return
+        body = orjson.dumps({"error": message})
+        head = b"HTTP/1.1 %d %s\r\n" % (status, _REASONS[status])
+        head += b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body)
+        if status == 503:
+            head += b"retry-after: 1\r\n"
+        self.transport.write(head + b"connection: close\r\n\r\n" + body)
+        self.transport.close()
