@@ -6,16 +6,21 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 import uvicorn
 from starlette.types import ASGIApp
 
 from router.grpc_server import build_grpc_server
+from router.http_protocol import HttpDoorLimits, guarded_protocol
 from router.http_server import UsageSource, build_http_app
 from router.native_server import NativeServer
 from router.native_server import available as native_available
 from router.service import InferenceService
+from router.tls import TlsFiles, TlsMaterial
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +52,9 @@ class FrontDoors:
     ``grpc_server`` picks the gRPC door: ``native`` (gRPC C++, :mod:`router.native_server`),
     ``grpcio`` (grpc.aio) or ``auto`` (native when its extension loads, else grpcio).
     Port 0 picks a free port; ``http_port``/``grpc_port`` tell which after start.
+    ``tls`` puts both ports on TLS (mutual TLS when it names a client CA), reloading the
+    files when they change; ``max_concurrent_streams`` (per connection) and
+    ``max_concurrent_calls`` (per server) bound the gRPC port.
     """
 
     GRPCIO_CHECK_S = 1.0  # how often the grpcio door's port is checked for being open
@@ -59,8 +67,19 @@ class FrontDoors:
         admin: ASGIApp | None = None,
         usage: UsageSource | None = None,
         grpc_server: str = "auto",
+        *,
+        tls: TlsFiles | None = None,
+        max_concurrent_streams: int = 1024,
+        max_concurrent_calls: int = 4096,
+        http_limits: HttpDoorLimits | None = None,
     ) -> None:
         self.service = service
+        self.http_limits = http_limits or HttpDoorLimits()
+        # Loaded now: a certificate that does not load stops the start, naming the files.
+        self.tls = TlsMaterial(tls) if tls is not None else None
+        self._tls_watch: asyncio.Task[None] | None = None
+        self._max_streams = max_concurrent_streams
+        self._max_calls = max_concurrent_calls
         self._admin = admin
         self._usage = usage
         self.host = host
@@ -78,13 +97,23 @@ class FrontDoors:
                 log.info("gRPC port on grpcio: %s", why_not)
         self.grpc_server = grpc_server  # the implementation serving the gRPC port
         if grpc_server == "native":
-            self._door = NativeServer(service, max_message_bytes)
+            self._door = NativeServer(
+                service,
+                max_message_bytes,
+                max_concurrent_streams=max_concurrent_streams,
+                max_concurrent_calls=max_concurrent_calls,
+                tls=self.tls,
+            )
         elif grpc_server != "grpcio":
             raise ValueError(f"unknown gRPC server {grpc_server!r}")
         self._http: uvicorn.Server | None = None
         self._http_task: asyncio.Task[None] | None = None
 
     async def start(self, http_port: int, grpc_port: int) -> None:
+        if self.tls is not None:
+            self._tls_watch = asyncio.get_running_loop().create_task(
+                self.tls.watch(), name="router-tls-watch"
+            )
         if self._door is not None:
             self.grpc_port = await self._door.start(self.host, grpc_port)
         else:
@@ -98,12 +127,15 @@ class FrontDoors:
             )
         self._http = uvicorn.Server(
             uvicorn.Config(
-                build_http_app(self.service, self._admin, self._usage),
+                build_http_app(self.service, self._admin, self._usage, self.http_limits),
                 log_level="warning",
                 access_log=False,
                 lifespan="off",
-                # Keep-alive connections of load generators outlive short idle gaps.
-                timeout_keep_alive=30,
+                # httptools with the head timer, head-size and connection caps uvicorn
+                # lacks (router.http_protocol); it sets the keep-alive timeout too.
+                http=guarded_protocol(self.http_limits),
+                ws="none",
+                ssl_context_factory=self._http_tls(),
             )
         )
         self._http_task = asyncio.get_running_loop().create_task(
@@ -114,10 +146,22 @@ class FrontDoors:
                 raise RuntimeError(f"HTTP server failed to start: {self._http_task.exception()}")
             await asyncio.sleep(0.01)
 
+    def _http_tls(self) -> Callable[[uvicorn.Config, Any], ssl.SSLContext] | None:
+        tls = self.tls
+        if tls is None:
+            return None
+        return lambda config, default: tls.http_context
+
     def _bind_grpcio(self, port: int) -> grpc.aio.Server:
-        server = build_grpc_server(self.service, self._max_bytes)
+        server = build_grpc_server(
+            self.service, self._max_bytes, self._max_streams, self._max_calls
+        )
+        address = f"{self.host}:{port}"
         try:
-            self.grpc_port = server.add_insecure_port(f"{self.host}:{port}")
+            if self.tls is not None:
+                self.grpc_port = server.add_secure_port(address, self.tls.grpcio_credentials())
+            else:
+                self.grpc_port = server.add_insecure_port(address)
         except RuntimeError as exc:
             raise RuntimeError(f"cannot bind gRPC port {self.host}:{port}: {exc}") from exc
         return server
@@ -134,7 +178,6 @@ class FrontDoors:
             await asyncio.sleep(self.GRPCIO_CHECK_S)
             if await self._grpcio_listening():
                 continue
-            self.grpc_restarts += 1
             log.error(
                 "the grpcio door stopped listening on its own; starting it again on port %d",
                 self.grpc_port,
@@ -144,6 +187,7 @@ class FrontDoors:
                 await self._grpc.stop(0)
             self._grpc = self._bind_grpcio(self.grpc_port)
             await self._grpc.start()
+            self.grpc_restarts += 1  # once serving again: a reader may call at once
 
     async def _grpcio_listening(self) -> bool:
         # Only a refused connection means the port is closed; a slow one is a busy server.
@@ -170,6 +214,9 @@ class FrontDoors:
 
     async def stop(self, grace_s: float = 1.0) -> None:
         """Close both servers; call after the service has drained."""
+        if self._tls_watch is not None:
+            self._tls_watch.cancel()
+            await asyncio.wait([self._tls_watch])
         if self._grpc_keeper is not None:
             self._grpc_keeper.cancel()
             await asyncio.wait([self._grpc_keeper])
@@ -177,6 +224,8 @@ class FrontDoors:
             await self._grpc.stop(grace=grace_s)
         if self._door is not None:
             await self._door.stop(grace_s)
+        if self.tls is not None:
+            self.tls.close()
         if self._http is not None and self._http_task is not None:
             self._http.should_exit = True
             with contextlib.suppress(Exception):

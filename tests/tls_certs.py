@@ -105,9 +105,19 @@ def rotate(target_cert: Path, target_key: Path, new_cert: Path, new_key: Path) -
     _replace(target_cert, new_cert.read_bytes())
 
 
-def served_serial(host: str, port: int, ca_file: Path, alpn: str | None = None) -> int:
-    """The serial number of the certificate a new TLS connection to ``host:port`` gets."""
+def served_serial(
+    host: str,
+    port: int,
+    ca_file: Path,
+    client_cert: Path | None = None,
+    client_key: Path | None = None,
+    alpn: str | None = None,
+) -> int:
+    """The serial number of the certificate a new TLS connection to ``host:port`` gets
+    (presenting ``client_cert`` when given)."""
     context = ssl.create_default_context(cafile=str(ca_file))
+    if client_cert is not None:
+        context.load_cert_chain(client_cert, client_key)
     if alpn is not None:
         context.set_alpn_protocols([alpn])
     with (

@@ -85,7 +85,12 @@ class Gateway:
         self.service = InferenceService(
             self._table,
             self._tenants,
-            RouterSettings(cfg.max_request_bytes, cfg.default_timeout_ms / 1000),
+            RouterSettings(
+                cfg.max_request_bytes,
+                cfg.default_timeout_ms / 1000,
+                tenant_max_requests_in_flight=cfg.tenant_max_requests_in_flight,
+                tenant_max_bytes_in_flight=cfg.tenant_max_bytes_in_flight,
+            ),
             self.metrics,
         )
         # The registry's rules are the gateway's own config: every register, approval and
@@ -112,6 +117,10 @@ class Gateway:
             admin,
             reports,
             grpc_server=cfg.grpc_server,
+            tls=cfg.tls.files() if cfg.tls is not None else None,
+            max_concurrent_streams=cfg.grpc_max_concurrent_streams,
+            max_concurrent_calls=cfg.grpc_max_concurrent_calls,
+            http_limits=cfg.http.door_limits(),
         )
         await self._doors.start(cfg.http_port, cfg.grpc_port)
         self._metrics_server, self._metrics_thread = start_http_server(

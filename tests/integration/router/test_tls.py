@@ -20,13 +20,17 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from router.tls import TlsFiles
+from router.servers import FrontDoors
+from router.service import InferenceService, RouterSettings
+from router.tls import TlsError, TlsFiles
 from scheduler import BatchPolicy
+from tests.fakes import StaticModelTable
 from tests.integration.router.helpers import (
     AFFINE_SIGNATURE,
     DOORS,
     HOST,
     AffineBackend,
+    Directory,
     LoopThread,
     ModelSpec,
     Stack,
@@ -231,3 +235,14 @@ def test_a_certificate_without_its_key_leaves_the_old_one_serving(
     rotate(pki.cert_file, pki.key_file, cert, key)
     _wait_for_serials(tls_stack, pki, serial)
     _both_answer(tls_stack, pki, seed=9)
+
+
+def test_files_that_do_not_load_stop_the_start(pki: Pki) -> None:
+    service = InferenceService(StaticModelTable([]), Directory(), RouterSettings())
+    other_cert, _, _ = pki.ca.issue("unmatched", server=True)
+    bad = TlsFiles(other_cert, pki.key_file)  # a certificate with another's key
+    with pytest.raises(TlsError, match=r"unmatched\.pem.* do not load: .*KEY_VALUES_MISMATCH"):
+        FrontDoors(service, HOST, 1 << 20, grpc_server="grpcio", tls=bad)
+    missing = TlsFiles(pki.cert_file, pki.key_file.with_name("absent.key"))
+    with pytest.raises(TlsError, match=r"absent\.key"):
+        FrontDoors(service, HOST, 1 << 20, grpc_server="grpcio", tls=missing)
