@@ -5,8 +5,9 @@ transport differs. gRPC C++'s core (``router/native/grpcdoor.cc``, compiled into
 ``router._grpcdoor`` by the package build when gRPC C++ is installed; docs/grpc.md)
 reads HTTP/2 on a thread of its own, without the GIL, and queues each call once its
 request message is in (ModelInfer: once its headers are, below); an eventfd wakes the
-event loop, which takes every queued call and message in one go. So the loop pays one wake-up for many calls, where grpc.aio pays several
-completions through its poller thread for each.
+event loop, which takes every queued call and message in one go. So the loop pays one
+wake-up for many calls, where grpc.aio pays several completions through its poller
+thread for each.
 
 ModelInfer calls come to Python as soon as their metadata is in, without their message
 (key before body): the servicer authenticates the caller first and only then asks the
