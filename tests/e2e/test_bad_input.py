@@ -3,6 +3,7 @@ and on PostgreSQL: each is now a 4xx in the protocol's form, and the gateway sta
 
 from __future__ import annotations
 
+import contextlib
 import json
 import urllib.error
 import urllib.request
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests import postgres
 from tests.e2e.conftest import Gateway, admin, admin_token, start_gateway
 
 pytestmark = pytest.mark.timeout(600)
@@ -21,14 +23,14 @@ pytestmark = pytest.mark.timeout(600)
 def gateway(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Gateway]:
-    extra: tuple[str, ...] = ()
-    if request.param == "postgres":
-        extra = ("--database-url", request.getfixturevalue("postgres_schema").url)
-    gw = start_gateway(tmp_path_factory.mktemp("bad-input") / "state", *extra)
-    try:
+    with contextlib.ExitStack() as stack:
+        extra: tuple[str, ...] = ()
+        if request.param == "postgres":
+            server = request.getfixturevalue("postgres_server")
+            extra = ("--database-url", stack.enter_context(postgres.fresh_schema(server.url)).url)
+        gw = start_gateway(tmp_path_factory.mktemp("bad-input") / "state", *extra)
+        stack.callback(gw.close)
         yield gw
-    finally:
-        gw.close()
 
 
 def get(gw: Gateway, path: str, key: str) -> tuple[int, dict[str, object]]:
@@ -110,12 +112,12 @@ def test_rollout_of_an_unknown_model_with_a_long_name_is_a_client_error(gateway:
 def test_a_name_with_a_trailing_newline_is_not_a_second_tenant(gateway: Gateway) -> None:
     token = admin_token(gateway)
     status, body = admin(gateway, "POST", "/tenants", token, {"name": "acme", "weight": 1})
-    assert status == 200, body
+    assert status == 201, body
     status, body = admin(gateway, "POST", "/tenants", token, {"name": "acme\n", "weight": 1})
     assert status == 400, body
     status, tenants = admin(gateway, "GET", "/tenants", token)
-    assert [t["name"] for t in tenants].count("acme") == 1
-    assert not any(t["name"].startswith("acme") and t["name"] != "acme" for t in tenants)
+    assert [t["tenant"] for t in tenants].count("acme") == 1
+    assert not any(t["tenant"].startswith("acme") and t["tenant"] != "acme" for t in tenants)
 
 
 def test_the_gateway_is_still_up(gateway: Gateway) -> None:
