@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 import time
 from pathlib import Path
@@ -347,7 +348,9 @@ def test_a_config_row_that_differs_in_a_declared_field_names_it(
     )
     Stages(reg).adopt_config_models([model], {})
     changed = model.model_copy(update={"model_class": "serving.demo.models:DigitsMLP"})
-    with pytest.raises(RegistryError, match="has model_class='serving.demo:DigitsMLP' where"):
+    with pytest.raises(
+        RegistryError, match=re.escape("has model_class='serving.demo:DigitsMLP' where")
+    ):
         Stages(reg).adopt_config_models([changed], {})
     named = [TensorConfig(name="scores", datatype="FP32", shape=[10])]
     with pytest.raises(RegistryError, match="has signature="):
