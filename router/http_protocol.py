@@ -39,6 +39,12 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 log = logging.getLogger(__name__)
 
 EVICTION_GRACE_S = 0.25
+# After a 431 the connection reads and drops what the client still sends, this long at
+# most, before closing: closing with unread data sends a reset, which can destroy the
+# answer in the client's buffers before it is read (nginx's lingering close). Not after a
+# 408 or a 503: a slow client has little in flight, and those refusals must free their
+# file descriptor at once.
+LINGER_S = 1.0
 
 _REASONS = {
     408: b"Request Timeout",
@@ -122,6 +128,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._head_started = False
         self._waiting_since = 0.0
+        self._lingering = False
+        self._linger_timer: asyncio.TimerHandle | None = None
 
     # -- connection -------------------------------------------------------------------
 
@@ -147,6 +155,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._forget()
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
         super().connection_lost(exc)
 
     def _forget(self) -> None:
@@ -165,6 +175,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # Fed in pieces that never take the head past its cap, so llhttp never holds
         # more than max_header_bytes of it (a piece may end one request and begin the
         # next: that head may then run over by at most one piece).
+        if self._lingering:
+            return
         limit = self.limits.max_header_bytes
         while data and not self.transport.is_closing():
             if not self._in_head:
@@ -173,7 +185,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             room = limit - self._head_bytes
             if room <= 0:
                 self.counters.oversized_heads += 1
-                self._refuse(431, f"request line and headers over the {limit}-byte limit")
+                self._refuse(
+                    431, f"request line and headers over the {limit}-byte limit", linger=True
+                )
                 return
             piece, data = data[:room], data[room:]
             self._head_bytes += len(piece)
@@ -219,14 +233,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._forget()
             self.transport.close()
 
-    def _refuse(self, status: int, message: str) -> None:
+    def _refuse(self, status: int, message: str, linger: bool = False) -> None:
         """Answer outside any request cycle and close; the client may still be sending."""
         self._forget()
         if self.cycle is not None and not self.cycle.response_complete:
             # A pipelined head behind a request still answering: let that answer finish,
-            # then close (uvicorn closes after a response that is not keep-alive).
+            # then close (uvicorn closes after a response that is not keep-alive); what
+            # arrives meanwhile is dropped.
             self.cycle.keep_alive = False
-            self.flow.pause_reading()
+            self._lingering = True
             return
         body = orjson.dumps({"error": message})
         head = b"HTTP/1.1 %d %s\r\n" % (status, _REASONS[status])
@@ -234,4 +249,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if status == 503:
             head += b"retry-after: 1\r\n"
         self.transport.write(head + b"connection: close\r\n\r\n" + body)
-        self.transport.close()
+        if not linger or not self.transport.can_write_eof():  # TLS: no half-close
+            self.transport.close()
+            return
+        self.transport.write_eof()
+        self._lingering = True
+        self._linger_timer = self.loop.call_later(LINGER_S, self.transport.close)
