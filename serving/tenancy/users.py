@@ -140,7 +140,12 @@ def _expiry(expires_at: datetime | None, now: datetime) -> datetime | None:
         return None
     if expires_at.tzinfo is None:
         raise ValueError("expires_at needs a time zone")
-    expires_at = expires_at.astimezone(UTC)
+    try:
+        expires_at = expires_at.astimezone(UTC)
+    except OverflowError:
+        # 9999-12-31T23:59:59-01:00 is past the last datetime once in UTC (and year 1
+        # ahead of UTC before the first): no time a token could be given.
+        raise ValueError(f"expires_at {expires_at.isoformat()} is out of range") from None
     if expires_at <= now:
         raise ValueError(f"expires_at {expires_at.isoformat()} is not in the future")
     if expires_at - now > MAX_TOKEN_LIFE:
@@ -269,12 +274,18 @@ class UserStore:
     ) -> str:
         """Give the user a new token (returned once); the old one stops working. The
         expiry is kept unless ``keep_expiry`` is false (then ``expires_at``, None for
-        none)."""
+        none); keeping one already past is refused (:class:`UserError`)."""
         now = self._now()
         expiry = None if keep_expiry else _expiry(expires_at, now)
         token = generate_token()
         with audit.audited(self.engine) as tx:
             row = self._row(tx.conn, name)
+            if keep_expiry and row.expires_at is not None and row.expires_at <= now:
+                # Keeping a past expiry would hand out a token that is refused at once.
+                raise UserError(
+                    f"user {name!r} expired at {row.expires_at.isoformat()}: give the new "
+                    "token an expiry or none (--expires-in, --expires-at or --no-expiry)"
+                )
             values: dict[str, object] = {"token_hash": hash_key(token)}
             after: dict[str, object] = {}
             if not keep_expiry:

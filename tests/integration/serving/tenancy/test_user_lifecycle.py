@@ -14,6 +14,7 @@ from serving.tenancy import (
     LastAdminError,
     Principal,
     UserDirectory,
+    UserError,
     UserNotFoundError,
     UserStore,
 )
@@ -128,3 +129,37 @@ def test_a_cache_never_outlives_the_expiry(engine: sa.Engine) -> None:
     assert cache._cache  # the entry is there, but expired with the token
     hit = next(iter(cache._cache.values()))
     assert hit.expires <= 30.5
+
+
+def test_rotating_an_expired_user_needs_a_new_expiry(engine: sa.Engine) -> None:
+    now = [datetime.now(UTC)]
+    users = UserStore(engine, clock=lambda: now[0])
+    old = users.create("bot", "finance", actor="admin", expires_at=now[0] + timedelta(hours=1))
+    now[0] += timedelta(hours=2)
+    # The kept expiry is past: the new token would be refused from its first use.
+    with pytest.raises(UserError, match=r"expired at .*give the new token an expiry or none"):
+        users.rotate("bot", actor="admin")
+    assert actions(engine, "bot") == [("admin", "user.create")]  # nothing changed
+    assert users.get("bot").status(now[0]) == "expired"
+    never = users.rotate("bot", actor="admin", keep_expiry=False, expires_at=None)
+    assert users.authenticate(never) == Principal("bot", "finance")
+    assert users.authenticate(old) is None
+    assert users.get("bot").expires_at is None
+    # A kept expiry still ahead is fine.
+    ahead = now[0] + timedelta(days=1)
+    users.rotate("bot", actor="admin", keep_expiry=False, expires_at=ahead)
+    kept = users.rotate("bot", actor="admin")
+    assert users.authenticate(kept) == Principal("bot", "finance")
+    assert users.get("bot").expires_at == ahead
+
+
+@pytest.mark.parametrize("text", ["9999-12-31T23:59:59-01:00", "0001-01-01T00:00:00+01:00"])
+def test_an_expiry_out_of_range_in_utc_is_bad_input(engine: sa.Engine, text: str) -> None:
+    users = UserStore(engine)
+    users.create("bot", "finance", actor="admin")
+    when = datetime.fromisoformat(text)
+    with pytest.raises(ValueError, match="out of range"):
+        users.create("late", "finance", actor="admin", expires_at=when)
+    with pytest.raises(ValueError, match="out of range"):
+        users.rotate("bot", actor="admin", keep_expiry=False, expires_at=when)
+    assert [u.name for u in users.list()] == ["bot"]
