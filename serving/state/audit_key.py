@@ -91,16 +91,41 @@ def read_key_file(path: Path) -> AuditKey:
 def create_key_file(path: Path) -> AuditKey:
     """A new random key in ``path`` (mode 0600), unless another process made it first."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    except FileExistsError:
+    if path.exists():
         return read_key_file(path)
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    # Written whole under a temporary name, then linked into place: a process starting
+    # at the same moment finds either no key file or the complete one, never an empty
+    # one; the loser of the link reads the winner's key.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return read_key_file(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     log.info("created the audit key %s; keep a copy: the audit log verifies only with it", path)
     return read_key_file(path)
+
+
+def private_dir(path: Path) -> None:
+    """Make ``path`` (mode 0700), or take group and other access off an existing one
+    that this user owns: ``mkdir(mode=...)`` leaves an existing folder as it is."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_mode & 0o077 and st.st_uid == os.getuid():
+        path.chmod(0o700)
+        log.warning(
+            "the state folder %s had mode %04o; made it 0700 (it holds the database "
+            "and the audit key)",
+            path,
+            stat.S_IMODE(st.st_mode),
+        )
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event
 
-from serving.state.audit_key import Chain, bind
+from serving.state.audit_key import Chain, bind, private_dir
 from serving.state.migrate import ensure_schema
 
 SQLITE_FILENAME = "gpugate.db"
@@ -287,12 +287,13 @@ def make_engine(database_url: str | None, state_dir: Path) -> sa.Engine:
     """An engine on the state database, with no schema check (for :func:`upgrade_schema`).
 
     ``database_url`` ``None`` means the SQLite file ``state_dir/gpugate.db`` (the
-    folder is created, mode 0700). A SQLite file is made mode 0600 before SQLite opens
-    it (its ``-wal`` and ``-shm`` files take the same mode). The audit chain's key and
-    anchor file default to ``state_dir`` (:func:`serving.state.audit.configure`).
+    folder is created mode 0700, or made 0700 if it is ours and open to others). A
+    SQLite file is made mode 0600 before SQLite opens it (its ``-wal`` and ``-shm``
+    files take the same mode). The audit chain's key and anchor file default to
+    ``state_dir`` (:func:`serving.state.audit.configure`).
     """
     if database_url is None:
-        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dir(state_dir)
         url = sa.URL.create("sqlite+pysqlite", database=str(state_dir / SQLITE_FILENAME))
         engine = sa.create_engine(url)
     else:

@@ -5,16 +5,19 @@ snapshot. Each attack is one a writer of the database can do without the key."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import secrets
 import shutil
 import stat
 import threading
+import time
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
-from serving.state import AuditKeyError, audit, audit_head, audit_log, open_engine
+from serving.state import AuditKeyError, audit, audit_head, audit_key, audit_log, open_engine
 from serving.state.audit_key import ANCHOR_FILE, KEY_ENV, KEY_FILE
 from tests.integration.conftest import OpenEngine
 
@@ -272,3 +275,54 @@ def test_the_sqlite_file_and_its_folder_are_private(tmp_path: Path) -> None:
         assert stat.S_IMODE((state_dir / "gpugate.db").stat().st_mode) == 0o600
     finally:
         os.umask(old_umask)
+
+
+def test_an_existing_state_folder_open_to_others_is_made_private(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    state_dir = tmp_path / "old"
+    state_dir.mkdir()
+    state_dir.chmod(0o755)  # as an older gpugate, or a plain mkdir, left it
+    with caplog.at_level(logging.WARNING, logger="serving.state.audit_key"):
+        open_engine(None, state_dir).dispose()
+        assert stat.S_IMODE(state_dir.stat().st_mode) == 0o700
+        open_engine(None, state_dir).dispose()
+    made_private = [r for r in caplog.records if "made it 0700" in r.getMessage()]
+    assert len(made_private) == 1 and "mode 0755" in made_private[0].getMessage()
+
+
+def test_concurrent_starters_never_read_a_half_made_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A starter that finds the key file while another is still writing it must read
+    the whole key, not an empty file."""
+    path = tmp_path / "k" / KEY_FILE
+    writing = threading.Event()
+    real_token_hex = secrets.token_hex
+
+    def slow_token_hex(n: int) -> str:
+        if n == 32:  # the key itself: make the other starter arrive meanwhile
+            writing.set()
+            time.sleep(0.5)
+        return real_token_hex(n)
+
+    monkeypatch.setattr(audit_key.secrets, "token_hex", slow_token_hex)
+    keys: dict[str, object] = {}
+
+    def start(name: str) -> None:
+        try:
+            keys[name] = audit_key.create_key_file(path)
+        except BaseException as exc:
+            keys[name] = exc
+
+    first = threading.Thread(target=start, args=("first",))
+    first.start()
+    assert writing.wait(5)
+    start("second")
+    first.join()
+    assert isinstance(keys["first"], audit_key.AuditKey), keys["first"]
+    assert isinstance(keys["second"], audit_key.AuditKey), keys["second"]
+    assert keys["first"].secret == keys["second"].secret  # type: ignore[union-attr]
+    assert path.read_text().strip().encode() == keys["first"].secret  # type: ignore[union-attr]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [p.name for p in path.parent.iterdir()] == [KEY_FILE]  # no temporary left
