@@ -58,12 +58,24 @@ Reason = Annotated[  # not blank
     AfterValidator(_encodable),
 ]
 Day = Annotated[date, _shaped(re.compile(r"^\d{4}-\d{2}-\d{2}$"), "a day, YYYY-MM-DD")]
+
+
+def _in_utc(value: datetime) -> datetime:
+    """The time in UTC; one whose UTC form is past what a datetime holds (0001-01-01 at
+    +01:00, 9999-12-31 at -01:00) is clamped to the first or last UTC instant."""
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        return (datetime.max if value.year > 1 else datetime.min).replace(tzinfo=UTC)
+
+
 Instant = Annotated[
     datetime,
     _shaped(
         re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$"),
         "an RFC 3339 time with its zone, e.g. 2026-11-01T12:00:00Z",
     ),
+    AfterValidator(_in_utc),
 ]
 GroupBy = Annotated[
     str, StringConstraints(pattern=r"^((tenant|model|version|device|day)(,|$))*$", max_length=64)

@@ -124,3 +124,22 @@ def test_the_gateway_is_still_up(gateway: Gateway) -> None:
     assert gateway.proc.poll() is None
     assert gateway.index()
     assert not [line for line in gateway.lines if "Traceback" in line]
+
+
+@pytest.mark.parametrize("when", ["9999-12-31T23:59:59-01:00", "0001-01-01T00:00:00+01:00"])
+def test_times_past_the_utc_range_are_clamped_not_errors(gateway: Gateway, when: str) -> None:
+    """Such a time is the last (or first) UTC instant: as an expiry it is refused as too far
+    or past (400, not 500), and an audit filter from it answers."""
+    token = admin_token(gateway)
+    future = when.startswith("9999")
+    name = "far" if future else "past"
+    status, body = admin(gateway, "POST", "/users", token, {"name": name, "role": "auditor"})
+    assert status == 201, body
+    status, body = admin(gateway, "POST", f"/users/{name}/rotate", token, {"expires_at": when})
+    assert status == 400 and ("days away" if future else "not in the future") in body["error"], body
+    new = {"name": name + "2", "role": "auditor", "expires_at": when}
+    status, body = admin(gateway, "POST", "/users", token, new)
+    assert status == 400 and ("days away" if future else "not in the future") in body["error"], body
+    status, records = admin(gateway, "GET", f"/audit?since={when.replace('+', '%2B')}", token)
+    assert status == 200, records
+    assert (records == []) == future  # after the last instant: nothing; before: all
