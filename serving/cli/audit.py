@@ -51,9 +51,13 @@ def _verdict(result: dict[str, Any]) -> str:
     where = (
         f"; matches its anchor at record {anchored}"
         if anchored is not None
-        else "; no anchor on this host to check the end against"
+        else "; unanchored on this host: a deleted tail cannot be detected here"
     )
-    return f"audit chain intact: {result['records']} records{where}"
+    others = [w for w in result.get("warnings", []) if not w.startswith("unanchored")]
+    return "\n".join(
+        [f"audit chain intact: {result['records']} records{where}"]
+        + [f"warning: {w}" for w in others]
+    )
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -80,6 +84,7 @@ def _verify_offline(args: argparse.Namespace) -> int:
         "problem": found.problem,
         "first_bad_seq": found.first_bad_seq,
         "anchored_seq": found.anchored_seq,
+        "warnings": list(found.warnings),
     }
     emit(args, result, _verdict)
     return 0 if found.ok else EXIT_FAILED

@@ -164,12 +164,19 @@ class Audit:
         self.lock()
         key = self.chain.key()
         head = self.conn.execute(
-            sa.select(t_head.c.seq, t_head.c.hash, t_head.c.legacy_seq, t_head.c.key_id).where(
-                t_head.c.id == 1
-            )
+            sa.select(
+                t_head.c.seq,
+                t_head.c.hash,
+                t_head.c.legacy_seq,
+                t_head.c.key_id,
+                t_head.c.legacy_mac,
+            ).where(t_head.c.id == 1)
         ).one()
         if head.key_id is None:
-            self.conn.execute(t_head.update().where(t_head.c.id == 1).values(key_id=key.key_id))
+            values = {"key_id": key.key_id}
+            if head.legacy_mac is None and self._may_seal(int(head.seq), int(head.legacy_seq)):
+                values["legacy_mac"] = key.boundary_mac(int(head.legacy_seq))
+            self.conn.execute(t_head.update().where(t_head.c.id == 1).values(**values))
         elif head.key_id != key.key_id:
             raise AuditKeyMismatch(
                 f"the audit chain is written with another key than {key.source}: give every "
@@ -197,6 +204,18 @@ class Audit:
         self.conn.execute(t_head.update().where(t_head.c.id == 1).values(seq=seq, hash=digest))
         self.last = (seq, digest, int(head.legacy_seq))
         return AuditRecord(seq, at, actor, action, target, before, after, reason, prev, digest)
+
+    def _may_seal(self, seq: int, legacy_seq: int) -> bool:
+        """Whether the old-rule boundary may be sealed now, at the first keyed append.
+
+        Trust on first use, as the migration that set it: the boundary is taken as it
+        stands when nothing after it was MACed yet. A head that lost its key id while
+        it holds a seal or MAC records exist (in the log, or in this host's anchors)
+        was tampered with: it is not sealed anew, so that ``verify`` keeps reporting it.
+        """
+        if seq != legacy_seq:
+            return False
+        return all(a.seq <= a.legacy_seq for a in self.chain.anchors.read())
 
 
 def _insert_ignore(conn: sa.Connection, table: sa.Table, **values: Any) -> Any:
@@ -287,6 +306,11 @@ class VerifyResult:
     first_bad_seq: int | None = None
     # The newest record this host anchored and found intact (None: none anchored here).
     anchored_seq: int | None = None
+    # What this check could not establish (e.g. no anchor here to check the end against).
+    warnings: tuple[str, ...] = ()
+
+
+UNANCHORED = "unanchored on this host: a deleted tail cannot be detected here"
 
 
 def _snapshot(engine: sa.Engine) -> tuple[Sequence[Any], Any]:
@@ -339,11 +363,63 @@ def verify(engine: sa.Engine) -> VerifyResult:
             return VerifyResult(False, len(rows), what, last_seq + 1)
         what = f"the chain head (record {int(head.seq)}) does not match the last record {last_seq}"
         return VerifyResult(False, len(rows), what, last_seq)
+    warnings = []
+    if head is not None:
+        boundary = _check_boundary(head, last_seq, legacy_seq, key)
+        if isinstance(boundary, tuple):
+            return VerifyResult(False, len(rows), *boundary)
+        if boundary:
+            warnings.append(boundary)
     macs = {int(r.seq): r.hash.strip() for r in rows}
     found = _check_anchors(anchors, macs, last_seq, legacy_seq)
     if isinstance(found, tuple):
         return VerifyResult(False, len(rows), *found)
-    return VerifyResult(True, len(rows), anchored_seq=found)
+    if found is None:
+        warnings.append(UNANCHORED)
+    return VerifyResult(True, len(rows), anchored_seq=found, warnings=tuple(warnings))
+
+
+def _check_boundary(
+    head: Any, last_seq: int, legacy_seq: int, key: Any
+) -> tuple[str, int] | str | None:
+    """The old-rule boundary against its seal: a problem, a warning, or None.
+
+    ``key_id`` and ``legacy_mac`` are set by the first keyed append, in the transaction
+    that writes the first MAC record; so either both are missing and nothing follows
+    the boundary, or both are there and MAC records follow it. A writer without the
+    key can move ``legacy_seq`` (to re-chain records by the plain rule) only by
+    clearing both and claiming every record for the old rule: that state is the one
+    an upgrade leaves before its first append, and is reported as a warning.
+    """
+    keyed = last_seq > legacy_seq
+    seal = head.legacy_mac.strip() if head.legacy_mac is not None else None
+    if seal is None and head.key_id is None and not keyed:
+        if legacy_seq == 0:
+            return None  # nothing was ever written by either rule
+        return (
+            f"the old-rule boundary (record {legacy_seq}) is not sealed with the audit key "
+            "yet (the next audited action seals it): until then it is taken on trust"
+        )
+    if seal is None:
+        return (
+            f"the seal of the old-rule boundary (record {legacy_seq}) was removed from the "
+            "audit head: records may have been re-chained by the plain rule",
+            1,
+        )
+    if not keyed or head.key_id is None:
+        return (
+            f"the old-rule boundary was moved: the audit head claims records 1..{legacy_seq} "
+            "for the old rule but was keyed after them: records were re-chained by the plain "
+            "rule",
+            1,
+        )
+    if key is not None and key.boundary_mac(legacy_seq) != seal:
+        return (
+            f"the old-rule boundary (record {legacy_seq}) is not the one sealed with the "
+            "audit key: it was moved, and records re-chained by the plain rule",
+            1,
+        )
+    return None
 
 
 def _check_chain(rows: Sequence[Any], legacy_seq: int, key: Any) -> tuple[str, int | None] | None:

@@ -43,6 +43,7 @@ KEY_FILE = "audit.key"
 ANCHOR_FILE = "audit.anchor"
 MIN_KEY_BYTES = 32
 _KEY_ID_LABEL = b"gpugate audit key id"
+_BOUNDARY_LABEL = b"gpugate audit legacy_seq\0"
 
 
 class AuditKeyError(RuntimeError):
@@ -61,6 +62,10 @@ class AuditKey:
 
     def mac(self, body: bytes) -> str:
         return hmac.new(self.secret, body, hashlib.sha256).hexdigest()
+
+    def boundary_mac(self, legacy_seq: int) -> str:
+        """Seals ``audit_head.legacy_seq`` (stored in ``audit_head.legacy_mac``)."""
+        return self.mac(_BOUNDARY_LABEL + str(legacy_seq).encode())
 
 
 def _from_text(text: str, source: str) -> AuditKey:

@@ -183,6 +183,9 @@ audit_head = sa.Table(
     sa.Column("legacy_seq", sa.BigInteger, nullable=False, server_default="0"),
     # Which key the MAC records are made with (serving.state.audit.AuditKey.key_id).
     sa.Column("key_id", sa.String(32), nullable=True),
+    # HMAC of legacy_seq under that key (AuditKey.boundary_mac), set with key_id: a
+    # writer without the key cannot move the old-rule boundary.
+    sa.Column("legacy_mac", sa.String(64), nullable=True),
     sa.CheckConstraint("id = 1", name="single_row"),
 )
 

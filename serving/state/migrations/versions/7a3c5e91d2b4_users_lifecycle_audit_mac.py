@@ -9,7 +9,9 @@ database (serving.state.audit). The migration sets it to the chain's length, so 
 records written before it keep verifying by the rule they were written with.
 ``audit_head.key_id`` names (without revealing) the key the MAC records are made
 with, so that a gateway holding another key refuses to append instead of forking
-the chain into records nobody can verify.
+the chain into records nobody can verify. ``audit_head.legacy_mac`` seals
+``legacy_seq`` with that key (set with ``key_id`` at the first keyed append), so a
+writer of the database cannot move the boundary to re-chain records by the plain rule.
 
 Revision ID: 7a3c5e91d2b4
 Revises: 236a4da9c857
@@ -40,6 +42,7 @@ def _head_columns() -> list[sa.Column[object]]:
     return [
         sa.Column("legacy_seq", sa.BigInteger(), nullable=False, server_default="0"),
         sa.Column("key_id", sa.String(32), nullable=True),
+        sa.Column("legacy_mac", sa.String(64), nullable=True),
     ]
 
 
@@ -107,6 +110,7 @@ def downgrade() -> None:
     # The records after legacy_seq stay in the log; the previous gpugate checks them by
     # the plain rule, so its `audit verify` reports the first of them as changed.
     with op.batch_alter_table("audit_head") as batch:
+        batch.drop_column("legacy_mac")
         batch.drop_column("key_id")
         batch.drop_column("legacy_seq")
     with op.batch_alter_table("users") as batch:

@@ -326,3 +326,75 @@ def test_concurrent_starters_never_read_a_half_made_key(
     assert path.read_text().strip().encode() == keys["first"].secret  # type: ignore[union-attr]
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert [p.name for p in path.parent.iterdir()] == [KEY_FILE]  # no temporary left
+
+
+def unanchored_plain_rechain(engine: sa.Engine, **head: object) -> None:
+    """The review's attack, where no anchor can help: this host's anchor file is gone
+    (or verify runs on another host), record 2 is rewritten, every record re-chained by
+    the plain rule and claimed for it, and the head cleared of its key."""
+    (state_dir_of(engine) / ANCHOR_FILE).unlink()
+    plain_rechain(engine, from_seq=2, actor="mallory")
+    with engine.begin() as conn:
+        conn.execute(audit_head.update().values(key_id=None, **head))
+
+
+def test_the_old_rule_boundary_is_sealed_with_the_key(engine: sa.Engine) -> None:
+    fill(engine, 3)
+    key = audit.chain_of(engine).key()
+    with engine.connect() as conn:
+        head = conn.execute(sa.select(audit_head)).one()
+    assert head.legacy_seq == 0 and head.legacy_mac == key.boundary_mac(0)
+    assert key.boundary_mac(0) != key.boundary_mac(3)
+    assert audit.verify(engine).warnings == ()
+    unanchored_plain_rechain(engine)
+    checked = audit.verify(engine)
+    assert not checked.ok and checked.first_bad_seq == 1
+    assert "claims records 1..3 for the old rule" in checked.problem
+
+
+def test_a_moved_boundary_with_a_forged_seal_is_detected(engine: sa.Engine) -> None:
+    fill(engine, 3)
+    unanchored_plain_rechain(engine, legacy_mac="0" * 64)
+    checked = audit.verify(engine)
+    assert not checked.ok and "claims records 1..3" in checked.problem
+    # Keeping the key id and a record past the boundary does not help either.
+    audit.append(engine, "alice", "test.act", "t:4")
+    with engine.begin() as conn:
+        conn.execute(audit_head.update().values(key_id=audit.chain_of(engine).key().key_id))
+    checked = audit.verify(engine)
+    assert not checked.ok and "not the one sealed with the audit key" in checked.problem
+
+
+def test_a_removed_seal_is_detected_and_not_renewed_where_anchors_saw_mac_records(
+    engine: sa.Engine,
+) -> None:
+    fill(engine, 3)
+    with engine.begin() as conn:
+        conn.execute(audit_head.update().values(legacy_mac=None))
+    checked = audit.verify(engine)
+    assert not checked.ok and "seal of the old-rule boundary" in checked.problem
+    # Cleared whole, with the anchors of this host still in place: the next append
+    # does not seal the forged boundary, and verify keeps saying so.
+    plain_rechain(engine, from_seq=2, actor="mallory")
+    with engine.begin() as conn:
+        conn.execute(audit_head.update().values(key_id=None, legacy_mac=None))
+    assert not audit.verify(engine).ok
+    audit.append(engine, "alice", "test.act", "t:4")
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(audit_head.c.legacy_mac)).scalar_one() is None
+    checked = audit.verify(engine)
+    assert not checked.ok and "seal of the old-rule boundary" in checked.problem
+
+
+def test_an_unsealed_boundary_and_a_missing_anchor_are_warnings(engine: sa.Engine) -> None:
+    fill(engine, 3)
+    # Cleared whole, and no anchor here: the state an upgrade leaves before its first
+    # append. It is taken on trust, and said to be.
+    unanchored_plain_rechain(engine, legacy_mac=None)
+    checked = audit.verify(engine)
+    assert checked.ok and checked.anchored_seq is None
+    assert checked.warnings == (
+        "the old-rule boundary (record 3) is not sealed with the audit key yet (the next "
+        "audited action seals it): until then it is taken on trust",
+        audit.UNANCHORED,
+    )

@@ -36,7 +36,9 @@ MANIFEST: dict[str, Any] = json.loads((FIXTURES / "state_045d7eb.json").read_tex
 # from before holds in them.
 ADDED = {
     "users": lambda row: (None, None),  # disabled_at, expires_at: every token still works
-    "audit_head": lambda row: (row[1], None),  # legacy_seq = seq: the old rule up to here
+    # legacy_seq = seq: the old rule up to here; key_id and legacy_mac: set (the boundary
+    # sealed) by the first keyed append
+    "audit_head": lambda row: (row[1], None, None),
     # priorities, max_requests_in_flight, max_bytes_in_flight: the default level only, and
     # the server's caps
     "tenants": lambda row: ("[2]", None, None),
