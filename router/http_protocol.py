@@ -12,6 +12,10 @@ half-sent ones included, reach it: slow clients would starve everyone else).
   response; otherwise it is closed (408 if it had started one);
 * a head-size cap: request line plus headers over ``max_header_bytes`` are answered 431
   and the connection closed, counted as the bytes arrive, before llhttp buffers them;
+* a body rate: once ``header_timeout_s`` has passed since the head, a body that has
+  averaged under ``min_body_bytes_per_s`` is cut off (the connection closed), checked
+  every :data:`BODY_CHECK_S`; while the gateway itself has paused reading (its buffer
+  full) the clock is the gateway's, not the client's;
 * a connection cap: at ``max_connections`` open connections, a new one makes room by
   closing the connection that has waited longest without a request in progress (idle
   keep-alive or head still arriving), as nginx reclaims idle connections. A connection
@@ -21,6 +25,9 @@ half-sent ones included, reach it: slow clients would starve everyone else).
   thus bound the file descriptors used, and a client whose head arrives promptly is
   not displaced by them.
 
+With TLS, :class:`GuardedServer` gives the handshake ``header_timeout_s`` as well
+(asyncio's default is 60 s, before the protocol above even exists).
+
 Body limits (JSON size, decompression) live with the app, in :mod:`router.http_server`.
 """
 
@@ -29,11 +36,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import socket
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import ClassVar
 
 import orjson
+import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger(__name__)
@@ -45,6 +54,7 @@ EVICTION_GRACE_S = 0.25
 # 408 or a 503: a slow client has little in flight, and those refusals must free their
 # file descriptor at once.
 LINGER_S = 1.0
+BODY_CHECK_S = 1.0  # how often a body still arriving is checked against the rate
 
 _REASONS = {
     408: b"Request Timeout",
@@ -59,6 +69,7 @@ class HttpDoorLimits:
 
     header_timeout_s: float = 10.0
     keep_alive_timeout_s: float = 30.0
+    min_body_bytes_per_s: int = 64 * 1024
     max_header_bytes: int = 64 * 1024
     max_connections: int = 4096
     max_json_bytes: int = 8 * 2**20
@@ -71,6 +82,7 @@ class DoorCounters:
     """What the guard refused, per server (read by tests and logs)."""
 
     header_timeouts: int = 0
+    slow_bodies: int = 0
     oversized_heads: int = 0
     evicted: int = 0
     refused: int = 0
@@ -93,6 +105,41 @@ def connection_budget(configured: int) -> int:
             budget,
         )
     return min(configured, budget)
+
+
+class GuardedServer(uvicorn.Server):
+    """uvicorn's server on the sockets given, with the TLS handshake bounded by the head
+    timeout: asyncio allows 60 s by default, and a connection still in its handshake is
+    not yet a protocol instance, so neither the head timer nor the connection cap sees
+    it. (uvicorn's ``startup`` has no hook for the handshake timeout; this is its
+    sockets branch with that one argument added.)"""
+
+    handshake_timeout_s: float = 10.0
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        assert sockets is not None, "GuardedServer serves sockets bound by its owner"
+        config = self.config
+
+        def create_protocol(_loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Protocol:
+            return config.http_protocol_class(  # type: ignore[call-arg]
+                config=config,
+                server_state=self.server_state,
+                app_state=self.lifespan.state,
+                _loop=_loop,
+            )
+
+        loop = asyncio.get_running_loop()
+        self.servers = [
+            await loop.create_server(
+                create_protocol,
+                sock=sock,
+                ssl=config.ssl,
+                backlog=config.backlog,
+                ssl_handshake_timeout=self.handshake_timeout_s if config.ssl else None,
+            )
+            for sock in sockets
+        ]
+        self.started = True
 
 
 def guarded_protocol(limits: HttpDoorLimits) -> type[GuardedHttpToolsProtocol]:
@@ -130,6 +177,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._waiting_since = 0.0
         self._lingering = False
         self._linger_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._body_bytes = 0
+        self._body_clock = 0.0  # seconds the client has had to send the body
+        self._body_checked_at = 0.0
 
     # -- connection -------------------------------------------------------------------
 
@@ -155,6 +206,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._forget()
+        self._stop_body_timer()
         if self._linger_timer is not None:
             self._linger_timer.cancel()
         super().connection_lost(exc)
@@ -180,6 +232,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         limit = self.limits.max_header_bytes
         while data and not self.transport.is_closing():
             if not self._in_head:
+                self._body_bytes += len(data)
                 super().data_received(data)
                 return
             room = limit - self._head_bytes
@@ -205,11 +258,43 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = False
         self._head_bytes = 0
         self._head_started = False
+        self._body_bytes = 0
+        self._body_clock = -self.limits.header_timeout_s  # the grace
+        self._body_checked_at = self.loop.time()
+        self._body_timer = self.loop.call_later(BODY_CHECK_S, self._check_body_rate)
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
+        self._stop_body_timer()
         super().on_message_complete()
         self._in_head = True
+
+    # -- the request body -------------------------------------------------------------
+
+    def _stop_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _check_body_rate(self) -> None:
+        self._body_timer = None
+        if self.transport.is_closing() or self._in_head:
+            return
+        now = self.loop.time()
+        if not self.flow.read_paused:  # paused: the gateway is behind, not the client
+            self._body_clock += now - self._body_checked_at
+        self._body_checked_at = now
+        if self._body_clock > 0 and self._body_bytes < self._body_clock * (
+            self.limits.min_body_bytes_per_s
+        ):
+            self.counters.slow_bodies += 1
+            log.info(
+                "closed a connection whose body arrived at under %d bytes/s",
+                self.limits.min_body_bytes_per_s,
+            )
+            self.transport.close()  # the app sees the client gone (http.disconnect)
+            return
+        self._body_timer = self.loop.call_later(BODY_CHECK_S, self._check_body_rate)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

@@ -15,7 +15,7 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from router.grpc_server import build_grpc_server
-from router.http_protocol import HttpDoorLimits, guarded_protocol
+from router.http_protocol import GuardedServer, HttpDoorLimits, guarded_protocol
 from router.http_server import UsageSource, build_http_app
 from router.native_server import NativeServer
 from router.native_server import available as native_available
@@ -106,7 +106,7 @@ class FrontDoors:
             )
         elif grpc_server != "grpcio":
             raise ValueError(f"unknown gRPC server {grpc_server!r}")
-        self._http: uvicorn.Server | None = None
+        self._http: GuardedServer | None = None
         self._http_task: asyncio.Task[None] | None = None
 
     async def start(self, http_port: int, grpc_port: int) -> None:
@@ -125,7 +125,7 @@ class FrontDoors:
             self._grpc_keeper = asyncio.get_running_loop().create_task(
                 self._keep_grpcio_serving(), name="router-grpc-keeper"
             )
-        self._http = uvicorn.Server(
+        self._http = GuardedServer(
             uvicorn.Config(
                 build_http_app(self.service, self._admin, self._usage, self.http_limits),
                 log_level="warning",
@@ -138,6 +138,7 @@ class FrontDoors:
                 ssl_context_factory=self._http_tls(),
             )
         )
+        self._http.handshake_timeout_s = self.http_limits.header_timeout_s
         self._http_task = asyncio.get_running_loop().create_task(
             self._http.serve(sockets=[sock]), name="router-http"
         )

@@ -546,3 +546,78 @@ def test_unknown_key_is_refused_before_the_body_is_sent(body_door: Door) -> None
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 401"), answer[:100]
     assert b'"error":"unknown API key"' in answer
+
+
+def test_a_trickled_body_is_cut_off_and_its_connection_freed() -> None:
+    """Headers complete, then a byte every 0.2 s: under the body rate once the grace (the
+    head timeout) has passed, the connection is closed; a prompt body is untouched. The
+    index route reads a body without any key, so no key is needed to try this."""
+    for d in door(header_timeout_s=1.0, min_body_bytes_per_s=1024, max_connections=4):
+        socks = []
+        for _ in range(4):
+            sock = socket.create_connection((HOST, d.doors.http_port), timeout=10)
+            sock.sendall(
+                b"POST /v2/repository/index HTTP/1.1\r\nHost: g\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 60000\r\n\r\n{"
+            )
+            socks.append(sock)
+        started = time.monotonic()
+        closed: list[float] = []
+        while len(closed) < len(socks) and time.monotonic() - started < 10:
+            for sock in socks:
+                if sock.fileno() == -1:
+                    continue
+                try:
+                    sock.sendall(b" ")
+                except OSError:
+                    closed.append(time.monotonic() - started)
+                    sock.close()
+            time.sleep(0.2)
+        for sock in socks:
+            sock.close()
+        assert len(closed) == 4, f"still open after 10 s: {4 - len(closed)}"
+        assert max(closed) < 5.0  # grace 1 s, checked every second, plus the RST's trip
+        assert d.counters.slow_bodies == 4
+        # the door is free again: a prompt request on a fresh connection is answered
+        with httpx.Client(base_url=d.url, timeout=5) as client:
+            assert client.post("/v2/repository/index", json={}).status_code == 200
+
+
+def test_a_stalled_tls_handshake_is_closed_within_the_head_timeout(tmp_path: Path) -> None:
+    """Raw TCP connections that never send a ClientHello are not yet HTTP connections (no
+    head timer, no cap): the handshake itself is bounded by the head timeout."""
+    from router.tls import TlsFiles
+    from tests.tls_certs import Authority
+
+    ca = Authority(tmp_path / "pki")
+    cert, key, _ = ca.issue("server", server=True)
+    d = Door.__new__(Door)
+    service = InferenceService(StaticModelTable([]), Directory(), RouterSettings())
+    d.lt = LoopThread()
+    d.lt.start()
+    d.batchers = []
+    d.doors = FrontDoors(
+        service,
+        HOST,
+        1 << 20,
+        grpc_server="grpcio",
+        tls=TlsFiles(cert, key),
+        http_limits=HttpDoorLimits(header_timeout_s=1.0),
+    )
+    d.lt.run(d.doors.start(0, 0))
+    try:
+        socks = [socket.create_connection((HOST, d.doors.http_port), timeout=10) for _ in range(40)]
+        time.sleep(3.0)
+        still_open = 0
+        for sock in socks:
+            sock.settimeout(0.5)
+            try:
+                still_open += sock.recv(1) != b""  # b"": closed by the server
+            except TimeoutError:
+                still_open += 1
+            except OSError:
+                pass
+            sock.close()
+        assert still_open == 0
+    finally:
+        d.stop()
