@@ -291,16 +291,6 @@ class HttpLimits(_Strict):
         le=3600,
         description="How long a connection may stay idle between requests before it is closed.",
     )
-    min_body_bytes_per_s: int = Field(
-        default=64 * 1024,
-        ge=1,
-        description="Slowest a request body may arrive: after `header_timeout_s` of grace from "
-        "the end of the head, a body that has averaged less than this since then is cut off "
-        "(the connection closed), so a trickled body cannot hold a connection and its "
-        "request slot. Time the gateway itself stops reading (its buffers full) is not "
-        "counted against the client. With TLS, the handshake must also finish within "
-        "`header_timeout_s`.",
-    )
     max_header_bytes: int = Field(
         default=64 * 1024,
         ge=1024,
@@ -589,7 +579,9 @@ class AuditConfig(_Strict):
         ge=0,
         le=3600,
         description="At most one anchor per this many seconds; 0 anchors every append. "
-        "Records appended after the last anchor can be removed unnoticed, so keep it small.",
+        "Records appended inside the interval are anchored when it ends (or at a clean "
+        "exit), so a record waits at most this long; records not yet anchored can be "
+        "removed unnoticed, so keep it small.",
     )
 
 

@@ -17,6 +17,7 @@ is per host: each gateway anchors what it appended itself.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import hmac
 import json
@@ -142,35 +143,75 @@ class AnchorLine:
 
 
 class Anchors:
-    """The append-only anchor file of one chain on this host."""
+    """The append-only anchor file of one chain on this host.
+
+    With ``interval_s`` > 0, an append inside the interval is not anchored at once: a
+    timer anchors the newest such record when the interval is over (and a clean exit
+    does, at the latest), so no committed record waits more than ``interval_s`` while
+    the process runs.
+    """
 
     def __init__(self, path: Path, interval_s: float) -> None:
         self.path = path
         self.interval_s = interval_s
         self._lock = threading.Lock()
         self._last_at = -float("inf")
+        self._pending: tuple[int, str, int] | None = None
+        self._timer: threading.Timer | None = None
+        self._at_exit = False
 
     def record(self, seq: int, mac: str, legacy_seq: int, *, force: bool = False) -> bool:
         """Anchor record ``seq`` (committed) when due; True when it was written."""
         with self._lock:
             now = time.monotonic()
             if not force and now - self._last_at < self.interval_s:
+                if self._pending is None or seq > self._pending[0]:
+                    self._pending = (seq, mac, legacy_seq)
+                if self._timer is None:
+                    self._timer = threading.Timer(self._last_at + self.interval_s - now, self.flush)
+                    self._timer.daemon = True
+                    self._timer.start()
+                    if not self._at_exit:
+                        atexit.register(self.flush)
+                        self._at_exit = True
                 return False
-            at = datetime.now(UTC).isoformat()
-            line = {"seq": seq, "mac": mac, "at": at, "legacy_seq": legacy_seq}
-            data = (json.dumps(line, separators=(",", ":")) + "\n").encode()
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-            try:
-                os.write(fd, data)  # one write: lines of concurrent writers never interleave
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            self._last_at = now
+            self._write(seq, mac, legacy_seq, now)
+        return True
+
+    def flush(self) -> None:
+        """Anchor the newest record an append left unanchored, if any."""
+        with self._lock:
+            pending, self._pending = self._pending, None
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if pending is not None:
+                try:
+                    self._write(*pending, time.monotonic())
+                except OSError as exc:  # e.g. at exit, the folder gone: say so, go on
+                    log.warning("could not anchor audit record %d: %s", pending[0], exc)
+
+    def _write(self, seq: int, mac: str, legacy_seq: int, now: float) -> None:
+        """One anchor line, fsynced; the caller holds the lock."""
+        if self._pending is not None and self._pending[0] <= seq:
+            self._pending = None  # this line covers it
+        if self._timer is not None:
+            self._timer.cancel()  # the next skip arms one for the next interval
+            self._timer = None
+        at = datetime.now(UTC).isoformat()
+        line = {"seq": seq, "mac": mac, "at": at, "legacy_seq": legacy_seq}
+        data = (json.dumps(line, separators=(",", ":")) + "\n").encode()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, data)  # one write: lines of concurrent writers never interleave
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._last_at = now
         anchor_log.info("audit anchor seq=%d mac=%s legacy_seq=%d", seq, mac, legacy_seq)
         with _tracer.start_as_current_span("gpugate.audit.anchor") as span:
             span.set_attributes({"gpugate.audit.seq": seq, "gpugate.audit.mac": mac})
-        return True
 
     def read(self) -> list[AnchorLine]:
         """Every complete line (a line torn by a crash mid-write is skipped)."""

@@ -398,3 +398,25 @@ def test_an_unsealed_boundary_and_a_missing_anchor_are_warnings(engine: sa.Engin
         "audited action seals it): until then it is taken on trust",
         audit.UNANCHORED,
     )
+
+
+def test_a_skipped_anchor_is_written_when_the_interval_is_over(
+    open_db: OpenEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No later append is needed: records appended inside the interval are anchored by
+    its end, so none waits unanchored longer than the interval."""
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    engine = open_db()
+    audit.configure(engine, state_dir_of(engine), anchor_file=Path("a3"), anchor_interval_s=0.5)
+    fill(engine, 4)
+    anchor = state_dir_of(engine) / "a3"
+    started = time.monotonic()
+
+    def anchored() -> list[int]:
+        return [json.loads(line)["seq"] for line in anchor.read_text().splitlines()]
+
+    while anchored()[-1] != 4 and time.monotonic() - started < 5:
+        time.sleep(0.05)
+    assert anchored() == [1, 4]
+    checked = audit.verify(engine)
+    assert checked.ok and checked.anchored_seq == 4
