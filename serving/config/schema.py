@@ -291,6 +291,16 @@ class HttpLimits(_Strict):
         le=3600,
         description="How long a connection may stay idle between requests before it is closed.",
     )
+    min_body_bytes_per_s: int = Field(
+        default=64 * 1024,
+        ge=1,
+        description="Slowest a request body may arrive: after `header_timeout_s` of grace from "
+        "the end of the head, a body that has averaged less than this since then is cut off "
+        "(the connection closed), so a trickled body cannot hold a connection and its "
+        "request slot. Time the gateway itself stops reading (its buffers full) is not "
+        "counted against the client. With TLS, the handshake must also finish within "
+        "`header_timeout_s`.",
+    )
     max_header_bytes: int = Field(
         default=64 * 1024,
         ge=1024,
