@@ -133,6 +133,11 @@ class VersionStats:
     latencies: array[float] = field(default_factory=lambda: array("d"))  # seconds, successes
     # Deadline expiries of requests whose deadline was under the floor: not counted.
     short_deadlines: int = 0
+    # Expiries, at or past the floor, of requests that never ran (their deadline passed
+    # in the queue, behind their own tenant's backlog as likely as the version's
+    # slowness): not counted either, or a tenant pinned to the candidate could fail it
+    # by flooding its own sub-queue.
+    queue_expiries: int = 0
     _successes: int = 0
 
     def add(self, ok: bool, seconds: float) -> None:
@@ -167,6 +172,7 @@ class VersionStats:
             "error_rate": round(self.error_rate, 6),
             "p99_ms": self.p99_ms,
             "short_deadline_expiries": self.short_deadlines,
+            "queue_expiries": self.queue_expiries,
         }
 
 
@@ -216,10 +222,18 @@ class Windows:
         self._shadow: dict[tuple[str, str], ShadowStats] = {}
 
     def record(
-        self, model: str, version: str, code: str, seconds: float, deadline_s: float | None = None
+        self,
+        model: str,
+        version: str,
+        code: str,
+        seconds: float,
+        deadline_s: float | None = None,
+        ran: bool | None = None,
     ) -> None:
         """One live request's outcome (the router calls this for every request);
-        ``deadline_s`` is the deadline it ran under (None: not known, judged by its code)."""
+        ``deadline_s`` is the deadline it ran under (None: not known, judged by its code);
+        ``ran``, for a 504, whether its batch had started on the version (None: not known,
+        judged by its deadline alone)."""
         if model not in self.watched:
             return
         ok = code == "200"
@@ -232,6 +246,9 @@ class Windows:
             floor = self.min_deadline_s.get(model, DEFAULT_MIN_DEADLINE_S)
             if deadline_s is not None and deadline_s < floor:
                 stats.short_deadlines += 1
+                return
+            if ran is False:
+                stats.queue_expiries += 1
                 return
         stats.add(ok, seconds)
 

@@ -4,16 +4,21 @@ Inputs come as ``raw_input_contents`` (one entry per input, in order; what
 tritonclient sends) or as typed ``contents``. Outputs always go back as
 ``raw_output_contents``, as Triton does.
 
-Key before body: ModelInfer authenticates the caller before it reads the request
-message (a :class:`DeferredRequest`). On grpc.aio the method is registered as
-client-streaming, which is the same on the wire as unary, so that the message is read
-only when the servicer asks for it; gRPC's core has by then taken in no more of it than
-HTTP/2 flow control allowed (the stream's window), not the whole message.
+Key before body: ModelInfer authenticates the caller, and takes one of its tenant's
+in-flight requests, before it reads the request message (a :class:`DeferredRequest`).
+On grpc.aio the method is registered as client-streaming, which is the same on the wire
+as unary, so that the message is read only when the servicer asks for it; gRPC's core
+has by then taken in no more of it than HTTP/2 flow control allowed (the stream's
+window), not the whole message. The message must then arrive within the call's deadline
+and ``grpc_body_timeout_s`` (:class:`~router.service.RouterSettings`), whichever is
+shorter: a tenant that never finishes its messages holds only its own request slots,
+and only that long.
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
 import functools
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -24,7 +29,7 @@ from google.protobuf import json_format
 from gpugate_proto import grpc_service_pb2 as pb
 from gpugate_proto import grpc_service_pb2_grpc as pb_grpc
 
-from router._exceptions import GatewayError, InvalidArgument
+from router._exceptions import DeadlineExceeded, GatewayError, InvalidArgument
 from router.extensions import config_of, statistics_of
 from router.service import (
     EXTENSIONS,
@@ -266,27 +271,42 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         metadata = _CallMetadata(context)
         refused: GatewayError | None = None
+        authenticated = True
+        held: Call | None = None
         if isinstance(request, DeferredRequest):
-            # Key before body, outside ``admitted``: a call that ends while its message
-            # is still coming (a reset, an over-size message) never reached the service
-            # before, and still does not. A refusal is raised again inside, to be counted;
-            # a key that passed is checked again there too (a cache hit), so the call's
-            # tenant is set by the service's own path.
+            # Key before body, and the tenant's request slot too, outside ``admitted``: a
+            # call that ends while its message is still coming (a reset, an over-size
+            # message) never reaches the service's counts, yet messages being read count
+            # against their tenant's request cap. A refusal is raised again inside, to be
+            # counted; a key that passed is checked again there too (a cache hit), so the
+            # call's tenant is set by the service's own path.
             try:
-                await self._service.authenticate(Call(), metadata.authorization)
+                authenticated = False
+                tenant = await self._service.authenticate(Call(), metadata.authorization)
+                authenticated = True
+                held = self._service.hold(tenant)
+                request = await self._read(request, context)
             except GatewayError as exc:
                 refused = exc
-            else:
-                request = await request.read()
+            except BaseException:
+                if held is not None:
+                    self._service.release(held)
+                raise
 
         async def run() -> Any:
-            with self._service.admitted(_INFER_SPAN, metadata.trace_carrier) as call:
-                return await admitted_infer(call)
+            try:
+                with self._service.admitted(_INFER_SPAN, metadata.trace_carrier, held) as call:
+                    return await admitted_infer(call)
+            finally:
+                if held is not None:
+                    self._service.release(held)  # not taken over (draining)
 
         async def admitted_infer(call: Call) -> Any:
-            if refused is not None:
+            if refused is not None and not authenticated:
                 raise refused
             await self._service.authenticate(call, metadata.authorization)
+            if refused is not None:
+                raise refused
             if isinstance(request, Malformed):
                 raise InvalidArgument(request.message)
             inputs = _decode_inputs(request)
@@ -312,6 +332,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             return response
 
         return await _guard(context, run)
+
+    async def _read(self, deferred: DeferredRequest, context: Any) -> Any:
+        """The deferred message, within the call's deadline and the body timeout."""
+        limit = self._service.settings.grpc_body_timeout_s
+        left = context.time_remaining()
+        if left is not None and left < limit:
+            limit = left
+        try:
+            async with asyncio.timeout(limit):
+                return await deferred.read()
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"the request message did not arrive within {limit:.3g} s"
+            ) from None
 
 
 def _decode_inputs(request: Any) -> list[InputTensor]:

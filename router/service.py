@@ -76,6 +76,9 @@ class Call:
     trace: object | None = None  # the request span's context, for the batch span's link
     stats: VersionStats | None = None  # the resolved version's, for its outcome
     timeout_s: float | None = None  # the deadline the request ran under, once known
+    # For a deadline expiry: whether its batch had started on the version (False: it
+    # expired in the queue, which the canary's analysis does not hold against the version).
+    ran: bool | None = None
     # What the call holds of its tenant's in-flight caps (released when it ends).
     load: TenantLoad | None = None
     held_bytes: int = 0
@@ -144,6 +147,9 @@ class RouterSettings:
     tenant_max_bytes_in_flight: int = 256 * 2**20
     # What a refusal for load tells the client to wait (Retry-After).
     retry_after_s: float = 1.0
+    # How long a gRPC ModelInfer's message may take to arrive once its caller is admitted
+    # (the call's own deadline, when shorter, applies instead).
+    grpc_body_timeout_s: float = 30.0
 
 
 class InferenceService:
@@ -246,7 +252,7 @@ class InferenceService:
         unknown = [o for o in requested_outputs if o not in served.signature.output_names]
         if unknown:
             raise InvalidArgument(f"unknown output(s) requested: {', '.join(unknown)}")
-        self._admit(call, tenant)
+        self.admit(call)
         arrays, rows = validate_inputs(
             served.signature,
             inputs,
@@ -258,16 +264,24 @@ class InferenceService:
         call.timeout_s = timeout_s
         outputs = await self._submit(served, call, arrays, rows, params.priority, timeout_s)
         if shadow is not None:
-            self._mirror(shadow, arrays, rows, outputs, timeout_s)
+            self._mirror(call, shadow, arrays, rows, outputs, timeout_s)
         if requested_outputs:
             outputs = {k: outputs[k] for k in requested_outputs}
         return served, outputs
 
     # -- tenant admission ---------------------------------------------------------
 
-    def _admit(self, call: Call, tenant: Tenant) -> None:
-        """Take one of the tenant's in-flight requests, or refuse (429); the call holds
-        it until :meth:`admitted` ends, whatever the outcome."""
+    def admit(self, call: Call) -> None:
+        """Take one of the authenticated tenant's in-flight requests, or refuse (429); the
+        call holds it until :meth:`admitted` ends, whatever the outcome.
+
+        :meth:`infer` admits a call that is not admitted yet; a front door admits before
+        it reads the body with :meth:`hold` (or with this, inside :meth:`admitted`).
+        """
+        tenant = call.tenant
+        assert tenant is not None, "authenticate the call first"
+        if call.load is not None:
+            return  # admitted already (by the front door)
         cap = tenant.max_requests_in_flight
         if cap is None:
             cap = self.settings.tenant_max_requests_in_flight
@@ -284,8 +298,46 @@ class InferenceService:
         load.requests += 1
         call.load = load
 
+    def hold(self, tenant: Tenant) -> Call:
+        """Take one of ``tenant``'s in-flight requests for a body still to be read, or
+        refuse (429), outside :meth:`admitted`.
+
+        A front door calls this once the key is checked and before it reads the body, so
+        that bodies being read count against the tenant's request cap (a tenant holds at
+        most ``max_requests_in_flight`` bodies in memory, and a caller that never
+        finishes its body holds only its own tenant's slots), while a call that ends
+        before its body is in (a reset) still never reaches the service's counts. Pass
+        the returned call to :meth:`admitted` (``held``), which takes the slot over, and
+        :meth:`release` it on every path that does not get there.
+        """
+        call = Call(tenant=tenant)
+        self.admit(call)
+        return call
+
+    def release(self, held: Call) -> None:
+        """Give back what :meth:`hold` took, unless :meth:`admitted` took it over."""
+        self._release(held)
+
+    def reserve_bytes(self, call: Call, size: int) -> None:
+        """Hold ``size`` bytes of the admitted call's tenant budget before its body is
+        read (HTTP: the body's Content-Length), or refuse: 413 when ``size`` alone is over
+        the tenant's byte cap, 429 when its bytes in flight would pass it.
+
+        The figure is provisional: :meth:`infer` replaces it with the decoded input
+        tensors' bytes (returning the excess, or taking what is missing, checked against
+        the cap again), and :meth:`admitted` releases whatever is held when the call ends.
+        A body larger than the tensors it carries (JSON text) is thus counted as what it
+        takes in memory while it is read, which may refuse a body whose tensors alone
+        would have fit.
+        """
+        tenant = call.tenant
+        assert tenant is not None, "authenticate the call first"
+        self.admit(call)
+        self._admit_bytes(call, tenant, size)
+
     def _admit_bytes(self, call: Call, tenant: Tenant, size: int) -> None:
-        """Take ``size`` bytes of the tenant's in-flight budget before any array is built."""
+        """Hold exactly ``size`` bytes of the tenant's in-flight budget for the call (more
+        or fewer than it holds now) before any array is built."""
         load = call.load
         assert load is not None, "admit the request first"
         cap = tenant.max_bytes_in_flight
@@ -298,14 +350,15 @@ class InferenceService:
                 f"the request's {size} input bytes exceed tenant {tenant.name!r}'s "
                 f"{cap}-byte limit of bytes in flight"
             )
-        if load.bytes + size > cap:
+        others = load.bytes - call.held_bytes  # what the tenant's other calls hold
+        if others + size > cap:
             self.metrics.refused(tenant.name, "bytes_in_flight")
             raise ResourceExhausted(
-                f"tenant {tenant.name!r} has {load.bytes} input bytes in flight; "
+                f"tenant {tenant.name!r} has {others} input bytes in flight; "
                 f"{size} more would pass its limit of {cap}",
                 retry_after_s=self.settings.retry_after_s,
             )
-        load.bytes += size
+        load.bytes = others + size
         call.held_bytes = size
 
     def _release(self, call: Call) -> None:
@@ -314,10 +367,15 @@ class InferenceService:
             return
         call.load = None
         load.requests -= 1
-        load.bytes -= call.held_bytes
+        self._give_back(tenant.name, load, call.held_bytes)
         call.held_bytes = 0
-        if load.requests == 0 and self._loads.get(tenant.name) is load:
-            del self._loads[tenant.name]
+
+    def _give_back(self, tenant: str, load: TenantLoad, size: int) -> None:
+        """Return ``size`` bytes; forget the tenant once nothing of its is in flight
+        (mirrored copies may outlive its requests)."""
+        load.bytes -= size
+        if load.requests == 0 and load.bytes == 0 and self._loads.get(tenant) is load:
+            del self._loads[tenant]
 
     def tenant_load(self, tenant: str) -> TenantLoad:
         """A copy of the tenant's in-flight requests and bytes now (zero when idle)."""
@@ -350,6 +408,7 @@ class InferenceService:
             self.metrics.refused(tenant.name, "queue_full")
             raise ResourceExhausted(str(exc), retry_after_s=self.settings.retry_after_s) from None
         except DeadlineExceededError as exc:
+            call.ran = exc.ran
             raise DeadlineExceeded(str(exc)) from None
         except SchedulerClosedError as exc:
             raise Unavailable(str(exc)) from None
@@ -359,21 +418,35 @@ class InferenceService:
             raise Internal(f"model {served.name} version {served.version} failed: {exc}") from None
 
     def _mirror(
-        self, target: ServedModel, arrays: Tensors, rows: int, answer: Tensors, timeout_s: float
+        self,
+        call: Call,
+        target: ServedModel,
+        arrays: Tensors,
+        rows: int,
+        answer: Tensors,
+        timeout_s: float,
     ) -> None:
         """Send a copy to the candidate after production answered; never awaited by the
-        caller, queued behind every client's request, billed to the shadow owner."""
+        caller, queued behind every client's request, billed to the shadow owner.
+
+        The copy keeps the caller's arrays, so it keeps their bytes on the tenant's
+        in-flight budget until it ends: mirroring never takes memory the byte cap does
+        not see."""
         if len(self._shadows) >= self.settings.max_shadow_in_flight or (
             rows > target.signature.max_batch_size
         ):
             self.windows.shadow(target.name, target.version).dropped += 1
             self.metrics.shadow_requests.labels(target.name, target.version, "dropped").inc()
             return
+        load, tenant, held = call.load, call.tenant, call.held_bytes
+        call.held_bytes = 0  # now the copy's, released when it ends
         task = asyncio.get_running_loop().create_task(
             self._shadow(target, arrays, rows, answer, timeout_s)
         )
         self._shadows.add(task)
         task.add_done_callback(self._shadows.discard)
+        if load is not None and tenant is not None and held:
+            task.add_done_callback(lambda _: self._give_back(tenant.name, load, held))
 
     async def _shadow(
         self, target: ServedModel, arrays: Tensors, rows: int, answer: Tensors, timeout_s: float
@@ -431,7 +504,10 @@ class InferenceService:
 
     @contextlib.contextmanager
     def admitted(
-        self, span_name: str = "infer", carrier: Mapping[str, str] | None = None
+        self,
+        span_name: str = "infer",
+        carrier: Mapping[str, str] | None = None,
+        held: Call | None = None,
     ) -> Iterator[Call]:
         """Wrap a whole inference call, from before authentication to the response.
 
@@ -447,6 +523,10 @@ class InferenceService:
         started = time.perf_counter()
         span = start_request_span(span_name, carrier)
         call = Call(trace=span_context(span))
+        if held is not None and held.load is not None:
+            # The front door's hold becomes this call's (released when it ends).
+            call.load, call.held_bytes = held.load, held.held_bytes
+            held.load, held.held_bytes = None, 0
         code = "200"
         error: str | None = None
         self._in_flight += 1
@@ -473,7 +553,7 @@ class InferenceService:
             if call.stats is not None:
                 call.stats.record_request(code == "200", round(elapsed * 1e9))
             self.metrics.observe_request(call.model, call.version, tenant, code, elapsed)
-            self.windows.record(call.model, call.version, code, elapsed, call.timeout_s)
+            self.windows.record(call.model, call.version, code, elapsed, call.timeout_s, call.ran)
             finish_request_span(
                 span,
                 tenant=tenant,

@@ -234,7 +234,7 @@ class ModelBatcher:
         # wait_for: no extra task per request on the hot path.
         timer = (
             asyncio.get_running_loop().call_later(
-                timeout_s + _RUNNING_GRACE_S, _expire_running, future, self._clock, now
+                timeout_s + _RUNNING_GRACE_S, _expire_running, future, self._clock, now, req
             )
             if timeout_s is not None
             else None
@@ -443,9 +443,12 @@ class ModelBatcher:
             offset = end
 
 
-def _expire_running(future: asyncio.Future[Tensors], clock: Clock, since: float) -> None:
+def _expire_running(
+    future: asyncio.Future[Tensors], clock: Clock, since: float, req: Pending
+) -> None:
     if not future.done():
-        future.set_exception(DeadlineExceededError(clock() - since, ran=True))
+        # Still queued when a busy loop has not expired it yet: it did not run.
+        future.set_exception(DeadlineExceededError(clock() - since, ran=req.dead))
 
 
 def _fail(req: Pending, exc: Exception) -> None:

@@ -219,9 +219,11 @@ class Door {
     if (with_payload) call->response.Swap(&response);
     for (const auto& [key, value] : trailers) call->ctx.AddTrailingMetadata(key, value);
     if (call->read_pending) {
-      // A Finish may not start while the Read is pending: the Read's tag starts it (the
-      // call was cancelled, so the Read ends soon).
+      // A Finish may not start while the Read is pending: the Read's tag starts it. The
+      // call is cancelled so that the Read ends soon: the client may never send its
+      // message (Python gave up waiting for it), and it then gets CANCELLED.
       call->finish_after_read = true;
+      call->ctx.TryCancel();
       return true;
     }
     if (replies_.empty() && calls_.size() < kInlineBelow) {

@@ -504,6 +504,16 @@ class ServerConfig(_Strict):
         description="Calls the gRPC port has in progress at once, over all connections; more "
         "are answered RESOURCE_EXHAUSTED at once, without being handled.",
     )
+    grpc_body_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="A gRPC ModelInfer call's request message must arrive within this many "
+        "seconds of the call's admission (its key checked and one of its tenant's in-flight "
+        "requests taken), or within the call's own deadline when that is shorter; otherwise "
+        "the call ends (DEADLINE_EXCEEDED on grpcio, CANCELLED on the native door) and "
+        "frees its tenant's request slot.",
+    )
     gc_tuning: bool = Field(
         default=True,
         description="Once the gateway has started, freeze the objects alive then (gc.freeze) "

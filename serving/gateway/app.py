@@ -90,6 +90,7 @@ class Gateway:
                 cfg.default_timeout_ms / 1000,
                 tenant_max_requests_in_flight=cfg.tenant_max_requests_in_flight,
                 tenant_max_bytes_in_flight=cfg.tenant_max_bytes_in_flight,
+                grpc_body_timeout_s=cfg.grpc_body_timeout_s,
             ),
             self.metrics,
         )

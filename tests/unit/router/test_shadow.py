@@ -164,3 +164,33 @@ def test_no_mirror_of_what_the_candidate_serves_itself(weight: float) -> None:
         await cand.batcher.close(drain=True)
 
     asyncio.run(scenario())
+
+
+def test_a_mirrored_copy_keeps_its_bytes_on_the_tenants_budget_until_it_ends() -> None:
+    async def scenario() -> None:
+        records: list[BatchRecord] = []
+        gate = asyncio.Event()
+        prod = served("1", Backend(False), records)
+        cand = served("2", Backend(True, gate), records)
+        table = LiveModelTable()
+        table.swap([prod], [cand])
+        table.set_splits({"m": Split("2", 0.0, mirror=1.0)})
+        service = InferenceService(table, Directory(), RouterSettings())
+        for _ in range(3):
+            with service.admitted() as call:  # releases what the call holds, as doors do
+                await service.authenticate(call, "Bearer k")
+                await service.infer(call, "m", None, request(False), InferParams(timeout_s=5))
+        # Answered, but the copies (held by the candidate's gate) still hold the arrays.
+        load = service.tenant_load("alice")
+        assert (load.requests, load.bytes) == (0, 3 * 12)
+        gate.set()
+        for _ in range(100):
+            if service.windows.shadow("m", "2").requests == 3:
+                break
+            await asyncio.sleep(0.01)
+        load = service.tenant_load("alice")
+        assert (load.requests, load.bytes) == (0, 0)
+        await prod.batcher.close(drain=True)
+        await cand.batcher.close(drain=True)
+
+    asyncio.run(scenario())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -39,8 +40,16 @@ class Backend:
     def __init__(self, delay_s: float) -> None:
         self.delay_s = delay_s
         self.fail = False
+        self.gate = asyncio.Event()  # batches start only while it is set
+        self.gate.set()
+        self.running = 0
 
     async def run_batch(self, inputs: Tensors, *, urgent: bool = False) -> BatchResult:
+        self.running += 1
+        try:
+            await self.gate.wait()
+        finally:
+            self.running -= 1
         await asyncio.sleep(self.delay_s)
         if self.fail:
             raise RuntimeError("candidate broke")
@@ -224,5 +233,43 @@ def test_a_deadline_at_least_the_floor_is_the_candidates_error(
         ro = analyse(gw, store)
         assert ro.state == "failed", ro.last_analysis
         assert ro.last_analysis["candidate"]["short_deadline_expiries"] == 0
+    finally:
+        loop.run(_stop(gw))
+
+
+def test_deadlines_that_expire_in_the_queue_do_not_roll_it_back(
+    store: Rollouts,  # noqa: F811
+    loop: LoopThread,
+) -> None:
+    """A tenant pinned to the candidate floods its own sub-queue with deadlines at the
+    floor: they expire before the candidate runs them, which says nothing about it."""
+    store.start("carol", "digits", "2", RolloutSpec(**SPEC))
+    gw: Gateway = loop.run(_start(loop, store, "2"))
+    try:
+        on_candidate = users(True, 0.1, 24)
+        attacker = on_candidate[0]
+        gw.loop.loop.call_soon_threadsafe(gw.candidate.gate.clear)
+        with concurrent.futures.ThreadPoolExecutor(64) as pool:
+            # Long deadlines first: they take both of the candidate's batches in flight.
+            held = [pool.submit(http_call, gw, u) for u in on_candidate[:16]]
+            deadline = time.monotonic() + 10
+            while gw.candidate.running < 2:
+                assert time.monotonic() < deadline, gw.candidate.running
+                time.sleep(0.01)
+            # 1 s, the floor: they wait behind the held batches and expire in the queue.
+            flood = [pool.submit(http_call, gw, attacker, 1_000_000) for _ in range(40)]
+            assert [f.result(30) for f in flood] == [504] * 40
+            gw.loop.loop.call_soon_threadsafe(gw.candidate.gate.set)
+            assert [f.result(30) for f in held] == [200] * 16
+        rest = on_candidate[16:] + users(False, 0.1, 24)
+        codes = traffic(gw, [(http_call, u) for u in rest])
+        assert codes == [200] * 32, codes
+        ro = analyse(gw, store)
+        figures = ro.last_analysis
+        assert (ro.state, ro.step, ro.failures) == ("running", 1, 0), (ro.state, figures)
+        cand = figures["candidate"]
+        assert (cand["requests"], cand["errors"]) == (24, 0), cand
+        assert cand["queue_expiries"] == 40, cand  # seen, and not counted
+        assert cand["short_deadline_expiries"] == 0, cand
     finally:
         loop.run(_stop(gw))
