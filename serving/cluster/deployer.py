@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import serving.cluster.runtime as cluster
@@ -57,6 +58,7 @@ def app_name(name: str, version: str) -> str:
 class Wanted:
     config: ModelConfig
     stage: str
+    registered_at: datetime | None = None  # no replica of it can have loaded before
 
     @property
     def app(self) -> str:
@@ -93,7 +95,9 @@ class Deployer:
 
     def desired(self) -> dict[Key, Wanted]:
         return {
-            (row.name, row.version): Wanted(self.registry.model_config(row), row.stage)
+            (row.name, row.version): Wanted(
+                self.registry.model_config(row), row.stage, row.created_at
+            )
             for row in self.registry.list()
             if row.stage in SERVED_STAGES
         }
@@ -157,7 +161,7 @@ class Deployer:
             self._deployed[key] = w
             live[key] = w
             self.reservations.watch(
-                w.app, handle, deployment_name(w.config), w.config.name, w.config.version
+                w.app, handle, deployment_name(w.config), w.config, not_before=w.registered_at
             )
         # A model whose new production version could not be deployed keeps the one
         # serving now rather than going dark.

@@ -9,18 +9,25 @@ those alive, and ends the rows of those gone at their last sighting. A version t
 deployer removes is ended at once.
 
 The list of live replicas is Ray's, not the replicas' word: a replica that hangs still
-holds its device and is still counted, one that died is not.
+holds its device and is still counted, one that died is not. What a replica says of
+itself is model code's word, so it is bounded before it reaches finance's report: the
+share is the config's (``num_gpus`` on a GPU, ``num_cpus`` on the CPU), the device label
+is ``cpu`` unless the version reserves GPUs (then printable, at most 128 characters), and
+the load time lies between the version's registration and now.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from serving.config import ModelConfig
 from serving.costs import Reservations
 from serving.state import utcnow
 
@@ -30,18 +37,34 @@ log = logging.getLogger(__name__)
 Identity = dict[str, Any]
 LiveReplicas = Callable[[str, str], set[str]]  # (app, deployment) -> Serve replica ids
 AskReplicas = Callable[[Any, int], list[Identity]]  # (handle, calls) -> answers
+_GPU_LABEL = re.compile(r"[\x20-\x7e]{1,128}")
 
 
 @dataclass
 class _Watched:
     handle: Any
     deployment: str
-    model: str
-    version: str
+    config: ModelConfig
+    not_before: datetime | None
     seen: dict[str, datetime] = field(default_factory=dict)  # replica id -> last sighting
 
     def row(self, replica_id: str) -> str:
         return f"{self.deployment}:{replica_id}"
+
+    def reservation(self, answer: Identity, now: datetime) -> tuple[str, float, datetime]:
+        """(device, share, loaded) from a replica's answer, bounded as the module says;
+        ValueError for an answer that cannot be right."""
+        device = str(answer["device"])
+        if device != "cpu" and not (self.config.num_gpus > 0 and _GPU_LABEL.fullmatch(device)):
+            raise ValueError(f"device label {device[:64]!r} for a version reserving no GPU")
+        share = self.config.num_cpus if device == "cpu" else self.config.num_gpus
+        loaded_s = float(answer["loaded_at"])
+        if not math.isfinite(loaded_s):
+            raise ValueError(f"load time {loaded_s}")
+        loaded = min(datetime.fromtimestamp(min(max(loaded_s, 0.0), 1e11), UTC), now)
+        if self.not_before is not None:
+            loaded = max(loaded, self.not_before.astimezone(UTC))
+        return device, share, loaded
 
 
 class ReplicaReservations:
@@ -64,10 +87,19 @@ class ReplicaReservations:
         self._watched: dict[str, _Watched] = {}
         self._polled_at = -float("inf")
 
-    def watch(self, app: str, handle: Any, deployment: str, model: str, version: str) -> None:
-        """Follow the replicas of ``app`` (deployed again: the rows it has stay)."""
+    def watch(
+        self,
+        app: str,
+        handle: Any,
+        deployment: str,
+        config: ModelConfig,
+        *,
+        not_before: datetime | None = None,
+    ) -> None:
+        """Follow the replicas of ``app`` (deployed again: the rows it has stay); none of
+        them loaded before ``not_before`` (the version's registration)."""
         known = self._watched.get(app)
-        watched = _Watched(handle, deployment, model, version)
+        watched = _Watched(handle, deployment, config, not_before)
         if known is not None:
             watched.seen = known.seen
         self._watched[app] = watched
@@ -108,13 +140,17 @@ class ReplicaReservations:
             for answer in self._ask(watched.handle, 2 * len(live)):
                 replica_id = str(answer["replica"])
                 if replica_id in live and replica_id not in watched.seen:
-                    loaded = datetime.fromtimestamp(float(answer["loaded_at"]), UTC)
+                    try:
+                        device, share, loaded = watched.reservation(answer, now)
+                    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+                        log.warning("replica %s of %s: bad reservation: %s", replica_id, app, exc)
+                        continue
                     self._rows.open(
                         watched.row(replica_id),
-                        watched.model,
-                        watched.version,
-                        str(answer["device"]),
-                        float(answer["device_share"]),
+                        watched.config.name,
+                        watched.config.version,
+                        device,
+                        share,
                         started_at=loaded,
                     )
                     watched.seen[replica_id] = now

@@ -49,7 +49,7 @@ def test_batches_run_on_a_serve_replica_and_rows_come_back_in_place(
         live=cluster.replica_ids,
         ask=lambda h, n: cluster.call_spread(h, "reservation", n, 10.0),
     )
-    reservations.watch("it-digits", handle, deployment_name(config), "digits", "1")
+    reservations.watch("it-digits", handle, deployment_name(config), config)
     reservations.poll(force=True)
     ledger = LedgerWriter(Ledger(engine, Pricing(CostsConfig())))
     local = ModelRunner(config, num_threads=1)

@@ -12,7 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from serving.cluster.reservations import ReplicaReservations
-from serving.config.schema import CostsConfig
+from serving.config.schema import CostsConfig, ModelConfig, TensorConfig
 from serving.costs import Pricing, Reservations, build_report
 from serving.state.db import ledger_reservations
 
@@ -49,10 +49,48 @@ def _utc(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def _watching(engine: sa.Engine, serve: FakeServe) -> ReplicaReservations:
+def _config(**fields: Any) -> ModelConfig:
+    x = [TensorConfig(name="x", datatype="FP32", shape=[4])]
+    y = [TensorConfig(name="y", datatype="FP32", shape=[4])]
+    values: dict[str, Any] = {"name": "digits", "version": "1", "artifact": "/nonexistent"}
+    values["format"] = "torchscript"
+    values.update(inputs=x, outputs=y, num_cpus=2.0, **fields)
+    return ModelConfig(**values)
+
+
+def _watching(
+    engine: sa.Engine, serve: FakeServe, not_before: datetime | None = None, **config: Any
+) -> ReplicaReservations:
     watch = ReplicaReservations(Reservations(engine), 3600.0, live=serve.live, ask=serve.ask)
-    watch.watch("gpugate-digits-1", "handle", "model-digits-1", "digits", "1")
+    watch.watch(
+        "gpugate-digits-1", "handle", "model-digits-1", _config(**config), not_before=not_before
+    )
     return watch
+
+
+def test_what_a_replica_says_of_itself_is_bounded(engine: sa.Engine) -> None:
+    """Model code answers the reservation call: a share of 1e9, a load time of 1970 or in
+    the future, or a GPU's label on a CPU version must not reach finance's report."""
+    serve = FakeServe()
+    registered = datetime.now(UTC) - timedelta(hours=1)
+    serve.alive["early"] = {"device": "cpu", "device_share": 1e9, "loaded_at": 0.0}
+    serve.alive["later"] = {"device": "cpu", "device_share": 2.0, "loaded_at": time.time() + 1e6}
+    serve.alive["nan"] = {"device": "cpu", "device_share": 2.0, "loaded_at": float("nan")}
+    serve.alive["gpu"] = {"device": "NVIDIA H100", "device_share": 8.0, "loaded_at": time.time()}
+    watch = _watching(engine, serve, not_before=registered)
+    watch.poll(force=True)
+    rows = _rows(engine)
+    assert set(rows) == {"model-digits-1:early", "model-digits-1:later"}  # nan, gpu refused
+    early, later = rows["model-digits-1:early"], rows["model-digits-1:later"]
+    assert (early.device, early.device_share) == ("cpu", 2.0)  # the config's num_cpus
+    assert abs(_utc(early.started_at).timestamp() - registered.timestamp()) < 1
+    assert _utc(later.started_at) <= datetime.now(UTC)
+    # A version that reserves GPUs may name its GPU; the share is its num_gpus.
+    serve.alive = {"gpu": serve.alive["gpu"]}
+    gpu = _watching(engine, serve, num_gpus=0.5)
+    gpu.poll(force=True)
+    row = _rows(engine)["model-digits-1:gpu"]
+    assert (row.device, row.device_share) == ("NVIDIA H100", 0.5)
 
 
 def test_rows_open_for_live_replicas_and_end_at_their_last_sighting(engine: sa.Engine) -> None:
