@@ -166,9 +166,15 @@ def build_http_app(
             return _error(exc)
 
     async def admitted_infer(call: Call, request: Request) -> Response:
-        # The key first: an unknown caller is refused before a byte of its body is read.
+        # The key first: an unknown caller is refused before a byte of its body is read;
+        # then the tenant's request cap, so a tenant at its limit costs no reading or
+        # parsing either, and a body being read holds one of its own tenant's requests:
+        # a tenant has at most max_requests_in_flight bodies in memory. (The byte cap is
+        # on the decoded tensors, checked before any array is built.)
         await service.authenticate(call, request.headers.get("authorization"))
-        body = await read_body(request, _body_limit(request), limits.max_inflate_ratio)
+        limit = _body_limit(request)
+        service.admit(call)
+        body = await read_body(request, limit, limits.max_inflate_ratio)
         header, inputs, binary_outputs = _decode_infer(request, body, limits.max_json_containers)
         params = header.get("parameters") or {}
         served, outputs = await service.infer(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import concurrent.futures
+import socket
 import subprocess
 import sys
 import threading
@@ -453,3 +454,30 @@ def test_a_flood_of_max_size_requests_is_shed_by_the_byte_cap(admission: Admissi
     assert 0 < peak[0] <= 2 * MAX_BYTES, peak
     if loaded > 2 * quiet:
         pytest.xfail(f"p99 over 2x quiet: {figures}")
+
+
+def test_a_tenant_at_its_request_cap_is_refused_before_its_body_is_read(
+    admission: Admission,
+) -> None:
+    """At the cap, an HTTP request declaring a 60 MiB body is answered 429 from its head
+    alone: nothing of the body is sent, and none is waited for (no read, no parse)."""
+    a = admission
+    a.close_gate()
+    host, port = a.http_url.removeprefix("http://").split(":")
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        held = hold(pool, CAP, lambda: http_infer(a.http_url, "key-capped"))
+        a.wait_load("capped", CAP)
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(
+                b"POST /v2/models/m/infer HTTP/1.1\r\nHost: g\r\n"
+                b"Authorization: Bearer key-capped\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n" % (60 * 2**20)
+            )
+            answer = b""
+            while b"}" not in answer and (chunk := sock.recv(65536)):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 429"), answer[:200]
+        assert b"retry-after: 1" in answer.lower()
+        a.open_gate()
+        assert all(f.result(30).status_code == 200 for f in held)
+    assert a.load("capped") == (0, 0)
