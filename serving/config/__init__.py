@@ -10,13 +10,13 @@ from serving.config.schema import (
     ModelConfig,
     ModelPolicy,
     PriceConfig,
-    ServerConfig,
     TenantConfig,
     TensorConfig,
     load_config,
     priority_levels,
     tenant_name,
 )
+from serving.config.server import ServerConfig
 
 __all__ = [
     "NAME_PATTERN",

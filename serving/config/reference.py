@@ -18,18 +18,20 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from serving.config.schema import (
-    AuditConfig,
     CostsConfig,
     GatewayConfig,
-    HttpLimits,
     MetricPolicy,
     ModelConfig,
     ModelPolicy,
     PriceConfig,
-    SecurityConfig,
-    ServerConfig,
     TenantConfig,
     TensorConfig,
+)
+from serving.config.server import (
+    AuditConfig,
+    HttpLimits,
+    SecurityConfig,
+    ServerConfig,
     TlsConfig,
 )
 
@@ -37,10 +39,10 @@ INTRO = """\
 # Configuration
 
 `gpugate serve --config FILE` reads YAML validated by pydantic models
-(`serving/config/schema.py`). Every key is listed here; an unknown key anywhere
-is an error that names it (`models.0.batch: unknown key`). Relative `artifact`
-paths are relative to the config file. Command-line flags (`--host`,
-`--*-port`, `--state-dir`, `--database-url`) override the file. An example:
+(`serving/config/schema.py`, `serving/config/server.py`). Every key is listed here;
+an unknown key anywhere is an error that names it (`models.0.batch: unknown key`).
+Relative `artifact` paths are relative to the config file. Command-line flags
+(`--host`, `--*-port`, `--state-dir`, `--database-url`) override the file. An example:
 [example-config.yaml](example-config.yaml).
 
 This page is generated from the models by `python -m serving.config.reference`
