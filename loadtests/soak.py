@@ -3,8 +3,9 @@
 Starts ``gpugate serve`` on free ports with a temporary state folder and the bench
 model (``systems.gpugate_system``, as ``bench.py`` does), drives closed-loop gRPC load
 (``loadgen.closed_loop``, 1 row per request, two tenants' keys in turn) for a warm-up
-and then ``--minutes``, and every ``--every-minutes`` prints the resident set size
-(``VmRSS`` from ``/proc/<pid>/status``) of each Ray Serve replica -- the gateway and
+and then ``--minutes``, and every ``--every-minutes`` prints the median resident set
+size (``VmRSS`` from ``/proc/<pid>/status``, read every ``--sample-seconds``) of each
+Ray Serve replica -- the gateway and
 each model replica, found among the serve process's descendants by the title Ray gives
 them (``ray::ServeReplica:<app>:<deployment>``) -- beside the requests served. At the
 end: each replica's growth since the end of the warm-up. The exit code is 1 if any
@@ -15,11 +16,12 @@ or the server did not exit cleanly, and 2 on bad arguments.
     make soak SOAK_ARGS="--minutes 10 --every-minutes 1"
     .venv/bin/python loadtests/soak.py --minutes 10 --trace   # + tracemalloc reports
 
-``--trace`` puts ``soak_probe/`` on the server's ``PYTHONPATH``: its ``sitecustomize``
-makes every Serve replica trace its allocations and, at the end of the warm-up and of
-each interval, write the allocation sites and object types that grew since the warm-up
-to ``<state>/trace/``. The tracing slows the replicas several times over; use it to find
-a leak, not to measure one.
+The /proc readings are in ``procmem.py``. ``--trace`` puts ``soak_probe/`` on the
+server's ``PYTHONPATH``: its ``sitecustomize`` makes every Serve replica write, at each
+sample after the warm-up, what grew since: with ``--trace gc`` the collector's figures
+and the object types it tracks (about full speed); with ``--trace`` (``malloc``) also
+tracemalloc's allocation sites, which slows the replicas several times over: use it to
+find a leak, not to measure one. Reports go to ``<state>/trace/``.
 """
 
 from __future__ import annotations
@@ -31,10 +33,8 @@ import os
 import secrets
 import shutil
 import signal
-import statistics
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,134 +50,10 @@ from kserve_client import (
     grpc_sender,
 )
 from loadgen import LevelResult, closed_loop, summarize
+from procmem import RssTrace, mappings_mb, replicas
 from systems import SystemRun, gpugate_system, running
 
 PROBE_DIR = Path(__file__).resolve().parent / "soak_probe"
-TITLE = "ServeReplica:"  # Ray's process title of a Serve replica: ray::ServeReplica:app:deployment
-
-
-# ------------------------------------------------------------------ processes
-
-
-def _proc_table() -> dict[int, tuple[int, int]]:
-    """pid -> (ppid, session) of every process."""
-    table = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                raw = f.read()
-        except OSError:
-            continue
-        rest = raw[raw.rfind(")") + 2 :].split()
-        table[int(entry.name)] = (int(rest[1]), int(rest[3]))
-    return table
-
-
-def replicas(root: int) -> dict[int, str]:
-    """pid -> deployment name of every Serve replica under ``root``: its descendants and
-    the members of its session (Ray's raylet and workers are both)."""
-    table = _proc_table()
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    ours = {root} | {pid for pid, (_, sid) in table.items() if sid == root}
-    stack = list(ours)
-    while stack:
-        for child in children.get(stack.pop(), []):
-            if child not in ours:
-                ours.add(child)
-                stack.append(child)
-    found = {}
-    for pid in ours:
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                title = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if TITLE in title:
-            # "ray::ServeReplica:gpugate:gateway" -> "gateway"
-            found[pid] = title.split(TITLE, 1)[1].split()[0].rsplit(":", 1)[-1]
-    return found
-
-
-def rss_mb(pid: int) -> float | None:
-    """The process's resident set (VmRSS) in MB (10^6 bytes), or None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024 / 1e6
-    except OSError:
-        return None
-    return None
-
-
-def mappings_mb(pid: int) -> dict[str, float]:
-    """Resident MB per mapped object (file path, ``[heap]``, ``[anon]`` for anonymous
-    memory: glibc's thread arenas and large blocks, Python's arenas), from smaps."""
-    found: dict[str, float] = {}
-    name = "[anon]"
-    try:
-        with open(f"/proc/{pid}/smaps") as f:
-            for line in f:
-                head = line.split(maxsplit=5)
-                if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
-                    name = head[5].strip() if len(head) == 6 else "[anon]"
-                elif head[0] == "Rss:":
-                    found[name] = found.get(name, 0.0) + int(head[1]) * 1024 / 1e6
-    except OSError:
-        return {}
-    return found
-
-
-class RssTrace:
-    """VmRSS of each process every ``every_s`` seconds, from a thread of its own, with
-    the minute of each reading counted from ``zero`` (the end of the warm-up).
-
-    RSS moves in steps of several MB both ways under steady load (the collector, the
-    allocators returning memory), so one reading per interval would mistake a step for
-    growth: each interval is summarized by the median of its readings, and growth
-    compares medians of the first and last minute after the warm-up.
-    """
-
-    def __init__(self, pids: list[int], zero: float, every_s: float) -> None:
-        self.pids = pids
-        self.zero = zero
-        self.every_s = every_s
-        self.readings: list[tuple[float, dict[int, float | None]]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rss", daemon=True)
-
-    def __enter__(self) -> RssTrace:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while True:
-            minute = (time.monotonic() - self.zero) / 60
-            self.readings.append((minute, {pid: rss_mb(pid) for pid in self.pids}))
-            if self._stop.wait(self.every_s):
-                return
-
-    def median(self, pid: int, start: float, end: float) -> float | None:
-        """Median MB of the readings in [start, end] minutes; None if any says gone."""
-        values = [r.get(pid) for m, r in list(self.readings) if start <= m <= end]
-        if not values or any(v is None for v in values):
-            return None
-        return float(statistics.median(v for v in values if v is not None))
-
-    def span(self, pid: int, start: float, end: float) -> tuple[float, float] | None:
-        values = [r.get(pid) for m, r in list(self.readings) if start <= m <= end]
-        known = [v for v in values if v is not None]
-        return (min(known), max(known)) if known else None
-
-
 # ------------------------------------------------------------------- samples
 
 
@@ -202,6 +78,9 @@ class Process:
     name: str
     growth_mb: float | None = None
     mb_per_min: float | None = None
+    # The last minute's median minus that of the minute around half-time: whether the
+    # growth goes on, or was settling after the warm-up.
+    second_half_mb: float | None = None
 
 
 def _log(message: str) -> None:
@@ -229,7 +108,14 @@ def _line(sample: Sample, procs: dict[int, Process]) -> str:
 def table(samples: list[Sample], procs: dict[int, Process]) -> str:
     """One row per replica: its median RSS in each interval (MB), the growth after
     the warm-up."""
-    heads = ["process", "pid", *(f"{s.minute:+g} min" for s in samples), "growth", "MB/min"]
+    heads = [
+        "process",
+        "pid",
+        *(f"{s.minute:+g} min" for s in samples),
+        "growth",
+        "MB/min",
+        "2nd half",
+    ]
     rows = [heads]
     for pid, p in procs.items():
         rows.append(
@@ -239,6 +125,7 @@ def table(samples: list[Sample], procs: dict[int, Process]) -> str:
                 *(_fmt_mb(s.rss_mb.get(pid)) for s in samples),
                 "-" if p.growth_mb is None else f"{p.growth_mb:+.1f}",
                 "-" if p.mb_per_min is None else f"{p.mb_per_min:+.3f}",
+                "-" if p.second_half_mb is None else f"{p.second_half_mb:+.1f}",
             ]
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(heads))]
@@ -249,6 +136,21 @@ def table(samples: list[Sample], procs: dict[int, Process]) -> str:
         )
         for r in rows
     )
+
+
+def mapping_changes(samples: list[Sample]) -> dict[int, dict[str, list[float]]]:
+    """Per process, [after the warm-up, at the end] resident MB of each mapping that held
+    at least 0.1 MB at either (the JSON's record; every mapping of every sample is bulky)."""
+    base = next((s for s in samples if s.minute >= -1e-9), samples[0])
+    out: dict[int, dict[str, list[float]]] = {}
+    for pid, before in base.mappings_mb.items():
+        after = samples[-1].mappings_mb.get(pid, {})
+        out[pid] = {
+            k: [round(before.get(k, 0.0), 3), round(after.get(k, 0.0), 3)]
+            for k in sorted(before.keys() | after.keys())
+            if max(before.get(k, 0.0), after.get(k, 0.0)) >= 0.1
+        }
+    return out
 
 
 def where_it_grew(samples: list[Sample], procs: dict[int, Process], top: int = 4) -> str:
@@ -429,8 +331,11 @@ def _run(args: argparse.Namespace, state_dir: Path, loop: asyncio.Runner) -> int
         report: dict[str, Any] = {
             "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "cpus": os.cpu_count(),
-            "samples": [asdict(s) for s in samples],
+            "samples": [
+                {k: v for k, v in asdict(s).items() if k != "mappings_mb"} for s in samples
+            ],
             "rss_readings": [{"minute": m, "rss_mb": r} for m, r in rss.readings],
+            "mappings_mb": mapping_changes(samples),
             "processes": [asdict(p) for p in procs.values()],
             "server_exit_code": run.exit_code,
             "problems": problems,
@@ -537,6 +442,8 @@ def _judge(
             problems.append(f"{p.name} (pid {pid}) exited during the soak")
             continue
         p.growth_mb = after - before
+        middle = rss.median(pid, (end - window) / 2, (end + window) / 2)
+        p.second_half_mb = None if middle is None else after - middle
         if end > window:
             p.mb_per_min = p.growth_mb / (end - window)
         if p.growth_mb > args.max_growth_mb:
