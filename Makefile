@@ -10,7 +10,7 @@ SANITIZE := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-fra
 FUZZ_CASES ?= 20000
 FUZZ_SEED ?= 20261206
 
-.PHONY: install native fuzz-native fuzz-grpcio serve test lint docs bench triton-venv clean
+.PHONY: install native fuzz-native fuzz-grpcio serve test lint docs bench soak triton-venv clean
 
 # torch is installed first and pinned: any other spec pulls a multi-GB CUDA build.
 # The editable install builds the native door in place (setup.py).
@@ -70,6 +70,11 @@ docs: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) loadtests/bench.py $(ARGS)
+
+# RSS of the gateway and model replicas under 30 minutes of gRPC load (loadtests/README.md);
+# fails if one grew more than 5 MB after the warm-up.
+soak: $(STAMP)
+	$(PY) loadtests/soak.py $(SOAK_ARGS)
 
 # The Triton peer's own venv (PyTriton needs numpy<2); bench.py builds it on demand too.
 triton-venv: $(STAMP)
