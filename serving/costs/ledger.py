@@ -221,7 +221,7 @@ class LedgerWriter:
     holds the lock (the CLI, another gateway worker), the batch goes to the
     thread instead, and the thread runs the WAL checkpoints.
 
-    On PostgreSQL, and on SQLite with ``synchronous = FULL`` (the default: a commit
+    On PostgreSQL, and on SQLite with ``synchronous = FULL`` (on request: a commit
     fsyncs, so it survives a power cut), every batch goes to the writer thread (a
     commit there is an fsync, locally or on the server, which must not block the
     loop). Batches that finish while a commit is running share the next one (group

@@ -1,5 +1,6 @@
-"""SQLite commits survive a power cut by default (synchronous FULL), and the cost ledger
-then commits through its writer thread, so no fsync ever runs on the event loop."""
+"""SQLite runs with synchronous NORMAL by default (commits survive a process crash) and
+FULL on request (a power cut too); with FULL the cost ledger commits through its writer
+thread, so no fsync ever runs on the event loop."""
 
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ def _synchronous(engine: sa.Engine) -> int:
         return int(conn.exec_driver_sql("PRAGMA synchronous").scalar() or 0)
 
 
-@pytest.mark.parametrize(("setting", "pragma", "inline"), [(None, 2, False), ("normal", 1, True)])
-def test_full_by_default_and_the_ledger_follows(
+@pytest.mark.parametrize(
+    ("setting", "pragma", "inline"), [(None, 1, True), ("normal", 1, True), ("full", 2, False)]
+)
+def test_normal_by_default_full_on_request_and_the_ledger_follows(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     setting: str | None,

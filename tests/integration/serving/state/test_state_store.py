@@ -85,7 +85,7 @@ def test_sqlite_pragmas_on_every_connection(tmp_path: Path) -> None:
         conns = [engine.connect() for _ in range(3)]  # distinct pooled connections
         expected = {
             "journal_mode": "wal",
-            "synchronous": 2,  # FULL: commits survive a power cut
+            "synchronous": 1,  # NORMAL: commits survive a process crash (FULL on request)
             "busy_timeout": 10_000,
             "foreign_keys": 1,
         }
