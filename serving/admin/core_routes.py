@@ -142,6 +142,7 @@ def verify_audit_log(services: Services) -> schemas.AuditCheck:
         problem=result.problem,
         first_bad_seq=result.first_bad_seq,
         anchored_seq=result.anchored_seq,
+        warnings=list(result.warnings),
     )
 
 

@@ -262,6 +262,11 @@ class AuditCheck(BaseModel):
         description="The newest record this gateway's anchor file holds, found intact; "
         "null when it anchored none.",
     )
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="What the check could not establish, e.g. no anchor on this gateway "
+        "to check the end of the log against, or a log not yet sealed with the key.",
+    )
 
 
 # -- models ------------------------------------------------------------------------

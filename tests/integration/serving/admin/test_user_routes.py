@@ -75,6 +75,11 @@ def test_lifecycle_through_the_api(engine: sa.Engine, tmp_path: Path) -> None:
         assert acts == ["user.create", "user.disable", "user.enable", "user.rotate", "user.delete"]
         checked = admin.get("/audit/verify").json()
         assert checked["ok"] and checked["anchored_seq"] == checked["records"]
+        assert checked["warnings"] == []  # anchored here, sealed with the key
+        (state / "audit.anchor").unlink()  # another gateway's view: nothing anchored
+        unanchored = admin.get("/audit/verify").json()
+        assert unanchored["ok"] and unanchored["anchored_seq"] is None
+        assert any("unanchored on this host" in w for w in unanchored["warnings"])
 
 
 def test_audit_model_filter_is_literal_and_includes_rollouts(
