@@ -69,6 +69,16 @@ def _in_utc(value: datetime) -> datetime:
         return (datetime.max if value.year > 1 else datetime.min).replace(tzinfo=UTC)
 
 
+def _whole(value: object) -> object:
+    """JSON Schema's integer: 2.0 is one, "2" and true are not (strict ints refuse 2.0)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Whole = BeforeValidator(_whole)
+
+
 Instant = Annotated[
     datetime,
     _shaped(
@@ -105,11 +115,8 @@ class Expiry(Strict):
     expires_at: Instant | None = Field(
         default=None, description="The token is refused from this time on."
     )
-    expires_in_s: int | None = Field(
+    expires_in_s: Annotated[int, Field(ge=1, le=_MAX_LIFE_S, strict=True), Whole] | None = Field(
         default=None,
-        ge=1,
-        le=_MAX_LIFE_S,
-        strict=True,
         description="The token is refused this many seconds after the gateway receives this.",
     )
 
@@ -176,7 +183,7 @@ class DeletedUser(BaseModel):
 
 
 TenantModel = Annotated[str, StringConstraints(pattern=f"^[*]$|{NAME_PATTERN.pattern}")]
-PriorityLevel = Annotated[int, Field(ge=1, le=MAX_PRIORITY_LEVEL, strict=True)]
+PriorityLevel = Annotated[int, Field(ge=1, le=MAX_PRIORITY_LEVEL, strict=True), Whole]
 _PRIORITIES = (
     f"Priority levels the tenant may ask for (1 most urgent .. {MAX_PRIORITY_LEVEL}); the "
     f"default level {DEFAULT_PRIORITY_LEVEL} is always granted, other levels are refused 403."
@@ -185,8 +192,8 @@ _MAX_REQUESTS = "Cap on the tenant's requests in flight; null: the server's defa
 _MAX_BYTES = (
     "Cap on the input bytes of the tenant's requests in flight; null: the server's default."
 )
-RequestsCap = Annotated[int, Field(ge=0, le=MAX_REQUESTS_CAP, strict=True)]
-BytesCap = Annotated[int, Field(ge=0, le=MAX_BYTES_CAP, strict=True)]
+RequestsCap = Annotated[int, Field(ge=0, le=MAX_REQUESTS_CAP, strict=True), Whole]
+BytesCap = Annotated[int, Field(ge=0, le=MAX_BYTES_CAP, strict=True), Whole]
 
 
 class NewTenant(Strict):

@@ -14,7 +14,8 @@ from serving.config import TenantConfig, priority_levels
 
 # Largest cap a tenant may be given (a 32-bit column holds the request cap).
 MAX_REQUESTS_CAP = 2**31 - 1
-MAX_BYTES_CAP = 2**62
+# 2**53: the largest integer a JSON number carries exactly (clients parse them as doubles).
+MAX_BYTES_CAP = 2**53
 
 
 class _Keep:
