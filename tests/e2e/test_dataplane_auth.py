@@ -25,7 +25,17 @@ pytestmark = [pytest.mark.timeout(600), pytest.mark.postgres]
 SECRET = "e2e-cluster-secret-" + "0123456789abcdef" * 2
 
 
-def _replica_pids() -> list[int]:
+def _parent(pid: int) -> int:
+    try:
+        stat = (Path("/proc") / str(pid) / "stat").read_text()
+    except OSError:
+        return 0
+    return int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state
+
+
+def _replica_pids(root: int) -> list[int]:
+    """The model replicas started under ``root`` (the gateway's `gpugate serve`), not
+    those of any other gateway running on the machine."""
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -34,8 +44,13 @@ def _replica_pids() -> list[int]:
             cmdline = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if b"ServeReplica:gpugate-digits-1:model-digits-1" in cmdline:
-            pids.append(int(entry.name))
+        if b"ServeReplica:gpugate-digits-1:model-digits-1" not in cmdline:
+            continue
+        pid = ancestor = int(entry.name)
+        while ancestor > 1 and ancestor != root:
+            ancestor = _parent(ancestor)
+        if ancestor == root:
+            pids.append(pid)
     return pids
 
 
@@ -82,7 +97,7 @@ def test_replicas_hold_no_credentials_and_their_data_port_refuses_strangers(
         # The secret came from the environment: no file was made in the state folder.
         assert not (tmp_path / "state" / "cluster.secret").exists()
 
-        [pid] = _replica_pids()
+        [pid] = _replica_pids(gw.proc.pid)
         environ = Path(f"/proc/{pid}/environ").read_bytes()
         assert b"GPUGATE_DATABASE_URL" not in environ
         assert b"GPUGATE_CLUSTER_SECRET" not in environ
