@@ -21,12 +21,12 @@ from router._exceptions import (
     Internal,
     InvalidArgument,
     NotFound,
-    PayloadTooLarge,
     PermissionDenied,
     ResourceExhausted,
     Unauthenticated,
     Unavailable,
 )
+from router.admission import TenantLoad, TenantLoads
 from router.canary import SHADOW_PRIORITY, SHADOW_TENANT, Header, Windows, compare
 from router.metrics import RouterMetrics
 from router.tensors import InferParams, InputTensor, validate_inputs
@@ -82,14 +82,6 @@ class Call:
     # What the call holds of its tenant's in-flight caps (released when it ends).
     load: TenantLoad | None = None
     held_bytes: int = 0
-
-
-@dataclass
-class TenantLoad:
-    """One tenant's admitted requests and their input bytes, over every model."""
-
-    requests: int = 0
-    bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -169,9 +161,12 @@ class InferenceService:
         self.metrics.requests_in_flight.set_function(lambda: self._in_flight)
         self._idle = asyncio.Event()
         self._idle.set()
-        # Only tenants with something in flight have an entry (no growth with tenants seen).
-        self._loads: dict[str, TenantLoad] = {}
-        self.metrics.watch_tenant_loads(lambda: self._loads)
+        self._loads = TenantLoads(
+            settings.tenant_max_requests_in_flight,
+            settings.tenant_max_bytes_in_flight,
+            settings.retry_after_s,
+            self.metrics,
+        )
         # Outcomes per version for the models under a rollout (serving.rollout reads them).
         self.windows = Windows()
         self._shadows: set[asyncio.Task[None]] = set()
@@ -280,23 +275,8 @@ class InferenceService:
         """
         tenant = call.tenant
         assert tenant is not None, "authenticate the call first"
-        if call.load is not None:
-            return  # admitted already (by the front door)
-        cap = tenant.max_requests_in_flight
-        if cap is None:
-            cap = self.settings.tenant_max_requests_in_flight
-        load = self._loads.get(tenant.name)
-        held = load.requests if load is not None else 0
-        if held >= cap:
-            self.metrics.refused(tenant.name, "requests_in_flight")
-            raise ResourceExhausted(
-                f"tenant {tenant.name!r} has {held} requests in flight, its limit",
-                retry_after_s=self.settings.retry_after_s,
-            )
-        if load is None:
-            load = self._loads[tenant.name] = TenantLoad()
-        load.requests += 1
-        call.load = load
+        if call.load is None:  # else admitted already (by the front door)
+            call.load = self._loads.take_request(tenant)
 
     def hold(self, tenant: Tenant) -> Call:
         """Take one of ``tenant``'s in-flight requests for a body still to be read, or
@@ -318,47 +298,11 @@ class InferenceService:
         """Give back what :meth:`hold` took, unless :meth:`admitted` took it over."""
         self._release(held)
 
-    def reserve_bytes(self, call: Call, size: int) -> None:
-        """Hold ``size`` bytes of the admitted call's tenant budget before its body is
-        read (HTTP: the body's Content-Length), or refuse: 413 when ``size`` alone is over
-        the tenant's byte cap, 429 when its bytes in flight would pass it.
-
-        The figure is provisional: :meth:`infer` replaces it with the decoded input
-        tensors' bytes (returning the excess, or taking what is missing, checked against
-        the cap again), and :meth:`admitted` releases whatever is held when the call ends.
-        A body larger than the tensors it carries (JSON text) is thus counted as what it
-        takes in memory while it is read, which may refuse a body whose tensors alone
-        would have fit.
-        """
-        tenant = call.tenant
-        assert tenant is not None, "authenticate the call first"
-        self.admit(call)
-        self._admit_bytes(call, tenant, size)
-
     def _admit_bytes(self, call: Call, tenant: Tenant, size: int) -> None:
         """Hold exactly ``size`` bytes of the tenant's in-flight budget for the call (more
         or fewer than it holds now) before any array is built."""
-        load = call.load
-        assert load is not None, "admit the request first"
-        cap = tenant.max_bytes_in_flight
-        if cap is None:
-            cap = self.settings.tenant_max_bytes_in_flight
-        if size > cap:
-            # Never admissible, however long the client waits: not a 429.
-            self.metrics.refused(tenant.name, "request_bytes")
-            raise PayloadTooLarge(
-                f"the request's {size} input bytes exceed tenant {tenant.name!r}'s "
-                f"{cap}-byte limit of bytes in flight"
-            )
-        others = load.bytes - call.held_bytes  # what the tenant's other calls hold
-        if others + size > cap:
-            self.metrics.refused(tenant.name, "bytes_in_flight")
-            raise ResourceExhausted(
-                f"tenant {tenant.name!r} has {others} input bytes in flight; "
-                f"{size} more would pass its limit of {cap}",
-                retry_after_s=self.settings.retry_after_s,
-            )
-        load.bytes = others + size
+        assert call.load is not None, "admit the request first"
+        self._loads.take_bytes(tenant, call.load, call.held_bytes, size)
         call.held_bytes = size
 
     def _release(self, call: Call) -> None:
@@ -366,21 +310,12 @@ class InferenceService:
         if load is None or tenant is None:
             return
         call.load = None
-        load.requests -= 1
-        self._give_back(tenant.name, load, call.held_bytes)
+        self._loads.give_back(tenant.name, load, 1, call.held_bytes)
         call.held_bytes = 0
-
-    def _give_back(self, tenant: str, load: TenantLoad, size: int) -> None:
-        """Return ``size`` bytes; forget the tenant once nothing of its is in flight
-        (mirrored copies may outlive its requests)."""
-        load.bytes -= size
-        if load.requests == 0 and load.bytes == 0 and self._loads.get(tenant) is load:
-            del self._loads[tenant]
 
     def tenant_load(self, tenant: str) -> TenantLoad:
         """A copy of the tenant's in-flight requests and bytes now (zero when idle)."""
-        load = self._loads.get(tenant)
-        return TenantLoad(load.requests, load.bytes) if load is not None else TenantLoad()
+        return self._loads.load(tenant)
 
     async def _submit(
         self,
@@ -446,7 +381,7 @@ class InferenceService:
         self._shadows.add(task)
         task.add_done_callback(self._shadows.discard)
         if load is not None and tenant is not None and held:
-            task.add_done_callback(lambda _: self._give_back(tenant.name, load, held))
+            task.add_done_callback(lambda _: self._loads.give_back(tenant.name, load, 0, held))
 
     async def _shadow(
         self, target: ServedModel, arrays: Tensors, rows: int, answer: Tensors, timeout_s: float
