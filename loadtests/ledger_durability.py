@@ -26,30 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from ledger_bench import batch_record  # this folder is on sys.path when run as a script
 from sqlalchemy import event
 
-from scheduler import BatchRecord, BatchResult, charge_ns, split_by_rows
 from serving.config import CostsConfig
 from serving.costs import Ledger, LedgerWriter, Pricing
 from serving.state import open_engine
-
-
-def _record(requests: int) -> BatchRecord:
-    now = time.time_ns()
-    charge = charge_ns(5_000_000, 1.0)
-    return BatchRecord(
-        model="bench",
-        version="1",
-        tenants=tuple((f"t{i % 4}", 1) for i in range(requests)),
-        rows=requests,
-        result=BatchResult({}, 5_000_000, "cpu", 1.0),
-        queue_wait_s=(0.0,) * requests,
-        duration_s=0.0,
-        started_at_ns=now,
-        finished_at_ns=now,
-        charge_ns=charge,
-        charges_ns=tuple(split_by_rows(charge, [1] * requests)),
-    )
 
 
 def _engine(folder: Path, synchronous: str) -> sa.Engine:
@@ -69,7 +51,7 @@ async def _measure(writer: LedgerWriter, batches: int, requests: int) -> dict[st
     lone = []
     for _ in range(200):
         t = time.perf_counter()
-        await writer.commit(_record(requests))
+        await writer.commit(batch_record(requests, 4))
         lone.append(time.perf_counter() - t)
     stall = 0.0
     running = True
@@ -85,7 +67,7 @@ async def _measure(writer: LedgerWriter, batches: int, requests: int) -> dict[st
 
     tick = asyncio.create_task(ticker())
     t = time.perf_counter()
-    await asyncio.gather(*(writer.commit(_record(requests)) for _ in range(batches)))
+    await asyncio.gather(*(writer.commit(batch_record(requests, 4)) for _ in range(batches)))
     elapsed = time.perf_counter() - t
     running = False
     await tick

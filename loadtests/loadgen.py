@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from procmem import proc_stats  # a neighbour: this folder is on sys.path
 
 # ------------------------------------------------------------------------ results
 
@@ -90,18 +91,10 @@ class CpuMeter:
             fields = [int(v) for v in f.readline().split()[1:]]
         # user nice system idle iowait irq softirq steal (guest is inside user).
         busy = sum(fields[:3]) + sum(fields[5:8])
-        procs: dict[int, tuple[int, int, int]] = {}  # pid -> (ppid, session, ticks)
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry.name}/stat") as f:
-                    raw = f.read()
-            except OSError:
-                continue
-            rest = raw[raw.rfind(")") + 2 :].split()
-            # After "pid (comm) ": state ppid pgrp session ... utime(11) stime(12).
-            procs[int(entry.name)] = (int(rest[1]), int(rest[3]), int(rest[11]) + int(rest[12]))
+        procs = {  # pid -> (ppid, session, ticks)
+            pid: (int(rest[1]), int(rest[3]), int(rest[11]) + int(rest[12]))
+            for pid, rest in proc_stats().items()
+        }
         # The server's session, plus descendants that started a session of their own
         # (PyTriton starts tritonserver that way), and this process's children.
         ours_pids = {os.getpid()} | {p for p, (_, sid, _) in procs.items() if sid == self.session}

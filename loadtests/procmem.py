@@ -16,9 +16,10 @@ TITLE = "ServeReplica:"  # Ray's process title of a Serve replica: ray::ServeRep
 # ------------------------------------------------------------------ processes
 
 
-def _proc_table() -> dict[int, tuple[int, int]]:
-    """pid -> (ppid, session) of every process."""
-    table = {}
+def proc_stats() -> dict[int, list[str]]:
+    """pid -> the fields of /proc/PID/stat after "pid (comm) ", for every process: state,
+    ppid, pgrp, session, ... utime (11), stime (12)."""
+    stats = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -27,9 +28,13 @@ def _proc_table() -> dict[int, tuple[int, int]]:
                 raw = f.read()
         except OSError:
             continue
-        rest = raw[raw.rfind(")") + 2 :].split()
-        table[int(entry.name)] = (int(rest[1]), int(rest[3]))
-    return table
+        stats[int(entry.name)] = raw[raw.rfind(")") + 2 :].split()
+    return stats
+
+
+def _proc_table() -> dict[int, tuple[int, int]]:
+    """pid -> (ppid, session) of every process."""
+    return {pid: (int(rest[1]), int(rest[3])) for pid, rest in proc_stats().items()}
 
 
 def replicas(root: int) -> dict[int, str]:
