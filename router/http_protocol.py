@@ -47,7 +47,10 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger(__name__)
 
-EVICTION_GRACE_S = 0.25
+# Long enough for a client on loopback or a LAN to send its head after connecting; short
+# enough that fast churn by slow connections (each displacing the oldest) cannot keep
+# every waiting connection younger than it, which would refuse newcomers instead.
+EVICTION_GRACE_S = 0.1
 # After a 431 the connection reads and drops what the client still sends, this long at
 # most, before closing: closing with unread data sends a reset, which can destroy the
 # answer in the client's buffers before it is read (nginx's lingering close). Not after a
