@@ -410,9 +410,11 @@ def quiet_latencies(a: Admission, n: int) -> list[float]:
 def test_a_flood_of_max_size_requests_is_shed_by_the_byte_cap(admission: Admission) -> None:
     """The flooder (its own process, 8 connections of back-to-back maximum-size requests)
     never has more than its byte cap admitted; the rest is refused at once. Another
-    tenant's p99 is measured quiet and under the flood; the 2x bound is not met yet
-    (see the xfail below): the flood's bodies are read and parsed on the event loop
-    before admission can refuse them."""
+    tenant's p99 is measured quiet and under the flood; the 2x bound is not met on a
+    2-core host (see the xfail below). The refused messages are not the cost: refusing
+    them before reading measured the same. The admitted ones are: about 200 MiB/s of
+    them, each copied on the event loop, within the byte cap. The byte cap bounds
+    memory, not CPU; docs/operations.md ("What the caps do not bound") has the figures."""
     a = admission
     a.open_gate()
     quiet = float(np.percentile(quiet_latencies(a, 300), 99))
@@ -453,7 +455,7 @@ def test_a_flood_of_max_size_requests_is_shed_by_the_byte_cap(admission: Admissi
     assert codes.get("OK", 0) > 0, codes
     assert 0 < peak[0] <= 2 * MAX_BYTES, peak
     if loaded > 2 * quiet:
-        pytest.xfail(f"p99 over 2x quiet: {figures}")
+        pytest.xfail(f"p99 over 2x quiet (admitted flood traffic's CPU): {figures}")
 
 
 def test_a_tenant_at_its_request_cap_is_refused_before_its_body_is_read(
