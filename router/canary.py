@@ -153,6 +153,21 @@ class VersionStats:
             if slot < _MAX_SAMPLES:
                 self.latencies[slot] = seconds
 
+    def merge(self, other: VersionStats) -> None:
+        """Add another gateway's window of the same version to this one."""
+        self.requests += other.requests
+        self.errors += other.errors
+        self.short_deadlines += other.short_deadlines
+        self.queue_expiries += other.queue_expiries
+        room = _MAX_SAMPLES - len(self.latencies)
+        self.latencies.extend(other.latencies[:room])
+        self._successes += min(room, len(other.latencies))
+        for seconds in other.latencies[room:]:  # past the cap: the same reservoir
+            self._successes += 1
+            slot = _rng.randrange(self._successes)
+            if slot < _MAX_SAMPLES:
+                self.latencies[slot] = seconds
+
     @property
     def error_rate(self) -> float:
         return self.errors / self.requests if self.requests else 0.0
@@ -191,6 +206,13 @@ class ShadowStats:
     # Not sent or not run: too many in flight, a full queue, or its deadline passed
     # while it waited behind clients' requests (which says nothing about the candidate).
     dropped: int = 0
+
+    def merge(self, other: ShadowStats) -> None:
+        """Add another gateway's window of the same candidate to this one."""
+        for name in ("requests", "compared", "agreed", "rows", "rows_agreed", "errors", "dropped"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.max_abs_diff = max(self.max_abs_diff, other.max_abs_diff)
+        self.max_rel_diff = max(self.max_rel_diff, other.max_rel_diff)
 
     @property
     def agreement(self) -> float | None:
@@ -269,6 +291,21 @@ class Windows:
             self._shadow.pop((model, cand), None) or ShadowStats(),
         )
         return out
+
+    def merge(
+        self,
+        model: str,
+        versions: tuple[str, str],
+        taken: tuple[VersionStats, VersionStats, ShadowStats],
+    ) -> None:
+        """Add what another gateway's :meth:`take` returned to the open window."""
+        prod, cand = versions
+        for version, stats in ((prod, taken[0]), (cand, taken[1])):
+            mine = self._versions.get((model, version))
+            if mine is None:
+                mine = self._versions[(model, version)] = VersionStats()
+            mine.merge(stats)
+        self.shadow(model, cand).merge(taken[2])
 
     def current(
         self, model: str, versions: tuple[str, str]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -31,6 +31,7 @@ from gpugate_proto import grpc_service_pb2_grpc as pb_grpc
 
 from router._exceptions import DeadlineExceeded, GatewayError, InvalidArgument
 from router.extensions import config_of, statistics_of
+from router.grpc_services import Cardinality, Rpc, standard_rpcs
 from router.service import (
     EXTENSIONS,
     PLATFORM,
@@ -139,6 +140,41 @@ def _decoded(method: Callable[[Any, Any, Any], Awaitable[R]]) -> Callable[..., A
         return await method(self, request, context)
 
     return checked
+
+
+async def _refuse_malformed(request: Any, context: Any) -> None:
+    if isinstance(request, Malformed):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+
+
+def checked(rpc: Rpc) -> Callable[..., Any]:
+    """``rpc``'s handler, refusing a :class:`Malformed` request (INVALID_ARGUMENT) before
+    the handler sees it; what every door runs for the methods of :mod:`router.grpc_services`."""
+    behavior = rpc.behavior
+
+    async def unary(request: Any, context: Any) -> Any:
+        await _refuse_malformed(request, context)
+        return await behavior(request, context)
+
+    async def response_stream(request: Any, context: Any) -> AsyncIterator[Any]:
+        await _refuse_malformed(request, context)
+        async for response in behavior(request, context):
+            yield response
+
+    async def bidi_stream(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+        async def valid() -> AsyncIterator[Any]:
+            async for request in requests:
+                await _refuse_malformed(request, context)
+                yield request
+
+        async for response in behavior(valid(), context):
+            yield response
+
+    return {
+        Cardinality.UNARY: unary,
+        Cardinality.RESPONSE_STREAM: response_stream,
+        Cardinality.BIDI_STREAM: bidi_stream,
+    }[rpc.cardinality]
 
 
 def _param_value(p: pb.InferParameter) -> Any:
@@ -380,20 +416,24 @@ def build_grpc_server(
     max_message_bytes: int,
     max_concurrent_streams: int | None = None,
     max_concurrent_calls: int | None = None,
+    reuse_port: bool = False,
 ) -> grpc.aio.Server:
     """A grpc.aio server on the running loop; the caller adds ports and starts it.
 
     The handlers are built as the generated ``add_GRPCInferenceServiceServicer_to_server``
     builds them, from :data:`METHODS`, with :func:`decode_request` as every method's
-    deserializer, except that ModelInfer reads its message itself (key before body).
+    deserializer, except that ModelInfer reads its message itself (key before body);
+    health and reflection (:func:`~router.grpc_services.standard_rpcs`) are served too.
     ``max_concurrent_streams`` caps the calls open at once on one connection (HTTP/2
     SETTINGS_MAX_CONCURRENT_STREAMS); ``max_concurrent_calls`` those in progress on the
     server, beyond which grpc.aio answers RESOURCE_EXHAUSTED before reading the message.
+    ``reuse_port`` lets other servers that ask the same share the port (SO_REUSEPORT);
+    without it a second server on a taken port fails to bind.
     """
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", send_limit(max_message_bytes)),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
     if max_concurrent_streams is not None:
         options.append(("grpc.max_concurrent_streams", max_concurrent_streams))
@@ -417,7 +457,23 @@ def build_grpc_server(
         request_deserializer=functools.partial(decode_request, request_type),
         response_serializer=response_type.SerializeToString,
     )
-    service_name = SERVICE_PREFIX.strip("/")
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_name, handlers),))
-    server.add_registered_method_handlers(service_name, handlers)
+    services = {SERVICE_PREFIX.strip("/"): handlers}
+    for rpc in standard_rpcs(service):  # health and reflection
+        services.setdefault(rpc.service, {})[rpc.name] = _GRPCIO_HANDLERS[rpc.cardinality](
+            checked(rpc),
+            request_deserializer=functools.partial(decode_request, rpc.request_type),
+            response_serializer=rpc.response_type.SerializeToString,
+        )
+    for service_name, methods in services.items():
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service_name, methods),)
+        )
+        server.add_registered_method_handlers(service_name, methods)
     return server
+
+
+_GRPCIO_HANDLERS: dict[Cardinality, Callable[..., grpc.RpcMethodHandler]] = {
+    Cardinality.UNARY: grpc.unary_unary_rpc_method_handler,
+    Cardinality.RESPONSE_STREAM: grpc.unary_stream_rpc_method_handler,
+    Cardinality.BIDI_STREAM: grpc.stream_stream_rpc_method_handler,
+}

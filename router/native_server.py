@@ -185,7 +185,9 @@ class NativeServer:
         # message is delivered, as the service sees it only from then on.
         self.taken = 0
 
-    async def start(self, host: str, port: int) -> int:
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
+        """Listen on ``host:port`` (0: a free port); the port. ``reuse_port`` shares it
+        with other servers that ask the same (SO_REUSEPORT), else a taken port fails."""
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         tls = None
         if self._tls is not None:
@@ -206,6 +208,7 @@ class NativeServer:
                 max_calls=self._max_calls,
                 deferred_method=INFER_METHOD,
                 tls=tls,
+                reuse_port=reuse_port,
             )
         except OSError as exc:
             raise RuntimeError(f"cannot bind gRPC port {host}:{port}: {exc}") from exc

@@ -25,8 +25,10 @@ from router.tls import TlsFiles, TlsMaterial
 log = logging.getLogger(__name__)
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     """Bind the HTTP socket ourselves: uvicorn exits the process on a bind error.
+    ``reuse_port`` shares the port with other sockets that set SO_REUSEPORT too (the
+    kernel spreads new connections over them).
 
     The protocol is named: asyncio's own loop turns Nagle off (TCP_NODELAY) only on
     sockets whose ``proto`` is IPPROTO_TCP, and accepted sockets copy the listener's.
@@ -36,6 +38,8 @@ def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
@@ -54,7 +58,9 @@ class FrontDoors:
     Port 0 picks a free port; ``http_port``/``grpc_port`` tell which after start.
     ``tls`` puts both ports on TLS (mutual TLS when it names a client CA), reloading the
     files when they change; ``max_concurrent_streams`` (per connection) and
-    ``max_concurrent_calls`` (per server) bound the gRPC port.
+    ``max_concurrent_calls`` (per server) bound the gRPC port. ``reuse_port`` shares
+    both ports with other gateways on the host that ask the same (SO_REUSEPORT: the
+    kernel spreads new connections over them); without it a taken port fails the start.
     """
 
     GRPCIO_CHECK_S = 1.0  # how often the grpcio door's port is checked for being open
@@ -72,8 +78,10 @@ class FrontDoors:
         max_concurrent_streams: int = 1024,
         max_concurrent_calls: int = 4096,
         http_limits: HttpDoorLimits | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.service = service
+        self.reuse_port = reuse_port
         self.http_limits = http_limits or HttpDoorLimits()
         # Loaded now: a certificate that does not load stops the start, naming the files.
         self.tls = TlsMaterial(tls) if tls is not None else None
@@ -115,10 +123,12 @@ class FrontDoors:
                 self.tls.watch(), name="router-tls-watch"
             )
         if self._door is not None:
-            self.grpc_port = await self._door.start(self.host, grpc_port)
+            self.grpc_port = await self._door.start(
+                self.host, grpc_port, reuse_port=self.reuse_port
+            )
         else:
             self._grpc = self._bind_grpcio(grpc_port)
-        sock = _bind(self.host, http_port)
+        sock = _bind(self.host, http_port, self.reuse_port)
         self.http_port = sock.getsockname()[1]
         if self._grpc is not None:
             await self._grpc.start()
@@ -155,7 +165,7 @@ class FrontDoors:
 
     def _bind_grpcio(self, port: int) -> grpc.aio.Server:
         server = build_grpc_server(
-            self.service, self._max_bytes, self._max_streams, self._max_calls
+            self.service, self._max_bytes, self._max_streams, self._max_calls, self.reuse_port
         )
         address = f"{self.host}:{port}"
         try:

@@ -123,7 +123,8 @@ std::shared_ptr<grpc::ServerCredentials> Credentials(const TlsFiles& tls) {
 class Door {
  public:
   Door(const std::string& address, int max_recv, int max_send, int accepts, int max_streams,
-       int64_t max_calls, const std::string& deferred_method, const TlsFiles& tls)
+       int64_t max_calls, const std::string& deferred_method, const TlsFiles& tls,
+       bool reuse_port)
       : accepts_(accepts), max_calls_(max_calls), deferred_method_(deferred_method) {
     efd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     grpc::ServerBuilder builder;
@@ -131,8 +132,9 @@ class Door {
     builder.RegisterAsyncGenericService(&service_);
     builder.SetMaxReceiveMessageSize(max_recv);
     builder.SetMaxSendMessageSize(max_send);
-    // A second server on the same port must fail to bind, not share it.
-    builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+    // A second server on the same port must fail to bind, not share it, unless the
+    // caller asks to share it (several gateways on one node, SO_REUSEPORT).
+    builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, reuse_port ? 1 : 0);
     // Per connection: a client that opens more streams has them refused (REFUSED_STREAM).
     builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, max_streams);
     cq_ = builder.AddCompletionQueue();
@@ -507,16 +509,18 @@ PyObject* TakeCall(Call* call) {
 PyObject* Door_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
   static const char* kw[] = {"address",     "max_receive",     "max_send",
                              "accepts",     "max_streams",     "max_calls",
-                             "deferred_method", "tls",          nullptr};
+                             "deferred_method", "tls",          "reuse_port",
+                             nullptr};
   const char* address;
   int max_recv, max_send, accepts;
   int max_streams = 2147483647;
   long long max_calls = INT64_MAX;
   const char* deferred = "";
   PyObject* tls_arg = Py_None;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "siii|iLsO", const_cast<char**>(kw), &address,
+  int reuse_port = 0;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "siii|iLsOp", const_cast<char**>(kw), &address,
                                    &max_recv, &max_send, &accepts, &max_streams, &max_calls,
-                                   &deferred, &tls_arg)) {
+                                   &deferred, &tls_arg, &reuse_port)) {
     return nullptr;
   }
   if (accepts < 1 || max_streams < 1 || max_calls < 1) {
@@ -542,7 +546,7 @@ PyObject* Door_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
   if (self == nullptr) return nullptr;
   PyThreadState* state = PyEval_SaveThread();
   Door* door = new Door(address, max_recv, max_send, accepts, max_streams, max_calls,
-                        deferred_method, tls);
+                        deferred_method, tls, reuse_port != 0);
   bool ok = door->ok();
   if (ok) {
     door->Start();

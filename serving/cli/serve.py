@@ -101,10 +101,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
 
     try:
+        # The gateways' metrics ports: metrics_port + their rank on this node.
+        metrics_ports = [server.metrics_port + i for i in range(server.gateway_replicas)]
         for what, port in (
             ("HTTP", server.http_port),
             ("gRPC", server.grpc_port),
-            ("metrics", server.metrics_port),
+            *(("metrics", p) for p in (metrics_ports if server.metrics_port else [])),
         ):
             _check_port_free(server.host, port, what)
         engine = open_engine(database_url, state_dir)
@@ -192,10 +194,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 print(f"gpugate: reconcile failed: {exc}", file=sys.stderr, flush=True)
         print("gpugate draining", flush=True)
         try:
-            report = cluster.call(
+            reports = cluster.broadcast(
                 handle, "drain", server.drain_timeout_s, timeout_s=server.drain_timeout_s + 30
             )
-        except Exception as exc:  # the gateway died or hung: still shut down cleanly
+            report = {
+                "completed": all(r["completed"] for r in reports),
+                "in_flight_at_drain": sum(r["in_flight_at_drain"] for r in reports),
+            }
+        except Exception as exc:  # a gateway died or hung: still shut down cleanly
             print(f"gpugate: drain failed: {exc}", file=sys.stderr, flush=True)
             report = {"completed": False, "in_flight_at_drain": "unknown"}
         print(

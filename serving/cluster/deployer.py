@@ -116,9 +116,12 @@ class Deployer:
         spec = [w.as_spec() for w in live.values()]
         changed = spec != self._sent
         if changed or time.monotonic() - self._sent_at > RESYNC_S:
-            served = cluster.call(gateway, "sync_models", spec, timeout_s=self._timeout)
+            # Every gateway replica, each of which drains the versions that left before
+            # it answers: only then are their applications deleted below.
+            served = cluster.broadcast(gateway, "sync_models", spec, timeout_s=self._timeout)
             if changed:
-                log.warning("gateway now serves %s", ", ".join(served) or "nothing")
+                sets = {", ".join(s) or "nothing" for s in served}
+                log.warning("gateways now serve %s", " | ".join(sorted(sets)))
             self._sent, self._sent_at = spec, time.monotonic()
         for key in [k for k in self._deployed if k not in live]:
             gone = self._deployed.pop(key)

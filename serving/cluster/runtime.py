@@ -177,6 +177,15 @@ def call(handle: DeploymentHandle, method: str, *args: Any, timeout_s: float = 6
     return getattr(handle, method).remote(*args).result(timeout_s=timeout_s)
 
 
+def broadcast(
+    handle: DeploymentHandle, method: str, *args: Any, timeout_s: float = 60.0
+) -> list[Any]:
+    """Call ``method`` on every replica of the deployment (each gateway) and wait for
+    every answer; the first replica's failure is raised."""
+    answers: list[Any] = handle.broadcast(method, *args).results(timeout_s=timeout_s)
+    return answers
+
+
 def call_spread(handle: DeploymentHandle, method: str, calls: int, timeout_s: float) -> list[Any]:
     """``calls`` concurrent calls of ``method``, which Serve spreads over the
     deployment's replicas; the answers that came, failures left out (logged)."""

@@ -231,6 +231,16 @@ class ServerConfig(Strict):
         "20,000 net allocations instead of 700. Full collections of the start-up heap otherwise "
         "pause the gateway under load (docs/benchmarks.md). false = CPython's defaults.",
     )
+    gateway_replicas: int = Field(
+        default=1,
+        ge=1,
+        description="Gateway replicas (router and batcher each). On one node they share the "
+        "HTTP and gRPC ports (SO_REUSEPORT: the kernel spreads connections over them) and "
+        "serve metrics on `metrics_port`, `metrics_port`+1, ... by their rank on the node; "
+        "with `gateway_resources`, Ray places them on the nodes that advertise the resource. "
+        "Each forms its own batches; the one of rank 0 runs the rollout analysis on every "
+        "gateway's outcomes.",
+    )
     gateway_resources: dict[str, float] = Field(
         default_factory=dict,
         description="Ray custom resources the gateway replica requests, which pins it to the "

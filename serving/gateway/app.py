@@ -36,7 +36,7 @@ from serving.dataplane import ClusterSecret
 from serving.gateway.telemetry import configure_tracing, otel_env
 from serving.registry import Registry, Stages
 from serving.replica import deployment_name
-from serving.rollout import RolloutController, Rollouts
+from serving.rollout import RolloutController, Rollouts, Taken
 from serving.state import audit, open_engine
 from serving.tenancy import TenantDirectory, TenantStore
 
@@ -48,6 +48,37 @@ REFUSAL_LINGER_S = 0.5
 
 def _depth_of(batcher: ModelBatcher) -> Callable[[], float]:
     return lambda: float(batcher.queued_rows)
+
+
+def _rank() -> tuple[int, int]:
+    """This gateway replica's rank among the gateways, and among those on its node."""
+    rank = serve.get_replica_context().rank
+    return rank.rank, rank.local_rank
+
+
+class GatewayPeers:
+    """The gateway replicas of one deployment, seen from one of them: the one of rank 0
+    leads the rollout analysis, gathering every replica's windows with a Serve
+    broadcast (serving.rollout.controller.Peers)."""
+
+    GATHER_TIMEOUT_S = 10.0
+
+    def leads(self) -> bool:
+        return _rank()[0] == 0
+
+    async def gather(self, model: str, versions: tuple[str, str]) -> list[Taken]:
+        context = serve.get_replica_context()
+        handle = serve.get_deployment_handle(context.deployment, app_name=context.app_name)
+        answers = await handle.broadcast("take_windows", model, versions).results_async(
+            timeout_s=self.GATHER_TIMEOUT_S, return_exceptions=True
+        )
+        taken: list[Taken] = []
+        for answer in answers:
+            if isinstance(answer, BaseException):  # a replica stopping: its window is lost
+                log.warning("rollout windows of a gateway replica not gathered: %s", answer)
+            else:
+                taken.append(answer)
+        return taken
 
 
 class Gateway:
@@ -99,8 +130,10 @@ class Gateway:
         registry_config = GatewayConfig.model_validate(registry or {})
         audit.configure(engine, Path(state_dir), **registry_config.audit.model_dump())
         stages = Stages(Registry(engine, Path(state_dir), registry_config))
+        # Several gateways: one analyses (rank 0), on every gateway's windows.
+        peers = GatewayPeers() if cfg.gateway_replicas > 1 else None
         self._rollouts = RolloutController(
-            Rollouts(stages), self._table, self.service.windows, self.metrics
+            Rollouts(stages), self._table, self.service.windows, self.metrics, peers=peers
         )
         self._rollouts.start()
         admin = build_admin_app(
@@ -122,17 +155,23 @@ class Gateway:
             max_concurrent_streams=cfg.grpc_max_concurrent_streams,
             max_concurrent_calls=cfg.grpc_max_concurrent_calls,
             http_limits=cfg.http.door_limits(),
+            # Gateways on one node share the ports; a replacement can start beside the
+            # replica it replaces. `gpugate serve` checks the ports are free first.
+            reuse_port=True,
         )
         await self._doors.start(cfg.http_port, cfg.grpc_port)
+        # Each gateway on a node scrapes apart: metrics_port + its rank on the node.
+        self.metrics_port = cfg.metrics_port + _rank()[1] if cfg.metrics_port else 0
         self._metrics_server, self._metrics_thread = start_http_server(
-            cfg.metrics_port, cfg.host, registry=self._registry
+            self.metrics_port, cfg.host, registry=self._registry
         )
         if cfg.gc_tuning:
             gc_tuning.settle()
         log.info(
-            "gateway serving http=%s grpc=%s (%s)",
+            "gateway serving http=%s grpc=%s metrics=%s (%s)",
             cfg.http_port,
             cfg.grpc_port,
+            self.metrics_port,
             self._doors.grpc_server,
         )
 
@@ -140,7 +179,9 @@ class Gateway:
         policy = BatchPolicy(
             max_batch_size=model.max_batch_size,
             max_queue_delay_s=model.max_queue_delay_ms / 1000,
-            max_in_flight=model.replicas * model.batches_in_flight_per_replica,
+            # An autoscaled version gets the slots of its most replicas: the rows these
+            # put at the replicas are what makes Serve add replicas.
+            max_in_flight=model.max_replicas * model.batches_in_flight_per_replica,
             max_queued_rows=model.max_queued_rows,
             max_queued_rows_per_tenant=model.max_queued_rows_per_tenant,
             latency_lane_rows=model.latency_lane_rows,
@@ -152,7 +193,7 @@ class Gateway:
             batch_backend(
                 handle,
                 self.server_config.replica_transport,
-                model.replicas,
+                model.max_replicas,
                 self._cluster_secret,
             ),
             policy,
@@ -229,6 +270,11 @@ class Gateway:
             ).set(self._replicas[(record.model, record.version)] * record.result.device_share)
         self._trace_batch(record)
 
+    def take_windows(self, model: str, versions: tuple[str, str]) -> Taken:
+        """This gateway's rollout window of ``versions`` since the last take, which
+        starts a new one (the leader's :class:`GatewayPeers` gathers them)."""
+        return self.service.windows.take(model, versions)
+
     def check_health(self) -> None:
         """Serve's health probe: a dead front door makes the replica restart."""
         if not self._doors.healthy:
@@ -292,7 +338,7 @@ def build_app(
         serve.deployment(Gateway)
         .options(
             name=GATEWAY_DEPLOYMENT,
-            num_replicas=1,
+            num_replicas=server.gateway_replicas,
             ray_actor_options=gateway_actor_options(server),
             max_ongoing_requests=16,
             graceful_shutdown_timeout_s=server.drain_timeout_s,

@@ -5,7 +5,9 @@ gateway's controller that applies weights and judges each analysis window.
 from serving.rollout.controller import (
     NOT_SERVING_LIMIT_S,
     Analysis,
+    Peers,
     RolloutController,
+    Taken,
     analyse,
 )
 from serving.rollout.rollouts import (
@@ -26,10 +28,12 @@ __all__ = [
     "STATES",
     "Analysis",
     "NoRollout",
+    "Peers",
     "Rollout",
     "RolloutController",
     "RolloutError",
     "RolloutSpec",
     "Rollouts",
+    "Taken",
     "analyse",
 ]

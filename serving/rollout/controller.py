@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from router.canary import ShadowStats, VersionStats, Windows
 from router.metrics import RouterMetrics
@@ -130,8 +130,28 @@ class _Tracked:
     unserved_since: float | None = None  # candidate or baseline not in the table
 
 
+Taken = tuple[VersionStats, VersionStats, ShadowStats]
+
+
+class Peers(Protocol):
+    """The other gateway replicas, when there are several: one of them (the leader)
+    analyses every rollout, on the outcomes of all of them."""
+
+    def leads(self) -> bool:
+        """Whether this gateway is the one that analyses and decides."""
+
+    async def gather(self, model: str, versions: tuple[str, str]) -> list[Taken]:
+        """Every gateway's window of ``versions`` since its last take (each is reset)."""
+
+
 class RolloutController:
-    """Runs in the gateway: applies rollouts' weights and runs their analyses."""
+    """Runs in the gateway: applies rollouts' weights and runs their analyses.
+
+    Every gateway replica applies the weights to its own traffic. With ``peers``, only
+    the leader analyses and decides (a verdict, a step, a rollback): before each
+    analysis it gathers the other gateways' windows into its own, so the verdict
+    judges every gateway's traffic.
+    """
 
     def __init__(
         self,
@@ -140,12 +160,14 @@ class RolloutController:
         windows: Windows,
         metrics: RouterMetrics,
         poll_s: float = 0.5,
+        peers: Peers | None = None,
     ) -> None:
         self.store = store
         self.table = table
         self.windows = windows
         self.metrics = metrics
         self.poll_s = poll_s
+        self.peers = peers
         self._tracked: dict[int, _Tracked] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -208,13 +230,14 @@ class RolloutController:
         ro = tracked.rollout
         if not ro.live:
             return False
+        leads = self.peers is None or self.peers.leads()
         if not self._serving(ro):
             # Nothing to compare yet: start the window when both versions serve.
             self._take(ro)
             tracked.window_start, tracked.due = now, now + ro.spec.interval_s
             if tracked.unserved_since is None:
                 tracked.unserved_since = now
-            elif now - tracked.unserved_since > NOT_SERVING_LIMIT_S:
+            elif now - tracked.unserved_since > NOT_SERVING_LIMIT_S and leads:
                 missing = [
                     f"{ro.model}:{v}"
                     for v in (ro.baseline, ro.candidate)
@@ -228,6 +251,9 @@ class RolloutController:
             return False
         tracked.unserved_since = None
         if ro.state == "running" and now >= tracked.due:
+            if not leads:  # the leader gathers this gateway's window when it analyses
+                tracked.due = now + ro.spec.interval_s
+                return False
             return await self._analyse(tracked, now)
         return False
 
@@ -250,6 +276,9 @@ class RolloutController:
         """Run a due analysis and write its verdict; True if the weights may change."""
         ro = tracked.rollout
         versions = (ro.baseline, ro.candidate)
+        if self.peers is not None:
+            for taken in await self.peers.gather(ro.model, versions):
+                self.windows.merge(ro.model, versions, taken)
         prod, cand, shadow = self.windows.current(ro.model, versions)
         result = analyse(
             ro.spec, versions, ro.weight, prod, cand, shadow, now - tracked.window_start
