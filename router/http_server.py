@@ -72,10 +72,12 @@ def build_http_app(
     limits = limits or HttpDoorLimits()
 
     async def live(request: Request) -> Response:
-        return Response(status_code=200 if service.live else 503)
+        live = service.live
+        return _json({"live": live}, 200 if live else 503)
 
     async def ready(request: Request) -> Response:
-        return Response(status_code=200 if service.ready else 503)
+        ready = service.ready
+        return _json({"ready": ready}, 200 if ready else 503)
 
     async def server_metadata(request: Request) -> Response:
         return _json({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS})

@@ -17,6 +17,12 @@ come with their message, as before. The door also caps the streams of one connec
 and the calls in progress (answered RESOURCE_EXHAUSTED at Accept), and serves TLS from
 files that :class:`~router.tls.TlsMaterial` validates and keeps current.
 
+Health checking and server reflection (:mod:`router.grpc_services`) are streams too:
+their calls come with their first message like any other, and Python then writes the
+answer's messages one at a time (``Door.write``, each awaited until the door has
+written it) and, for reflection, reads the caller's next messages (``Door.read``)
+until the caller half-closes.
+
 Deadlines, cancellation, message limits and status codes behave as on grpc.aio:
 core enforces ``grpc-timeout`` and the size limits itself; a call it cancels
 (deadline or client) cancels the handler's task; an abort becomes the call's
@@ -30,7 +36,7 @@ import contextlib
 import functools
 import importlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from types import ModuleType
 from typing import Any
 
@@ -42,15 +48,18 @@ from router.grpc_server import (
     SERVICE_PREFIX,
     DeferredRequest,
     InferenceServicer,
+    checked,
     decode_request,
     send_limit,
 )
+from router.grpc_services import Cardinality, standard_rpcs
 from router.service import InferenceService
 from router.tls import TlsMaterial
 
 log = logging.getLogger(__name__)
 
-_Handler = tuple[Callable[[bytes], Any], Callable[[Any, Any], Awaitable[Any]]]
+# (cardinality, decode the request bytes, the handler)
+_Handler = tuple[Cardinality, Callable[[bytes], Any], Callable[[Any, Any], Any]]
 
 # Outstanding accepts (for calls of any method) that gRPC's core holds. Core's thread
 # asks again as each call arrives, so this only has to cover the calls that arrive
@@ -164,11 +173,15 @@ class NativeServer:
         servicer = InferenceServicer(service)
         self._handlers: dict[str, _Handler] = {
             SERVICE_PREFIX + name: (
+                Cardinality.UNARY,
                 functools.partial(decode_request, request_type),
                 getattr(servicer, name),
             )
             for name, (request_type, _) in METHODS.items()
         }
+        for rpc in standard_rpcs(service):  # health and reflection
+            decode = functools.partial(decode_request, rpc.request_type)
+            self._handlers[rpc.path] = (rpc.cardinality, decode, checked(rpc))
         self._max_receive = max_message_bytes
         self._max_send = send_limit(max_message_bytes)
         self._accepts = max(accepts, 1)
@@ -179,7 +192,8 @@ class NativeServer:
         self._stopped = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: dict[int, asyncio.Task[None]] = {}
-        self._bodies: dict[int, asyncio.Future[bytes | None]] = {}  # deferred reads waiting
+        self._bodies: dict[int, asyncio.Future[bytes | None]] = {}  # reads waiting
+        self._writes: dict[int, asyncio.Future[bool]] = {}  # streamed writes waiting
         self.port = 0
         # Requests handed to handlers (read by tests): a ModelInfer call counts once its
         # message is delivered, as the service sees it only from then on.
@@ -220,12 +234,16 @@ class NativeServer:
     def _take(self) -> None:
         loop = self._loop
         assert loop is not None
-        calls, cancelled, bodies = self._door.take()
+        calls, cancelled, bodies, written = self._door.take()
         for call_id, payload in bodies:
             waiter = self._bodies.pop(call_id, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(payload)
                 self.taken += payload is not None
+        for call_id, ok in written:
+            write = self._writes.pop(call_id, None)
+            if write is not None and not write.done():
+                write.set_result(ok)
         for call_id, method, payload, metadata, left in calls:
             task = loop.create_task(self._handle(call_id, method, payload, metadata, left))
             self._tasks[call_id] = task
@@ -259,6 +277,50 @@ class NativeServer:
         finally:
             self._bodies.pop(call_id, None)
 
+    async def _write(self, call_id: int, message: bytes) -> None:
+        """One message of a streamed answer, returning once the door has written it."""
+        assert self._loop is not None
+        written: asyncio.Future[bool] = self._loop.create_future()
+        if not self._door.write(call_id, message):
+            raise asyncio.CancelledError("the call is over")
+        self._writes[call_id] = written
+        try:
+            ok = await written
+        finally:
+            self._writes.pop(call_id, None)
+        if not ok:  # core reports the call as cancelled, perhaps in a later wake-up
+            raise asyncio.CancelledError("the call ended while its answer was written")
+
+    async def _requests(
+        self, call_id: int, first: Any, decode: Callable[[bytes], Any]
+    ) -> AsyncIterator[Any]:
+        """A stream's messages: the first (taken with the call), then each read on, until
+        the caller half-closes."""
+        yield first
+        while (payload := await self._read_body(call_id)) is not None:
+            yield decode(payload)
+
+    async def _respond(
+        self,
+        call_id: int,
+        cardinality: Cardinality,
+        run: Callable[[Any, Any], Any],
+        request: Any,
+        context: _Context,
+        decode: Callable[[bytes], Any],
+    ) -> bytes | None:
+        """Run the handler: a unary one's answer, serialized; a stream's answer written
+        message by message (None)."""
+        if cardinality is Cardinality.UNARY:
+            response = await run(request, context)
+            return bytes(response.SerializeToString())
+        if cardinality is Cardinality.BIDI_STREAM:
+            request = self._requests(call_id, request, decode)
+        async with contextlib.aclosing(run(request, context)) as responses:
+            async for response in responses:
+                await self._write(call_id, response.SerializeToString())
+        return None
+
     async def _handle(
         self,
         call_id: int,
@@ -275,10 +337,10 @@ class NativeServer:
             if handler is None:
                 code, details = _UNIMPLEMENTED, "Method not found!"
                 return
-            decode, run = handler
+            cardinality, decode, run = handler
             request = decode(payload) if payload is not None else _NativeBody(self, call_id, decode)
-            response = await run(request, _Context(metadata, left, self._loop))
-            body = response.SerializeToString()
+            context = _Context(metadata, left, self._loop)
+            body = await self._respond(call_id, cardinality, run, request, context, decode)
         except _Abort as exc:
             code, details, trailers = exc.code.value[0], exc.details, exc.trailers
         except asyncio.CancelledError:

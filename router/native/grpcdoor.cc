@@ -22,6 +22,12 @@
 // is known, so a stranger's call is answered without its message being read beyond what
 // HTTP/2 flow control had already let in. A call over the server's cap on calls in
 // progress is answered RESOURCE_EXHAUSTED at Accept, also before any Read.
+//
+// Streams (health Watch, server reflection): a call taken with its first message may be
+// read on (Door.read, one message at a time, each coming back as a body; none once the
+// client has half-closed) and written to (Door.write, one message at a time, each
+// coming back as written) before Python finishes it. A Finish that Python asks for while
+// a Read or Write is pending starts when the last of them is back.
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -48,7 +54,7 @@
 
 namespace {
 
-enum class Ev : uint8_t { Accept, Read, Finish, Done };
+enum class Ev : uint8_t { Accept, Read, Write, Finish, Done };
 
 struct Call;
 
@@ -63,20 +69,24 @@ struct Call {
   grpc::GenericServerAsyncReaderWriter stream{&ctx};
   grpc::ByteBuffer request;
   grpc::ByteBuffer response;
+  grpc::ByteBuffer message;  // a message of a streamed answer being written (Door.write)
   grpc::Status status;
   bool with_payload = false;
   Tag accept_tag{this, Ev::Accept};
   Tag read_tag{this, Ev::Read};
+  Tag write_tag{this, Ev::Write};
   Tag finish_tag{this, Ev::Finish};
   Tag done_tag{this, Ev::Done};
   bool done = false;            // Done delivered
   bool read_pending = false;    // the Read started, its tag not back yet
+  bool write_pending = false;   // a Write started (Door.write), its tag not back yet
   bool finish_pending = false;  // a Finish started, its tag not back yet
   bool handed = false;          // queued for or held by Python
   bool counted = false;         // accepted: counts against the cap on calls in progress
   bool deferred = false;        // key before body: Python starts the Read (Door.read)
   bool read_started = false;    // Door.read was called
-  bool finish_after_read = false;  // Python answered while the Read was pending
+  bool streaming = false;       // taken with its message, and read on since (Door.read)
+  bool finish_after_io = false;  // Python answered while a Read or Write was pending
 };
 
 // Fewer calls than this held by Python, and none queued for the writer: Finish
@@ -87,6 +97,7 @@ enum class Kind : uint8_t {
   New,        // a new call (call is set); a deferred one comes without its message
   Cancelled,  // call `id` was cancelled
   Body,       // the message of deferred call `id` (ok: false when none came)
+  Written,    // the Write of call `id` ended (ok: false when the call is over)
 };
 
 struct Event {
@@ -174,23 +185,44 @@ class Door {
     // nobody to go to, and its call may be gone.
     out->erase(std::remove_if(out->begin(), out->end(),
                               [this](const Event& e) {
-                                return e.kind == Kind::Body && calls_.count(e.id) == 0;
+                                return (e.kind == Kind::Body || e.kind == Kind::Written) &&
+                                       calls_.count(e.id) == 0;
                               }),
                out->end());
   }
 
-  // Start reading deferred call `id`'s message (called with the GIL held); false when
-  // the call is gone, is not deferred, or its Read already started.
+  // Start reading call `id`'s next message (called with the GIL held): a deferred call's
+  // one message, or the next message of a stream taken with its first. False when the
+  // call is gone, a Read of it is pending, or the deferred call's Read already started.
   bool ReadBody(uint64_t id) {
     std::lock_guard<std::mutex> lock(mu_);
     if (stopped_) return false;
     auto it = calls_.find(id);
     if (it == calls_.end()) return false;
     Call* call = it->second;
-    if (!call->deferred || call->read_started) return false;
+    if (call->read_pending || (call->deferred && call->read_started)) return false;
+    if (!call->deferred) call->streaming = true;
     call->read_started = true;
     call->read_pending = true;
     call->stream.Read(&call->request, &call->read_tag);
+    return true;
+  }
+
+  // Start writing one message of call `id`'s streamed answer (called with the GIL held);
+  // false when the call is gone or a Write of it is pending. The end of the Write comes
+  // back as a Written event.
+  bool WriteMessage(uint64_t id, const char* data, Py_ssize_t size) {
+    grpc::Slice slice(data, static_cast<size_t>(size));  // the copy, outside the lock
+    grpc::ByteBuffer message(&slice, 1);
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopped_ || writer_stopping_) return false;
+    auto it = calls_.find(id);
+    if (it == calls_.end()) return false;
+    Call* call = it->second;
+    if (call->write_pending) return false;
+    call->write_pending = true;
+    call->message.Swap(&message);
+    call->stream.Write(call->message, &call->write_tag);
     return true;
   }
 
@@ -220,11 +252,12 @@ class Door {
     call->with_payload = with_payload;
     if (with_payload) call->response.Swap(&response);
     for (const auto& [key, value] : trailers) call->ctx.AddTrailingMetadata(key, value);
-    if (call->read_pending) {
-      // A Finish may not start while the Read is pending: the Read's tag starts it. The
-      // call is cancelled so that the Read ends soon: the client may never send its
-      // message (Python gave up waiting for it), and it then gets CANCELLED.
-      call->finish_after_read = true;
+    if (call->read_pending || call->write_pending) {
+      // A Finish may not start while a Read or Write is pending: the last of their tags
+      // starts it. The call is cancelled so that they end soon: the client may never send
+      // its message (Python gave up waiting for it) or never read the one being written,
+      // and it then gets CANCELLED.
+      call->finish_after_io = true;
       call->ctx.TryCancel();
       return true;
     }
@@ -328,7 +361,8 @@ class Door {
   }
 
   void MaybeDeleteLocked(Call* call) {
-    if (call->done && !call->read_pending && !call->finish_pending && !call->handed) {
+    if (call->done && !call->read_pending && !call->write_pending && !call->finish_pending &&
+        !call->handed) {
       if (call->counted) --active_;
       delete call;
       --allocated_;
@@ -367,10 +401,12 @@ class Door {
           break;
         case Ev::Read:
           call->read_pending = false;
-          if (call->deferred) {
-            if (call->finish_after_read) {
-              call->finish_after_read = false;
-              StartReply(call);
+          if (call->deferred || call->streaming) {
+            if (call->finish_after_io) {
+              if (!call->write_pending) {
+                call->finish_after_io = false;
+                StartReply(call);
+              }
             } else if (call->handed) {
               PushLocked(Event{Kind::Body, call, call->id, ok});
             }
@@ -388,6 +424,17 @@ class Door {
             call->finish_pending = true;
             call->stream.Finish(grpc::Status(grpc::StatusCode::CANCELLED, "no request"),
                                 &call->finish_tag);
+          }
+          break;
+        case Ev::Write:
+          call->write_pending = false;
+          if (call->finish_after_io) {
+            if (!call->read_pending) {
+              call->finish_after_io = false;
+              StartReply(call);
+            }
+          } else if (call->handed) {
+            PushLocked(Event{Kind::Written, call, call->id, ok});
           }
           break;
         case Ev::Finish:
@@ -599,7 +646,28 @@ PyObject* Door_take(DoorObject* self, PyObject*) {
     Py_DECREF(cancelled);
     return nullptr;
   }
+  PyObject* written = PyList_New(0);
+  if (written == nullptr) {
+    Py_DECREF(calls);
+    Py_DECREF(cancelled);
+    Py_DECREF(bodies);
+    return nullptr;
+  }
   for (const Event& e : events) {
+    if (e.kind == Kind::Written) {
+      PyObject* item = Py_BuildValue("(KO)", static_cast<unsigned long long>(e.id),
+                                     e.ok ? Py_True : Py_False);
+      if (item == nullptr || PyList_Append(written, item) < 0) {
+        Py_XDECREF(item);
+        Py_DECREF(calls);
+        Py_DECREF(cancelled);
+        Py_DECREF(bodies);
+        Py_DECREF(written);
+        return nullptr;
+      }
+      Py_DECREF(item);
+      continue;
+    }
     if (e.kind == Kind::Body) {
       PyObject* body = e.ok ? Payload(e.call) : Py_NewRef(Py_None);
       if (body == nullptr) {  // out of memory for this message: the call alone fails
@@ -612,6 +680,7 @@ PyObject* Door_take(DoorObject* self, PyObject*) {
         Py_DECREF(calls);
         Py_DECREF(cancelled);
         Py_DECREF(bodies);
+        Py_DECREF(written);
         return nullptr;
       }
       Py_DECREF(item);
@@ -639,11 +708,12 @@ PyObject* Door_take(DoorObject* self, PyObject*) {
       Py_DECREF(calls);
       Py_DECREF(cancelled);
       Py_DECREF(bodies);
+      Py_DECREF(written);
       return nullptr;
     }
     Py_DECREF(item);
   }
-  return Py_BuildValue("(NNN)", calls, cancelled, bodies);
+  return Py_BuildValue("(NNNN)", calls, cancelled, bodies, written);
 }
 
 PyObject* Door_finish(DoorObject* self, PyObject* args) {
@@ -690,6 +760,15 @@ PyObject* Door_finish(DoorObject* self, PyObject* args) {
   return PyBool_FromLong(started);
 }
 
+PyObject* Door_write(DoorObject* self, PyObject* args) {
+  unsigned long long id;
+  const char* data;
+  Py_ssize_t size;
+  if (!PyArg_ParseTuple(args, "Ky#", &id, &data, &size)) return nullptr;
+  if (!Alive(self)) return nullptr;
+  return PyBool_FromLong(self->door->WriteMessage(id, data, size));
+}
+
 PyObject* Door_read(DoorObject* self, PyObject* args) {
   unsigned long long id;
   if (!PyArg_ParseTuple(args, "K", &id)) return nullptr;
@@ -730,11 +809,16 @@ PyObject* Door_active(DoorObject* self, void*) {
 
 PyMethodDef door_methods[] = {
     {"take", reinterpret_cast<PyCFunction>(Door_take), METH_NOARGS,
-     "take() -> (calls, cancelled, bodies): calls as (id, method, request or None when "
-     "deferred, metadata, seconds left or None); cancelled as ids of calls taken earlier; "
-     "bodies as (id, request or None when none came) for deferred calls read since"},
+     "take() -> (calls, cancelled, bodies, written): calls as (id, method, request or None "
+     "when deferred, metadata, seconds left or None); cancelled as ids of calls taken "
+     "earlier; bodies as (id, request or None when none came) for the reads started since; "
+     "written as (id, ok) for the writes started since"},
     {"read", reinterpret_cast<PyCFunction>(Door_read), METH_VARARGS,
-     "read(id) -> bool: start reading a deferred call's request (it comes in a later take)"},
+     "read(id) -> bool: start reading a deferred call's request, or a stream's next one "
+     "(it comes in a later take)"},
+    {"write", reinterpret_cast<PyCFunction>(Door_write), METH_VARARGS,
+     "write(id, message) -> bool: start writing one message of a call's streamed answer "
+     "(its end comes in a later take); finish(id, code, details, None) ends the stream"},
     {"finish", reinterpret_cast<PyCFunction>(Door_finish), METH_VARARGS,
      "finish(id, code, details, response or None, trailers=()) -> bool: answer a taken "
      "call; trailers are (key, value) pairs of trailing metadata"},

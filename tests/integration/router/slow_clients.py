@@ -63,6 +63,14 @@ async def _slow(
         writer.close()
 
 
+def _content_length(head: bytes) -> int:
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
+
+
 async def _idle(
     host: str, port: int, deadline: float, out: list[Any], opened: asyncio.Event
 ) -> None:
@@ -93,10 +101,13 @@ async def _idle(
             out.append([0.0, True, head[:12].decode()])
             continue
         try:
+            await reader.readexactly(_content_length(head))  # the answer's body
             data = await asyncio.wait_for(reader.read(256), max(0.0, deadline - asked))
             closed, extra = True, data[:12].decode()
         except TimeoutError:
             closed, extra = False, ""
+        except asyncio.IncompleteReadError:
+            closed, extra = True, "closed within the body"
         except OSError as exc:
             closed, extra = True, f"error: {exc!r}"
         out.append([time.monotonic() - asked, closed, extra])
