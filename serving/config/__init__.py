@@ -3,6 +3,7 @@
 from serving.config.schema import (
     NAME_PATTERN,
     ArtifactFormat,
+    AutoscalingConfig,
     ConfigError,
     CostsConfig,
     GatewayConfig,
@@ -21,6 +22,7 @@ from serving.config.server import ServerConfig
 __all__ = [
     "NAME_PATTERN",
     "ArtifactFormat",
+    "AutoscalingConfig",
     "ConfigError",
     "CostsConfig",
     "GatewayConfig",

@@ -18,6 +18,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from serving.config.schema import (
+    AutoscalingConfig,
     CostsConfig,
     GatewayConfig,
     MetricPolicy,
@@ -73,6 +74,7 @@ SECTIONS: tuple[tuple[str, str, type[BaseModel]], ...] = (
     ("`server.http`: limits of the HTTP port", "server.http.", HttpLimits),
     ("`models[]`: one served model version", "models[].", ModelConfig),
     ("`models[].inputs[]`, `models[].outputs[]`", "models[].inputs[].", TensorConfig),
+    ("`models[].autoscaling`: replicas on demand", "models[].autoscaling.", AutoscalingConfig),
     ("`tenants[]`", "tenants[].", TenantConfig),
     ("`costs`: pricing for the cost ledger", "costs.", CostsConfig),
     ("`costs.prices[]`", "costs.prices[].", PriceConfig),

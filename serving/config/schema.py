@@ -66,6 +66,64 @@ class TensorConfig(_Strict):
         return TensorSpec(self.name, self.datatype, tuple(self.shape))
 
 
+class AutoscalingConfig(_Strict):
+    """Replicas follow the rows the version's replicas hold: every replica reports the rows
+    of the batches it has received and not yet answered (queued and running, averaged
+    over the last ~2 s), and Ray Serve sets the replica count to
+    `ceil(total rows / target_queued_rows_per_replica)` within `min_replicas` ..
+    `max_replicas`, once the need has lasted `upscale_delay_s` (up) or
+    `downscale_delay_s` (down). Without it the version runs `replicas` replicas.
+    Sizing and scale-down: [operations](operations.md#autoscaling).
+
+    ```yaml
+    models:
+      - name: digits
+        autoscaling:
+          min_replicas: 1
+          max_replicas: 4
+          target_queued_rows_per_replica: 64
+    ```"""
+
+    min_replicas: int = Field(
+        default=1,
+        ge=1,
+        le=1024,
+        description="Replicas kept however idle the version is (at least 1: a version does "
+        "not scale to zero). The version starts with this many.",
+    )
+    max_replicas: int = Field(ge=1, le=1024, description="Replicas at most.")
+    target_queued_rows_per_replica: int | None = Field(
+        default=None,
+        ge=1,
+        description="Rows (queued and running) one replica should hold on average; more "
+        "rows in total add replicas, fewer remove them. At most batches_in_flight_per_replica "
+        "x max_batch_size (a replica's share of the batches the gateway sends at once), or "
+        "the version could never reach max_replicas. Unset: the version's max_batch_size.",
+    )
+    upscale_delay_s: float = Field(
+        default=10.0,
+        ge=0,
+        le=3600,
+        description="How long more replicas must be needed before they are added.",
+    )
+    downscale_delay_s: float = Field(
+        default=300.0,
+        ge=0,
+        le=86400,
+        description="How long fewer replicas must suffice before replicas are removed; a "
+        "removed replica finishes the batches it holds and refuses new ones, which the "
+        "gateway sends to another replica.",
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingConfig:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas})"
+            )
+        return self
+
+
 class ModelConfig(_Strict):
     """Config models are registered in the model registry at start-up as versions
     authored by `config` (an artifact that changed under the same version label is
@@ -99,7 +157,16 @@ class ModelConfig(_Strict):
         description="How long the oldest request may wait for a fuller batch while a "
         "replica slot is free. 0 dispatches as soon as a slot is free.",
     )
-    replicas: int = Field(default=1, ge=1, description="Ray Serve replicas of this version.")
+    replicas: int = Field(
+        default=1,
+        ge=1,
+        description="Ray Serve replicas of this version (a fixed count; unused with autoscaling).",
+    )
+    autoscaling: AutoscalingConfig | None = Field(
+        default=None,
+        description="Scale the replicas on the rows they hold (see below); unset: a fixed "
+        "`replicas` count.",
+    )
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs reserved per replica.")
     num_cpus: float = Field(default=1.0, gt=0, description="CPUs reserved per replica.")
     batches_in_flight_per_replica: int = Field(
@@ -152,7 +219,28 @@ class ModelConfig(_Strict):
         names = [t.name for t in self.inputs] + [t.name for t in self.outputs]
         if len(set(names)) != len(names):
             raise ValueError("input and output names must be unique")
+        scaling = self.autoscaling
+        held = self.batches_in_flight_per_replica * self.max_batch_size
+        if scaling is not None and (scaling.target_queued_rows_per_replica or 0) > held:
+            # The gateway sends at most max_replicas x this many rows at once: with a
+            # larger target the version could never reach max_replicas.
+            raise ValueError(
+                f"autoscaling.target_queued_rows_per_replica "
+                f"({scaling.target_queued_rows_per_replica}) must be <= "
+                f"batches_in_flight_per_replica x max_batch_size ({held})"
+            )
         return self
+
+    @property
+    def max_replicas(self) -> int:
+        """The most replicas this version runs: autoscaling's bound, else ``replicas``."""
+        return self.autoscaling.max_replicas if self.autoscaling else self.replicas
+
+    @property
+    def target_rows_per_replica(self) -> int:
+        """Autoscaling's target rows per replica (default: a full batch)."""
+        target = self.autoscaling.target_queued_rows_per_replica if self.autoscaling else None
+        return target or self.max_batch_size
 
     def signature(self) -> ModelSignature:
         return ModelSignature(

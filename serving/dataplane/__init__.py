@@ -29,12 +29,18 @@ latency-lane batch (``urgent`` in the request's parameters) goes before the
 ordinary ones waiting, never before the one running.
 
 Failure handling: a connection that is refused, reset or closed mid-batch means
-the replica is gone: its address is forgotten, the batch is retried once on
+the replica is gone: its address is forgotten, the batch is retried on
 another known replica (the forward has no side effects and only an answer is
 billed), else it fails with :class:`BackendUnavailableError` (a retryable 503).
 The next batch asks Serve again, which answers from a live (or restarted)
-replica. Addresses are also refreshed every ``refresh_s``, so scaled-up replicas
-get traffic.
+replica. Addresses are also refreshed every ``refresh_s``, and every 0.2-2 s while
+fewer replicas are known than the version may have, so scaled-up replicas get traffic.
+
+Scale-down: a replica that Serve stops runs the batches it has received and answers
+any later one with a "stopping" refusal (the batch did not run); the gateway forgets
+it and sends the batch to another replica, asking Serve again if it knows no other.
+The rows a replica holds (:class:`RowsInFlight`) are what Serve's autoscaler scales
+on (serving.replica.autoscaling).
 """
 
 from serving.dataplane.auth import (
@@ -46,7 +52,8 @@ from serving.dataplane.auth import (
     read_secret_file,
 )
 from serving.dataplane.client import DirectBatchBackend, open_connection
-from serving.dataplane.codec import ReplicaError
+from serving.dataplane.codec import ReplicaError, ReplicaStoppingError
+from serving.dataplane.load import RowsInFlight
 from serving.dataplane.server import ReplicaDataServer
 
 __all__ = [
@@ -56,6 +63,8 @@ __all__ = [
     "HandshakeError",
     "ReplicaDataServer",
     "ReplicaError",
+    "ReplicaStoppingError",
+    "RowsInFlight",
     "cluster_secret",
     "ensure_secret_file",
     "open_connection",

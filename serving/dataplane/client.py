@@ -11,7 +11,14 @@ from dataclasses import dataclass, field
 
 from scheduler import BackendError, BackendUnavailableError, BatchResult, Tensors
 from serving.dataplane.auth import ClusterSecret, HandshakeError, prove
-from serving.dataplane.codec import ReplicaError, decode_result, encode_batch, frame, read_frame
+from serving.dataplane.codec import (
+    ReplicaError,
+    ReplicaStoppingError,
+    decode_result,
+    encode_batch,
+    frame,
+    read_frame,
+)
 
 log = logging.getLogger(__name__)
 
@@ -21,9 +28,12 @@ _CONNECT_TIMEOUT_S = 5.0
 # new connection's handshake may wait for the forward running there, as its batch
 # would have: a bound for a replica that hangs, not for one that is busy.
 _HANDSHAKE_TIMEOUT_S = 120.0
-# While fewer replicas are known than the version has, discovery runs again this often
-# (Serve may route every discovery call of a round to the same replica).
+# While fewer replicas are known than the version may have, discovery runs again after
+# this long (Serve may route every discovery call of a round to the same replica), twice
+# as long after each round that finds nothing new, up to the longer bound: an
+# autoscaled version below its maximum keeps looking for the replicas Serve adds.
 _SHORT_REFRESH_S = 0.2
+_SHORT_REFRESH_MAX_S = 2.0
 
 
 _Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
@@ -51,10 +61,17 @@ class _Replica:
     in_flight: int = 0
     gone: bool = False
     last_answer_ns: int = 0  # when its latest answer arrived (perf_counter_ns)
+    answered: int = 0  # batches it answered (statistics)
+    picked: int = 0  # when it was last picked (a count of picks): ties go round
+    closed_by_it: bool = False  # it closed a pooled connection: it stopped, or restarts
 
     async def connect(self) -> _Connection:
-        if self.idle:
-            return self.idle.pop()
+        while self.idle:
+            reader, writer = self.idle.pop()
+            if not reader.at_eof() and not writer.is_closing():
+                return reader, writer
+            self.closed_by_it = True  # a new connection tells whether it is still up
+            writer.close()
         return await open_connection(self.address, self.secret)
 
     def close(self) -> None:
@@ -68,9 +85,14 @@ class DirectBatchBackend:
     """scheduler.Backend that sends batches straight to the replicas' data ports.
 
     ``discover`` asks Serve for one live replica's address (a handle call that Serve
-    routes like any other). Batches go to the known replica with the fewest batches
-    in flight. A batch whose replica turns out gone is tried once more on another
-    known replica; with none left it fails as unavailable. Every connection starts
+    routes like any other); ``expected_replicas`` is how many the version may have (its
+    ``replicas``, or autoscaling's maximum): while fewer are known, discovery runs again
+    every 0.2-2 s, so replicas that Serve adds get batches. Batches go to the known
+    replica with the fewest batches in flight (of those, the one picked longest ago). A
+    batch whose replica turns out gone is tried on another known replica; with none left
+    it fails as unavailable. A replica that is stopping (scaled down) answers a batch it
+    will not run with a refusal: it is forgotten and the batch goes to another replica,
+    found by asking Serve again if every known one was tried. Every connection starts
     with the handshake (serving.dataplane.auth): no batch goes to a port that did not
     prove ``secret``.
     """
@@ -91,6 +113,8 @@ class DirectBatchBackend:
         self._clock = clock
         self._replicas: dict[str, _Replica] = {}
         self._refreshed_at = -float("inf")
+        self._short_refresh_s = _SHORT_REFRESH_S
+        self._picks = 0
         self._refresh: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -98,13 +122,19 @@ class DirectBatchBackend:
     def addresses(self) -> list[str]:
         return sorted(self._replicas)
 
+    @property
+    def answered(self) -> dict[str, int]:
+        """Batches each known replica answered since it was found (statistics)."""
+        return {a: r.answered for a, r in sorted(self._replicas.items())}
+
     async def run_batch(self, inputs: Tensors, *, urgent: bool = False) -> BatchResult:
         payload = frame(encode_batch(inputs, urgent))
         tried: set[str] = set()
+        refused = False  # the last replica tried was stopping
         while True:
             if self._closed:
                 raise BackendUnavailableError("the model version is shutting down")
-            replica = await self._pick(tried)
+            replica = await self._pick(tried, ask_again=refused)
             tried.add(replica.address)
             replica.in_flight += 1
             conn: _Connection | None = None
@@ -127,10 +157,16 @@ class DirectBatchBackend:
             except (TimeoutError, OSError, EOFError) as exc:
                 # Refused, reset or closed mid-batch (IncompleteReadError is an EOFError),
                 # or the port did not prove the cluster secret: a misconfiguration (or
-                # worse) an operator must see, not a replica restarting.
-                level = logging.ERROR if isinstance(exc, HandshakeError) else logging.WARNING
+                # worse) an operator must see, not a replica restarting. A replica that
+                # had closed its connections itself has stopped (scaled down): routine.
+                level = logging.WARNING
+                if isinstance(exc, HandshakeError):
+                    level = logging.ERROR
+                elif replica.closed_by_it:
+                    level = logging.INFO
                 log.log(level, "replica %s unavailable: %s", replica.address, exc)
                 self._forget(replica)
+                refused = False
                 if not any(a not in tried for a in self._replicas):
                     raise BackendUnavailableError("no model replica is available") from exc
                 continue
@@ -142,11 +178,20 @@ class DirectBatchBackend:
                     else:  # e.g. cancelled mid-batch: its answer would reach the next one
                         conn[1].close()
             try:
-                return dataclasses.replace(decode_result(data), wait_ns=wait_ns)
+                result = decode_result(data)
+            except ReplicaStoppingError:
+                # Scaled down or replaced: it runs what it holds and takes nothing new.
+                # The batch did not run; it goes to another replica.
+                log.info("data plane: replica %s is stopping", replica.address)
+                self._forget(replica)
+                refused = True
+                continue
             except ReplicaError as exc:
                 # The detail (paths, model internals) goes to the log, not the caller.
                 log.warning("batch failed on replica %s: %s", replica.address, exc)
                 raise BackendError("the model failed to run the batch") from exc
+            replica.answered += 1
+            return dataclasses.replace(result, wait_ns=wait_ns)
 
     async def close(self) -> None:
         """Stop: no new batches; closes the connections (call after the batcher drained)."""
@@ -159,17 +204,25 @@ class DirectBatchBackend:
 
     # -- replica addresses ------------------------------------------------------
 
-    async def _pick(self, tried: set[str]) -> _Replica:
+    async def _pick(self, tried: set[str], ask_again: bool = False) -> _Replica:
+        """The known replica not in ``tried`` with the fewest batches in flight. With
+        ``ask_again`` (the last one tried was stopping) and every known one tried, a new
+        discovery round is awaited first: Serve routes it only to running replicas."""
         age = self._clock() - self._refreshed_at
-        short = len(self._replicas) < self._expected and age > _SHORT_REFRESH_S
+        short = len(self._replicas) < self._expected and age > self._short_refresh_s
         stale = short or age > self._refresh_s
-        if (not self._replicas or stale) and (self._refresh is None or self._refresh.done()):
-            self._refresh = asyncio.get_running_loop().create_task(
-                self._discover_all(), name="gpugate-replica-discovery"
-            )
-            self._refresh.add_done_callback(_log_failure)
+        if not self._replicas or stale:
+            self._start_discovery()
         candidates = [r for r in self._replicas.values() if r.address not in tried]
-        if not candidates and self._refresh is not None:
+        # After a refusal: the round under way may have begun before the replica stopped
+        # (and found only it), so a second, new one follows if it finds nothing else.
+        for _ in range(2 if ask_again else 1):
+            if candidates:
+                break
+            if ask_again:
+                self._start_discovery()
+            if self._refresh is None:
+                break
             try:
                 await asyncio.shield(self._refresh)
             except Exception as exc:
@@ -177,7 +230,21 @@ class DirectBatchBackend:
             candidates = [r for r in self._replicas.values() if r.address not in tried]
         if not candidates:
             raise BackendUnavailableError("no model replica is available")
-        return min(candidates, key=lambda r: r.in_flight)
+        # Of those with the fewest in flight, the one picked longest ago: a replica
+        # found later (scaled up) gets batches even when there are fewer batches than
+        # replicas, and the load spreads evenly.
+        replica = min(candidates, key=lambda r: (r.in_flight, r.picked))
+        self._picks += 1
+        replica.picked = self._picks
+        return replica
+
+    def _start_discovery(self) -> None:
+        """A discovery round, unless one is under way."""
+        if self._refresh is None or self._refresh.done():
+            self._refresh = asyncio.get_running_loop().create_task(
+                self._discover_all(), name="gpugate-replica-discovery"
+            )
+            self._refresh.add_done_callback(_log_failure)
 
     async def _discover_all(self) -> None:
         # Serve spreads concurrent calls over its replicas; a few more calls than
@@ -193,7 +260,11 @@ class DirectBatchBackend:
             errors = [a for a in answers if isinstance(a, BaseException)]
             raise errors[0] if errors else RuntimeError("no replica answered")
         self._refreshed_at = self._clock()
-        for address in found - set(self._replicas):
+        new = found - set(self._replicas)
+        self._short_refresh_s = (
+            _SHORT_REFRESH_S if new else min(2 * self._short_refresh_s, _SHORT_REFRESH_MAX_S)
+        )
+        for address in new:
             if self._closed:
                 return
             self._replicas[address] = _Replica(address, self._secret)
@@ -203,6 +274,7 @@ class DirectBatchBackend:
         replica.close()
         if self._replicas.get(replica.address) is replica:
             del self._replicas[replica.address]
+            self._short_refresh_s = _SHORT_REFRESH_S  # replicas come and go: look again soon
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:

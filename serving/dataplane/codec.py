@@ -58,12 +58,29 @@ def encode_error(message: str) -> bytes:
     return bytes(msg.SerializeToString())
 
 
+def encode_stopping() -> bytes:
+    """The answer of a replica that is shutting down to a batch it did not run. It also
+    carries an error, so a gateway that does not know the flag fails the batch rather
+    than reading an empty result."""
+    msg = pb.ModelInferResponse()
+    msg.parameters["stopping"].bool_param = True
+    msg.parameters["error"].string_param = "the replica is stopping"
+    return bytes(msg.SerializeToString())
+
+
 class ReplicaError(Exception):
     """The replica could not run the batch (the model's own error, or bad input)."""
 
 
+class ReplicaStoppingError(Exception):
+    """The replica is shutting down (scaled down, or replaced) and did not run the batch:
+    send it to another replica."""
+
+
 def decode_result(data: bytes) -> BatchResult:
     msg = pb.ModelInferResponse.FromString(data)
+    if "stopping" in msg.parameters:
+        raise ReplicaStoppingError("the replica is stopping")
     if "error" in msg.parameters:
         raise ReplicaError(msg.parameters["error"].string_param)
     return BatchResult(

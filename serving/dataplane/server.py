@@ -20,8 +20,10 @@ from serving.dataplane.codec import (
     decode_batch,
     encode_error,
     encode_result,
+    encode_stopping,
     frame,
 )
+from serving.dataplane.load import RowsInFlight
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,11 @@ class ReplicaDataServer:
     A connection carries batches only after the gateway has proven the cluster secret
     (:mod:`serving.dataplane.auth`); until then, any byte beyond the handshake's, a wrong
     proof or a slow one closes it, before anything is decoded.
+
+    ``load`` counts the rows of the batches received and not yet answered (what Serve's
+    autoscaler scales on). Once :meth:`stop` begins, a batch that arrives is refused
+    unrun with a "stopping" answer, which tells the gateway to send it elsewhere, while
+    those already received still run.
     """
 
     def __init__(
@@ -63,8 +70,11 @@ class ReplicaDataServer:
         *,
         handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
         max_handshakes: int = MAX_HANDSHAKES,
+        load: RowsInFlight | None = None,
     ) -> None:
         self._run_batch = run_batch
+        self.load = load if load is not None else RowsInFlight()
+        self._stopping = False
         self._secret = secret
         self._handshake_timeout_s = handshake_timeout_s
         self._max_handshakes = max_handshakes
@@ -75,8 +85,8 @@ class ReplicaDataServer:
             target=self._loop.run_forever, name="gpugate-data", daemon=True
         )
         self._server: asyncio.Server | None = None
-        # (0 urgent / 1 ordinary, arrival, inputs, the connection to answer on)
-        self._waiting: list[tuple[int, int, Tensors, _Link]] = []
+        # (0 urgent / 1 ordinary, arrival, inputs, the connection to answer on, rows)
+        self._waiting: list[tuple[int, int, Tensors, _Link, int]] = []
         self._arrivals = itertools.count()
         self._pick_scheduled = False
         self._connections: set[_Link] = set()
@@ -105,7 +115,8 @@ class ReplicaDataServer:
         return self._server is None or self._thread.is_alive()
 
     def stop(self, grace_s: float = 5.0) -> None:
-        """Refuse new connections, let queued batches answer (up to ``grace_s``)."""
+        """Refuse new connections and new batches (these with a "stopping" answer), let
+        the batches already received answer (up to ``grace_s``)."""
         if self._server is None:
             return
         with contextlib.suppress(Exception):
@@ -117,6 +128,7 @@ class ReplicaDataServer:
     async def _drain(self, grace_s: float) -> None:
         """Run what has arrived and let every answer reach its socket, up to the grace."""
         assert self._server is not None
+        self._stopping = True
         self._server.close()
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline and (
@@ -145,7 +157,14 @@ class ReplicaDataServer:
             log.warning("undecodable batch: %s", exc)
             conn.send(encode_error(f"{type(exc).__name__}: {exc}"))
             return
-        heapq.heappush(self._waiting, (0 if urgent else 1, next(self._arrivals), inputs, conn))
+        if self._stopping:
+            conn.send(encode_stopping())
+            return
+        rows = len(next(iter(inputs.values()))) if inputs else 0
+        self.load.add(rows)
+        heapq.heappush(
+            self._waiting, (0 if urgent else 1, next(self._arrivals), inputs, conn, rows)
+        )
         self._schedule_pick()
 
     def _schedule_pick(self) -> None:
@@ -162,11 +181,12 @@ class ReplicaDataServer:
         self._pick_scheduled = False
         if not self._waiting:
             return
+        _, _, inputs, conn, rows = heapq.heappop(self._waiting)
         try:
-            _, _, inputs, conn = heapq.heappop(self._waiting)
             if not conn.gone:  # the gateway gave up on it (cancelled): no one to answer
                 conn.send(self._answer(inputs))
         finally:
+            self.load.add(-rows)
             self._schedule_pick()  # whatever happened to this one, the rest still run
 
     def _answer(self, inputs: Tensors) -> bytes:

@@ -13,8 +13,9 @@ from ray import serve
 
 from scheduler import BatchResult, Tensors
 from serving.config import ModelConfig
-from serving.dataplane import ClusterSecret, ReplicaDataServer
+from serving.dataplane import ClusterSecret, ReplicaDataServer, RowsInFlight
 from serving.replica.artifacts import ModelLoadError
+from serving.replica.autoscaling import ROWS_METRIC, replica_count_options
 from serving.replica.runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,9 @@ class ModelReplica:
     It holds no database credentials: model code runs in this process. What it
     reserves (for the cost ledger's idle capacity) it tells whoever asks
     (:meth:`reservation`); the ``gpugate serve`` driver writes the rows. Its data
-    plane takes batches only from gateways that prove ``secret``.
+    plane takes batches only from gateways that prove ``secret``. The rows it holds
+    (received, not yet answered) are what Serve's autoscaler scales the version on
+    (:meth:`record_autoscaling_stats`).
     """
 
     def __init__(self, model: dict[str, Any], secret: ClusterSecret) -> None:
@@ -58,11 +61,21 @@ class ModelReplica:
         self._loaded_at = time.time()
         self._data_lock = threading.Lock()
         self._data: dict[str, ReplicaDataServer] = {}  # bind host -> server
+        self._load = RowsInFlight()  # every data server's batches and Serve's calls
         log.info(
             "model %s:%s ready on %s", self.config.name, self.config.version, self.runner.device
         )
 
     def run_batch(self, inputs: Tensors) -> BatchResult:
+        """One batch over Serve's request path (``replica_transport`` grpc or actor)."""
+        rows = len(next(iter(inputs.values()))) if inputs else 0
+        self._load.add(rows)
+        try:
+            return self._forward(inputs)
+        finally:
+            self._load.add(-rows)
+
+    def _forward(self, inputs: Tensors) -> BatchResult:
         outputs, device_ns = self.runner.run(inputs)
         return BatchResult(
             outputs=outputs,
@@ -80,7 +93,7 @@ class ModelReplica:
         with self._data_lock:
             server = self._data.get(host)
             if server is None:
-                server = ReplicaDataServer(self.run_batch, self._secret)
+                server = ReplicaDataServer(self._forward, self._secret, load=self._load)
                 server.start(host)
                 self._data[host] = server
                 log.info("data plane of %s on %s", deployment_name(self.config), server.address)
@@ -105,6 +118,11 @@ class ModelReplica:
             "refused": sum(s.refused for s in servers),
         }
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom-metrics hook (autoscaled versions): the rows held on average
+        since the previous call (serving.replica.autoscaling)."""
+        return {ROWS_METRIC: self._load.mean()}
+
     def check_health(self) -> None:
         """Serve's health probe: a dead data plane makes Serve restart the replica."""
         if not all(server.healthy for server in list(self._data.values())):
@@ -127,7 +145,7 @@ def model_deployment(model: ModelConfig, secret: ClusterSecret) -> Any:
         serve.deployment(ModelReplica)
         .options(
             name=deployment_name(model),
-            num_replicas=model.replicas,
+            **replica_count_options(model),
             # The gateway's batcher already bounds batches in flight. Serve's own cap
             # must sit above it: a replica's count drops only after its reply is sent,
             # and at the cap Serve rejects and backs off for tens of milliseconds.

@@ -341,7 +341,7 @@ def test_every_gpu_model_fits_a_gpu_worker_group() -> None:
                 assert "num-gpus" not in g["rayStartParams"], "taken from the limit"
                 per_pod = min(gpus // m.num_gpus, quantity(limits["cpu"]) // m.num_cpus)
                 fits.append(per_pod * g["maxReplicas"])
-        assert fits and max(fits) >= m.replicas, f"{m.name}:{m.version} has no room"
+        assert fits and max(fits) >= m.max_replicas, f"{m.name}:{m.version} has no room"
 
 
 def test_images_are_one_build_with_a_cuda_variant_for_the_gpu_group() -> None:
