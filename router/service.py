@@ -157,6 +157,9 @@ class InferenceService:
         self.metrics = metrics or RouterMetrics(None)
         self._tenants = tenants
         self._draining = False
+        # False until the gateway is told what to serve (a gateway that starts with no
+        # models is not ready, so a load balancer sends it nothing yet).
+        self.has_models = True
         self._in_flight = 0
         self.metrics.requests_in_flight.set_function(lambda: self._in_flight)
         self._idle = asyncio.Event()
@@ -179,7 +182,7 @@ class InferenceService:
 
     @property
     def ready(self) -> bool:
-        return not self._draining
+        return self.has_models and not self._draining
 
     def model_ready(self, name: str, version: str | None) -> bool:
         try:
@@ -452,9 +455,9 @@ class InferenceService:
         request's headers, for an incoming ``traceparent``), and anything unexpected
         becomes a 500 / INTERNAL without its details.
         """
-        if self._draining:
+        if self._draining or not self.has_models:
             self.metrics.observe_request("-", "-", "-", "503", 0.0)
-            raise Unavailable("server is draining")
+            raise Unavailable("server is draining" if self._draining else "server is starting")
         started = time.perf_counter()
         span = start_request_span(span_name, carrier)
         call = Call(trace=span_context(span))

@@ -1,6 +1,8 @@
-"""``gpugate serve``: the server. A thin driver: start or join Ray, deploy the Serve
-application (gateway + one deployment per model version), print one line when ready,
-and on SIGTERM/SIGINT drain in-flight requests, shut down, exit 0.
+"""``gpugate serve``: the server, embedded. A thin driver: start or join Ray, deploy the
+``gpugate`` Serve application (the control loop and the gateways; the control loop
+deploys one application per model version and follows the registry), print one line
+when the gateways serve, and on SIGTERM/SIGINT stop the control loop, drain in-flight
+requests, shut down, exit 0.
 """
 
 from __future__ import annotations
@@ -11,15 +13,19 @@ import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from serving.cli.client import DEFAULT_STATE_DIR
 
 if TYPE_CHECKING:
     from serving.config import GatewayConfig
 
-RECONCILE_INTERVAL_S = 0.25
+
+# The control loop's first pass deploys every served version (each within 180 s, or it
+# is skipped and audited) before the gateways get the set.
+FIRST_PASS_TIMEOUT_S = 900.0
 
 
 def _state_dir(arg: str | None, config: GatewayConfig) -> Path:
@@ -53,6 +59,38 @@ def _stop_on_signals(stop: threading.Event) -> None:
         signal.signal(sig, lambda *_: stop.set())
 
 
+def _first_pass(
+    cluster: Any, handle: Any, stop: threading.Event, timeout_s: float
+) -> dict[str, Any] | None:
+    """Wait until the control loop has deployed what the registry serves and sent it to
+    the gateways; its status, or None if a signal came first."""
+    deadline = time.monotonic() + timeout_s
+    while not stop.wait(0.2):
+        status: dict[str, Any] = cluster.call(handle, "status", timeout_s=30)
+        if status["passes"] > 0:
+            return status
+        if time.monotonic() > deadline:
+            why = f": {status['error']}" if status["error"] else ""
+            raise TimeoutError(f"the control loop made no pass in {timeout_s:.0f}s{why}")
+    return None
+
+
+def _drain(cluster: Any, control: Any, timeout_s: float) -> dict[str, Any]:
+    """Stop the control loop, then drain every gateway; the sum of their reports."""
+    try:
+        cluster.call(control, "stop", timeout_s=60)
+        reports = cluster.broadcast(
+            cluster.gateway_handle(), "drain", timeout_s, timeout_s=timeout_s + 30
+        )
+        return {
+            "completed": all(r["completed"] for r in reports),
+            "in_flight_at_drain": sum(r["in_flight_at_drain"] for r in reports),
+        }
+    except Exception as exc:  # a gateway died or hung: still shut down cleanly
+        print(f"gpugate: drain failed: {exc}", file=sys.stderr, flush=True)
+        return {"completed": False, "in_flight_at_drain": "unknown"}
+
+
 def _stopped_during_start() -> int:
     print("gpugate stopped during start-up", flush=True)
     return 0
@@ -64,7 +102,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     _stop_on_signals(stop)
     # Imported here so that the client commands start quickly (no torch, no Ray).
-    from serving.config import ConfigError, ModelConfig, load_config
+    from serving.config import ConfigError, load_config
 
     try:
         config = load_config(args.config)
@@ -84,21 +122,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     state_dir = _state_dir(args.state_dir, config)
     database_url = _database_url(args.database_url, config)
 
-    from serving.cluster import Deployer
     from serving.cluster import runtime as cluster
-    from serving.dataplane import cluster_secret
-    from serving.demo import demo_accuracy, ensure_demo_model
-    from serving.gateway import build_app
-    from serving.registry import Registry, RegistryError, Stages
-    from serving.state import AuditKeyError, SchemaError, audit, open_engine
-    from serving.tenancy import (
-        ADMIN_TOKEN_FILE,
-        TenantError,
-        TenantStore,
-        UserStore,
-        ensure_admin,
-        ensure_demo_tenant,
-    )
+    from serving.gateway import build_app, prepare
+    from serving.registry import RegistryError
+    from serving.state import AuditKeyError, SchemaError
+    from serving.tenancy import ADMIN_TOKEN_FILE, TenantError
 
     try:
         # The gateways' metrics ports: metrics_port + their rank on this node.
@@ -109,26 +137,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             *(("metrics", p) for p in (metrics_ports if server.metrics_port else [])),
         ):
             _check_port_free(server.host, port, what)
-        engine = open_engine(database_url, state_dir)
-        audit.configure(engine, state_dir, **config.audit.model_dump())
-        store = TenantStore(engine)
-        store.upsert_from_config(config.tenants, os.environ)
-        admin_token = ensure_admin(UserStore(engine), state_dir)
-        models: list[ModelConfig] = list(config.models)
-        demo_key = None
-        if not models:
-            models = [ensure_demo_model(state_dir)]
-            demo_key = ensure_demo_tenant(store, state_dir)
-        missing = [str(m.artifact) for m in models if not m.artifact.is_file()]
-        if missing:
-            raise ConfigError(f"artifact not found: {', '.join(missing)}")
-        registry = Registry(engine, state_dir, config.model_copy(update={"models": models}))
-        metrics = {"digits:1": {"accuracy": demo_accuracy(state_dir)}} if demo_key else {}
-        Stages(registry).adopt_config_models(models, metrics)
-        try:
-            secret = cluster_secret(config.security.cluster_secret_file, state_dir, os.environ)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cluster secret: {exc}") from None
+        prepared = prepare(config, state_dir, database_url)
     except (ConfigError, TenantError, RegistryError, AuditKeyError) as exc:
         return _fail(str(exc))
     except SchemaError as exc:  # refused: the database's schema does not fit this gpugate
@@ -141,80 +150,48 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except cluster.StartInterrupted:
         return _stopped_during_start()
     _stop_on_signals(stop)  # again: ray.init installs handlers that would end the driver
-    deployer: Deployer | None = None
+    handle = None
     try:
         if stop.is_set():
             return _stopped_during_start()
-        # The replicas get the model's config and the cluster secret only: no database
-        # URL (their reservation rows are the deployer's to write).
-        deployer = Deployer(registry, secret, heartbeat_s=config.costs.reservation_heartbeat_s)
+        # The control loop (a Serve deployment of the application) deploys the model
+        # versions and follows the registry; the replicas get the model's config and the
+        # cluster secret only: no database URL (their reservation rows are the control
+        # loop's to write).
         try:
-            served = deployer.prepare()
             handle = cluster.deploy(
-                build_app(
-                    server,
-                    state_dir,
-                    database_url,
-                    served,
-                    config.costs,
-                    registry.config,
-                    cluster_secret=secret,
-                )
+                build_app(prepared.config, server, state_dir, database_url, prepared.secret)
             )
+            status = _first_pass(cluster, handle, stop, FIRST_PASS_TIMEOUT_S)
         except (RuntimeError, TimeoutError) as exc:
             return _fail(str(exc), code=1)
-        if stop.is_set():  # during the deploy: nothing was served yet, so nothing to drain
+        if status is None:  # a signal during the deploy: nothing was served yet
             return _stopped_during_start()
-        if demo_key is not None:
-            accuracy = demo_accuracy(state_dir)
+        if prepared.demo_key is not None:
             print(
-                f"demo model digits:1 (sklearn digits, test accuracy {accuracy:.3f}); "
-                f"demo tenant key: {demo_key}",
+                f"demo model digits:1 (sklearn digits, test accuracy "
+                f"{prepared.demo_accuracy:.3f}); demo tenant key: {prepared.demo_key}",
                 flush=True,
             )
-        if admin_token is not None:
+        if prepared.admin_token is not None:
             print(f"admin token in {state_dir / ADMIN_TOKEN_FILE} (mode 0600)", flush=True)
-        names = ",".join(
-            f"{m['config']['name']}:{m['config']['version']}"
-            for m in served
-            if m["stage"] == "production"
-        )
+        names = ",".join(m.rsplit(":", 1)[0] for m in status["served"] if m.endswith(":production"))
         print(
             f"gpugate ready http={server.host}:{server.http_port} "
             f"grpc={server.host}:{server.grpc_port} metrics={server.host}:{server.metrics_port} "
             f"models={names} state={state_dir}",
             flush=True,
         )
-        # The registry decides what serves: stage changes made with the CLI or the
-        # admin API are deployed and routed by this loop while the gateway runs.
-        while not stop.wait(RECONCILE_INTERVAL_S):
-            try:
-                deployer.reconcile(handle)
-            except Exception as exc:  # keep serving what runs; try again next pass
-                print(f"gpugate: reconcile failed: {exc}", file=sys.stderr, flush=True)
+        stop.wait()
         print("gpugate draining", flush=True)
-        try:
-            reports = cluster.broadcast(
-                handle, "drain", server.drain_timeout_s, timeout_s=server.drain_timeout_s + 30
-            )
-            report = {
-                "completed": all(r["completed"] for r in reports),
-                "in_flight_at_drain": sum(r["in_flight_at_drain"] for r in reports),
-            }
-        except Exception as exc:  # a gateway died or hung: still shut down cleanly
-            print(f"gpugate: drain failed: {exc}", file=sys.stderr, flush=True)
-            report = {"completed": False, "in_flight_at_drain": "unknown"}
+        report = _drain(cluster, handle, server.drain_timeout_s)
         print(
             f"gpugate drained completed={report['completed']} "
             f"in_flight={report['in_flight_at_drain']}",
             flush=True,
         )
     finally:
-        try:
-            cluster.shutdown(started_ray)
-        finally:
-            if deployer is not None:  # the replicas are gone: end their reservations
-                deployer.close()
+        cluster.shutdown(started_ray)
     print("gpugate stopped", flush=True)
     return 0
 

@@ -1,8 +1,10 @@
-"""The one thin wrapper around Ray and Ray Serve (``runtime``), and the deployer that
-keeps Serve's applications in step with the registry's stages.
+"""The one thin wrapper around Ray and Ray Serve (``runtime``), the deployer that keeps
+Serve's applications in step with the registry's stages, and the control deployment
+that runs it inside the cluster.
 """
 
 from serving.cluster import runtime
+from serving.cluster.control import Control
 from serving.cluster.deployer import (
     SERVED_STAGES,
     Deployer,
@@ -10,6 +12,7 @@ from serving.cluster.deployer import (
 )
 from serving.cluster.runtime import (
     APP_NAME,
+    CONTROL_DEPLOYMENT,
     GATEWAY_DEPLOYMENT,
     RayBatchBackend,
     StartInterrupted,
@@ -18,8 +21,10 @@ from serving.cluster.runtime import (
 
 __all__ = [
     "APP_NAME",
+    "CONTROL_DEPLOYMENT",
     "GATEWAY_DEPLOYMENT",
     "SERVED_STAGES",
+    "Control",
     "Deployer",
     "RayBatchBackend",
     "StartInterrupted",

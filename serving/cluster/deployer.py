@@ -41,9 +41,9 @@ from serving.state import audit
 log = logging.getLogger(__name__)
 
 SERVED_STAGES = ("staging", "production")
-# Even when nothing changed, re-send the set now and then: a gateway replica that
-# Ray restarted starts from the set it was first built with.
-RESYNC_S = 5.0
+# Even when nothing changed, re-send the set now and then: a gateway replica that Ray
+# started or restarted starts with no models, and is not ready until it has them.
+RESYNC_S = 1.0
 # How long a round of reservation calls may wait for the replicas' answers.
 _ASK_TIMEOUT_S = 10.0
 
@@ -128,6 +128,16 @@ class Deployer:
             cluster.delete(gone.app)
             self.reservations.unwatch(gone.app)
         return changed
+
+    def sent(self) -> list[dict[str, Any]] | None:
+        """The set the gateways were last sent (None before the first pass)."""
+        return self._sent
+
+    def served(self) -> list[str]:
+        """What the gateways were last sent: ``name:version:stage`` each."""
+        return sorted(
+            f"{m['config']['name']}:{m['config']['version']}:{m['stage']}" for m in self._sent or []
+        )
 
     def close(self) -> None:
         """The driver is stopping and its applications with it: end the reservations."""

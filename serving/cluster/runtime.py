@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 APP_NAME = "gpugate"
 GATEWAY_DEPLOYMENT = "gateway"
+CONTROL_DEPLOYMENT = "control"
 # Credentials the driver has read by the time it starts Ray, and that a local Ray's
 # workers (model replicas: model code) would otherwise inherit from its environment.
 # The gateway gets what it needs as deployment arguments.
@@ -96,8 +97,9 @@ class StartInterrupted(Exception):
     """SIGTERM arrived while Ray was starting; what had started is stopped again."""
 
 
-def connect(num_cpus: int | None = None) -> bool:
-    """Join the cluster at RAY_ADDRESS, or start a local one. True if we started it.
+def connect(num_cpus: int | None = None, address: str | None = None) -> bool:
+    """Join the cluster at ``address`` (else RAY_ADDRESS), or start a local one. True if
+    we started it.
 
     ``ray.init`` installs a SIGTERM handler that ends the driver with
     ``sys.exit(SIGTERM)`` wherever it is; that exit is turned into
@@ -105,7 +107,7 @@ def connect(num_cpus: int | None = None) -> bool:
     """
     if ray.is_initialized():
         return False
-    address = os.environ.get("RAY_ADDRESS")
+    address = address or os.environ.get("RAY_ADDRESS")
     # Ray's own dashboard and usage stats are not part of the gateway's contract.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address:
@@ -163,6 +165,11 @@ def _failure_detail(name: str) -> str:
     return ("; " + "; ".join(parts)) if parts else ""
 
 
+def gateway_handle() -> DeploymentHandle:
+    """The gateway deployment of the ``gpugate`` application."""
+    return serve.get_deployment_handle(GATEWAY_DEPLOYMENT, app_name=APP_NAME)
+
+
 def delete(name: str) -> None:
     """Remove one application and wait until its replicas are gone."""
     serve.delete(name, _blocking=True)
@@ -211,6 +218,11 @@ def replica_ids(app: str, deployment: str) -> set[str]:
         for a in ray.util.list_named_actors(all_namespaces=True)
         if a["name"].startswith(prefix)
     }
+
+
+def disconnect() -> None:
+    """Leave the cluster; what was deployed stays (Serve's controller owns it)."""
+    ray.shutdown()
 
 
 def shutdown(started_ray: bool) -> None:

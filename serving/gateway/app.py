@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,11 @@ from router.service import InferenceService, RouterSettings, ServedModel
 from router.tracing import batch_span_observer
 from scheduler import BatchPolicy, BatchRecord, ModelBatcher
 from serving.admin import build_admin_app
-from serving.cluster import GATEWAY_DEPLOYMENT, batch_backend
+from serving.cluster import CONTROL_DEPLOYMENT, GATEWAY_DEPLOYMENT, Control, batch_backend
 from serving.config import CostsConfig, GatewayConfig, ModelConfig, ServerConfig
 from serving.costs import Ledger, LedgerReports, LedgerWriter, Price, Pricing, from_unix_ns
 from serving.dataplane import ClusterSecret
+from serving.gateway.bootstrap import from_args
 from serving.gateway.telemetry import configure_tracing, otel_env
 from serving.registry import Registry, Stages
 from serving.replica import deployment_name
@@ -54,6 +56,27 @@ def _rank() -> tuple[int, int]:
     """This gateway replica's rank among the gateways, and among those on its node."""
     rank = serve.get_replica_context().rank
     return rank.rank, rank.local_rank
+
+
+async def _models_from_control(timeout_s: float) -> list[dict[str, Any]] | None:
+    """The model set the control loop has sent the gateways, once it has made its first
+    pass; None if it has not within ``timeout_s`` (the next sync brings it)."""
+    context = serve.get_replica_context()
+    control = serve.get_deployment_handle(CONTROL_DEPLOYMENT, app_name=context.app_name)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            found: list[dict[str, Any]] | None = await control.models.remote()
+        except Exception as exc:  # not running yet, or being replaced
+            log.info("waiting for the control loop: %s", exc)
+            found = None
+        if found is not None:
+            return found
+        await asyncio.sleep(0.5)
+    log.warning(
+        "no model set from the control loop in %.0fs; not ready until it sends one", timeout_s
+    )
+    return None
 
 
 class GatewayPeers:
@@ -112,7 +135,13 @@ class Gateway:
         self._replicas: dict[tuple[str, str], int] = {}
         self._table = LiveModelTable()
         self._sync_lock = asyncio.Lock()
+        if not models:
+            # Deployed by the control loop: serve what the other gateways serve before
+            # opening the ports, so that a gateway that starts beside running ones (a
+            # scale-up, a rolling restart) takes no connection it cannot serve.
+            models = await _models_from_control(self.server_config.drain_timeout_s * 10) or []
         await self.sync_models(models)
+        self._synced = bool(models)  # else not ready until the control loop sends the set
         self.service = InferenceService(
             self._table,
             self._tenants,
@@ -125,6 +154,7 @@ class Gateway:
             ),
             self.metrics,
         )
+        self.service.has_models = self._synced
         # The registry's rules are the gateway's own config: every register, approval and
         # promotion, from the admin API or the rollout controller, follows its policies.
         registry_config = GatewayConfig.model_validate(registry or {})
@@ -251,6 +281,8 @@ class Gateway:
                         gauge.remove(served.name, served.version)
                 self._replicas.pop((served.name, served.version), None)
                 log.info("model %s:%s removed from the gateway", served.name, served.version)
+            if hasattr(self, "service"):  # not the first set, given to the constructor
+                self._synced = self.service.has_models = True
             return sorted(f"{n}:{v}:{self._stages[(n, v)]}" for n, v in self._served)
 
     def _price(self, record: BatchRecord) -> Price:
@@ -319,22 +351,22 @@ def gateway_actor_options(server: ServerConfig) -> dict[str, Any]:
 
 
 def build_app(
+    config: GatewayConfig,
     server: ServerConfig,
     state_dir: Path,
     database_url: str | None,
-    models: list[dict[str, Any]],
-    costs: CostsConfig,
-    registry: GatewayConfig | None = None,
-    cluster_secret: ClusterSecret | None = None,
+    cluster_secret: ClusterSecret,
 ) -> Any:
-    """The gateway's Serve application. Each model version is an application of its
-    own (serving.cluster.deployer), so versions come and go without redeploying the gateway;
-    ``models`` is what it serves from the start ({"config", "stage", "app"} each).
-    ``registry`` is the config whose models (serving knobs) and policies the registry
-    applies to what the admin API registers, approves and promotes."""
+    """The ``gpugate`` Serve application: the control loop (its ingress, one replica)
+    and ``server.gateway_replicas`` gateways. The gateways start with no models and are
+    not ready until the control loop sends them the set it has deployed; each model
+    version is an application of its own, which the control loop adds and removes
+    (serving.cluster.deployer), so versions come and go without redeploying this one.
+    ``config``'s models (serving knobs) and policies are the rules the registry applies
+    to what the admin API registers, approves and promotes."""
     wanted = {"models", "policies", "audit"}
-    registry_config = registry.model_dump(mode="json", include=wanted) if registry else {}
-    return (
+    registry_config = config.model_dump(mode="json", include=wanted)
+    gateway = (
         serve.deployment(Gateway)
         .options(
             name=GATEWAY_DEPLOYMENT,
@@ -347,10 +379,34 @@ def build_app(
             server.model_dump(mode="json"),
             str(state_dir),
             database_url,
-            models,
-            costs.model_dump(mode="json"),
+            [],
+            config.costs.model_dump(mode="json"),
             otel_env(),
             registry_config,
             cluster_secret,
         )
+    )
+    return (
+        serve.deployment(Control)
+        .options(
+            name=CONTROL_DEPLOYMENT,
+            num_replicas=1,
+            # Beside the gateways: the nodes that hold the state database's credentials.
+            ray_actor_options=gateway_actor_options(server),
+            max_ongoing_requests=8,
+        )
+        .bind(gateway, config.model_dump(mode="json"), str(state_dir), database_url, cluster_secret)
+    )
+
+
+def application(args: dict[str, Any]) -> Any:
+    """Ray Serve's entry point for a Serve config (``serve deploy``, a RayService's
+    ``serveConfigV2``; ``gpugate config render`` writes one): ``args`` are ``config``
+    (the gpugate config as a mapping) and ``state_dir``. The state is brought in line
+    first (serving.gateway.bootstrap); the database URL and the cluster secret come from
+    this process's environment or the files the config names, never from the args."""
+    prepared = from_args(args)
+    config = prepared.config
+    return build_app(
+        config, config.server, prepared.state_dir, prepared.database_url, prepared.secret
     )

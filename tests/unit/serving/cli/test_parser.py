@@ -11,8 +11,10 @@ from serving.cli.costs import when
 from serving.cli.main import build_parser, main
 from serving.cli.rollout import duration, steps
 
-# The commands that open the database directly; every other one but serve asks a gateway.
+# The commands that open the database directly; every other one but the server's own
+# (serve, deploy, config render: they run or describe the gateway) asks a gateway.
 LOCAL = {("users", "bootstrap"), ("db", "upgrade")}
+SERVER = {("serve",), ("deploy",), ("config", "render")}
 
 
 def _commands() -> list[tuple[tuple[str, ...], argparse.ArgumentParser]]:
@@ -29,11 +31,11 @@ def _commands() -> list[tuple[tuple[str, ...], argparse.ArgumentParser]]:
     return found
 
 
-def test_every_command_but_serve_prints_json_on_request() -> None:
+def test_every_command_but_the_servers_prints_json_on_request() -> None:
     for path, parser in _commands():
         options = {o for a in parser._actions for o in a.option_strings}
-        if path == ("serve",):
-            assert "--url" not in options
+        if path in SERVER:
+            assert "--url" not in options and "--token" not in options, path
             continue
         assert "--json" in options, path
         if path in LOCAL:
