@@ -79,7 +79,7 @@ class Control:
     def models(self) -> list[dict[str, Any]] | None:
         """The model set the gateways serve (None until the first pass): a gateway that
         starts asks for it before it opens its ports."""
-        return self._deployer.sent()
+        return self._deployer.current()
 
     def status(self) -> dict[str, Any]:
         """Passes completed, what the gateways were last sent, and the last failure."""

@@ -91,6 +91,7 @@ class Deployer:
         self._deployed: dict[Key, Wanted] = {}
         self._failed: set[tuple[str, str, str]] = set()  # (name, version, sha256)
         self._sent: list[dict[str, Any]] | None = None
+        self._current: list[dict[str, Any]] | None = None
         self._sent_at = 0.0
 
     def desired(self) -> dict[Key, Wanted]:
@@ -114,6 +115,9 @@ class Deployer:
         self.reservations.poll()  # first: a pass that fails below must not starve it
         live = self._deploy_missing(self.desired())
         spec = [w.as_spec() for w in live.values()]
+        # What a gateway that starts now should serve: it asks for it before its ports
+        # open, while the broadcast below may be waiting for it to finish starting.
+        self._current = spec
         changed = spec != self._sent
         if changed or time.monotonic() - self._sent_at > RESYNC_S:
             # Every gateway replica, each of which drains the versions that left before
@@ -129,9 +133,10 @@ class Deployer:
             self.reservations.unwatch(gone.app)
         return changed
 
-    def sent(self) -> list[dict[str, Any]] | None:
-        """The set the gateways were last sent (None before the first pass)."""
-        return self._sent
+    def current(self) -> list[dict[str, Any]] | None:
+        """The set the gateways are to serve, as of the last pass (None before the first
+        pass has deployed it)."""
+        return self._current
 
     def served(self) -> list[str]:
         """What the gateways were last sent: ``name:version:stage`` each."""

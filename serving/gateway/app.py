@@ -185,9 +185,11 @@ class Gateway:
             max_concurrent_streams=cfg.grpc_max_concurrent_streams,
             max_concurrent_calls=cfg.grpc_max_concurrent_calls,
             http_limits=cfg.http.door_limits(),
-            # Gateways on one node share the ports; a replacement can start beside the
-            # replica it replaces. `gpugate serve` checks the ports are free first.
-            reuse_port=True,
+            # Several gateways on one node share the ports, and a replacement can start
+            # beside the replica it replaces. Only then: SO_REUSEPORT would as gladly
+            # share a port with any other server of the same user. `gpugate serve`
+            # checks the ports are free first.
+            reuse_port=cfg.gateway_replicas > 1,
         )
         await self._doors.start(cfg.http_port, cfg.grpc_port)
         # Each gateway on a node scrapes apart: metrics_port + its rank on the node.
