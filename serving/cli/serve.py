@@ -102,7 +102,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     _stop_on_signals(stop)
     # Imported here so that the client commands start quickly (no torch, no Ray).
-    from serving.config import ConfigError, load_config
+    from serving.config import NODE_HOST, ConfigError, load_config
 
     try:
         config = load_config(args.config)
@@ -131,11 +131,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         # The gateways' metrics ports: metrics_port + their rank on this node.
         metrics_ports = [server.metrics_port + i for i in range(server.gateway_replicas)]
-        for what, port in (
-            ("HTTP", server.http_port),
-            ("gRPC", server.grpc_port),
-            *(("metrics", p) for p in (metrics_ports if server.metrics_port else [])),
-        ):
+        # With host "node" each gateway binds its own node's address: nothing to check here.
+        checked = (
+            ()
+            if server.host == NODE_HOST
+            else (
+                ("HTTP", server.http_port),
+                ("gRPC", server.grpc_port),
+                *(("metrics", p) for p in (metrics_ports if server.metrics_port else [])),
+            )
+        )
+        for what, port in checked:
             _check_port_free(server.host, port, what)
         prepared = prepare(config, state_dir, database_url)
     except (ConfigError, TenantError, RegistryError, AuditKeyError) as exc:

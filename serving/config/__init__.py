@@ -17,10 +17,11 @@ from serving.config.schema import (
     priority_levels,
     tenant_name,
 )
-from serving.config.server import ServerConfig
+from serving.config.server import NODE_HOST, ServerConfig
 
 __all__ = [
     "NAME_PATTERN",
+    "NODE_HOST",
     "ArtifactFormat",
     "AutoscalingConfig",
     "ConfigError",

@@ -142,8 +142,16 @@ class TlsConfig(Strict):
         )
 
 
+NODE_HOST = "node"  # server.host: bind the address of the gateway's own Ray node
+
+
 class ServerConfig(Strict):
-    host: str = Field(default="127.0.0.1", description="Address the servers bind.")
+    host: str = Field(
+        default="127.0.0.1",
+        description="Address the servers bind. `node`: the address of the Ray node each "
+        "gateway runs on (with `gateway_resources`, one gateway per node, each reached on its "
+        "node's address, e.g. behind a load balancer).",
+    )
     http_port: int = Field(default=8000, ge=0, le=65535, description="KServe v2 HTTP port.")
     grpc_port: int = Field(default=8001, ge=0, le=65535, description="KServe v2 gRPC port.")
     metrics_port: int = Field(default=8002, ge=0, le=65535, description="Prometheus port.")

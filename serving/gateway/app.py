@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import ray
 from prometheus_client import CollectorRegistry, start_http_server
 from ray import serve
 
@@ -31,7 +32,7 @@ from router.tracing import batch_span_observer
 from scheduler import BatchPolicy, BatchRecord, ModelBatcher
 from serving.admin import build_admin_app
 from serving.cluster import CONTROL_DEPLOYMENT, GATEWAY_DEPLOYMENT, Control, batch_backend
-from serving.config import CostsConfig, GatewayConfig, ModelConfig, ServerConfig
+from serving.config import NODE_HOST, CostsConfig, GatewayConfig, ModelConfig, ServerConfig
 from serving.costs import Ledger, LedgerReports, LedgerWriter, Price, Pricing, from_unix_ns
 from serving.dataplane import ClusterSecret
 from serving.gateway.bootstrap import from_args
@@ -46,10 +47,21 @@ log = logging.getLogger(__name__)
 
 
 REFUSAL_LINGER_S = 0.5
+# Ray's own resource of the head node (1 there, absent elsewhere).
+HEAD_NODE_RESOURCE = "node:__internal_head__"
 
 
 def _depth_of(batcher: ModelBatcher) -> Callable[[], float]:
     return lambda: float(batcher.queued_rows)
+
+
+def _node_address() -> str:
+    """The address this gateway's Ray node was started with (``--node-ip-address``)."""
+    node_id = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node["NodeID"] == node_id:
+            return str(node["NodeManagerAddress"])
+    return str(ray.util.get_node_ip_address())
 
 
 def _rank() -> tuple[int, int]:
@@ -174,9 +186,12 @@ class Gateway:
             on_tenants_changed=self._tenants.invalidate,
         )
         reports = LedgerReports(engine, self._pricing)
+        # "node": the address of the Ray node this gateway runs on (one gateway per node,
+        # each behind the balancer on its own address).
+        self.host = _node_address() if cfg.host == NODE_HOST else cfg.host
         self._doors = FrontDoors(
             self.service,
-            cfg.host,
+            self.host,
             cfg.max_request_bytes,
             admin,
             reports,
@@ -195,7 +210,7 @@ class Gateway:
         # Each gateway on a node scrapes apart: metrics_port + its rank on the node.
         self.metrics_port = cfg.metrics_port + _rank()[1] if cfg.metrics_port else 0
         self._metrics_server, self._metrics_thread = start_http_server(
-            self.metrics_port, cfg.host, registry=self._registry
+            self.metrics_port, self.host, registry=self._registry
         )
         if cfg.gc_tuning:
             gc_tuning.settle()
@@ -393,8 +408,9 @@ def build_app(
         .options(
             name=CONTROL_DEPLOYMENT,
             num_replicas=1,
-            # Beside the gateways: the nodes that hold the state database's credentials.
-            ray_actor_options=gateway_actor_options(server),
+            # On the head node, which holds the state database's credentials (and
+            # takes no gateway resource from the gateways).
+            ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: 0.001}},
             max_ongoing_requests=8,
         )
         .bind(gateway, config.model_dump(mode="json"), str(state_dir), database_url, cluster_secret)

@@ -84,11 +84,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 @dataclass
 class Retrying:
     """Clients that send one request at a time on a connection of its own, retrying a
-    503 or a refused/reset connection after 50 ms, as a client behind a balancer would."""
+    503 (``retry_codes``) or a refused/reset connection after 50 ms, as a client behind a
+    balancer would; any other answer fails the test."""
 
     port: int
     key: str
     threads: int = 3
+    retry_codes: frozenset[str] = frozenset({"503"})  # what else is retried: a failed connection
     answers: int = 0
     lost: int = 0  # requests that never got an answer in 30 s of retries
     retries: Counter[str] = field(default_factory=Counter)
@@ -133,7 +135,7 @@ class Retrying:
                     with self._lock:
                         self.answers += 1
                     break
-                assert outcome in {"503"} or not outcome.isdigit(), outcome  # never a 4xx
+                assert outcome in self.retry_codes or not outcome.isdigit(), outcome
                 with self._lock:
                     self.retries[outcome] += 1
                 if time.monotonic() > give_up:
@@ -174,7 +176,12 @@ def _processes() -> Iterator[tuple[int, bytes]]:
 
 
 def _gateway_pids(cluster: Cluster) -> list[int]:
-    """This cluster's gateway replicas: their raylet is the one in its temp folder."""
+    return replica_pids(cluster, b"ray::ServeReplica:gpugate:gateway")
+
+
+def replica_pids(cluster: Cluster, title: bytes) -> list[int]:
+    """This cluster's Serve replicas whose process title starts with ``title``: their
+    raylet is one of this cluster's (its temp folder is in the raylet's command line)."""
     raylets = {
         str(pid).encode()
         for pid, cmdline in _processes()
@@ -182,7 +189,7 @@ def _gateway_pids(cluster: Cluster) -> list[int]:
     }
     found = []
     for pid, cmdline in _processes():
-        if not cmdline.startswith(b"ray::ServeReplica:gpugate:gateway"):
+        if not cmdline.startswith(title):
             continue
         try:
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
