@@ -7,14 +7,18 @@
    batches of 32 rows (rows/s) and the forward time of one row.
 3. gpugate: ``gpugate serve`` as a subprocess on free ports, two config tenants
    whose keys are passed in environment variables; load over gRPC and HTTP.
+   On request (``--systems gpugate,gpugate-2gw``) the same with two gateway
+   replicas sharing the ports (``server.gateway_replicas: 2``), whose batch
+   counters are read from both gateways' metrics ports.
 4. Plain Ray Serve peer: ``loadtests/peer_rayserve.py`` as a subprocess (Serve's
    own gRPC proxy + ``@serve.batch``); load over gRPC.
 4b. NVIDIA Triton peer: ``loadtests/peer_triton.py`` (PyTriton, Triton's own
    dynamic batcher) under its own venv (``triton_venv.py``, built on demand);
    load over gRPC and HTTP.
 5. One load generator for all: closed loop in this process, 1 row per request,
-   KServe v2 ``ModelInfer`` with ``raw_input_contents`` over ``grpc.aio`` (or the
-   binary-tensor HTTP/REST form over aiohttp), at each concurrency a warm-up and
+   KServe v2 ``ModelInfer`` with ``raw_input_contents`` over ``grpc.aio`` through
+   a pool of channels, each on its own connection (or the binary-tensor HTTP/REST
+   form over aiohttp, a connection per worker), at each concurrency a warm-up and
    then a fixed measured window.
 6. One table (and ``--json-out``): req/s, rows/s, p50, p99, errors and the
    gateway/peer throughput ratio at each concurrency, plus the mean rows per
@@ -72,8 +76,12 @@ from kserve_client import (
 from loadgen import LevelResult, LoadPlan, NoisyResult
 from provenance import git_state, machine, server_version, versions
 from report import (
+    DEFAULT_SYSTEMS,
+    GATEWAYS,
     SYSTEMS,
     add_ratios,
+    cpu_parts,
+    gateway_spread,
     headline,
     overheads,
     overheads_in_window,
@@ -149,9 +157,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--systems",
-        default=",".join(SYSTEMS),
-        help="which servers to run (default all: gpugate, rayserve, and null, the load "
-        "generator's ceiling against a server that runs no model)",
+        default=",".join(DEFAULT_SYSTEMS),
+        help=f"which servers to run, of {', '.join(SYSTEMS)} (default: %(default)s; null is "
+        "the load generator's ceiling against a server that runs no model; gpugate-2gw is "
+        "gpugate with two gateway replicas sharing its ports)",
+    )
+    p.add_argument(
+        "--grpc-channels",
+        type=int,
+        default=16,
+        help="gRPC connections the load generator spreads its calls over, for every system "
+        "(a channel each; worker i on channel (i // 2) %% N; default %(default)s: 4 calls "
+        "each at c=64). Gateways that share a port are picked per connection, so 1 would "
+        "pin the load to one of them, and a few split it unevenly",
     )
     p.add_argument(
         "--state-dir",
@@ -200,6 +218,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.systems) - set(SYSTEMS)
     if unknown:
         p.error(f"unknown systems {sorted(unknown)}")
+    if args.grpc_channels < 1:
+        p.error("--grpc-channels must be at least 1")
     return args
 
 
@@ -278,7 +298,7 @@ def _run(
     runs: dict[str, SystemRun] = {}
     rows: list[LevelResult] = []
     keys = [secrets.token_urlsafe(24) for _ in range(2)]
-    plan = LoadPlan(keys, row, args.levels, args.warmup, args.duration, _log)
+    plan = LoadPlan(keys, row, args.levels, args.warmup, args.duration, _log, args.grpc_channels)
     taken: set[int] = set()
     failures: list[str] = []
 
@@ -312,18 +332,20 @@ def _run(
         if not run.probe_matches_reference:
             failures.append(f"{run.name}: output differs from the in-process forward ({diff})")
 
-    # 3. gpugate, gRPC then HTTP.
-    if "gpugate" in args.systems:
-        run = runs["gpugate"] = SystemRun("gpugate")
+    # 3. gpugate (one gateway, then two when asked), gRPC then HTTP.
+    for name, gateways in GATEWAYS.items():
+        if name not in args.systems:
+            continue
+        run = runs[name] = SystemRun(name)
         server, target, base = gpugate_system(
-            state_dir, model, keys, taken, _log, gateway_settings(args)
+            state_dir, model, keys, taken, _log, gateway_settings(args), gateways, name
         )
         with running(server, args.startup_timeout, run):
             check_probe(run, loop.run(grpc_probe(target, keys, row, 60)))
             check_probe(run, loop.run(http_probe(base, keys, row, 60)))
-            run.levels += measure("grpc", "gpugate", target, server)
-            run.levels += measure("http", "gpugate", base, server)
-            noisy_run("gpugate", target, server)
+            run.levels += measure("grpc", name, target, server)
+            run.levels += measure("http", name, base, server)
+            noisy_run(name, target, server)
         rows += run.levels
 
     # 4. Plain Ray Serve, gRPC.
@@ -414,6 +436,10 @@ def _run(
         )
     for line in headline(rows, limit):
         print(line)
+    for line in gateway_spread(rows):
+        print(line)
+    for line in cpu_parts(rows):
+        print(line)
     stages = render_stages(rows)
     if stages is not None:
         print()
@@ -468,6 +494,7 @@ def _run(
                 "batch_wait_ms": args.batch_wait_ms,
                 "latency_lane_rows": model.latency_lane_rows,
                 **gateway_settings(args),
+                "grpc_channels": args.grpc_channels,
                 "peer_forward": args.peer_forward,
                 "peer_access_log": args.peer_access_log,
                 "noisy": args.noisy,

@@ -2,8 +2,9 @@
 
 One row per request, input "x" FP32 [1, 256] and output "y" FP32 [1, 128]:
 
-* gRPC: ``ModelInfer`` with ``raw_input_contents`` over ``grpc.aio``, one channel
-  (one HTTP/2 connection) for the whole run, as tritonclient does;
+* gRPC: ``ModelInfer`` with ``raw_input_contents`` over ``grpc.aio``, a pool of
+  channels (``LoadPlan.grpc_channels``, each its own HTTP/2 connection) for the
+  whole run, the workers spread over them (:func:`grpc_channel_pool`);
 * HTTP/REST: the binary-tensor form (``Inference-Header-Content-Length``) over
   aiohttp, one keep-alive connection per worker.
 
@@ -15,10 +16,12 @@ level of a :class:`loadgen.LoadPlan` through :func:`loadgen.measure_level`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +46,39 @@ LIGHT_SCRIPT = Path(__file__).resolve().parent / "light_tenant.py"
 
 
 # ------------------------------------------------------------------------ gRPC
+
+# A channel of its own connection. grpc.aio channels to one target with the same
+# arguments share their subchannel, so their TCP connection, through gRPC core's
+# global subchannel pool: eight plain channels are still one connection.
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
+
+
+@contextlib.asynccontextmanager
+async def grpc_channel_pool(target: str, size: int) -> AsyncIterator[list[Any]]:
+    """``size`` channels to ``target``, each on its own TCP connection (opened lazily,
+    at its first call).
+
+    Why a pool: a gateway that runs several replicas on one node shares its port with
+    SO_REUSEPORT, and the kernel picks a replica per connection, never per call, so
+    one channel would pin all of a load generator's calls to one gateway. Every system
+    is driven through the same pool, so a comparison between them stays fair; a real
+    fleet of clients (or a load balancer) opens many connections too."""
+    import grpc
+
+    channels = [grpc.aio.insecure_channel(target, options=OWN_CONNECTION) for _ in range(size)]
+    try:
+        yield channels
+    finally:
+        for channel in channels:
+            await channel.close()
+
+
+def channel_of(index: int, tenants: int, channels: int) -> int:
+    """The pool channel of worker ``index``, whose key is ``index % tenants``: consecutive
+    workers of the tenants share a channel, so every channel carries every tenant (with
+    ``index % channels`` a channel would carry one tenant only whenever ``tenants``
+    divides ``channels``, and its gateway would batch that tenant alone)."""
+    return (index // tenants) % channels
 
 
 def _grpc_request(row: np.ndarray) -> Any:
@@ -89,27 +125,21 @@ async def grpc_probe(target: str, keys: list[str], row: np.ndarray, timeout_s: f
 async def grpc_levels(
     system: str, target: str, plan: LoadPlan, meters: Meters | None = None
 ) -> list[LevelResult]:
-    import grpc
     from gpugate_proto import grpc_service_pb2_grpc as pb_grpc
 
     request = _grpc_request(plan.row)
     metadata = _grpc_metadata(plan.keys)
     results = []
-    # One channel (one HTTP/2 connection) for the whole run, as tritonclient does.
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    # One pool for the whole run: its connections stay open from level to level.
+    async with grpc_channel_pool(target, plan.grpc_channels) as channels:
+        senders = [
+            [grpc_sender(pb_grpc.GRPCInferenceServiceStub(c), request, md) for c in channels]
+            for md in metadata
+        ]
 
         async def send(index: int) -> str | None:
-            try:
-                response = await stub.ModelInfer(
-                    request, metadata=metadata[index % len(metadata)], timeout=REQUEST_TIMEOUT_S
-                )
-            except grpc.aio.AioRpcError as exc:
-                return f"{exc.code().name}: {exc.details()}"
-            raw = response.raw_output_contents
-            if len(raw) != 1 or len(raw[0]) != OUTPUT_BYTES:
-                return "bad response: wrong output size"
-            return None
+            tenant = index % len(metadata)
+            return await senders[tenant][channel_of(index, len(metadata), len(channels))](index)
 
         for concurrency in plan.levels:
             results.append(await measure_level(send, system, "grpc", concurrency, plan, meters))
@@ -177,7 +207,6 @@ async def grpc_noisy(
     from its own process; the heavy one with the second key from this process.
     ``light_inside`` (gpugate): the light tenant's (count, sum) of time inside the server,
     read around each light phase for its mean."""
-    import grpc
     from gpugate_proto import grpc_service_pb2_grpc as pb_grpc
 
     inside_ms: list[float | None] = []
@@ -196,10 +225,17 @@ async def grpc_noisy(
         return result
 
     heavy_meta = _grpc_metadata(plan.keys)[1]
-    async with grpc.aio.insecure_channel(target) as channel:
-        send_heavy = grpc_sender(
-            pb_grpc.GRPCInferenceServiceStub(channel), _grpc_request(plan.row), heavy_meta
-        )
+    # The heavy tenant through the same pool as the levels (the light tenant is one
+    # application with one connection, light_tenant.py).
+    async with grpc_channel_pool(target, plan.grpc_channels) as channels:
+        heavy_senders = [
+            grpc_sender(pb_grpc.GRPCInferenceServiceStub(c), _grpc_request(plan.row), heavy_meta)
+            for c in channels
+        ]
+
+        async def send_heavy(index: int) -> str | None:
+            return await heavy_senders[index % len(heavy_senders)](index)
+
         result = await noisy_neighbour(
             light, send_heavy, system, "grpc", light_rate, heavy_concurrency, plan
         )

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from procmem import proc_stats  # a neighbour: this folder is on sys.path
+from procmem import TITLE as SERVE_TITLE  # a neighbour: this folder is on sys.path
+from procmem import proc_stats
 
 # ------------------------------------------------------------------------ results
 
@@ -47,10 +48,17 @@ class LevelResult:
     cpu_cores_busy: float | None = None
     cpu_cores_bench: float | None = None
     cpu_cores_other: float | None = None
+    # Of cpu_cores_bench, by part: "load generator" (this process and its children),
+    # each Serve deployment by name ("gateway" summed over its replicas, "model-...",
+    # "control"), and "ray and driver" (the rest of the server's session).
+    cpu_cores_by_part: dict[str, float] | None = None
     # Rows per model batch in the window, from the server's own counters.
     mean_batch_rows: float | None = None
     # Mean ms per request in the window of each part in STAGES (server's statistics).
     stage_ms: dict[str, float] | None = None
+    # Several gateways: requests each one answered in the window (its own metrics), to
+    # show how the kernel spread the client's connections over them.
+    gateway_requests: list[int] | None = None
 
 
 def fmt(value: float | None, spec: str) -> str:
@@ -84,7 +92,8 @@ class CpuMeter:
         self.tick = float(os.sysconf("SC_CLK_TCK"))
         self.available = Path("/proc/stat").is_file()
 
-    def snapshot(self) -> tuple[float, float] | None:
+    def snapshot(self) -> tuple[float, float, dict[str, float]] | None:
+        """(CPU seconds of the machine, of this benchmark, of this benchmark by part)."""
         if not self.available:
             return None
         with open("/proc/stat") as f:
@@ -95,20 +104,44 @@ class CpuMeter:
             pid: (int(rest[1]), int(rest[3]), int(rest[11]) + int(rest[12]))
             for pid, rest in proc_stats().items()
         }
-        # The server's session, plus descendants that started a session of their own
-        # (PyTriton starts tritonserver that way), and this process's children.
-        ours_pids = {os.getpid()} | {p for p, (_, sid, _) in procs.items() if sid == self.session}
         children: dict[int, list[int]] = {}
         for pid, (ppid, _, _) in procs.items():
             children.setdefault(ppid, []).append(pid)
-        stack = list(ours_pids)
-        while stack:
-            for child in children.get(stack.pop(), []):
-                if child not in ours_pids:
-                    ours_pids.add(child)
-                    stack.append(child)
-        ours = sum(procs[p][2] for p in ours_pids if p in procs)
-        return busy / self.tick, ours / self.tick
+
+        def with_descendants(roots: set[int]) -> set[int]:
+            found, stack = set(roots), list(roots)
+            while stack:
+                for child in children.get(stack.pop(), []):
+                    if child not in found:
+                        found.add(child)
+                        stack.append(child)
+            return found
+
+        # The server's session, plus descendants that started a session of their own
+        # (PyTriton starts tritonserver that way), and this process's children. The
+        # server is one of those children, so the load generator is what is left.
+        server = with_descendants({p for p, (_, sid, _) in procs.items() if sid == self.session})
+        generator = with_descendants({os.getpid()}) - server
+        parts: dict[str, float] = {}
+        for pid in generator | server:
+            if pid not in procs:
+                continue
+            part = "load generator" if pid in generator else _serve_part(pid)
+            parts[part] = parts.get(part, 0.0) + procs[pid][2] / self.tick
+        return busy / self.tick, sum(parts.values()), parts
+
+
+def _serve_part(pid: int) -> str:
+    """A server process's part: its Serve deployment (from the title Ray gives a replica,
+    ``ray::ServeReplica:<app>:<deployment>``), or "ray and driver"."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            title = f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return "ray and driver"
+    if SERVE_TITLE not in title:
+        return "ray and driver"
+    return title.split(SERVE_TITLE, 1)[1].split()[0].split(".")[0].rsplit(":", 1)[-1]
 
 
 # Cumulative (batches, rows) the server has run so far, or None if unknown.
@@ -117,6 +150,8 @@ BatchCounter = Callable[[], "tuple[float, float] | None"]
 # statistics extension (Triton's /v2/models/{m}/stats), or None if unknown.
 StageCounter = Callable[[], "dict[str, tuple[int, int]] | None"]
 STAGES = ("success", "queue", "compute_input", "compute_infer", "compute_output")
+# Cumulative requests answered by each gateway of a server, or None if unknown.
+GatewayCounter = Callable[[], "list[float] | None"]
 
 
 @dataclass
@@ -126,16 +161,25 @@ class Meters:
     cpu: CpuMeter | None = None
     batches: BatchCounter | None = None
     stages: StageCounter | None = None
+    gateways: GatewayCounter | None = None
 
 
-def _cpu_window(
-    before: tuple[float, float] | None, after: tuple[float, float] | None, seconds: float
-) -> tuple[float | None, float | None, float | None]:
+CpuSnapshot = tuple[float, float, dict[str, float]]
+
+
+def cpu_window(
+    before: CpuSnapshot | None, after: CpuSnapshot | None, seconds: float
+) -> tuple[float | None, float | None, float | None, dict[str, float] | None]:
     if before is None or after is None or seconds <= 0:
-        return None, None, None
+        return None, None, None, None
     busy = (after[0] - before[0]) / seconds
     bench = (after[1] - before[1]) / seconds
-    return busy, bench, max(0.0, busy - bench)
+    # A part's processes that started or ended inside the window count only their share.
+    parts = {
+        part: round(max(0.0, ticks - before[2].get(part, 0.0)) / seconds, 3)
+        for part, ticks in sorted(after[2].items())
+    }
+    return busy, bench, max(0.0, busy - bench), parts
 
 
 # ---------------------------------------------------------------------- the loop
@@ -152,12 +196,14 @@ class Recorder:
         self.warmup_requests = 0
         self.warmup_errors = 0
         self.error_sample: str | None = None
-        self.cpu_before: tuple[float, float] | None = None
-        self.cpu_after: tuple[float, float] | None = None
+        self.cpu_before: CpuSnapshot | None = None
+        self.cpu_after: CpuSnapshot | None = None
         self.batches_before: tuple[float, float] | None = None
         self.batches_after: tuple[float, float] | None = None
         self.stages_before: dict[str, tuple[int, int]] | None = None
         self.stages_after: dict[str, tuple[int, int]] | None = None
+        self.gateways_before: list[float] | None = None
+        self.gateways_after: list[float] | None = None
 
     def record(self, started: float, finished: float, error: str | None) -> None:
         if finished < self.window_start:
@@ -190,6 +236,8 @@ class LoadPlan:
     warmup_s: float
     duration_s: float
     log: Callable[[str], None]
+    # gRPC connections the load is spread over (kserve_client.grpc_channel_pool).
+    grpc_channels: int = 16
 
 
 async def closed_loop(
@@ -207,23 +255,25 @@ async def closed_loop(
     rec.window_end = rec.window_start + duration_s
 
     async def sample() -> tuple[
-        tuple[float, float] | None,
+        CpuSnapshot | None,
         tuple[float, float] | None,
         dict[str, tuple[int, int]] | None,
+        list[float] | None,
     ]:
         assert meters is not None
         cpu = meters.cpu.snapshot() if meters.cpu is not None else None
         batches = await asyncio.to_thread(meters.batches) if meters.batches else None
         stages = await asyncio.to_thread(meters.stages) if meters.stages else None
-        return cpu, batches, stages
+        gateways = await asyncio.to_thread(meters.gateways) if meters.gateways else None
+        return cpu, batches, stages, gateways
 
     async def watch() -> None:
         if meters is None:
             return
         await asyncio.sleep(max(0.0, rec.window_start - time.perf_counter()))
-        rec.cpu_before, rec.batches_before, rec.stages_before = await sample()
+        rec.cpu_before, rec.batches_before, rec.stages_before, rec.gateways_before = await sample()
         await asyncio.sleep(max(0.0, rec.window_end - time.perf_counter()))
-        rec.cpu_after, rec.batches_after, rec.stages_after = await sample()
+        rec.cpu_after, rec.batches_after, rec.stages_after, rec.gateways_after = await sample()
 
     async def worker(index: int) -> None:
         while time.perf_counter() < rec.window_end:
@@ -267,14 +317,20 @@ def summarize(
     def pct(q: float) -> float | None:
         return float(np.percentile(lat, q)) if n else None
 
-    busy, bench, other = _cpu_window(rec.cpu_before, rec.cpu_after, duration_s)
+    busy, bench, other, parts = cpu_window(rec.cpu_before, rec.cpu_after, duration_s)
     mean_batch = None
     if rec.batches_before is not None and rec.batches_after is not None:
         batches = rec.batches_after[0] - rec.batches_before[0]
         if batches > 0:
             mean_batch = (rec.batches_after[1] - rec.batches_before[1]) / batches
+    gateways = None
+    if rec.gateways_before is not None and rec.gateways_after is not None:
+        gateways = [
+            round(a - b) for a, b in zip(rec.gateways_after, rec.gateways_before, strict=True)
+        ]
     return LevelResult(
         stage_ms=_stage_means(rec.stages_before, rec.stages_after),
+        gateway_requests=gateways,
         system=system,
         protocol=protocol,
         concurrency=concurrency,
@@ -293,6 +349,7 @@ def summarize(
         cpu_cores_busy=busy,
         cpu_cores_bench=bench,
         cpu_cores_other=other,
+        cpu_cores_by_part=parts,
         mean_batch_rows=mean_batch,
     )
 

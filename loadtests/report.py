@@ -5,7 +5,15 @@ from __future__ import annotations
 from inprocess import InProcessResult
 from loadgen import LevelResult, NoisyResult, fmt
 
-SYSTEMS = ("gpugate", "rayserve", "triton", "null")  # also the tables' order
+# Every system bench.py knows, in the tables' order. gpugate-2gw is gpugate with two
+# gateway replicas sharing its ports (server.gateway_replicas: 2); run on request.
+SYSTEMS = ("gpugate", "gpugate-2gw", "rayserve", "triton", "null")
+DEFAULT_SYSTEMS = ("gpugate", "rayserve", "triton", "null")
+GATEWAYS = {"gpugate": 1, "gpugate-2gw": 2}  # the gpugate systems and their gateways
+
+
+def is_gpugate(system: str) -> bool:
+    return system in GATEWAYS
 
 
 def add_ratios(rows: list[LevelResult], limit: InProcessResult | None) -> None:
@@ -14,17 +22,17 @@ def add_ratios(rows: list[LevelResult], limit: InProcessResult | None) -> None:
     for r in rows:
         if limit is not None and r.system != "null":
             r.share_of_limit = r.rows_per_s / limit.rows_per_s
-        if r.system in ("gpugate", "rayserve"):
+        if is_gpugate(r.system) or r.system == "rayserve":
             base = peer.get(r.concurrency)
             r.ratio_vs_peer = r.req_per_s / base if base else None
-        if r.system in ("gpugate", "triton"):
+        if is_gpugate(r.system) or r.system == "triton":
             base = triton.get((r.protocol, r.concurrency))
             r.ratio_vs_triton = r.req_per_s / base if base else None
 
 
 def render_table(rows: list[LevelResult], limit: InProcessResult | None) -> str:
     head = (
-        f"{'system':<10} {'protocol':<8} {'conc':>4} {'req/s':>9} {'rows/s':>9} "
+        f"{'system':<12} {'protocol':<8} {'conc':>4} {'req/s':>9} {'rows/s':>9} "
         f"{'p50 ms':>8} {'p99 ms':>8} {'errors':>6} {'gw/peer':>8} {'gw/tri':>6} {'limit':>6} "
         f"{'batch':>6} {'cpu':>5} {'other':>5}"
     )
@@ -32,7 +40,7 @@ def render_table(rows: list[LevelResult], limit: InProcessResult | None) -> str:
     order = {name: i for i, name in enumerate(SYSTEMS)}
     for r in sorted(rows, key=lambda r: (r.concurrency, order.get(r.system, 9), r.protocol)):
         lines.append(
-            f"{r.system:<10} {r.protocol:<8} {r.concurrency:>4} {r.req_per_s:>9.1f} "
+            f"{r.system:<12} {r.protocol:<8} {r.concurrency:>4} {r.req_per_s:>9.1f} "
             f"{r.rows_per_s:>9.1f} {fmt(r.p50_ms, '.2f'):>8} {fmt(r.p99_ms, '.2f'):>8} "
             f"{r.errors:>6} {fmt(r.ratio_vs_peer, '.2f'):>8} {fmt(r.ratio_vs_triton, '.2f'):>6} "
             f"{fmt(r.share_of_limit and 100 * r.share_of_limit, '.1f'):>5}% "
@@ -42,7 +50,7 @@ def render_table(rows: list[LevelResult], limit: InProcessResult | None) -> str:
     if limit is not None:
         lines.append("-" * len(head))
         lines.append(
-            f"{'in-process':<10} {'-':<8} {'-':>4} {'-':>9} {limit.rows_per_s:>9.1f} "
+            f"{'in-process':<12} {'-':<8} {'-':>4} {'-':>9} {limit.rows_per_s:>9.1f} "
             f"{limit.forward_1row_ms:>8.2f} {'-':>8} {'-':>6} {'-':>8} {'-':>6} {'100.0':>5}% "
             f"{limit.batch_rows:>6} {'-':>5} {'-':>5}"
             f"   (batch {limit.batch_rows}, {limit.batch_ms_median:.2f} ms/batch; p50 column "
@@ -57,7 +65,7 @@ def render_stages(rows: list[LevelResult]) -> str | None:
     if not timed:
         return None
     head = (
-        f"{'system':<10} {'protocol':<8} {'conc':>4} {'client':>8} {'inside':>8} "
+        f"{'system':<12} {'protocol':<8} {'conc':>4} {'client':>8} {'inside':>8} "
         f"{'queue':>8} {'c.input':>8} {'c.infer':>8} {'c.output':>8} {'outside':>8}"
     )
     lines = [head, "-" * len(head)]
@@ -67,7 +75,7 @@ def render_stages(rows: list[LevelResult]) -> str | None:
         inside = st.get("success")
         outside = r.mean_ms - inside if r.mean_ms is not None and inside is not None else None
         lines.append(
-            f"{r.system:<10} {r.protocol:<8} {r.concurrency:>4} {fmt(r.mean_ms, '.2f'):>8} "
+            f"{r.system:<12} {r.protocol:<8} {r.concurrency:>4} {fmt(r.mean_ms, '.2f'):>8} "
             f"{fmt(inside, '.2f'):>8} {fmt(st.get('queue'), '.2f'):>8} "
             f"{fmt(st.get('compute_input'), '.2f'):>8} {fmt(st.get('compute_infer'), '.2f'):>8} "
             f"{fmt(st.get('compute_output'), '.2f'):>8} {fmt(outside, '.2f'):>8}"
@@ -82,7 +90,7 @@ def _inside(r: NoisyResult) -> str:
 
 def render_noisy(results: list[NoisyResult]) -> str:
     head = (
-        f"{'system':<10} {'protocol':<8} {'light p50 alone':>15} {'p99 alone':>10} "
+        f"{'system':<12} {'protocol':<8} {'light p50 alone':>15} {'p99 alone':>10} "
         f"{'p50 beside':>10} {'p99 beside':>10} {'p99 x':>6} {'heavy req/s':>11} "
         f"{'light err':>9} {'heavy err':>9} {'gw mean a/b':>13}"
     )
@@ -90,7 +98,7 @@ def render_noisy(results: list[NoisyResult]) -> str:
     for r in results:
         a, b = r.light_alone, r.light_beside
         lines.append(
-            f"{r.system:<10} {r.protocol:<8} {fmt(a.p50_ms, '.2f'):>15} {fmt(a.p99_ms, '.2f'):>10} "
+            f"{r.system:<12} {r.protocol:<8} {fmt(a.p50_ms, '.2f'):>15} {fmt(a.p99_ms, '.2f'):>10} "
             f"{fmt(b.p50_ms, '.2f'):>10} {fmt(b.p99_ms, '.2f'):>10} {fmt(r.p99_ratio, '.2f'):>6} "
             f"{r.heavy.req_per_s:>11.1f} {a.errors + b.errors:>9} {r.heavy.errors:>9} "
             f"{_inside(r):>13}"
@@ -112,6 +120,13 @@ def headline(rows: list[LevelResult], limit: InProcessResult | None) -> list[str
         (("gpugate", "http"), ("triton", "grpc")),
     ]
     out = []
+    for protocol in ("grpc", "http"):
+        one, two = at.get(("gpugate", protocol)), at.get(("gpugate-2gw", protocol))
+        if one and two:
+            out.append(
+                f"c={top}: gpugate-2gw {protocol} {two:.0f} req/s / gpugate (one gateway) "
+                f"{protocol} {one:.0f} req/s = {two / one:.2f}x"
+            )
     for gw, peer in pairs:
         if at.get(gw) and at.get(peer):
             out.append(
@@ -126,6 +141,29 @@ def headline(rows: list[LevelResult], limit: InProcessResult | None) -> list[str
                     f"in-process limit ({limit.rows_per_s:.0f} rows/s)"
                 )
     return out
+
+
+def gateway_spread(rows: list[LevelResult]) -> list[str]:
+    """Several gateways: the requests each answered in the window, per row."""
+    return [
+        f"{r.system} {r.protocol} c={r.concurrency}: requests per gateway "
+        + " / ".join(f"{n:,}" for n in r.gateway_requests)
+        for r in rows
+        if r.gateway_requests
+    ]
+
+
+def cpu_parts(rows: list[LevelResult]) -> list[str]:
+    """At the top concurrency: the cores each part of the benchmark used in the window."""
+    if not rows:
+        return []
+    top = max(r.concurrency for r in rows)
+    return [
+        f"{r.system} {r.protocol} c={top}: cores "
+        + ", ".join(f"{part} {cores:.2f}" for part, cores in r.cpu_cores_by_part.items())
+        for r in rows
+        if r.concurrency == top and r.cpu_cores_by_part
+    ]
 
 
 def overheads(rows: list[LevelResult], limit: InProcessResult) -> dict[str, float]:
@@ -146,6 +184,6 @@ def overheads_in_window(rows: list[LevelResult]) -> dict[str, tuple[float, float
     out = {}
     for r in rows:
         infer = (r.stage_ms or {}).get("compute_infer")
-        if r.system == "gpugate" and r.concurrency == 1 and r.p50_ms is not None and infer:
+        if is_gpugate(r.system) and r.concurrency == 1 and r.p50_ms is not None and infer:
             out[f"{r.system}/{r.protocol}"] = (r.p50_ms - infer, infer)
     return out

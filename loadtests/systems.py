@@ -1,7 +1,9 @@
 """The servers under test: start one as a subprocess, wait for it, stop it by PID.
 
 * gpugate: ``gpugate serve`` on free ports with a config of two tenants whose
-  keys are passed in environment variables;
+  keys are passed in environment variables; with ``gateways`` > 1 (the system
+  ``gpugate-2gw``) that many gateway replicas share the HTTP and gRPC ports and
+  serve metrics on consecutive ports;
 * rayserve: ``loadtests/peer_rayserve.py``, plain Ray Serve with its own gRPC
   proxy and ``@serve.batch``;
 * triton: ``loadtests/peer_triton.py``, NVIDIA Triton through PyTriton, under its
@@ -33,7 +35,15 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import yaml
-from loadgen import STAGES, BatchCounter, CpuMeter, LevelResult, Meters, StageCounter
+from loadgen import (
+    STAGES,
+    BatchCounter,
+    CpuMeter,
+    GatewayCounter,
+    LevelResult,
+    Meters,
+    StageCounter,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 PEER_SCRIPT = Path(__file__).resolve().parent / "peer_rayserve.py"
@@ -57,46 +67,77 @@ class SystemRun:
 # ------------------------------------------------------------- batch counters
 
 
+def _scrape(url: str) -> str | None:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return str(resp.read().decode())
+    except OSError:
+        return None
+
+
+def prometheus_sum(text: str, name: str, label: str | None = None) -> float:
+    """One series of a Prometheus text page summed over its labels (only the lines
+    holding ``label`` when given)."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and (label is None or label in line):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 def prometheus_totals(
-    metrics_url: str, first: str, second: str, label: str | None = None
+    metrics_urls: list[str], first: str, second: str, label: str | None = None
 ) -> BatchCounter:
-    """Two series of a Prometheus text page, each summed over its labels (only the
-    lines holding ``label`` when given): (sum of ``first``, sum of ``second``)."""
+    """Two series summed over their labels and over every page in ``metrics_urls`` (only
+    the lines holding ``label`` when given): (sum of ``first``, sum of ``second``). Several
+    pages: one per gateway, each forms and counts only its own batches."""
 
     def read() -> tuple[float, float] | None:
-        try:
-            with urllib.request.urlopen(metrics_url, timeout=5) as resp:
-                text = resp.read().decode()
-        except OSError:
-            return None
         a = b = 0.0
-        for line in text.splitlines():
-            if label is not None and label not in line:
-                continue
-            if line.startswith(first):
-                a += float(line.rsplit(" ", 1)[1])
-            elif line.startswith(second):
-                b += float(line.rsplit(" ", 1)[1])
+        for url in metrics_urls:
+            text = _scrape(url)
+            if text is None:
+                return None
+            a += prometheus_sum(text, first, label)
+            b += prometheus_sum(text, second, label)
         return a, b
 
     return read
 
 
-def gateway_batches(metrics_url: str) -> BatchCounter:
-    """gpugate's ``gpugate_batch_size_rows`` histogram: (_count, _sum) over all labels."""
+def gateway_batches(metrics_urls: list[str]) -> BatchCounter:
+    """gpugate's ``gpugate_batch_size_rows`` histogram: (_count, _sum) over all labels
+    and every gateway."""
     return prometheus_totals(
-        metrics_url, "gpugate_batch_size_rows_count", "gpugate_batch_size_rows_sum"
+        metrics_urls, "gpugate_batch_size_rows_count", "gpugate_batch_size_rows_sum"
     )
 
 
-def gateway_tenant_latency(metrics_url: str, tenant: str) -> BatchCounter:
-    """gpugate's ``gpugate_request_duration_seconds`` for one tenant: (_count, _sum)."""
+def gateway_tenant_latency(metrics_urls: list[str], tenant: str) -> BatchCounter:
+    """gpugate's ``gpugate_request_duration_seconds`` for one tenant: (_count, _sum) over
+    every gateway."""
     return prometheus_totals(
-        metrics_url,
+        metrics_urls,
         "gpugate_request_duration_seconds_count",
         "gpugate_request_duration_seconds_sum",
         f'tenant="{tenant}"',
     )
+
+
+def gateway_answers(metrics_urls: list[str]) -> GatewayCounter:
+    """Requests each gateway answered so far (``gpugate_requests_total``, every code),
+    one figure per metrics page: how the kernel spread the connections."""
+
+    def read() -> list[float] | None:
+        counts = []
+        for url in metrics_urls:
+            text = _scrape(url)
+            if text is None:
+                return None
+            counts.append(prometheus_sum(text, "gpugate_requests_total{"))
+        return counts
+
+    return read
 
 
 def peer_batches(stats_url: str) -> BatchCounter:
@@ -116,7 +157,7 @@ def peer_batches(stats_url: str) -> BatchCounter:
 def triton_batches(metrics_url: str) -> BatchCounter:
     """Triton's own counters: ``nv_inference_exec_count`` (batches run) and
     ``nv_inference_count`` (rows inferred), summed over models."""
-    return prometheus_totals(metrics_url, "nv_inference_exec_count{", "nv_inference_count{")
+    return prometheus_totals([metrics_url], "nv_inference_exec_count{", "nv_inference_count{")
 
 
 def model_stages(stats_url: str) -> StageCounter:
@@ -155,6 +196,26 @@ def free_port(taken: set[int]) -> int:
     raise RuntimeError("no free port found")
 
 
+def free_port_run(taken: set[int], n: int) -> int:
+    """The first of ``n`` consecutive free ports (several gateways' metrics ports are
+    ``metrics_port`` + their rank)."""
+    for _ in range(100):
+        first = free_port(taken)
+        run = range(first, first + n)
+        ok = True
+        for port in run[1:]:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    ok = False
+                    break
+        if ok and not any(p in RESERVED_PORTS or p in taken for p in run[1:]):
+            taken.update(run)
+            return first
+    raise RuntimeError(f"no {n} consecutive free ports found")
+
+
 class Server:
     """A server subprocess: waits for its ready line, stops with SIGTERM on exit."""
 
@@ -182,6 +243,8 @@ class Server:
         self.stages: StageCounter | None = None  # servers with the statistics extension
         # gpugate only: (count, sum) of the light tenant's time inside the gateway.
         self.light_inside: BatchCounter | None = None
+        # gpugate only: requests answered so far by each gateway.
+        self.gateway_answers: GatewayCounter | None = None
 
     def start(self, timeout_s: float) -> float:
         """Start and wait for the ready line; returns the seconds it took."""
@@ -231,7 +294,10 @@ class Server:
     def meters(self) -> Meters:
         """CPU of this server's process session (plus the load generator) and its batches."""
         return Meters(
-            CpuMeter(self.proc.pid if self.proc else None), self.batch_counter, self.stages
+            CpuMeter(self.proc.pid if self.proc else None),
+            self.batch_counter,
+            self.stages,
+            self.gateway_answers,
         )
 
     def _pump(self, stream: TextIO, lines: queue.Queue[str | None] | None) -> None:
@@ -329,15 +395,22 @@ def gpugate_system(
     taken: set[int],
     log: Callable[[str], None],
     server_settings: dict[str, Any],
+    gateways: int = 1,
+    name: str = "gpugate",
 ) -> tuple[Server, str, str]:
-    """``gpugate serve`` with two tenants; returns it, its gRPC target and its HTTP base."""
-    http_port, grpc_port, metrics_port = (free_port(taken) for _ in range(3))
+    """``gpugate serve`` with two tenants and ``gateways`` gateway replicas; returns it,
+    its gRPC target and its HTTP base."""
+    http_port, grpc_port = free_port(taken), free_port(taken)
+    metrics_port = free_port_run(taken, gateways)
     key_envs = ["GPUGATE_BENCH_KEY_A", "GPUGATE_BENCH_KEY_B"]
-    config_path = state_dir / "gpugate-bench.yaml"
-    write_gateway_config(config_path, model, key_envs, server_settings)
-    gw_state = state_dir / "gpugate-state"
+    config_path = state_dir / f"{name}-bench.yaml"
+    settings = dict(server_settings)
+    if gateways > 1:
+        settings["gateway_replicas"] = gateways
+    write_gateway_config(config_path, model, key_envs, settings)
+    gw_state = state_dir / f"{name}-state"
     server = Server(
-        "gpugate",
+        name,
         [
             *gpugate_command(),
             "serve",
@@ -354,15 +427,20 @@ def gpugate_system(
         ],
         child_env(dict(zip(key_envs, keys, strict=True))),
         "gpugate ready",
-        state_dir / "gpugate.log",
+        state_dir / f"{name}.log",
         log,
     )
-    server.batch_counter = gateway_batches(f"http://127.0.0.1:{metrics_port}/metrics")
-    server.stages = model_stages(f"http://127.0.0.1:{http_port}/v2/models/{model.name}/stats")
+    # Each gateway counts only its own batches and requests: sum over every port.
+    metrics_urls = [f"http://127.0.0.1:{metrics_port + rank}/metrics" for rank in range(gateways)]
+    server.batch_counter = gateway_batches(metrics_urls)
+    if gateways == 1:
+        # The statistics route answers for the gateway that accepted the connection,
+        # and gateways sharing the port cannot be told apart: one gateway only.
+        server.stages = model_stages(f"http://127.0.0.1:{http_port}/v2/models/{model.name}/stats")
+    else:
+        server.gateway_answers = gateway_answers(metrics_urls)
     # The noisy-neighbour light tenant sends with the first key (kserve_client.grpc_noisy).
-    server.light_inside = gateway_tenant_latency(
-        f"http://127.0.0.1:{metrics_port}/metrics", "bench-0"
-    )
+    server.light_inside = gateway_tenant_latency(metrics_urls, "bench-0")
     return server, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}"
 
 
