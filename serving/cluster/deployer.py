@@ -113,7 +113,12 @@ class Deployer:
     def reconcile(self, gateway: Any) -> bool:
         """One pass; True if the gateway's set changed."""
         self.reservations.poll()  # first: a pass that fails below must not starve it
+        deployed = set(self._deployed)
         live = self._deploy_missing(self.desired())
+        if set(self._deployed) - deployed:
+            # New replicas reserve from now: their rows are written before the gateways
+            # are sent the set (and before `serve` says it is ready).
+            self.reservations.poll(force=True)
         spec = [w.as_spec() for w in live.values()]
         # What a gateway that starts now should serve: it asks for it before its ports
         # open, while the broadcast below may be waiting for it to finish starting.
