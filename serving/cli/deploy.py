@@ -10,11 +10,11 @@ from pathlib import Path
 
 from serving.cli.serve import (
     FIRST_PASS_TIMEOUT_S,
-    _database_url,
-    _fail,
-    _first_pass,
-    _server_options,
-    _state_dir,
+    database_url_of,
+    fail,
+    first_pass,
+    server_options,
+    state_dir_of,
 )
 
 
@@ -31,16 +31,16 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
     try:
         config = load_config(args.config)
-        state_dir = _state_dir(args.state_dir, config)
-        prepared = prepare(config, state_dir, _database_url(args.database_url, config))
+        state_dir = state_dir_of(args.state_dir, config)
+        prepared = prepare(config, state_dir, database_url_of(args.database_url, config))
     except (ConfigError, TenantError, RegistryError, AuditKeyError) as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     except SchemaError as exc:
-        return _fail(str(exc), code=1)
+        return fail(str(exc), code=1)
     try:
         cluster.connect(address=args.address)
     except Exception as exc:  # no cluster there, or refused
-        return _fail(f"cannot join the Ray cluster at {args.address}: {exc}", code=1)
+        return fail(f"cannot join the Ray cluster at {args.address}: {exc}", code=1)
     try:
         app = build_app(
             prepared.config,
@@ -50,9 +50,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             prepared.secret,
         )
         handle = cluster.deploy(app)
-        status = _first_pass(cluster, handle, threading.Event(), FIRST_PASS_TIMEOUT_S)
+        status = first_pass(cluster, handle, threading.Event(), FIRST_PASS_TIMEOUT_S)
     except (RuntimeError, TimeoutError) as exc:
-        return _fail(str(exc), code=1)
+        return fail(str(exc), code=1)
     finally:
         cluster.disconnect()  # the application stays: Serve owns it now
     assert status is not None
@@ -77,8 +77,10 @@ def cmd_render(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        return _fail(str(exc))
-    text = yaml.safe_dump(serve_config(config, _state_dir(args.state_dir, config)), sort_keys=False)
+        return fail(str(exc))
+    text = yaml.safe_dump(
+        serve_config(config, state_dir_of(args.state_dir, config)), sort_keys=False
+    )
     if args.output is None:
         sys.stdout.write(text)
     else:
@@ -98,7 +100,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "again with a new config updates the application in place (a rolling restart of "
         "the gateways). The model versions follow the registry, as with 'serve'.",
     )
-    _server_options(deploy)
+    server_options(deploy)
     deploy.add_argument(
         "--address",
         required=True,

@@ -28,16 +28,16 @@ if TYPE_CHECKING:
 FIRST_PASS_TIMEOUT_S = 900.0
 
 
-def _state_dir(arg: str | None, config: GatewayConfig) -> Path:
+def state_dir_of(arg: str | None, config: GatewayConfig) -> Path:
     chosen = arg or os.environ.get("GPUGATE_STATE_DIR") or config.state_dir or DEFAULT_STATE_DIR
     return Path(chosen).expanduser().resolve()
 
 
-def _database_url(arg: str | None, config: GatewayConfig) -> str | None:
+def database_url_of(arg: str | None, config: GatewayConfig) -> str | None:
     return arg or os.environ.get("GPUGATE_DATABASE_URL") or config.database_url
 
 
-def _fail(message: str, code: int = 2) -> int:
+def fail(message: str, code: int = 2) -> int:
     print(f"gpugate: error: {message}", file=sys.stderr)
     return code
 
@@ -59,7 +59,7 @@ def _stop_on_signals(stop: threading.Event) -> None:
         signal.signal(sig, lambda *_: stop.set())
 
 
-def _first_pass(
+def first_pass(
     cluster: Any, handle: Any, stop: threading.Event, timeout_s: float
 ) -> dict[str, Any] | None:
     """Wait until the control loop has deployed what the registry serves and sent it to
@@ -107,7 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     overrides = {
         k: v
         for k, v in {
@@ -119,8 +119,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if v is not None
     }
     server = config.server.model_copy(update=overrides)
-    state_dir = _state_dir(args.state_dir, config)
-    database_url = _database_url(args.database_url, config)
+    state_dir = state_dir_of(args.state_dir, config)
+    database_url = database_url_of(args.database_url, config)
 
     from serving.cluster import runtime as cluster
     from serving.gateway import build_app, prepare
@@ -145,9 +145,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             _check_port_free(server.host, port, what)
         prepared = prepare(config, state_dir, database_url)
     except (ConfigError, TenantError, RegistryError, AuditKeyError) as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     except SchemaError as exc:  # refused: the database's schema does not fit this gpugate
-        return _fail(str(exc), code=1)
+        return fail(str(exc), code=1)
 
     if stop.is_set():
         return _stopped_during_start()
@@ -168,9 +168,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             handle = cluster.deploy(
                 build_app(prepared.config, server, state_dir, database_url, prepared.secret)
             )
-            status = _first_pass(cluster, handle, stop, FIRST_PASS_TIMEOUT_S)
+            status = first_pass(cluster, handle, stop, FIRST_PASS_TIMEOUT_S)
         except (RuntimeError, TimeoutError) as exc:
-            return _fail(str(exc), code=1)
+            return fail(str(exc), code=1)
         if status is None:  # a signal during the deploy: nothing was served yet
             return _stopped_during_start()
         if prepared.demo_key is not None:
@@ -202,7 +202,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _server_options(p: argparse.ArgumentParser) -> None:
+def server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="YAML config file (see docs/config.md)")
     p.add_argument(
         "--state-dir",
@@ -226,7 +226,7 @@ def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "classifier and prints the demo tenant's API key. Prints one 'gpugate ready' line "
         "when serving; SIGTERM/SIGINT drains in-flight requests and exits 0.",
     )
-    _server_options(serve)
+    server_options(serve)
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--http-port", type=int, help="KServe v2 HTTP port (default 8000)")
     serve.add_argument("--grpc-port", type=int, help="KServe v2 gRPC port (default 8001)")

@@ -153,7 +153,6 @@ class Gateway:
             # scale-up, a rolling restart) takes no connection it cannot serve.
             models = await _models_from_control(self.server_config.drain_timeout_s * 10) or []
         await self.sync_models(models)
-        self._synced = bool(models)  # else not ready until the control loop sends the set
         self.service = InferenceService(
             self._table,
             self._tenants,
@@ -166,7 +165,8 @@ class Gateway:
             ),
             self.metrics,
         )
-        self.service.has_models = self._synced
+        # Not ready until the control loop sends a set, if it had none to give yet.
+        self.service.has_models = bool(models)
         # The registry's rules are the gateway's own config: every register, approval and
         # promotion, from the admin API or the rollout controller, follows its policies.
         registry_config = GatewayConfig.model_validate(registry or {})
@@ -299,7 +299,7 @@ class Gateway:
                 self._replicas.pop((served.name, served.version), None)
                 log.info("model %s:%s removed from the gateway", served.name, served.version)
             if hasattr(self, "service"):  # not the first set, given to the constructor
-                self._synced = self.service.has_models = True
+                self.service.has_models = True
             return sorted(f"{n}:{v}:{self._stages[(n, v)]}" for n, v in self._served)
 
     def _price(self, record: BatchRecord) -> Price:

@@ -24,12 +24,14 @@ import pytest
 
 from tests.e2e.conftest import free_port, wait_for
 from tests.e2e.test_cluster import (
-    RAY,
     Cluster,
     Retrying,
     _deploy,
     _gateway_pids,
     _usage_requests,
+    cluster_env,
+    ray_start,
+    ray_stop,
     replica_pids,
 )
 
@@ -47,31 +49,6 @@ def _require_haproxy() -> None:
     pytest.skip(why)
 
 
-def _ray_start(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [RAY, "start", "--block", "--disable-usage-stats", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if "Ray runtime started" in line:
-            return proc
-    raise RuntimeError(f"ray start ended: {proc.wait()}")
-
-
-def _stop(proc: subprocess.Popen[str]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 GATEWAY_NODES = ("127.0.0.2", "127.0.0.3")
 
 
@@ -82,10 +59,9 @@ def gateway_nodes() -> Iterator[Cluster]:
     _require_haproxy()
     temp = Path(f"/tmp/gg-ray2-{os.getpid()}")
     port, dashboard, client = free_port(), free_port(), free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
+    env = cluster_env()
     started = [
-        _ray_start(
+        ray_start(
             [
                 "--head", f"--port={port}", f"--dashboard-port={dashboard}",
                 f"--ray-client-server-port={client}", "--num-cpus=2", f"--temp-dir={temp}",
@@ -96,7 +72,7 @@ def gateway_nodes() -> Iterator[Cluster]:
     try:
         for address in GATEWAY_NODES:
             started.append(
-                _ray_start(
+                ray_start(
                     [f"--address=127.0.0.1:{port}", f"--node-ip-address={address}",
                      "--num-cpus=0", '--resources={"gpugate_gateway": 1}'],
                     env,
@@ -107,7 +83,7 @@ def gateway_nodes() -> Iterator[Cluster]:
         )
     finally:
         for proc in reversed(started):
-            _stop(proc)
+            ray_stop(proc)
 
 
 HAPROXY_CONFIG = """

@@ -42,43 +42,60 @@ class Cluster:
     temp: str
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """A one-node Ray cluster started like a real one (``ray start --head``), stopped by
-    ending the ``--block`` process that owns it."""
-    temp = Path(f"/tmp/gg-ray-{os.getpid()}")  # unix socket paths must stay short
-    port, dashboard, client = free_port(), free_port(), free_port()
-    # Clients of a cluster with token auth (Ray's default) name the mode explicitly.
+def cluster_env() -> dict[str, str]:
+    """The environment of `ray start` and of the cluster's clients: those of a cluster
+    with token auth (Ray's default) name the mode explicitly."""
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def ray_start(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    """One Ray node (``ray start --block`` with ``args``), once it runs; its output is
+    drained from then on, so the pipe never fills."""
     proc = subprocess.Popen(
-        [
-            RAY, "start", "--head", "--block", f"--port={port}",
-            f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
-            "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats",
-        ],
+        [RAY, "start", "--block", "--disable-usage-stats", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         env=env,
         start_new_session=True,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "Ray runtime started" in line:
+            threading.Thread(target=proc.stdout.read, daemon=True).start()
+            return proc
+    raise RuntimeError(f"ray start ended: {proc.wait()}")
+
+
+def ray_stop(proc: subprocess.Popen[str]) -> None:
+    """End the ``--block`` process, which stops what it started."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    """A one-node Ray cluster started like a real one (``ray start --head``)."""
+    temp = Path(f"/tmp/gg-ray-{os.getpid()}")  # unix socket paths must stay short
+    port, dashboard, client = free_port(), free_port(), free_port()
+    env = cluster_env()
+    proc = ray_start(
+        [
+            "--head", f"--port={port}", f"--dashboard-port={dashboard}",
+            f"--ray-client-server-port={client}", "--num-cpus=2", f"--temp-dir={temp}",
+        ],
+        env,
     )  # fmt: skip
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if "Ray runtime started" in line:
-                break
-        else:
-            raise RuntimeError(f"ray start ended: {proc.wait()}")
-        threading.Thread(target=proc.stdout.read, daemon=True).start()
         yield Cluster(proc, f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", env, str(temp))
     finally:
-        proc.send_signal(signal.SIGTERM)  # `ray start --block` stops what it started
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        ray_stop(proc)
 
 
 @dataclass
