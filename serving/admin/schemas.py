@@ -194,11 +194,13 @@ _MAX_BYTES = (
 )
 RequestsCap = Annotated[int, Field(ge=0, le=MAX_REQUESTS_CAP, strict=True), Whole]
 BytesCap = Annotated[int, Field(ge=0, le=MAX_BYTES_CAP, strict=True), Whole]
+# strict: a JSON true is not the number 1.
+Weight = Annotated[float, Field(gt=0, le=1000, strict=True)]
 
 
 class NewTenant(Strict):
     name: Name
-    weight: float = Field(default=1.0, gt=0, le=1000, description="Fair-share weight.")
+    weight: Weight = Field(default=1.0, description="Fair-share weight.")
     models: list[TenantModel] = Field(
         default=["*"], min_length=1, max_length=256, description="'*' for every model."
     )
@@ -212,7 +214,7 @@ class NewTenant(Strict):
 class TenantChange(Strict):
     """The fields to change; a field left out stays as it is."""
 
-    weight: float | None = Field(default=None, gt=0, le=1000, description="Fair-share weight.")
+    weight: Weight | None = Field(default=None, description="Fair-share weight.")
     models: list[TenantModel] | None = Field(
         default=None, min_length=1, max_length=256, description="'*' for every model."
     )

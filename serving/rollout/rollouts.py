@@ -30,7 +30,7 @@ import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -61,18 +61,21 @@ class RolloutSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    steps: tuple[int, ...] = Field(default=(5, 25, 50, 100), description="candidate % per step")
-    interval_s: float = Field(default=60.0, gt=0, le=86400)
-    max_error_rate: float = Field(default=0.01, ge=0, le=1)
-    max_p99_ratio: float = Field(default=1.25, gt=0)
-    min_requests: int = Field(default=100, ge=1)
-    failure_threshold: int = Field(default=2, ge=1)
+    # strict numbers: a JSON true is not 1 (an integer is still a float).
+    steps: tuple[Annotated[int, Field(strict=True)], ...] = Field(
+        default=(5, 25, 50, 100), description="candidate % per step"
+    )
+    interval_s: float = Field(default=60.0, gt=0, le=86400, strict=True)
+    max_error_rate: float = Field(default=0.01, ge=0, le=1, strict=True)
+    max_p99_ratio: float = Field(default=1.25, gt=0, strict=True)
+    min_requests: int = Field(default=100, ge=1, strict=True)
+    failure_threshold: int = Field(default=2, ge=1, strict=True)
     sticky: str | None = None
-    mirror_pct: float = Field(default=0.0, ge=0, le=100)
-    min_agreement: float = Field(default=0.99, ge=0, le=1)
+    mirror_pct: float = Field(default=0.0, ge=0, le=100, strict=True)
+    min_agreement: float = Field(default=0.99, ge=0, le=1, strict=True)
     # A request's deadline expiry is the candidate's error only if the deadline was at
     # least this long: shorter deadlines are the client's choice, not the version's fault.
-    min_deadline_ms: float = Field(default=1000.0, ge=0, le=3_600_000)
+    min_deadline_ms: float = Field(default=1000.0, ge=0, le=3_600_000, strict=True)
     salt: str = Field(default_factory=lambda: secrets.token_hex(8))
 
     @field_validator("steps")
