@@ -144,7 +144,7 @@ class NewUser(Expiry):
 class Rotation(Expiry):
     """A new token; the expiry is kept unless one is given or ``never_expires``."""
 
-    never_expires: bool = Field(default=False, description="Drop the token's expiry.")
+    never_expires: bool = Field(default=False, strict=True, description="Drop the token's expiry.")
     reason: Text = Field(default="", description="Why; kept in the audit record.")
 
     @model_validator(mode="after")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pydantic
 import pytest
 
-from serving.admin.schemas import NewRollout, NewTenant, TenantChange
+from serving.admin.schemas import NewRollout, NewTenant, Rotation, TenantChange
 from serving.rollout import RolloutSpec
 
 
@@ -42,3 +42,10 @@ def test_rollout_steps_are_numbers_not_booleans() -> None:
     assert RolloutSpec.model_validate({"steps": [5, 50]}).steps == (5, 50, 100)
     with pytest.raises(pydantic.ValidationError, match="steps"):
         RolloutSpec.model_validate({"steps": [True, 50]})
+
+
+def test_a_flag_is_a_boolean_not_a_number() -> None:
+    assert Rotation.model_validate({"never_expires": True}).never_expires
+    for bad in (1, 0, "true"):
+        with pytest.raises(pydantic.ValidationError, match="never_expires"):
+            Rotation.model_validate({"never_expires": bad})
