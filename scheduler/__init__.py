@@ -18,8 +18,9 @@ from scheduler.batcher import (
 )
 from scheduler.costs import charge_ns, split_by_rows
 from scheduler.fair_queue import FairQueue, Pending
+from scheduler.replica_queue import ReplicaQueue
 from scheduler.stats import BatchSizeStats, Duration, VersionStats
-from scheduler.types import Backend, BatchPolicy, BatchResult, Tensors
+from scheduler.types import Backend, BatchPolicy, BatchResult, Share, Tensors
 
 __all__ = [
     "Backend",
@@ -38,8 +39,10 @@ __all__ = [
     "Pending",
     "QueueFullError",
     "Receipt",
+    "ReplicaQueue",
     "SchedulerClosedError",
     "SchedulerError",
+    "Share",
     "TenantShare",
     "Tensors",
     "VersionStats",

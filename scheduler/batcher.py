@@ -41,7 +41,7 @@ from scheduler._exceptions import (
 from scheduler.costs import charge_ns, split_by_rows
 from scheduler.fair_queue import FairQueue, Pending
 from scheduler.stats import VersionStats
-from scheduler.types import Backend, BatchPolicy, BatchResult, Clock, Tensors
+from scheduler.types import Backend, BatchPolicy, BatchResult, Clock, Share, Tensors
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +343,7 @@ class ModelBatcher:
             else:
                 names = jobs[0].inputs.keys()
                 inputs = {n: np.concatenate([j.inputs[n] for j in jobs]) for n in names}
-            result = await self._backend.run_batch(inputs, urgent=urgent)
+            result = await self._backend.run_batch(inputs, urgent=urgent, shares=_shares(batch))
             answered = self._clock()
             record = self._record(batch, jobs, started, started_at_ns, result, urgent)
             costs: Sequence[float] = ()
@@ -449,6 +449,19 @@ def _expire_running(
     if not future.done():
         # Still queued when a busy loop has not expired it yet: it did not run.
         future.set_exception(DeadlineExceededError(clock() - since, ran=req.dead))
+
+
+def _shares(batch: list[Pending]) -> tuple[Share, ...]:
+    """Rows, weight and most urgent priority of each tenant in the batch."""
+    by_tenant: dict[str, Share] = {}
+    for req in batch:
+        prev = by_tenant.get(req.tenant)
+        by_tenant[req.tenant] = (
+            Share(req.tenant, req.rows, req.weight, req.priority)
+            if prev is None
+            else prev._replace(rows=prev.rows + req.rows, priority=min(prev.priority, req.priority))
+        )
+    return tuple(by_tenant.values())
 
 
 def _fail(req: Pending, exc: Exception) -> None:

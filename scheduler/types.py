@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -29,14 +29,28 @@ class BatchResult:
     wait_ns: int = 0
 
 
+class Share(NamedTuple):
+    """One tenant's part of a batch: its rows, its fair-share weight and its priority
+    level (the most urgent of its requests in the batch)."""
+
+    tenant: str
+    rows: int
+    weight: float
+    priority: int
+
+
 class Backend(Protocol):
     """Runs one batch of one model version. ``serving`` supplies the Ray-backed one.
 
     ``urgent`` marks a latency-lane batch: a backend that queues batches per replica
     runs it before the ordinary ones waiting there (it cannot stop one running).
+    ``shares`` says whose rows the batch holds, so that a replica serving several
+    gateways can order their batches fairly (:mod:`scheduler.replica_queue`).
     """
 
-    async def run_batch(self, inputs: Tensors, *, urgent: bool = False) -> BatchResult: ...
+    async def run_batch(
+        self, inputs: Tensors, *, urgent: bool = False, shares: Sequence[Share] = ()
+    ) -> BatchResult: ...
 
 
 @dataclass(frozen=True)

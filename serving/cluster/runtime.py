@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import ray
@@ -18,7 +19,14 @@ from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 
-from scheduler import Backend, BackendError, BackendUnavailableError, BatchResult, Tensors
+from scheduler import (
+    Backend,
+    BackendError,
+    BackendUnavailableError,
+    BatchResult,
+    Share,
+    Tensors,
+)
 from serving.dataplane import ClusterSecret, DirectBatchBackend
 
 log = logging.getLogger(__name__)
@@ -44,9 +52,12 @@ class RayBatchBackend:
     def __init__(self, handle: DeploymentHandle, transport: str = "grpc") -> None:
         self._handle = handle.options(_by_reference=False) if transport == "grpc" else handle
 
-    async def run_batch(self, inputs: Tensors, *, urgent: bool = False) -> BatchResult:
-        # ``urgent`` cannot reorder a Serve handle's calls at the replica: a lane batch
-        # still goes out at once, and runs in the order the replica takes its calls.
+    async def run_batch(
+        self, inputs: Tensors, *, urgent: bool = False, shares: Sequence[Share] = ()
+    ) -> BatchResult:
+        # ``urgent`` and ``shares`` cannot reorder a Serve handle's calls at the replica:
+        # a lane batch still goes out at once, and batches run in the order the replica
+        # takes its calls (fair within each gateway, not across gateways).
         try:
             result: BatchResult = await self._handle.run_batch.remote(inputs)
         except (RayActorError, ActorUnavailableError) as exc:

@@ -26,7 +26,11 @@ batch in flight (``max_in_flight`` bounds them) and reuses it.
 
 Order at the replica: batches run one at a time; of those that have arrived, a
 latency-lane batch (``urgent`` in the request's parameters) goes before the
-ordinary ones waiting, never before the one running.
+ordinary ones waiting, never before the one running. A batch also says whose rows
+it holds (``shares``: tenant, rows, weight, priority), and the replica orders the
+ordinary batches of every gateway by the same weighted counters as a gateway's
+queue (:class:`scheduler.ReplicaQueue`), so tenants spread over several gateways
+still share the device by weight.
 
 Failure handling: a connection that is refused, reset or closed mid-batch means
 the replica is gone: its address is forgotten, the batch is retried on

@@ -6,10 +6,10 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from scheduler import BackendError, BackendUnavailableError, BatchResult, Tensors
+from scheduler import BackendError, BackendUnavailableError, BatchResult, Share, Tensors
 from serving.dataplane.auth import ClusterSecret, HandshakeError, prove
 from serving.dataplane.codec import (
     ReplicaError,
@@ -127,8 +127,10 @@ class DirectBatchBackend:
         """Batches each known replica answered since it was found (statistics)."""
         return {a: r.answered for a, r in sorted(self._replicas.items())}
 
-    async def run_batch(self, inputs: Tensors, *, urgent: bool = False) -> BatchResult:
-        payload = frame(encode_batch(inputs, urgent))
+    async def run_batch(
+        self, inputs: Tensors, *, urgent: bool = False, shares: Sequence[Share] = ()
+    ) -> BatchResult:
+        payload = frame(encode_batch(inputs, urgent, shares))
         tried: set[str] = set()
         refused = False  # the last replica tried was stopping
         while True:

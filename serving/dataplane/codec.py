@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from gpugate_proto import grpc_service_pb2 as pb
 
-from scheduler import BatchResult, Tensors
+from scheduler import BatchResult, Share, Tensors
 
 log = logging.getLogger(__name__)
 
@@ -91,19 +91,37 @@ def decode_result(data: bytes) -> BatchResult:
     )
 
 
-def encode_batch(inputs: Tensors, urgent: bool = False) -> bytes:
+def encode_batch(inputs: Tensors, urgent: bool = False, shares: Sequence[Share] = ()) -> bytes:
     msg = pb.ModelInferRequest()
     encode_tensors(inputs, msg)
     if urgent:
         msg.parameters["urgent"].bool_param = True
+    if shares:
+        # Tenant names are identifiers (no tab or newline): one line per tenant.
+        msg.parameters["shares"].string_param = "\n".join(
+            f"{s.tenant}\t{s.rows}\t{s.weight!r}\t{s.priority}" for s in shares
+        )
     return bytes(msg.SerializeToString())
 
 
-def decode_batch(data: bytes) -> tuple[Tensors, bool]:
-    """The batch's tensors, and whether it is a latency-lane batch."""
+def decode_batch(data: bytes) -> tuple[Tensors, bool, tuple[Share, ...]]:
+    """The batch's tensors, whether it is a latency-lane batch, and whose rows it holds
+    (none when the sender did not say)."""
     msg = pb.ModelInferRequest.FromString(data)
-    urgent = "urgent" in msg.parameters and msg.parameters["urgent"].bool_param
-    return decode_tensors(msg.inputs, msg.raw_input_contents), urgent
+    params = msg.parameters
+    urgent = "urgent" in params and params["urgent"].bool_param
+    shares: tuple[Share, ...] = ()
+    if "shares" in params:
+        shares = tuple(_share(line) for line in params["shares"].string_param.split("\n"))
+    return decode_tensors(msg.inputs, msg.raw_input_contents), urgent, shares
+
+
+def _share(line: str) -> Share:
+    tenant, rows, weight, priority = line.split("\t")
+    share = Share(tenant, int(rows), float(weight), int(priority))
+    if share.rows < 0 or not 0 < share.weight < float("inf"):
+        raise ValueError(f"bad share {line!r}")
+    return share
 
 
 def frame(message: bytes) -> bytes:

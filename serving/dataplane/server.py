@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
-import itertools
 import logging
 import threading
 import time
 from collections.abc import Callable
 from typing import cast
 
-from scheduler import BatchResult, Tensors
+from scheduler import BatchResult, ReplicaQueue, Tensors
 from serving.dataplane.auth import ANSWER_SIZE, ClusterSecret, check_answer, hello
 from serving.dataplane.codec import (
     LENGTH,
@@ -46,8 +44,12 @@ class ReplicaDataServer:
 
     Which batch next: every frame that arrived during a forward is parsed in the
     loop's next poll (``_Link.data_received`` queues it at once), and the pick waits
-    two hops of the loop, so it chooses from all of them: urgent first, then in
-    arrival order. Not a forward thread: its two thread wake-ups per batch would
+    two hops of the loop, so it chooses from all of them, from every gateway, in
+    :class:`~scheduler.ReplicaQueue`'s order: urgent first, then by priority level,
+    then the batch whose tenants this replica has served least for their weight.
+    One server listens on every address the replica is reached at (loopback for a
+    gateway on its node, the node's address for the others), so that one order
+    covers all the gateways. Not a forward thread: its two thread wake-ups per batch would
     cost more than the pick. The limit of reading between forwards: a frame
     larger than the socket buffers (a few hundred KB) is only partly read
     during a forward, so a large urgent batch can miss the next pick and run one
@@ -84,13 +86,11 @@ class ReplicaDataServer:
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="gpugate-data", daemon=True
         )
-        self._server: asyncio.Server | None = None
-        # (0 urgent / 1 ordinary, arrival, inputs, the connection to answer on, rows)
-        self._waiting: list[tuple[int, int, Tensors, _Link, int]] = []
-        self._arrivals = itertools.count()
+        self._servers: dict[str, asyncio.Server] = {}  # by the address it listens on
+        # (inputs, the connection to answer on, rows)
+        self._waiting: ReplicaQueue[tuple[Tensors, _Link, int]] = ReplicaQueue()
         self._pick_scheduled = False
         self._connections: set[_Link] = set()
-        self.address = ""
         # Counters (tests, data_stats): batches run, connections admitted and refused.
         self.batches = 0
         self.admitted = 0
@@ -99,37 +99,52 @@ class ReplicaDataServer:
         self._refusals_unlogged = 0
 
     def start(self, host: str) -> str:
-        self._thread.start()
+        """Listen on ``host`` (a free port), starting the loop the first time; the
+        address to connect to. A host already listened on keeps its address."""
+        for address in self._servers:
+            if address.rpartition(":")[0] == host:
+                return address
+        if not self._thread.is_alive():
+            self._thread.start()
+        where = {"address": ""}
 
         async def listen() -> asyncio.Server:
-            return await self._loop.create_server(lambda: _Link(self), host, 0)
+            return await self._loop.create_server(lambda: _Link(self, where["address"]), host, 0)
 
         server = asyncio.run_coroutine_threadsafe(listen(), self._loop).result()
-        self._server = server
-        port = server.sockets[0].getsockname()[1]
-        self.address = f"{host}:{port}"
-        return self.address
+        address = where["address"] = f"{host}:{server.sockets[0].getsockname()[1]}"
+        self._servers[address] = server
+        return address
+
+    @property
+    def address(self) -> str:
+        """The first address listened on ("" before :meth:`start`)."""
+        return next(iter(self._servers), "")
+
+    @property
+    def addresses(self) -> list[str]:
+        return list(self._servers)
 
     @property
     def healthy(self) -> bool:
-        return self._server is None or self._thread.is_alive()
+        return not self._servers or self._thread.is_alive()
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Refuse new connections and new batches (these with a "stopping" answer), let
         the batches already received answer (up to ``grace_s``)."""
-        if self._server is None:
+        if not self._servers:
             return
         with contextlib.suppress(Exception):
             asyncio.run_coroutine_threadsafe(self._drain(grace_s), self._loop).result(grace_s + 5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
-        self._server = None  # stopped: a second stop() has nothing to do
+        self._servers.clear()  # stopped: a second stop() has nothing to do
 
     async def _drain(self, grace_s: float) -> None:
         """Run what has arrived and let every answer reach its socket, up to the grace."""
-        assert self._server is not None
         self._stopping = True
-        self._server.close()
+        for server in self._servers.values():
+            server.close()
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline and (
             self._waiting or any(conn.unsent for conn in self._connections)
@@ -152,7 +167,7 @@ class ReplicaDataServer:
 
     def _received(self, conn: _Link, message: bytes) -> None:
         try:
-            inputs, urgent = decode_batch(message)
+            inputs, urgent, shares = decode_batch(message)
         except Exception as exc:
             log.warning("undecodable batch: %s", exc)
             conn.send(encode_error(f"{type(exc).__name__}: {exc}"))
@@ -162,9 +177,7 @@ class ReplicaDataServer:
             return
         rows = len(next(iter(inputs.values()))) if inputs else 0
         self.load.add(rows)
-        heapq.heappush(
-            self._waiting, (0 if urgent else 1, next(self._arrivals), inputs, conn, rows)
-        )
+        self._waiting.push((inputs, conn, rows), shares, urgent=urgent)
         self._schedule_pick()
 
     def _schedule_pick(self) -> None:
@@ -181,7 +194,7 @@ class ReplicaDataServer:
         self._pick_scheduled = False
         if not self._waiting:
             return
-        _, _, inputs, conn, rows = heapq.heappop(self._waiting)
+        inputs, conn, rows = self._waiting.pop()
         try:
             if not conn.gone:  # the gateway gave up on it (cancelled): no one to answer
                 conn.send(self._answer(inputs))
@@ -204,8 +217,9 @@ class _Link(asyncio.Protocol):
     """One gateway connection: the handshake, then length-prefixed frames in, one answer
     per frame out."""
 
-    def __init__(self, server: ReplicaDataServer) -> None:
+    def __init__(self, server: ReplicaDataServer, address: str) -> None:
         self._server = server
+        self._address = address  # the one it was reached at: the handshake proves it
         self._buffer = bytearray()
         self._transport: asyncio.Transport | None = None
         self._admitted = False
@@ -251,9 +265,7 @@ class _Link(asyncio.Protocol):
         # past the answer are someone who does not speak the protocol.
         proof = None
         if len(buffer) == ANSWER_SIZE:
-            proof = check_answer(
-                self._server._secret, self._server.address, self._nonce, bytes(buffer)
-            )
+            proof = check_answer(self._server._secret, self._address, self._nonce, bytes(buffer))
         buffer.clear()
         if proof is None:
             self._refuse("the cluster secret was not proven")

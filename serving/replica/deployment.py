@@ -60,8 +60,9 @@ class ModelReplica:
         self._secret = secret
         self._loaded_at = time.time()
         self._data_lock = threading.Lock()
-        self._data: dict[str, ReplicaDataServer] = {}  # bind host -> server
-        self._load = RowsInFlight()  # every data server's batches and Serve's calls
+        self._load = RowsInFlight()  # the data plane's batches and Serve's calls
+        # One server on every address it is reached at: one fair order for all gateways.
+        self._data = ReplicaDataServer(self._forward, self._secret, load=self._load)
         log.info(
             "model %s:%s ready on %s", self.config.name, self.config.version, self.runner.device
         )
@@ -91,13 +92,11 @@ class ModelReplica:
         same_node = caller_node_id == ray.get_runtime_context().get_node_id()
         host = "127.0.0.1" if same_node else ray.util.get_node_ip_address()
         with self._data_lock:
-            server = self._data.get(host)
-            if server is None:
-                server = ReplicaDataServer(self._forward, self._secret, load=self._load)
-                server.start(host)
-                self._data[host] = server
-                log.info("data plane of %s on %s", deployment_name(self.config), server.address)
-            return server.address
+            known = len(self._data.addresses)
+            address = self._data.start(host)
+            if len(self._data.addresses) > known:
+                log.info("data plane of %s on %s", deployment_name(self.config), address)
+            return address
 
     def reservation(self) -> dict[str, Any]:
         """What this replica reserves, from when: Serve's id of it (its actor's name
@@ -111,12 +110,8 @@ class ModelReplica:
 
     def data_stats(self) -> dict[str, int]:
         """The data plane's counters: batches run, connections admitted and refused."""
-        servers = list(self._data.values())
-        return {
-            "batches": sum(s.batches for s in servers),
-            "admitted": sum(s.admitted for s in servers),
-            "refused": sum(s.refused for s in servers),
-        }
+        data = self._data
+        return {"batches": data.batches, "admitted": data.admitted, "refused": data.refused}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's custom-metrics hook (autoscaled versions): the rows held on average
@@ -125,13 +120,14 @@ class ModelReplica:
 
     def check_health(self) -> None:
         """Serve's health probe: a dead data plane makes Serve restart the replica."""
-        if not all(server.healthy for server in list(self._data.values())):
+        if not self._data.healthy:
             raise RuntimeError("the data plane's thread stopped")
 
     def __del__(self) -> None:
         """Serve calls this on graceful shutdown: finish data-plane batches."""
-        for server in list(getattr(self, "_data", {}).values()):
-            server.stop(grace_s=5.0)
+        data = getattr(self, "_data", None)
+        if data is not None:
+            data.stop(grace_s=5.0)
 
 
 def deployment_name(model: ModelConfig) -> str:

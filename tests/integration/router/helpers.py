@@ -34,7 +34,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -53,7 +53,7 @@ from h2.events import ResponseReceived, TrailersReceived
 from router.servers import FrontDoors
 from router.service import InferenceService, RouterSettings, ServedModel
 from router.types import ModelSignature, Tenant, TensorSpec
-from scheduler import BatchPolicy, BatchResult, ModelBatcher, Tensors
+from scheduler import BatchPolicy, BatchResult, ModelBatcher, Share, Tensors
 from tests.fakes import StaticModelTable
 
 DOORS = ["grpcio", "native"]  # server.grpc_server: each stack runs once per door
@@ -109,7 +109,9 @@ class AffineBackend:
         self.batch_rows: list[int] = []
         self.running = 0
 
-    async def run_batch(self, inputs: Tensors, *, urgent: bool = False) -> BatchResult:
+    async def run_batch(
+        self, inputs: Tensors, *, urgent: bool = False, shares: Sequence[Share] = ()
+    ) -> BatchResult:
         self.calls += 1
         self.batch_rows.append(len(inputs["x"]))
         self.running += 1
@@ -122,13 +124,17 @@ class AffineBackend:
 
 
 class VecBackend:
-    async def run_batch(self, inputs: Tensors, *, urgent: bool = False) -> BatchResult:
+    async def run_batch(
+        self, inputs: Tensors, *, urgent: bool = False, shares: Sequence[Share] = ()
+    ) -> BatchResult:
         v = inputs["v"]
         return BatchResult({"n": v.sum(axis=1, keepdims=True, dtype=np.float32)}, 1, "cpu", 1.0)
 
 
 class BrokenBackend:
-    async def run_batch(self, inputs: Tensors, *, urgent: bool = False) -> BatchResult:
+    async def run_batch(
+        self, inputs: Tensors, *, urgent: bool = False, shares: Sequence[Share] = ()
+    ) -> BatchResult:
         raise RuntimeError("replica exploded")
 
 

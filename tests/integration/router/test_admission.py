@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,7 @@ from tritonclient.utils import InferenceServerException
 from router.servers import FrontDoors
 from router.service import InferenceService, RouterSettings, ServedModel
 from router.types import ModelSignature, Tenant, TensorSpec
-from scheduler import BatchPolicy, BatchRecord, BatchResult, ModelBatcher, Tensors
+from scheduler import BatchPolicy, BatchRecord, BatchResult, ModelBatcher, Share, Tensors
 from tests.fakes import StaticModelTable
 from tests.integration.router.helpers import DOORS, HOST, MAX_BYTES, LoopThread
 from tests.integration.router.native_door import require_native_door
@@ -63,14 +63,18 @@ class GatedBackend:
     def __init__(self) -> None:
         self.gate = asyncio.Event()
 
-    async def run_batch(self, inputs: Tensors, *, urgent: bool = False) -> BatchResult:
+    async def run_batch(
+        self, inputs: Tensors, *, urgent: bool = False, shares: Sequence[Share] = ()
+    ) -> BatchResult:
         await self.gate.wait()
         await asyncio.sleep(0.002)
         return BatchResult({"y": inputs["x"].copy()}, 1000, "cpu", 1.0)
 
 
 class SumBackend:
-    async def run_batch(self, inputs: Tensors, *, urgent: bool = False) -> BatchResult:
+    async def run_batch(
+        self, inputs: Tensors, *, urgent: bool = False, shares: Sequence[Share] = ()
+    ) -> BatchResult:
         await asyncio.sleep(0.005)  # a forward pass
         n = inputs["v"].sum(axis=1, keepdims=True, dtype=np.float32)
         return BatchResult({"n": n}, 1000, "cpu", 1.0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -17,7 +17,7 @@ from router.grpc_server import INFER_METHOD
 from router.servers import FrontDoors
 from router.service import InferenceService, RouterSettings, ServedModel
 from router.types import ModelSignature, Tenant, TensorSpec
-from scheduler import BatchPolicy, BatchResult, ModelBatcher, Tensors
+from scheduler import BatchPolicy, BatchResult, ModelBatcher, Share, Tensors
 from tests.fakes import StaticModelTable
 from tests.integration.router.helpers import DOORS, HOST, MAX_BYTES, LoopThread
 from tests.integration.router.native_door import require_native_door
@@ -39,7 +39,9 @@ class Directory:
 
 
 class Echo:
-    async def run_batch(self, inputs: Tensors, *, urgent: bool = False) -> BatchResult:
+    async def run_batch(
+        self, inputs: Tensors, *, urgent: bool = False, shares: Sequence[Share] = ()
+    ) -> BatchResult:
         return BatchResult({"y": inputs["x"].copy()}, 1000, "cpu", 1.0)
 
 

@@ -5,7 +5,7 @@ given back on every way out (success, error, cancel, deadline)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pytest
@@ -14,7 +14,7 @@ from router import PayloadTooLarge, PermissionDenied, ResourceExhausted
 from router.service import InferenceService, RouterSettings, ServedModel
 from router.tensors import InferParams, InputTensor
 from router.types import ModelSignature, Tenant, TensorSpec
-from scheduler import BatchPolicy, BatchResult, ModelBatcher, Tensors
+from scheduler import BatchPolicy, BatchResult, ModelBatcher, Share, Tensors
 from tests.fakes import StaticModelTable
 
 SIG = ModelSignature((TensorSpec("x", "FP32", (4,)),), (TensorSpec("y", "FP32", (4,)),), 64)
@@ -28,7 +28,9 @@ class Backend:
         self.gate = asyncio.Event()
         self.fail = False
 
-    async def run_batch(self, inputs: Tensors, *, urgent: bool = False) -> BatchResult:
+    async def run_batch(
+        self, inputs: Tensors, *, urgent: bool = False, shares: Sequence[Share] = ()
+    ) -> BatchResult:
         await self.gate.wait()
         if self.fail:
             raise RuntimeError("replica exploded")

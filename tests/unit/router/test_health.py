@@ -5,6 +5,7 @@ test_health.py drives both doors)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -21,7 +22,7 @@ from router.health import HEALTH_SERVICE, INFERENCE_SERVICE, HealthServicer
 from router.model_table import LiveModelTable
 from router.service import InferenceService, RouterSettings, ServedModel
 from router.types import ModelSignature, Tenant, TensorSpec
-from scheduler import BatchPolicy, BatchResult, ModelBatcher, Tensors
+from scheduler import BatchPolicy, BatchResult, ModelBatcher, Share, Tensors
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -35,7 +36,9 @@ class _NoTenants:
 
 
 class _Echo:
-    async def run_batch(self, inputs: Tensors, *, urgent: bool = False) -> BatchResult:
+    async def run_batch(
+        self, inputs: Tensors, *, urgent: bool = False, shares: Sequence[Share] = ()
+    ) -> BatchResult:
         return BatchResult({"y": inputs["x"]}, 1, "cpu", 1.0)
 
 

@@ -5,6 +5,7 @@ the shadow owner, compared, bounded, and cancelled on drain."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from router.model_table import LiveModelTable
 from router.service import Call, InferenceService, RouterSettings, ServedModel
 from router.tensors import InferParams, InputTensor
 from router.types import ModelSignature, Tenant, TensorSpec
-from scheduler import BatchPolicy, BatchRecord, BatchResult, ModelBatcher, Tensors
+from scheduler import BatchPolicy, BatchRecord, BatchResult, ModelBatcher, Share, Tensors
 
 SIG = ModelSignature((TensorSpec("x", "FP32", (3,)),), (TensorSpec("y", "FP32", (3,)),), 8)
 
@@ -27,7 +28,9 @@ class Backend:
         self.gate = gate
         self.rows = 0
 
-    async def run_batch(self, inputs: Tensors, *, urgent: bool = False) -> BatchResult:
+    async def run_batch(
+        self, inputs: Tensors, *, urgent: bool = False, shares: Sequence[Share] = ()
+    ) -> BatchResult:
         if self.gate is not None:
             await self.gate.wait()
         x = inputs["x"]

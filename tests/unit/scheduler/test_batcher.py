@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,6 +18,7 @@ from scheduler import (
     ModelBatcher,
     QueueFullError,
     SchedulerClosedError,
+    Share,
     Tensors,
 )
 from scheduler.batcher import _RUNNING_GRACE_S
@@ -34,7 +35,9 @@ class RecordingBackend:
         self.fail = fail
         self.batches: list[int] = []
 
-    async def run_batch(self, inputs: Tensors, *, urgent: bool = False) -> BatchResult:
+    async def run_batch(
+        self, inputs: Tensors, *, urgent: bool = False, shares: Sequence[Share] = ()
+    ) -> BatchResult:
         x = inputs["x"]
         self.batches.append(x.shape[0])
         await asyncio.sleep(self.delay_s)
@@ -310,7 +313,9 @@ class GatedBackend:
         for gate in self.gates:
             gate.set()
 
-    async def run_batch(self, inputs: Tensors, *, urgent: bool = False) -> BatchResult:
+    async def run_batch(
+        self, inputs: Tensors, *, urgent: bool = False, shares: Sequence[Share] = ()
+    ) -> BatchResult:
         x = inputs["x"]
         self.calls.append((x.shape[0], urgent))
         if urgent:
@@ -488,7 +493,9 @@ class _TimedBackend:
         self.clock = clock
         self.gate = asyncio.Event()
 
-    async def run_batch(self, inputs: Tensors, *, urgent: bool = False) -> BatchResult:
+    async def run_batch(
+        self, inputs: Tensors, *, urgent: bool = False, shares: Sequence[Share] = ()
+    ) -> BatchResult:
         await self.gate.wait()
         self.clock.now += 0.003
         # Of the 3 ms, 0.5 ms waiting at the replica behind another batch, 1 ms forward.

@@ -17,6 +17,7 @@ from scheduler import (
     BatchResult,
     ModelBatcher,
     Receipt,
+    Share,
     TenantShare,
     Tensors,
     charge_ns,
@@ -68,7 +69,9 @@ class ShareBackend:
     def __init__(self, seed: int) -> None:
         self.rng = random.Random(seed)
 
-    async def run_batch(self, inputs: Tensors, *, urgent: bool = False) -> BatchResult:
+    async def run_batch(
+        self, inputs: Tensors, *, urgent: bool = False, shares: Sequence[Share] = ()
+    ) -> BatchResult:
         await asyncio.sleep(0)
         share = self.rng.choice([1.0, 0.5, 0.25, 1 / 3, 2.0])
         return BatchResult(

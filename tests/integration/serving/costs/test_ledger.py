@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from scheduler import BatchPolicy, BatchRecord, BatchResult, ModelBatcher, Tensors
+from scheduler import BatchPolicy, BatchRecord, BatchResult, ModelBatcher, Share, Tensors
 from serving.cli.costs import render
 from serving.config.schema import CostsConfig, PriceConfig
 from serving.costs.ledger import Ledger, LedgerWriter, Pricing, as_utc
@@ -106,7 +106,9 @@ class RandomBackend:
     def __init__(self, seed: int) -> None:
         self.rng = random.Random(seed)
 
-    async def run_batch(self, inputs: Tensors, *, urgent: bool = False) -> BatchResult:
+    async def run_batch(
+        self, inputs: Tensors, *, urgent: bool = False, shares: Sequence[Share] = ()
+    ) -> BatchResult:
         await asyncio.sleep(self.rng.random() / 1000)
         share = self.rng.choice([1.0, 0.5, 0.25, 1 / 3])
         return BatchResult({"y": inputs["x"]}, self.rng.randint(1, 5 * 10**7), "cpu", share)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +25,7 @@ from router.model_table import LiveModelTable
 from router.servers import FrontDoors
 from router.service import InferenceService, RouterSettings, ServedModel
 from router.types import Tenant
-from scheduler import BatchPolicy, BatchResult, ModelBatcher, Tensors
+from scheduler import BatchPolicy, BatchResult, ModelBatcher, Share, Tensors
 from serving.rollout.controller import RolloutController
 from serving.rollout.rollouts import Rollouts, RolloutSpec
 from tests.integration.router.helpers import HOST, LoopThread
@@ -44,7 +44,9 @@ class Backend:
         self.gate.set()
         self.running = 0
 
-    async def run_batch(self, inputs: Tensors, *, urgent: bool = False) -> BatchResult:
+    async def run_batch(
+        self, inputs: Tensors, *, urgent: bool = False, shares: Sequence[Share] = ()
+    ) -> BatchResult:
         self.running += 1
         try:
             await self.gate.wait()

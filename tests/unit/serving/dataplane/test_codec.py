@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scheduler import BatchResult
+from scheduler import BatchResult, Share
 from serving.dataplane.codec import (
     ReplicaError,
     decode_batch,
@@ -26,13 +26,31 @@ def test_a_batch_of_mixed_dtypes_and_shapes_round_trips_exactly() -> None:
         "big_endian": np.arange(6, dtype=">i4").reshape(3, 2),
         "not_contiguous": np.arange(24, dtype=np.float64).reshape(4, 6).T[:3],
     }
-    out, urgent = decode_batch(encode_batch(inputs))
-    assert not urgent
+    out, urgent, shares = decode_batch(encode_batch(inputs))
+    assert not urgent and shares == ()
     assert decode_batch(encode_batch(inputs, urgent=True))[1]
     assert list(out) == list(inputs)  # input order is kept
     for name, arr in inputs.items():
         assert out[name].dtype == arr.dtype and out[name].shape == arr.shape, name
         np.testing.assert_array_equal(out[name], arr)
+
+
+def test_a_batch_says_whose_rows_it_holds() -> None:
+    shares = (Share("acme", 3, 2.5, 2), Share("b.x_y-z", 1, 1 / 3, 1))
+    _, urgent, back = decode_batch(encode_batch({"x": np.zeros((4, 1))}, False, shares))
+    assert back == shares and not urgent  # the weight's float exactly
+
+
+@pytest.mark.parametrize(
+    "line", ["acme\t1\t0.0\t2", "acme\t-1\t1.0\t2", "acme\t1\tinf\t2", "acme\t1\t1.0", "a\tx\t1\t2"]
+)
+def test_a_malformed_share_is_refused(line: str) -> None:
+    from gpugate_proto import grpc_service_pb2 as pb
+
+    msg = pb.ModelInferRequest()
+    msg.parameters["shares"].string_param = line
+    with pytest.raises(ValueError):
+        decode_batch(msg.SerializeToString())
 
 
 def test_a_result_keeps_outputs_and_the_measured_device_time() -> None:

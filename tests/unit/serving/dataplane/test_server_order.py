@@ -1,17 +1,19 @@
-"""The replica's data server over real sockets: one batch at a time, and a lane batch
-goes before the ordinary ones waiting (never before the one running)."""
+"""The replica's data server over real sockets: one batch at a time, a lane batch goes
+before the ordinary ones waiting (never before the one running), and batches from
+several gateways share the replica by their tenants' weights."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 
-from scheduler import BatchResult, Tensors
+from scheduler import BatchResult, Share, Tensors
 from serving.dataplane import server as dataplane_server
 from serving.dataplane.auth import ClusterSecret
 from serving.dataplane.client import DirectBatchBackend, open_connection
@@ -232,3 +234,47 @@ def test_the_backend_reports_how_long_a_batch_waited_behind_the_one_ahead(
     assert first.wait_ns == 0 and alone.wait_ns == 0
     assert 0.25 <= second.wait_ns / 1e9 < 5
     np.testing.assert_array_equal(second.outputs["y"], _batch(2.0)["x"] + 1)
+
+
+def test_gateways_on_two_addresses_share_the_replica_by_their_tenants_weights() -> None:
+    """Two gateways, each with one backlogged tenant (weights 1:3) and two batches in
+    flight, reach the replica at two addresses (loopback and another): one order covers
+    both, and the replica serves their rows 1:3, not in arrival order (1:1)."""
+    rows, forward_s = 16, 0.002
+    served = {"light": 0, "heavy": 0}
+
+    def model(inputs: Tensors) -> BatchResult:
+        time.sleep(forward_s)  # the device, busy
+        return BatchResult({"y": inputs["x"] + 1}, device_ns=7, device="cpu", device_share=1)
+
+    server = ReplicaDataServer(model, SECRET)
+    near, far = server.start("127.0.0.1"), server.start("127.0.0.2")
+    assert server.start("127.0.0.1") == near and server.addresses == [near, far]
+
+    async def gateway(address: str, tenant: str, weight: float, until: float) -> None:
+        async def discover() -> str:
+            return address
+
+        backend = DirectBatchBackend(discover, SECRET)
+        share = (Share(tenant, rows, weight, 2),)
+
+        async def slot() -> None:
+            while time.monotonic() < until:
+                result = await backend.run_batch(_batch(weight, rows), shares=share)
+                np.testing.assert_array_equal(result.outputs["y"], _batch(weight, rows)["x"] + 1)
+                served[tenant] += rows
+
+        await asyncio.gather(slot(), slot())
+        await backend.close()
+
+    async def main() -> None:
+        until = time.monotonic() + 3.0
+        await asyncio.gather(gateway(near, "light", 1.0, until), gateway(far, "heavy", 3.0, until))
+
+    try:
+        asyncio.run(main())
+    finally:
+        server.stop(grace_s=2)
+    print(f"rows served light:heavy = 1:{served['heavy'] / served['light']:.2f} {served}")
+    assert served["light"] > 40 * rows
+    assert served["heavy"] / served["light"] == pytest.approx(3.0, rel=0.1)
