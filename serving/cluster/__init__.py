@@ -17,6 +17,7 @@ from serving.cluster.runtime import (
     RayBatchBackend,
     StartInterrupted,
     batch_backend,
+    check_state_host,
 )
 
 __all__ = [
@@ -30,5 +31,6 @@ __all__ = [
     "StartInterrupted",
     "app_name",
     "batch_backend",
+    "check_state_host",
     "runtime",
 ]

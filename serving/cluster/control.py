@@ -21,6 +21,7 @@ from typing import Any
 from ray.serve.handle import DeploymentHandle
 
 from serving.cluster.deployer import Deployer
+from serving.cluster.runtime import check_state_host
 from serving.config import GatewayConfig
 from serving.dataplane import ClusterSecret
 from serving.registry import Registry
@@ -42,7 +43,9 @@ class Control:
         database_url: str | None,
         secret: ClusterSecret,
         interval_s: float = RECONCILE_INTERVAL_S,
+        state_host: str | None = None,
     ) -> None:
+        check_state_host(database_url, state_host)
         registry_config = GatewayConfig.model_validate(config)
         engine = open_engine(database_url, Path(state_dir))
         audit.configure(engine, Path(state_dir), **registry_config.audit.model_dump())

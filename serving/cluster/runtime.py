@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -68,6 +69,20 @@ class RayBatchBackend:
             log.warning("batch failed on the replica: %s", _short(exc))
             raise BackendError("the model failed to run the batch") from exc
         return result
+
+
+def check_state_host(database_url: str | None, state_host: str | None) -> None:
+    """Refuse to run a gateway or the control loop on another host than the embedded
+    SQLite state it would use: that file is on ``state_host`` (where the application was
+    built), and a copy made here would serve other tenants, keys and models, and keep
+    a ledger of its own. A cluster of several hosts needs a shared database."""
+    here = socket.gethostname()
+    if database_url is None and state_host is not None and state_host != here:
+        raise RuntimeError(
+            f"the embedded SQLite state is on host {state_host!r}, and this replica runs on "
+            f"{here!r}: a cluster of several hosts needs a shared database; set "
+            "GPUGATE_DATABASE_URL (PostgreSQL) where the application is deployed"
+        )
 
 
 def batch_backend(

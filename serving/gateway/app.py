@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +32,13 @@ from router.service import InferenceService, RouterSettings, ServedModel
 from router.tracing import batch_span_observer
 from scheduler import BatchPolicy, BatchRecord, ModelBatcher
 from serving.admin import build_admin_app
-from serving.cluster import CONTROL_DEPLOYMENT, GATEWAY_DEPLOYMENT, Control, batch_backend
+from serving.cluster import (
+    CONTROL_DEPLOYMENT,
+    GATEWAY_DEPLOYMENT,
+    Control,
+    batch_backend,
+    check_state_host,
+)
 from serving.config import NODE_HOST, CostsConfig, GatewayConfig, ModelConfig, ServerConfig
 from serving.costs import Ledger, LedgerReports, LedgerWriter, Price, Pricing, from_unix_ns
 from serving.dataplane import ClusterSecret
@@ -129,7 +136,9 @@ class Gateway:
         otel: dict[str, str],
         registry: dict[str, Any] | None = None,
         cluster_secret: ClusterSecret | None = None,
+        state_host: str | None = None,
     ) -> None:
+        check_state_host(database_url, state_host)
         self._cluster_secret = cluster_secret  # proves the gateway to the replicas
         self.server_config = ServerConfig.model_validate(server)
         cfg = self.server_config
@@ -383,6 +392,8 @@ def build_app(
     to what the admin API registers, approves and promotes."""
     wanted = {"models", "policies", "audit"}
     registry_config = config.model_dump(mode="json", include=wanted)
+    # The embedded SQLite state is a file on this host: replicas elsewhere refuse it.
+    state_host = socket.gethostname() if database_url is None else None
     gateway = (
         serve.deployment(Gateway)
         .options(
@@ -401,6 +412,7 @@ def build_app(
             otel_env(),
             registry_config,
             cluster_secret,
+            state_host,
         )
     )
     return (
@@ -413,7 +425,14 @@ def build_app(
             ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: 0.001}},
             max_ongoing_requests=8,
         )
-        .bind(gateway, config.model_dump(mode="json"), str(state_dir), database_url, cluster_secret)
+        .bind(
+            gateway,
+            config.model_dump(mode="json"),
+            str(state_dir),
+            database_url,
+            cluster_secret,
+            state_host=state_host,
+        )
     )
 
 
