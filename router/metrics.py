@@ -140,7 +140,7 @@ class RouterMetrics:
         )
         self.replicas = Gauge(
             "gpugate_replicas",
-            "Model replicas configured per version.",
+            "Model replicas per version that this gateway sends batches to.",
             ["model", "version"],
             registry=r,
         )

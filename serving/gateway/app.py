@@ -41,7 +41,7 @@ from serving.cluster import (
 )
 from serving.config import NODE_HOST, CostsConfig, GatewayConfig, ModelConfig, ServerConfig
 from serving.costs import Ledger, LedgerReports, LedgerWriter, Price, Pricing, from_unix_ns
-from serving.dataplane import ClusterSecret
+from serving.dataplane import ClusterSecret, DirectBatchBackend
 from serving.gateway.bootstrap import from_args
 from serving.gateway.telemetry import configure_tracing, otel_env
 from serving.registry import Registry, Stages
@@ -60,6 +60,14 @@ HEAD_NODE_RESOURCE = "node:__internal_head__"
 
 def _depth_of(batcher: ModelBatcher) -> Callable[[], float]:
     return lambda: float(batcher.queued_rows)
+
+
+def _replicas_of(backend: object, model: ModelConfig) -> Callable[[], float]:
+    """The replicas the gateway sends to (the direct data plane knows them, autoscaled
+    ones included), else the configured count."""
+    if isinstance(backend, DirectBatchBackend):
+        return lambda: float(len(backend.addresses) or model.replicas)
+    return lambda: float(model.replicas)
 
 
 def _node_address() -> str:
@@ -153,7 +161,8 @@ class Gateway:
         self._trace_batch = batch_span_observer(self._batch_cost)
         self._served: dict[tuple[str, str], ServedModel] = {}
         self._stages: dict[tuple[str, str], str] = {}
-        self._replicas: dict[tuple[str, str], int] = {}
+        # Each version's replica count: live where the backend knows its replicas.
+        self._replicas: dict[tuple[str, str], Callable[[], float]] = {}
         self._table = LiveModelTable()
         self._sync_lock = asyncio.Lock()
         if not models:
@@ -243,22 +252,20 @@ class Gateway:
             latency_lane_rows=model.latency_lane_rows,
         )
         handle = serve.get_deployment_handle(deployment_name(model), app_name=app)
+        backend = batch_backend(
+            handle, self.server_config.replica_transport, model.max_replicas, self._cluster_secret
+        )
         batcher = ModelBatcher(
             model.name,
             model.version,
-            batch_backend(
-                handle,
-                self.server_config.replica_transport,
-                model.max_replicas,
-                self._cluster_secret,
-            ),
+            backend,
             policy,
             observer=self._observe_batch,
             ledger=self._ledger,
         )
         batcher.start()
-        self._replicas[(model.name, model.version)] = model.replicas
-        self.metrics.replicas.labels(model.name, model.version).set(model.replicas)
+        replicas = self._replicas[(model.name, model.version)] = _replicas_of(backend, model)
+        self.metrics.replicas.labels(model.name, model.version).set_function(replicas)
         self.metrics.queued_rows.labels(model.name, model.version).set_function(_depth_of(batcher))
         return ServedModel(
             model.name,
@@ -325,7 +332,7 @@ class Gateway:
             self.metrics.observe_charges(record, price.currency, price.cost)
             self.metrics.reserved_devices.labels(
                 record.model, record.version, record.result.device
-            ).set(self._replicas[(record.model, record.version)] * record.result.device_share)
+            ).set(self._replicas[(record.model, record.version)]() * record.result.device_share)
         self._trace_batch(record)
 
     def take_windows(self, model: str, versions: tuple[str, str]) -> Taken:
