@@ -54,9 +54,7 @@ import datetime as dt
 import json
 import os
 import secrets
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -93,6 +91,7 @@ from systems import (
     Server,
     SystemRun,
     gpugate_system,
+    in_state_dir,
     null_system,
     peer_system,
     running,
@@ -240,30 +239,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started_at = dt.datetime.now(dt.UTC)
     loadavg = os.getloadavg()
-    # mkdtemp, not TemporaryDirectory: the latter's finalizer would delete a folder
-    # kept for inspection when the interpreter exits.
-    tmp: Path | None = None
-    if args.state_dir is None:
-        tmp = state_dir = Path(tempfile.mkdtemp(prefix="gpugate-bench-"))
-    else:
-        state_dir = args.state_dir.resolve()
-        state_dir.mkdir(parents=True, exist_ok=True)
-    _log(
-        f"state dir {state_dir}; levels {args.levels}; {args.warmup:g}s warm-up + "
-        f"{args.duration:g}s per level"
-    )
-    code = 1
-    try:
+
+    def run(state_dir: Path) -> int:
+        _log(
+            f"state dir {state_dir}; levels {args.levels}; {args.warmup:g}s warm-up + "
+            f"{args.duration:g}s per level"
+        )
         # One event loop for every client: grpc.aio binds to the loop it first runs on.
         with asyncio.Runner() as loop:
-            code = _run(args, state_dir, started_at, loadavg, loop)
-    finally:
-        if tmp is not None:
-            if code == 0 and not args.keep_state:
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                _log(f"kept {state_dir} (server logs) for inspection")
-    return code
+            return _run(args, state_dir, started_at, loadavg, loop)
+
+    return in_state_dir(args.state_dir, "gpugate-bench-", args.keep_state, _log, run)
 
 
 def _run(

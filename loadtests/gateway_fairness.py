@@ -41,9 +41,7 @@ import datetime as dt
 import json
 import os
 import secrets
-import shutil
 import sys
-import tempfile
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
@@ -51,24 +49,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from kserve_client import OWN_CONNECTION, REQUEST_TIMEOUT_S
 from loadgen import CpuMeter, cpu_window
 from provenance import git_state, machine, versions
 from systems import (
-    Server,
     SystemRun,
-    child_env,
-    free_port,
-    free_port_run,
-    gpugate_command,
+    gpugate_system,
+    in_state_dir,
     prometheus_sum,
     running,
 )
 
 MODEL = "fair"
 TENANTS = {"fair-a": 1.0, "fair-b": 3.0}  # name -> weight
-KEY_ENVS = {"fair-a": "GPUGATE_FAIR_KEY_A", "fair-b": "GPUGATE_FAIR_KEY_B"}
 # Scenario -> (gateways, tenant -> the ranks of the gateways it reaches).
 SCENARIOS: dict[str, tuple[int, dict[str, list[int]]]] = {
     "1gw": (1, {"fair-a": [0], "fair-b": [0]}),
@@ -329,53 +322,6 @@ async def run_scenario(
 # ----------------------------------------------------------------------- serving
 
 
-def write_config(path: Path, model: Any, gateways: int) -> None:
-    server: dict[str, Any] = {}
-    if gateways > 1:
-        server["gateway_replicas"] = gateways
-    config = {
-        "server": server,
-        "models": [model.model_dump(mode="json")],
-        "tenants": [
-            {"name": t, "weight": w, "api_key_env": KEY_ENVS[t]} for t, w in TENANTS.items()
-        ],
-    }
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-
-
-def gateway_server(
-    state_dir: Path, model: Any, gateways: int, keys: dict[str, str], taken: set[int]
-) -> tuple[Server, str, list[str]]:
-    http_port, grpc_port = free_port(taken), free_port(taken)
-    metrics_port = free_port_run(taken, gateways)
-    name = f"gpugate-{gateways}gw"
-    config = state_dir / f"{name}.yaml"
-    write_config(config, model, gateways)
-    server = Server(
-        name,
-        [
-            *gpugate_command(),
-            "serve",
-            "--config",
-            str(config),
-            "--state-dir",
-            str(state_dir / f"{name}-state"),
-            "--http-port",
-            str(http_port),
-            "--grpc-port",
-            str(grpc_port),
-            "--metrics-port",
-            str(metrics_port),
-        ],
-        child_env({KEY_ENVS[t]: k for t, k in keys.items()}),
-        "gpugate ready",
-        state_dir / f"{name}.log",
-        _log,
-    )
-    urls = [f"http://127.0.0.1:{metrics_port + r}/metrics" for r in range(gateways)]
-    return server, f"127.0.0.1:{grpc_port}", urls
-
-
 def wait_for_metrics(urls: list[str], timeout_s: float) -> None:
     """Every gateway's metrics port answers (each opens it as it starts)."""
     deadline = time.monotonic() + timeout_s
@@ -445,22 +391,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started_at = dt.datetime.now(dt.UTC)
     loadavg = os.getloadavg()
-    tmp: Path | None = None
-    if args.state_dir is None:
-        tmp = state_dir = Path(tempfile.mkdtemp(prefix="gpugate-fairness-"))
-    else:
-        state_dir = args.state_dir.resolve()
-        state_dir.mkdir(parents=True, exist_ok=True)
-    code = 1
-    try:
-        code = _run(args, state_dir, started_at, loadavg)
-    finally:
-        if tmp is not None:
-            if code == 0 and not args.keep_state:
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                _log(f"kept {state_dir} (server logs) for inspection")
-    return code
+    return in_state_dir(
+        args.state_dir,
+        "gpugate-fairness-",
+        args.keep_state,
+        _log,
+        lambda state_dir: _run(args, state_dir, started_at, loadavg),
+    )
 
 
 def _run(
@@ -494,7 +431,18 @@ def _run(
     for name in args.scenarios:
         by_gateways.setdefault(SCENARIOS[name][0], []).append(name)
     for gateways, names in sorted(by_gateways.items()):
-        server, target, urls = gateway_server(state_dir, model, gateways, keys, taken)
+        server, target, _ = gpugate_system(
+            state_dir,
+            model,
+            [keys[t] for t in TENANTS],
+            taken,
+            _log,
+            {},
+            gateways,
+            name=f"gpugate-{gateways}gw",
+            weights=TENANTS,
+        )
+        urls = server.metrics_urls
         run = SystemRun(server.name)
         runs.append(run)
         try:

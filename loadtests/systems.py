@@ -22,10 +22,12 @@ import contextlib
 import json
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -245,6 +247,7 @@ class Server:
         self.light_inside: BatchCounter | None = None
         # gpugate only: requests answered so far by each gateway.
         self.gateway_answers: GatewayCounter | None = None
+        self.metrics_urls: list[str] = []  # gpugate only: each gateway's metrics
 
     def start(self, timeout_s: float) -> float:
         """Start and wait for the ready line; returns the seconds it took."""
@@ -362,6 +365,33 @@ def child_env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
+def in_state_dir(
+    given: Path | None,
+    prefix: str,
+    keep: bool,
+    log: Callable[[str], None],
+    run: Callable[[Path], int],
+) -> int:
+    """``run(state_dir)`` in ``given``, or in a new temporary folder that is removed after
+    a run that returned 0 (unless ``keep``), and kept for inspection otherwise."""
+    if given is not None:
+        state_dir = given.resolve()
+        state_dir.mkdir(parents=True, exist_ok=True)
+        return run(state_dir)
+    # mkdtemp, not TemporaryDirectory: the latter's finalizer would delete a folder
+    # kept for inspection when the interpreter exits.
+    state_dir = Path(tempfile.mkdtemp(prefix=prefix))
+    code = 1
+    try:
+        code = run(state_dir)
+    finally:
+        if code == 0 and not keep:
+            shutil.rmtree(state_dir, ignore_errors=True)
+        else:
+            log(f"kept {state_dir} (server logs) for inspection")
+    return code
+
+
 def gpugate_command() -> list[str]:
     script = Path(sys.executable).parent / "gpugate"
     return [str(script)] if script.is_file() else [sys.executable, "-m", "serving.cli"]
@@ -370,16 +400,17 @@ def gpugate_command() -> list[str]:
 def write_gateway_config(
     path: Path,
     model: Any,
-    tenant_envs: list[str],
+    tenants: dict[str, tuple[float, str]],
     server: dict[str, Any],
 ) -> None:
-    """``server``: the config's server settings; a None value leaves the gateway's default."""
+    """``tenants``: name -> (weight, the variable holding its key); ``server``: the
+    config's server settings, where a None value leaves the gateway's default."""
     config = {
         "server": {k: v for k, v in server.items() if v is not None},
         "models": [model.model_dump(mode="json")],
         "tenants": [
-            {"name": f"bench-{i}", "weight": 1.0, "api_key_env": env}
-            for i, env in enumerate(tenant_envs)
+            {"name": name, "weight": weight, "api_key_env": env}
+            for name, (weight, env) in tenants.items()
         ],
     }
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -397,17 +428,21 @@ def gpugate_system(
     server_settings: dict[str, Any],
     gateways: int = 1,
     name: str = "gpugate",
+    weights: dict[str, float] | None = None,
 ) -> tuple[Server, str, str]:
-    """``gpugate serve`` with two tenants and ``gateways`` gateway replicas; returns it,
-    its gRPC target and its HTTP base."""
+    """``gpugate serve`` with a tenant per key (``weights``: their names and weights;
+    default bench-0, bench-1... at weight 1) and ``gateways`` gateway replicas; returns
+    it, its gRPC target and its HTTP base."""
     http_port, grpc_port = free_port(taken), free_port(taken)
     metrics_port = free_port_run(taken, gateways)
-    key_envs = ["GPUGATE_BENCH_KEY_A", "GPUGATE_BENCH_KEY_B"]
+    weights = weights or {f"bench-{i}": 1.0 for i in range(len(keys))}
+    key_envs = [f"GPUGATE_BENCH_KEY_{i}" for i in range(len(keys))]
+    tenants = {t: (w, env) for (t, w), env in zip(weights.items(), key_envs, strict=True)}
     config_path = state_dir / f"{name}-bench.yaml"
     settings = dict(server_settings)
     if gateways > 1:
         settings["gateway_replicas"] = gateways
-    write_gateway_config(config_path, model, key_envs, settings)
+    write_gateway_config(config_path, model, tenants, settings)
     gw_state = state_dir / f"{name}-state"
     server = Server(
         name,
@@ -432,6 +467,7 @@ def gpugate_system(
     )
     # Each gateway counts only its own batches and requests: sum over every port.
     metrics_urls = [f"http://127.0.0.1:{metrics_port + rank}/metrics" for rank in range(gateways)]
+    server.metrics_urls = metrics_urls
     server.batch_counter = gateway_batches(metrics_urls)
     if gateways == 1:
         # The statistics route answers for the gateway that accepted the connection,
