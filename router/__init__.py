@@ -3,7 +3,8 @@ traffic split and admission, in front of the scheduler.
 
 This package's API is its errors and shared types (below) and its public modules:
 ``router.service`` (the protocol-neutral core), ``router.servers`` (the front doors),
-``router.canary``, ``router.model_table``, ``router.metrics`` and ``router.tracing``.
+``router.canary``, ``router.model_table``, ``router.metrics``, ``router.quota`` and
+``router.tracing``.
 """
 
 from router._exceptions import (
@@ -22,7 +23,10 @@ from router.types import (
     DATATYPES,
     DEFAULT_PRIORITY_LEVEL,
     MAX_PRIORITY_LEVEL,
+    NO_QUOTA,
     ModelSignature,
+    Quota,
+    Rate,
     Tenant,
     TensorSpec,
 )
@@ -31,6 +35,7 @@ __all__ = [
     "DATATYPES",
     "DEFAULT_PRIORITY_LEVEL",
     "MAX_PRIORITY_LEVEL",
+    "NO_QUOTA",
     "DeadlineExceeded",
     "GatewayError",
     "Internal",
@@ -39,6 +44,8 @@ __all__ = [
     "NotFound",
     "PayloadTooLarge",
     "PermissionDenied",
+    "Quota",
+    "Rate",
     "ResourceExhausted",
     "Tenant",
     "TensorSpec",

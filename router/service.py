@@ -29,6 +29,7 @@ from router._exceptions import (
 from router.admission import TenantLoad, TenantLoads
 from router.canary import SHADOW_PRIORITY, SHADOW_TENANT, Header, Windows, compare
 from router.metrics import RouterMetrics
+from router.quota import Quotas
 from router.tensors import InferParams, InputTensor, validate_inputs
 from router.tracing import finish_request_span, span_context, start_request_span
 from router.types import ModelSignature, Tenant
@@ -170,6 +171,8 @@ class InferenceService:
             settings.retry_after_s,
             self.metrics,
         )
+        # Rate quotas; a gateway among several sets its shares (router.quota).
+        self.quotas = Quotas(self.metrics)
         # Outcomes per version for the models under a rollout (serving.rollout reads them).
         self.windows = Windows()
         self._shadows: set[asyncio.Task[None]] = set()
@@ -257,6 +260,8 @@ class InferenceService:
             self.settings.max_request_bytes,
             reserve=lambda size: self._admit_bytes(call, tenant, size),
         )
+        if tenant.quota.rows is not None or tenant.model_quotas:
+            self._take_quotas(tenant, served.name, rows)
         timeouts = [t for t in (params.timeout_s, transport_timeout_s) if t is not None]
         timeout_s = min(timeouts) if timeouts else self.settings.default_timeout_s
         call.timeout_s = timeout_s
@@ -279,7 +284,22 @@ class InferenceService:
         tenant = call.tenant
         assert tenant is not None, "authenticate the call first"
         if call.load is None:  # else admitted already (by the front door)
-            call.load = self._loads.take_request(tenant)
+            load = self._loads.take_request(tenant)
+            if tenant.quota.requests is not None:
+                try:
+                    self.quotas.take(tenant.name, "", "requests", tenant.quota.requests, 1)
+                except GatewayError:
+                    self._loads.give_back(tenant.name, load, 1, 0)
+                    raise
+            call.load = load
+
+    def _take_quotas(self, tenant: Tenant, model: str, rows: int) -> None:
+        """The quotas known once the model and the rows are: the model's request quota,
+        and the rows quotas over every model and of the model."""
+        quotas, own = self.quotas, tenant.quota_of(model)
+        quotas.take(tenant.name, model, "requests", own.requests, 1)
+        quotas.take(tenant.name, "", "rows", tenant.quota.rows, rows)
+        quotas.take(tenant.name, model, "rows", own.rows, rows)
 
     def hold(self, tenant: Tenant) -> Call:
         """Take one of ``tenant``'s in-flight requests for a body still to be read, or

@@ -60,6 +60,35 @@ PRIORITY_LEVELS = range(1, MAX_PRIORITY_LEVEL + 1)
 
 
 @dataclass(frozen=True)
+class Rate:
+    """``per_s`` tokens a second, at most ``burst`` held (at least 1)."""
+
+    per_s: float
+    burst: float
+
+    @classmethod
+    def of(cls, per_s: float | None, burst: float | None = None) -> Rate | None:
+        """None without a rate; the burst defaults to one second's worth (at least 1)."""
+        if per_s is None:
+            return None
+        return cls(per_s, burst if burst is not None else max(1.0, per_s))
+
+
+@dataclass(frozen=True)
+class Quota:
+    """A tenant's rate quotas (over every model, or for one model)."""
+
+    requests: Rate | None = None
+    rows: Rate | None = None
+
+    def __bool__(self) -> bool:
+        return self.requests is not None or self.rows is not None
+
+
+NO_QUOTA = Quota()
+
+
+@dataclass(frozen=True)
 class Tenant:
     name: str
     weight: float
@@ -71,6 +100,16 @@ class Tenant:
     # None: the server's default.
     max_requests_in_flight: int | None = None
     max_bytes_in_flight: int | None = None
+    # Rate quotas (router.quota): over every model, and per model on top.
+    quota: Quota = NO_QUOTA
+    model_quotas: tuple[tuple[str, Quota], ...] = ()
+
+    def quota_of(self, model: str) -> Quota:
+        """The tenant's quota for ``model`` alone (NO_QUOTA when it has none)."""
+        for name, quota in self.model_quotas:
+            if name == model:
+                return quota
+        return NO_QUOTA
 
     def may_use(self, model: str) -> bool:
         return "*" in self.models or model in self.models

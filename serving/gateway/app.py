@@ -27,6 +27,7 @@ from ray import serve
 import serving.gateway.gc_tuning as gc_tuning
 from router.metrics import RouterMetrics
 from router.model_table import LiveModelTable
+from router.quota import REBALANCE_S, Key, rebalance
 from router.servers import FrontDoors
 from router.service import InferenceService, RouterSettings, ServedModel
 from router.tracing import batch_span_observer
@@ -130,6 +131,25 @@ class GatewayPeers:
                 taken.append(answer)
         return taken
 
+    async def _broadcast(self, method: str, *args: Any) -> list[Any]:
+        context = serve.get_replica_context()
+        handle = serve.get_deployment_handle(context.deployment, app_name=context.app_name)
+        answers: list[Any] = await handle.broadcast(method, *args).results_async(
+            timeout_s=self.GATHER_TIMEOUT_S, return_exceptions=True
+        )
+        return [a for a in answers if not isinstance(a, BaseException)]
+
+    async def share_quotas(self) -> None:
+        """Every gateway's demand on each rate quota since the last call, then each one's
+        share in proportion (router.quota.rebalance): led by rank 0."""
+        demands: list[tuple[int, dict[Key, float]]] = await self._broadcast("quota_demand")
+        if not demands:
+            return
+        shares = rebalance(demand for _, demand in demands)
+        await self._broadcast(
+            "quota_shares", {rank: share for (rank, _), share in zip(demands, shares, strict=True)}
+        )
+
 
 class Gateway:
     """Owns the servers, batchers and tenant cache of one gateway replica."""
@@ -196,6 +216,13 @@ class Gateway:
             Rollouts(stages), self._table, self.service.windows, self.metrics, peers=peers
         )
         self._rollouts.start()
+        # Several gateways share each rate quota: an even split until the first rebalance.
+        self.service.quotas.default_share = 1 / cfg.gateway_replicas
+        self._quota_task = (
+            asyncio.create_task(_share_quotas(peers), name="gpugate-quota-shares")
+            if peers is not None
+            else None
+        )
         admin = build_admin_app(
             engine,
             Path(state_dir),
@@ -335,6 +362,16 @@ class Gateway:
             ).set(self._replicas[(record.model, record.version)]() * record.result.device_share)
         self._trace_batch(record)
 
+    def quota_demand(self) -> tuple[int, dict[Key, float]]:
+        """This gateway's rank and the demand on each rate quota since the last call."""
+        return _rank()[0], self.service.quotas.take_demand()
+
+    def quota_shares(self, by_rank: dict[int, dict[Key, float]]) -> None:
+        """This gateway's shares of the rate quotas, from the leader's rebalance."""
+        shares = by_rank.get(_rank()[0])
+        if shares is not None:
+            self.service.quotas.set_shares(shares, 1 / max(1, len(by_rank)))
+
     def take_windows(self, model: str, versions: tuple[str, str]) -> Taken:
         """This gateway's rollout window of ``versions`` since the last take, which
         starts a new one (the leader's :class:`GatewayPeers` gathers them)."""
@@ -354,6 +391,8 @@ class Gateway:
         if self._drained is not None:
             return self._drained
         await self._rollouts.stop()
+        if self._quota_task is not None:
+            self._quota_task.cancel()
         await self.service.cancel_shadows()  # mirrored work is optional; clients' is not
         in_flight_before = self.service.in_flight
         completed = await self.service.drain(timeout_s)
@@ -371,6 +410,18 @@ class Gateway:
         await asyncio.to_thread(self._metrics_server.shutdown)  # waits up to its poll interval
         self._drained = {"completed": completed, "in_flight_at_drain": in_flight_before}
         return self._drained
+
+
+async def _share_quotas(peers: GatewayPeers) -> None:
+    """The leader's rebalance of the rate quotas, every REBALANCE_S, for good."""
+    while True:
+        await asyncio.sleep(REBALANCE_S)
+        if not peers.leads():
+            continue
+        try:
+            await peers.share_quotas()
+        except Exception as exc:  # the next round tries again; shares stay as they are
+            log.warning("rate quota shares not rebalanced: %s", exc)
 
 
 def gateway_actor_options(server: ServerConfig) -> dict[str, Any]:
