@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -364,8 +366,35 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         # NORMAL survives process crashes; FULL fsyncs the WAL at every commit, so a
         # committed row also survives a power cut, at a price on the request path that
         # docs/state.md measures (the reason it is not the default).
-        cursor.execute("PRAGMA journal_mode = WAL")
+        _set_wal(cursor)
         cursor.execute(f"PRAGMA synchronous = {sqlite_synchronous()}")
         cursor.execute("PRAGMA foreign_keys = ON")
     finally:
         cursor.close()
+
+
+def _set_wal(cursor: Any) -> None:
+    """``PRAGMA journal_mode = WAL``, tried again while SQLite answers SQLITE_BUSY, for
+    as long as the busy timeout.
+
+    The busy timeout does not cover this statement. On a file not yet in WAL mode (a new
+    one), the switch reads the header under a shared lock, then asks for the write lock
+    to rewrite it; if another connection is making the same switch at that moment,
+    SQLite refuses at once rather than wait (waiting while holding the shared lock could
+    deadlock with the other writer), and the statement fails with "database is locked".
+    Processes or threads opening a new database together meet this. The failed statement
+    holds no lock, so trying again is safe; on a file already in WAL mode the statement
+    changes nothing and takes no write lock.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    pause = 0.001
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            busy = (getattr(exc, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_BUSY
+            if not busy or time.monotonic() >= deadline:
+                raise
+        time.sleep(pause)
+        pause = min(2 * pause, 0.05)
