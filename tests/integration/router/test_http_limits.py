@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import gzip
 import json
 import os
@@ -32,6 +33,7 @@ from router.http_protocol import HttpDoorLimits
 from router.servers import FrontDoors
 from router.service import InferenceService, RouterSettings, ServedModel
 from scheduler import BatchPolicy, ModelBatcher
+from serving.gateway import gc_tuning
 from tests.fakes import StaticModelTable
 from tests.integration.router.helpers import (
     AFFINE_SIGNATURE,
@@ -203,17 +205,36 @@ def timed_door() -> Iterator[Door]:
     yield from door(header_timeout_s=1.0, keep_alive_timeout_s=1.0)
 
 
+@contextlib.contextmanager
+def gateway_collector() -> Iterator[None]:
+    """The garbage collector as a gateway process runs it once its doors are open
+    (``server.gc_tuning``, on by default: :func:`serving.gateway.gc_tuning.settle`), put
+    back afterwards. This process holds the whole test session's heap; with CPython's
+    defaults, the collections that an attack's allocations set off rescan all of it."""
+    threshold = gc.get_threshold()
+    frozen_before = gc.get_freeze_count()
+    gc_tuning.settle()
+    try:
+        yield
+    finally:
+        gc.set_threshold(*threshold)
+        if not frozen_before:
+            gc.unfreeze()
+
+
 def test_slow_and_idle_connections_neither_starve_a_tenant_nor_pile_up(timed_door: Door) -> None:
     """1,000 connections dripping a request head and 200 idle ones, reopened as they are
     closed, for 8 s: each is closed by its timer (the head timer 1 s after connecting, the
     keep-alive timer 1 s after its answer), the server's file descriptors stay bounded, and
     a legitimate tenant's p99 stays within 2x of its quiet p99 (measured just before and
-    just after, so that the shared host's own load weighs on both)."""
+    just after, so that the shared host's own load weighs on both). The collector is set
+    as in a gateway (:func:`gateway_collector`): the door is measured, not the collector
+    rescanning the test session's heap."""
     # How late a close may be seen by a client process that juggles 1,200 sockets at
     # nice 19 on a shared host; without the timers they would live the whole 8 s.
     slack = 3.0
     fds_before = fd_count()
-    with httpx.Client(base_url=timed_door.url, timeout=10) as client:
+    with gateway_collector(), httpx.Client(base_url=timed_door.url, timeout=10) as client:
         timed_requests(client, 20)  # warm
         quiet = timed_requests(client, 150)
         attack = Attack(timed_door.doors.http_port, 1000, 200, 8)
