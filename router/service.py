@@ -217,6 +217,8 @@ class InferenceService:
             raise Unavailable("cannot authenticate now: tenant directory unavailable") from None
         if tenant is None:
             raise Unauthenticated("unknown API key")
+        if tenant.suspended is not None:
+            raise PermissionDenied(f"tenant {tenant.name!r} is suspended: {tenant.suspended}")
         return tenant
 
     async def infer(

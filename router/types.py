@@ -100,6 +100,8 @@ class Tenant:
     # None: the server's default.
     max_requests_in_flight: int | None = None
     max_bytes_in_flight: int | None = None
+    # Why the tenant is suspended (every request refused 403 with it); None: served.
+    suspended: str | None = None
     # Rate quotas (router.quota): over every model, and per model on top.
     quota: Quota = NO_QUOTA
     model_quotas: tuple[tuple[str, Quota], ...] = ()

@@ -403,6 +403,7 @@ class Gateway:
             # Past the drain budget, queued work is failed (503), not waited for.
             await batcher.close(drain=completed)
         await self._doors.stop()
+        await self._tenants.close()  # the keys' last-used times noted since the last write
         # Every batch above has committed (or failed) by now; this ends the thread.
         await asyncio.to_thread(self._ledger.close)
         if self._tracer_provider is not None:

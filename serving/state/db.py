@@ -59,9 +59,6 @@ tenants = sa.Table(
     # JSON list of model names; "*" allows every model. Text rather than a JSON
     # column type so the value reads back identically on SQLite and PostgreSQL.
     sa.Column("models", sa.Text, nullable=False),
-    # sha256 hex of the API key. The key itself is never stored; the unique index
-    # is what authentication looks rows up by.
-    sa.Column("key_hash", sa.CHAR(64), nullable=False, index=True, unique=True),
     # "config" rows are reconciled from the config file at every start; "cli" rows
     # are only changed by an explicit command.
     sa.Column("source", sa.String(16), nullable=False),
@@ -75,8 +72,39 @@ tenants = sa.Table(
     # The tenant's caps on requests and input bytes in flight; NULL: the server's default.
     sa.Column("max_requests_in_flight", sa.Integer, nullable=True),
     sa.Column("max_bytes_in_flight", sa.BigInteger, nullable=True),
+    # Set: every request of the tenant is refused 403 with the reason; its keys still
+    # authenticate, so the answer can say why (``tenants suspend`` / ``resume``).
+    sa.Column("suspended_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("suspended_reason", sa.Text, nullable=True),
+    # Set: the tenant is deleted. The row stays, so the ledger's usage keeps its tenant
+    # and the name is not given to another tenant; every key is revoked.
+    sa.Column("deleted_at", sa.DateTime(timezone=True), nullable=True),
     sa.CheckConstraint("source IN ('config', 'cli')", name="source"),
     sa.CheckConstraint("weight > 0", name="weight_positive"),
+)
+
+# A tenant's API keys (serving.tenancy.keys): several per tenant, each with a label. A key
+# is refused once revoked_at is set or expires_at has passed; rows stay for the record.
+tenant_keys = sa.Table(
+    "tenant_keys",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "tenant_id",
+        sa.Integer,
+        sa.ForeignKey("tenants.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    sa.Column("label", sa.String(64), nullable=False),
+    # sha256 hex of the API key. The key itself is never stored; the unique index
+    # is what authentication looks rows up by.
+    sa.Column("key_hash", sa.CHAR(64), nullable=False, index=True, unique=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, default=utcnow),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
+    # Written by the gateways at most about once a minute per key, never per request.
+    sa.Column("last_used_at", sa.DateTime(timezone=True), nullable=True),
 )
 
 

@@ -1,13 +1,23 @@
-"""Who may call: tenants and their API keys (the data plane), users, roles and tokens
-(the admin API), and the one role -> action table.
+"""Who may call: tenants, their lifecycle and API keys (the data plane), users, roles
+and tokens (the admin API), and the one role -> action table.
 """
 
 from serving.tenancy.admission import KEEP, MAX_BYTES_CAP, MAX_REQUESTS_CAP, Admission
 from serving.tenancy.directory import TenantDirectory
+from serving.tenancy.keys import (
+    MAX_GRACE,
+    IssuedKey,
+    KeyNotFoundError,
+    KeyRow,
+    TenantKeyStore,
+)
 from serving.tenancy.tenants import (
     DEMO_KEY_FILE,
     DEMO_MODEL,
     DEMO_TENANT,
+    KeyMatch,
+    KeyStateError,
+    TenantDeletedError,
     TenantError,
     TenantExistsError,
     TenantKeyConflictError,
@@ -50,19 +60,27 @@ __all__ = [
     "DEMO_TENANT",
     "KEEP",
     "MAX_BYTES_CAP",
+    "MAX_GRACE",
     "MAX_REQUESTS_CAP",
     "PERMISSIONS",
     "ROLES",
     "Admission",
     "Forbidden",
+    "IssuedKey",
+    "KeyMatch",
+    "KeyNotFoundError",
+    "KeyRow",
+    "KeyStateError",
     "LastAdminError",
     "Principal",
     "Role",
+    "TenantDeletedError",
     "TenantDirectory",
     "TenantError",
     "TenantExistsError",
     "TenantKeyConflictError",
     "TenantKeyMissingError",
+    "TenantKeyStore",
     "TenantLookupError",
     "TenantNotFoundError",
     "TenantRow",

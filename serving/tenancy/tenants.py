@@ -1,10 +1,14 @@
-"""Tenants: API keys, the tenant table, and request authentication.
+"""Tenants: the tenant table, its lifecycle, and request authentication.
 
-A tenant comes from the config file (its key read from an environment variable at
-start) or from the CLI (a generated key shown once). Either way only the sha256 of
-the key is stored. ``TenantDirectory`` is the router's view: an in-memory cache in
-front of ``TenantStore`` so that authenticating a request normally costs one hash
-and one dict lookup.
+A tenant comes from the config file (its one key read from an environment variable at
+start; :mod:`serving.tenancy.config_tenants`) or from the CLI (keys generated and shown
+once; :mod:`serving.tenancy.keys` manages several per tenant). Either way only the
+sha256 of a key is stored, in ``tenant_keys``. A tenant may be suspended (its keys still
+authenticate; every request is refused 403 with the reason) and deleted: the row stays,
+so the cost ledger's usage keeps its tenant and the name is never handed to another
+tenant by accident; every key is revoked. ``TenantDirectory`` is the router's view: an
+in-memory cache in front of ``TenantStore`` so that authenticating a request normally
+costs one hash and one dict lookup.
 """
 
 from __future__ import annotations
@@ -12,138 +16,104 @@ from __future__ import annotations
 import builtins
 import contextlib
 import fcntl
-import hashlib
 import hmac
 import json
 import logging
-import math
 import os
-import re
-import secrets
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import sqlalchemy as sa
 
 from router import Tenant
-from serving.config import NAME_PATTERN, TenantConfig, tenant_name
-from serving.state import audit
+from serving.state import audit, utcnow
+from serving.state import tenant_keys as t_keys
 from serving.state import tenants as t_tenants
 from serving.tenancy.admission import KEEP, NO_GRANTS, Admission
+from serving.tenancy.config_tenants import ConfigTenants
+from serving.tenancy.records import (
+    DEFAULT_LABEL,
+    HASH,
+    MAX_KEY_LENGTH,
+    MIN_CONFIG_KEY_LENGTH,
+    KeyStateError,
+    Source,
+    TenantDeletedError,
+    TenantError,
+    TenantExistsError,
+    TenantKeyConflictError,
+    TenantKeyMissingError,
+    TenantLookupError,
+    TenantNotFoundError,
+    TenantRow,
+    aware,
+    aware_ts,
+    checked_reason,
+    config_managed,
+    described,
+    generate_api_key,
+    hash_key,
+    insert_key,
+    inserted_id,
+    live_keys,
+    make_tenant,
+    revoke_keys,
+    tenant_row,
+    usable_key,
+    validate,
+    when,
+)
+
+__all__ = [
+    "DEMO_KEY_FILE",
+    "DEMO_MODEL",
+    "DEMO_TENANT",
+    "MAX_KEY_LENGTH",
+    "MIN_CONFIG_KEY_LENGTH",
+    "KeyMatch",
+    "KeyStateError",
+    "TenantDeletedError",
+    "TenantError",
+    "TenantExistsError",
+    "TenantKeyConflictError",
+    "TenantKeyMissingError",
+    "TenantLookupError",
+    "TenantNotFoundError",
+    "TenantRow",
+    "TenantStore",
+    "ensure_demo_tenant",
+    "generate_api_key",
+    "hash_key",
+    "usable_key",
+]
 
 log = logging.getLogger(__name__)
 
-Source = Literal["config", "cli"]
-MAX_KEY_LENGTH = 256
-# A config key is chosen by a person, not generated: a short one could be guessed.
-MIN_CONFIG_KEY_LENGTH = 16
-MAX_WEIGHT = 1000.0  # same bound as TenantConfig.weight
 DEMO_TENANT = "demo"
 DEMO_MODEL = "digits"
 DEMO_KEY_FILE = "demo_tenant.key"
-# A key must survive an HTTP header or gRPC metadata value unchanged: printable
-# ASCII without spaces (header parsing strips surrounding whitespace).
-_KEY_CHARS = re.compile(r"^[\x21-\x7e]+$")
-_HASH = re.compile(r"^[0-9a-f]{64}$")
-
-
-class TenantError(Exception):
-    """Base of the tenant errors; the message is meant for the operator."""
-
-
-class TenantExistsError(TenantError):
-    pass
-
-
-class TenantNotFoundError(TenantError):
-    pass
-
-
-class TenantKeyMissingError(TenantError):
-    def __init__(self, tenant: str, env_var: str) -> None:
-        super().__init__(
-            f"tenant {tenant!r}: environment variable {env_var} (its api_key_env) is not "
-            "set or is empty"
-        )
-        self.tenant = tenant
-        self.env_var = env_var
-
-
-class TenantKeyConflictError(TenantError):
-    """A configured key is unusable or already belongs to another tenant."""
-
-
-class TenantLookupError(TenantError):
-    """The state database failed during authentication (map to 503, not 401)."""
-
-
-def generate_api_key() -> str:
-    return "gg_" + secrets.token_urlsafe(32)
-
-
-def hash_key(key: str) -> str:
-    # A plain (unsalted, fast) hash is enough: keys are 256 random bits, so there is
-    # nothing to brute-force, and authentication must be able to look a row up by it.
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
-
-
-def usable_key(key: str) -> bool:
-    return 0 < len(key) <= MAX_KEY_LENGTH and _KEY_CHARS.fullmatch(key) is not None
 
 
 @dataclass(frozen=True)
-class TenantRow:
-    """A tenant as listed by the CLI. Deliberately carries no key or key hash."""
+class KeyMatch:
+    """What authentication found for a key: its tenant, and the key's id and expiry (the
+    router's cache must not hold a key past it)."""
 
-    name: str
-    weight: float
-    models: tuple[str, ...]
-    source: Source
-    created_at: datetime
-    updated_at: datetime
-    admission: Admission = NO_GRANTS
-
-    def tenant(self) -> Tenant:
-        return _tenant(self.name, self.weight, self.models, self.admission)
+    tenant: Tenant
+    key_id: int
+    expires_at: datetime | None
 
 
-def _tenant(name: str, weight: float, models: Iterable[str], admission: Admission) -> Tenant:
-    return Tenant(
-        name,
-        weight,
-        frozenset(models),
-        frozenset(admission.priorities),
-        admission.max_requests_in_flight,
-        admission.max_bytes_in_flight,
-    )
+class TenantStore(ConfigTenants):
+    """Reads and writes the ``tenants`` table and the keys' authentication. Blocking; call
+    from a thread in async code. Every change is audited in its own transaction."""
 
-
-def _validate(name: str, weight: float, models: Iterable[str]) -> tuple[str, ...]:
-    tenant_name(name)
-    if not (math.isfinite(weight) and 0 < weight <= MAX_WEIGHT):
-        raise ValueError(f"tenant weight must be > 0 and <= {MAX_WEIGHT:g}, got {weight!r}")
-    checked = tuple(dict.fromkeys(models))  # dedupe, keep order
-    if not checked:
-        raise ValueError("a tenant needs at least one model ('*' for all)")
-    for m in checked:
-        if m != "*" and not NAME_PATTERN.fullmatch(m):
-            raise ValueError(f"model name {m!r} must be '*' or match {NAME_PATTERN.pattern}")
-    return checked
-
-
-def _aware(ts: datetime) -> datetime:
-    # SQLite hands timestamps back without a zone; they were written as UTC.
-    return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
-
-
-class TenantStore:
-    """Reads and writes the ``tenants`` table. Blocking; call from a thread in async code."""
-
-    def __init__(self, engine: sa.Engine) -> None:
+    def __init__(self, engine: sa.Engine, *, clock: Callable[[], datetime] = utcnow) -> None:
         self.engine = engine
+        self.now = clock
 
     def create(
         self,
@@ -155,26 +125,27 @@ class TenantStore:
         admission: Admission = NO_GRANTS,
         actor: str = "system",
     ) -> str:
-        """Add a tenant and return its new API key (the only time it is visible); audited."""
-        checked = _validate(name, weight, models)
+        """Add a tenant with one key labelled ``default`` and return the key (the only
+        time it is visible); audited. The name of a deleted tenant is refused."""
+        checked = validate(name, weight, models)
         admission = Admission.checked(
             admission.priorities, admission.max_requests_in_flight, admission.max_bytes_in_flight
         )
         if source not in ("config", "cli"):
             raise ValueError(f"tenant source must be 'config' or 'cli', got {source!r}")
-        key = generate_api_key()
         try:
             with audit.audited(self.engine) as tx:
-                tx.conn.execute(
+                result = tx.conn.execute(
                     t_tenants.insert().values(
                         name=name,
                         weight=float(weight),
                         models=json.dumps(list(checked)),
-                        key_hash=hash_key(key),
                         source=source,
                         **admission.columns(),
                     )
                 )
+                tenant_id = inserted_id(result)
+                key, _ = insert_key(tx.conn, tenant_id, DEFAULT_LABEL, self.now())
                 after = {
                     "name": name,
                     "weight": float(weight),
@@ -184,168 +155,29 @@ class TenantStore:
                 tx.append(actor, "tenant.create", f"tenant:{name}", after=after)
         except sa.exc.IntegrityError:
             # The key hash is 256 fresh random bits, so the unique name is what clashed.
-            raise TenantExistsError(f"tenant {name!r} already exists") from None
+            raise self._taken(name) from None
         return key
 
-    def upsert_from_config(
-        self, tenants: Sequence[TenantConfig], environ: Mapping[str, str]
-    ) -> None:
-        """Make the config tenants in the database match the config, in one transaction.
-
-        Keys are read from each tenant's ``api_key_env``; every variable is checked
-        before anything is written. Existing config tenants get the configured weight,
-        models and key; config tenants no longer in the config are deleted, so
-        removing a tenant from the file revokes its key. A CLI tenant with a
-        configured name is an error rather than being taken over, since that would
-        silently replace the key its clients use.
-        """
-        wanted: list[tuple[TenantConfig, tuple[str, ...], str]] = []
-        for tc in tenants:
-            Admission.of_config(tc)  # a bad value stops the start before anything is written
-        for tc in tenants:
-            key = environ.get(tc.api_key_env, "")
-            if not key:
-                raise TenantKeyMissingError(tc.name, tc.api_key_env)
-            if not usable_key(key) or len(key) < MIN_CONFIG_KEY_LENGTH:
-                raise TenantKeyConflictError(
-                    f"tenant {tc.name!r}: the key in {tc.api_key_env} must be "
-                    f"{MIN_CONFIG_KEY_LENGTH}-{MAX_KEY_LENGTH} printable ASCII characters "
-                    "without spaces"
-                )
-            wanted.append((tc, _validate(tc.name, tc.weight, tc.models), hash_key(key)))
-        by_hash: dict[str, str] = {}
-        for tc, _, h in wanted:
-            if h in by_hash:
-                raise TenantKeyConflictError(
-                    f"tenants {by_hash[h]!r} and {tc.name!r} are configured with the same key"
-                )
-            by_hash[h] = tc.name
-
-        # A concurrent start of another gateway process can insert the same config
-        # tenant between our UPDATE and INSERT; the retry then finds it and updates.
-        for attempt in range(3):
-            try:
-                self._apply_config(wanted)
-                return
-            except sa.exc.IntegrityError:
-                problem = self._explain_conflict(wanted)
-                if problem is not None:
-                    raise problem from None
-                if attempt == 2:
-                    raise
-
-    def _apply_config(self, wanted: Sequence[tuple[TenantConfig, tuple[str, ...], str]]) -> None:
-        names = [tc.name for tc, _, _ in wanted]
-        with audit.audited(self.engine) as tx:
-            conn = tx.conn
-            before = {
-                r.name: r
-                for r in conn.execute(
-                    sa.select(
-                        t_tenants.c.name,
-                        t_tenants.c.weight,
-                        t_tenants.c.models,
-                        t_tenants.c.key_hash,
-                        t_tenants.c.priorities,
-                        t_tenants.c.max_requests_in_flight,
-                        t_tenants.c.max_bytes_in_flight,
-                    ).where(t_tenants.c.source == "config")
-                )
-            }
-            # Prune first so a key moved from a removed tenant to a new one does not
-            # collide with the row that is about to go.
-            conn.execute(
-                t_tenants.delete().where(
-                    t_tenants.c.source == "config", t_tenants.c.name.not_in(names)
-                )
-            )
-            for name, gone in sorted(before.items()):
-                if name not in names:
-                    tx.append(
-                        "config",
-                        "tenant.delete",
-                        f"tenant:{name}",
-                        before=_described(gone),
-                        reason="removed from the config file",
-                    )
-            for tc, models, h in wanted:
-                admission = Admission.of_config(tc)
-                values = {
-                    "weight": float(tc.weight),
-                    "models": json.dumps(list(models)),
-                    **admission.columns(),
-                }
-                updated = conn.execute(
-                    t_tenants.update()
-                    .where(t_tenants.c.name == tc.name, t_tenants.c.source == "config")
-                    .values(key_hash=h, **values)
-                )
-                if updated.rowcount == 0:
-                    conn.execute(
-                        t_tenants.insert().values(
-                            name=tc.name, key_hash=h, source="config", **values
-                        )
-                    )
-                after = {
-                    "name": tc.name,
-                    "weight": float(tc.weight),
-                    "models": list(models),
-                    **admission.described(),
-                }
-                old = before.get(tc.name)
-                if old is None:
-                    tx.append(
-                        "config",
-                        "tenant.create",
-                        f"tenant:{tc.name}",
-                        after=after,
-                        reason="declared in the config file",
-                    )
-                elif _described(old) != after:
-                    tx.append(
-                        "config",
-                        "tenant.update",
-                        f"tenant:{tc.name}",
-                        before=_described(old),
-                        after=after,
-                        reason="config file changed",
-                    )
-                if old is not None and old.key_hash.strip() != h:
-                    tx.append(
-                        "config",
-                        "tenant.rotate_key",
-                        f"tenant:{tc.name}",
-                        reason=f"new key in {tc.api_key_env}",
-                    )
-
-    def _explain_conflict(
-        self, wanted: Sequence[tuple[TenantConfig, tuple[str, ...], str]]
-    ) -> TenantError | None:
-        names = [tc.name for tc, _, _ in wanted]
-        hashes = [h for _, _, h in wanted]
+    def _taken(self, name: str) -> TenantExistsError:
         with self.engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(t_tenants.c.name, t_tenants.c.source, t_tenants.c.key_hash).where(
-                    sa.or_(t_tenants.c.name.in_(names), t_tenants.c.key_hash.in_(hashes))
-                )
-            ).all()
-        for tc, _, h in wanted:
-            for row in rows:
-                if row.name == tc.name and row.source != "config":
-                    return TenantExistsError(
-                        f"config tenant {tc.name!r} clashes with a tenant of that name created "
-                        f"with the CLI; delete it (gpugate tenants delete {tc.name}) or rename "
-                        "the config tenant"
-                    )
-                if row.key_hash == h and row.name != tc.name:
-                    return TenantKeyConflictError(
-                        f"tenant {tc.name!r}: the key in {tc.api_key_env} already belongs to "
-                        f"tenant {row.name!r}"
-                    )
-        return None
+            deleted_at = conn.execute(
+                sa.select(t_tenants.c.deleted_at).where(t_tenants.c.name == name)
+            ).scalar()
+        if deleted_at is None:
+            return TenantExistsError(f"tenant {name!r} already exists")
+        return TenantDeletedError(
+            f"tenant {name!r} was deleted at {aware_ts(deleted_at).isoformat()}; the name stays "
+            "with its usage history and is not given to a new tenant: choose another name, "
+            f"or bring the tenant back with `gpugate tenants restore {name}`"
+        )
 
-    def get_by_key_hash(self, key_hash: str) -> Tenant | None:
-        if not _HASH.fullmatch(key_hash):
+    # -- authentication ------------------------------------------------------------
+
+    def lookup_key(self, key_hash: str) -> KeyMatch | None:
+        """The tenant a key (by its hash) authenticates, unless the key is unknown,
+        revoked or expired, or its tenant deleted. A suspended tenant is found, with its
+        reason, so that its requests can be told why they are refused."""
+        if not HASH.fullmatch(key_hash):
             return None
         with self.engine.connect() as conn:
             row = conn.execute(
@@ -353,17 +185,78 @@ class TenantStore:
                     t_tenants.c.name,
                     t_tenants.c.weight,
                     t_tenants.c.models,
-                    t_tenants.c.key_hash,
                     t_tenants.c.priorities,
                     t_tenants.c.max_requests_in_flight,
                     t_tenants.c.max_bytes_in_flight,
-                ).where(t_tenants.c.key_hash == key_hash)
+                    t_tenants.c.suspended_at,
+                    t_tenants.c.suspended_reason,
+                    t_tenants.c.deleted_at,
+                    t_keys.c.id.label("key_id"),
+                    t_keys.c.key_hash,
+                    t_keys.c.expires_at,
+                    t_keys.c.revoked_at,
+                )
+                .join(t_keys, t_keys.c.tenant_id == t_tenants.c.id)
+                .where(t_keys.c.key_hash == key_hash)
             ).first()
         # Re-check in constant time rather than trusting the database's comparison
         # (collations, CHAR padding) with an authentication decision.
         if row is None or not hmac.compare_digest(row.key_hash.strip(), key_hash):
             return None
-        return _tenant(row.name, float(row.weight), json.loads(row.models), Admission.of_row(row))
+        expires_at = aware(row.expires_at)
+        if row.revoked_at is not None or row.deleted_at is not None:
+            return None
+        if expires_at is not None and expires_at <= self.now():
+            return None
+        suspended = None
+        if row.suspended_at is not None:
+            suspended = row.suspended_reason or "suspended by an operator"
+        tenant = make_tenant(
+            row.name,
+            float(row.weight),
+            json.loads(row.models),
+            Admission.of_row(row),
+            suspended,
+        )
+        return KeyMatch(tenant, int(row.key_id), expires_at)
+
+    def get_by_key_hash(self, key_hash: str) -> Tenant | None:
+        found = self.lookup_key(key_hash)
+        return None if found is None else found.tenant
+
+    def touch_keys(self, used: Mapping[int, datetime], *, interval_s: float = 60.0) -> None:
+        """Record when keys were last used (``used``: key id -> time), skipping keys whose
+        recorded time is less than ``interval_s`` older: gateways call this at most about
+        once a minute, and together write each key about once a minute at most."""
+        if not used:
+            return
+        with self.engine.begin() as conn:
+            for key_id, at in sorted(used.items()):
+                stale = at.timestamp() - interval_s
+                conn.execute(
+                    t_keys.update()
+                    .where(
+                        t_keys.c.id == key_id,
+                        sa.or_(
+                            t_keys.c.last_used_at.is_(None),
+                            t_keys.c.last_used_at < datetime.fromtimestamp(stale, UTC),
+                        ),
+                    )
+                    .values(last_used_at=at)
+                )
+
+    # -- changes -------------------------------------------------------------------
+
+    def live_row(self, conn: sa.Connection, name: str) -> Any:
+        """The tenant's row; TenantNotFoundError if there is none or it was deleted."""
+        row = conn.execute(sa.select(t_tenants).where(t_tenants.c.name == name)).first()
+        if row is None:
+            raise TenantNotFoundError(f"no tenant {name!r}")
+        if row.deleted_at is not None:
+            raise TenantNotFoundError(
+                f"no tenant {name!r}: it was deleted at {aware_ts(row.deleted_at).isoformat()}"
+            )
+        return row
 
     def update(
         self,
@@ -377,19 +270,15 @@ class TenantStore:
         actor: str = "system",
     ) -> TenantRow:
         """Change a CLI tenant's weight, models, priority grants or caps (each left as it
-        is unless given; a cap of None means the server's default); audited. The key stays."""
+        is unless given; a cap of None means the server's default); audited. The keys stay."""
         with audit.audited(self.engine) as tx:
             conn = tx.conn
-            row = conn.execute(sa.select(t_tenants).where(t_tenants.c.name == name)).first()
-            if row is None:
-                raise TenantNotFoundError(f"no tenant {name!r}")
+            row = self.live_row(conn, name)
             if row.source == "config":
                 # The next start would put the file's values back.
-                raise TenantError(
-                    f"tenant {name!r} is managed by the config file; change it there instead"
-                )
-            old = _described(row)
-            new_models = _validate(
+                raise config_managed(name, "change it there instead")
+            old = described(row)
+            new_models = validate(
                 name,
                 old["weight"] if weight is KEEP else weight,
                 old["models"] if models is KEEP else models,
@@ -420,66 +309,140 @@ class TenantStore:
                 )
                 tx.append(actor, "tenant.update", f"tenant:{name}", before=old, after=after)
                 row = conn.execute(sa.select(t_tenants).where(t_tenants.c.name == name)).one()
-            return _row(row)
+            return tenant_row(row)
+
+    def suspend(self, name: str, reason: str, *, actor: str = "system") -> TenantRow:
+        """Refuse every request of the tenant (403, saying ``reason``) until it is resumed;
+        its keys keep authenticating. Config tenants too: suspension is not the config
+        file's, and a start leaves it. Audited; suspending again changes the reason."""
+        reason = checked_reason(reason)
+        with audit.audited(self.engine) as tx:
+            row = self.live_row(tx.conn, name)
+            if row.suspended_at is None or row.suspended_reason != reason:
+                values: dict[str, Any] = {"suspended_reason": reason}
+                if row.suspended_at is None:
+                    values["suspended_at"] = self.now()
+                tx.conn.execute(t_tenants.update().where(t_tenants.c.id == row.id).values(values))
+                tx.append(
+                    actor,
+                    "tenant.suspend",
+                    f"tenant:{name}",
+                    before={"suspended": row.suspended_reason},
+                    after={"suspended": reason},
+                    reason=reason,
+                )
+            return tenant_row(
+                tx.conn.execute(sa.select(t_tenants).where(t_tenants.c.id == row.id)).one()
+            )
+
+    def resume(self, name: str, *, actor: str = "system", reason: str = "") -> TenantRow:
+        """Serve a suspended tenant again (nothing to do if it is not); audited."""
+        with audit.audited(self.engine) as tx:
+            row = self.live_row(tx.conn, name)
+            if row.suspended_at is not None:
+                tx.conn.execute(
+                    t_tenants.update()
+                    .where(t_tenants.c.id == row.id)
+                    .values(suspended_at=None, suspended_reason=None)
+                )
+                tx.append(
+                    actor,
+                    "tenant.resume",
+                    f"tenant:{name}",
+                    before={"suspended": row.suspended_reason},
+                    after={"suspended": None},
+                    reason=reason,
+                )
+            return tenant_row(
+                tx.conn.execute(sa.select(t_tenants).where(t_tenants.c.id == row.id)).one()
+            )
 
     def rotate_key(self, name: str, *, actor: str = "system") -> str:
-        """Give a CLI tenant a new key (returned) and invalidate the old one; audited."""
-        key = generate_api_key()
+        """Replace a CLI tenant's key with a new one (returned) at once: the old key stops
+        working. A tenant with several keys is refused (rotate one of them with
+        ``tenants keys rotate``); one with none gets one. Audited."""
+        now = self.now()
         with audit.audited(self.engine) as tx:
             conn = tx.conn
-            source = conn.execute(
-                sa.select(t_tenants.c.source).where(t_tenants.c.name == name)
-            ).scalar()
-            if source is None:
-                raise TenantNotFoundError(f"no tenant {name!r}")
-            if source == "config":
+            row = self.live_row(conn, name)
+            if row.source == "config":
                 # Its key comes from the environment; a rotated key would be put back
                 # by the next start.
-                raise TenantError(
-                    f"tenant {name!r} is managed by the config file; change the key in its "
-                    "api_key_env variable instead"
+                raise config_managed(name, "change the key in its api_key_env variable instead")
+            live = live_keys(conn, row.id, now)
+            if len(live) > 1:
+                ids = ", ".join(f"{k.id} ({k.label})" for k in live)
+                raise KeyStateError(
+                    f"tenant {name!r} has {len(live)} keys: {ids}; rotate one of them with "
+                    f"`gpugate tenants keys rotate {name} KEY_ID`"
                 )
-            conn.execute(
-                t_tenants.update().where(t_tenants.c.name == name).values(key_hash=hash_key(key))
-            )
-            tx.append(actor, "tenant.rotate_key", f"tenant:{name}")
+            label = live[0].label if live else DEFAULT_LABEL
+            if live:
+                conn.execute(
+                    t_keys.update().where(t_keys.c.id == live[0].id).values(revoked_at=now)
+                )
+            key, key_id = insert_key(conn, row.id, label, now)
+            after = {"key_id": key_id, "label": label}
+            before = {"key_id": live[0].id} if live else None
+            tx.append(actor, "tenant.rotate_key", f"tenant:{name}", before=before, after=after)
         return key
 
     def delete(self, name: str, *, actor: str = "system") -> None:
-        """Remove a tenant (audited). A config tenant comes back at the next start."""
+        """Delete a CLI tenant: every key is revoked, the row stays (its usage history
+        keeps its name, which no new tenant gets). A config tenant is deleted by removing
+        it from the config file. Audited."""
+        now = self.now()
+        with audit.audited(self.engine) as tx:
+            row = self.live_row(tx.conn, name)
+            if row.source == "config":
+                raise config_managed(name, "remove it from the config file to delete it")
+            tx.conn.execute(
+                t_tenants.update().where(t_tenants.c.id == row.id).values(deleted_at=now)
+            )
+            revoke_keys(tx.conn, row.id, now)
+            before = {**described(row), "source": row.source}
+            tx.append(actor, "tenant.delete", f"tenant:{name}", before=before)
+
+    def restore(self, name: str, *, actor: str = "system") -> str:
+        """Bring a deleted CLI tenant back under its name, with a new key (returned; the
+        old keys stay revoked). It stays suspended if it was. Audited."""
+        now = self.now()
         with audit.audited(self.engine) as tx:
             row = tx.conn.execute(sa.select(t_tenants).where(t_tenants.c.name == name)).first()
             if row is None:
                 raise TenantNotFoundError(f"no tenant {name!r}")
-            tx.conn.execute(t_tenants.delete().where(t_tenants.c.name == name))
-            before = {**_described(row), "source": row.source}
-            tx.append(actor, "tenant.delete", f"tenant:{name}", before=before)
+            if row.deleted_at is None:
+                raise TenantExistsError(f"tenant {name!r} is not deleted")
+            if row.source == "config":
+                raise config_managed(name, "declare it there again to bring it back")
+            tx.conn.execute(
+                t_tenants.update().where(t_tenants.c.id == row.id).values(deleted_at=None)
+            )
+            key, key_id = insert_key(tx.conn, row.id, DEFAULT_LABEL, now)
+            tx.append(
+                actor,
+                "tenant.restore",
+                f"tenant:{name}",
+                before={"deleted_at": when(aware(row.deleted_at))},
+                after={"key_id": key_id, "label": DEFAULT_LABEL},
+            )
+        return key
 
-    def list(self) -> builtins.list[TenantRow]:
+    def get(self, name: str) -> TenantRow:
+        """The tenant (deleted ones too); TenantNotFoundError if there is none."""
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(t_tenants).order_by(t_tenants.c.name)).all()
-        return [_row(r) for r in rows]
+            row = conn.execute(sa.select(t_tenants).where(t_tenants.c.name == name)).first()
+        if row is None:
+            raise TenantNotFoundError(f"no tenant {name!r}")
+        return tenant_row(row)
 
-
-def _row(r: Any) -> TenantRow:
-    return TenantRow(
-        name=r.name,
-        weight=float(r.weight),
-        models=tuple(json.loads(r.models)),
-        source=r.source,
-        created_at=_aware(r.created_at),
-        updated_at=_aware(r.updated_at),
-        admission=Admission.of_row(r),
-    )
-
-
-def _described(row: Any) -> dict[str, Any]:
-    return {
-        "name": row.name,
-        "weight": float(row.weight),
-        "models": json.loads(row.models),
-        **Admission.of_row(row).described(),
-    }
+    def list(self, *, include_deleted: bool = False) -> builtins.list[TenantRow]:
+        query = sa.select(t_tenants).order_by(t_tenants.c.name)
+        if not include_deleted:
+            query = query.where(t_tenants.c.deleted_at.is_(None))
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        return [tenant_row(r) for r in rows]
 
 
 def ensure_demo_tenant(store: TenantStore, state_dir: Path) -> str:
@@ -487,7 +450,7 @@ def ensure_demo_tenant(store: TenantStore, state_dir: Path) -> str:
 
     The key is kept in ``state_dir/demo_tenant.key`` (mode 0600) so it stays the
     same across restarts. If the file and the database disagree (tenant deleted,
-    key rotated, file lost) the tenant is re-created or rotated and the file
+    key rotated, file lost) the tenant is created, restored or rotated and the file
     rewritten. A lock file serialises concurrent starts sharing the state dir, which
     would otherwise rotate each other's key.
     """
@@ -503,6 +466,9 @@ def ensure_demo_tenant(store: TenantStore, state_dir: Path) -> str:
             # Scoped to the demo model: the key is printed and kept on disk, and must not
             # open production models if this state dir later serves a real config.
             key = store.create(DEMO_TENANT, 1.0, (DEMO_MODEL,), source="cli")
+        except TenantDeletedError:
+            key = store.restore(DEMO_TENANT)
+            log.warning("the demo tenant was deleted; restored it with a new key in %s", path)
         except TenantExistsError:
             key = store.rotate_key(DEMO_TENANT)
             log.warning("demo tenant key did not match %s; rotated it", path)

@@ -88,10 +88,14 @@ def catalog(engine: sa.Engine) -> dict[str, Any]:
 
 
 def all_rows(engine: sa.Engine) -> dict[str, list[tuple[Any, ...]]]:
-    """Every row of every gpugate table, as the driver returns it, in primary-key order."""
+    """Every row of every gpugate table the database has, as the driver returns it, in
+    primary-key order (an old database lacks the tables later revisions made)."""
     rows = {}
     with engine.connect() as conn:
+        present = set(sa.inspect(conn).get_table_names())
         for name, table in sorted(metadata.tables.items()):
+            if name not in present:
+                continue
             order = ", ".join(f'"{c.name}"' for c in table.primary_key.columns)
             result = conn.exec_driver_sql(f'SELECT * FROM "{name}" ORDER BY {order}')
             rows[name] = [tuple(r) for r in result]

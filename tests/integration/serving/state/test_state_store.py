@@ -162,7 +162,10 @@ def test_duplicate_name_and_validation(store: TenantStore) -> None:
 def test_key_is_stored_only_as_hash(engine: sa.Engine, store: TenantStore) -> None:
     key = store.create("acme")
     with engine.connect() as conn:
-        rows = conn.execute(sa.select(metadata.tables["tenants"])).all()
+        rows = [
+            *conn.execute(sa.select(metadata.tables["tenants"])).all(),
+            *conn.execute(sa.select(metadata.tables["tenant_keys"])).all(),
+        ]
     cells = [str(v) for row in rows for v in row]
     assert all(key not in c for c in cells)
     assert hash_key(key) in cells

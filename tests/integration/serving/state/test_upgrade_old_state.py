@@ -40,13 +40,17 @@ ADDED = {
     # sealed) by the first keyed append
     "audit_head": lambda row: (row[1], None, None),
     # priorities, max_requests_in_flight, max_bytes_in_flight: the default level only, and
-    # the server's caps
-    "tenants": lambda row: ("[2]", None, None),
+    # the server's caps; suspended_at, suspended_reason, deleted_at: none suspended or deleted
+    "tenants": lambda row: ("[2]", None, None, None, None, None),
 }
+# tenants.key_hash (the fifth column) moved to tenant_keys.
+KEY_HASH_AT = 4
 
 
 def old_columns(after: dict[str, list[Any]]) -> dict[str, list[Any]]:
-    """``after``'s rows with the added columns checked and cut off."""
+    """``after``'s rows in the old schema's form: the added columns checked and cut off,
+    each tenant's key hash put back from its one key, every newer table checked and
+    left out."""
     cut: dict[str, list[Any]] = {}
     for name, rows in after.items():
         if name not in ADDED:
@@ -56,6 +60,20 @@ def old_columns(after: dict[str, list[Any]]) -> dict[str, list[Any]]:
         for row in rows:
             assert row[width:] == ADDED[name](row), (name, row)
         cut[name] = [row[:width] for row in rows]
+    # Each tenant's key became its one key, labelled "default", created with the tenant,
+    # with no expiry, not revoked, never used.
+    keys = cut.pop("tenant_keys")
+    by_tenant = {k[1]: k for k in keys}
+    assert len(by_tenant) == len(keys) == len(cut["tenants"])
+    tenants = []
+    for row in cut["tenants"]:
+        _, tenant_id, label, key_hash, created_at, *rest = by_tenant[row[0]]
+        assert (tenant_id, label, created_at, rest) == (row[0], "default", row[5], [None] * 3)
+        tenants.append((*row[:KEY_HASH_AT], key_hash, *row[KEY_HASH_AT:]))
+    cut["tenants"] = tenants
+    # Tables later revisions made that nothing from before fills.
+    for name in set(after) - set(MANIFEST["rows"]) - {"tenant_keys"}:
+        assert cut.pop(name) == [], name
     return cut
 
 
