@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Body, Path, Query
 
 import serving.admin.schemas as schemas
 from serving.admin.auth import Caller
@@ -38,12 +38,19 @@ def _tenant(r: TenantRow) -> schemas.Tenant:
         priorities=list(r.admission.priorities),
         max_requests_in_flight=r.admission.max_requests_in_flight,
         max_bytes_in_flight=r.admission.max_bytes_in_flight,
+        status=r.status,
+        suspended_at=r.suspended_at,
+        suspended_reason=r.suspension,
+        deleted_at=r.deleted_at,
     )
 
 
 @route(router, "GET", "/tenants", "tenants.list", "List tenants (never keys)")
-def list_tenants(services: Services) -> list[schemas.Tenant]:
-    return [_tenant(r) for r in services.tenants.list()]
+def list_tenants(
+    services: Services,
+    deleted_too: Annotated[bool, Query(alias="all", description="Deleted tenants too.")] = False,
+) -> list[schemas.Tenant]:
+    return [_tenant(r) for r in services.tenants.list(include_deleted=deleted_too)]
 
 
 @route(
@@ -85,7 +92,14 @@ def update_tenant(
     return _tenant(row)
 
 
-@route(router, "DELETE", "/tenants/{name}", "tenants.delete", "Delete a tenant (revokes its key)")
+@route(
+    router,
+    "DELETE",
+    "/tenants/{name}",
+    "tenants.delete",
+    "Delete a CLI tenant: every key is revoked; the tenant and its usage stay on record, "
+    "and its name is not reused",
+)
 def delete_tenant(name: TenantName, caller: Caller, services: Services) -> schemas.DeletedTenant:
     services.tenants.delete(name, actor=caller.name)
     services.on_tenants_changed()
@@ -95,9 +109,50 @@ def delete_tenant(name: TenantName, caller: Caller, services: Services) -> schem
 @route(
     router,
     "POST",
+    "/tenants/{name}/restore",
+    "tenants.restore",
+    "Bring a deleted CLI tenant back with a new API key (returned once)",
+)
+def restore_tenant(name: TenantName, caller: Caller, services: Services) -> schemas.TenantKey:
+    key = services.tenants.restore(name, actor=caller.name)
+    services.on_tenants_changed()
+    return schemas.TenantKey(tenant=name, api_key=key)
+
+
+@route(
+    router,
+    "POST",
+    "/tenants/{name}/suspend",
+    "tenants.suspend",
+    "Refuse every request of the tenant (403, with the reason) until it is resumed",
+)
+def suspend_tenant(
+    name: TenantName, suspension: schemas.Suspension, caller: Caller, services: Services
+) -> schemas.Tenant:
+    row = services.tenants.suspend(name, suspension.reason, actor=caller.name)
+    services.on_tenants_changed()
+    return _tenant(row)
+
+
+@route(router, "POST", "/tenants/{name}/resume", "tenants.resume", "Serve the tenant again")
+def resume_tenant(
+    name: TenantName,
+    caller: Caller,
+    services: Services,
+    note: Annotated[schemas.Note | None, Body()] = None,
+) -> schemas.Tenant:
+    row = services.tenants.resume(name, actor=caller.name, reason=note.reason if note else "")
+    services.on_tenants_changed()
+    return _tenant(row)
+
+
+@route(
+    router,
+    "POST",
     "/tenants/{name}/rotate",
     "tenants.rotate",
-    "Give a tenant a new API key (returned once); the old key stops working",
+    "Replace a tenant's one API key with a new one (returned once); the old key stops "
+    "working (several keys: rotate one with /tenants/{name}/keys/{key_id}/rotate)",
 )
 def rotate_tenant_key(name: TenantName, caller: Caller, services: Services) -> schemas.TenantKey:
     key = services.tenants.rotate_key(name, actor=caller.name)

@@ -39,6 +39,7 @@ from serving.rollout import NoRollout, RolloutError
 from serving.state import AuditKeyError, SchemaError
 from serving.tenancy import (
     Forbidden,
+    KeyStateError,
     LastAdminError,
     TenantError,
     TenantExistsError,
@@ -104,6 +105,7 @@ ANSWERS: dict[type[Exception], Answer] = {
     # 409: it exists already, or its state or a policy forbids the action.
     VersionExistsError: Answer(409),
     TenantExistsError: Answer(409),
+    KeyStateError: Answer(409),
     UserExistsError: Answer(409),
     LastAdminError: Answer(409),
     ApprovalError: Answer(409),

@@ -110,14 +110,16 @@ _MAX_LIFE_S = 3660 * 86_400  # serving.tenancy.users.MAX_TOKEN_LIFE
 
 
 class Expiry(Strict):
-    """When a token stops working: at most one of the two; neither: it does not expire."""
+    """When a token (or key) stops working: at most one of the two; neither: it does not
+    expire."""
 
     expires_at: Instant | None = Field(
-        default=None, description="The token is refused from this time on."
+        default=None, description="The token (or key) is refused from this time on."
     )
     expires_in_s: Annotated[int, Field(ge=1, le=_MAX_LIFE_S, strict=True), Whole] | None = Field(
         default=None,
-        description="The token is refused this many seconds after the gateway receives this.",
+        description="The token (or key) is refused this many seconds after the gateway "
+        "receives this.",
     )
 
     @model_validator(mode="after")
@@ -243,6 +245,82 @@ class Tenant(BaseModel):
     priorities: list[int] = Field(description="Granted priority levels.")
     max_requests_in_flight: int | None = Field(description=_MAX_REQUESTS)
     max_bytes_in_flight: int | None = Field(description=_MAX_BYTES)
+    status: Literal["active", "suspended", "deleted"] = Field(
+        default="active", description="Whether the tenant's requests are served."
+    )
+    suspended_at: datetime | None = None
+    suspended_reason: str | None = Field(
+        default=None, description="What a suspended tenant's refused requests are told."
+    )
+    deleted_at: datetime | None = None
+
+
+# One line of printable text: every refused request of the tenant carries it.
+SuspendReason = Annotated[
+    str,
+    StringConstraints(max_length=1000, pattern=r"^[^\x00-\x1f\x7f]*\S[^\x00-\x1f\x7f]*$"),
+    AfterValidator(_encodable),
+]
+
+
+class Suspension(Strict):
+    reason: SuspendReason = Field(
+        description="Why; every refused request of the tenant is told it (403)."
+    )
+
+
+KeyLabel = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+# serving.tenancy.MAX_GRACE
+_MAX_GRACE_S = 30 * 86_400
+
+
+class NewKey(Expiry):
+    label: KeyLabel = Field(default="default", description="What the key is for, e.g. ci.")
+
+
+class KeyRotation(Expiry):
+    """The new key's expiry (none unless given) and how long the old key keeps working."""
+
+    grace_s: Annotated[int, Field(ge=0, le=_MAX_GRACE_S, strict=True), Whole] = Field(
+        default=0,
+        description="The old key keeps working this many seconds (0: it is revoked at once).",
+    )
+
+
+class KeyRevocation(Strict):
+    reason: Text = Field(default="", description="Why; kept in the audit record.")
+
+
+class ApiKey(BaseModel):
+    """A key as listed: never the key, nor its hash."""
+
+    tenant: str
+    key_id: int
+    label: str
+    fingerprint: str = Field(
+        description="The first 12 hex digits of the key's sha256, to tell keys apart."
+    )
+    status: Literal["active", "expired", "revoked"]
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    last_used_at: datetime | None = Field(
+        description="Recorded by the gateways about once a minute, so up to a minute or two behind."
+    )
+
+
+class IssuedKey(BaseModel):
+    tenant: str
+    key_id: int
+    label: str
+    api_key: str = Field(description="Shown once; only its sha256 is stored.")
+    fingerprint: str
+    created_at: datetime
+    expires_at: datetime | None
+
+
+class RotatedKey(IssuedKey):
+    old_key: ApiKey = Field(description="The key rotated out, with when it stops working.")
 
 
 # -- audit -------------------------------------------------------------------------

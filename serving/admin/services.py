@@ -14,7 +14,7 @@ from serving.config import GatewayConfig
 from serving.costs import LedgerReports, Pricing
 from serving.registry import Registry, Stages
 from serving.rollout import Rollouts
-from serving.tenancy import TenantStore, UserDirectory, UserStore
+from serving.tenancy import TenantKeyStore, TenantStore, UserDirectory, UserStore
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ class AdminServices:
     directory: UserDirectory
     users: UserStore
     tenants: TenantStore
+    keys: TenantKeyStore
     registry: Registry
     stages: Stages
     rollouts: Rollouts
@@ -47,6 +48,7 @@ class AdminServices:
             directory=UserDirectory(users),
             users=users,
             tenants=TenantStore(engine),
+            keys=TenantKeyStore(engine),
             registry=registry,
             stages=stages,
             rollouts=Rollouts(stages),

@@ -1,10 +1,12 @@
-"""``gpugate tenants``: tenants and their API keys, through the admin API."""
+"""``gpugate tenants``: tenants, their lifecycle (suspend, resume, delete, restore) and
+their API keys, through the admin API."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
+import serving.cli.tenant_keys as tenant_keys
 from serving.cli.client import (
     AdminClient,
     UsageError,
@@ -83,8 +85,45 @@ def cmd_update(args: argparse.Namespace) -> int:
 def cmd_delete(args: argparse.Namespace) -> int:
     gone = AdminClient.of(args).delete(path_of("tenants", args.name))
     emit(
-        args, gone, lambda d: f"tenant {d['tenant']} deleted; its key stops working within seconds"
+        args,
+        gone,
+        lambda d: (
+            f"tenant {d['tenant']} deleted; its keys stop working within seconds (its "
+            "usage stays on record under its name)"
+        ),
     )
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    made = AdminClient.of(args).post(path_of("tenants", args.name, "restore"))
+    emit(
+        args,
+        made,
+        lambda d: f"tenant {d['tenant']} restored; API key (shown once): {d['api_key']}",
+    )
+    return 0
+
+
+def cmd_suspend(args: argparse.Namespace) -> int:
+    row = AdminClient.of(args).post(
+        path_of("tenants", args.name, "suspend"), {"reason": args.reason}
+    )
+    emit(
+        args,
+        row,
+        lambda d: (
+            f"tenant {d['tenant']} suspended (its requests are refused within seconds)"
+            f"\n{_listing([d])}"
+        ),
+    )
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    body = {"reason": args.reason} if args.reason else None
+    row = AdminClient.of(args).post(path_of("tenants", args.name, "resume"), body)
+    emit(args, row, lambda d: f"tenant {d['tenant']} is served again\n{_listing([d])}")
     return 0
 
 
@@ -102,18 +141,28 @@ def _or_default(value: int | None) -> str:
     return "default" if value is None else str(value)
 
 
+def _status(r: dict[str, Any]) -> str:
+    status = r.get("status", "active")
+    if status == "suspended":
+        return f" suspended: {r.get('suspended_reason')}"
+    if status == "deleted":
+        return f" deleted {r.get('deleted_at')}"
+    return ""
+
+
 def _listing(rows: list[dict[str, Any]]) -> str:
     return "\n".join(
         f"{r['tenant']:<24} weight={r['weight']:<6g} models={','.join(r['models'])} "
         f"priorities={','.join(map(str, r['priorities']))} "
         f"max_requests={_or_default(r['max_requests_in_flight'])} "
-        f"max_bytes={_or_default(r['max_bytes_in_flight'])}"
+        f"max_bytes={_or_default(r['max_bytes_in_flight'])}{_status(r)}"
         for r in rows
     )
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    emit(args, AdminClient.of(args).get("/tenants"), _listing)
+    path = "/tenants?all=true" if args.all else "/tenants"
+    emit(args, AdminClient.of(args).get(path), _listing)
     return 0
 
 
@@ -167,20 +216,48 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
     delete = tsub.add_parser(
         "delete",
-        help="delete a tenant, revoking its key (a config tenant returns at the next start)",
+        help="delete a CLI tenant: its keys stop working; it and its usage stay on record and "
+        "its name is not reused (a config tenant: remove it from the config file)",
     )
     delete.add_argument("name")
     delete.set_defaults(func=cmd_delete)
 
+    restore = tsub.add_parser(
+        "restore", help="bring a deleted CLI tenant back with a new key, printed once"
+    )
+    restore.add_argument("name")
+    restore.set_defaults(func=cmd_restore)
+
+    suspend = tsub.add_parser(
+        "suspend",
+        help="refuse every request of a tenant (403 with the reason) until resumed; its keys "
+        "stay (takes effect within seconds)",
+    )
+    suspend.add_argument("name")
+    suspend.add_argument(
+        "--reason", required=True, help="why; every refused request of the tenant is told it"
+    )
+    suspend.set_defaults(func=cmd_suspend)
+
+    resume = tsub.add_parser("resume", help="serve a suspended tenant again")
+    resume.add_argument("name")
+    resume.add_argument("--reason", help="why (kept in the audit record)")
+    resume.set_defaults(func=cmd_resume)
+
     rotate = tsub.add_parser(
-        "rotate", help="give a CLI tenant a new key, printed once; the old one stops working"
+        "rotate",
+        aliases=["rotate-key"],
+        help="replace a CLI tenant's one key with a new one, printed once; the old one stops "
+        "working (several keys: tenants keys rotate)",
     )
     rotate.add_argument("name")
     rotate.set_defaults(func=cmd_rotate)
 
-    listing = tsub.add_parser("list", help="list tenants (never keys)")
+    listing = tsub.add_parser("list", help="list tenants and their status (never keys)")
+    listing.add_argument("--all", action="store_true", help="deleted tenants too")
     listing.set_defaults(func=cmd_list)
+    tenant_keys.add_commands(tsub)
 
-    for p in (create, update, delete, rotate, listing):
+    for p in (create, update, delete, restore, suspend, resume, rotate, listing):
         add_client_options(p)
         add_json_option(p)

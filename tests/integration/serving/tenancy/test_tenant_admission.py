@@ -107,6 +107,10 @@ def test_admin_api_creates_updates_and_lists_grants(engine: sa.Engine, tmp_path:
             "priorities": [1, 2],
             "max_requests_in_flight": None,
             "max_bytes_in_flight": 4096,
+            "status": "active",
+            "suspended_at": None,
+            "suspended_reason": None,
+            "deleted_at": None,
         }
         changed = admin.patch(
             "/tenants/acme", json={"priorities": [], "max_requests_in_flight": 16}

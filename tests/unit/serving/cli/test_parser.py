@@ -18,16 +18,18 @@ SERVER = {("serve",), ("deploy",), ("config", "render")}
 
 
 def _commands() -> list[tuple[tuple[str, ...], argparse.ArgumentParser]]:
-    found = []
-    top = build_parser()
-    (groups,) = [a for a in top._actions if isinstance(a, argparse._SubParsersAction)]
-    for name, group in groups.choices.items():
-        subs = [a for a in group._actions if isinstance(a, argparse._SubParsersAction)]
+    """Every command, however deep its group (e.g. ``tenants keys create``)."""
+    found: list[tuple[tuple[str, ...], argparse.ArgumentParser]] = []
+
+    def walk(path: tuple[str, ...], parser: argparse.ArgumentParser) -> None:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
         if not subs:
-            found.append(((name,), group))
-            continue
-        for sub_name, parser in subs[0].choices.items():
-            found.append(((name, sub_name), parser))
+            found.append((path, parser))
+            return
+        for name, sub in subs[0].choices.items():
+            walk((*path, name), sub)
+
+    walk((), build_parser())
     return found
 
 
