@@ -18,8 +18,8 @@ by rows / weight with every batch of its that runs. The next batch is:
 4. of equals, the oldest.
 
 A tenant that comes back from idle (no batch waiting here, nor the one running or
-just run) re-enters at the smallest counter among those active, or at the last batch's when none is, so
-idleness banks no credit. For the 1:3 bound to hold across gateways, each gateway
+just run) re-enters at the smallest counter among those active, or at the last batch's
+when none is, so idleness banks no credit. For the 1:3 bound to hold across gateways, each gateway
 must keep batches waiting at the replica while one runs (two in flight per replica,
 ``batches_in_flight_per_replica``): the replica can only choose among what is there.
 

@@ -1,9 +1,10 @@
 """The admin API's ASGI app, mounted at ``/admin`` on the gateway's HTTP port.
 
 Routes: users (user_routes), tenants, audit and costs (core_routes), tenants' API keys
-(key_routes), the model registry (model_routes) and canary rollouts (rollout_routes).
-``/admin/openapi.json`` is the description FastAPI generates from them (no token
-needed). Errors are answered from the one table in serving.admin.errors.
+(key_routes), rate quotas (quota_routes), the model registry (model_routes) and canary
+rollouts (rollout_routes). ``/admin/openapi.json`` is the description FastAPI generates
+from them (no token needed). Errors are answered from the one table in
+serving.admin.errors.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from fastapi.routing import APIRoute
 import serving.admin.core_routes as core_routes
 import serving.admin.key_routes as key_routes
 import serving.admin.model_routes as model_routes
+import serving.admin.quota_routes as quota_routes
 import serving.admin.rollout_routes as rollout_routes
 import serving.admin.user_routes as user_routes
 from serving.admin.errors import install_error_answers
@@ -49,6 +51,7 @@ def admin_app(services: AdminServices) -> FastAPI:
     install_error_answers(app)
     app.include_router(core_routes.router)
     app.include_router(key_routes.router)
+    app.include_router(quota_routes.router)
     app.include_router(user_routes.router)
     app.include_router(model_routes.router)
     app.include_router(rollout_routes.router)

@@ -26,7 +26,7 @@ from pydantic import (
 from router import DEFAULT_PRIORITY_LEVEL, MAX_PRIORITY_LEVEL
 from serving.config import NAME_PATTERN
 from serving.rollout import RolloutSpec
-from serving.tenancy import MAX_BYTES_CAP, MAX_REQUESTS_CAP, Role
+from serving.tenancy import MAX_BYTES_CAP, MAX_RATE, MAX_REQUESTS_CAP, MIN_RATE, Role
 
 
 def _encodable(text: str) -> str:
@@ -258,7 +258,9 @@ class Tenant(BaseModel):
 # One line of printable text: every refused request of the tenant carries it.
 SuspendReason = Annotated[
     str,
-    StringConstraints(max_length=1000, pattern=r"^[^\x00-\x1f\x7f]*\S[^\x00-\x1f\x7f]*$"),
+    StringConstraints(
+        max_length=1000, pattern=r"^[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f][^\x00-\x1f\x7f]*$"
+    ),
     AfterValidator(_encodable),
 ]
 
@@ -568,3 +570,37 @@ class CostReport(BaseModel):
     currency: str
     rows: list[CostRow] = Field(description="Only the group_by keys are present in a row.")
     totals: CostTotals
+
+
+# -- rate quotas -------------------------------------------------------------------
+
+PerSecond = Annotated[float, Field(ge=MIN_RATE, le=MAX_RATE, strict=True)]
+Burst = Annotated[float, Field(ge=1, le=MAX_RATE, strict=True)]
+
+
+class RateSetting(Strict):
+    """A token bucket."""
+
+    per_s: PerSecond = Field(description="Tokens (requests, or rows) per second.")
+    burst: Burst | None = Field(
+        default=None,
+        description="Tokens held at most, taken at once after idling; default: one second's "
+        "worth. A request of more rows than a rows burst is refused 413.",
+    )
+
+
+class QuotaSetting(Strict):
+    """A tenant's quota over every model, or for one model; a kind left out (or null) is
+    no quota of that kind, and neither removes the quota."""
+
+    model: Name | None = Field(
+        default=None, description="The model it is for; left out: every model together."
+    )
+    requests: RateSetting | None = Field(default=None, description="Requests per second.")
+    rows: RateSetting | None = Field(default=None, description="Rows per second.")
+
+
+class TenantQuota(BaseModel):
+    model: str | None = Field(description="null: the quota over every model together.")
+    requests: RateSetting | None
+    rows: RateSetting | None

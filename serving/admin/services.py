@@ -14,7 +14,7 @@ from serving.config import GatewayConfig
 from serving.costs import LedgerReports, Pricing
 from serving.registry import Registry, Stages
 from serving.rollout import Rollouts
-from serving.tenancy import TenantKeyStore, TenantStore, UserDirectory, UserStore
+from serving.tenancy import QuotaStore, TenantKeyStore, TenantStore, UserDirectory, UserStore
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class AdminServices:
     users: UserStore
     tenants: TenantStore
     keys: TenantKeyStore
+    quotas: QuotaStore
     registry: Registry
     stages: Stages
     rollouts: Rollouts
@@ -49,6 +50,7 @@ class AdminServices:
             users=users,
             tenants=TenantStore(engine),
             keys=TenantKeyStore(engine),
+            quotas=QuotaStore(engine),
             registry=registry,
             stages=stages,
             rollouts=Rollouts(stages),

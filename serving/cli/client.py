@@ -126,6 +126,9 @@ class AdminClient:
     def patch(self, path: str, body: Any = None) -> Any:
         return self._call("PATCH", path, json=body)
 
+    def put(self, path: str, body: Any = None) -> Any:
+        return self._call("PUT", path, json=body)
+
     def delete(self, path: str) -> Any:
         return self._call("DELETE", path)
 

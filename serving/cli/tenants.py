@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+import serving.cli.quotas as quotas
 import serving.cli.tenant_keys as tenant_keys
 from serving.cli.client import (
     AdminClient,
@@ -257,6 +258,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     listing.add_argument("--all", action="store_true", help="deleted tenants too")
     listing.set_defaults(func=cmd_list)
     tenant_keys.add_commands(tsub)
+    quotas.add_commands(tsub)
 
     for p in (create, update, delete, restore, suspend, resume, rotate, listing):
         add_client_options(p)

@@ -49,7 +49,7 @@ from serving.registry import Registry, Stages
 from serving.replica import deployment_name
 from serving.rollout import RolloutController, Rollouts, Taken
 from serving.state import audit, open_engine
-from serving.tenancy import TenantDirectory, TenantStore
+from serving.tenancy import QuotaStore, TenantDirectory, TenantStore
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ class Gateway:
         self._drained: dict[str, Any] | None = None
         self._tracer_provider = configure_tracing(otel)
         engine = open_engine(database_url, Path(state_dir))
-        self._tenants = TenantDirectory(TenantStore(engine))
+        self._tenants = TenantDirectory(TenantStore(engine), QuotaStore(engine))
         self._registry = CollectorRegistry()
         self.metrics = RouterMetrics(self._registry)
         self._pricing = Pricing(CostsConfig.model_validate(costs))

@@ -315,6 +315,32 @@ rollout_events = sa.Table(
     sa.Column("reason", sa.Text, nullable=False),
 )
 
+# A tenant's rate quotas (serving.tenancy.quotas): one row over every model (model ''),
+# and one per model that has its own. NULL: no quota of that kind. Token buckets: the
+# rate per second and the burst (NULL: one second's worth).
+tenant_quotas = sa.Table(
+    "tenant_quotas",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "tenant_id", sa.Integer, sa.ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("model", sa.String(128), nullable=False),
+    sa.Column("requests_per_s", sa.Float, nullable=True),
+    sa.Column("requests_burst", sa.Float, nullable=True),
+    sa.Column("rows_per_s", sa.Float, nullable=True),
+    sa.Column("rows_burst", sa.Float, nullable=True),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, default=utcnow),
+    sa.UniqueConstraint("tenant_id", "model"),
+    sa.CheckConstraint(
+        "(requests_per_s IS NULL OR requests_per_s > 0)"
+        " AND (requests_burst IS NULL OR requests_burst >= 1)"
+        " AND (rows_per_s IS NULL OR rows_per_s > 0)"
+        " AND (rows_burst IS NULL OR rows_burst >= 1)",
+        name="positive",
+    ),
+)
+
 
 def make_engine(database_url: str | None, state_dir: Path) -> sa.Engine:
     """An engine on the state database, with no schema check (for :func:`upgrade_schema`).

@@ -11,6 +11,7 @@ from serving.tenancy.keys import (
     KeyRow,
     TenantKeyStore,
 )
+from serving.tenancy.quotas import MAX_RATE, MIN_RATE, QuotaRow, QuotaStore, TenantQuotas
 from serving.tenancy.tenants import (
     DEMO_KEY_FILE,
     DEMO_MODEL,
@@ -61,7 +62,9 @@ __all__ = [
     "KEEP",
     "MAX_BYTES_CAP",
     "MAX_GRACE",
+    "MAX_RATE",
     "MAX_REQUESTS_CAP",
+    "MIN_RATE",
     "PERMISSIONS",
     "ROLES",
     "Admission",
@@ -73,6 +76,8 @@ __all__ = [
     "KeyStateError",
     "LastAdminError",
     "Principal",
+    "QuotaRow",
+    "QuotaStore",
     "Role",
     "TenantDeletedError",
     "TenantDirectory",
@@ -83,6 +88,7 @@ __all__ = [
     "TenantKeyStore",
     "TenantLookupError",
     "TenantNotFoundError",
+    "TenantQuotas",
     "TenantRow",
     "TenantStore",
     "UserDirectory",

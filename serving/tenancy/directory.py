@@ -4,6 +4,7 @@ so that authenticating a request normally costs one hash and one dict lookup."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -15,6 +16,8 @@ import sqlalchemy as sa
 
 from router import Tenant
 from serving.state import utcnow
+from serving.tenancy.quotas import NONE as NO_QUOTAS
+from serving.tenancy.quotas import QuotaStore
 from serving.tenancy.tenants import (
     KeyMatch,
     TenantLookupError,
@@ -66,6 +69,7 @@ class TenantDirectory:
     def __init__(
         self,
         store: TenantStore,
+        quotas: QuotaStore | None = None,
         *,
         ttl_s: float = 2.0,
         negative_ttl_s: float = 0.25,
@@ -75,6 +79,7 @@ class TenantDirectory:
         touch_interval_s: float = TOUCH_INTERVAL_S,
     ) -> None:
         self._store = store
+        self._quotas = quotas
         self._ttl = ttl_s
         self._negative_ttl = negative_ttl_s
         self._max_negative = max_negative_entries
@@ -158,8 +163,17 @@ class TenantDirectory:
         return entry
 
     def _find(self, h: str) -> KeyMatch | None:
-        """The key hash ``h``'s tenant and key (in a worker thread)."""
-        return self._store.lookup_key(h)
+        """The key hash ``h``'s tenant with its rate quotas (in a worker thread)."""
+        found = self._store.lookup_key(h)
+        if found is None or self._quotas is None:
+            return found
+        quotas = self._quotas.of(found.tenant.name)
+        if quotas is NO_QUOTAS:
+            return found
+        tenant = dataclasses.replace(
+            found.tenant, quota=quotas.quota, model_quotas=quotas.model_quotas
+        )
+        return dataclasses.replace(found, tenant=tenant)
 
     def _prune_negative(self, now: float) -> None:
         self._negative = {h: t for h, t in self._negative.items() if t > now}

@@ -44,6 +44,7 @@ class Gateway:
     demo_key: str
     lines: list[str] = field(default_factory=list)
     config: Path | None = None  # the --config it was started with
+    args: tuple[str, ...] = ()  # the options it was started with beyond its ports
 
     @property
     def http_url(self) -> str:
@@ -74,10 +75,9 @@ class Gateway:
         return self.cli(*args, *(["--token", token] if token else []))
 
     def restart(self) -> None:
-        """SIGTERM, then start again on the same state and config (new ports)."""
+        """SIGTERM, then start again on the same state, config and database (new ports)."""
         assert self.stop() == 0
-        extra = ("--config", str(self.config)) if self.config is not None else ()
-        new = start_gateway(self.state_dir, *extra)
+        new = start_gateway(self.state_dir, *self.args)
         self.proc, self.http_port, self.grpc_port = new.proc, new.http_port, new.grpc_port
         self.metrics_port, self.lines = new.metrics_port, new.lines
 
@@ -155,7 +155,7 @@ def start_gateway(state_dir: Path, *extra: str, env: dict[str, str] | None = Non
     key_line = next(line for line in lines if "demo tenant key" in line)
     match = re.search(r"demo tenant key: (\S+)", key_line)
     assert match is not None
-    return Gateway(proc, state_dir, http, grpc_, metrics, match.group(1), lines)
+    return Gateway(proc, state_dir, http, grpc_, metrics, match.group(1), lines, args=extra)
 
 
 def wait_for(
