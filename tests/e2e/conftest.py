@@ -34,6 +34,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_port_run(n: int) -> int:
+    """The first of ``n`` consecutive free ports (several gateways on one node scrape on
+    the metrics port + their rank)."""
+    while True:
+        first = free_port()
+        if first + n > 65536:
+            continue
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(first, first + n):
+                    sock = held.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return first
+
+
 @dataclass
 class Gateway:
     proc: subprocess.Popen[str]
@@ -114,7 +131,8 @@ class Gateway:
 
 
 def start_gateway(state_dir: Path, *extra: str, env: dict[str, str] | None = None) -> Gateway:
-    http, grpc_, metrics = free_port(), free_port(), free_port()
+    # Room for a second gateway's metrics port (the configs of the tests run up to two).
+    http, grpc_, metrics = free_port(), free_port(), free_port_run(2)
     proc = subprocess.Popen(
         [
             GPUGATE,

@@ -241,9 +241,14 @@ def test_sticky_split_is_accurate_stable_and_explicit_versions_bypass_it(
     assert aborted.returncode == 0, aborted.stderr
     assert stage(gateway, "2") == "archived"
     assert all(send(gateway, False, u, rng).version == "1" for u in to_candidate)
-    assert (
-        gateway.metric("gpugate_rollout_state", model="digits", candidate="2", state="aborted")
-        == 1.0
+    # The gauge follows at the controller's next pass (every 0.5 s), not with the command.
+    wait_for(
+        "the rollout gauge to say aborted",
+        lambda: (
+            gateway.metric("gpugate_rollout_state", model="digits", candidate="2", state="aborted")
+            == 1.0
+        ),
+        timeout_s=10,
     )
 
 
