@@ -44,6 +44,7 @@ import secrets
 import sys
 import time
 import urllib.request
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,7 @@ def _log(message: str) -> None:
 class GatewayFigures:
     """One gateway's cumulative counters at one moment."""
 
-    requests: dict[str, float]  # tenant -> requests answered 200
+    requests: Counter[str]  # tenant -> requests answered 200
     device_s: dict[str, float]  # tenant -> device seconds charged
     batches: float
     batch_rows: float
@@ -92,15 +93,16 @@ class GatewayFigures:
 def read_gateway(url: str) -> GatewayFigures:
     with urllib.request.urlopen(url, timeout=10) as resp:
         text = resp.read().decode()
-    requests, device = {}, {}
-    for tenant in TENANTS:
-        label = f'tenant="{tenant}"'
-        requests[tenant] = sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith("gpugate_requests_total{") and label in line and 'code="200"' in line
-        )
-        device[tenant] = prometheus_sum(text, "gpugate_tenant_device_seconds_total{", label)
+    # Every tenant's answers (a tenant not seen yet has none); device seconds of ours.
+    requests: Counter[str] = Counter()
+    for line in text.splitlines():
+        if line.startswith("gpugate_requests_total{") and 'code="200"' in line:
+            tenant = line.split('tenant="', 1)[1].split('"', 1)[0]
+            requests[tenant] += float(line.rsplit(" ", 1)[1])
+    device = {
+        tenant: prometheus_sum(text, "gpugate_tenant_device_seconds_total{", f'tenant="{tenant}"')
+        for tenant in TENANTS
+    }
     return GatewayFigures(
         requests,
         device,
@@ -117,10 +119,11 @@ def read_all(urls: list[str]) -> list[GatewayFigures]:
 # ---------------------------------------------------------------------- placement
 
 
-def _request(rows: np.ndarray) -> Any:
+def infer_request(rows: np.ndarray, model: str = MODEL) -> Any:
+    """A gRPC ModelInfer request of ``rows`` for the BenchMLP ``model``."""
     from gpugate_proto import grpc_service_pb2 as pb
 
-    request = pb.ModelInferRequest(model_name=MODEL)
+    request = pb.ModelInferRequest(model_name=model)
     request.inputs.add(name="x", datatype="FP32", shape=list(rows.shape))
     request.raw_input_contents.append(np.ascontiguousarray(rows, dtype=np.float32).tobytes())
     return request
@@ -217,7 +220,7 @@ async def run_scenario(
     from gpugate_proto import grpc_service_pb2_grpc as pb_grpc
 
     rows = np.random.default_rng(7).standard_normal((args.rows, 256), dtype=np.float32)
-    request = _request(rows)
+    request = infer_request(rows)
     # Place every tenant's connections first, while nothing else is in flight.
     channels: dict[str, list[Any]] = {}
     for tenant, ranks in placement.items():
