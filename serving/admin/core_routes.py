@@ -12,6 +12,7 @@ from fastapi import APIRouter, Body, Path, Query
 
 import serving.admin.schemas as schemas
 from serving.admin.auth import Caller
+from serving.admin.quota_routes import quota_row
 from serving.admin.routing import AdminRoute, Services, route
 from serving.admin.schemas import Instant, Name
 from serving.state import audit
@@ -65,9 +66,12 @@ def create_tenant(new: schemas.NewTenant, caller: Caller, services: Services) ->
     admission = Admission.checked(
         new.priorities, new.max_requests_in_flight, new.max_bytes_in_flight
     )
+    quotas = [quota_row(q) for q in new.quotas]  # checked before anything is written
     key = services.tenants.create(
         new.name, new.weight, new.models, admission=admission, actor=caller.name
     )
+    for row in quotas:
+        services.quotas.set(new.name, row, actor=caller.name)
     services.on_tenants_changed()
     return schemas.TenantKey(tenant=new.name, api_key=key)
 
@@ -77,17 +81,24 @@ def create_tenant(new: schemas.NewTenant, caller: Caller, services: Services) ->
     "PATCH",
     "/tenants/{name}",
     "tenants.update",
-    "Change a tenant's weight, models, priority grants or in-flight caps (the key stays)",
+    "Change a tenant's weight, models, priority grants, in-flight caps or rate quotas (the "
+    "keys stay)",
 )
 def update_tenant(
     name: TenantName, change: schemas.TenantChange, caller: Caller, services: Services
 ) -> schemas.Tenant:
     # Only the fields sent change; a cap sent as null goes back to the server's default.
-    given = change.model_dump(include=change.model_fields_set)
-    for field in ("weight", "models", "priorities"):
+    given = change.model_dump(include=change.model_fields_set - {"quotas"})
+    for field in ("weight", "models", "priorities", "quotas"):
         if field in given and given[field] is None:
             del given[field]
-    row = services.tenants.update(name, **given, actor=caller.name)
+    quotas = [quota_row(q) for q in change.quotas or ()]  # checked before anything is written
+    if given or not quotas:
+        row = services.tenants.update(name, **given, actor=caller.name)
+    for quota in quotas:  # a config tenant's quotas too: the config file does not state them
+        services.quotas.set(name, quota, actor=caller.name)
+    if not given and quotas:
+        row = services.tenants.get(name)
     services.on_tenants_changed()
     return _tenant(row)
 

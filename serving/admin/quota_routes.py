@@ -16,6 +16,18 @@ router = APIRouter(route_class=AdminRoute)
 TenantName = Annotated[Name, Path(description="A tenant's name.")]
 
 
+def quota_row(setting: schemas.QuotaSetting) -> QuotaRow:
+    """The store's row of a quota the API was given (checked: ValueError if out of range)."""
+    requests, rows = setting.requests, setting.rows
+    return QuotaRow(
+        setting.model or "",
+        requests.per_s if requests else None,
+        requests.burst if requests else None,
+        rows.per_s if rows else None,
+        rows.burst if rows else None,
+    ).checked()
+
+
 def _rate(per_s: float | None, burst: float | None) -> schemas.RateSetting | None:
     return None if per_s is None else schemas.RateSetting(per_s=per_s, burst=burst)
 
@@ -49,14 +61,6 @@ def list_quotas(name: TenantName, services: Services) -> list[schemas.TenantQuot
 def set_quota(
     name: TenantName, setting: schemas.QuotaSetting, caller: Caller, services: Services
 ) -> schemas.TenantQuota:
-    requests, rows = setting.requests, setting.rows
-    row = QuotaRow(
-        setting.model or "",
-        requests.per_s if requests else None,
-        requests.burst if requests else None,
-        rows.per_s if rows else None,
-        rows.burst if rows else None,
-    )
-    stored = services.quotas.set(name, row, actor=caller.name)
+    stored = services.quotas.set(name, quota_row(setting), actor=caller.name)
     services.on_tenants_changed()
     return _quota(stored)

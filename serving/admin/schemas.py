@@ -200,6 +200,51 @@ BytesCap = Annotated[int, Field(ge=0, le=MAX_BYTES_CAP, strict=True), Whole]
 Weight = Annotated[float, Field(gt=0, le=1000, strict=True)]
 
 
+# -- rate quotas -------------------------------------------------------------------
+
+PerSecond = Annotated[float, Field(ge=MIN_RATE, le=MAX_RATE, strict=True)]
+Burst = Annotated[float, Field(ge=1, le=MAX_RATE, strict=True)]
+
+
+class RateSetting(Strict):
+    """A token bucket."""
+
+    per_s: PerSecond = Field(description="Tokens (requests, or rows) per second.")
+    burst: Burst | None = Field(
+        default=None,
+        description="Tokens held at most, taken at once after idling; default: one second's "
+        "worth. A request of more rows than a rows burst is refused 413.",
+    )
+
+
+class QuotaSetting(Strict):
+    """A tenant's quota over every model, or for one model; a kind left out (or null) is
+    no quota of that kind, and neither removes the quota."""
+
+    model: Name | None = Field(
+        default=None, description="The model it is for; left out: every model together."
+    )
+    requests: RateSetting | None = Field(default=None, description="Requests per second.")
+    rows: RateSetting | None = Field(default=None, description="Rows per second.")
+
+
+def _one_per_scope(quotas: list[QuotaSetting] | None) -> list[QuotaSetting] | None:
+    scopes = [q.model for q in quotas or ()]
+    if len(scopes) != len(set(scopes)):
+        raise ValueError("one quota per model (and one over every model)")
+    return quotas
+
+
+Quotas = Annotated[list[QuotaSetting], Field(max_length=257), AfterValidator(_one_per_scope)]
+_QUOTAS = "Rate quotas, one per model and one over every model (model left out)."
+
+
+class TenantQuota(BaseModel):
+    model: str | None = Field(description="null: the quota over every model together.")
+    requests: RateSetting | None
+    rows: RateSetting | None
+
+
 class NewTenant(Strict):
     name: Name
     weight: Weight = Field(default=1.0, description="Fair-share weight.")
@@ -211,6 +256,7 @@ class NewTenant(Strict):
     )
     max_requests_in_flight: RequestsCap | None = Field(default=None, description=_MAX_REQUESTS)
     max_bytes_in_flight: BytesCap | None = Field(default=None, description=_MAX_BYTES)
+    quotas: Quotas = Field(default=[], description=_QUOTAS)
 
 
 class TenantChange(Strict):
@@ -225,6 +271,9 @@ class TenantChange(Strict):
     )
     max_requests_in_flight: RequestsCap | None = Field(default=None, description=_MAX_REQUESTS)
     max_bytes_in_flight: BytesCap | None = Field(default=None, description=_MAX_BYTES)
+    quotas: Quotas | None = Field(
+        default=None, description=_QUOTAS + " Each replaces the quota of its model; others stay."
+    )
 
 
 class TenantKey(BaseModel):
@@ -570,37 +619,3 @@ class CostReport(BaseModel):
     currency: str
     rows: list[CostRow] = Field(description="Only the group_by keys are present in a row.")
     totals: CostTotals
-
-
-# -- rate quotas -------------------------------------------------------------------
-
-PerSecond = Annotated[float, Field(ge=MIN_RATE, le=MAX_RATE, strict=True)]
-Burst = Annotated[float, Field(ge=1, le=MAX_RATE, strict=True)]
-
-
-class RateSetting(Strict):
-    """A token bucket."""
-
-    per_s: PerSecond = Field(description="Tokens (requests, or rows) per second.")
-    burst: Burst | None = Field(
-        default=None,
-        description="Tokens held at most, taken at once after idling; default: one second's "
-        "worth. A request of more rows than a rows burst is refused 413.",
-    )
-
-
-class QuotaSetting(Strict):
-    """A tenant's quota over every model, or for one model; a kind left out (or null) is
-    no quota of that kind, and neither removes the quota."""
-
-    model: Name | None = Field(
-        default=None, description="The model it is for; left out: every model together."
-    )
-    requests: RateSetting | None = Field(default=None, description="Requests per second.")
-    rows: RateSetting | None = Field(default=None, description="Rows per second.")
-
-
-class TenantQuota(BaseModel):
-    model: str | None = Field(description="null: the quota over every model together.")
-    requests: RateSetting | None
-    rows: RateSetting | None

@@ -37,14 +37,20 @@ def _describe(q: dict[str, Any]) -> str:
     return f"{scope:<24} " + (" ".join(parts) or "no quota")
 
 
-def cmd_set(args: argparse.Namespace) -> int:
+def rates(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """The quota's rates given by :func:`add_rate_options`' flags (none: empty)."""
     body: dict[str, Any] = {}
     for kind in ("requests", "rows"):
         per_s, burst = getattr(args, f"{kind}_per_s"), getattr(args, f"{kind}_burst")
         if burst is not None and per_s is None:
-            raise UsageError(f"tenants quota: --{kind}-burst needs --{kind}-per-s")
+            raise UsageError(f"{command}: --{kind}-burst needs --{kind}-per-s")
         if per_s is not None:
             body[kind] = {"per_s": per_s, "burst": burst}
+    return body
+
+
+def cmd_set(args: argparse.Namespace) -> int:
+    body = rates(args, "tenants quota")
     if not body and not args.clear:
         raise UsageError(
             "tenants quota: give --requests-per-s and/or --rows-per-s (with their bursts), "
@@ -69,6 +75,25 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_rate_options(parser: argparse.ArgumentParser) -> None:
+    """--requests-per-s, --requests-burst, --rows-per-s, --rows-burst."""
+    parser.add_argument("--requests-per-s", type=_positive, metavar="R", help="requests per second")
+    parser.add_argument(
+        "--requests-burst",
+        type=_positive,
+        metavar="N",
+        help="requests at once after idling (default: one second's worth)",
+    )
+    parser.add_argument("--rows-per-s", type=_positive, metavar="R", help="rows per second")
+    parser.add_argument(
+        "--rows-burst",
+        type=_positive,
+        metavar="N",
+        help="rows at once after idling; a larger request is refused 413 "
+        "(default: one second's worth)",
+    )
+
+
 def add_commands(tsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Under ``gpugate tenants``."""
     quota = tsub.add_parser(
@@ -78,21 +103,7 @@ def add_commands(tsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     quota.add_argument("name")
     quota.add_argument("--model", help="the model it is for (default: every model together)")
-    quota.add_argument("--requests-per-s", type=_positive, metavar="R", help="requests per second")
-    quota.add_argument(
-        "--requests-burst",
-        type=_positive,
-        metavar="N",
-        help="requests at once after idling (default: one second's worth)",
-    )
-    quota.add_argument("--rows-per-s", type=_positive, metavar="R", help="rows per second")
-    quota.add_argument(
-        "--rows-burst",
-        type=_positive,
-        metavar="N",
-        help="rows at once after idling; a larger request is refused 413 "
-        "(default: one second's worth)",
-    )
+    add_rate_options(quota)
     quota.add_argument("--clear", action="store_true", help="remove the quota")
     quota.set_defaults(func=cmd_set)
 

@@ -60,6 +60,9 @@ def _admission(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_create(args: argparse.Namespace) -> int:
     models = _models(args.models) if args.models else ["*"]
     body = {"name": args.name, "weight": args.weight, "models": models, **_admission(args)}
+    rates = quotas.rates(args, "tenants create")
+    if rates:
+        body["quotas"] = [rates]
     made = AdminClient.of(args).post("/tenants", body)
     emit(
         args, made, lambda d: f"tenant {d['tenant']} created; API key (shown once): {d['api_key']}"
@@ -69,6 +72,9 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 def cmd_update(args: argparse.Namespace) -> int:
     body = _admission(args)
+    rates = quotas.rates(args, "tenants update")
+    if rates:
+        body["quotas"] = [rates]
     if args.weight is not None:
         body["weight"] = args.weight
     if args.models is not None:
@@ -76,7 +82,7 @@ def cmd_update(args: argparse.Namespace) -> int:
     if not body:
         raise UsageError(
             "tenants update: give at least one of --weight, --models, --priorities, "
-            "--max-requests-in-flight, --max-bytes-in-flight"
+            "--max-requests-in-flight, --max-bytes-in-flight, --requests-per-s, --rows-per-s"
         )
     row = AdminClient.of(args).patch(path_of("tenants", args.name), body)
     emit(args, row, lambda d: f"tenant updated (takes effect within seconds)\n{_listing([d])}")
@@ -202,6 +208,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "--models", help="comma-separated models the tenant may call (default: all)"
     )
     _add_admission_options(create)
+    quotas.add_rate_options(create)
     create.set_defaults(func=cmd_create)
 
     update = tsub.add_parser(
@@ -213,6 +220,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     update.add_argument("--weight", type=float, help="fair-share weight")
     update.add_argument("--models", help="comma-separated models the tenant may call")
     _add_admission_options(update)
+    quotas.add_rate_options(update)
     update.set_defaults(func=cmd_update)
 
     delete = tsub.add_parser(

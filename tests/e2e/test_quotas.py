@@ -186,3 +186,30 @@ def test_a_quota_survives_a_restart_and_can_be_cleared(gateway: Gateway) -> None
     time.sleep(2.5)
     got = _paced(gateway, key, 40, 2, 2)
     assert got["200"] == 80, got
+
+
+def test_a_quota_is_set_with_the_tenant_in_one_call(gateway: Gateway) -> None:
+    made = gateway.cli(
+        "tenants", "create", "quota-onboard", "--weight", "2", "--requests-per-s", "5",
+        "--rows-per-s", "40", "--rows-burst", "80", "--json",
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    listed = json.loads(gateway.cli("tenants", "quotas", "quota-onboard", "--json").stdout)
+    assert listed == [
+        {
+            "model": None,
+            "requests": {"per_s": 5.0, "burst": None},
+            "rows": {"per_s": 40.0, "burst": 80.0},
+        }
+    ]
+    # A change replaces the quota over every model and leaves the weight as it is.
+    changed = gateway.cli("tenants", "update", "quota-onboard", "--requests-per-s", "7", "--json")
+    assert changed.returncode == 0, changed.stderr
+    assert json.loads(changed.stdout)["weight"] == 2.0
+    listed = json.loads(gateway.cli("tenants", "quotas", "quota-onboard", "--json").stdout)
+    assert listed == [{"model": None, "requests": {"per_s": 7.0, "burst": None}, "rows": None}]
+    # Checked before anything is written: a rate out of range creates no tenant.
+    refused = gateway.cli("tenants", "create", "quota-refused", "--requests-per-s", "1e12")
+    assert refused.returncode == 1 and "requests" in refused.stderr, refused.stderr
+    names = [t["tenant"] for t in json.loads(gateway.cli("tenants", "list", "--json").stdout)]
+    assert "quota-onboard" in names and "quota-refused" not in names
