@@ -341,6 +341,69 @@ tenant_quotas = sa.Table(
     ),
 )
 
+# A tenant's budget (serving.budgets): an amount of currency (in nano-units) or of device
+# time (in ns) per calendar month or over a fixed period, the alert thresholds (JSON list of
+# percentages), and what happens at 100%. The webhook secret signs alert deliveries.
+tenant_budgets = sa.Table(
+    "tenant_budgets",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "tenant_id", sa.Integer, sa.ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("unit", sa.String(16), nullable=False),
+    sa.Column("amount", sa.BigInteger, nullable=False),
+    sa.Column("period_start", sa.DateTime(timezone=True), nullable=True),  # NULL: monthly
+    sa.Column("period_end", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("thresholds", sa.Text, nullable=False),
+    sa.Column("action", sa.String(16), nullable=False),
+    sa.Column("webhook_url", sa.Text, nullable=True),
+    sa.Column("webhook_secret", sa.Text, nullable=True),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, default=utcnow),
+    sa.UniqueConstraint("tenant_id"),
+    sa.CheckConstraint(
+        "unit IN ('currency', 'device_hours') AND amount > 0"
+        " AND action IN ('notify', 'reject', 'best-effort')",
+        name="valid",
+    ),
+)
+
+# Each threshold crossed, once per tenant, period and threshold (the unique constraint is
+# what makes it once, whichever process sees it first).
+budget_alerts = sa.Table(
+    "budget_alerts",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "tenant_id", sa.Integer, sa.ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("period_start", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("threshold", sa.Integer, nullable=False),
+    sa.Column("spend", sa.BigInteger, nullable=False),  # in the budget's unit, as amount
+    sa.Column("amount", sa.BigInteger, nullable=False),
+    sa.Column("crossed_at", sa.DateTime(timezone=True), nullable=False, default=utcnow),
+    sa.UniqueConstraint("tenant_id", "period_start", "threshold"),
+)
+
+# Every attempt to deliver an alert to the tenant's webhook.
+budget_deliveries = sa.Table(
+    "budget_deliveries",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "alert_id",
+        sa.Integer,
+        sa.ForeignKey("budget_alerts.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False, default=utcnow),
+    sa.Column("ok", sa.Boolean, nullable=False),
+    sa.Column("http_status", sa.Integer, nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+)
+
 
 def make_engine(database_url: str | None, state_dir: Path) -> sa.Engine:
     """An engine on the state database, with no schema check (for :func:`upgrade_schema`).
