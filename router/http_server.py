@@ -57,17 +57,25 @@ class UsageSource(Protocol):
     async def usage(self, tenant: str, query: Mapping[str, str]) -> Any: ...
 
 
+class TenantViewSource(Protocol):
+    """A tenant's own view: its settings, keys, usage and models (``serving`` reads it
+    from the state). Raises GatewayError subclasses only."""
+
+    async def view(self, tenant: str) -> Any: ...
+
+
 def build_http_app(
     service: InferenceService,
     admin: ASGIApp | None = None,
     usage: UsageSource | None = None,
     limits: HttpDoorLimits | None = None,
+    tenant_view: TenantViewSource | None = None,
 ) -> Starlette:
     """The ASGI app; every error leaves as ``{"error": ...}`` with its status.
 
     ``admin`` (an ASGI app: the gateway's admin API) is mounted at ``/admin``; ``usage``
-    answers ``GET /usage`` for the tenant whose API key calls it. ``limits``: the JSON
-    and decompression limits of request bodies.
+    answers ``GET /usage`` and ``tenant_view`` ``GET /tenant`` for the tenant whose API
+    key calls it. ``limits``: the JSON and decompression limits of request bodies.
     """
     limits = limits or HttpDoorLimits()
 
@@ -224,6 +232,18 @@ def build_http_app(
             return _error(exc)
 
     routes.append(Route("/usage", tenant_usage, methods=["GET"]))
+
+    async def own_view(request: Request) -> Response:
+        # A suspended tenant may read its view: that is where it learns why.
+        try:
+            if tenant_view is None:
+                raise NotFound("tenant views are not served here")
+            tenant = await service.identify(request.headers.get("authorization"))
+            return _json(await tenant_view.view(tenant.name))
+        except GatewayError as exc:
+            return _error(exc)
+
+    routes.append(Route("/tenant", own_view, methods=["GET"]))
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return JSONResponse({"error": f"no route {request.url.path}"}, status_code=404)

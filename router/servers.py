@@ -16,7 +16,7 @@ from starlette.types import ASGIApp
 
 from router.grpc_server import build_grpc_server
 from router.http_protocol import GuardedServer, HttpDoorLimits, guarded_protocol
-from router.http_server import UsageSource, build_http_app
+from router.http_server import TenantViewSource, UsageSource, build_http_app
 from router.native_server import NativeServer
 from router.native_server import available as native_available
 from router.service import InferenceService
@@ -61,6 +61,7 @@ class FrontDoors:
     ``max_concurrent_calls`` (per server) bound the gRPC port. ``reuse_port`` shares
     both ports with other gateways on the host that ask the same (SO_REUSEPORT: the
     kernel spreads new connections over them); without it a taken port fails the start.
+    ``usage`` and ``tenant_view`` answer a tenant's ``GET /usage`` and ``GET /tenant``.
     """
 
     GRPCIO_CHECK_S = 1.0  # how often the grpcio door's port is checked for being open
@@ -79,6 +80,7 @@ class FrontDoors:
         max_concurrent_calls: int = 4096,
         http_limits: HttpDoorLimits | None = None,
         reuse_port: bool = False,
+        tenant_view: TenantViewSource | None = None,
     ) -> None:
         self.service = service
         self.reuse_port = reuse_port
@@ -90,6 +92,7 @@ class FrontDoors:
         self._max_calls = max_concurrent_calls
         self._admin = admin
         self._usage = usage
+        self._tenant_view = tenant_view
         self.host = host
         self.http_port = 0
         self.grpc_port = 0
@@ -137,7 +140,9 @@ class FrontDoors:
             )
         self._http = GuardedServer(
             uvicorn.Config(
-                build_http_app(self.service, self._admin, self._usage, self.http_limits),
+                build_http_app(
+                    self.service, self._admin, self._usage, self.http_limits, self._tenant_view
+                ),
                 log_level="warning",
                 access_log=False,
                 lifespan="off",

@@ -202,7 +202,12 @@ class InferenceService:
         call.tenant = await self._authenticate(authorization)
         return call.tenant
 
-    async def _authenticate(self, authorization: str | None) -> Tenant:
+    async def identify(self, authorization: str | None) -> Tenant:
+        """The tenant of an ``Authorization: Bearer <key>`` value, suspended or not: for
+        what a tenant may read about itself, such as why it is suspended."""
+        return await self._authenticate(authorization, suspended_too=True)
+
+    async def _authenticate(self, authorization: str | None, suspended_too: bool = False) -> Tenant:
         if not authorization:
             raise Unauthenticated("missing API key: send 'Authorization: Bearer <key>'")
         scheme, _, key = authorization.partition(" ")
@@ -217,7 +222,7 @@ class InferenceService:
             raise Unavailable("cannot authenticate now: tenant directory unavailable") from None
         if tenant is None:
             raise Unauthenticated("unknown API key")
-        if tenant.suspended is not None:
+        if tenant.suspended is not None and not suspended_too:
             raise PermissionDenied(f"tenant {tenant.name!r} is suspended: {tenant.suspended}")
         return tenant
 

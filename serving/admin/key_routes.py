@@ -24,17 +24,7 @@ KeyId = Annotated[int, Path(ge=1, le=2**31 - 1, description="The key's id (keys 
 
 
 def api_key(k: KeyRow) -> schemas.ApiKey:
-    return schemas.ApiKey(
-        tenant=k.tenant,
-        key_id=k.id,
-        label=k.label,
-        fingerprint=k.fingerprint,
-        status=k.status(),
-        created_at=k.created_at,
-        expires_at=k.expires_at,
-        revoked_at=k.revoked_at,
-        last_used_at=k.last_used_at,
-    )
+    return schemas.ApiKey.model_validate(k.as_json())
 
 
 def _issued(made: IssuedKey) -> dict[str, object]:

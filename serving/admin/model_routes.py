@@ -186,9 +186,7 @@ def show_version(
     name: ModelName, version: VersionName, services: Services
 ) -> schemas.VersionDetail:
     row = services.registry.get(name, version)
-    return schemas.VersionDetail.model_validate(
-        {**row.as_json(), "approvals": services.stages.approvals(name, version)}
-    )
+    return schemas.VersionDetail.model_validate(services.stages.cards([row])[0])
 
 
 @route(router, "GET", VERSION + "/lineage", "models.read", "A version and its ancestors")

@@ -103,12 +103,13 @@ def path_of(*parts: str) -> str:
 
 class AdminClient:
     """Calls to one gateway's admin API; every call returns the answer's JSON or raises
-    :class:`Refused` or :class:`Unreachable`."""
+    :class:`Refused` or :class:`Unreachable`. ``prefix`` "" reaches the data plane's
+    routes instead, with a tenant's API key as the token."""
 
-    def __init__(self, url: str, token: str) -> None:
+    def __init__(self, url: str, token: str, prefix: str = "/admin") -> None:
         self.url = url.rstrip("/")
         self._http = httpx.Client(
-            base_url=self.url + "/admin",
+            base_url=self.url + prefix,
             headers={"Authorization": f"Bearer {token}"},
             timeout=TIMEOUT_S,
         )

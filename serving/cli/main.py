@@ -16,14 +16,16 @@ import serving.cli.deploy as deploy
 import serving.cli.models as models
 import serving.cli.rollout as rollout
 import serving.cli.serve as serve
+import serving.cli.tenant_view as tenant_view
 import serving.cli.tenants as tenants
 import serving.cli.users as users
 from serving.cli.client import EXIT_FAILED, EXIT_USAGE, CommandError, UsageError
 
 EPILOG = """\
-Every command but 'serve', 'deploy' and 'config' asks a gateway's admin API (--url,
-default $GPUGATE_URL or http://127.0.0.1:8000) as the user whose token it is given
-(--token, $GPUGATE_TOKEN, else the state folder's admin.token when readable). The
+Every command but 'serve', 'deploy', 'config' and 'tenant' asks a gateway's admin API
+(--url, default $GPUGATE_URL or http://127.0.0.1:8000) as the user whose token it is
+given (--token, $GPUGATE_TOKEN, else the state folder's admin.token when readable);
+'tenant status' reads the tenant's own view with its API key (--key, $GPUGATE_KEY). The
 gateway checks the user's role, the approvals and its own policies. Only 'users
 bootstrap', 'db upgrade' and 'audit verify --offline' open the state database directly:
 they are for an admin who holds its credentials ('serve' and 'deploy' too).
@@ -51,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gpugate {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve.add_command(sub)
-    for group in (deploy, tenants, users, models, rollout, audit, costs, db):
+    for group in (deploy, tenants, tenant_view, users, models, rollout, audit, costs, db):
         group.add_commands(sub)
     return parser
 

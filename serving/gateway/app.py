@@ -49,7 +49,7 @@ from serving.registry import Registry, Stages
 from serving.replica import deployment_name
 from serving.rollout import RolloutController, Rollouts, Taken
 from serving.state import audit, open_engine
-from serving.tenancy import QuotaStore, TenantDirectory, TenantStore
+from serving.tenancy import QuotaStore, ServerCaps, TenantDirectory, TenantStore, TenantViews
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +231,7 @@ class Gateway:
             on_tenants_changed=self._tenants.invalidate,
         )
         reports = LedgerReports(engine, self._pricing)
+        caps = ServerCaps(cfg.tenant_max_requests_in_flight, cfg.tenant_max_bytes_in_flight)
         # "node": the address of the Ray node this gateway runs on (one gateway per node,
         # each behind the balancer on its own address).
         self.host = _node_address() if cfg.host == NODE_HOST else cfg.host
@@ -250,6 +251,7 @@ class Gateway:
             # share a port with any other server of the same user. `gpugate serve`
             # checks the ports are free first.
             reuse_port=cfg.gateway_replicas > 1,
+            tenant_view=TenantViews.open(engine, stages, reports, caps),
         )
         await self._doors.start(cfg.http_port, cfg.grpc_port)
         # Each gateway on a node scrapes apart: metrics_port + its rank on the node.

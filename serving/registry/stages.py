@@ -136,15 +136,24 @@ class Stages:
                 .where(t_approvals.c.name == name, t_approvals.c.version == version)
                 .order_by(t_approvals.c.id)
             ).all()
-        return [
-            {
-                "approver": r.approver,
-                "decision": r.decision,
-                "reason": r.reason,
-                "at": audit._aware(r.at).isoformat(),
-            }
-            for r in rows
-        ]
+        return [_approval(r) for r in rows]
+
+    def cards(self, rows: Sequence[VersionRow]) -> list[dict[str, Any]]:
+        """Each version's model card: the version as registered (signature, metrics,
+        lineage) with its approvals and their reasons, in one query for all of them. The
+        admin API's version and a tenant's own view (``GET /tenant``) both show this."""
+        wanted = {(r.name, r.version) for r in rows}
+        found: dict[tuple[str, str], list[dict[str, Any]]] = {k: [] for k in wanted}
+        if wanted:
+            with self.engine.connect() as conn:
+                approvals = conn.execute(
+                    sa.select(t_approvals)
+                    .where(sa.tuple_(t_approvals.c.name, t_approvals.c.version).in_(wanted))
+                    .order_by(t_approvals.c.id)
+                ).all()
+            for r in approvals:
+                found[(r.name, r.version)].append(_approval(r))
+        return [{**row.as_json(), "approvals": found[(row.name, row.version)]} for row in rows]
 
     # -- stages -----------------------------------------------------------------
 
@@ -329,3 +338,12 @@ class Stages:
             .where(t_versions.c.name == name, t_versions.c.version == version)
             .values(**values)
         )
+
+
+def _approval(r: Any) -> dict[str, Any]:
+    return {
+        "approver": r.approver,
+        "decision": r.decision,
+        "reason": r.reason,
+        "at": audit._aware(r.at).isoformat(),
+    }

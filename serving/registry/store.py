@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import builtins
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,19 @@ class Registry:
     def production(self, name: str) -> VersionRow | None:
         found = [v for v in self.list(name) if v.stage == "production"]
         return found[0] if found else None
+
+    def in_service(self, names: Collection[str] | None = None) -> builtins.list[VersionRow]:
+        """The versions in production or staging of the models ``names`` (None: of every
+        model), by model name, then oldest first. As many as the gateways deploy."""
+        query = (
+            sa.select(t_versions)
+            .where(t_versions.c.stage.in_(("production", "staging")))
+            .order_by(t_versions.c.name, t_versions.c.id)
+        )
+        if names is not None:
+            query = query.where(t_versions.c.name.in_(sorted(names)))
+        with self.engine.connect() as conn:
+            return [version_from_row(r) for r in conn.execute(query).all()]
 
     def lineage(self, name: str, version: str) -> builtins.list[VersionRow]:
         """The version and its ancestors, newest first (a cycle cannot be registered)."""

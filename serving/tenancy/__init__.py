@@ -52,6 +52,7 @@ from serving.tenancy.users import (
     permits,
     roles_for,
 )
+from serving.tenancy.view import MAX_KEYS, MAX_MODELS, MAX_STAGING, ServerCaps, TenantViews
 
 __all__ = [
     "ADMIN_TOKEN_FILE",
@@ -62,8 +63,11 @@ __all__ = [
     "KEEP",
     "MAX_BYTES_CAP",
     "MAX_GRACE",
+    "MAX_KEYS",
+    "MAX_MODELS",
     "MAX_RATE",
     "MAX_REQUESTS_CAP",
+    "MAX_STAGING",
     "MIN_RATE",
     "PERMISSIONS",
     "ROLES",
@@ -79,6 +83,7 @@ __all__ = [
     "QuotaRow",
     "QuotaStore",
     "Role",
+    "ServerCaps",
     "TenantDeletedError",
     "TenantDirectory",
     "TenantError",
@@ -91,6 +96,7 @@ __all__ = [
     "TenantQuotas",
     "TenantRow",
     "TenantStore",
+    "TenantViews",
     "UserDirectory",
     "UserError",
     "UserExistsError",

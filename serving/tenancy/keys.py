@@ -68,6 +68,20 @@ class KeyRow:
             return "expired"
         return "active"
 
+    def as_json(self, now: datetime | None = None) -> dict[str, Any]:
+        """The listed form of the key (the admin API's and the tenant's own view)."""
+        return {
+            "tenant": self.tenant,
+            "key_id": self.id,
+            "label": self.label,
+            "fingerprint": self.fingerprint,
+            "status": self.status(now),
+            "created_at": self.created_at.isoformat(),
+            "expires_at": when(self.expires_at),
+            "revoked_at": when(self.revoked_at),
+            "last_used_at": when(self.last_used_at),
+        }
+
 
 @dataclass(frozen=True)
 class IssuedKey:
@@ -182,6 +196,23 @@ class TenantKeyStore:
                 sa.select(t_keys).where(t_keys.c.tenant_id == row.id).order_by(t_keys.c.id)
             ).all()
         return [_key_row(tenant, k) for k in keys]
+
+    def newest(self, tenant: str, limit: int) -> tuple[builtins.list[KeyRow], int]:
+        """At most ``limit`` of the tenant's keys, the unrevoked ones first, newest first
+        within each; and how many keys it has in all."""
+        with self.engine.connect() as conn:
+            row = self._tenant(conn, tenant, change=False)
+            mine = t_keys.c.tenant_id == row.id
+            total = conn.execute(
+                sa.select(sa.func.count()).select_from(t_keys).where(mine)
+            ).scalar_one()
+            keys = conn.execute(
+                sa.select(t_keys)
+                .where(mine)
+                .order_by(t_keys.c.revoked_at.is_(None).desc(), t_keys.c.id.desc())
+                .limit(limit)
+            ).all()
+        return [_key_row(tenant, k) for k in keys], int(total)
 
     def revoke(
         self, tenant: str, key_id: int, *, actor: str = "system", reason: str = ""

@@ -15,6 +15,8 @@ from serving.cli.rollout import duration, steps
 # (serve, deploy, config render: they run or describe the gateway) asks a gateway.
 LOCAL = {("users", "bootstrap"), ("db", "upgrade")}
 SERVER = {("serve",), ("deploy",), ("config", "render")}
+# The commands that ask a gateway's data plane with a tenant's API key, not a user token.
+TENANT_KEY = {("tenant", "status")}
 
 
 def _commands() -> list[tuple[tuple[str, ...], argparse.ArgumentParser]]:
@@ -40,7 +42,9 @@ def test_every_command_but_the_servers_prints_json_on_request() -> None:
             assert "--url" not in options and "--token" not in options, path
             continue
         assert "--json" in options, path
-        if path in LOCAL:
+        if path in TENANT_KEY:
+            assert {"--url", "--key"} <= options and "--token" not in options, path
+        elif path in LOCAL:
             assert "--url" not in options and "--database-url" in options, path
             assert "Admin only" in (parser.description or ""), path
         else:
