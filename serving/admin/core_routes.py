@@ -234,3 +234,20 @@ def cost_report(
         tenant=query.tenant,
     )
     return schemas.CostReport.model_validate(report)
+
+
+@route(
+    router,
+    "GET",
+    "/costs/invoice",
+    "costs.read",
+    "A calendar month's statement per tenant: usage and cost by model, version and "
+    "device, and totals that equal the month's cost report",
+)
+def cost_invoice(
+    query: Annotated[schemas.InvoiceQuery, Query()], services: Services
+) -> schemas.CostInvoice:
+    invoice = services.reports.invoice(
+        query.period, tenant=query.tenant, share_idle=query.share_idle
+    )
+    return schemas.CostInvoice.model_validate(invoice)

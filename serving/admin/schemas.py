@@ -619,3 +619,56 @@ class CostReport(BaseModel):
     currency: str
     rows: list[CostRow] = Field(description="Only the group_by keys are present in a row.")
     totals: CostTotals
+
+
+# YYYY-MM, from 0001-01 to 9999-12 (serving.costs.invoice.PERIOD, without a lookahead).
+Period = Annotated[
+    str,
+    StringConstraints(
+        pattern=r"^([1-9][0-9]{3}|0[1-9][0-9]{2}|00[1-9][0-9]|000[1-9])-(0[1-9]|1[0-2])$"
+    ),
+]
+
+
+class InvoiceQuery(Strict):
+    period: Period = Field(description="The calendar month, YYYY-MM, in UTC.")
+    tenant: Name | None = Field(
+        default=None, description="Only this tenant's statement (its idle share included)."
+    )
+    share_idle: bool = Field(
+        default=False, description="Bill each tenant its share of idle capacity, by use."
+    )
+
+
+class InvoiceLine(CostFigures):
+    model: str
+    version: str
+    device: str
+
+
+class InvoiceSection(BaseModel):
+    lines: list[InvoiceLine] = Field(description="One per model, version and device.")
+    totals: CostFigures
+
+
+class InvoiceStatement(InvoiceSection):
+    tenant: str
+
+
+class CostInvoice(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    period: str
+    from_: datetime = Field(alias="from")
+    to: datetime
+    closed: bool = Field(description="The month is over: its figures no longer grow.")
+    currency: str
+    share_idle: bool
+    tenant: str | None = Field(description="The tenant asked for; null: every tenant.")
+    statements: list[InvoiceStatement] = Field(
+        description="One per tenant with usage in the month; with tenant, that tenant's."
+    )
+    idle: InvoiceSection | None = Field(
+        description="Idle capacity billed to no tenant; null with tenant."
+    )
+    totals: CostFigures = Field(description="The statements' and the idle section's sum.")

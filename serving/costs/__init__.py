@@ -1,7 +1,8 @@
 """GPU cost attribution at rest: pricing, the ledger of record (every batch's charge
-and its per-tenant split, replica reservations) and finance's reports.
+and its per-tenant split, replica reservations), finance's reports and monthly invoices.
 """
 
+from serving.costs.invoice import Invoice, Statement, build_invoice, month_bounds
 from serving.costs.ledger import (
     NANOS,
     NS_PER_HOUR,
@@ -18,7 +19,6 @@ from serving.costs.ledger import (
 from serving.costs.report import (
     GROUP_KEYS,
     IDLE,
-    LedgerReports,
     Report,
     ReportError,
     Row,
@@ -26,12 +26,14 @@ from serving.costs.report import (
     parse_when,
     report_for_query,
 )
+from serving.costs.service import LedgerReports
 
 __all__ = [
     "GROUP_KEYS",
     "IDLE",
     "NANOS",
     "NS_PER_HOUR",
+    "Invoice",
     "Ledger",
     "LedgerReports",
     "LedgerWriter",
@@ -41,11 +43,14 @@ __all__ = [
     "ReportError",
     "Reservations",
     "Row",
+    "Statement",
     "as_utc",
+    "build_invoice",
     "build_report",
     "from_unix_ns",
     "gateway_id",
     "money",
+    "month_bounds",
     "parse_when",
     "report_for_query",
 ]

@@ -4,6 +4,9 @@ Every figure comes from integer nanoseconds and integer nano-unit prices, summed
 in SQL per (tenant, model, version, device, day, price) cell and combined here
 with exact fractions, so totals reconcile: the groups' device time adds up to the
 ledger's to the nanosecond, and used + idle = reserved for every model version.
+Each tenant's cost is rounded once to the nano-unit and spread over its cells, so
+costs reconcile too: every grouping, and the monthly invoice
+(``serving.costs.invoice``), adds up the same whole nano-units.
 
 Idle capacity follows OpenCost: a replica reserves ``uptime x device_share``;
 what its batches did not use is idle, reported as the pseudo-tenant ``(idle)``,
@@ -12,7 +15,7 @@ or spread over the tenants in proportion to their use with ``share_idle``.
 
 from __future__ import annotations
 
-import asyncio
+import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +26,6 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from router import InvalidArgument
 from scheduler import split_by_rows
 from serving.costs.ledger import NANOS, NS_PER_HOUR, Pricing, as_utc
 from serving.state import ledger_allocations, ledger_batches, ledger_reservations
@@ -47,6 +49,7 @@ class Row:
     used_ns: int = 0
     idle_ns: int = 0
     cost_exact: Fraction = field(default_factory=Fraction)  # in nano-units
+    cost_nanos: int = 0  # what is billed, in whole nano-units: see _bill
 
     @property
     def total_ns(self) -> int:
@@ -58,14 +61,17 @@ class Row:
         self.used_ns += other.used_ns
         self.idle_ns += other.idle_ns
         self.cost_exact += other.cost_exact
+        self.cost_nanos += other.cost_nanos
 
     def cost(self) -> Decimal:
-        exact = Decimal(self.cost_exact.numerator) / Decimal(self.cost_exact.denominator)
-        return (exact / NANOS).quantize(Decimal("0.000000001"))
+        return (Decimal(self.cost_nanos) / NANOS).quantize(Decimal("0.000000001"))
 
     def as_dict(self, currency: str) -> dict[str, Any]:
+        return {**self.group, **self.figures(currency)}
+
+    def figures(self, currency: str) -> dict[str, Any]:
+        """The row's figures without its group: what every report and invoice line shows."""
         return {
-            **self.group,
             "requests": self.requests,
             "rows": self.rows,
             "used_ns": self.used_ns,
@@ -173,6 +179,7 @@ def build_report(
             f"the window holds several currencies ({', '.join(sorted(currencies))}); "
             "report the ranges before and after the change separately"
         )
+    _bill(cells)
     grouped: dict[tuple[str, ...], Row] = {}
     total = Row(group={})
     for key, row in cells.items():
@@ -305,6 +312,34 @@ def _add_idle(
         idle.cost_exact += Fraction(idle_ns * price, NS_PER_HOUR)
 
 
+def _bill(cells: dict[Cell, Row]) -> None:
+    """Round each tenant's cost (and the idle row's) once, to the nano-unit, and spread
+    it over the tenant's cells by largest remainder. Every grouping then sums the same
+    integers: its rows add up to its TOTAL exactly, a tenant's cost is the same in every
+    grouping and in its invoice, and a tenant's own view (``tenant=``) holds the same
+    cells, so it shows the same cost too."""
+    by_tenant: dict[str, list[Cell]] = defaultdict(list)
+    for key in cells:
+        by_tenant[key[0]].append(key)
+    for keys in by_tenant.values():
+        keys.sort()
+        parts = apportion([cells[k].cost_exact for k in keys])
+        for k, part in zip(keys, parts, strict=True):
+            cells[k].cost_nanos = part
+
+
+def apportion(exact: Sequence[Fraction]) -> list[int]:
+    """Whole numbers, one per part, within 1 of each exact part, adding up to the exact
+    sum rounded half to even: each part's floor, plus one for the parts with the largest
+    remainders (earlier parts first among equal remainders)."""
+    floors = [math.floor(x) for x in exact]
+    short = round(sum(exact, Fraction(0))) - sum(floors)
+    by_remainder = sorted(range(len(exact)), key=lambda i: (floors[i] - exact[i], i))
+    for i in by_remainder[:short]:
+        floors[i] += 1
+    return floors
+
+
 def report_for_query(
     engine: sa.Engine,
     pricing: Pricing,
@@ -370,47 +405,3 @@ def report_between(
         now=now,
     )
     return report.as_dict()
-
-
-class LedgerReports:
-    """The ledger's reports for HTTP callers: finance's (the admin API's ``/costs``) and
-    a tenant's own usage (``GET /usage``, with its API key, over at most
-    :data:`USAGE_MAX_DAYS` days per call). Each runs in a thread."""
-
-    def __init__(self, engine: sa.Engine, pricing: Pricing) -> None:
-        self._engine = engine
-        self._pricing = pricing
-
-    async def usage(self, tenant: str, query: Mapping[str, str]) -> dict[str, Any]:
-        try:
-            return await asyncio.to_thread(
-                report_for_query,
-                self._engine,
-                self._pricing,
-                query,
-                tenant=tenant,
-                default_group_by="model,day",
-                max_days=USAGE_MAX_DAYS,
-            )
-        except ReportError as exc:
-            raise InvalidArgument(str(exc)) from None
-
-    def report(
-        self,
-        start: date | datetime | None,
-        end: date | datetime | None,
-        group_by: str,
-        *,
-        share_idle: bool = False,
-        tenant: str | None = None,
-    ) -> dict[str, Any]:
-        """:func:`report_between` on this ledger; blocking."""
-        return report_between(
-            self._engine,
-            self._pricing,
-            start,
-            end,
-            group_by,
-            share_idle=share_idle,
-            tenant=tenant,
-        )
