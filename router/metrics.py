@@ -177,6 +177,12 @@ class RouterMetrics:
             ["model", "version"],
             registry=r,
         )
+        self.budget_alerts = Gauge(
+            "gpugate_tenant_budget_alert",
+            "1 for each budget threshold (percent) a tenant has crossed in its current period.",
+            ["tenant", "threshold"],
+            registry=r,
+        )
         self.rollout_state = Gauge(
             "gpugate_rollout_state",
             "1 for the rollout's current state (running, paused, succeeded, failed, aborted).",

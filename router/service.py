@@ -32,7 +32,7 @@ from router.metrics import RouterMetrics
 from router.quota import Quotas
 from router.tensors import InferParams, InputTensor, validate_inputs
 from router.tracing import finish_request_span, span_context, start_request_span
-from router.types import ModelSignature, Tenant
+from router.types import MAX_PRIORITY_LEVEL, ModelSignature, Tenant
 from scheduler import (
     BackendError,
     BackendUnavailableError,
@@ -272,7 +272,8 @@ class InferenceService:
         timeouts = [t for t in (params.timeout_s, transport_timeout_s) if t is not None]
         timeout_s = min(timeouts) if timeouts else self.settings.default_timeout_s
         call.timeout_s = timeout_s
-        outputs = await self._submit(served, call, arrays, rows, params.priority, timeout_s)
+        priority = MAX_PRIORITY_LEVEL if tenant.demoted else params.priority
+        outputs = await self._submit(served, call, arrays, rows, priority, timeout_s)
         if shadow is not None:
             self._mirror(call, shadow, arrays, rows, outputs, timeout_s)
         if requested_outputs:
@@ -291,6 +292,11 @@ class InferenceService:
         tenant = call.tenant
         assert tenant is not None, "authenticate the call first"
         if call.load is None:  # else admitted already (by the front door)
+            if tenant.over_budget is not None:
+                self.metrics.refused(tenant.name, "budget")
+                raise PermissionDenied(
+                    f"tenant {tenant.name!r}: budget exhausted: {tenant.over_budget}"
+                )
             load = self._loads.take_request(tenant)
             if tenant.quota.requests is not None:
                 try:

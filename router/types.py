@@ -102,6 +102,11 @@ class Tenant:
     max_bytes_in_flight: int | None = None
     # Why the tenant is suspended (every request refused 403 with it); None: served.
     suspended: str | None = None
+    # Its budget is exhausted: why every request is refused (403); None: served.
+    over_budget: str | None = None
+    # Its budget is exhausted and it is served best effort: its requests at the least
+    # urgent level (its weight is lowered by whoever looked it up).
+    demoted: bool = False
     # Rate quotas (router.quota): over every model, and per model on top.
     quota: Quota = NO_QUOTA
     model_quotas: tuple[tuple[str, Quota], ...] = ()

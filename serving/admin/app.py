@@ -1,10 +1,10 @@
 """The admin API's ASGI app, mounted at ``/admin`` on the gateway's HTTP port.
 
 Routes: users (user_routes), tenants, audit and costs (core_routes), tenants' API keys
-(key_routes), rate quotas (quota_routes), the model registry (model_routes) and canary
-rollouts (rollout_routes). ``/admin/openapi.json`` is the description FastAPI generates
-from them (no token needed). Errors are answered from the one table in
-serving.admin.errors.
+(key_routes), rate quotas (quota_routes), budgets (budget_routes), the model registry
+(model_routes) and canary rollouts (rollout_routes). ``/admin/openapi.json`` is the
+description FastAPI generates from them (no token needed). Errors are answered from the
+one table in serving.admin.errors.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
+import serving.admin.budget_routes as budget_routes
 import serving.admin.core_routes as core_routes
 import serving.admin.key_routes as key_routes
 import serving.admin.model_routes as model_routes
@@ -52,6 +53,7 @@ def admin_app(services: AdminServices) -> FastAPI:
     app.include_router(core_routes.router)
     app.include_router(key_routes.router)
     app.include_router(quota_routes.router)
+    app.include_router(budget_routes.router)
     app.include_router(user_routes.router)
     app.include_router(model_routes.router)
     app.include_router(rollout_routes.router)

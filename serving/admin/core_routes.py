@@ -66,7 +66,8 @@ def create_tenant(new: schemas.NewTenant, caller: Caller, services: Services) ->
     admission = Admission.checked(
         new.priorities, new.max_requests_in_flight, new.max_bytes_in_flight
     )
-    quotas = [quota_row(q) for q in new.quotas]  # checked before anything is written
+    # Checked before anything is written.
+    quotas = [quota_row(limits, model) for model, limits in new.quotas.items()]
     key = services.tenants.create(
         new.name, new.weight, new.models, admission=admission, actor=caller.name
     )
@@ -92,7 +93,8 @@ def update_tenant(
     for field in ("weight", "models", "priorities", "quotas"):
         if field in given and given[field] is None:
             del given[field]
-    quotas = [quota_row(q) for q in change.quotas or ()]  # checked before anything is written
+    # Checked before anything is written.
+    quotas = [quota_row(limits, model) for model, limits in (change.quotas or {}).items()]
     if given or not quotas:
         row = services.tenants.update(name, **given, actor=caller.name)
     for quota in quotas:  # a config tenant's quotas too: the config file does not state them

@@ -16,11 +16,12 @@ router = APIRouter(route_class=AdminRoute)
 TenantName = Annotated[Name, Path(description="A tenant's name.")]
 
 
-def quota_row(setting: schemas.QuotaSetting) -> QuotaRow:
-    """The store's row of a quota the API was given (checked: ValueError if out of range)."""
-    requests, rows = setting.requests, setting.rows
+def quota_row(limits: schemas.QuotaLimits, model: str | None) -> QuotaRow:
+    """The store's row of a quota the API was given for ``model`` (None or '*': every
+    model), checked: ValueError if out of range."""
+    requests, rows = limits.requests, limits.rows
     return QuotaRow(
-        setting.model or "",
+        "" if model in (None, "*") else str(model),
         requests.per_s if requests else None,
         requests.burst if requests else None,
         rows.per_s if rows else None,
@@ -61,6 +62,6 @@ def list_quotas(name: TenantName, services: Services) -> list[schemas.TenantQuot
 def set_quota(
     name: TenantName, setting: schemas.QuotaSetting, caller: Caller, services: Services
 ) -> schemas.TenantQuota:
-    stored = services.quotas.set(name, quota_row(setting), actor=caller.name)
+    stored = services.quotas.set(name, quota_row(setting, setting.model), actor=caller.name)
     services.on_tenants_changed()
     return _quota(stored)

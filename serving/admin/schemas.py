@@ -217,32 +217,116 @@ class RateSetting(Strict):
     )
 
 
-class QuotaSetting(Strict):
-    """A tenant's quota over every model, or for one model; a kind left out (or null) is
-    no quota of that kind, and neither removes the quota."""
+class QuotaLimits(Strict):
+    """A kind left out (or null) is no quota of that kind; neither removes the quota."""
 
-    model: Name | None = Field(
-        default=None, description="The model it is for; left out: every model together."
-    )
     requests: RateSetting | None = Field(default=None, description="Requests per second.")
     rows: RateSetting | None = Field(default=None, description="Rows per second.")
 
 
-def _one_per_scope(quotas: list[QuotaSetting] | None) -> list[QuotaSetting] | None:
-    scopes = [q.model for q in quotas or ()]
-    if len(scopes) != len(set(scopes)):
-        raise ValueError("one quota per model (and one over every model)")
-    return quotas
+class QuotaSetting(QuotaLimits):
+    """A tenant's quota over every model, or for one model."""
+
+    model: Name | None = Field(
+        default=None, description="The model it is for; left out: every model together."
+    )
 
 
-Quotas = Annotated[list[QuotaSetting], Field(max_length=257), AfterValidator(_one_per_scope)]
-_QUOTAS = "Rate quotas, one per model and one over every model (model left out)."
+# additionalProperties false: the description says that a key must match the pattern
+# (pydantic writes patternProperties only, which leave other keys open).
+Quotas = Annotated[
+    dict[TenantModel, QuotaLimits],
+    Field(max_length=257, json_schema_extra={"additionalProperties": False}),
+]
+_QUOTAS = "Rate quotas by model, '*' for the quota over every model together."
 
 
 class TenantQuota(BaseModel):
     model: str | None = Field(description="null: the quota over every model together.")
     requests: RateSetting | None
     rows: RateSetting | None
+
+
+# -- budgets ---------------------------------------------------------------------
+
+
+class BudgetPeriod(Strict):
+    from_: Instant = Field(alias="from", description="Start (a time with its offset).")
+    days: Annotated[int, Field(ge=1, le=3660, strict=True), Whole] = Field(
+        description="Its length."
+    )
+
+
+class Webhook(Strict):
+    url: Annotated[str, StringConstraints(max_length=2000, pattern=r"^https?://\S+$")] = Field(
+        description="Alerts are POSTed here."
+    )
+    secret: Annotated[
+        str, StringConstraints(min_length=16, max_length=200, pattern=r"^[\x21-\x7e]+$")
+    ] = Field(description="Signs each delivery (HMAC-SHA256); never shown again.")
+
+
+Percent = Annotated[int, Field(ge=1, le=1000, strict=True), Whole]
+
+
+class BudgetSetting(Strict):
+    unit: Literal["currency", "device_hours"] = Field(
+        description="currency: the configured prices' currency; device_hours: device time."
+    )
+    amount: Annotated[float, Field(gt=0, le=1e9, strict=True)] = Field(
+        description="In the unit, per period."
+    )
+    period: Literal["month"] | BudgetPeriod = Field(
+        default="month", description="'month': each calendar month (UTC); or a fixed period."
+    )
+    thresholds: list[Percent] = Field(
+        default=[50, 80, 100],
+        min_length=1,
+        max_length=20,
+        description="Alert at these percentages of the amount, each once per period "
+        "(100 is added when the action is not notify).",
+    )
+    action: Literal["notify", "reject", "best-effort"] = Field(
+        default="notify",
+        description="At 100%: notify only; reject (403 'budget exhausted'); or best-effort "
+        "(the least urgent priority level and a minimal weight).",
+    )
+    webhook: Webhook | None = Field(default=None, description="Where alerts are POSTed.")
+
+
+class BudgetView(BaseModel):
+    unit: str
+    amount: str
+    thresholds: list[int]
+    action: str
+    period: Any
+    webhook_url: str | None
+
+
+class BudgetSpend(BaseModel):
+    from_: str = Field(alias="from")
+    to: str
+    spent: str
+    percent: float
+    forecast: str = Field(description="At the period's end, at the rate so far.")
+    exhausted: bool
+
+
+class BudgetAlert(BaseModel):
+    id: int
+    threshold: int
+    period_start: datetime
+    spent: str
+    amount: str
+    crossed_at: datetime
+    deliveries: list[dict[str, Any]]
+
+
+class TenantBudget(BaseModel):
+    tenant: str
+    budget: BudgetView | None = Field(description="null: the tenant has no budget.")
+    spend: BudgetSpend | None = Field(description="This period's; null without a budget.")
+    alerts: list[BudgetAlert] = Field(description="This period's, oldest first.")
 
 
 class NewTenant(Strict):
@@ -256,7 +340,7 @@ class NewTenant(Strict):
     )
     max_requests_in_flight: RequestsCap | None = Field(default=None, description=_MAX_REQUESTS)
     max_bytes_in_flight: BytesCap | None = Field(default=None, description=_MAX_BYTES)
-    quotas: Quotas = Field(default=[], description=_QUOTAS)
+    quotas: Quotas = Field(default={}, description=_QUOTAS)
 
 
 class TenantChange(Strict):

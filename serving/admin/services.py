@@ -10,6 +10,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from fastapi import Request
 
+from serving.budgets import BudgetStore
 from serving.config import GatewayConfig
 from serving.costs import LedgerReports, Pricing
 from serving.registry import Registry, Stages
@@ -25,6 +26,7 @@ class AdminServices:
     tenants: TenantStore
     keys: TenantKeyStore
     quotas: QuotaStore
+    budgets: BudgetStore
     registry: Registry
     stages: Stages
     rollouts: Rollouts
@@ -51,6 +53,7 @@ class AdminServices:
             tenants=TenantStore(engine),
             keys=TenantKeyStore(engine),
             quotas=QuotaStore(engine),
+            budgets=BudgetStore(engine, pricing),
             registry=registry,
             stages=stages,
             rollouts=Rollouts(stages),

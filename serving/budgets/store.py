@@ -11,6 +11,7 @@ thresholds are percentages; each is crossed at most once per tenant and period
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import Any, Literal
 
 import sqlalchemy as sa
 
+from router import Tenant
 from serving.costs import Pricing, build_report
 from serving.costs.ledger import NANOS, NS_PER_HOUR
 from serving.state import audit, utcnow
@@ -35,11 +37,17 @@ UNITS: tuple[Unit, ...] = ("currency", "device_hours")
 ACTIONS: tuple[Action, ...] = ("notify", "reject", "best-effort")
 DEFAULT_THRESHOLDS = (50, 80, 100)
 MAX_AMOUNT = Decimal(10) ** 9  # of currency or device-hours
+# Spend units (currency nano-units, device ns) per micro-unit of a budget's amount: the
+# database keeps amounts in micro-units, so a billion device-hours fits its 64 bits.
+PER_MICRO = {"currency": 1000, "device_hours": NS_PER_HOUR // 10**6}
+# A best-effort tenant's weight once its budget is exhausted.
+BEST_EFFORT_WEIGHT = 0.01
 
 
 @dataclass(frozen=True)
 class Budget:
-    """``amount`` in the unit's integer form: currency nano-units, or device ns."""
+    """``amount`` in the spend's integer form (currency nano-units, or device ns), a whole
+    number of micro-units (what the database keeps: :data:`PER_MICRO`)."""
 
     unit: Unit
     amount: int
@@ -71,7 +79,7 @@ class Budget:
         value = Decimal(str(amount))
         if not value.is_finite() or not 0 < value <= MAX_AMOUNT:
             raise ValueError(f"amount must be more than 0 and at most {MAX_AMOUNT}")
-        scaled = value * (NANOS if unit == "currency" else NS_PER_HOUR)
+        micro = max(1, int(value * 10**6))
         levels = tuple(sorted(set(thresholds)))
         if not levels or any(not 1 <= t <= 1000 for t in levels):
             raise ValueError("thresholds are percentages in 1..1000")
@@ -88,7 +96,7 @@ class Budget:
             raise ValueError("the webhook URL must be http:// or https://")
         return cls(
             unit,
-            max(1, int(scaled)),
+            micro * PER_MICRO[unit],
             levels,
             action,
             start,
@@ -172,13 +180,21 @@ class Spend:
 
 @dataclass(frozen=True)
 class Alert:
+    """A threshold crossed: ``spend`` in spend units, ``amount_micro`` the budget's amount
+    then, in micro-units (:meth:`shown` gives both in the budget's unit)."""
+
     id: int
     tenant: str
     period_start: datetime
     threshold: int
     spend: int
-    amount: int
+    amount_micro: int
     crossed_at: datetime
+
+    def shown(self, budget: Budget) -> tuple[str, str]:
+        """The spend and the amount, in the budget's unit."""
+        limit = self.amount_micro * PER_MICRO[budget.unit]
+        return budget.display(self.spend), budget.display(limit)
 
 
 class BudgetStore:
@@ -242,6 +258,41 @@ class BudgetStore:
             ).all()
         return [(r.name, _budget(r)) for r in rows]
 
+    def guard(self, tenant: Tenant, now: datetime | None = None) -> Tenant:
+        """``tenant`` as the router must treat it: unchanged unless its budget's 100% has
+        been crossed this period (recorded by the monitor) and its action is ``reject``
+        (every request refused 403) or ``best-effort`` (the least urgent level, weight
+        :data:`BEST_EFFORT_WEIGHT`)."""
+        now = now or datetime.now(UTC)
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(t_budgets, t_tenants.c.id.label("tid"))
+                .join(t_tenants, t_tenants.c.id == t_budgets.c.tenant_id)
+                .where(t_tenants.c.name == tenant.name)
+            ).first()
+            if row is None or row.action == "notify":
+                return tenant
+            budget = _budget(row)
+            start, end = budget.period(now)
+            exhausted = conn.execute(
+                sa.select(t_alerts.c.id)
+                .where(
+                    (t_alerts.c.tenant_id == row.tid)
+                    & (t_alerts.c.period_start == start)
+                    & (t_alerts.c.threshold >= 100)
+                )
+                .limit(1)
+            ).first()
+        if exhausted is None:
+            return tenant
+        if budget.action == "reject":
+            unit = self.pricing.currency if budget.unit == "currency" else "device-hours"
+            reason = f"{budget.display(budget.amount)} {unit} spent; until {_iso(end)}"
+            return dataclasses.replace(tenant, over_budget=reason)
+        return dataclasses.replace(
+            tenant, weight=min(tenant.weight, BEST_EFFORT_WEIGHT), demoted=True
+        )
+
     # -- spend and alerts ------------------------------------------------------------
 
     def spend(self, tenant: str, budget: Budget, now: datetime | None = None) -> Spend:
@@ -286,7 +337,7 @@ class BudgetStore:
                         period_start=spend.start,
                         threshold=threshold,
                         spend=spend.spent,
-                        amount=spend.budget.amount,
+                        amount=spend.budget.amount // PER_MICRO[spend.budget.unit],
                         crossed_at=at,
                     )
                     .returning(t_alerts.c.id)
@@ -298,7 +349,7 @@ class BudgetStore:
                         spend.start,
                         threshold,
                         spend.spent,
-                        spend.budget.amount,
+                        spend.budget.amount // PER_MICRO[spend.budget.unit],
                         at,
                     )
                 )
@@ -309,6 +360,29 @@ class BudgetStore:
                     after={"threshold": threshold, **spend.described(), "unit": spend.budget.unit},
                 )
         return new
+
+    def crossings(self, now: datetime | None = None) -> list[tuple[str, int]]:
+        """Every live budgeted tenant's thresholds crossed in its current period."""
+        now = now or datetime.now(UTC)
+        found: list[tuple[str, int]] = []
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(
+                    t_tenants.c.name,
+                    t_alerts.c.threshold,
+                    t_alerts.c.period_start.label("alert_period"),
+                    t_budgets,
+                )
+                .join(t_budgets, t_budgets.c.tenant_id == t_alerts.c.tenant_id)
+                .join(t_tenants, t_tenants.c.id == t_alerts.c.tenant_id)
+                .where(t_tenants.c.deleted_at.is_(None))
+                .order_by(t_tenants.c.name, t_alerts.c.threshold)
+            ).all()
+        for r in rows:
+            start, _ = _budget(r).period(now)
+            if _utc(r.alert_period) == start:
+                found.append((r.name, r.threshold))
+        return found
 
     def alerts(self, tenant: str, period_start: datetime | None = None) -> list[Alert]:
         """The tenant's alerts, oldest first (of one period, if given)."""
@@ -372,7 +446,7 @@ def _row_of(conn: sa.Connection, tenant_id: int) -> Any:
 def _columns(budget: Budget) -> dict[str, Any]:
     return {
         "unit": budget.unit,
-        "amount": budget.amount,
+        "amount": budget.amount // PER_MICRO[budget.unit],
         "period_start": budget.period_start,
         "period_end": budget.period_end,
         "thresholds": json.dumps(list(budget.thresholds)),
@@ -386,7 +460,7 @@ def _columns(budget: Budget) -> dict[str, Any]:
 def _budget(r: Any) -> Budget:
     return Budget(
         r.unit,
-        int(r.amount),
+        int(r.amount) * PER_MICRO[r.unit],
         tuple(json.loads(r.thresholds)),
         r.action,
         _utc(r.period_start) if r.period_start is not None else None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+import serving.cli.budgets as budgets
 import serving.cli.quotas as quotas
 import serving.cli.tenant_keys as tenant_keys
 from serving.cli.client import (
@@ -62,7 +63,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     body = {"name": args.name, "weight": args.weight, "models": models, **_admission(args)}
     rates = quotas.rates(args, "tenants create")
     if rates:
-        body["quotas"] = [rates]
+        body["quotas"] = {"*": rates}
     made = AdminClient.of(args).post("/tenants", body)
     emit(
         args, made, lambda d: f"tenant {d['tenant']} created; API key (shown once): {d['api_key']}"
@@ -74,7 +75,7 @@ def cmd_update(args: argparse.Namespace) -> int:
     body = _admission(args)
     rates = quotas.rates(args, "tenants update")
     if rates:
-        body["quotas"] = [rates]
+        body["quotas"] = {"*": rates}
     if args.weight is not None:
         body["weight"] = args.weight
     if args.models is not None:
@@ -267,6 +268,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     listing.set_defaults(func=cmd_list)
     tenant_keys.add_commands(tsub)
     quotas.add_commands(tsub)
+    budgets.add_commands(tsub)
 
     for p in (create, update, delete, restore, suspend, resume, rotate, listing):
         add_client_options(p)

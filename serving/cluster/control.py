@@ -20,9 +20,11 @@ from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
+from serving.budgets import BudgetMonitor, BudgetStore
 from serving.cluster.deployer import Deployer
 from serving.cluster.runtime import check_state_host
 from serving.config import GatewayConfig
+from serving.costs import Pricing
 from serving.dataplane import ClusterSecret
 from serving.registry import Registry
 from serving.state import audit, open_engine
@@ -33,7 +35,8 @@ RECONCILE_INTERVAL_S = 0.25
 
 
 class Control:
-    """Follows the registry: what is deployed, and what the gateways serve."""
+    """Follows the registry (what is deployed, and what the gateways serve) and the
+    tenants' budgets (serving.budgets: one monitor per deployment)."""
 
     async def __init__(  # type: ignore[misc]  # Ray Serve supports async constructors
         self,
@@ -53,6 +56,10 @@ class Control:
             Registry(engine, Path(state_dir), registry_config),
             secret,
             heartbeat_s=registry_config.costs.reservation_heartbeat_s,
+        )
+        self._budgets = BudgetMonitor(BudgetStore(engine, Pricing(registry_config.costs)))
+        self._budget_task = asyncio.get_running_loop().create_task(
+            self._budgets.run(registry_config.costs.budget_check_s), name="gpugate-budgets"
         )
         self._gateway = gateway
         self._interval_s = interval_s
@@ -98,11 +105,13 @@ class Control:
         replicas' reservations: their applications are about to be removed."""
         self._stopped = True
         self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
+        self._budget_task.cancel()
+        await asyncio.gather(self._task, self._budget_task, return_exceptions=True)
+        await self._budgets.close()
         await asyncio.to_thread(self._deployer.close)
         return self.status()
 
     def check_health(self) -> None:
         """Serve's health probe: a loop that ended on its own restarts the replica."""
-        if self._task.done() and not self._stopped:
+        if (self._task.done() or self._budget_task.done()) and not self._stopped:
             raise RuntimeError("the control loop ended")

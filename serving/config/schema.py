@@ -355,6 +355,14 @@ class CostsConfig(_Strict):
         "cost ledger's reservations); a replica that dies is counted as reserved until it "
         "was last seen alive.",
     )
+    budget_check_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="How often tenants' spend is checked against their budgets: a threshold "
+        "crossing is recorded, audited and sent to the webhook within about this long, and a "
+        "tenant's action at 100% (reject, best effort) applies from then.",
+    )
 
 
 class MetricPolicy(_Strict):

@@ -33,6 +33,7 @@ from router.service import InferenceService, RouterSettings, ServedModel
 from router.tracing import batch_span_observer
 from scheduler import BatchPolicy, BatchRecord, ModelBatcher
 from serving.admin import build_admin_app
+from serving.budgets import BudgetStore
 from serving.cluster import (
     CONTROL_DEPLOYMENT,
     GATEWAY_DEPLOYMENT,
@@ -173,10 +174,13 @@ class Gateway:
         self._drained: dict[str, Any] | None = None
         self._tracer_provider = configure_tracing(otel)
         engine = open_engine(database_url, Path(state_dir))
-        self._tenants = TenantDirectory(TenantStore(engine), QuotaStore(engine))
+        self._pricing = Pricing(CostsConfig.model_validate(costs))
+        self._budgets = budgets = BudgetStore(engine, self._pricing)
+        self._tenants = TenantDirectory(
+            TenantStore(engine), QuotaStore(engine), guard=budgets.guard
+        )
         self._registry = CollectorRegistry()
         self.metrics = RouterMetrics(self._registry)
-        self._pricing = Pricing(CostsConfig.model_validate(costs))
         self._ledger = LedgerWriter(Ledger(engine, self._pricing))
         self._trace_batch = batch_span_observer(self._batch_cost)
         self._served: dict[tuple[str, str], ServedModel] = {}
@@ -216,6 +220,10 @@ class Gateway:
             Rollouts(stages), self._table, self.service.windows, self.metrics, peers=peers
         )
         self._rollouts.start()
+        self._budget_task = asyncio.create_task(
+            self._watch_budgets(CostsConfig.model_validate(costs).budget_check_s),
+            name="gpugate-budget-alerts",
+        )
         # Several gateways share each rate quota: an even split until the first rebalance.
         self.service.quotas.default_share = 1 / cfg.gateway_replicas
         self._quota_task = (
@@ -364,6 +372,20 @@ class Gateway:
             ).set(self._replicas[(record.model, record.version)]() * record.result.device_share)
         self._trace_batch(record)
 
+    async def _watch_budgets(self, every_s: float) -> None:
+        """The thresholds each tenant crossed this period, as gauges (the control loop
+        records them; every gateway shows them)."""
+        gauge = self.metrics.budget_alerts
+        while True:
+            try:
+                crossed = await asyncio.to_thread(self._budgets.crossings)
+                gauge.clear()
+                for tenant, threshold in crossed:
+                    gauge.labels(tenant, str(threshold)).set(1)
+            except Exception as exc:  # the state database is down: try again later
+                log.warning("budget alerts not read: %s", exc)
+            await asyncio.sleep(every_s)
+
     def quota_demand(self) -> tuple[int, dict[Key, float]]:
         """This gateway's rank and the demand on each rate quota since the last call."""
         return _rank()[0], self.service.quotas.take_demand()
@@ -395,6 +417,7 @@ class Gateway:
         await self._rollouts.stop()
         if self._quota_task is not None:
             self._quota_task.cancel()
+        self._budget_task.cancel()
         await self.service.cancel_shadows()  # mirrored work is optional; clients' is not
         in_flight_before = self.service.in_flight
         completed = await self.service.drain(timeout_s)

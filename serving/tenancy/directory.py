@@ -71,6 +71,7 @@ class TenantDirectory:
         store: TenantStore,
         quotas: QuotaStore | None = None,
         *,
+        guard: Callable[[Tenant], Tenant] | None = None,
         ttl_s: float = 2.0,
         negative_ttl_s: float = 0.25,
         max_negative_entries: int = 100_000,
@@ -80,6 +81,7 @@ class TenantDirectory:
     ) -> None:
         self._store = store
         self._quotas = quotas
+        self._guard = guard
         self._ttl = ttl_s
         self._negative_ttl = negative_ttl_s
         self._max_negative = max_negative_entries
@@ -163,17 +165,21 @@ class TenantDirectory:
         return entry
 
     def _find(self, h: str) -> KeyMatch | None:
-        """The key hash ``h``'s tenant with its rate quotas (in a worker thread)."""
+        """The key hash ``h``'s tenant with its rate quotas, through ``guard`` (what its
+        budget makes of it), in a worker thread."""
         found = self._store.lookup_key(h)
-        if found is None or self._quotas is None:
+        if found is None:
             return found
-        quotas = self._quotas.of(found.tenant.name)
-        if quotas is NO_QUOTAS:
-            return found
-        tenant = dataclasses.replace(
-            found.tenant, quota=quotas.quota, model_quotas=quotas.model_quotas
-        )
-        return dataclasses.replace(found, tenant=tenant)
+        tenant = found.tenant
+        if self._quotas is not None:
+            quotas = self._quotas.of(tenant.name)
+            if quotas is not NO_QUOTAS:
+                tenant = dataclasses.replace(
+                    tenant, quota=quotas.quota, model_quotas=quotas.model_quotas
+                )
+        if self._guard is not None:
+            tenant = self._guard(tenant)
+        return found if tenant is found.tenant else dataclasses.replace(found, tenant=tenant)
 
     def _prune_negative(self, now: float) -> None:
         self._negative = {h: t for h, t in self._negative.items() if t > now}

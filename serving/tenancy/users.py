@@ -65,6 +65,8 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "models.promote": frozenset({"admin", "deployer"}),
     "audit.read": frozenset({"admin", "auditor"}),
     "costs.read": frozenset({"admin", "finance"}),
+    "budgets.read": frozenset({"admin", "finance", "auditor"}),
+    "budgets.write": frozenset({"admin", "finance"}),
 }
 
 
