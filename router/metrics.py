@@ -177,6 +177,24 @@ class RouterMetrics:
             ["model", "version"],
             registry=r,
         )
+        self.budget_amount = Gauge(
+            "gpugate_tenant_budget_amount",
+            "A tenant's budget per period, in its unit (a currency code, or device_hours).",
+            ["tenant", "unit"],
+            registry=r,
+        )
+        self.budget_spent = Gauge(
+            "gpugate_tenant_budget_spent",
+            "A tenant's spend so far this budget period, in the budget's unit.",
+            ["tenant", "unit"],
+            registry=r,
+        )
+        self.budget_forecast = Gauge(
+            "gpugate_tenant_budget_forecast",
+            "A tenant's spend at the end of its budget period at the rate so far.",
+            ["tenant", "unit"],
+            registry=r,
+        )
         self.budget_alerts = Gauge(
             "gpugate_tenant_budget_alert",
             "1 for each budget threshold (percent) a tenant has crossed in its current period.",

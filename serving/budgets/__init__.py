@@ -6,6 +6,7 @@ from serving.budgets.monitor import (
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
     BudgetMonitor,
+    publish,
     signature,
 )
 from serving.budgets.store import (
@@ -30,5 +31,6 @@ __all__ = [
     "BudgetMonitor",
     "BudgetStore",
     "Spend",
+    "publish",
     "signature",
 ]

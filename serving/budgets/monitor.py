@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 
 import httpx
 
+from router.metrics import RouterMetrics
 from serving.budgets.store import Alert, Budget, BudgetStore
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,32 @@ def alert_body(alert: Alert, budget: Budget) -> bytes:
         },
         separators=(",", ":"),
     ).encode()
+
+
+def publish(
+    store: BudgetStore, metrics: RouterMetrics, spend_too: bool, now: datetime | None = None
+) -> None:
+    """Set the budget gauges from the state (blocking): the thresholds each tenant crossed
+    this period and, with ``spend_too``, every budget's amount, spend and forecast."""
+    now = now or datetime.now(UTC)
+    crossed = store.crossings(now)
+    metrics.budget_alerts.clear()
+    for tenant, threshold in crossed:
+        metrics.budget_alerts.labels(tenant, str(threshold)).set(1)
+    if not spend_too:
+        return
+    figures = []
+    for tenant, budget in store.all():
+        spend = store.spend(tenant, budget, now)
+        unit = store.pricing.currency if budget.unit == "currency" else "device_hours"
+        shown = (budget.display(budget.amount), budget.display(spend.spent))
+        figures.append((tenant, unit, *shown, budget.display(spend.forecast())))
+    for gauge in (metrics.budget_amount, metrics.budget_spent, metrics.budget_forecast):
+        gauge.clear()
+    for tenant, unit, amount, spent, forecast in figures:
+        metrics.budget_amount.labels(tenant, unit).set(float(amount))
+        metrics.budget_spent.labels(tenant, unit).set(float(spent))
+        metrics.budget_forecast.labels(tenant, unit).set(float(forecast))
 
 
 class BudgetMonitor:

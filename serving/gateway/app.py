@@ -33,7 +33,7 @@ from router.service import InferenceService, RouterSettings, ServedModel
 from router.tracing import batch_span_observer
 from scheduler import BatchPolicy, BatchRecord, ModelBatcher
 from serving.admin import build_admin_app
-from serving.budgets import BudgetStore
+from serving.budgets import BudgetStore, publish
 from serving.cluster import (
     CONTROL_DEPLOYMENT,
     GATEWAY_DEPLOYMENT,
@@ -53,6 +53,9 @@ from serving.state import audit, open_engine
 from serving.tenancy import QuotaStore, ServerCaps, TenantDirectory, TenantStore, TenantViews
 
 log = logging.getLogger(__name__)
+
+# The budget gauges' spend and forecast are read every this many budget checks.
+BUDGET_SPEND_EVERY = 6
 
 
 REFUSAL_LINGER_S = 0.5
@@ -373,17 +376,17 @@ class Gateway:
         self._trace_batch(record)
 
     async def _watch_budgets(self, every_s: float) -> None:
-        """The thresholds each tenant crossed this period, as gauges (the control loop
-        records them; every gateway shows them)."""
-        gauge = self.metrics.budget_alerts
+        """The budget gauges (serving.budgets.publish): the thresholds crossed each
+        ``every_s`` (the control loop records them), the amounts, spend and forecasts
+        every :data:`BUDGET_SPEND_EVERY` passes (each reads the ledger per budget)."""
+        passes = 0
         while True:
             try:
-                crossed = await asyncio.to_thread(self._budgets.crossings)
-                gauge.clear()
-                for tenant, threshold in crossed:
-                    gauge.labels(tenant, str(threshold)).set(1)
+                spend_too = passes % BUDGET_SPEND_EVERY == 0
+                await asyncio.to_thread(publish, self._budgets, self.metrics, spend_too)
             except Exception as exc:  # the state database is down: try again later
-                log.warning("budget alerts not read: %s", exc)
+                log.warning("budget gauges not updated: %s", exc)
+            passes += 1
             await asyncio.sleep(every_s)
 
     def quota_demand(self) -> tuple[int, dict[Key, float]]:

@@ -16,8 +16,10 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from prometheus_client import CollectorRegistry
 
-from serving.budgets import Budget, BudgetMonitor, BudgetStore, signature
+from router.metrics import RouterMetrics
+from serving.budgets import Budget, BudgetMonitor, BudgetStore, publish, signature
 from serving.costs import build_report
 from serving.costs.ledger import Ledger, Pricing
 from serving.state import audit
@@ -179,3 +181,26 @@ def test_an_alert_reaches_the_webhook_signed_after_retries(
         (2, False, 503),
         (3, True, 204),
     ]
+
+
+def test_the_gauges_show_budgets_spend_and_crossings(engine: sa.Engine, store: BudgetStore) -> None:
+    _spend(engine)  # acme: 4 device-seconds this month
+    budget = Budget.of("device_hours", Decimal(5) / 3600)
+    store.set("acme", budget)
+    store.set("globex", Budget.of("currency", "12.5"))
+    store.record_crossings("acme", store.spend("acme", budget, NOW))
+    metrics = RouterMetrics(CollectorRegistry())
+    publish(store, metrics, spend_too=True, now=NOW)
+    sample = metrics.registry.get_sample_value
+    assert sample("gpugate_tenant_budget_alert", {"tenant": "acme", "threshold": "50"}) == 1
+    assert sample("gpugate_tenant_budget_alert", {"tenant": "acme", "threshold": "100"}) is None
+    acme = {"tenant": "acme", "unit": "device_hours"}
+    assert sample("gpugate_tenant_budget_amount", acme) == pytest.approx(5 / 3600, rel=1e-3)
+    spent = store.spend("acme", budget, NOW).spent / 3600e9
+    assert sample("gpugate_tenant_budget_spent", acme) == pytest.approx(spent, rel=1e-12)
+    assert sample("gpugate_tenant_budget_forecast", acme) >= spent
+    globex = {"tenant": "globex", "unit": "USD"}
+    assert sample("gpugate_tenant_budget_amount", globex) == 12.5
+    store.clear("globex")  # a budget removed leaves no series behind
+    publish(store, metrics, spend_too=True, now=NOW)
+    assert sample("gpugate_tenant_budget_amount", globex) is None
