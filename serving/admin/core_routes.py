@@ -6,7 +6,8 @@ store call blocks on the database.
 
 from __future__ import annotations
 
-from typing import Annotated
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Path, Query
 
@@ -16,7 +17,7 @@ from serving.admin.quota_routes import quota_row
 from serving.admin.routing import AdminRoute, Services, route
 from serving.admin.schemas import Instant, Name
 from serving.state import audit
-from serving.tenancy import Admission, TenantRow
+from serving.tenancy import Admission, TenantNotFoundError, TenantRow
 
 router = APIRouter(route_class=AdminRoute)
 TenantName = Annotated[Name, Path(description="A tenant's name.")]
@@ -252,4 +253,28 @@ def cost_invoice(
     invoice = services.reports.invoice(
         query.period, tenant=query.tenant, share_idle=query.share_idle
     )
+    end = datetime.fromisoformat(invoice["to"])
+    at = min(datetime.now(UTC), end - timedelta(microseconds=1))  # a moment of the month
+    for statement in invoice["statements"]:
+        statement["budget"] = _invoice_budget(services, statement["tenant"], at)
     return schemas.CostInvoice.model_validate(invoice)
+
+
+def _invoice_budget(services: Services, tenant: str, at: datetime) -> dict[str, Any] | None:
+    """The tenant's monthly budget against its spend in the month of ``at`` (a budget over
+    a fixed period is not a month's: none)."""
+    try:
+        budget = services.budgets.get(tenant)
+    except TenantNotFoundError:  # deleted since: its statement stands, without a budget
+        return None
+    if budget is None or budget.period_start is not None:
+        return None
+    spend = services.budgets.spend(tenant, budget, at)
+    unit = services.budgets.pricing.currency if budget.unit == "currency" else "device_hours"
+    return {
+        "unit": unit,
+        "amount": budget.display(budget.amount),
+        "spent": budget.display(spend.spent),
+        "overrun": budget.display(max(0, spend.spent - budget.amount)),
+        "exhausted": spend.exhausted,
+    }

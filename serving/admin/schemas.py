@@ -735,8 +735,19 @@ class InvoiceSection(BaseModel):
     totals: CostFigures
 
 
+class InvoiceBudget(BaseModel):
+    unit: str = Field(description="A currency code, or device_hours.")
+    amount: str
+    spent: str = Field(description="The tenant's own usage in the month (no idle share).")
+    overrun: str = Field(description="What was spent past the amount (0 within it).")
+    exhausted: bool
+
+
 class InvoiceStatement(InvoiceSection):
     tenant: str
+    budget: InvoiceBudget | None = Field(
+        default=None, description="The tenant's monthly budget as it stands now; null: none."
+    )
 
 
 class CostInvoice(BaseModel):

@@ -85,6 +85,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 INVOICE_KEYS = ("period", "tenant", "model", "version", "device")
 TOTAL = "TOTAL"
 IDLE = "(idle)"  # serving.costs.IDLE
+# On a tenant's TOTAL row, when it has a monthly budget.
+BUDGET_COLUMNS = ("budget_unit", "budget", "budget_spent", "budget_overrun")
+NO_BUDGET = ("",) * len(BUDGET_COLUMNS)
+
+
+def _budget_cells(budget: dict[str, Any]) -> list[str]:
+    return [budget["unit"], budget["amount"], budget["spent"], budget["overrun"]]
 
 
 def render_invoice(data: dict[str, Any], fmt: str) -> str:
@@ -97,15 +104,23 @@ def render_invoice(data: dict[str, Any], fmt: str) -> str:
     if fmt == "csv":
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow([*INVOICE_KEYS, *COLUMNS])
+        writer.writerow([*INVOICE_KEYS, *COLUMNS, *BUDGET_COLUMNS])
         for name, section in _sections(data):
             for line in section["lines"]:
                 keys = [data["period"], name, line["model"], line["version"], line["device"]]
-                writer.writerow([*keys, *(line[c] for c in COLUMNS)])
+                writer.writerow([*keys, *(line[c] for c in COLUMNS), *NO_BUDGET])
             totals = section["totals"]
-            writer.writerow([data["period"], name, TOTAL, "", "", *(totals[c] for c in COLUMNS)])
+            budget = section.get("budget")
+            writer.writerow(
+                [
+                    data["period"], name, TOTAL, "", "", *(totals[c] for c in COLUMNS),
+                    *(_budget_cells(budget) if budget else NO_BUDGET),
+                ]
+            )  # fmt: skip
         totals = data["totals"]
-        writer.writerow([data["period"], TOTAL, "", "", "", *(totals[c] for c in COLUMNS)])
+        writer.writerow(
+            [data["period"], TOTAL, "", "", "", *(totals[c] for c in COLUMNS), *NO_BUDGET]
+        )
         return buf.getvalue()
     header = ["model", "version", "device", *COLUMNS[:-1]]
     idle = "idle shared by use" if data["share_idle"] else "idle not billed to tenants"
@@ -122,6 +137,12 @@ def render_invoice(data: dict[str, Any], fmt: str) -> str:
             f"{'idle capacity' if name == IDLE else 'tenant ' + name}",
             _table(header, lines, total),
         ]
+        budget = section.get("budget")
+        if budget:
+            out.append(
+                f"budget {budget['amount']} {budget['unit']}: spent {budget['spent']}, "
+                f"overrun {budget['overrun']}"
+            )
     totals = data["totals"]
     out += ["", _table(["", *COLUMNS[:-1]], [], [TOTAL, *(totals[c] for c in COLUMNS[:-1])])]
     return "\n".join(out)

@@ -23,6 +23,7 @@ from starlette.routing import Mount
 
 from scheduler import BatchRecord
 from serving.admin import build_admin_app
+from serving.budgets import Budget, BudgetStore
 from serving.cli import main
 from serving.cli.costs import render_invoice
 from serving.config import GatewayConfig
@@ -38,7 +39,7 @@ from serving.costs import (
     month_bounds,
 )
 from serving.costs.report import apportion
-from serving.tenancy import UserStore
+from serving.tenancy import TenantStore, UserStore
 from tests.integration.serving.admin.server import AdminServer, admin_token
 from tests.integration.serving.costs.test_ledger import PRICES, record, reserve
 
@@ -288,7 +289,25 @@ def test_invoice_through_the_admin_api_and_the_cli(
         code, body = get("/costs/invoice?period=2026-11&share_idle=true", finance)
         assert code == 200, body
         want = build_invoice(engine, pricing, "2026-11", share_idle=True).as_dict()
+        assert [s.pop("budget") for s in body["statements"]] == [None] * len(want["statements"])
         assert body["statements"] == want["statements"] and body["totals"] == want["totals"]
+        # A monthly budget: the tenant's own usage in the month against it, idle apart.
+        TenantStore(engine).create("acme")
+        BudgetStore(engine, pricing).set("acme", Budget.of("device_hours", Decimal("0.001")))
+        code, body = get("/costs/invoice?period=2026-11&tenant=acme&share_idle=true", finance)
+        (statement,) = body["statements"]
+        used = build_report(
+            engine, pricing, *month_bounds("2026-11"), ("tenant",), tenant="acme"
+        ).total.used_ns
+        spent = Decimal(used) / (3600 * 10**9)
+        assert statement["budget"] == {
+            "unit": "device_hours",
+            "amount": "0.001",
+            "spent": format(spent.normalize(), "f"),
+            "overrun": format(max(Decimal(0), spent - Decimal("0.001")).normalize(), "f"),
+            "exhausted": spent >= Decimal("0.001"),
+        }
+        assert spent > Decimal("0.001")  # the month's usage is past it: an overrun
         code, body = get("/costs/invoice?period=2026-11&tenant=globex", root)
         assert code == 200 and [s["tenant"] for s in body["statements"]] == ["globex"]
         for bad in ("2026-13", "2026-1", "0000-12", "2026-11-01", "%00"):
