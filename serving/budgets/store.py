@@ -293,6 +293,17 @@ class BudgetStore:
             tenant, weight=min(tenant.weight, BEST_EFFORT_WEIGHT), demoted=True
         )
 
+    def summary(self, tenant: str, now: datetime | None = None) -> dict[str, Any] | None:
+        """The tenant's budget as the tenant may see it: its settings (the webhook's URL,
+        never its secret), this period's spend and forecast, the thresholds crossed."""
+        budget = self.get(tenant)
+        if budget is None:
+            return None
+        spend = self.spend(tenant, budget, now)
+        unit = self.pricing.currency if budget.unit == "currency" else "device_hours"
+        crossed = [a.threshold for a in self.alerts(tenant, spend.start)]
+        return {**budget.described(), "unit": unit, **spend.described(), "crossed": crossed}
+
     # -- spend and alerts ------------------------------------------------------------
 
     def spend(self, tenant: str, budget: Budget, now: datetime | None = None) -> Spend:

@@ -262,7 +262,7 @@ class Gateway:
             # share a port with any other server of the same user. `gpugate serve`
             # checks the ports are free first.
             reuse_port=cfg.gateway_replicas > 1,
-            tenant_view=TenantViews.open(engine, stages, reports, caps),
+            tenant_view=TenantViews.open(engine, stages, reports, caps, budget=budgets.summary),
         )
         await self._doors.start(cfg.http_port, cfg.grpc_port)
         # Each gateway on a node scrapes apart: metrics_port + its rank on the node.

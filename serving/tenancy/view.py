@@ -67,6 +67,7 @@ class TenantViews:
         reports: LedgerReports,
         caps: ServerCaps,
         *,
+        budget: Callable[[str], dict[str, Any] | None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._tenants = tenants
@@ -75,15 +76,27 @@ class TenantViews:
         self._stages = stages
         self._reports = reports
         self._caps = caps
+        self._budget = budget  # the tenant's budget summary (serving.budgets), if any
         self._clock = clock
         self._recent: dict[str, tuple[float, asyncio.Task[dict[str, Any]]]] = {}
 
     @classmethod
     def open(
-        cls, engine: sa.Engine, stages: Stages, reports: LedgerReports, caps: ServerCaps
+        cls,
+        engine: sa.Engine,
+        stages: Stages,
+        reports: LedgerReports,
+        caps: ServerCaps,
+        budget: Callable[[str], dict[str, Any] | None] | None = None,
     ) -> TenantViews:
         return cls(
-            TenantStore(engine), TenantKeyStore(engine), QuotaStore(engine), stages, reports, caps
+            TenantStore(engine),
+            TenantKeyStore(engine),
+            QuotaStore(engine),
+            stages,
+            reports,
+            caps,
+            budget=budget,
         )
 
     async def view(self, tenant: str) -> dict[str, Any]:
@@ -118,6 +131,7 @@ class TenantViews:
             "quotas": self._quota_list(name),
             "keys": self._key_list(name),
             "usage": self._usage(name),
+            "budget": self._budget(name) if self._budget is not None else None,
             "model_cards": self._models(row),
             "as_of": utcnow().isoformat(),
         }
@@ -160,7 +174,6 @@ class TenantViews:
         return {"total": total, "keys": [k.as_json(now) for k in keys]}
 
     def _usage(self, name: str) -> dict[str, Any]:
-        # Budgets and forecasts, once they exist, belong here beside the month's usage.
         try:
             report = self._reports.report(None, None, "model", tenant=name)
         except ReportError as exc:

@@ -233,6 +233,26 @@ def train_digits(path: Path, seed: int, nan: bool = False) -> float:
     return float(info["accuracy"])
 
 
+# The ``params`` of a fixture that runs a module's tests on SQLite and on PostgreSQL.
+DATABASES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@contextlib.contextmanager
+def gateway_on(request: pytest.FixtureRequest, state: Path) -> Iterator[Gateway]:
+    """A gateway on ``state``: its embedded SQLite database, or a fresh PostgreSQL schema
+    when the fixture's param (:data:`DATABASES`) is ``postgres``."""
+    with contextlib.ExitStack() as stack:
+        extra: tuple[str, ...] = ()
+        if request.param == "postgres":
+            from tests import postgres
+
+            server = request.getfixturevalue("postgres_server")
+            extra = ("--database-url", stack.enter_context(postgres.fresh_schema(server.url)).url)
+        gw = start_gateway(state, *extra)
+        stack.callback(gw.close)
+        yield gw
+
+
 @contextlib.contextmanager
 def configured_gateway(
     tmp_path_factory: pytest.TempPathFactory, name: str, config_text: str

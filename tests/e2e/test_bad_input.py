@@ -3,7 +3,6 @@ and on PostgreSQL: each is now a 4xx in the protocol's form, and the gateway sta
 
 from __future__ import annotations
 
-import contextlib
 import json
 import urllib.error
 import urllib.request
@@ -11,25 +10,16 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests import postgres
-from tests.e2e.conftest import Gateway, admin, admin_token, start_gateway
+from tests.e2e.conftest import DATABASES, Gateway, admin, admin_token, gateway_on
 
 pytestmark = pytest.mark.timeout(600)
 
 
-@pytest.fixture(
-    scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
-)
+@pytest.fixture(scope="module", params=DATABASES)
 def gateway(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Gateway]:
-    with contextlib.ExitStack() as stack:
-        extra: tuple[str, ...] = ()
-        if request.param == "postgres":
-            server = request.getfixturevalue("postgres_server")
-            extra = ("--database-url", stack.enter_context(postgres.fresh_schema(server.url)).url)
-        gw = start_gateway(tmp_path_factory.mktemp("bad-input") / "state", *extra)
-        stack.callback(gw.close)
+    with gateway_on(request, tmp_path_factory.mktemp("bad-input") / "state") as gw:
         yield gw
 
 

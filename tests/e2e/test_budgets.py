@@ -9,6 +9,7 @@ import hmac
 import http.client
 import json
 import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,7 +21,12 @@ from tests.integration.serving.budgets.test_budgets import Receiver
 
 pytestmark = pytest.mark.timeout(900)
 
-CONFIG = "costs:\n  budget_check_s: 0.5\n"
+# One USD per device-second: a budget of a few hundredths of a dollar is a few
+# centiseconds of the demo model's device time, and its micro-units are fine-grained.
+CONFIG = (
+    "costs:\n  currency: USD\n  budget_check_s: 0.5\n"
+    "  prices:\n    - {device: cpu, per_hour: 3600}\n"
+)
 BODY = json.dumps(
     {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 64], "data": [0.5] * 64}]}
 )
@@ -63,12 +69,12 @@ def _spend_until(gw: Gateway, key: str, percent: float) -> dict[str, Any]:
         budget = _budget(gw)
         if budget["spend"]["percent"] >= percent:
             return budget
-        assert {s for s, _ in _send(gw, key, 25)} == {200}
+        assert {s for s, _ in _send(gw, key, 5)} == {200}
 
 
 def _set(gw: Gateway, amount: float, action: str, webhook: str) -> None:
     made = gw.cli(
-        "tenants", "budget", "spender", "--amount", repr(amount), "--unit", "device_hours",
+        "tenants", "budget", "spender", "--amount", repr(amount), "--unit", "currency",
         "--action", action, "--webhook", webhook, "--webhook-secret-env", "BUDGET_HOOK_SECRET",
         "--json",
     )  # fmt: skip
@@ -93,7 +99,11 @@ def test_thresholds_are_crossed_once_and_the_action_applies(
         _set(gateway, spent / 0.6, "reject", receiver.url)
         wait_for("the 50% alert", lambda: [a["threshold"] for a in _budget(gateway)["alerts"]])
         _spend_until(gateway, key, 80)
-        wait_for("the 80% alert", lambda: len(_budget(gateway)["alerts"]) == 2)
+        wait_for(
+            "the 80% alert",
+            lambda: len(_budget(gateway)["alerts"]) >= 2,
+            explain=lambda: json.dumps(_budget(gateway)),
+        )
         _spend_until(gateway, key, 100)
         wait_for("the 100% alert", lambda: len(_budget(gateway)["alerts"]) == 3)
         # reject: within the check interval and the key cache's TTL, every request 403.
@@ -143,3 +153,12 @@ def test_thresholds_are_crossed_once_and_the_action_applies(
     _set(gateway, spent / 0.6, "best-effort", "http://127.0.0.1:9/unused")
     wait_for("best-effort service", lambda: _send(gateway, key, 1)[0][0] == 200, timeout_s=30)
     assert {s for s, _ in _send(gateway, key, 20)} == {200}
+    # The tenant sees its budget in its own view, with its own key.
+    req = urllib.request.Request(f"http://{gateway.http_url}/tenant")
+    req.add_header("Authorization", f"Bearer {key}")
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        seen = json.loads(resp.read())["budget"]
+    assert seen["unit"] == "USD" and seen["action"] == "best-effort"
+    assert seen["crossed"] == [50, 80, 100] and seen["exhausted"] is True
+    assert float(seen["forecast"]) >= float(seen["spent"]) >= float(seen["amount"])
+    assert "secret" not in json.dumps(seen)

@@ -6,7 +6,6 @@ a rows burst are 413; the quota survives a restart and can be cleared."""
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import threading
@@ -20,8 +19,7 @@ import pytest
 from gpugate_proto import grpc_service_pb2 as pb
 from gpugate_proto import grpc_service_pb2_grpc as pb_grpc
 
-from tests import postgres
-from tests.e2e.conftest import Gateway, start_gateway
+from tests.e2e.conftest import DATABASES, Gateway, gateway_on
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -35,19 +33,11 @@ def _body(rows: int = 1) -> str:
     )
 
 
-@pytest.fixture(
-    scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
-)
+@pytest.fixture(scope="module", params=DATABASES)
 def gateway(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Gateway]:
-    with contextlib.ExitStack() as stack:
-        extra: tuple[str, ...] = ()
-        if request.param == "postgres":
-            server = request.getfixturevalue("postgres_server")
-            extra = ("--database-url", stack.enter_context(postgres.fresh_schema(server.url)).url)
-        gw = start_gateway(tmp_path_factory.mktemp("quotas") / "state", *extra)
-        stack.callback(gw.close)
+    with gateway_on(request, tmp_path_factory.mktemp("quotas") / "state") as gw:
         yield gw
 
 

@@ -9,7 +9,6 @@ The tests share one gateway per database and run in order.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -21,8 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests import postgres
-from tests.e2e.conftest import GPUGATE, Gateway, start_gateway, wait_for
+from tests.e2e.conftest import DATABASES, GPUGATE, Gateway, gateway_on, wait_for
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -31,19 +29,11 @@ REASON = "invoice 7 unpaid"
 PIXELS = [float(i % 17) for i in range(64)]
 
 
-@pytest.fixture(
-    scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
-)
+@pytest.fixture(scope="module", params=DATABASES)
 def gateway(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Gateway]:
-    with contextlib.ExitStack() as stack:
-        extra: tuple[str, ...] = ()
-        if request.param == "postgres":
-            server = request.getfixturevalue("postgres_server")
-            extra = ("--database-url", stack.enter_context(postgres.fresh_schema(server.url)).url)
-        gw = start_gateway(tmp_path_factory.mktemp("tenant-view") / "state", *extra)
-        stack.callback(gw.close)
+    with gateway_on(request, tmp_path_factory.mktemp("tenant-view") / "state") as gw:
         yield gw
 
 
