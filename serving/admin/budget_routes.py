@@ -18,6 +18,22 @@ router = APIRouter(route_class=AdminRoute)
 TenantName = Annotated[Name, Path(description="A tenant's name.")]
 
 
+def budget_of(setting: schemas.BudgetSetting) -> Budget:
+    """The budget the API was given (checked: ValueError names the problem)."""
+    period = setting.period
+    return Budget.of(
+        setting.unit,
+        setting.amount,
+        thresholds=tuple(setting.thresholds),
+        action=setting.action,
+        period=None
+        if period == "month"
+        else (period.from_, period.from_ + timedelta(days=period.days)),
+        webhook_url=setting.webhook.url if setting.webhook else None,
+        webhook_secret=setting.webhook.secret if setting.webhook else None,
+    )
+
+
 def _view(name: str, services: Services) -> schemas.TenantBudget:
     budget = services.budgets.get(name)  # TenantNotFoundError for no such tenant
     if budget is None:
@@ -64,19 +80,7 @@ def show_budget(name: TenantName, services: Services) -> schemas.TenantBudget:
 def set_budget(
     name: TenantName, setting: schemas.BudgetSetting, caller: Caller, services: Services
 ) -> schemas.TenantBudget:
-    period = setting.period
-    budget = Budget.of(
-        setting.unit,
-        setting.amount,
-        thresholds=tuple(setting.thresholds),
-        action=setting.action,
-        period=None
-        if period == "month"
-        else (period.from_, period.from_ + timedelta(days=period.days)),
-        webhook_url=setting.webhook.url if setting.webhook else None,
-        webhook_secret=setting.webhook.secret if setting.webhook else None,
-    )
-    services.budgets.set(name, budget, actor=caller.name)
+    services.budgets.set(name, budget_of(setting), actor=caller.name)
     services.on_tenants_changed()
     return _view(name, services)
 

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Body, Path, Query
 
 import serving.admin.schemas as schemas
 from serving.admin.auth import Caller
+from serving.admin.budget_routes import budget_of
 from serving.admin.quota_routes import quota_row
 from serving.admin.routing import AdminRoute, Services, route
 from serving.admin.schemas import Instant, Name
@@ -60,7 +61,7 @@ def list_tenants(
     "POST",
     "/tenants",
     "tenants.create",
-    "Create a tenant; its API key is returned once",
+    "Create a tenant, with its quotas and budget if given; its API key is returned once",
     status_code=201,
 )
 def create_tenant(new: schemas.NewTenant, caller: Caller, services: Services) -> schemas.TenantKey:
@@ -69,11 +70,14 @@ def create_tenant(new: schemas.NewTenant, caller: Caller, services: Services) ->
     )
     # Checked before anything is written.
     quotas = [quota_row(limits, model) for model, limits in new.quotas.items()]
+    budget = budget_of(new.budget) if new.budget is not None else None
     key = services.tenants.create(
         new.name, new.weight, new.models, admission=admission, actor=caller.name
     )
     for row in quotas:
         services.quotas.set(new.name, row, actor=caller.name)
+    if budget is not None:
+        services.budgets.set(new.name, budget, actor=caller.name)
     services.on_tenants_changed()
     return schemas.TenantKey(tenant=new.name, api_key=key)
 

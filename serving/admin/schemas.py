@@ -341,6 +341,9 @@ class NewTenant(Strict):
     max_requests_in_flight: RequestsCap | None = Field(default=None, description=_MAX_REQUESTS)
     max_bytes_in_flight: BytesCap | None = Field(default=None, description=_MAX_BYTES)
     quotas: Quotas = Field(default={}, description=_QUOTAS)
+    budget: BudgetSetting | None = Field(
+        default=None, description="Its budget (see PUT /tenants/{name}/budget); none if left out."
+    )
 
 
 class TenantChange(Strict):

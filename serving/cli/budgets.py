@@ -17,7 +17,7 @@ from serving.cli.client import (
 )
 
 
-def _amount(text: str) -> float:
+def amount(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -108,7 +108,7 @@ def add_commands(tsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="show a tenant's budget, spend and alerts; with --amount, set it (finance, admin)",
     )
     budget.add_argument("name")
-    budget.add_argument("--amount", type=_amount, help="per period, in the unit")
+    budget.add_argument("--amount", type=amount, help="per period, in the unit")
     budget.add_argument(
         "--unit",
         choices=["currency", "device_hours"],

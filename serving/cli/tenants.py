@@ -64,6 +64,12 @@ def cmd_create(args: argparse.Namespace) -> int:
     rates = quotas.rates(args, "tenants create")
     if rates:
         body["quotas"] = {"*": rates}
+    if args.budget is not None:
+        body["budget"] = {
+            "amount": args.budget,
+            "unit": args.budget_unit,
+            "action": args.budget_action,
+        }
     made = AdminClient.of(args).post("/tenants", body)
     emit(
         args, made, lambda d: f"tenant {d['tenant']} created; API key (shown once): {d['api_key']}"
@@ -210,6 +216,17 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     _add_admission_options(create)
     quotas.add_rate_options(create)
+    create.add_argument(
+        "--budget",
+        type=budgets.amount,
+        metavar="AMOUNT",
+        help="a monthly budget in --budget-unit (alerts at 50/80/100%%; 'tenants budget' "
+        "changes it and adds a webhook)",
+    )
+    create.add_argument("--budget-unit", choices=["currency", "device_hours"], default="currency")
+    create.add_argument(
+        "--budget-action", choices=["notify", "reject", "best-effort"], default="notify"
+    )
     create.set_defaults(func=cmd_create)
 
     update = tsub.add_parser(

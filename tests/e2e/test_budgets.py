@@ -57,8 +57,8 @@ def _send(gw: Gateway, key: str, n: int) -> list[tuple[int, str]]:
     return answers
 
 
-def _budget(gw: Gateway) -> dict[str, Any]:
-    shown = gw.cli("tenants", "budget", "spender", "--json")
+def _budget(gw: Gateway, tenant: str = "spender") -> dict[str, Any]:
+    shown = gw.cli("tenants", "budget", tenant, "--json")
     assert shown.returncode == 0, shown.stderr
     return dict(json.loads(shown.stdout))
 
@@ -162,3 +162,20 @@ def test_thresholds_are_crossed_once_and_the_action_applies(
     assert seen["crossed"] == [50, 80, 100] and seen["exhausted"] is True
     assert float(seen["forecast"]) >= float(seen["spent"]) >= float(seen["amount"])
     assert "secret" not in json.dumps(seen)
+
+
+def test_a_budget_is_set_with_the_tenant_in_one_call(gateway: Gateway) -> None:
+    made = gateway.cli(
+        "tenants", "create", "budgeted", "--requests-per-s", "10", "--budget", "2.5",
+        "--budget-action", "reject", "--json",
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    budget = _budget(gateway, "budgeted")
+    assert budget["budget"]["amount"] == "2.5" and budget["budget"]["action"] == "reject"
+    assert budget["budget"]["unit"] == "currency" and budget["budget"]["period"] == "month"
+    assert budget["spend"]["spent"] == "0" and budget["alerts"] == []
+    # Checked before anything is written: a bad budget creates no tenant.
+    refused = gateway.cli("tenants", "create", "unbudgeted", "--budget", "2e12")
+    assert refused.returncode == 1 and "amount" in refused.stderr, refused.stderr
+    names = [t["tenant"] for t in json.loads(gateway.cli("tenants", "list", "--json").stdout)]
+    assert "unbudgeted" not in names
