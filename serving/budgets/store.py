@@ -205,10 +205,25 @@ class BudgetStore:
     # -- the budget ---------------------------------------------------------------
 
     def set(self, tenant: str, budget: Budget, *, actor: str = "system") -> Budget:
-        """Give the tenant ``budget`` (replacing its budget); audited."""
+        """Give the tenant ``budget`` (replacing its budget); audited. This period's
+        crossings that the new budget is not past (a raised amount) are withdrawn, so
+        that they can be crossed again and an exhausted tenant is served again."""
+        spend = self.spend(tenant, budget)  # the ledger, before the audit lock is taken
         with audit.audited(self.engine) as tx:
             conn = tx.conn
             tenant_id = _tenant_id(conn, tenant)
+            reached = spend.crossed()
+            withdrawn = sorted(
+                conn.execute(
+                    t_alerts.delete()
+                    .where(
+                        (t_alerts.c.tenant_id == tenant_id)
+                        & (t_alerts.c.period_start == spend.start)
+                        & t_alerts.c.threshold.not_in(reached or [-1])
+                    )
+                    .returning(t_alerts.c.threshold)
+                ).scalars()
+            )
             old = conn.execute(
                 sa.select(t_budgets).where(t_budgets.c.tenant_id == tenant_id)
             ).first()
@@ -220,9 +235,8 @@ class BudgetStore:
                     t_budgets.update().where(t_budgets.c.tenant_id == tenant_id).values(**values)
                 )
             before = _budget(old).described() if old is not None else None
-            tx.append(
-                actor, "tenant.budget", f"tenant:{tenant}", before=before, after=budget.described()
-            )
+            after = {**budget.described(), "withdrawn": withdrawn}
+            tx.append(actor, "tenant.budget", f"tenant:{tenant}", before=before, after=after)
         return budget
 
     def clear(self, tenant: str, *, actor: str = "system") -> bool:

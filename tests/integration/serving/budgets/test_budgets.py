@@ -18,6 +18,7 @@ import pytest
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
 
+from router import Tenant
 from router.metrics import RouterMetrics
 from serving.budgets import Budget, BudgetMonitor, BudgetStore, publish, signature
 from serving.costs import build_report
@@ -204,3 +205,29 @@ def test_the_gauges_show_budgets_spend_and_crossings(engine: sa.Engine, store: B
     store.clear("globex")  # a budget removed leaves no series behind
     publish(store, metrics, spend_too=True, now=NOW)
     assert sample("gpugate_tenant_budget_amount", globex) is None
+
+
+def test_a_raised_budget_withdraws_the_crossings_it_is_not_past(
+    engine: sa.Engine, store: BudgetStore
+) -> None:
+    """Finance raises an exhausted tenant's budget: it is served again, and the
+    thresholds the new amount is not past can be crossed (and alerted) again."""
+    now = datetime.now(UTC)
+    Ledger(engine, Pricing(PRICES)).write([record("digits", [("acme", 1)], 4 * 10**9, now)])
+    tenant = Tenant("acme", 1.0, frozenset({"*"}))
+    tight = Budget.of("device_hours", Decimal(2) / 3600, action="reject")  # 4 s of 2 s
+    store.set("acme", tight)
+    spend = store.spend("acme", tight)
+    assert [a.threshold for a in store.record_crossings("acme", spend)] == [50, 80, 100]
+    assert store.guard(tenant).over_budget is not None  # refused
+    raised = Budget.of("device_hours", Decimal(6) / 3600, action="reject")  # 4 s of 6 s
+    store.set("acme", raised, actor="finance")
+    assert [a.threshold for a in store.alerts("acme", spend.start)] == [50]
+    assert store.guard(tenant) == tenant  # served again
+    changed = [r for r in audit.read(engine) if r.action == "tenant.budget"][-1]
+    assert changed.after["withdrawn"] == [80, 100] and changed.actor == "finance"
+    # best-effort at 100%: the least urgent level and a minimal weight.
+    store.set("acme", Budget.of("device_hours", Decimal(2) / 3600, action="best-effort"))
+    store.record_crossings("acme", store.spend("acme", tight))
+    demoted = store.guard(tenant)
+    assert demoted.demoted and demoted.weight == 0.01 and demoted.over_budget is None
