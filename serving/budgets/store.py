@@ -22,7 +22,7 @@ from typing import Any, Literal
 import sqlalchemy as sa
 
 from router import Tenant
-from serving.costs import Pricing, build_report
+from serving.costs import Pricing, as_utc, build_report, month_bounds
 from serving.costs.ledger import NANOS, NS_PER_HOUR
 from serving.state import audit, utcnow
 from serving.state import budget_alerts as t_alerts
@@ -36,6 +36,7 @@ Action = Literal["notify", "reject", "best-effort"]
 UNITS: tuple[Unit, ...] = ("currency", "device_hours")
 ACTIONS: tuple[Action, ...] = ("notify", "reject", "best-effort")
 DEFAULT_THRESHOLDS = (50, 80, 100)
+_TS = sa.DateTime(timezone=True)
 MAX_AMOUNT = Decimal(10) ** 9  # of currency or device-hours
 # Spend units (currency nano-units, device ns) per micro-unit of a budget's amount: the
 # database keeps amounts in micro-units, so a billion device-hours fits its 64 bits.
@@ -87,7 +88,7 @@ class Budget:
             levels = tuple(sorted({*levels, 100}))  # the action happens at the 100% crossing
         start = end = None
         if period is not None:
-            start, end = (_utc(t) for t in period)
+            start, end = (as_utc(t) for t in period)
             if end <= start:
                 raise ValueError("the period must end after it starts")
         if (webhook_url is None) != (webhook_secret is None):
@@ -109,13 +110,7 @@ class Budget:
         """The period ``now`` falls in (a fixed one: itself, whenever now is)."""
         if self.period_start is not None and self.period_end is not None:
             return self.period_start, self.period_end
-        start = now.astimezone(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-        end = (
-            start.replace(year=start.year + 1, month=1)
-            if start.month == 12
-            else start.replace(month=start.month + 1)
-        )
-        return start, end
+        return month_bounds(f"{now.astimezone(UTC):%Y-%m}")
 
     def display(self, value: int) -> str:
         """A unit-integer in currency or device-hours, exactly."""
@@ -388,26 +383,18 @@ class BudgetStore:
 
     def crossings(self, now: datetime | None = None) -> list[tuple[str, int]]:
         """Every live budgeted tenant's thresholds crossed in its current period."""
-        now = now or datetime.now(UTC)
-        found: list[tuple[str, int]] = []
+        month_start, _ = month_bounds(f"{(now or datetime.now(UTC)).astimezone(UTC):%Y-%m}")
+        # The current period's start: the budget's own (fixed), else this month's.
+        current = sa.func.coalesce(t_budgets.c.period_start, sa.literal(month_start, _TS))
         with self.engine.connect() as conn:
             rows = conn.execute(
-                sa.select(
-                    t_tenants.c.name,
-                    t_alerts.c.threshold,
-                    t_alerts.c.period_start.label("alert_period"),
-                    t_budgets,
-                )
+                sa.select(t_tenants.c.name, t_alerts.c.threshold)
                 .join(t_budgets, t_budgets.c.tenant_id == t_alerts.c.tenant_id)
                 .join(t_tenants, t_tenants.c.id == t_alerts.c.tenant_id)
-                .where(t_tenants.c.deleted_at.is_(None))
+                .where(t_tenants.c.deleted_at.is_(None) & (t_alerts.c.period_start == current))
                 .order_by(t_tenants.c.name, t_alerts.c.threshold)
             ).all()
-        for r in rows:
-            start, _ = _budget(r).period(now)
-            if _utc(r.alert_period) == start:
-                found.append((r.name, r.threshold))
-        return found
+        return [(r.name, r.threshold) for r in rows]
 
     def alerts(self, tenant: str, period_start: datetime | None = None) -> list[Alert]:
         """The tenant's alerts, oldest first (of one period, if given)."""
@@ -444,7 +431,7 @@ class BudgetStore:
         return [
             {
                 "attempt": r.attempt,
-                "at": _iso(_utc(r.at)),
+                "at": _iso(as_utc(r.at)),
                 "ok": r.ok,
                 "http_status": r.http_status,
                 "error": r.error,
@@ -488,8 +475,8 @@ def _budget(r: Any) -> Budget:
         int(r.amount) * PER_MICRO[r.unit],
         tuple(json.loads(r.thresholds)),
         r.action,
-        _utc(r.period_start) if r.period_start is not None else None,
-        _utc(r.period_end) if r.period_end is not None else None,
+        as_utc(r.period_start) if r.period_start is not None else None,
+        as_utc(r.period_end) if r.period_end is not None else None,
         r.webhook_url,
         r.webhook_secret,
     )
@@ -497,12 +484,8 @@ def _budget(r: Any) -> Budget:
 
 def _alert(tenant: str, r: Any) -> Alert:
     return Alert(
-        r.id, tenant, _utc(r.period_start), r.threshold, r.spend, r.amount, _utc(r.crossed_at)
+        r.id, tenant, as_utc(r.period_start), r.threshold, r.spend, r.amount, as_utc(r.crossed_at)
     )
-
-
-def _utc(ts: datetime) -> datetime:
-    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
 
 
 def _iso(ts: datetime | None) -> str | None:

@@ -14,17 +14,8 @@ from serving.cli.client import (
     add_json_option,
     emit,
     path_of,
+    positive_number,
 )
-
-
-def amount(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: a positive amount")
-    return value
 
 
 def _thresholds(text: str) -> list[int]:
@@ -108,7 +99,7 @@ def add_commands(tsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="show a tenant's budget, spend and alerts; with --amount, set it (finance, admin)",
     )
     budget.add_argument("name")
-    budget.add_argument("--amount", type=amount, help="per period, in the unit")
+    budget.add_argument("--amount", type=positive_number, help="per period, in the unit")
     budget.add_argument(
         "--unit",
         choices=["currency", "device_hours"],

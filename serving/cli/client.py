@@ -96,6 +96,17 @@ def _token(args: argparse.Namespace) -> str:
     return token
 
 
+def positive_number(text: str) -> float:
+    """An argparse type: a number above 0 (a rate, a burst, an amount)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a positive number")
+    return value
+
+
 def path_of(*parts: str) -> str:
     """An admin API path from its segments, each quoted (names are never split)."""
     return "".join("/" + quote(p, safe="") for p in parts)

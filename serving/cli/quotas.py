@@ -13,17 +13,8 @@ from serving.cli.client import (
     add_json_option,
     emit,
     path_of,
+    positive_number,
 )
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: a positive number")
-    return value
 
 
 def _describe(q: dict[str, Any]) -> str:
@@ -77,17 +68,19 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def add_rate_options(parser: argparse.ArgumentParser) -> None:
     """--requests-per-s, --requests-burst, --rows-per-s, --rows-burst."""
-    parser.add_argument("--requests-per-s", type=_positive, metavar="R", help="requests per second")
+    parser.add_argument(
+        "--requests-per-s", type=positive_number, metavar="R", help="requests per second"
+    )
     parser.add_argument(
         "--requests-burst",
-        type=_positive,
+        type=positive_number,
         metavar="N",
         help="requests at once after idling (default: one second's worth)",
     )
-    parser.add_argument("--rows-per-s", type=_positive, metavar="R", help="rows per second")
+    parser.add_argument("--rows-per-s", type=positive_number, metavar="R", help="rows per second")
     parser.add_argument(
         "--rows-burst",
-        type=_positive,
+        type=positive_number,
         metavar="N",
         help="rows at once after idling; a larger request is refused 413 "
         "(default: one second's worth)",

@@ -16,6 +16,7 @@ from serving.cli.client import (
     add_json_option,
     emit,
     path_of,
+    positive_number,
 )
 
 
@@ -218,7 +219,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     quotas.add_rate_options(create)
     create.add_argument(
         "--budget",
-        type=budgets.amount,
+        type=positive_number,
         metavar="AMOUNT",
         help="a monthly budget in --budget-unit (alerts at 50/80/100%%; 'tenants budget' "
         "changes it and adds a webhook)",
