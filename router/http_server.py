@@ -66,14 +66,15 @@ class TenantViewSource(Protocol):
 
 def build_http_app(
     service: InferenceService,
-    admin: ASGIApp | None = None,
+    apps: Mapping[str, ASGIApp] | None = None,
     usage: UsageSource | None = None,
     limits: HttpDoorLimits | None = None,
     tenant_view: TenantViewSource | None = None,
 ) -> Starlette:
     """The ASGI app; every error leaves as ``{"error": ...}`` with its status.
 
-    ``admin`` (an ASGI app: the gateway's admin API) is mounted at ``/admin``; ``usage``
+    ``apps`` maps a path to an ASGI app mounted there (the gateway's admin API at
+    ``/admin``, its web console at ``/console``); ``usage``
     answers ``GET /usage`` and ``tenant_view`` ``GET /tenant`` for the tenant whose API
     key calls it. ``limits``: the JSON and decompression limits of request bodies.
     """
@@ -219,8 +220,7 @@ def build_http_app(
         Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
         Route("/v2/repository/index", repository_index, methods=["POST"]),
     ]
-    if admin is not None:
-        routes.append(Mount("/admin", app=admin))
+    routes.extend(Mount(path, app=app) for path, app in (apps or {}).items())
 
     async def tenant_usage(request: Request) -> Response:
         try:

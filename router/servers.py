@@ -7,7 +7,7 @@ import contextlib
 import logging
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grpc
@@ -71,7 +71,7 @@ class FrontDoors:
         service: InferenceService,
         host: str,
         max_message_bytes: int,
-        admin: ASGIApp | None = None,
+        apps: Mapping[str, ASGIApp] | None = None,
         usage: UsageSource | None = None,
         grpc_server: str = "auto",
         *,
@@ -90,7 +90,7 @@ class FrontDoors:
         self._tls_watch: asyncio.Task[None] | None = None
         self._max_streams = max_concurrent_streams
         self._max_calls = max_concurrent_calls
-        self._admin = admin
+        self._apps = dict(apps or {})
         self._usage = usage
         self._tenant_view = tenant_view
         self.host = host
@@ -141,7 +141,7 @@ class FrontDoors:
         self._http = GuardedServer(
             uvicorn.Config(
                 build_http_app(
-                    self.service, self._admin, self._usage, self.http_limits, self._tenant_view
+                    self.service, self._apps, self._usage, self.http_limits, self._tenant_view
                 ),
                 log_level="warning",
                 access_log=False,

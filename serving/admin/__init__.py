@@ -15,7 +15,7 @@ from serving.admin.errors import (
     answer_for,
     exit_code_for,
 )
-from serving.admin.routing import MAX_JSON_BODY
+from serving.admin.routing import MAX_JSON_BODY, SIGNED_IN
 from serving.admin.services import AdminServices
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "EXIT_OK",
     "EXIT_USAGE",
     "MAX_JSON_BODY",
+    "SIGNED_IN",
     "AdminError",
     "AdminServices",
     "Answer",

@@ -24,9 +24,14 @@ from starlette.types import Message, Receive
 from serving.admin.auth import admit, authorize
 from serving.admin.errors import ERROR_RESPONSES
 from serving.admin.services import AdminServices, services_of
-from serving.tenancy import roles_for
+from serving.tenancy import Principal, check, roles_for
 
 MAX_JSON_BODY = 64 * 1024
+# ASGI scope key under which an in-process caller (the web console, which has checked the
+# user's session) hands over the user; the role check is then the same as for a token. No
+# request from a socket carries it: servers build scopes from the standard keys only.
+SIGNED_IN = "gpugate.signed_in"
+
 MAX_PARAM_CHARS = 4096
 # C0 controls and DEL: no name, filter or date holds one, and PostgreSQL refuses NUL in text.
 _CONTROL = frozenset(map(chr, [*range(0x20), 0x7F]))
@@ -125,7 +130,8 @@ def _refuse_malformed(request: Request) -> None:
 class AdminRoute(APIRoute):
     """An admin endpoint, declared with :func:`route`. Before FastAPI reads the body or
     validates anything, it admits the caller for the route's action from the
-    ``Authorization`` header (401 or 403 otherwise) and refuses query parameters the
+    ``Authorization`` header (401 or 403 otherwise), or checks the user an in-process
+    caller put under :data:`SIGNED_IN`, and refuses query parameters the
     route does not declare (400); it then reads a declared JSON body up to
     :data:`MAX_JSON_BODY` bytes."""
 
@@ -146,7 +152,13 @@ class AdminRoute(APIRoute):
         has_body = self.body_field is not None
 
         async def admitted(request: Request) -> Response:
-            request.state.principal = await run_in_threadpool(admit, request, self.actions)
+            signed_in = request.scope.get(SIGNED_IN)
+            if isinstance(signed_in, Principal):  # the console, in-process (serving.console)
+                for action in self.actions:
+                    check(signed_in, action)
+                request.state.principal = signed_in
+            else:
+                request.state.principal = await run_in_threadpool(admit, request, self.actions)
             unknown = sorted(set(request.query_params) - self.query_names)
             if unknown:
                 raise RequestValidationError(

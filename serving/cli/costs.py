@@ -14,44 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from serving.cli.client import AdminClient, add_client_options
-
-COLUMNS = ("requests", "rows", "used_ns", "idle_ns", "gpu_seconds", "gpu_hours", "cost", "currency")
-
-
-def render(data: dict[str, Any], fmt: str) -> str:
-    """A report's JSON (``GET /admin/costs``) as ``table``, ``csv`` or ``json``; the last
-    row is the TOTAL."""
-    if fmt == "json":
-        return json.dumps(data, indent=2)
-    group_by = list(data["group_by"])
-    header = [*group_by, *COLUMNS]
-    body = [[r.get(h, "") for h in header] for r in data["rows"]]
-    totals = data["totals"]
-    total_line = ["TOTAL", *[""] * (len(group_by) - 1)] if group_by else []
-    total_line += [totals[h] for h in COLUMNS]
-    if fmt == "csv":
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows(body)
-        writer.writerow(total_line)
-        return buf.getvalue()
-    text_rows = [header, *[[_fmt(c) for c in row] for row in body], [_fmt(c) for c in total_line]]
-    widths = [max(len(row[i]) for row in text_rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in text_rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.insert(len(lines) - 1, "  ".join("-" * w for w in widths))
-    lines.append(
-        f"window {data['from']} .. {data['to']}; reserved "
-        f"{totals['reserved_gpu_seconds']:.3f} device-s (used + idle)"
-    )
-    return "\n".join(lines)
-
-
-def _fmt(value: object) -> str:
-    if isinstance(value, float):
-        return f"{value:.6f}"
-    return str(value)
+from serving.costs import COLUMNS, cell_text, render_report
 
 
 def when(text: str) -> str:
@@ -78,7 +41,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.tenant:
         params["tenant"] = args.tenant
     data = AdminClient.of(args).get("/costs", params)
-    print(render(data, "json" if args.json else args.format))
+    print(render_report(data, "json" if args.json else args.format))
     return 0
 
 
@@ -154,7 +117,7 @@ def _sections(data: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _table(header: list[str], body: list[list[Any]], total: list[Any]) -> str:
-    rows = [header, *[[_fmt(c) for c in row] for row in body], [_fmt(c) for c in total]]
+    rows = [header, *[[cell_text(c) for c in row] for row in body], [cell_text(c) for c in total]]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     rule = "  ".join("-" * w for w in widths)
     text = [

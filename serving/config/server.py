@@ -145,6 +145,27 @@ class TlsConfig(Strict):
 NODE_HOST = "node"  # server.host: bind the address of the gateway's own Ray node
 
 
+class ConsoleConfig(Strict):
+    """The web console at `/console/` on the HTTP port (docs/console.md): users sign in
+    with their user token and get a session cookie; every page and action goes through
+    the admin API with the user's role.
+
+    ```yaml
+    server:
+      console:
+        session_ttl_s: 3600
+    ```"""
+
+    enabled: bool = Field(default=True, description="Serve the console at `/console/`.")
+    session_ttl_s: float = Field(
+        default=8 * 3600,
+        ge=60,
+        le=30 * 86400,
+        description="How long a sign-in lasts, at most (a session also ends with its "
+        "user's token: disabled, rotated, deleted or expired).",
+    )
+
+
 class ServerConfig(Strict):
     host: str = Field(
         default="127.0.0.1",
@@ -162,6 +183,10 @@ class ServerConfig(Strict):
         default_factory=HttpLimits,
         description="HTTP connection limits (timeouts, head size, connection cap) and JSON and "
         "decompression limits of request bodies.",
+    )
+    console: ConsoleConfig = Field(
+        default_factory=ConsoleConfig, description="The web console: sessions and whether "
+        "it is served."
     )
     default_timeout_ms: float = Field(
         default=30_000, gt=0, description="Deadline of a request that names none."

@@ -2,6 +2,7 @@
 and its per-tenant split, replica reservations), finance's reports and monthly invoices.
 """
 
+from serving.costs.formats import COLUMNS, cell_text, render_report
 from serving.costs.invoice import Invoice, Statement, build_invoice, month_bounds
 from serving.costs.ledger import (
     NANOS,
@@ -29,6 +30,7 @@ from serving.costs.report import (
 from serving.costs.service import LedgerReports
 
 __all__ = [
+    "COLUMNS",
     "GROUP_KEYS",
     "IDLE",
     "NANOS",
@@ -47,10 +49,12 @@ __all__ = [
     "as_utc",
     "build_invoice",
     "build_report",
+    "cell_text",
     "from_unix_ns",
     "gateway_id",
     "money",
     "month_bounds",
     "parse_when",
+    "render_report",
     "report_for_query",
 ]

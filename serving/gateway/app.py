@@ -17,6 +17,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from router.servers import FrontDoors
 from router.service import InferenceService, RouterSettings, ServedModel
 from router.tracing import batch_span_observer
 from scheduler import BatchPolicy, BatchRecord, ModelBatcher
-from serving.admin import build_admin_app
+from serving.admin import AdminServices, admin_app
 from serving.budgets import BudgetStore, publish
 from serving.cluster import (
     CONTROL_DEPLOYMENT,
@@ -42,6 +43,7 @@ from serving.cluster import (
     check_state_host,
 )
 from serving.config import NODE_HOST, CostsConfig, GatewayConfig, ModelConfig, ServerConfig
+from serving.console import console_app
 from serving.costs import Ledger, LedgerReports, LedgerWriter, Price, Pricing, from_unix_ns
 from serving.dataplane import ClusterSecret, DirectBatchBackend
 from serving.gateway.bootstrap import from_args
@@ -50,7 +52,14 @@ from serving.registry import Registry, Stages
 from serving.replica import deployment_name
 from serving.rollout import RolloutController, Rollouts, Taken
 from serving.state import audit, open_engine
-from serving.tenancy import QuotaStore, ServerCaps, TenantDirectory, TenantStore, TenantViews
+from serving.tenancy import (
+    QuotaStore,
+    ServerCaps,
+    SessionStore,
+    TenantDirectory,
+    TenantStore,
+    TenantViews,
+)
 
 log = logging.getLogger(__name__)
 
@@ -234,13 +243,18 @@ class Gateway:
             if peers is not None
             else None
         )
-        admin = build_admin_app(
+        services = AdminServices.open(
             engine,
             Path(state_dir),
             registry_config,
             self._pricing,
             on_tenants_changed=self._tenants.invalidate,
         )
+        apps: dict[str, Any] = {"/admin": admin_app(services)}
+        if cfg.console.enabled:
+            ttl = timedelta(seconds=cfg.console.session_ttl_s)
+            sessions = SessionStore(engine, services.directory, ttl=ttl)
+            apps["/console"] = console_app(apps["/admin"], sessions)
         reports = LedgerReports(engine, self._pricing)
         caps = ServerCaps(cfg.tenant_max_requests_in_flight, cfg.tenant_max_bytes_in_flight)
         # "node": the address of the Ray node this gateway runs on (one gateway per node,
@@ -250,7 +264,7 @@ class Gateway:
             self.service,
             self.host,
             cfg.max_request_bytes,
-            admin,
+            apps,
             reports,
             grpc_server=cfg.grpc_server,
             tls=cfg.tls.files() if cfg.tls is not None else None,

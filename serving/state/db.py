@@ -405,6 +405,22 @@ budget_deliveries = sa.Table(
 )
 
 
+# Signed-in web console sessions (serving.tenancy.sessions). The session secret is in the
+# browser's cookie only; the row keys it by its sha256. ``token_hash`` is the user's token
+# hash at sign-in: rotating the token (or deleting the user) ends the user's sessions.
+console_sessions = sa.Table(
+    "console_sessions",
+    metadata,
+    sa.Column("id_hash", sa.CHAR(64), primary_key=True),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("token_hash", sa.CHAR(64), nullable=False),
+    # Forms carry it back (a per-session CSRF token); not a credential on its own.
+    sa.Column("csrf", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, default=utcnow),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False, index=True),
+)
+
+
 def make_engine(database_url: str | None, state_dir: Path) -> sa.Engine:
     """An engine on the state database, with no schema check (for :func:`upgrade_schema`).
 

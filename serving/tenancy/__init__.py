@@ -12,6 +12,7 @@ from serving.tenancy.keys import (
     TenantKeyStore,
 )
 from serving.tenancy.quotas import MAX_RATE, MIN_RATE, QuotaRow, QuotaStore, TenantQuotas
+from serving.tenancy.sessions import MAX_SESSION_TTL, OpenedSession, Session, SessionStore
 from serving.tenancy.tenants import (
     DEMO_KEY_FILE,
     DEMO_MODEL,
@@ -67,6 +68,7 @@ __all__ = [
     "MAX_MODELS",
     "MAX_RATE",
     "MAX_REQUESTS_CAP",
+    "MAX_SESSION_TTL",
     "MAX_STAGING",
     "MIN_RATE",
     "PERMISSIONS",
@@ -79,11 +81,14 @@ __all__ = [
     "KeyRow",
     "KeyStateError",
     "LastAdminError",
+    "OpenedSession",
     "Principal",
     "QuotaRow",
     "QuotaStore",
     "Role",
     "ServerCaps",
+    "Session",
+    "SessionStore",
     "TenantDeletedError",
     "TenantDirectory",
     "TenantError",

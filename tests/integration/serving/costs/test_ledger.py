@@ -23,8 +23,8 @@ import pytest
 import sqlalchemy as sa
 
 from scheduler import BatchPolicy, BatchRecord, BatchResult, ModelBatcher, Share, Tensors
-from serving.cli.costs import render
 from serving.config.schema import CostsConfig, PriceConfig
+from serving.costs import render_report as render
 from serving.costs.ledger import Ledger, LedgerWriter, Pricing, as_utc
 from serving.costs.report import (
     IDLE,
