@@ -2,7 +2,8 @@
 
 Routes: users (user_routes), tenants, audit and costs (core_routes), tenants' API keys
 (key_routes), rate quotas (quota_routes), budgets (budget_routes), the model registry
-(model_routes) and canary rollouts (rollout_routes). ``/admin/openapi.json`` is the
+(model_routes), canary rollouts (rollout_routes), and the views across them: the
+overview and every model's rollout (insight_routes). ``/admin/openapi.json`` is the
 description FastAPI generates from them (no token needed). Errors are answered from the
 one table in serving.admin.errors.
 """
@@ -18,6 +19,7 @@ from fastapi.routing import APIRoute
 
 import serving.admin.budget_routes as budget_routes
 import serving.admin.core_routes as core_routes
+import serving.admin.insight_routes as insight_routes
 import serving.admin.key_routes as key_routes
 import serving.admin.model_routes as model_routes
 import serving.admin.quota_routes as quota_routes
@@ -57,6 +59,7 @@ def admin_app(services: AdminServices) -> FastAPI:
     app.include_router(user_routes.router)
     app.include_router(model_routes.router)
     app.include_router(rollout_routes.router)
+    app.include_router(insight_routes.router)
     return app
 
 

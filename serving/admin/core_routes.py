@@ -11,12 +11,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Path, Query
 
+import serving.admin.insight_schemas as views
 import serving.admin.schemas as schemas
 from serving.admin.auth import Caller
 from serving.admin.budget_routes import budget_of
 from serving.admin.quota_routes import quota_row
 from serving.admin.routing import AdminRoute, Services, route
-from serving.admin.schemas import Instant, Name
+from serving.admin.schemas import Name
 from serving.state import audit
 from serving.tenancy import Admission, TenantNotFoundError, TenantRow
 
@@ -181,21 +182,29 @@ def rotate_tenant_key(name: TenantName, caller: Caller, services: Services) -> s
 # -- audit -------------------------------------------------------------------------
 
 
-@route(router, "GET", "/audit", "audit.read", "Audit records, oldest first")
+@route(
+    router,
+    "GET",
+    "/audit",
+    "audit.read",
+    "Audit records, oldest first (or newest first), by model, actor, action, target and "
+    "time, a page at a time",
+)
 def read_audit_log(
-    services: Services,
-    model: Annotated[
-        Name | None,
-        Query(description="Only records about this model: its versions and its rollouts."),
-    ] = None,
-    since: Annotated[
-        Instant | None, Query(description="Only records at or after this time.")
-    ] = None,
+    query: Annotated[views.AuditQuery, Query()], services: Services
 ) -> list[schemas.AuditRecord]:
     records = audit.read(
         services.engine,
-        target_prefix=audit.model_targets(model) if model else None,
-        since=since,
+        target_prefix=audit.model_targets(query.model) if query.model else None,
+        since=query.since,
+        until=query.until,
+        actors=query.actor,
+        actions=query.action,
+        targets=query.target,
+        after_seq=query.after_seq,
+        before_seq=query.before_seq,
+        newest_first=query.order == "desc",
+        limit=query.limit,
     )
     return [schemas.AuditRecord.model_validate(r.as_json()) for r in records]
 

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query, Request
 from starlette.concurrency import run_in_threadpool
 
+import serving.admin.insight_schemas as views
 import serving.admin.schemas as schemas
 from serving.admin.auth import Caller
 from serving.admin.routing import AdminRoute, Services, route
@@ -28,6 +29,8 @@ from serving.registry import (
     Registry,
     Signature,
     VersionRow,
+    against_production,
+    guardrail_refusals,
     parse_tensor,
 )
 from serving.tenancy import Principal
@@ -177,16 +180,30 @@ async def register_version(
 def list_versions(
     services: Services,
     name: Annotated[Name | None, Query(description="Only this model's versions.")] = None,
+    stage: Annotated[
+        views.Stage | None,
+        Query(description="Only versions in this stage (registered: awaiting approval)."),
+    ] = None,
 ) -> list[schemas.Version]:
-    return [_version(r) for r in services.registry.list(name)]
+    return [_version(r) for r in services.registry.list(name, stage)]
 
 
-@route(router, "GET", VERSION, "models.read", "One version with its approvals")
-def show_version(
-    name: ModelName, version: VersionName, services: Services
-) -> schemas.VersionDetail:
+@route(
+    router,
+    "GET",
+    VERSION,
+    "models.read",
+    "One version with its approvals, its standing against production and its guardrail refusals",
+)
+def show_version(name: ModelName, version: VersionName, services: Services) -> views.VersionCard:
     row = services.registry.get(name, version)
-    return schemas.VersionDetail.model_validate(services.stages.cards([row])[0])
+    return views.VersionCard.model_validate(
+        {
+            **services.stages.cards([row])[0],
+            "against_production": against_production(services.registry, row),
+            "guardrail_refusals": guardrail_refusals(services.engine, targets=[row.target]),
+        }
+    )
 
 
 @route(router, "GET", VERSION + "/lineage", "models.read", "A version and its ancestors")

@@ -13,6 +13,7 @@ from fastapi import Request
 from serving.budgets import BudgetStore
 from serving.config import GatewayConfig
 from serving.costs import LedgerReports, Pricing
+from serving.insights import Insights
 from serving.registry import Registry, Stages
 from serving.rollout import Rollouts
 from serving.tenancy import QuotaStore, TenantKeyStore, TenantStore, UserDirectory, UserStore
@@ -31,6 +32,7 @@ class AdminServices:
     stages: Stages
     rollouts: Rollouts
     reports: LedgerReports
+    insights: Insights
     # Called after a tenant changes, so the gateway's key cache forgets it at once.
     on_tenants_changed: Callable[[], None]
 
@@ -46,18 +48,22 @@ class AdminServices:
         users = UserStore(engine)
         registry = Registry(engine, state_dir, config)
         stages = Stages(registry)
+        rollouts = Rollouts(stages)
+        tenants = TenantStore(engine)
+        budgets = BudgetStore(engine, pricing)
         return cls(
             engine=engine,
             directory=UserDirectory(users),
             users=users,
-            tenants=TenantStore(engine),
+            tenants=tenants,
             keys=TenantKeyStore(engine),
             quotas=QuotaStore(engine),
-            budgets=BudgetStore(engine, pricing),
+            budgets=budgets,
             registry=registry,
             stages=stages,
-            rollouts=Rollouts(stages),
+            rollouts=rollouts,
             reports=LedgerReports(engine, pricing),
+            insights=Insights(engine, pricing, tenants, stages, rollouts, budgets),
             on_tenants_changed=on_tenants_changed,
         )
 

@@ -2,6 +2,7 @@
 the guardrails that refuse a version, approvals and stage changes."""
 
 from serving.registry.artifacts import ArtifactUpload, artifact_path, file_digest, store_artifact
+from serving.registry.review import REFUSED, against_production, guardrail_refusals
 from serving.registry.stages import Stages
 from serving.registry.store import Registry
 from serving.registry.versions import (
@@ -23,6 +24,7 @@ from serving.registry.versions import (
 
 __all__ = [
     "CONFIG_AUTHOR",
+    "REFUSED",
     "ApprovalError",
     "ArtifactTooLarge",
     "ArtifactUpload",
@@ -37,8 +39,10 @@ __all__ = [
     "VersionExistsError",
     "VersionNotFoundError",
     "VersionRow",
+    "against_production",
     "artifact_path",
     "file_digest",
+    "guardrail_refusals",
     "parse_tensor",
     "store_artifact",
     "version_from_row",

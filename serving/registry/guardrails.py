@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, BinaryIO, cast
 
-from serving.config import ModelConfig, ModelPolicy, TensorConfig
+from serving.config import MetricPolicy, ModelConfig, ModelPolicy, TensorConfig
 from serving.registry.artifacts import file_digest
 from serving.registry.versions import GuardrailRefused, Signature
 from serving.replica import (
@@ -231,6 +231,16 @@ def _tensor_diffs(
     return out
 
 
+def regression(new: float, old: float, rule: MetricPolicy) -> float:
+    """How much worse ``new`` is than production's ``old`` (negative: better)."""
+    return (old - new) if rule.higher_is_better else (new - old)
+
+
+def within_policy(new: float, old: float, rule: MetricPolicy) -> bool:
+    """Whether the metrics guardrail lets ``new`` through against production's ``old``."""
+    return math.isfinite(new) and regression(new, old, rule) <= rule.max_regression + 1e-12
+
+
 def check_metrics(
     candidate: Mapping[str, float], production: Mapping[str, float], policy: ModelPolicy
 ) -> None:
@@ -242,8 +252,8 @@ def check_metrics(
                 "metrics", f"no {metric!r} metric; production has {production[metric]:g}"
             )
         new, old = float(candidate[metric]), float(production[metric])
-        worse = (old - new) if rule.higher_is_better else (new - old)
-        if not math.isfinite(new) or worse > rule.max_regression + 1e-12:
+        worse = regression(new, old, rule)
+        if not within_policy(new, old, rule):
             raise GuardrailRefused(
                 "metrics",
                 f"{metric} {new:g} is worse than production's {old:g} by {worse:g}; the "

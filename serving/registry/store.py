@@ -75,10 +75,14 @@ class Registry:
             raise VersionNotFoundError(f"model {name!r} has no registered version {version!r}")
         return version_from_row(r)
 
-    def list(self, name: str | None = None) -> builtins.list[VersionRow]:
+    def list(self, name: str | None = None, stage: str | None = None) -> builtins.list[VersionRow]:
+        """Versions by model name, then oldest first; of ``name`` and in ``stage`` only if
+        given (``registered``: the versions awaiting approval)."""
         query = sa.select(t_versions).order_by(t_versions.c.name, t_versions.c.id)
         if name is not None:
             query = query.where(t_versions.c.name == name)
+        if stage is not None:
+            query = query.where(t_versions.c.stage == stage)
         with self.engine.connect() as conn:
             return [version_from_row(r) for r in conn.execute(query).all()]
 

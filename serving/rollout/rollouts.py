@@ -208,6 +208,31 @@ class Rollouts:
             raise NoRollout(f"model {model!r} has no rollout")
         return _rollout(r)
 
+    def latest_each(self, states: Sequence[str] = ()) -> list[Rollout]:
+        """Each model's live rollout, else its latest one, by model name; in ``states``
+        only, if given."""
+        latest = sa.select(sa.func.max(t_rollouts.c.id)).group_by(t_rollouts.c.model)
+        query = sa.select(t_rollouts).where(t_rollouts.c.id.in_(latest))
+        if states:
+            query = query.where(t_rollouts.c.state.in_(list(states)))
+        with self.engine.connect() as conn:
+            rows = conn.execute(query.order_by(t_rollouts.c.model)).all()
+        return [_rollout(r) for r in rows]
+
+    def finished(self, start: datetime, end: datetime, states: Sequence[str]) -> list[Rollout]:
+        """Rollouts that ended in ``[start, end)`` in one of ``states``, oldest first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(t_rollouts)
+                .where(
+                    t_rollouts.c.state.in_(list(states)),
+                    t_rollouts.c.finished_at >= audit._aware(start),
+                    t_rollouts.c.finished_at < audit._aware(end),
+                )
+                .order_by(t_rollouts.c.finished_at, t_rollouts.c.id)
+            ).all()
+        return [_rollout(r) for r in rows]
+
     def by_ids(self, ids: Sequence[int]) -> list[Rollout]:
         """Live rollouts, and those of ``ids`` whatever their state."""
         cond: sa.ColumnElement[bool] = t_rollouts.c.active_model.is_not(None)

@@ -258,10 +258,23 @@ def read(
     target_prefix: str | Sequence[str] | None = None,
     since: datetime | None = None,
     limit: int | None = None,
+    actors: Sequence[str] = (),
+    actions: Sequence[str] = (),
+    targets: Sequence[str] = (),
+    until: datetime | None = None,
+    after_seq: int | None = None,
+    before_seq: int | None = None,
+    newest_first: bool = False,
 ) -> list[AuditRecord]:
-    """Records oldest first; ``target_prefix``: only those whose target is one of the
-    prefixes or starts with it and ``:`` (taken literally: ``_`` and ``%`` too)."""
-    query = sa.select(t_log).order_by(t_log.c.seq)
+    """Records oldest first (``newest_first``: newest first); ``target_prefix``: only
+    those whose target is one of the prefixes or starts with it and ``:`` (taken
+    literally: ``_`` and ``%`` too). ``actors``, ``actions``, ``targets``: only records
+    matching one of the patterns given for each, a pattern being an exact value or, ending
+    in ``*``, a prefix (literal and case-sensitive). ``since`` includes its instant,
+    ``until`` excludes it; ``after_seq`` and ``before_seq`` are exclusive bounds on the
+    sequence number, for paging."""
+    order = t_log.c.seq.desc() if newest_first else t_log.c.seq
+    query = sa.select(t_log).order_by(order)
     if target_prefix is not None:
         prefixes = [target_prefix] if isinstance(target_prefix, str) else list(target_prefix)
         query = query.where(
@@ -272,15 +285,43 @@ def read(
                 )
             )
         )
+    c = t_log.c
+    for column, patterns in ((c.actor, actors), (c.action, actions), (c.target, targets)):
+        if patterns:
+            query = query.where(sa.or_(*(_matches(column, p) for p in patterns)))
     if since is not None:
         # In UTC, as the records are written: SQLite compares the stored text, which
         # carries no zone, so a bound in another zone would shift by its offset.
         query = query.where(t_log.c.at >= _aware(since))
+    if until is not None:
+        query = query.where(t_log.c.at < _aware(until))
+    if after_seq is not None:
+        query = query.where(t_log.c.seq > after_seq)
+    if before_seq is not None:
+        query = query.where(t_log.c.seq < before_seq)
     if limit is not None:
         query = query.limit(limit)
     with engine.connect() as conn:
         rows = conn.execute(query).all()
     return [_record(r) for r in rows]
+
+
+def _matches(column: sa.Column[str], pattern: str) -> sa.ColumnElement[bool]:
+    """``pattern`` exactly, or as a prefix when it ends in ``*``. SQLite's LIKE ignores
+    the case of ASCII letters: the comparison of the leading characters keeps it exact."""
+    if not pattern.endswith("*"):
+        return column == pattern
+    prefix = pattern[:-1]
+    return sa.and_(
+        column.startswith(prefix, autoescape=True),
+        sa.func.substr(column, 1, len(prefix)) == prefix,
+    )
+
+
+def last_anchor(engine: sa.Engine) -> AnchorLine | None:
+    """The newest record this host anchored for ``engine``'s chain (None: none)."""
+    anchors = chain_of(engine).anchors.read()
+    return max(anchors, key=lambda a: a.seq) if anchors else None
 
 
 def _record(r: Any) -> AuditRecord:

@@ -59,6 +59,7 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "tenants.keys.list": frozenset({"admin", "auditor"}),
     "tenants.keys.revoke": frozenset({"admin"}),
     "tenants.keys.rotate": frozenset({"admin"}),
+    "overview.read": frozenset(ROLES),
     "models.read": frozenset(ROLES),
     "models.register": frozenset({"admin", "deployer"}),
     "models.approve": frozenset({"admin", "approver"}),

@@ -27,7 +27,7 @@ SCHEMATHESIS = str(Path(sys.executable).with_name("schemathesis"))
 CONFIG = Path(__file__).with_name("schemathesis.toml")
 EXAMPLES = int(os.environ.get("GPUGATE_SCHEMATHESIS_EXAMPLES", "5"))
 SEED = os.environ.get("GPUGATE_SCHEMATHESIS_SEED")
-OPERATIONS = 42
+OPERATIONS = 44
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -126,7 +126,7 @@ def test_openapi_is_generated_with_each_action_and_the_error_answers(
     assert spec["openapi"].startswith("3.1") and spec["servers"] == [{"url": "/admin"}]
     assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     operations = [op for path in spec["paths"].values() for op in path.values()]
-    assert len(operations) == 42
+    assert len(operations) == 44
     for op in operations:
         (requirement,) = op["security"]
         (action,) = requirement["HTTPBearer"]
