@@ -38,10 +38,47 @@ def _records(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# Records asked for per request; the gateway answers at most 5000.
+PAGE = 1000
+
+
 def cmd_log(args: argparse.Namespace) -> int:
-    params = {k: v for k, v in (("model", args.model), ("since", args.since)) if v}
-    emit(args, AdminClient.of(args).get("/audit", params), _records)
+    params: dict[str, Any] = {
+        k: v
+        for k, v in (
+            ("model", args.model),
+            ("since", args.since),
+            ("until", args.until),
+            ("actor", args.actor),
+            ("action", args.action),
+            ("target", args.target),
+        )
+        if v
+    }
+    params["order"] = "desc" if args.newest_first else "asc"
+    cursor = "before_seq" if args.newest_first else "after_seq"
+    client = AdminClient.of(args)
+    records: list[dict[str, Any]] = []
+    # Page by sequence number until the log (or --limit) is exhausted.
+    while args.limit is None or len(records) < args.limit:
+        size = PAGE if args.limit is None else min(PAGE, args.limit - len(records))
+        page = client.get("/audit", {**params, "limit": size})
+        records += page
+        if len(page) < size:
+            break
+        params[cursor] = page[-1]["seq"]
+    emit(args, records, _records)
     return 0
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
 
 
 def _verdict(result: dict[str, Any]) -> str:
@@ -94,10 +131,35 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     aud = sub.add_parser("audit", help="read and verify the tamper-evident audit log")
     asub = aud.add_subparsers(dest="audit_command", required=True)
 
-    log = asub.add_parser("log", help="list audit records, oldest first (admin, auditor)")
+    log = asub.add_parser(
+        "log",
+        help="list audit records, oldest first (admin, auditor)",
+        description="List audit records, oldest first (--newest-first: newest first). "
+        "--actor, --action and --target take an exact value or, ending in *, a prefix "
+        "(literal, case-sensitive; quote it from the shell); each may be repeated for any "
+        "of several values, and records must match every option given.",
+    )
     log.add_argument("--model", help="only records about this model: its versions and its rollouts")
     log.add_argument(
         "--since", type=since, help="only records at or after this ISO 8601 time (local if no zone)"
+    )
+    log.add_argument(
+        "--until", type=since, help="only records before this ISO 8601 time (local if no zone)"
+    )
+    log.add_argument(
+        "--actor", action="append", help="only records by this user, e.g. ann or 'ci-*'"
+    )
+    log.add_argument(
+        "--action",
+        action="append",
+        help="only records of this action, e.g. model.rollback or 'model.promote.*'",
+    )
+    log.add_argument(
+        "--target", action="append", help="only records about this target, e.g. 'tenant:*'"
+    )
+    log.add_argument("--newest-first", action="store_true", help="the newest records first")
+    log.add_argument(
+        "--limit", type=_count, help="at most this many records (default: every match)"
     )
     add_client_options(log)
     add_json_option(log)
