@@ -25,7 +25,14 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving.console import cost_pages, model_pages, overview, rollout_pages
+from serving.console import (
+    audit_pages,
+    cost_pages,
+    model_pages,
+    overview,
+    rollout_pages,
+    tenant_pages,
+)
 from serving.console.api import AdminApi
 from serving.console.web import SESSION_COOKIE, Console, _form, console_of, root_of
 from serving.tenancy import SessionStore
@@ -174,6 +181,8 @@ def console_app(admin: ASGIApp, sessions: SessionStore) -> ASGIApp:
         *model_pages.ROUTES,
         *rollout_pages.ROUTES,
         *cost_pages.ROUTES,
+        *tenant_pages.ROUTES,
+        *audit_pages.ROUTES,
     ]
     app = Starlette(routes=routes)
     app.state.console = Console(sessions, AdminApi(admin))

@@ -8,65 +8,14 @@ and an action the user's role may not do."""
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import httpx
-import pytest
 import sqlalchemy as sa
-from starlette.applications import Starlette
-from starlette.routing import Mount
 
-from serving.admin import AdminServices, admin_app
-from serving.config import CostsConfig, GatewayConfig
-from serving.console import console_app
-from serving.costs import Pricing
 from serving.state import console_sessions
-from serving.tenancy import SessionStore, TenantStore, UserStore, ensure_admin
-from tests.integration.serving.admin.server import AdminServer
-
-
-class Console:
-    """The admin API and the console on one uvicorn socket; ``browser()`` is a client
-    with a cookie jar of its own."""
-
-    def __init__(self, engine: sa.Engine, state: Path) -> None:
-        services = AdminServices.open(engine, state, GatewayConfig(), Pricing(CostsConfig()))
-        admin = admin_app(services)
-        sessions = SessionStore(engine, services.directory, ttl=timedelta(hours=1))
-        self.engine = engine
-        self.app = Starlette(
-            routes=[Mount("/admin", app=admin), Mount("/console", app=console_app(admin, sessions))]
-        )
-        self.admin_token = ensure_admin(UserStore(engine), state)
-        self.users = UserStore(engine)
-
-    def browser(self, server: AdminServer) -> httpx.Client:
-        return httpx.Client(base_url=server.url, timeout=60, follow_redirects=False)
-
-
-def _field(html: str, name: str) -> str:
-    found = re.search(rf'name="{name}" value="([^"]*)"', html)
-    assert found, f"no {name} field"
-    return found.group(1)
-
-
-def sign_in(browser: httpx.Client, token: str) -> httpx.Response:
-    form = browser.get("/console/login")
-    assert form.status_code == 200
-    return browser.post(
-        "/console/login",
-        data={"login_csrf": _field(form.text, "login_csrf"), "token": token, "next": ""},
-    )
-
-
-@pytest.fixture
-def console(open_db, tmp_path: Path) -> Iterator[tuple[Console, AdminServer]]:  # type: ignore[no-untyped-def]
-    c = Console(open_db(), tmp_path / "state")
-    with AdminServer(c.app) as server:
-        yield c, server
+from serving.tenancy import TenantStore
+from tests.integration.serving.console.harness import field, sign_in
 
 
 def test_sign_in_sets_a_strict_http_only_session_cookie(console) -> None:  # type: ignore[no-untyped-def]
@@ -118,7 +67,7 @@ def test_forms_need_the_session_csrf_token(console) -> None:  # type: ignore[no-
             assert refused.status_code == 403 and "CSRF" in refused.text
         # Signing out needs it too, and then the session is gone on the server.
         assert b.post("/console/logout", data={"csrf": "wrong"}).status_code == 403
-        csrf = _field(b.get("/console/models").text, "csrf")
+        csrf = field(b.get("/console/models").text, "csrf")
         out = b.post("/console/logout", data={"csrf": csrf})
         assert out.status_code == 303 and "signed_out=1" in out.headers["location"]
         with c.engine.connect() as conn:
@@ -144,7 +93,7 @@ def test_an_expired_session_is_refused(console) -> None:  # type: ignore[no-unty
         assert "Your session has expired" in b.get(page.headers["location"]).text
         # An action with an expired session is refused, and nothing is done.
         sign_in(b, c.admin_token)
-        csrf = _field(b.get("/console/models").text, "csrf")
+        csrf = field(b.get("/console/models").text, "csrf")
         expire()
         action = b.post("/console/rollouts/digits/abort", data={"csrf": csrf, "reason": "x"})
         assert action.status_code == 401 and "expired" in action.text
@@ -189,7 +138,7 @@ def test_a_role_that_may_not_act_gets_the_api_reason(console) -> None:  # type: 
         assert page.status_code == 200
         nav = page.text[: page.text.index("</nav>")]
         assert "/console/costs" in nav and "/console/tenants" not in nav
-        csrf = _field(page.text, "csrf")
+        csrf = field(page.text, "csrf")
         refused = b.post("/console/rollouts/digits/abort", data={"csrf": csrf, "reason": "x"})
         assert refused.status_code == 403
         assert "user &#39;fin&#39; (role finance) may not models.promote" in refused.text
