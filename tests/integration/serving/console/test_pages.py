@@ -14,7 +14,7 @@ import httpx
 
 from serving.costs import render_report
 from tests.integration.serving.admin.server import AdminServer, digits_weights
-from tests.integration.serving.console.harness import Console, field, sign_in
+from tests.integration.serving.console.harness import field, sign_in
 
 SIGNATURE = {"input": ["pixels:FP32:64"], "output": ["logits:FP32:10"]}
 
