@@ -36,45 +36,15 @@ async def models(page: Page) -> Response:
     return page.render("models.html", models=_by_model(versions), stages=STAGE_ORDER)
 
 
-def _against(metrics: dict[str, float], production: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """Each metric of a version beside production's, with the difference."""
-    theirs: dict[str, float] = production["metrics"] if production else {}
-    rows = []
-    for name in sorted(set(metrics) | set(theirs)):
-        mine, base = metrics.get(name), theirs.get(name)
-        delta = mine - base if mine is not None and base is not None else None
-        rows.append({"name": name, "value": mine, "production": base, "delta": delta})
-    return rows
-
-
 @page("/models/{name}/versions/{version}")
 async def version_card(page: Page) -> Response:
     name = page.request.path_params["name"]
     version = page.request.path_params["version"]
     card = await page.get(f"/models/{name}/versions/{version}")
     lineage = await page.get(f"/models/{name}/versions/{version}/lineage")
-    siblings = await page.get("/models", {"name": name})
-    production = next((v for v in siblings if v["stage"] == "production"), None)
-    checks = await _guardrail_records(page, name, version)
     return page.render(
-        "version.html",
-        card=card,
-        lineage=lineage,
-        production=production,
-        metrics=_against(card["metrics"], production),
-        checks=checks,
-        may_decide=_may_decide(page, card),
+        "version.html", card=card, lineage=lineage, may_decide=_may_decide(page, card)
     )
-
-
-async def _guardrail_records(page: Page, name: str, version: str) -> list[dict[str, Any]] | None:
-    """The version's registry decisions and refusals from the audit log (guardrails,
-    approvals, promotions), when the user may read the log; None otherwise."""
-    if not page.may("audit.read"):
-        return None
-    records = await page.get("/audit", {"model": name})
-    target = f"model:{name}:{version}"
-    return [r for r in records if r["target"] == target]
 
 
 def _may_decide(page: Page, version: dict[str, Any]) -> bool:

@@ -15,22 +15,11 @@ COMMANDS = ("pause", "resume", "promote", "abort")
 OFFERED = {"running": ("pause", "promote", "abort"), "paused": ("resume", "promote", "abort")}
 
 
-async def _rollouts(page: Page) -> list[dict[str, Any]]:
-    """Each model's current or last rollout, live ones first."""
-    names = sorted({v["name"] for v in await page.get("/models")})
-    found = []
-    for name in names:
-        try:
-            found.append(await page.get(f"/models/{name}/rollout"))
-        except Refused as refused:
-            if refused.status != 404:
-                raise
-    return sorted(found, key=lambda r: (r["state"] not in OFFERED, r["model"]))
-
-
 @page("/rollouts")
 async def rollouts(page: Page) -> Response:
-    return page.render("rollouts.html", rollouts=await _rollouts(page))
+    listed = await page.get("/rollouts")
+    live_first = sorted(listed, key=lambda r: (r["state"] not in OFFERED, r["model"]))
+    return page.render("rollouts.html", rollouts=live_first)
 
 
 async def _status(page: Page) -> dict[str, Any]:
