@@ -30,6 +30,7 @@ from serving.config.schema import (
 )
 from serving.config.server import (
     AuditConfig,
+    ConsoleConfig,
     HttpLimits,
     SecurityConfig,
     ServerConfig,
@@ -72,6 +73,7 @@ SECTIONS: tuple[tuple[str, str, type[BaseModel]], ...] = (
     ("`server`", "server.", ServerConfig),
     ("`server.tls`: TLS on the HTTP and gRPC ports", "server.tls.", TlsConfig),
     ("`server.http`: limits of the HTTP port", "server.http.", HttpLimits),
+    ("`server.console`: the web console", "server.console.", ConsoleConfig),
     ("`models[]`: one served model version", "models[].", ModelConfig),
     ("`models[].inputs[]`, `models[].outputs[]`", "models[].inputs[].", TensorConfig),
     ("`models[].autoscaling`: replicas on demand", "models[].autoscaling.", AutoscalingConfig),
