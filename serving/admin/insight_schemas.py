@@ -25,8 +25,11 @@ _SEQ_MAX = 2**63 - 1  # the audit log's seq is a 64-bit integer
 
 Stage = Literal["registered", "approved", "rejected", "staging", "production", "archived"]
 RolloutState = Literal["running", "paused", "succeeded", "failed", "aborted", "live"]
+# Query values hold no control characters (serving.admin.routing refuses them).
 Pattern = Annotated[
-    str, StringConstraints(min_length=1, max_length=300), AfterValidator(_encodable)
+    str,
+    StringConstraints(min_length=1, max_length=300, pattern=r"^[^\x00-\x1f\x7f]+$"),
+    AfterValidator(_encodable),
 ]
 Seq = Annotated[int, Field(ge=0, le=_SEQ_MAX)]
 _PATTERN = "; repeat it for any of several. A value ending in * is a prefix (literal, "
