@@ -32,6 +32,7 @@ from gpugate_proto import grpc_service_pb2_grpc as pb_grpc
 from router._exceptions import DeadlineExceeded, GatewayError, InvalidArgument
 from router.extensions import config_of, statistics_of
 from router.grpc_services import Cardinality, Rpc, standard_rpcs
+from router.infer_wire import decode_infer_request
 from router.service import (
     EXTENSIONS,
     PLATFORM,
@@ -120,9 +121,12 @@ class _GrpcioBody(DeferredRequest):
 def decode_request(request_type: Any, data: bytes) -> Any:
     """``data`` as a ``request_type`` message, or :class:`Malformed`; never raises.
 
-    Every door decodes through this (grpc.aio as the handlers' deserializer).
+    Every door decodes through this (grpc.aio as the handlers' deserializer). A large
+    ModelInferRequest keeps its tensors as views of ``data`` (:mod:`router.infer_wire`).
     """
     try:
+        if request_type is pb.ModelInferRequest:
+            return decode_infer_request(data)
         return request_type.FromString(data)
     except Exception as exc:  # DecodeError; its type differs between protobuf backends
         return Malformed(
