@@ -29,7 +29,12 @@ from google.protobuf import json_format
 from gpugate_proto import grpc_service_pb2 as pb
 from gpugate_proto import grpc_service_pb2_grpc as pb_grpc
 
-from router._exceptions import DeadlineExceeded, GatewayError, InvalidArgument
+from router._exceptions import (
+    DeadlineExceeded,
+    GatewayError,
+    InvalidArgument,
+    ResourceExhausted,
+)
 from router.extensions import config_of, statistics_of
 from router.grpc_services import Cardinality, Rpc, standard_rpcs
 from router.infer_wire import decode_infer_request
@@ -313,6 +318,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         refused: GatewayError | None = None
         authenticated = True
         held: Call | None = None
+        who: list[str] = []  # the caller's tenant, once the service has checked its key
         if isinstance(request, DeferredRequest):
             # Key before body, and the tenant's request slot too, outside ``admitted``: a
             # call that ends while its message is still coming (a reset, an over-size
@@ -344,7 +350,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         async def admitted_infer(call: Call) -> Any:
             if refused is not None and not authenticated:
                 raise refused
-            await self._service.authenticate(call, metadata.authorization)
+            who.append((await self._service.authenticate(call, metadata.authorization)).name)
             if refused is not None:
                 raise refused
             if isinstance(request, Malformed):
@@ -371,7 +377,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                 response.raw_output_contents.append(np.ascontiguousarray(arr).tobytes())
             return response
 
-        return await _guard(context, run)
+        try:
+            return await run()
+        except GatewayError as exc:
+            error = exc
+        # The message, and the frames that held it, go before any hold: a held refusal
+        # keeps only its call slot (router/pacing.py).
+        request = refused = None
+        error.__traceback__ = error.__context__ = None
+        if isinstance(error, ResourceExhausted):
+            await self._service.refusals.hold(who[0] if who else None, context.time_remaining())
+        await context.abort(error.grpc_code, error.message, error.grpc_trailers())
+        raise error  # unreachable: abort raises
 
     async def _read(self, deferred: DeferredRequest, context: Any) -> Any:
         """The deferred message, within the call's deadline and the body timeout."""

@@ -29,6 +29,7 @@ from router._exceptions import (
 from router.admission import TenantLoad, TenantLoads
 from router.canary import SHADOW_PRIORITY, SHADOW_TENANT, Header, Windows, compare
 from router.metrics import RouterMetrics
+from router.pacing import RefusalHold
 from router.quota import Quotas
 from router.tensors import InferParams, InputTensor, validate_inputs
 from router.tracing import finish_request_span, span_context, start_request_span
@@ -143,6 +144,12 @@ class RouterSettings:
     # How long a gRPC ModelInfer's message may take to arrive once its caller is admitted
     # (the call's own deadline, when shorter, applies instead).
     grpc_body_timeout_s: float = 30.0
+    # How long a gRPC ModelInfer refused for load waits before its answer, so that a
+    # client that calls again at once, ignoring the retry delay, cannot make the gateway
+    # read and refuse its calls as fast as it sends them (router/pacing.py); at most this
+    # many answers of one tenant wait at once. 0 answers at once.
+    refusal_hold_s: float = 0.05
+    refusal_hold_max_per_tenant: int = 16
 
 
 class InferenceService:
@@ -171,6 +178,7 @@ class InferenceService:
             settings.retry_after_s,
             self.metrics,
         )
+        self.refusals = RefusalHold(settings.refusal_hold_s, settings.refusal_hold_max_per_tenant)
         # Rate quotas; a gateway among several sets its shares (router.quota).
         self.quotas = Quotas(self.metrics)
         # Outcomes per version for the models under a rollout (serving.rollout reads them).

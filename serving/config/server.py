@@ -257,6 +257,24 @@ class ServerConfig(Strict):
         "the call ends (DEADLINE_EXCEEDED on grpcio, CANCELLED on the native door) and "
         "frees its tenant's request slot.",
     )
+    grpc_refusal_hold_s: float = Field(
+        default=0.05,
+        ge=0,
+        le=10,
+        description="A gRPC ModelInfer call refused for load (RESOURCE_EXHAUSTED: its "
+        "tenant's in-flight caps or rate quotas, a full queue) is answered after this many "
+        "seconds, with its request message already dropped, so that a client that calls "
+        "again at once, ignoring the retry delay, cannot make the gateway read and refuse "
+        "its calls as fast as it sends them. At most half of the call's remaining deadline. "
+        "0 answers at once.",
+    )
+    grpc_refusal_hold_max_per_tenant: int = Field(
+        default=16,
+        ge=1,
+        description="Refusals of one tenant held at once (grpc_refusal_hold_s); its further "
+        "refusals are answered at once, so that one tenant cannot fill the port's call "
+        "slots with them.",
+    )
     gc_tuning: bool = Field(
         default=True,
         description="Once the gateway has started, freeze the objects alive then (gc.freeze) "

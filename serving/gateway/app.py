@@ -216,6 +216,8 @@ class Gateway:
                 tenant_max_requests_in_flight=cfg.tenant_max_requests_in_flight,
                 tenant_max_bytes_in_flight=cfg.tenant_max_bytes_in_flight,
                 grpc_body_timeout_s=cfg.grpc_body_timeout_s,
+                refusal_hold_s=cfg.grpc_refusal_hold_s,
+                refusal_hold_max_per_tenant=cfg.grpc_refusal_hold_max_per_tenant,
             ),
             self.metrics,
         )

@@ -260,6 +260,50 @@ def test_the_request_cap_is_exact_on_both_protocols(admission: Admission) -> Non
     assert http_infer(a.http_url, "key-capped").status_code == 200
 
 
+def test_a_refusal_for_load_is_held_within_a_bound_per_tenant(admission: Admission) -> None:
+    """A gRPC call refused for load is answered after the service's refusal hold; past
+    the tenant's bound of held answers, and within half a short deadline, at once."""
+    a = admission
+    pacing = a.service.refusals
+    hold_s, bound = pacing.hold_s, pacing.max_per_tenant
+    pacing.hold_s = 1.0  # long enough that every call below overlaps the held ones
+    a.close_gate()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(CAP + bound + 4) as pool:
+            held = hold(pool, CAP, lambda: grpc_call(a.grpc_url, "key-capped"))
+            a.wait_load("capped", CAP)
+
+            def timed() -> tuple[float, Any]:
+                started = time.monotonic()
+                got = grpc_call(a.grpc_url, "key-capped")
+                return time.monotonic() - started, got
+
+            refused = [f.result(30) for f in hold(pool, bound + 4, timed)]
+            assert all(
+                isinstance(got, grpc.RpcError)
+                and got.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                and dict(got.trailing_metadata())["grpc-retry-pushback-ms"] == "1000"
+                for _, got in refused
+            ), refused
+            waits = sorted(took for took, _ in refused)
+            assert all(took >= 1.0 for took in waits[-bound:]), waits  # held
+            assert all(took < 1.0 for took in waits[:4]), waits  # past the bound: at once
+            assert pacing.held("capped") == 0
+
+            # A deadline shorter than the hold: still the refusal, within half of it.
+            with grpc.insecure_channel(a.grpc_url) as channel:
+                stub = pb_grpc.GRPCInferenceServiceStub(channel)
+                md = (("authorization", "Bearer key-capped"),)
+                with pytest.raises(grpc.RpcError) as short:
+                    stub.ModelInfer(grpc_request(1), metadata=md, timeout=0.6)
+            assert short.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            a.open_gate()
+            assert all(not isinstance(f.result(30), grpc.RpcError) for f in held)
+    finally:
+        pacing.hold_s = hold_s
+    assert a.load("capped") == (0, 0)
+
+
 def test_the_byte_cap_is_exact_on_both_protocols(admission: Admission) -> None:
     a = admission
     a.close_gate()
