@@ -217,6 +217,36 @@ def admin(
         return exc.code, json.loads(exc.read())
 
 
+def make_user(gw: Gateway, name: str, role: str) -> str:
+    """A new user of ``role``, created by the admin through the CLI; returns its token."""
+    made = gw.admin_cli("users", "create", name, "--role", role, "--json")
+    assert made.returncode == 0, made.stderr
+    return str(json.loads(made.stdout)["token"])
+
+
+def register_digits(
+    gw: Gateway, token: str, artifact: Path, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    """``gpugate models register digits`` of a :func:`train_digits` artifact as the user of
+    ``token`` (``--json``; ``extra`` options appended)."""
+    return gw.admin_cli(
+        "models",
+        "register",
+        "digits",
+        "--artifact",
+        str(artifact),
+        "--format",
+        "safetensors",
+        "--class",
+        "serving.demo:DigitsMLP",
+        "--model-kwargs",
+        '{"hidden": 128}',
+        "--json",
+        *extra,
+        token=token,
+    )
+
+
 def train_digits(path: Path, seed: int, nan: bool = False) -> float:
     """A digits model trained like the demo but with another seed, saved as safetensors
     (``serving.demo:DigitsMLP``, hidden 128); returns its accuracy."""
@@ -362,15 +392,17 @@ def send(
     user: str | None,
     rng: random.Random,
     version: str | None = None,
+    key: str | None = None,
 ) -> Outcome:
-    """One digits request with random pixels (pixel 0 = MARK if ``marked``)."""
+    """One digits request with random pixels (pixel 0 = MARK if ``marked``), as the demo
+    tenant or the tenant of ``key``."""
     pixels = [float(rng.randint(0, 16)) for _ in range(64)]
     if marked:
         pixels[0] = MARK
     body = json.dumps(
         {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 64], "data": pixels}]}
     ).encode()
-    headers = {"Authorization": f"Bearer {gw.demo_key}", "Content-Type": "application/json"}
+    headers = {"Authorization": f"Bearer {key or gw.demo_key}", "Content-Type": "application/json"}
     if user is not None:
         headers["X-User"] = user
     path = "/v2/models/digits" + (f"/versions/{version}" if version else "") + "/infer"

@@ -26,7 +26,9 @@ from tests.e2e.conftest import (
     admin,
     admin_token,
     configured_gateway,
+    make_user,
 )
+from tests.e2e.conftest import register_digits as register
 from tests.e2e.conftest import train_digits as train
 
 pytestmark = pytest.mark.timeout(900)
@@ -50,12 +52,6 @@ def cli(gw: Gateway, *args: str, token: str | None = None) -> subprocess.Complet
     """The CLI as a user of the gateway (default: its admin); the gateway applies its own
     config's policies."""
     return gw.admin_cli(*args, token=token)
-
-
-def make_user(gw: Gateway, name: str, role: str) -> str:
-    made = cli(gw, "users", "create", name, "--role", role, "--json")
-    assert made.returncode == 0, made.stderr
-    return str(json.loads(made.stdout)["token"])
 
 
 def test_admin_api_checks_tokens_and_roles(gateway: Gateway) -> None:
@@ -129,28 +125,6 @@ def test_audit_log_and_verify_catch_a_direct_edit(gateway: Gateway) -> None:
 
 
 # --------------------------------------------------------------------- registry
-
-
-def register(
-    gw: Gateway, token: str, artifact: Path, *extra: str
-) -> subprocess.CompletedProcess[str]:
-    return cli(
-        gw,
-        "models",
-        "register",
-        "digits",
-        "--artifact",
-        str(artifact),
-        "--format",
-        "safetensors",
-        "--class",
-        "serving.demo:DigitsMLP",
-        "--model-kwargs",
-        '{"hidden": 128}',
-        "--json",
-        *extra,
-        token=token,
-    )
 
 
 def test_second_version_approval_and_live_promotion_under_load(

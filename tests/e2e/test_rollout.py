@@ -34,6 +34,7 @@ from tests.e2e.conftest import (
     admin,
     admin_token,
     configured_gateway,
+    make_user,
     send,
 )
 from tests.e2e.conftest import wait_for as poll
@@ -132,9 +133,7 @@ _approver: dict[Path, str] = {}
 
 def approver(gw: Gateway) -> str:
     if gw.state_dir not in _approver:
-        made = cli(gw, "users", "create", "appr", "--role", "approver", "--json")
-        assert made.returncode == 0, made.stderr
-        _approver[gw.state_dir] = json.loads(made.stdout)["token"]
+        _approver[gw.state_dir] = make_user(gw, "appr", "approver")
     return _approver[gw.state_dir]
 
 
