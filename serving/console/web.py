@@ -28,6 +28,8 @@ from serving.console.api import AdminApi, Params, Refused
 from serving.tenancy import Principal, Session, SessionStore, permits
 
 SESSION_COOKIE = "gpugate_session"
+# Sent by console.js when it fetches the live part of a page (``data-live``).
+FRAGMENT_HEADER = "x-console-fragment"
 MAX_FORM_BYTES = 64 * 1024
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -164,6 +166,8 @@ def page(path: str, methods: tuple[str, ...] = ("GET",)) -> Callable[[Handler], 
             try:
                 response = await handler(current)
             except Refused as refused:
+                if FRAGMENT_HEADER in request.headers:  # the live part of a page: a message
+                    return _alert(refused.message, refused.status)
                 return current.render(
                     "error.html", refused.status, status=refused.status, message=refused.message
                 )
@@ -194,19 +198,22 @@ async def _form(request: Request) -> dict[str, str] | None:
 
 def _signed_out(request: Request, *, expired: bool) -> Response:
     root = root_of(request)
-    if request.method == "GET" and "x-console-fragment" not in request.headers:
+    if request.method == "GET" and FRAGMENT_HEADER not in request.headers:
         target = f"{root}/login?" + urlencode(
             {"next": request.url.path, **({"expired": "1"} if expired else {})}
         )
         response: Response = RedirectResponse(target, 303)
     else:
         message = "your session has expired: sign in again" if expired else "sign in first"
-        response = HTMLResponse(
-            f'<p class="error" role="alert">{html.escape(message)}</p>', status_code=401
-        )
+        response = _alert(message, 401)
     if expired:
         response.delete_cookie(SESSION_COOKIE, path=root or "/")
     return response
+
+
+def _alert(message: str, status: int) -> HTMLResponse:
+    """A refusal as console.js shows it above a page's live part, in place of its update."""
+    return HTMLResponse(f'<p class="error" role="alert">{html.escape(message)}</p>', status)
 
 
 def _error(

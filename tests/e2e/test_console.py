@@ -188,6 +188,18 @@ class Browser:
             self.driver.set_window_size(*WIDE)
         return path
 
+    def fetch_fragment(self, path: str) -> tuple[int, str]:
+        """(status, text) of a live part of a page, fetched the way console.js does."""
+        status, text = self.driver.execute_async_script(
+            """
+            const [url, done] = arguments;
+            fetch(url, {headers: {"X-Console-Fragment": "1"}, cache: "no-store"})
+              .then(r => r.text().then(t => done([r.status, t])));
+            """,
+            self.root + path,
+        )
+        return int(status), str(text)
+
     def problems(self) -> list[str]:
         """Console messages since the last call that are CSP violations or errors."""
         return [
@@ -440,6 +452,11 @@ def test_the_rollout_page_follows_the_rollout_without_a_reload(
     browser.shot("rollout")
     browser.shot("rollout", phone=True)
 
+    # A refusal of a live part is a message for the box, not a whole page inside it.
+    status, text = browser.fetch_fragment("/rollouts/nope/live")
+    assert status == 404
+    assert re.fullmatch(r'<p class="error" role="alert">[^<]*no rollout[^<]*</p>', text), text
+
 
 def test_abort_from_the_page(browser: Browser, world: World) -> None:
     browser.sign_in(world.dora)
@@ -592,13 +609,8 @@ def test_sign_out_ends_the_session(browser: Browser, world: World) -> None:
     browser.driver.add_cookie({k: cookie[k] for k in ("name", "value", "path")})
     browser.open("/")
     assert browser.path == "/console/login"
-    # And the live part of a page stops asking once signed out.
-    answer = browser.driver.execute_async_script(
-        """
-        const done = arguments[arguments.length - 1];
-        fetch(arguments[0], {headers: {"X-Console-Fragment": "1"}})
-          .then(r => r.text().then(t => done([r.status, t])));
-        """,
-        browser.root + "/rollouts/digits/live",
+    # And the live part of a page is told to stop asking.
+    assert browser.fetch_fragment("/rollouts/digits/live") == (
+        401,
+        '<p class="error" role="alert">sign in first</p>',
     )
-    assert answer[0] == 401 and "sign in first" in answer[1]

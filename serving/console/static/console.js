@@ -21,6 +21,8 @@ function follow(box) {
         box.innerHTML = text;
         box.dataset.updated = new Date().toISOString();
       } else {
+        // One message at a time above the last good update, however many polls fail.
+        box.querySelector(':scope > [role="alert"]')?.remove();
         box.insertAdjacentHTML("afterbegin", text);
         if (answer.status === 401) { return; }
       }
