@@ -25,14 +25,12 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving.console import (
-    audit_pages,
-    cost_pages,
-    model_pages,
-    overview,
-    rollout_pages,
-    tenant_pages,
-)
+import serving.console.audit_pages as audit_pages
+import serving.console.cost_pages as cost_pages
+import serving.console.model_pages as model_pages
+import serving.console.overview as overview
+import serving.console.rollout_pages as rollout_pages
+import serving.console.tenant_pages as tenant_pages
 from serving.console.api import AdminApi
 from serving.console.web import SESSION_COOKIE, Console, _form, console_of, root_of
 from serving.tenancy import SessionStore
