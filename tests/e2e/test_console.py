@@ -41,6 +41,7 @@ from tests.e2e.conftest import (
     Traffic,
     admin,
     admin_token,
+    configured_gateway,
     make_user,
     register_digits,
     send,
@@ -55,6 +56,7 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 WIDE, PHONE = (1280, 900), (390, 844)
 # Requests each tenant of the module's own sends before the first page is read.
 REQUESTS = {"acme": 24, "globex": 12}
+PRICES = "costs:\n  currency: USD\n  prices:\n    - {device: cpu, per_hour: 2.10}\n"
 # A rollout whose weight moves every 2 s while traffic flows, and that never finishes
 # before the test has seen it move and aborted it (nine steps before 100%).
 ROLLOUT = (
@@ -79,6 +81,13 @@ def _require_browser() -> None:
 def _browser_installed() -> None:
     """Before the gateway starts: skipping costs nothing then."""
     _require_browser()
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """The module's gateway, on SQLite, with a price: costs in money, not only hours."""
+    with configured_gateway(tmp_path_factory, "console-state", PRICES) as gw:
+        yield gw
 
 
 # -- the browser ---------------------------------------------------------------------
@@ -502,6 +511,7 @@ def test_costs_page_and_its_csv_are_the_clis(browser: Browser, world: World) -> 
     tenants = {row.text.split()[0] for row in browser.all("#cost-rows tbody tr")}
     assert set(REQUESTS) <= tenants, tenants
     assert float(browser.text("#total-hours")) > 0
+    assert float(browser.text("#total-cost").removesuffix(" USD")) > 0
     browser.shot("costs")
 
     # Byte for byte needs a window that no longer moves: idle time grows until now.
