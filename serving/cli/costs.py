@@ -41,7 +41,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.tenant:
         params["tenant"] = args.tenant
     data = AdminClient.of(args).get("/costs", params)
-    print(render_report(data, "json" if args.json else args.format))
+    text = render_report(data, "json" if args.json else args.format)
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
     return 0
 
 

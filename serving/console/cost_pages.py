@@ -70,7 +70,7 @@ async def costs_csv(page: Page) -> Response:
     report = await page.get("/costs", {**_range(page), "group_by": group_by})
     name = f"gpugate-costs-{report['from'][:10]}-{report['to'][:10]}.csv"
     return Response(
-        render_report(report, "csv") + "\n",
+        render_report(report, "csv"),
         media_type="text/csv; charset=utf-8",
         headers={"content-disposition": f'attachment; filename="{name}"'},
     )
