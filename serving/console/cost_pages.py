@@ -24,13 +24,13 @@ def _range(page: Page) -> dict[str, str]:
     return {"from": page.query("from"), "to": page.query("to")}
 
 
-def _chart(report: dict[str, Any]) -> tuple[list[str], dict[str, list[float]]]:
-    """Device-hours per day and tenant (idle as its own series) from a tenant,day report."""
+def _per_day(report: dict[str, Any], figure: str) -> tuple[list[str], dict[str, list[float]]]:
+    """One figure per day and tenant (idle as its own series) from a tenant,day report."""
     days = sorted({r["day"] for r in report["rows"]})
     at = {d: i for i, d in enumerate(days)}
     series: dict[str, list[float]] = defaultdict(lambda: [0.0] * len(days))
     for r in report["rows"]:
-        series[r["tenant"]][at[r["day"]]] += r["gpu_hours"]
+        series[r["tenant"]][at[r["day"]]] += float(r[figure])
     ordered = dict(sorted(series.items(), key=lambda kv: (kv[0] == IDLE, -sum(kv[1]))))
     return days, ordered
 
@@ -40,12 +40,16 @@ async def costs(page: Page) -> Response:
     window = _range(page)
     by_day = await page.get("/costs", {**window, "group_by": "tenant,day"})
     by_version = await page.get("/costs", {**window, "group_by": "tenant,model,version"})
-    days, series = _chart(by_day)
-    chart = stacked_bars(
+    days, series = _per_day(by_day, "gpu_hours")
+    _, costs_series = _per_day(by_day, "cost")
+    hours_chart = stacked_bars(
+        days, series, title="Device-hours per day and tenant", unit="device-hours", muted=(IDLE,)
+    )
+    cost_chart = stacked_bars(
         days,
-        series,
-        title="Device-hours per day and tenant",
-        unit="device-hours",
+        costs_series,
+        title=f"Cost per day and tenant ({by_day['currency']})",
+        unit=by_day["currency"],
         muted=(IDLE,),
     )
     tenants = [r for r in by_version["rows"] if r["tenant"] != IDLE]
@@ -54,7 +58,7 @@ async def costs(page: Page) -> Response:
         "costs.html",
         window=window,
         report=by_version,
-        chart=Markup(chart),
+        charts=(Markup(hours_chart), Markup(cost_chart)),
         days=days,
         series=series,
         tenants=tenants,
