@@ -4,6 +4,7 @@ new key is shown once, on the page that answers the form, and never again."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,6 +12,9 @@ from starlette.responses import Response
 
 from serving.console.api import Refused
 from serving.console.web import Page, page
+
+# Larger numbers in a form field are refused here; the API has its own, smaller bounds.
+MAX_FIELD = 1e12
 
 
 async def _budget(page: Page, name: str) -> dict[str, Any] | None:
@@ -56,9 +60,12 @@ def _models(text: str) -> list[str]:
 
 def _number(text: str, what: str) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
-        raise Refused(400, f"{what} must be a number, not {text!r}") from None
+        value = math.nan
+    if not math.isfinite(value) or abs(value) > MAX_FIELD:
+        raise Refused(400, f"{what} must be a number, not {text[:40]!r}")
+    return value
 
 
 @page("/tenants", ("POST",))

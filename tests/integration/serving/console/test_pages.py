@@ -174,3 +174,44 @@ def test_tenants_keys_and_the_costs_download(console) -> None:  # type: ignore[n
         log = b.get("/console/audit", params={"action": "tenant.key.*"})
         assert log.status_code == 200 and "tenant.key.revoke" in log.text
         assert "tenant.create" not in log.text and "The chain verifies" in log.text
+
+
+def test_bad_input_gets_a_clear_4xx_page(console) -> None:  # type: ignore[no-untyped-def]
+    """Whatever a browser (or a hand) sends is answered 4xx with the reason; no 5xx."""
+    c, server = console
+    with c.browser(server) as b:
+        sign_in(b, c.admin_token)
+        csrf = field(b.get("/console/models").text, "csrf")
+        gets = [
+            "/console/models/a%00b/versions/1",
+            "/console/models/digits/versions/" + "x" * 5000,
+            "/console/models/nope/versions/1",
+            "/console/audit?before=abc",
+            "/console/audit?since=yesterday",
+            "/console/audit?action=" + "a" * 400,
+            "/console/costs?from=2026-13-45",
+            "/console/costs.csv?group_by=bogus",
+            "/console/rollouts/nope",
+            "/console/tenants/nope",
+        ]
+        for path in gets:
+            answer = b.get(path)
+            assert 400 <= answer.status_code < 500, (path, answer.status_code, answer.text[-300:])
+            assert 'id="refusal"' in answer.text, path
+        live = b.get("/console/rollouts/nope/live", headers={"X-Console-Fragment": "1"})
+        assert live.status_code == 404 and live.text.startswith('<p class="error"')
+        posts = [
+            ("/console/rollouts/digits/explode", {"reason": "x"}),
+            ("/console/tenants", {"name": "ok", "weight": "nan"}),
+            ("/console/tenants", {"name": "bad name!", "weight": "1"}),
+            ("/console/tenants/nope/keys/1/rotate", {"grace_s": "-5"}),
+            ("/console/tenants/nope/keys", {"label": "x", "expires_in_days": "1e400"}),
+        ]
+        for path, data in posts:
+            answer = b.post(path, data={"csrf": csrf, **data})
+            assert 400 <= answer.status_code < 500, (path, answer.status_code, answer.text[-300:])
+        junk = b.post(
+            "/console/tenants", content=b"\xff\xfe" * 10, headers={"content-type": "text/plain"}
+        )
+        assert junk.status_code == 400
+        assert b.get("/console/models").status_code == 200  # still up
