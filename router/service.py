@@ -148,8 +148,8 @@ class RouterSettings:
     # client that calls again at once, ignoring the retry delay, cannot make the gateway
     # read and refuse its calls as fast as it sends them (router/pacing.py); at most this
     # many answers of one tenant wait at once. 0 answers at once.
-    refusal_hold_s: float = 0.05
-    refusal_hold_max_per_tenant: int = 16
+    refusal_hold_s: float = 0.25
+    refusal_hold_max_per_tenant: int = 64
 
 
 class InferenceService:

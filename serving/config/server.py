@@ -258,7 +258,7 @@ class ServerConfig(Strict):
         "frees its tenant's request slot.",
     )
     grpc_refusal_hold_s: float = Field(
-        default=0.05,
+        default=0.25,
         ge=0,
         le=10,
         description="A gRPC ModelInfer call refused for load (RESOURCE_EXHAUSTED: its "
@@ -269,7 +269,7 @@ class ServerConfig(Strict):
         "0 answers at once.",
     )
     grpc_refusal_hold_max_per_tenant: int = Field(
-        default=16,
+        default=64,
         ge=1,
         description="Refusals of one tenant held at once (grpc_refusal_hold_s); its further "
         "refusals are answered at once, so that one tenant cannot fill the port's call "

@@ -265,8 +265,10 @@ def test_a_refusal_for_load_is_held_within_a_bound_per_tenant(admission: Admissi
     the tenant's bound of held answers, and within half a short deadline, at once."""
     a = admission
     pacing = a.service.refusals
-    hold_s, bound = pacing.hold_s, pacing.max_per_tenant
+    hold_s, max_per_tenant = pacing.hold_s, pacing.max_per_tenant
+    bound = 6
     pacing.hold_s = 1.0  # long enough that every call below overlaps the held ones
+    pacing.max_per_tenant = bound
     a.close_gate()
     try:
         with concurrent.futures.ThreadPoolExecutor(CAP + bound + 4) as pool:
@@ -300,7 +302,7 @@ def test_a_refusal_for_load_is_held_within_a_bound_per_tenant(admission: Admissi
             a.open_gate()
             assert all(not isinstance(f.result(30), grpc.RpcError) for f in held)
     finally:
-        pacing.hold_s = hold_s
+        pacing.hold_s, pacing.max_per_tenant = hold_s, max_per_tenant
     assert a.load("capped") == (0, 0)
 
 
@@ -457,12 +459,13 @@ def quiet_latencies(a: Admission, n: int) -> list[float]:
 
 def test_a_flood_of_max_size_requests_is_shed_by_the_byte_cap(admission: Admission) -> None:
     """The flooder (its own process, 8 connections of back-to-back maximum-size requests)
-    never has more than its byte cap admitted; the rest is refused at once. Another
-    tenant's p99 is measured quiet and under the flood; the 2x bound is not met on a
-    2-core host (see the xfail below). The refused messages are not the cost: refusing
-    them before reading measured the same. The admitted ones are: about 200 MiB/s of
-    them, each copied on the event loop, within the byte cap. The byte cap bounds
-    memory, not CPU; docs/operations.md ("What the caps do not bound") has the figures."""
+    never has more than its byte cap admitted; the rest is refused, each refusal held
+    (server.grpc_refusal_hold_s) so the flooder cannot cycle refused 1 MiB messages
+    through the gateway as fast as it sends them. Another tenant's p99 is measured quiet
+    and under the flood. On a 2-core host that is not within 2x in every run: what
+    remains is the admitted flood (within the byte cap, one copy each on the event loop)
+    and the flooding process itself on the same cores. Runs over 2x end in the xfail
+    below, with their figures; docs/benchmarks.md has the profile and the history."""
     a = admission
     a.open_gate()
     quiet = float(np.percentile(quiet_latencies(a, 300), 99))
@@ -503,7 +506,9 @@ def test_a_flood_of_max_size_requests_is_shed_by_the_byte_cap(admission: Admissi
     assert codes.get("OK", 0) > 0, codes
     assert 0 < peak[0] <= 2 * MAX_BYTES, peak
     if loaded > 2 * quiet:
-        pytest.xfail(f"p99 over 2x quiet (admitted flood traffic's CPU): {figures}")
+        # Not met in every run on a 2-core host shared with the flooding process; the
+        # figures say by how much (docs/benchmarks.md).
+        pytest.xfail(f"p99 over 2x quiet (admitted flood and flooder share 2 cores): {figures}")
 
 
 def test_a_tenant_at_its_request_cap_is_refused_before_its_body_is_read(
