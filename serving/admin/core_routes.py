@@ -11,7 +11,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Path, Query
 
-import serving.admin.insight_schemas as views
 import serving.admin.schemas as schemas
 from serving.admin.auth import Caller
 from serving.admin.budget_routes import budget_of
@@ -191,7 +190,7 @@ def rotate_tenant_key(name: TenantName, caller: Caller, services: Services) -> s
     "time, a page at a time",
 )
 def read_audit_log(
-    query: Annotated[views.AuditQuery, Query()], services: Services
+    query: Annotated[schemas.AuditQuery, Query()], services: Services
 ) -> list[schemas.AuditRecord]:
     records = audit.read(
         services.engine,

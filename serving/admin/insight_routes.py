@@ -7,7 +7,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-import serving.admin.insight_schemas as views
 import serving.admin.schemas as schemas
 from serving.admin.routing import AdminRoute, Services, route
 from serving.rollout import LIVE_STATES
@@ -24,8 +23,10 @@ router = APIRouter(route_class=AdminRoute)
     "promotions and rollbacks; approvals waiting, guardrail refusals, failed rollouts, "
     "budgets near their end, the audit chain",
 )
-def overview(query: Annotated[views.OverviewQuery, Query()], services: Services) -> views.Overview:
-    return views.Overview.model_validate(services.insights.overview(query.days))
+def overview(
+    query: Annotated[schemas.OverviewQuery, Query()], services: Services
+) -> schemas.Overview:
+    return schemas.Overview.model_validate(services.insights.overview(query.days))
 
 
 @route(
@@ -36,7 +37,7 @@ def overview(query: Annotated[views.OverviewQuery, Query()], services: Services)
     "Each model's live rollout, else its latest: step, weights, state, last analysis",
 )
 def list_rollouts(
-    query: Annotated[views.RolloutsQuery, Query()], services: Services
+    query: Annotated[schemas.RolloutsQuery, Query()], services: Services
 ) -> list[schemas.Rollout]:
     states = () if query.state is None else LIVE_STATES if query.state == "live" else (query.state,)
     return [

@@ -16,7 +16,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query, Request
 from starlette.concurrency import run_in_threadpool
 
-import serving.admin.insight_schemas as views
 import serving.admin.schemas as schemas
 from serving.admin.auth import Caller
 from serving.admin.routing import AdminRoute, Services, route
@@ -181,7 +180,7 @@ def list_versions(
     services: Services,
     name: Annotated[Name | None, Query(description="Only this model's versions.")] = None,
     stage: Annotated[
-        views.Stage | None,
+        schemas.Stage | None,
         Query(description="Only versions in this stage (registered: awaiting approval)."),
     ] = None,
 ) -> list[schemas.Version]:
@@ -195,9 +194,9 @@ def list_versions(
     "models.read",
     "One version with its approvals, its standing against production and its guardrail refusals",
 )
-def show_version(name: ModelName, version: VersionName, services: Services) -> views.VersionCard:
+def show_version(name: ModelName, version: VersionName, services: Services) -> schemas.VersionCard:
     row = services.registry.get(name, version)
-    return views.VersionCard.model_validate(
+    return schemas.VersionCard.model_validate(
         {
             **services.stages.cards([row])[0],
             "against_production": against_production(services.registry, row),
