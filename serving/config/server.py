@@ -185,8 +185,8 @@ class ServerConfig(Strict):
         "decompression limits of request bodies.",
     )
     console: ConsoleConfig = Field(
-        default_factory=ConsoleConfig, description="The web console: sessions and whether "
-        "it is served."
+        default_factory=ConsoleConfig,
+        description="The web console: sessions and whether it is served.",
     )
     default_timeout_ms: float = Field(
         default=30_000, gt=0, description="Deadline of a request that names none."
