@@ -462,10 +462,11 @@ def test_a_flood_of_max_size_requests_is_shed_by_the_byte_cap(admission: Admissi
     never has more than its byte cap admitted; the rest is refused, each refusal held
     (server.grpc_refusal_hold_s) so the flooder cannot cycle refused 1 MiB messages
     through the gateway as fast as it sends them. Another tenant's p99 is measured quiet
-    and under the flood. On a 2-core host that is not within 2x in every run: what
-    remains is the admitted flood (within the byte cap, one copy each on the event loop)
-    and the flooding process itself on the same cores. Runs over 2x end in the xfail
-    below, with their figures; docs/benchmarks.md has the profile and the history."""
+    and under the flood, and must stay within 2x on the native door (the default). What
+    remains of the cost is the admitted flood (within the byte cap, one copy each on the
+    event loop) and the flooding process itself on the same cores; the grpcio door, which
+    keeps one more copy, ends in an xfail with its figures when over 2x.
+    docs/benchmarks.md has the profile and the history."""
     a = admission
     a.open_gate()
     quiet = float(np.percentile(quiet_latencies(a, 300), 99))
@@ -505,10 +506,12 @@ def test_a_flood_of_max_size_requests_is_shed_by_the_byte_cap(admission: Admissi
     assert codes.get("RESOURCE_EXHAUSTED", 0) > 0, codes  # the byte cap shed the excess
     assert codes.get("OK", 0) > 0, codes
     assert 0 < peak[0] <= 2 * MAX_BYTES, peak
-    if loaded > 2 * quiet:
-        # Not met in every run on a 2-core host shared with the flooding process; the
-        # figures say by how much (docs/benchmarks.md).
-        pytest.xfail(f"p99 over 2x quiet (admitted flood and flooder share 2 cores): {figures}")
+    if loaded > 2 * quiet and a.doors.grpc_server == "grpcio":
+        # The portable door keeps one copy of each admitted message inside grpcio (15% of
+        # the loop under this flood); on a quiet 2-core host it met the bound in every run,
+        # worst 1.95x, with no margin left for a busy one (docs/benchmarks.md).
+        pytest.xfail(f"grpcio door: p99 over 2x quiet: {figures}")
+    assert loaded <= 2 * quiet, figures
 
 
 def test_a_tenant_at_its_request_cap_is_refused_before_its_body_is_read(
