@@ -14,22 +14,8 @@ import sqlalchemy as sa
 import serving.cli.audit as audit_cli
 from serving.cli import main
 from serving.config import GatewayConfig
-from serving.state import audit, open_engine
+from serving.state import audit
 from tests.integration.serving.admin.server import AdminServer, admin_token, gateway_app
-
-
-@pytest.fixture
-def state(tmp_path: Path) -> Path:
-    return tmp_path / "state"
-
-
-@pytest.fixture
-def engine(state: Path) -> Iterator[sa.Engine]:
-    engine = open_engine(None, state)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import sqlalchemy as sa
 
 from serving.cli import main
 from serving.config import GatewayConfig, ModelPolicy
-from serving.state import open_engine
 from serving.tenancy import UserStore
 from tests.integration.serving.admin.server import (
     AdminServer,
@@ -24,20 +23,6 @@ from tests.integration.serving.admin.server import (
 )
 
 POLICY = GatewayConfig(policies={"*": ModelPolicy(max_artifact_bytes=2**20)})
-
-
-@pytest.fixture
-def state(tmp_path: Path) -> Path:
-    return tmp_path / "state"
-
-
-@pytest.fixture
-def engine(state: Path) -> Iterator[sa.Engine]:
-    engine = open_engine(None, state)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
 
 
 @pytest.fixture
