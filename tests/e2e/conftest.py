@@ -28,10 +28,28 @@ GPUGATE = str(Path(sys.executable).with_name("gpugate"))
 READY_TIMEOUT_S = 180
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port below the kernel's ephemeral range. A port the kernel picked for a bind
+    to 0 lies in that range, where the outgoing connections of Ray and the tests take
+    ports too: one could take it before the gateway binds it ("Address already in use").
+    Ray's workers listen on 10002-19999 by default, and `ray start` refuses ports there."""
+    low = _ephemeral_low()
+    for _ in range(1000):
+        port = random.randrange(20_000, max(20_001, low))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def free_port_run(n: int) -> int:
