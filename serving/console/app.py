@@ -60,57 +60,55 @@ def _safe_next(request: Request, target: str | None) -> str:
     return f"{root}/"
 
 
-async def login_form(request: Request) -> Response:
-    console = console_of(request)
+def _login_page(
+    request: Request, code: int, *, next_page: str, message: str = "", notice: str = ""
+) -> Response:
+    """The sign-in form, with a fresh login CSRF token in it and in its cookie."""
     token = secrets.token_urlsafe(24)
-    expired = request.query_params.get("expired") == "1"
-    response = console.render(
+    response = console_of(request).render(
         "login.html",
+        code,
         root=root_of(request),
         login_csrf=token,
-        next=request.query_params.get("next", ""),
-        message="Your session has expired: sign in again." if expired else "",
-        notice="Signed out." if request.query_params.get("signed_out") == "1" else "",
+        next=next_page,
+        message=message,
+        notice=notice,
     )
     _set_cookie(request, response, LOGIN_COOKIE, token, max_age=600)
     response.headers["cache-control"] = "no-store"
     return response
 
 
+async def login_form(request: Request) -> Response:
+    query = request.query_params
+    return _login_page(
+        request,
+        200,
+        next_page=query.get("next", ""),
+        message="Your session has expired: sign in again." if query.get("expired") == "1" else "",
+        notice="Signed out." if query.get("signed_out") == "1" else "",
+    )
+
+
 async def login(request: Request) -> Response:
     console = console_of(request)
     form = await _form(request) or {}
+    next_page = form.get("next", "")
     sent, expected = form.get("login_csrf", ""), request.cookies.get(LOGIN_COOKIE, "")
     if not sent or not expected or not secrets.compare_digest(sent, expected):
-        return _login_refused(request, 403, "The sign-in form expired: reload it and try again.")
+        message = "The sign-in form expired: reload it and try again."
+        return _login_page(request, 403, next_page=next_page, message=message)
     opened = await run_in_threadpool(console.sessions.open, form.get("token", ""))
     if opened is None:
-        return _login_refused(
-            request,
-            401,
+        message = (
             "Unknown, disabled or expired user token. Sign in with a user token "
-            "(gpugate users create prints it); a tenant's API key cannot sign in.",
+            "(gpugate users create prints it); a tenant's API key cannot sign in."
         )
-    response = RedirectResponse(_safe_next(request, form.get("next")), 303)
+        return _login_page(request, 401, next_page=next_page, message=message)
+    response = RedirectResponse(_safe_next(request, next_page), 303)
     left = (opened.session.expires_at - datetime.now(UTC)) // timedelta(seconds=1)
     _set_cookie(request, response, SESSION_COOKIE, opened.secret, max_age=max(1, int(left)))
     response.delete_cookie(LOGIN_COOKIE, path=root_of(request) or "/")
-    return response
-
-
-def _login_refused(request: Request, status: int, message: str) -> Response:
-    console = console_of(request)
-    token = secrets.token_urlsafe(24)
-    response = console.render(
-        "login.html",
-        status,
-        root=root_of(request),
-        login_csrf=token,
-        next=request.query_params.get("next", ""),
-        message=message,
-        notice="",
-    )
-    _set_cookie(request, response, LOGIN_COOKIE, token, max_age=600)
     return response
 
 

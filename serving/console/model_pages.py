@@ -33,7 +33,7 @@ def _by_model(versions: list[dict[str, Any]]) -> dict[str, dict[str, list[dict[s
 @page("/models")
 async def models(page: Page) -> Response:
     versions = await page.get("/models")
-    return page.render("models.html", models=_by_model(versions), stages=STAGE_ORDER)
+    return page.render("models.html", models=_by_model(versions))
 
 
 @page("/models/{name}/versions/{version}")

@@ -107,11 +107,6 @@ class Page:
     async def post(self, path: str, body: Any = None, params: Params | None = None) -> Any:
         return await self.console.api.post(self.user, path, body, params)
 
-    async def call(
-        self, method: str, path: str, body: Any = None, params: Params | None = None
-    ) -> Any:
-        return await self.console.api.call(self.user, method, path, params, body)
-
     def url(self, path: str, **params: str | int | None) -> str:
         query = urlencode({k: v for k, v in params.items() if v not in (None, "")})
         return f"{self.root}{path}" + (f"?{query}" if query else "")

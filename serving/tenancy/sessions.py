@@ -76,9 +76,11 @@ class SessionStore:
     def open(self, token: str) -> OpenedSession | None:
         """Sign in with a user token: a new session, or None when the token is not a
         usable user token (a tenant key is not one). Audited as ``console.sign_in``."""
-        principal = self.directory.lookup(token.strip()) if token else None
+        token = token.strip()
+        principal = self.directory.lookup(token) if token else None
         if principal is None:
             return None
+        token_hash = hash_key(token)
         now = self._now()
         expires = now + self.ttl
         if principal.expires_at is not None:
@@ -90,7 +92,7 @@ class SessionStore:
             user_id = tx.conn.execute(
                 sa.select(t_users.c.id).where(
                     t_users.c.name == principal.name,
-                    t_users.c.token_hash == hash_key(token.strip()),
+                    t_users.c.token_hash == token_hash,
                 )
             ).scalar()
             if user_id is None:  # rotated or deleted since the directory's cache filled
@@ -99,7 +101,7 @@ class SessionStore:
                 t_sessions.insert().values(
                     id_hash=_id_hash(secret),
                     user_id=user_id,
-                    token_hash=hash_key(token.strip()),
+                    token_hash=token_hash,
                     csrf=csrf,
                     created_at=now,
                     expires_at=expires,

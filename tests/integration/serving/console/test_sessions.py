@@ -50,6 +50,17 @@ def test_a_tenant_key_or_an_unknown_token_cannot_sign_in(console) -> None:  # ty
             assert refused.status_code == 401, token
             assert "API key cannot sign in" in refused.text
             assert "gpugate_session" not in refused.headers.get("set-cookie", "")
+        # The page asked for survives a refused sign-in.
+        form = b.get("/console/login", params={"next": "/console/costs"})
+        again = b.post(
+            "/console/login",
+            data={
+                "login_csrf": field(form.text, "login_csrf"),
+                "token": "ggu_wrong",
+                "next": field(form.text, "next"),
+            },
+        )
+        assert again.status_code == 401 and field(again.text, "next") == "/console/costs"
         # A form from elsewhere (no login cookie, or another's token) is refused.
         forged = b.post("/console/login", data={"login_csrf": "x", "token": c.admin_token})
         assert forged.status_code == 403
