@@ -6,7 +6,8 @@ gateway nodes on 127.0.0.2 and 127.0.0.3, each advertising one `gpugate_gateway`
 front, health-checking `/v2/health/ready` on each. Under load through the balancer,
 with clients that retry a 502/503 and a refused or reset connection: a gateway killed
 with SIGKILL, a rolling restart of the gateways, and a model replica killed lose no
-request, and the ledger has a row for every answer.
+request, and the ledger has a row for every answer (and beyond them only rows of
+requests whose answer the killed gateway never sent).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from tests.e2e.test_cluster import (
     Retrying,
     _deploy,
     _gateway_pids,
-    _usage_requests,
     cluster_env,
+    ledger_matches,
     ray_start,
     ray_stop,
     replica_pids,
@@ -96,7 +97,9 @@ defaults
     timeout server 60s
     retries 3
     option redispatch
-    retry-on conn-failure empty-response response-timeout 503
+    # Only what cannot have run: a request whose connection died after it was sent may
+    # have been served and charged, so its retry is left to the client, which counts it.
+    retry-on conn-failure 503
 frontend gpugate
     bind 127.0.0.1:{front}
     default_backend gateways
@@ -203,4 +206,4 @@ def test_two_gateways_behind_haproxy_lose_no_request(
     )
     assert load.lost == 0, load
     assert load.answers > 0
-    wait_for("the ledger", lambda: _usage_requests(front, key) == load.answers, 30)
+    ledger_matches(front, key, load.answers, load.unsure)
