@@ -299,7 +299,9 @@ def _add_idle(
     for where, reserved_ns in reserved.items():
         model, version, device, day = where
         tenants = sorted(used.get(where, []))
-        idle_ns = reserved_ns - sum(cells[k].used_ns for k in tenants)
+        # Never below zero: a batch counts on the day it ends, so one that ran across
+        # midnight on a replica stopped just after it can outweigh that day's reservation.
+        idle_ns = max(0, reserved_ns - sum(cells[k].used_ns for k in tenants))
         price = pricing.price(device, date.fromisoformat(day)).nanos_per_hour
         if share_idle and tenants and idle_ns > 0:
             parts = split_by_rows(idle_ns, [max(cells[k].used_ns, 1) for k in tenants])

@@ -327,6 +327,30 @@ def test_a_refused_write_leaves_no_rows(engine: sa.Engine) -> None:
     assert _batches(engine) == 1
 
 
+def test_idle_is_never_negative(engine: sa.Engine) -> None:
+    """A batch counts on the day it ends: one that ran across midnight on a replica that
+    stopped just after it uses more of that day than the replica reserved. That day's idle
+    is zero, not negative (a negative idle row would take money off the total)."""
+    midnight = DAY + timedelta(days=1)
+    Ledger(engine, Pricing(PRICES)).write(
+        [record("digits", [("acme", 1)], 5 * 10**9, midnight + timedelta(seconds=1))]
+    )
+    reserve(engine, "r1", "digits", DAY + timedelta(hours=23), midnight + timedelta(seconds=1))
+    start, end = parse_when("2026-11-20"), parse_when("2026-11-21", end_of_day=True)
+    report = build_report(engine, Pricing(PRICES), start, end, ["tenant", "day"])
+    rows = {(r.group["tenant"], r.group["day"]): r for r in report.rows}
+    used, idle_before, idle_after = (
+        rows[("acme", "2026-11-21")],
+        rows[(IDLE, "2026-11-20")],
+        rows[(IDLE, "2026-11-21")],
+    )
+    assert used.used_ns == 5 * 10**9
+    assert idle_before.idle_ns == 3_600 * 10**9  # nothing ended on the 20th
+    assert idle_after.idle_ns == 0  # 1 s reserved, 5 s used
+    assert idle_after.cost() == 0
+    assert report.total.cost() == used.cost() + idle_before.cost()
+
+
 def test_report_reconciles_with_the_ledger_and_idle_capacity(engine: sa.Engine) -> None:
     ledger = Ledger(engine, Pricing(PRICES))
     t0 = DAY + timedelta(hours=1)
