@@ -8,8 +8,10 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 import serving.admin.schemas as schemas
+from serving.admin.auth import Caller
 from serving.admin.routing import AdminRoute, Services, route
 from serving.rollout import LIVE_STATES
+from serving.tenancy import permits
 
 router = APIRouter(route_class=AdminRoute)
 
@@ -24,9 +26,13 @@ router = APIRouter(route_class=AdminRoute)
     "budgets near their end, the audit chain",
 )
 def overview(
-    query: Annotated[schemas.OverviewQuery, Query()], services: Services
+    query: Annotated[schemas.OverviewQuery, Query()], caller: Caller, services: Services
 ) -> schemas.Overview:
-    return schemas.Overview.model_validate(services.insights.overview(query.days))
+    seen = services.insights.overview(query.days)
+    if not permits(caller, "budgets.read"):  # who may not read budgets sees no amounts
+        for watched in seen["risk"]["budgets"]["tenants"]:
+            watched["spent"] = watched["amount"] = None
+    return schemas.Overview.model_validate(seen)
 
 
 @route(

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
@@ -41,6 +41,10 @@ class Insights:
     stages: Stages
     rollouts: Rollouts
     budgets: BudgetStore
+    chain_check: risk.ChainCheck = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "chain_check", risk.ChainCheck(self.engine))
 
     def overview(self, days: int = 30, now: datetime | None = None) -> dict[str, Any]:
         now = now or datetime.now(UTC)
@@ -80,7 +84,7 @@ class Insights:
                     "percent": risk.BUDGET_WATCH_PERCENT,
                     **_counted("tenants", risk.budgets_near_end(self.budgets, now)),
                 },
-                "audit": risk.audit_chain(self.engine),
+                "audit": self.chain_check(),
             },
         }
 

@@ -3,7 +3,9 @@ which tenants near the end of their budget, and whether the audit chain is intac
 
 from __future__ import annotations
 
-from datetime import datetime
+import threading
+import time
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -106,4 +108,32 @@ def audit_chain(engine: sa.Engine) -> dict[str, Any]:
         "anchored_seq": result.anchored_seq,
         "warnings": list(result.warnings),
         "last_anchor": {"seq": anchor.seq, "at": anchor.at} if anchor is not None else None,
+        "checked_at": datetime.now(UTC).isoformat(),
     }
+
+
+class ChainCheck:
+    """:func:`audit_chain`, run again only when the chain's head has moved or the last
+    run is ``every_s`` old. Verifying reads and re-MACs the whole log; the overview is
+    every role's landing page, and reloading it must not make the gateway do that each
+    time. A rewrite that leaves the head alone is found within ``every_s``;
+    ``GET /admin/audit/verify`` always verifies afresh. Thread-safe: callers that arrive
+    during a run wait for its result instead of starting their own."""
+
+    def __init__(self, engine: sa.Engine, every_s: float = 60.0) -> None:
+        self.engine = engine
+        self.every_s = every_s
+        self.runs = 0
+        self._lock = threading.Lock()
+        self._last: tuple[tuple[int, str] | None, float, dict[str, Any]] | None = None
+
+    def __call__(self) -> dict[str, Any]:
+        with self._lock:
+            head = audit.head_of(self.engine)
+            last = self._last
+            if last is not None and last[0] == head and time.monotonic() - last[1] < self.every_s:
+                return last[2]
+            result = audit_chain(self.engine)
+            self.runs += 1
+            self._last = (head, time.monotonic(), result)
+            return result

@@ -324,6 +324,13 @@ def last_anchor(engine: sa.Engine) -> AnchorLine | None:
     return max(anchors, key=lambda a: a.seq) if anchors else None
 
 
+def head_of(engine: sa.Engine) -> tuple[int, str] | None:
+    """The chain head's sequence number and MAC, one cheap read (None: no record yet)."""
+    with engine.connect() as conn:
+        head = conn.execute(sa.select(t_head.c.seq, t_head.c.hash).where(t_head.c.id == 1)).first()
+    return (int(head.seq), head.hash.strip()) if head is not None else None
+
+
 def _record(r: Any) -> AuditRecord:
     return AuditRecord(
         seq=int(r.seq),

@@ -116,8 +116,8 @@ class BudgetWatch(BaseModel):
     tenant: str
     percent: float = Field(description="Spent this period, in % of the amount.")
     unit: str = Field(description="A currency code, or device_hours.")
-    spent: str
-    amount: str
+    spent: str | None = Field(description="Null unless the caller may budgets.read.")
+    amount: str | None = Field(description="Null unless the caller may budgets.read.")
     exhausted: bool
     action: str = Field(description="What happens at 100%: notify, reject or best-effort.")
 
@@ -136,6 +136,11 @@ class AnchorMark(BaseModel):
 class AuditChain(AuditCheck):
     last_anchor: AnchorMark | None = Field(
         description="The newest record this gateway's anchor file holds; null: none."
+    )
+    checked_at: str = Field(
+        description="When the chain was verified (RFC 3339). The overview verifies again "
+        "when the chain's head moves, else at most once a minute; GET /admin/audit/verify "
+        "always verifies afresh."
     )
 
 

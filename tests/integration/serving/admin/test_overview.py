@@ -156,6 +156,9 @@ def test_the_overview_agrees_with_every_other_endpoint(engine: sa.Engine, tmp_pa
         by_day = _ok(fin.get("/costs", params={"group_by": "day", "from": first, "to": last}))
         by_tenant = _ok(fin.get("/costs", params={"group_by": "tenant", "from": first, "to": last}))
     with client(app, tokens["dee"]) as dee:
+        # A deployer may not read budgets: the overview names the tenant, not its amounts.
+        (hidden,) = _ok(dee.get("/overview"))["risk"]["budgets"]["tenants"]
+        assert hidden["tenant"] == "acme" and hidden["spent"] is None is hidden["amount"]
         production = _ok(dee.get("/models", params={"stage": "production"}))
         waiting = _ok(dee.get("/models", params={"stage": "registered"}))
         aborted = _ok(dee.get("/rollouts", params={"state": "aborted"}))
@@ -242,6 +245,8 @@ def test_the_overview_agrees_with_every_other_endpoint(engine: sa.Engine, tmp_pa
     (acme,) = budgets["tenants"]
     assert acme["tenant"] == "acme" and acme["unit"] == "device_hours"
     assert acme["percent"] == acme_budget["spend"]["percent"] >= 80
+    assert acme["amount"] is not None and acme["spent"] is not None  # the auditor may read them
+    assert hidden["percent"] == acme["percent"]
 
     chain = risk["audit"]
     assert chain["ok"] and chain["problem"] == "" and chain["warnings"] == []

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from serving.insights.risk import ChainCheck
 from serving.state import AuditKeyError, audit, audit_head, audit_key, audit_log, open_engine
 from serving.state.audit_key import ANCHOR_FILE, KEY_ENV, KEY_FILE
 from tests.integration.conftest import OpenEngine
@@ -420,3 +421,26 @@ def test_a_skipped_anchor_is_written_when_the_interval_is_over(
     assert anchored() == [1, 4]
     checked = audit.verify(engine)
     assert checked.ok and checked.anchored_seq == 4
+
+
+def test_the_overviews_check_runs_again_when_the_head_moves_or_goes_stale(
+    engine: sa.Engine,
+) -> None:
+    """The overview's chain check (serving.insights.risk.ChainCheck) verifies the whole log
+    once, answers from that while the head stays, and verifies again after an append or
+    once its result is ``every_s`` old: a rewrite that leaves the head alone is found
+    then."""
+    fill(engine, 3)
+    check = ChainCheck(engine, every_s=0.5)
+    first = check()
+    assert first["ok"] and first["records"] == 3 and check.runs == 1
+    assert check() is first and check.runs == 1  # the head has not moved
+    audit.append(engine, "bob", "test.act", "t:3")
+    moved = check()
+    assert moved["ok"] and moved["records"] == 4 and check.runs == 2
+    with engine.begin() as conn:  # a writer without the key; the head stays as it was
+        conn.execute(audit_log.update().where(audit_log.c.seq == 2).values(actor="mallory"))
+    assert check()["ok"] and check.runs == 2  # not yet: within every_s of the last run
+    time.sleep(0.6)
+    stale = check()
+    assert not stale["ok"] and stale["first_bad_seq"] == 2 and check.runs == 3
