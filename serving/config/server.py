@@ -164,6 +164,13 @@ class ConsoleConfig(Strict):
         description="How long a sign-in lasts, at most (a session also ends with its "
         "user's token: disabled, rotated, deleted or expired).",
     )
+    secure_cookies: bool = Field(
+        default=False,
+        description="Mark the console's cookies Secure and send Strict-Transport-Security "
+        "even on plain HTTP: set this when a balancer in front of the gateway ends TLS "
+        "(under the gateway's own TLS they are so anyway). Browsers then keep no session "
+        "on a plain-HTTP address.",
+    )
 
 
 class ServerConfig(Strict):

@@ -14,7 +14,8 @@ from starlette.types import ASGIApp, Message
 from serving.admin import SIGNED_IN
 from serving.tenancy import Principal
 
-Params = Mapping[str, str | int | float | bool | None]
+# A list value is sent as the parameter repeated (the API's filters take several values).
+Params = Mapping[str, str | int | float | bool | list[str] | None]
 
 
 class Refused(Exception):
@@ -51,7 +52,12 @@ class AdminApi:
         """The JSON answer of ``method path`` (under ``/admin``) as ``principal``; raises
         :class:`Refused` with the API's status and message on an error answer."""
         query = urlencode(
-            [(k, _text(v)) for k, v in (params or {}).items() if v is not None and v != ""]
+            [
+                (k, _text(one))
+                for k, v in (params or {}).items()
+                for one in (v if isinstance(v, list) else [v])
+                if one is not None and one != ""
+            ]
         )
         payload = b"" if body is None else json.dumps(body).encode()
         headers = [(b"host", b"console.internal")]

@@ -46,10 +46,13 @@ SECURITY_HEADERS = {
     "x-frame-options": "DENY",
     "cross-origin-opener-policy": "same-origin",
 }
+HSTS = "max-age=31536000"  # a year; only where the browser reached the console over TLS
 
 
 def _secure(request: Request) -> bool:
-    return request.url.scheme == "https"
+    """Whether the browser reached the console over TLS: the gateway's own, or a
+    balancer's in front of it (``server.console.secure_cookies``)."""
+    return request.url.scheme == "https" or console_of(request).secure_cookies
 
 
 def _safe_next(request: Request, target: str | None) -> str:
@@ -122,7 +125,8 @@ async def logout(request: Request) -> Response:
     form = await _form(request) or {}
     if session is not None and not session.csrf_matches(form.get("csrf")):
         return Response("the form's CSRF token is not this session's", 403)
-    await run_in_threadpool(console.sessions.close, secret)
+    who = session.principal.name if session is not None else None
+    await run_in_threadpool(lambda: console.sessions.close(secret, signed_out_by=who))
     root = root_of(request)
     response = RedirectResponse(f"{root}/login?" + urlencode({"signed_out": "1"}), 303)
     response.delete_cookie(SESSION_COOKIE, path=root or "/")
@@ -142,22 +146,27 @@ def _set_cookie(request: Request, response: Response, name: str, value: str, max
 
 
 class _Headers:
-    """Adds the security headers to every answer of the console."""
+    """Adds the security headers to every answer of the console, and HSTS over TLS."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, secure_cookies: bool) -> None:
         self.app = app
+        self.secure_cookies = secure_cookies
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
 
+        headers = SECURITY_HEADERS
+        if scope.get("scheme") == "https" or self.secure_cookies:
+            headers = {**headers, "strict-transport-security": HSTS}
+
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 present = {k.lower() for k, _ in message.get("headers", [])}
                 extra = [
                     (k.encode(), v.encode())
-                    for k, v in SECURITY_HEADERS.items()
+                    for k, v in headers.items()
                     if k.encode() not in present
                 ]
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
@@ -166,8 +175,9 @@ class _Headers:
         await self.app(scope, receive, send_with_headers)
 
 
-def console_app(admin: ASGIApp, sessions: SessionStore) -> ASGIApp:
-    """The console over ``admin`` (the admin API's app) with ``sessions``."""
+def console_app(admin: ASGIApp, sessions: SessionStore, *, secure_cookies: bool = False) -> ASGIApp:
+    """The console over ``admin`` (the admin API's app) with ``sessions``;
+    ``secure_cookies``: TLS ends before the gateway (a balancer's)."""
     routes: list[BaseRoute] = [
         Route("/login", login_form, methods=["GET"]),
         Route("/login", login, methods=["POST"]),
@@ -181,5 +191,5 @@ def console_app(admin: ASGIApp, sessions: SessionStore) -> ASGIApp:
         *audit_pages.ROUTES,
     ]
     app = Starlette(routes=routes)
-    app.state.console = Console(sessions, AdminApi(admin))
-    return _Headers(app)
+    app.state.console = Console(sessions, AdminApi(admin), secure_cookies)
+    return _Headers(app, secure_cookies)

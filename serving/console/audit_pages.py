@@ -31,12 +31,22 @@ def _pretty(value: Any) -> str:
     return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False)
 
 
+def _values(page: Page, name: str) -> list[str]:
+    """A filter's values: the parameter may be repeated, and each may hold several values
+    apart by spaces or commas (a record matches any of them)."""
+    found: list[str] = []
+    for given in page.request.query_params.getlist(name):
+        found += [v for v in given.replace(",", " ").split() if v not in found]
+    return found
+
+
 @page("/audit")
 async def audit_log(page: Page) -> Response:
-    chosen = {f: page.query(f).strip() for f in FILTERS}
+    values = {f: _values(page, f) for f in FILTERS}
+    chosen = {f: " ".join(v) for f, v in values.items()}
     since, until = page.query("since"), page.query("until")
     params: dict[str, Any] = {
-        **{f: v for f, v in chosen.items() if v},
+        **{f: v for f, v in values.items() if v},
         "since": _instant(since, "since"),
         "until": _instant(until, "until"),
         "order": "desc",

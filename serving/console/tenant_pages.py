@@ -17,18 +17,23 @@ from serving.console.web import Page, page
 MAX_FIELD = 1e12
 
 
-async def _budget(page: Page, name: str) -> dict[str, Any] | None:
-    """The tenant's budget and spend, for roles that may read budgets."""
-    if not page.may("budgets.read"):
+def _deleted(tenant: Mapping[str, Any]) -> bool:
+    return bool(tenant["status"] == "deleted")
+
+
+async def _budget(page: Page, tenant: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The tenant's budget and spend, for roles that may read budgets (a deleted tenant
+    has none)."""
+    if not page.may("budgets.read") or _deleted(tenant):
         return None
-    budget: dict[str, Any] = await page.get(f"/tenants/{name}/budget")
+    budget: dict[str, Any] = await page.get(f"/tenants/{tenant['tenant']}/budget")
     return budget
 
 
 @page("/tenants")
 async def tenants(page: Page) -> Response:
     listed = await page.get("/tenants", {"all": page.query("all") == "1"})
-    budgets = {t["tenant"]: await _budget(page, t["tenant"]) for t in listed}
+    budgets = {t["tenant"]: await _budget(page, t) for t in listed}
     return page.render(
         "tenants.html", tenants=listed, budgets=budgets, show_all=page.query("all") == "1"
     )
@@ -42,9 +47,9 @@ async def _tenant(page: Page, name: str, **extra: Any) -> Response:
     return page.render(
         "tenant.html",
         t=tenant,
-        quotas=await page.get(f"/tenants/{name}/quotas"),
+        quotas=None if _deleted(tenant) else await page.get(f"/tenants/{name}/quotas"),
         keys=await page.get(f"/tenants/{name}/keys") if page.may("tenants.keys.list") else None,
-        budget=await _budget(page, name),
+        budget=await _budget(page, tenant),
         **{"issued": None, "issued_label": "", **extra},
     )
 

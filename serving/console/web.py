@@ -11,6 +11,8 @@ not act learns why, in the words the API uses for the CLI.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import html
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -51,6 +53,7 @@ class Console:
 
     sessions: SessionStore
     api: AdminApi
+    secure_cookies: bool = False  # Secure cookies and HSTS on plain HTTP (TLS ends before)
     templates: jinja2.Environment = field(
         default_factory=lambda: jinja2.Environment(
             loader=jinja2.FileSystemLoader(TEMPLATES),
@@ -119,7 +122,20 @@ class Page:
         """After an action: back to ``path`` (303, so a reload does not repeat it), with
         ``message`` shown there."""
         sep = "&" if "?" in path else "?"
-        return RedirectResponse(f"{self.root}{path}{sep}{urlencode({'done': message})}", 303)
+        query = urlencode({"done": message, "seal": self._seal(message)})
+        return RedirectResponse(f"{self.root}{path}{sep}{query}", 303)
+
+    @property
+    def notice(self) -> str:
+        """The message of the action that led here, if this session's :meth:`done` sent
+        it: a link made elsewhere cannot put its words in the console's mouth."""
+        message = self.query("done")
+        sealed = hmac.compare_digest(self.query("seal").encode(), self._seal(message).encode())
+        return message if message and sealed else ""
+
+    def _seal(self, message: str) -> str:
+        mac = hmac.new(self.session.csrf.encode(), message.encode(), hashlib.sha256)
+        return mac.hexdigest()[:32]
 
 
 Handler = Callable[[Page], Awaitable[Response]]

@@ -256,7 +256,9 @@ class Gateway:
         if cfg.console.enabled:
             ttl = timedelta(seconds=cfg.console.session_ttl_s)
             sessions = SessionStore(engine, services.directory, ttl=ttl)
-            apps["/console"] = console_app(apps["/admin"], sessions)
+            apps["/console"] = console_app(
+                apps["/admin"], sessions, secure_cookies=cfg.console.secure_cookies
+            )
         reports = LedgerReports(engine, self._pricing)
         caps = ServerCaps(cfg.tenant_max_requests_in_flight, cfg.tenant_max_bytes_in_flight)
         # "node": the address of the Ray node this gateway runs on (one gateway per node,

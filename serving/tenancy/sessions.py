@@ -153,14 +153,18 @@ class SessionStore:
         principal = Principal(row.name, row.role, _aware(row.user_expires_at))
         return Session(principal, row.csrf, expires)
 
-    def close(self, secret: str | None) -> bool:
-        """Sign out: delete the session. True when there was one."""
+    def close(self, secret: str | None, *, signed_out_by: str | None = None) -> bool:
+        """End the session: delete it. True when there was one. ``signed_out_by``: the
+        user signed out, audited as ``console.sign_out`` (a session that ended by itself,
+        expired or its user's token gone, is not)."""
         if not secret or len(secret) > _MAX_SECRET:
             return False
-        with self.engine.begin() as conn:
-            gone = conn.execute(
+        with audit.audited(self.engine) as tx:
+            gone = tx.conn.execute(
                 t_sessions.delete().where(t_sessions.c.id_hash == _id_hash(secret))
             ).rowcount
+            if gone and signed_out_by is not None:
+                tx.append(signed_out_by, "console.sign_out", f"user:{signed_out_by}")
         return bool(gone)
 
     @staticmethod

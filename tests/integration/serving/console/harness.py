@@ -24,13 +24,16 @@ class Console:
     """The admin API and the console on one uvicorn socket; ``browser()`` is a client
     with a cookie jar of its own."""
 
-    def __init__(self, engine: sa.Engine, state: Path) -> None:
+    def __init__(self, engine: sa.Engine, state: Path, *, secure_cookies: bool = False) -> None:
         services = AdminServices.open(engine, state, GatewayConfig(), Pricing(CostsConfig()))
         admin = admin_app(services)
         sessions = SessionStore(engine, services.directory, ttl=timedelta(hours=1))
         self.engine = engine
         self.app = Starlette(
-            routes=[Mount("/admin", app=admin), Mount("/console", app=console_app(admin, sessions))]
+            routes=[
+                Mount("/admin", app=admin),
+                Mount("/console", app=console_app(admin, sessions, secure_cookies=secure_cookies)),
+            ]
         )
         self.admin_token = ensure_admin(UserStore(engine), state)
         self.users = UserStore(engine)

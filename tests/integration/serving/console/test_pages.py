@@ -151,6 +151,17 @@ def test_tenants_keys_and_the_costs_download(console) -> None:  # type: ignore[n
             data={"csrf": csrf, "reason": "leaked"},
         )
         assert revoked.status_code == 303
+        # The action's notice shows where it leads; the same words in a link made
+        # elsewhere (no seal, or another message under this seal) show nothing.
+        landed = b.get(revoked.headers["location"])
+        assert re.search(r'class="notice" role="status">[^<]*revoked', landed.text), landed.text
+        sealed = dict(httpx.URL(revoked.headers["location"]).params)
+        for forged in (
+            {"done": "Security alert: sign in again at evil.example"},
+            {"done": "Security alert: sign in again at evil.example", "seal": sealed["seal"]},
+        ):
+            shown = b.get("/console/tenants/acme", params=forged)
+            assert shown.status_code == 200 and "Security alert" not in shown.text
         with _api(server, c.admin_token) as api:
             status = {k["label"]: k["status"] for k in api.get("/tenants/acme/keys").json()}
             audit = api.get("/audit").json()
@@ -174,6 +185,16 @@ def test_tenants_keys_and_the_costs_download(console) -> None:  # type: ignore[n
         log = b.get("/console/audit", params={"action": "tenant.key.*"})
         assert log.status_code == 200 and "tenant.key.revoke" in log.text
         assert "tenant.create" not in log.text and "The chain verifies" in log.text
+        # Several values of a filter (the overview's promotions link repeats `action`).
+        for query in (
+            [("action", "tenant.create"), ("action", "tenant.key.revoke")],
+            [("action", "tenant.create, tenant.key.revoke")],
+        ):
+            both = b.get("/console/audit", params=query)
+            assert both.status_code == 200, both.text
+            assert "tenant.create" in both.text and "tenant.key.revoke" in both.text
+            assert "tenant.key.create" not in both.text
+            assert 'value="tenant.create tenant.key.revoke"' in both.text
 
 
 def test_bad_input_gets_a_clear_4xx_page(console) -> None:  # type: ignore[no-untyped-def]
@@ -215,3 +236,24 @@ def test_bad_input_gets_a_clear_4xx_page(console) -> None:  # type: ignore[no-un
         )
         assert junk.status_code == 400
         assert b.get("/console/models").status_code == 200  # still up
+
+
+def test_deleted_tenants_are_listed_and_shown(console) -> None:  # type: ignore[no-untyped-def]
+    """A deleted tenant stays on record: the list with deleted tenants shown, and its own
+    page, answer 200 without a budget (a deleted tenant has none)."""
+    c, server = console
+    with _api(server, c.admin_token) as api:
+        for name in ("acme", "gone"):
+            assert api.post("/tenants", json={"name": name}).status_code == 201
+        budget = {"unit": "device_hours", "amount": 5}
+        assert api.put("/tenants/gone/budget", json=budget).status_code == 200
+        assert api.delete("/tenants/gone").status_code == 200
+    with c.browser(server) as b:
+        sign_in(b, c.admin_token)
+        shown = b.get("/console/tenants", params={"all": "1"})
+        assert shown.status_code == 200, shown.text
+        assert "/console/tenants/gone" in shown.text and "/console/tenants/acme" in shown.text
+        assert "/console/tenants/gone" not in b.get("/console/tenants").text
+        own = b.get("/console/tenants/gone")
+        assert own.status_code == 200, own.text
+        assert "deleted" in own.text

@@ -13,9 +13,10 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import sqlalchemy as sa
 
-from serving.state import console_sessions
+from serving.state import audit, console_sessions
 from serving.tenancy import TenantStore
-from tests.integration.serving.console.harness import field, sign_in
+from tests.integration.serving.admin.server import AdminServer
+from tests.integration.serving.console.harness import Console, field, sign_in
 
 
 def test_sign_in_sets_a_strict_http_only_session_cookie(console) -> None:  # type: ignore[no-untyped-def]
@@ -39,6 +40,29 @@ def test_sign_in_sets_a_strict_http_only_session_cookie(console) -> None:  # typ
             rows = conn.execute(sa.select(console_sessions)).all()
         secret = b.cookies["gpugate_session"]
         assert len(rows) == 1 and secret not in str(rows[0])
+
+
+def test_behind_a_tls_balancer_cookies_are_secure(open_db, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """With server.console.secure_cookies (TLS ends at a balancer in front), the cookies
+    are Secure and every answer carries HSTS, though this socket is plain HTTP."""
+    c = Console(open_db(), tmp_path / "state", secure_cookies=True)
+    with AdminServer(c.app) as server, c.browser(server) as b:
+        form = b.get("/console/login")
+        assert "Secure" in form.headers["set-cookie"]  # the sign-in form's CSRF cookie
+        assert form.headers["strict-transport-security"] == "max-age=31536000"
+        # httpx keeps a Secure cookie from plain HTTP but does not send it back: by hand.
+        signed = b.post(
+            "/console/login",
+            data={"token": c.admin_token, "login_csrf": field(form.text, "login_csrf")},
+            cookies={"gpugate_login": field(form.text, "login_csrf")},
+        )
+        assert signed.status_code == 303, signed.text
+        cookie = signed.headers["set-cookie"]
+        assert "gpugate_session=ggs_" in cookie and "Secure" in cookie and "HttpOnly" in cookie
+    # Without the setting, plain HTTP sends no HSTS.
+    plain = Console(open_db(), tmp_path / "state")
+    with AdminServer(plain.app) as server, plain.browser(server) as b:
+        assert "strict-transport-security" not in b.get("/console/login").headers
 
 
 def test_a_tenant_key_or_an_unknown_token_cannot_sign_in(console) -> None:  # type: ignore[no-untyped-def]
@@ -79,12 +103,19 @@ def test_forms_need_the_session_csrf_token(console) -> None:  # type: ignore[no-
         # Signing out needs it too, and then the session is gone on the server.
         assert b.post("/console/logout", data={"csrf": "wrong"}).status_code == 403
         csrf = field(b.get("/console/models").text, "csrf")
+        secret = b.cookies["gpugate_session"]
         out = b.post("/console/logout", data={"csrf": csrf})
         assert out.status_code == 303 and "signed_out=1" in out.headers["location"]
         with c.engine.connect() as conn:
             assert (
                 conn.execute(sa.select(sa.func.count()).select_from(console_sessions)).scalar() == 0
             )
+        # Signing in and out are both on record; a second sign-out of the gone session
+        # (its cookie replayed) records nothing more.
+        b.cookies.set("gpugate_session", secret, path="/console")
+        assert b.post("/console/logout", data={"csrf": csrf}).status_code == 303
+    actions = [(r.actor, r.action) for r in audit.read(c.engine) if r.action.startswith("console.")]
+    assert actions == [("admin", "console.sign_in"), ("admin", "console.sign_out")]
 
 
 def test_an_expired_session_is_refused(console) -> None:  # type: ignore[no-untyped-def]
