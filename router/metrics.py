@@ -237,6 +237,12 @@ class RouterMetrics:
             "over every front door (queued, batched or running).",
             registry=r,
         )
+        self.refusals_held = Gauge(
+            "gpugate_refusals_held",
+            "gRPC calls refused for load whose answer is being held now "
+            "(server.grpc_refusal_hold_s), all tenants.",
+            registry=r,
+        )
 
     def _child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, remembered: ``labels()`` takes a lock and builds

@@ -27,9 +27,13 @@ class RefusalHold:
         self.hold_s = hold_s
         self.max_per_tenant = max_per_tenant
         self._held: dict[str, int] = {}  # tenant -> answers held now; idle tenants absent
+        self._total = 0  # answers held now, all tenants (a gauge reads it at scrape time)
 
     def held(self, tenant: str) -> int:
         return self._held.get(tenant, 0)
+
+    def total(self) -> int:
+        return self._total
 
     async def hold(self, tenant: str | None, time_remaining_s: float | None = None) -> None:
         """Wait before the tenant's refusal is answered (at once past its bound, or with
@@ -43,9 +47,11 @@ class RefusalHold:
         if held >= self.max_per_tenant:
             return
         self._held[tenant] = held + 1
+        self._total += 1
         try:
             await asyncio.sleep(delay)
         finally:
+            self._total -= 1
             left = self._held[tenant] - 1
             if left:
                 self._held[tenant] = left

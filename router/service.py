@@ -179,6 +179,7 @@ class InferenceService:
             self.metrics,
         )
         self.refusals = RefusalHold(settings.refusal_hold_s, settings.refusal_hold_max_per_tenant)
+        self.metrics.refusals_held.set_function(self.refusals.total)
         # Rate quotas; a gateway among several sets its shares (router.quota).
         self.quotas = Quotas(self.metrics)
         # Outcomes per version for the models under a rollout (serving.rollout reads them).

@@ -14,9 +14,9 @@ class QueueFullError(SchedulerError):
         self.scope = scope
         self.queued_rows = queued_rows
         self.max_queued_rows = max_queued_rows
-        super().__init__(
-            f"{scope} queue is full: {queued_rows} rows queued, limit {max_queued_rows}"
-        )
+        # The message goes to the caller: it names the limit, never how many rows are
+        # queued (a model's queue holds other tenants' requests).
+        super().__init__(f"{scope} queue is full (limit {max_queued_rows} rows)")
 
 
 class DeadlineExceededError(SchedulerError):

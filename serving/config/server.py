@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from router.http_protocol import HttpDoorLimits
 from router.tls import TlsFiles
@@ -280,7 +280,7 @@ class ServerConfig(Strict):
         ge=1,
         description="Refusals of one tenant held at once (grpc_refusal_hold_s); its further "
         "refusals are answered at once, so that one tenant cannot fill the port's call "
-        "slots with them.",
+        "slots with them. At most half of grpc_max_concurrent_calls.",
     )
     gc_tuning: bool = Field(
         default=True,
@@ -316,6 +316,17 @@ class ServerConfig(Strict):
             if not amount > 0:
                 raise ValueError(f"{name}: the amount must be > 0")
         return v
+
+    @model_validator(mode="after")
+    def _held_refusals_leave_the_port_room(self) -> ServerConfig:
+        if 2 * self.grpc_refusal_hold_max_per_tenant > self.grpc_max_concurrent_calls:
+            raise ValueError(
+                f"grpc_refusal_hold_max_per_tenant ({self.grpc_refusal_hold_max_per_tenant}) "
+                "must be at most half of grpc_max_concurrent_calls "
+                f"({self.grpc_max_concurrent_calls}): one tenant's held refusals must not "
+                "fill the port's call slots"
+            )
+        return self
 
 
 class SecurityConfig(Strict):

@@ -115,10 +115,10 @@ class Admission:
             time.sleep(0.01)
 
     def refusals(self, tenant: str, reason: str) -> float:
-        value = self.service.metrics.registry.get_sample_value(
-            "gpugate_admission_refusals_total", {"tenant": tenant, "reason": reason}
-        )
-        return value or 0.0
+        return self.metric("gpugate_admission_refusals_total", tenant=tenant, reason=reason)
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.service.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 async def _load(service: InferenceService, tenant: str) -> Any:
@@ -280,7 +280,13 @@ def test_a_refusal_for_load_is_held_within_a_bound_per_tenant(admission: Admissi
                 got = grpc_call(a.grpc_url, "key-capped")
                 return time.monotonic() - started, got
 
-            refused = [f.result(30) for f in hold(pool, bound + 4, timed)]
+            refusing = hold(pool, bound + 4, timed)
+            deadline = time.monotonic() + 10
+            while pacing.held("capped") < bound:
+                assert time.monotonic() < deadline, pacing.held("capped")
+                time.sleep(0.01)
+            assert a.metric("gpugate_refusals_held") == bound  # the bound, and no more
+            refused = [f.result(30) for f in refusing]
             assert all(
                 isinstance(got, grpc.RpcError)
                 and got.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -291,6 +297,7 @@ def test_a_refusal_for_load_is_held_within_a_bound_per_tenant(admission: Admissi
             assert all(took >= 1.0 for took in waits[-bound:]), waits  # held
             assert all(took < 1.0 for took in waits[:4]), waits  # past the bound: at once
             assert pacing.held("capped") == 0
+            assert a.metric("gpugate_refusals_held") == 0
 
             # A deadline shorter than the hold: still the refusal, within half of it.
             with grpc.insecure_channel(a.grpc_url) as channel:

@@ -108,3 +108,11 @@ def test_gateway_resources_are_custom_ray_resources(tmp_path: Path) -> None:
         load_config(_write(tmp_path, "server: {gateway_resources: {GPU: 1}}\n"))
     with pytest.raises(ConfigError, match="must be > 0"):
         load_config(_write(tmp_path, "server: {gateway_resources: {gpugate_gateway: 0}}\n"))
+
+
+def test_one_tenants_held_refusals_cannot_fill_the_grpc_port(tmp_path: Path) -> None:
+    ok = "server: {grpc_max_concurrent_calls: 128, grpc_refusal_hold_max_per_tenant: 64}\n"
+    assert load_config(_write(tmp_path, ok)).server.grpc_refusal_hold_max_per_tenant == 64
+    over = "server: {grpc_max_concurrent_calls: 100, grpc_refusal_hold_max_per_tenant: 64}\n"
+    with pytest.raises(ConfigError, match="at most half of grpc_max_concurrent_calls"):
+        load_config(_write(tmp_path, over))
