@@ -137,9 +137,12 @@ def test_caps_refuse_before_queueing() -> None:
     with pytest.raises(QueueFullError, match="tenant 'a'"):
         q.push(Pending("a", rows=1))
     q.push(Pending("b", rows=4))
-    with pytest.raises(QueueFullError, match="model queue is full"):
+    with pytest.raises(QueueFullError, match="model queue is full") as full:
         q.push(Pending("c", rows=1))
     assert q.rows == 10
+    # Told to the caller: the limit, never how many rows other tenants have queued.
+    assert str(full.value) == "model queue is full (limit 10 rows)"
+    assert full.value.queued_rows == 10  # kept for the gateway's own use
 
 
 def test_removed_request_frees_its_rows_and_is_never_taken() -> None:
