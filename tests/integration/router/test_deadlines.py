@@ -54,14 +54,34 @@ pytestmark = pytest.mark.timeout(120)
 # --------------------------------------------------------------------------
 
 
+# How long the blocking batch of test_deadlines runs: long enough for every deadline
+# below to pass while it does, on a loaded machine too.
+BUSY_S = 2.0
+# The transport deadline (grpc-timeout) of test_deadlines. The call must reach the
+# gateway's handler before it passes: a call whose client reset comes first is dropped
+# by gRPC's core and never seen by the gateway, so it cannot be counted
+# (test_calls_reset_as_they_arrive). 100 ms once fell short under a full CI run.
+TRANSPORT_DEADLINE_S = 0.4
+
+
 def test_deadlines(stack: Stack, stub: pb_grpc.GRPCInferenceServiceStub) -> None:
     backend: AffineBackend = stack.backends[("slow", "1")]
     wait_for(lambda: backend.running == 0)
+    backend.delay_s = BUSY_S
+    try:
+        _deadlines(stack, stub, backend)
+    finally:
+        backend.delay_s = SLOW_DELAY_S
+
+
+def _deadlines(
+    stack: Stack, stub: pb_grpc.GRPCInferenceServiceStub, backend: AffineBackend
+) -> None:
     calls = backend.calls
     codes_before = request_codes(stack)
     x, k = sample(1, seed=11)
     # The transport-deadline call below goes on a channel connected beforehand: its
-    # 100 ms must cover the call, not a TCP + HTTP/2 handshake, which on a loaded
+    # deadline must cover the call, not a TCP + HTTP/2 handshake, which on a loaded
     # machine can outlast it, and then the call never reaches the server to be counted.
     connected = grpcclient.InferenceServerClient(stack.grpc_url)
     assert connected.is_server_live()
@@ -87,9 +107,9 @@ def test_deadlines(stack: Stack, stub: pb_grpc.GRPCInferenceServiceStub) -> None
         # The transport deadline (grpc-timeout) bounds the request too.
         started = time.perf_counter()
         with pytest.raises(InferenceServerException) as err:
-            grpc_infer(connected, x, k, model="slow", client_timeout=0.1)
+            grpc_infer(connected, x, k, model="slow", client_timeout=TRANSPORT_DEADLINE_S)
         assert err.value.status() == "StatusCode.DEADLINE_EXCEEDED"
-        assert time.perf_counter() - started < SLOW_DELAY_S
+        assert time.perf_counter() - started < TRANSPORT_DEADLINE_S + SLOW_DELAY_S
 
         # A caller that cancels while queued leaves the queue at once.
         batcher = stack.batcher("slow", "1")
