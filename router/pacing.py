@@ -27,13 +27,13 @@ class RefusalHold:
         self.hold_s = hold_s
         self.max_per_tenant = max_per_tenant
         self._held: dict[str, int] = {}  # tenant -> answers held now; idle tenants absent
-        self._total = 0  # answers held now, all tenants (a gauge reads it at scrape time)
 
     def held(self, tenant: str) -> int:
         return self._held.get(tenant, 0)
 
     def total(self) -> int:
-        return self._total
+        """Answers held now, all tenants (a gauge reads it at scrape time)."""
+        return sum(self._held.values())
 
     async def hold(self, tenant: str | None, time_remaining_s: float | None = None) -> None:
         """Wait before the tenant's refusal is answered (at once past its bound, or with
@@ -47,11 +47,9 @@ class RefusalHold:
         if held >= self.max_per_tenant:
             return
         self._held[tenant] = held + 1
-        self._total += 1
         try:
             await asyncio.sleep(delay)
         finally:
-            self._total -= 1
             left = self._held[tenant] - 1
             if left:
                 self._held[tenant] = left
